@@ -1,0 +1,9 @@
+"""The math: index notation, the chain rule, simplification, explanation, verification."""
+from .errors import ChainruleError, ShapeError, SpecError, UnsupportedError
+from .tensor import Tensor, Equation, size, index, indices
+from .graph import Model
+from .primitives import sigmoid, softplus, relu, leaky_relu, step, LogSumExp
+from .backprop import derive, Gradients
+from .layers import (Activation, Builder, Dense, Layer, Loss, LogSoftmax, Softmax, ACTIVATIONS,
+                     LOSSES, sequential)
+from .spec import BUILTIN_MODELS, build_model, parse_spec

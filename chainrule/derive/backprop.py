@@ -1,0 +1,227 @@
+"""Reverse mode over the equation graph: the chain rule, applied by the engine.
+
+For each equation ``out[idx] = body`` and each tensor ``T`` read in ``body``, the adjoint contribution is
+
+    dT[j] += Σ_idx dOut[idx] · ∂body/∂T[j]
+
+summed over the equation's iteration space. SymPy differentiates the body with the read treated as a
+symbol (giving Kronecker deltas), the engine eliminates the deltas (``deltas.py``) and rewrites the result
+into textbook form (``rewrites.py``). Every stage is recorded as a ``Step``.
+
+``Gradients.equations`` are the per-tensor adjoint equations; ``Gradients.composed`` inlines the adjoints
+of intermediate tensors (activations, losses) so that what remains is the backward recursion a textbook
+prints: δ for each pre-activation and the parameter gradients.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import itertools
+
+import sympy as sp
+
+from .deltas import eliminate_deltas
+from .graph import Model
+from .rewrites import Step, simplify_recorded
+from .tensor import Equation, Tensor, index
+
+COST_SEED = sp.S.One        # dC/dC
+
+
+def adjoint_of(t: Tensor) -> Tensor:
+    latex = t.grad_latex or rf"\frac{{\partial C}}{{\partial {t.latex}}}"
+    return Tensor("d_" + t.name, t.shape, role="adjoint", latex=latex, layer=t.layer,
+                  meta={"of": t.name, "custom_latex": t.grad_latex is not None})
+
+
+@dataclass
+class AdjointDerivation:
+    """How the adjoint of one tensor was derived: its final equation and the steps that led there."""
+
+    tensor: Tensor
+    adjoint: Tensor
+    equation: Equation
+    steps: list[Step] = field(default_factory=list)
+    consumers: list[Equation] = field(default_factory=list)
+
+
+class Gradients:
+    """The derived backward pass of a model."""
+
+    def __init__(self, model: Model, derivations: dict, kept: set):
+        self.model = model
+        self.derivations: dict[str, AdjointDerivation] = derivations
+        self.kept = kept
+        self.adjoints = {name: d.adjoint for name, d in derivations.items()}
+        self._composed = None
+
+    @property
+    def equations(self) -> list[Equation]:
+        """Adjoint equations in evaluation order (reverse topological)."""
+        return [d.equation for d in self.derivations.values()]
+
+    def __getitem__(self, name) -> Equation:
+        return self.derivations[name].equation
+
+    @property
+    def composed(self) -> dict[str, AdjointDerivation]:
+        if self._composed is None:
+            self._composed = compose(self)
+        return self._composed
+
+
+# -- deriving -------------------------------------------------------------------------------------
+def _needs_adjoint(model: Model, wrt) -> list[str]:
+    """Tensors on a path from a parameter (or a requested input) to the cost, in reverse order."""
+    sources = {p.name for p in model.params} | set(wrt)
+    reach = set(sources)
+    for eq in model.equations:                                   # topological: forward reachability
+        if any(r in reach for r, _ in eq.reads()):
+            reach.add(eq.out.name)
+    useful = {model.cost.name}
+    for eq in reversed(model.equations):                         # backward: feeds the cost
+        if eq.out.name in useful:
+            useful |= {r for r, _ in eq.reads()}
+    order = [eq.out.name for eq in reversed(model.equations)]
+    order += [t for t in sorted(sources) if t not in order]
+    return [n for n in order if n in reach and n in useful]
+
+
+def _target_indices(t: Tensor, model: Model, taken: set) -> tuple:
+    """Readable names for the adjoint's indices: the tensor's own, else those its readers use."""
+    eq = model.equation_for(t.name)
+    names = None
+    if eq is not None:
+        names = list(eq.indices)
+    else:
+        for consumer in model.consumers(t.name):
+            for name, idx in consumer.reads():
+                if name == t.name and all(isinstance(i, sp.Symbol) for i in idx) and len(set(idx)) == len(idx):
+                    names = list(idx)
+                    break
+            if names:
+                break
+    if not names:
+        names = [index(f"j{k}") for k in range(t.rank)]
+    out = []
+    for k, n in enumerate(names):
+        while n in taken or n in out:
+            n = index(n.name + "'") if isinstance(n, sp.Symbol) else index(f"j{k}")
+        out.append(n)
+    return tuple(out)
+
+
+def _rename_bound(expr, avoid: set):
+    """Rename summation indices that clash with ``avoid`` (free indices of the result)."""
+    def fix(e):
+        new_limits, mapping = [], {}
+        for var, lo, hi in e.limits:
+            v = var
+            while v in avoid or v in mapping.values():
+                v = index(v.name + "'")
+            mapping[var] = v
+            new_limits.append((v, lo, hi))
+        return type(e)(e.function.xreplace(mapping), *new_limits)
+    return expr.replace(lambda e: isinstance(e, sp.Sum) and any(v in avoid for v, *_ in e.limits), fix)
+
+
+def derive(model: Model, wrt=()) -> Gradients:
+    """Derive the adjoint of every tensor between the parameters (and ``wrt``) and the cost."""
+    names = _needs_adjoint(model, wrt)
+    derivations: dict[str, AdjointDerivation] = {}
+    for name in names:
+        if name == model.cost.name:
+            continue
+        t = model.tensors[name]
+        derivations[name] = _derive_one(model, t, derivations)
+    kept = {n for n in derivations
+            if model.tensors[n].role in ("param", "input") or model.tensors[n].grad_latex}
+    return Gradients(model, derivations, kept)
+
+
+def _upstream(model, out: Tensor, derivations, idx):
+    """The adjoint read dOut[idx] (the seed 1 for the cost)."""
+    if out.name == model.cost.name:
+        return COST_SEED
+    return derivations[out.name].adjoint[idx]
+
+
+def _derive_one(model: Model, t: Tensor, derivations) -> AdjointDerivation:
+    adj = adjoint_of(t)
+    consumers = [e for e in model.consumers(t.name) if e.out.name == model.cost.name or e.out.name in derivations]
+    j = _target_indices(t, model, set())
+    fresh = tuple(index(f"_t{k}") for k in range(t.rank))       # clash-free during elimination
+    target_read = t[fresh] if t.rank else t.read()
+    ranges = {f: (sp.S.Zero, n - 1) for f, n in zip(fresh, t.shape)}
+
+    chain, partials, raw = [], [], []
+    for eq in consumers:
+        limits = [(i, lo, hi) for i, (lo, hi) in eq.ranges().items()]
+        up = _upstream(model, eq.out, derivations, eq.indices)
+        local = sp.diff(eq.body, target_read)
+        wrap = (lambda e, lim=limits: sp.Sum(e, *lim) if lim else e)
+        chain.append(wrap(up * sp.Derivative(eq.lhs, target_read, evaluate=False)))
+        partials.append(wrap(up * local))
+        raw.append(up * local if not limits else sp.Sum(up * local, *limits))
+    steps = [Step("chain rule", adj[fresh] if t.rank else adj.read(), sp.Add(*chain, evaluate=False),
+                  "sum over every element that reads " + f"${t.latex}$" + ": upstream adjoint times local derivative"),
+             Step("differentiate", sp.Add(*chain, evaluate=False), sp.Add(*partials),
+                  "SymPy differentiates each body; a read of the same tensor gives Kronecker deltas")]
+    expr, notes = eliminate_deltas(sp.Add(*raw), ranges)
+    if notes:
+        steps.append(Step("eliminate Kronecker deltas", steps[-1].after, expr, "; ".join(notes)))
+    expr = simplify_recorded(expr, model, steps)
+
+    # back to readable index names
+    rename = dict(zip(fresh, j))
+    expr = _rename_bound(expr, set(j)).xreplace(rename)
+    for s in steps:
+        s.before = _rename_bound(s.before, set(j)).xreplace(rename)
+        s.after = _rename_bound(s.after, set(j)).xreplace(rename)
+    equation = Equation(adj, j, expr, layer=t.layer, note=f"adjoint of {t.name}")
+    return AdjointDerivation(t, adj, equation, steps, consumers)
+
+
+# -- composing: the backward recursion --------------------------------------------------------------
+def _substitute_adjoint(expr, adj_name: str, eq: Equation):
+    """Replace every read of adjoint ``adj_name`` by the body of its equation at the read's indices."""
+    def value(read):
+        mapping = dict(zip(eq.indices, read.indices)) if eq.indices else {}
+        body = _rename_bound(eq.body, set().union(*[sp.sympify(i).free_symbols for i in mapping.values()]))
+        return body.xreplace(mapping)
+    if not eq.indices:
+        return expr.xreplace({eq.out.read(): eq.body})
+    return expr.replace(lambda e: isinstance(e, sp.Indexed) and str(e.base.label) == adj_name, value)
+
+
+def compose(grads: Gradients) -> dict[str, AdjointDerivation]:
+    """Inline adjoints of intermediates read only once; simplify what results, recording steps."""
+    model = grads.model
+    derivs = grads.derivations
+    readers = {n: [m for m in derivs if derivs[n].adjoint.name in {r for r, _ in derivs[m].equation.reads()}]
+               for n in derivs}
+    inline = {n for n in derivs if n not in grads.kept and len(readers[n]) == 1}
+    out = {}
+    for name, d in derivs.items():
+        if name in inline:
+            continue
+        expr, steps = d.equation.body, []
+        for _ in range(len(derivs)):
+            hits = [m for m in inline if derivs[m].adjoint.name in {r for r, _ in reads(expr)}]
+            if not hits:
+                break
+            before = expr
+            for m in hits:
+                expr = _substitute_adjoint(expr, derivs[m].adjoint.name, derivs[m].equation)
+            steps.append(Step("substitute", before, expr,
+                              "insert the adjoint" + ("s" if len(hits) > 1 else "") + " of " +
+                              ", ".join(f"${model.tensors[m].latex}$" for m in hits) + " derived above"))
+        if steps:
+            expr = simplify_recorded(expr, model, steps)
+        eq = Equation(d.adjoint, d.equation.indices, expr, layer=d.equation.layer, note=d.equation.note)
+        out[name] = AdjointDerivation(d.tensor, d.adjoint, eq, steps, d.consumers)
+    return out
+
+
+def reads(expr):
+    from .tensor import reads_of
+    return reads_of(expr)

@@ -1,0 +1,177 @@
+"""Scalar and reduction primitives.
+
+Each primitive carries three things together, so that nothing about it is written twice:
+
+* its derivative (``fdiff``, used by SymPy's ``diff``),
+* its LaTeX form (``_latex``, used by every printer), and
+* a numerically stable lowering (``lowering``: the source of a scalar Python function that the
+  code generator copies into generated modules verbatim), plus ``definition()``: the plain SymPy
+  formula, used only by verification when it expands a model to scalars.
+
+With ``sigmoid``, ``softplus`` and ``LogSumExp`` as primitives, softmax is ``exp(z_k - LSE(z))``,
+log-softmax is ``z_k - LSE(z)`` and BCE on logits is ``softplus(z) - y z``; their derivatives come
+out as ``σ(1-σ)``, ``σ`` and ``softmax``, so the textbook form and the stable kernel coincide.
+"""
+from __future__ import annotations
+
+import sympy as sp
+from sympy.concrete.expr_with_intlimits import ExprWithIntLimits
+
+
+class Primitive(sp.Function):
+    """A scalar function with a derivative, a LaTeX form and a stable lowering."""
+
+    latex_name: str = ""
+    lowering: str = ""          # source of `def <name>(x): ...`, Numba-compatible
+
+    def _latex(self, printer):
+        args = ", ".join(printer._print(a) for a in self.args)
+        return rf"{self.latex_name}\left({args}\right)"
+
+    def definition(self) -> sp.Expr:
+        raise NotImplementedError
+
+
+class sigmoid(Primitive):
+    latex_name = r"\sigma"
+    lowering = '''
+def sigmoid(x):
+    # never exp of a large positive number: both branches are overflow-free
+    if x >= 0.0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+'''
+
+    def fdiff(self, argindex=1):
+        s = sigmoid(self.args[0])
+        return s * (1 - s)
+
+    def definition(self):
+        return 1 / (1 + sp.exp(-self.args[0]))
+
+
+class softplus(Primitive):
+    latex_name = r"\operatorname{softplus}"
+    lowering = '''
+def softplus(x):
+    # log(1 + e^x) = max(x, 0) + log1p(e^{-|x|})
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+'''
+
+    def fdiff(self, argindex=1):
+        return sigmoid(self.args[0])
+
+    def definition(self):
+        return sp.log(1 + sp.exp(self.args[0]))
+
+
+class step(Primitive):
+    """The unit step, with step(0) = 0: the derivative of ReLU at 0 is *chosen* as 0 (as PyTorch)."""
+
+    latex_name = r"\mathbb{1}"
+    lowering = '''
+def step(x):
+    return 1.0 if x > 0.0 else 0.0
+'''
+
+    def _latex(self, printer):
+        return rf"\mathbb{{1}}\left[{printer._print(self.args[0])} > 0\right]"
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero            # almost everywhere
+
+    def definition(self):
+        return sp.Heaviside(self.args[0], 0)
+
+
+class relu(Primitive):
+    latex_name = r"\operatorname{ReLU}"
+    lowering = '''
+def relu(x):
+    return x if x > 0.0 else 0.0
+'''
+
+    def fdiff(self, argindex=1):
+        return step(self.args[0])
+
+    def definition(self):
+        return sp.Max(self.args[0], 0)
+
+
+class leaky_relu(Primitive):
+    """leaky_relu(x, alpha) = x for x > 0, alpha x otherwise; its slope at 0 is alpha (as PyTorch)."""
+
+    latex_name = r"\operatorname{LeakyReLU}"
+    nargs = 2
+    lowering = '''
+def leaky_relu(x, alpha):
+    return x if x > 0.0 else alpha * x
+'''
+
+    def _latex(self, printer):
+        x, alpha = self.args
+        return rf"\operatorname{{LeakyReLU}}_{{{printer._print(alpha)}}}\left({printer._print(x)}\right)"
+
+    def fdiff(self, argindex=1):
+        x, alpha = self.args
+        if argindex != 1:
+            raise sp.ArgumentIndexError(self, argindex)
+        return step(x) + alpha * (1 - step(x))
+
+    def definition(self):
+        x, alpha = self.args
+        return sp.Piecewise((x, x > 0), (alpha * x, True))
+
+
+class LogSumExp(ExprWithIntLimits):
+    """``LSE_k f(k) = log Σ_k exp f(k)``: a reduction, written and lowered with the max shift."""
+
+    is_commutative = True
+    is_real = True
+    lowering = "logsumexp"      # lowered by the code generator as a max-shifted two-pass reduction
+
+    def __new__(cls, function, *limits, **assumptions):
+        return super().__new__(cls, function, *limits, **assumptions)
+
+    def _eval_derivative(self, x):
+        # d/dx log Σ_k e^{f_k} = Σ_k (e^{f_k - LSE}) ∂f_k/∂x : softmax weights times inner derivative
+        f = self.function
+        for var, lo, hi in self.limits:
+            if x in lo.free_symbols or x in hi.free_symbols:
+                return None
+        df = sp.diff(f, x)
+        if df == 0:
+            return sp.S.Zero
+        # a fresh name for the outer summation index, so that substituting it later cannot
+        # reach the index bound inside this LSE (xreplace does not respect bound variables)
+        (var, lo, hi), = self.limits
+        outer = var
+        while outer in self.free_symbols | {var} or outer in df.free_symbols:
+            outer = sp.Symbol(outer.name + "'", integer=True)
+        return sp.Sum((sp.exp(f - self) * df).xreplace({var: outer}).xreplace({
+            self.xreplace({var: outer}): self}), (outer, lo, hi))
+
+    def doit(self, **hints):
+        return sp.log(sp.Sum(sp.exp(self.function), *self.limits).doit(**hints))
+
+    def definition(self):
+        return self.doit()
+
+    def _latex(self, printer):
+        (var, lo, hi), = self.limits
+        return (rf"\operatorname{{LSE}}_{{{printer._print(var)}}}"
+                rf"\left({printer._print(self.function)}\right)")
+
+    def _sympystr(self, printer):
+        return "LogSumExp(%s, %s)" % (printer._print(self.function),
+                                      ", ".join(printer._print(tuple(lim)) for lim in self.limits))
+
+
+PRIMITIVES = {cls.__name__: cls for cls in (sigmoid, softplus, step, relu, leaky_relu)}
+
+
+def expand_primitives(expr: sp.Expr) -> sp.Expr:
+    """Replace every primitive by its plain SymPy definition (verification only)."""
+    expr = expr.replace(lambda e: isinstance(e, LogSumExp), lambda e: e.definition())
+    return expr.replace(lambda e: isinstance(e, Primitive), lambda e: e.definition())

@@ -1,0 +1,173 @@
+"""Textbook-form rewrites: one decorated function per rewrite, each a justified, recorded step.
+
+A rewrite takes an expression and the model and returns the rewritten expression (the same object
+when it does not apply). ``simplify_recorded`` runs them to a fixed point and records a ``Step`` for
+each one that changed something.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import sympy as sp
+
+from .primitives import LogSumExp
+
+
+@dataclass
+class Step:
+    """One recorded step of a derivation: ``before`` became ``after`` by ``rule``, because ``why``."""
+
+    rule: str
+    before: object
+    after: object
+    why: str
+
+
+@dataclass
+class Rewrite:
+    rule: str
+    why: str
+    fn: Callable
+
+
+REWRITES: list[Rewrite] = []
+
+
+def rewrite(rule: str, why: str):
+    def register(fn):
+        REWRITES.append(Rewrite(rule, why, fn))
+        return fn
+    return register
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _match_forward(expr, eq):
+    """If ``expr`` is ``eq.body`` at some indices, return the read of ``eq.out`` at those indices."""
+    body = eq.body
+    if expr.func != body.func or len(expr.args) != len(body.args):
+        return None
+    own = set(eq.indices)
+    for read in body.atoms(sp.Indexed):
+        positions = [k for k, e in enumerate(read.indices) if e in own]
+        for cand in expr.atoms(sp.Indexed):
+            if cand.base != read.base:
+                continue
+            mapping = {read.indices[k]: cand.indices[k] for k in positions}
+            if set(mapping) != own:
+                continue
+            if body.xreplace(mapping) == expr:
+                return eq.out[tuple(mapping[i] for i in eq.indices)]
+    return None
+
+
+def _is_trivial(body) -> bool:
+    return isinstance(body, (sp.Indexed, sp.Symbol, sp.Number))
+
+
+# -- the rewrites -------------------------------------------------------------------------------
+@rewrite("forward result",
+         "re-express the derivative through a value the forward pass already computed")
+def forward_results(expr, model):
+    eqs = [e for e in model.equations if not _is_trivial(e.body) and e.out.role != "cost"]
+    used = []
+
+    def query(e):
+        if not isinstance(e, (sp.Function, sp.Add, sp.Mul, sp.Pow, LogSumExp, sp.Sum)):
+            return False
+        for eq in eqs:
+            hit = _match_forward(e, eq)
+            if hit is not None:
+                used.append(eq)
+                return True
+        return False
+
+    def value(e):
+        for eq in eqs:
+            hit = _match_forward(e, eq)
+            if hit is not None:
+                return hit
+        return e
+
+    out = expr.replace(query, value)
+    if out != expr:
+        names = sorted({f"${sp.latex(eq.lhs)} = {sp.latex(eq.body)}$" for eq in used})
+        forward_results.detail = "the forward pass computed " + ", ".join(names)
+    return out
+
+
+@rewrite("factor out of sums", "a factor that does not depend on the summation index moves out of the sum")
+def factor_out_of_sums(expr, model):
+    def query(e):
+        return isinstance(e, sp.Sum) and any(
+            not (f.free_symbols & {v for v, *_ in e.limits}) for f in sp.Mul.make_args(e.function))
+
+    def value(e):
+        bound = {v for v, *_ in e.limits}
+        const = [f for f in sp.Mul.make_args(e.function) if not (f.free_symbols & bound)]
+        dep = [f for f in sp.Mul.make_args(e.function) if f.free_symbols & bound]
+        return sp.Mul(*const) * sp.Sum(sp.Mul(*dep), *e.limits)
+
+    return expr.replace(query, value)
+
+
+@rewrite("sum of a sum", "a sum of terms splits into a sum per term")
+def split_sums(expr, model):
+    return expr.replace(lambda e: isinstance(e, sp.Sum) and e.function.is_Add,
+                        lambda e: sp.Add(*[sp.Sum(t, *e.limits) for t in e.function.args]))
+
+
+@rewrite("declared fact", "the target is a probability distribution")
+def declared_facts(expr, model):
+    simplex = {t.name: t for t in model.tensors.values() if t.simplex_axis is not None}
+    applied = []
+
+    def query(e):
+        if not (isinstance(e, sp.Sum) and len(e.limits) == 1 and isinstance(e.function, sp.Indexed)):
+            return False
+        t = simplex.get(str(e.function.base.label))
+        var, lo, hi = e.limits[0]
+        if t is None:
+            return False
+        axis = t.simplex_axis % t.rank
+        idx = e.function.indices
+        return (idx[axis] == var and lo == 0 and sp.simplify(hi - (t.shape[axis] - 1)) == 0
+                and not any(var in sp.sympify(i).free_symbols for k, i in enumerate(idx) if k != axis))
+
+    def value(e):
+        applied.append(e)
+        return sp.S.One
+
+    out = expr.replace(query, value)
+    if applied:
+        declared_facts.detail = ", ".join(f"${sp.latex(e)} = 1$" for e in applied) + \
+            " (the target is a probability distribution: its entries sum to one)"
+    return out
+
+
+@rewrite("collect", "expand and collect common factors (kept only when the result is shorter)")
+def collect_common(expr, model):
+    if not (expr.is_Add or expr.is_Mul):
+        return expr
+    best = sp.factor_terms(expr) if expr.is_Add else expr
+    expanded = sp.factor_terms(sp.expand(expr, power_exp=False, log=False))
+    if sp.count_ops(expanded) < sp.count_ops(best):
+        best = expanded
+    return best
+
+
+def simplify_recorded(expr, model, steps: list, rules=None, max_rounds=6):
+    """Apply the rewrites to a fixed point, appending a Step for each change; return the result."""
+    for _ in range(max_rounds):
+        changed = False
+        for rw in REWRITES:
+            if rules is not None and rw.rule not in rules:
+                continue
+            rw.fn.detail = None
+            new = rw.fn(expr, model)
+            if new != expr:
+                steps.append(Step(rw.rule, expr, new, rw.fn.detail or rw.why))
+                expr, changed = new, True
+        if not changed:
+            break
+    return expr

@@ -1,0 +1,128 @@
+"""Index notation: tensors with named axes of symbolic size, and equations that define them.
+
+``Equation(out, (b, o), body)`` means ``out[b, o] = body`` for every ``b``, ``o`` in range, where
+``body`` is a SymPy expression over reads ``T[e...]`` of other tensors (``e`` a loop index or an
+affine expression of loop indices) and ``Sum`` over reduction indices.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from .errors import ShapeError, UnsupportedError
+
+ROLES = ("input", "target", "param", "hidden", "loss", "cost", "adjoint")
+
+
+def size(name: str) -> sp.Symbol:
+    """A symbolic axis length (a positive integer)."""
+    return sp.Symbol(name, integer=True, positive=True)
+
+
+def index(name: str) -> sp.Symbol:
+    """A loop or reduction index (an integer)."""
+    return sp.Symbol(name, integer=True)
+
+
+def indices(names: str) -> tuple[sp.Symbol, ...]:
+    return tuple(index(n) for n in names.split())
+
+
+def shape_str(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+@dataclass(eq=False)
+class Tensor:
+    """A named tensor. ``T[i, j]`` is a read of one element (a SymPy ``Indexed``)."""
+
+    name: str
+    shape: tuple
+    role: str = "hidden"
+    latex: str | None = None
+    layer: str = ""
+    init: str | None = None          # parameters: "glorot", "he", "zeros"
+    grad_latex: str | None = None    # how its adjoint is written (e.g. δ for pre-activations)
+    simplex_axis: int | None = None  # declared fact: sums to one over this axis (probability target)
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not _IDENT.match(self.name):
+            raise ShapeError(f"tensor name {self.name!r} is not an identifier")
+        if self.role not in ROLES:
+            raise ShapeError(f"tensor {self.name}: unknown role {self.role!r}")
+        self.shape = tuple(sp.sympify(s) for s in self.shape)
+        self.latex = self.latex or self.name
+        self.base = sp.IndexedBase(self.name, real=True)
+        self.symbol = sp.Symbol(self.name, real=True)   # rank-0 tensors are plain symbols
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, idx) -> sp.Expr:
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if len(idx) != self.rank:
+            where = f" in layer {self.layer}" if self.layer else ""
+            raise ShapeError(f"tensor {self.name}{where} has shape {shape_str(self.shape)} "
+                             f"(rank {self.rank}) but is read with {len(idx)} indices {list(idx)}")
+        if self.rank == 0:
+            return self.symbol
+        return self.base[idx]
+
+    def read(self) -> sp.Expr:
+        """The read of a rank-0 tensor (a scalar)."""
+        return self[()]
+
+    def __repr__(self):
+        return f"Tensor({self.name}, {shape_str(self.shape)}, {self.role})"
+
+
+def reads_of(expr: sp.Expr) -> list[tuple[str, tuple]]:
+    """Every tensor read in ``expr`` as (tensor name, index expressions), rank-0 reads included."""
+    indexed = expr.atoms(sp.Indexed)
+    labels = {r.base.label for r in indexed}
+    out = [(str(r.base.label), tuple(r.indices)) for r in indexed]
+    out += [(s.name, ()) for s in expr.free_symbols - labels
+            if isinstance(s, sp.Symbol) and not s.is_integer and s.is_real]
+    return out
+
+
+@dataclass(eq=False)
+class Equation:
+    """``out[indices] = body``: defines every element of ``out``."""
+
+    out: Tensor
+    indices: tuple
+    body: sp.Expr
+    layer: str = ""
+    note: str = ""                   # what the equation is, in words (for explanations)
+
+    def __post_init__(self):
+        self.indices = tuple(self.indices)
+        self.body = sp.sympify(self.body)
+        if len(self.indices) != self.out.rank:
+            raise ShapeError(f"layer {self.layer or '?'}: equation for {self.out.name} "
+                             f"{shape_str(self.out.shape)} has {len(self.indices)} indices")
+        if len(set(self.indices)) != len(self.indices):
+            raise UnsupportedError(f"layer {self.layer or '?'}: repeated output index in "
+                                   f"{self.out.name}{list(self.indices)} (a diagonal is not a definition)")
+
+    @property
+    def lhs(self) -> sp.Expr:
+        return self.out[self.indices]
+
+    def ranges(self) -> dict:
+        """Index -> (lo, hi) for the output indices (inclusive bounds)."""
+        return {i: (sp.S.Zero, n - 1) for i, n in zip(self.indices, self.out.shape)}
+
+    def reads(self):
+        return reads_of(self.body)
+
+    def __repr__(self):
+        return f"Equation({self.lhs} = {self.body})"
