@@ -7,3 +7,4 @@ from .backprop import derive, Gradients
 from .layers import (Activation, Builder, Dense, Layer, Loss, LogSoftmax, Softmax, ACTIVATIONS,
                      LOSSES, sequential)
 from .spec import BUILTIN_MODELS, build_model, parse_spec
+from .explain import Explanation, explain_model

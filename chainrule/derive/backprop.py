@@ -15,14 +15,13 @@ prints: δ for each pre-activation and the parameter gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-import itertools
-
 import sympy as sp
 
 from .deltas import eliminate_deltas
+from .notes import Note
 from .graph import Model
 from .rewrites import Step, simplify_recorded
-from .tensor import Equation, Tensor, index
+from .tensor import Equation, Tensor, index, reads_of as reads
 
 COST_SEED = sp.S.One        # dC/dC
 
@@ -110,6 +109,10 @@ def _target_indices(t: Tensor, model: Model, taken: set) -> tuple:
     return tuple(out)
 
 
+def _bound(expr) -> set:
+    return {v for e in expr.atoms(sp.Sum) for v, *_ in e.limits}
+
+
 def _rename_bound(expr, avoid: set):
     """Rename summation indices that clash with ``avoid`` (free indices of the result)."""
     def fix(e):
@@ -163,20 +166,30 @@ def _derive_one(model: Model, t: Tensor, derivations) -> AdjointDerivation:
         partials.append(wrap(up * local))
         raw.append(up * local if not limits else sp.Sum(up * local, *limits))
     steps = [Step("chain rule", adj[fresh] if t.rank else adj.read(), sp.Add(*chain, evaluate=False),
-                  "sum over every element that reads " + f"${t.latex}$" + ": upstream adjoint times local derivative"),
+                  [Note("sum over every element that reads {0}: upstream adjoint times local derivative",
+                        target_read)]),
              Step("differentiate", sp.Add(*chain, evaluate=False), sp.Add(*partials),
                   "SymPy differentiates each body; a read of the same tensor gives Kronecker deltas")]
     expr, notes = eliminate_deltas(sp.Add(*raw), ranges)
     if notes:
-        steps.append(Step("eliminate Kronecker deltas", steps[-1].after, expr, "; ".join(notes)))
+        unique = list({(n.fmt, n.args): n for n in notes}.values())
+        steps.append(Step("eliminate Kronecker deltas", steps[-1].after, expr, unique))
     expr = simplify_recorded(expr, model, steps)
 
-    # back to readable index names
+    # back to readable index names: first prime every other index that would clash with them
+    used = set().union(*[s.before.free_symbols | s.after.free_symbols | _bound(s.before) | _bound(s.after)
+                         for s in steps])
+    clash, taken = {}, used | set(j)
+    for v in set(j) & used:
+        w = index(v.name + "'")
+        while w in taken:
+            w = index(w.name + "'")
+        clash[v], taken = w, taken | {w}
     rename = dict(zip(fresh, j))
-    expr = _rename_bound(expr, set(j)).xreplace(rename)
+    expr = expr.xreplace(clash).xreplace(rename)
     for s in steps:
-        s.before = _rename_bound(s.before, set(j)).xreplace(rename)
-        s.after = _rename_bound(s.after, set(j)).xreplace(rename)
+        s.xreplace(clash)
+        s.xreplace(rename)
     equation = Equation(adj, j, expr, layer=t.layer, note=f"adjoint of {t.name}")
     return AdjointDerivation(t, adj, equation, steps, consumers)
 
@@ -212,16 +225,12 @@ def compose(grads: Gradients) -> dict[str, AdjointDerivation]:
             before = expr
             for m in hits:
                 expr = _substitute_adjoint(expr, derivs[m].adjoint.name, derivs[m].equation)
-            steps.append(Step("substitute", before, expr,
-                              "insert the adjoint" + ("s" if len(hits) > 1 else "") + " of " +
-                              ", ".join(f"${model.tensors[m].latex}$" for m in hits) + " derived above"))
+            steps.append(Step("substitute", before, expr, [Note(
+                "insert " + ", ".join("{%d}" % k for k in range(len(hits))) + " derived above",
+                *[sp.Eq(derivs[m].equation.lhs, derivs[m].equation.body, evaluate=False) for m in hits])]))
         if steps:
             expr = simplify_recorded(expr, model, steps)
         eq = Equation(d.adjoint, d.equation.indices, expr, layer=d.equation.layer, note=d.equation.note)
         out[name] = AdjointDerivation(d.tensor, d.adjoint, eq, steps, d.consumers)
     return out
 
-
-def reads(expr):
-    from .tensor import reads_of
-    return reads_of(expr)

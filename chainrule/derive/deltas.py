@@ -14,6 +14,7 @@ from sympy import KroneckerDelta
 
 from .errors import UnsupportedError
 from .primitives import LogSumExp
+from .notes import Note
 
 
 def affine_bounds(expr, ranges):
@@ -87,7 +88,7 @@ class DeltaEliminator:
             (_, lo, hi), = [lim for lim in limits if lim[0] == var]
             limits = [lim for lim in limits if lim[0] != var]
             term = sp.Mul(*[f for f in sp.Mul.make_args(term) if f is not delta]).xreplace({var: solution})
-            self.notes.append(f"${sp.latex(delta)}$ fixes ${sp.latex(var)} = {sp.latex(solution)}$")
+            self.notes.append(Note("{0} fixes {1}", delta, sp.Eq(var, solution, evaluate=False)))
             term, limits = self._guard(term, solution, lo, hi, limits, outer)
         const, dep = [], []
         bound = {lim[0] for lim in limits}
@@ -124,9 +125,9 @@ class DeltaEliminator:
         """The eliminated index had range [lo, hi]: keep that as a condition on ``solution``."""
         ranges = {**outer, **{v: (a, b) for v, a, b in limits}}
         bounds = affine_bounds(solution, ranges)
-        cond = f"${sp.latex(lo)} \\le {sp.latex(solution)} \\le {sp.latex(hi)}$"
+        cond = sp.And(sp.Le(lo, solution, evaluate=False), sp.Le(solution, hi, evaluate=False), evaluate=False)
         if bounds and _nonneg(bounds[0] - lo) and _nonneg(hi - bounds[1]):
-            self.notes.append(f"the range guard {cond} holds for every index in range: dropped")
+            self.notes.append(Note("the range guard {0} holds for every index in range: dropped", cond))
             return term, limits
         summed = [v for v, _, _ in limits if v in solution.free_symbols]
         if len(summed) == 1:
@@ -137,9 +138,9 @@ class DeltaEliminator:
                 new_lo, new_hi = (lo - rest, hi - rest) if c == 1 else (rest - hi, rest - lo)
                 limits = [(v, sp.Max(a, new_lo), sp.Min(b, new_hi)) if v == w else (v, a, b)
                           for v, a, b in limits]
-                self.notes.append(f"the range guard {cond} becomes summation limits on ${sp.latex(w)}$")
+                self.notes.append(Note("the range guard {0} becomes summation limits on {1}", cond, w))
                 return term, limits
-        self.notes.append(f"the range guard {cond} is kept as a condition")
+        self.notes.append(Note("the range guard {0} is kept as a condition", cond))
         return sp.Piecewise((term, sp.And(solution >= lo, solution <= hi)), (0, True)), limits
 
 

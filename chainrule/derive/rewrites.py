@@ -11,6 +11,7 @@ from typing import Callable
 
 import sympy as sp
 
+from .notes import Note
 from .primitives import LogSumExp
 
 
@@ -21,7 +22,16 @@ class Step:
     rule: str
     before: object
     after: object
-    why: str
+    why: list          # of str and Note (a justification that names expressions)
+
+    def __post_init__(self):
+        if not isinstance(self.why, list):
+            self.why = [self.why]
+
+    def xreplace(self, mapping):
+        self.before = self.before.xreplace(mapping)
+        self.after = self.after.xreplace(mapping)
+        self.why = [w.xreplace(mapping) if isinstance(w, Note) else w for w in self.why]
 
 
 @dataclass
@@ -91,8 +101,9 @@ def forward_results(expr, model):
 
     out = expr.replace(query, value)
     if out != expr:
-        names = sorted({f"${sp.latex(eq.lhs)} = {sp.latex(eq.body)}$" for eq in used})
-        forward_results.detail = "the forward pass computed " + ", ".join(names)
+        unique = list({id(eq): eq for eq in used}.values())
+        forward_results.detail = [Note("the forward pass computed " + ", ".join(
+            "{%d}" % k for k in range(len(unique))), *[sp.Eq(eq.lhs, eq.body, evaluate=False) for eq in unique], fixed=True)]
     return out
 
 
@@ -140,8 +151,9 @@ def declared_facts(expr, model):
 
     out = expr.replace(query, value)
     if applied:
-        declared_facts.detail = ", ".join(f"${sp.latex(e)} = 1$" for e in applied) + \
-            " (the target is a probability distribution: its entries sum to one)"
+        declared_facts.detail = [Note(", ".join("{%d}" % k for k in range(len(applied))) +
+                                      " (the target is a probability distribution: its entries sum to one)",
+                                      *[sp.Eq(e, 1, evaluate=False) for e in applied])]
     return out
 
 

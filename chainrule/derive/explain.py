@@ -1,0 +1,233 @@
+"""Explanations: a derivation is data (headings, paragraphs, display equations, recorded steps);
+printers turn it into LaTeX, Markdown (GitHub math) or Jupyter output.
+
+Nothing here knows any particular layer: every equation comes from the model or its derivation,
+every matrix form from ``matrix.py``'s patterns, every justification from the step that made it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import re
+
+import sympy as sp
+
+from .backprop import Gradients, derive
+from .graph import Model
+from .layers import B
+from .matrix import matrix_form
+from .notes import Note
+from .printing import IndexPrinter
+from .tensor import Equation, shape_str
+
+
+# -- the document -------------------------------------------------------------------------------------
+@dataclass
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass
+class Para:
+    text: str              # plain text with inline math between $...$
+
+
+@dataclass
+class Display:
+    tex: str               # one display equation
+
+
+@dataclass
+class Bullets:
+    items: list
+
+
+@dataclass
+class Explanation:
+    title: str
+    blocks: list = field(default_factory=list)
+
+    def add(self, *blocks):
+        self.blocks.extend(blocks)
+
+    def to_markdown(self) -> str:
+        return MarkdownPrinter().render(self)
+
+    def to_latex(self, standalone=True) -> str:
+        return LatexDocPrinter().render(self, standalone)
+
+    def equations(self) -> list[str]:
+        """Every display equation (for Jupyter's LaTeX view and for validation)."""
+        return [b.tex for b in self.blocks if isinstance(b, Display)]
+
+    def _repr_markdown_(self):
+        return self.to_markdown()
+
+    def _repr_latex_(self):
+        return "$$\\begin{aligned}" + r" \\ ".join(
+            e.replace("=", "&=", 1) for e in self.equations()) + "\\end{aligned}$$"
+
+
+class MarkdownPrinter:
+    """GitHub-flavoured Markdown: ``$...$`` inline, fenced ```math blocks for display equations."""
+
+    def render(self, doc: Explanation) -> str:
+        out = [f"# {doc.title}", ""]
+        for b in doc.blocks:
+            out += getattr(self, "_" + type(b).__name__)(b) + [""]
+        return "\n".join(out).rstrip() + "\n"
+
+    def _Heading(self, b):
+        return ["#" * (b.level + 1) + " " + b.text]
+
+    def _Para(self, b):
+        return [b.text]
+
+    def _Display(self, b):
+        return ["```math", b.tex, "```"]
+
+    def _Bullets(self, b):
+        return [f"- {item}" for item in b.items]
+
+
+_LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
+
+
+def latex_text(text: str) -> str:
+    """Escape the plain-text parts of a string; leave ``$...$`` math alone."""
+    parts = re.split(r"(\$[^$]+\$)", text)
+    return "".join(p if p.startswith("$") and p.endswith("$") and len(p) > 1
+                   else "".join(_LATEX_SPECIAL.get(c, c) for c in p) for p in parts)
+
+
+class LatexDocPrinter:
+    """A LaTeX article (pdflatex-ready with amsmath, amssymb, bm)."""
+
+    def render(self, doc: Explanation, standalone=True) -> str:
+        body = []
+        for b in doc.blocks:
+            body += getattr(self, "_" + type(b).__name__)(b)
+        text = "\n".join(body)
+        if not standalone:
+            return text
+        return "\n".join([r"\documentclass{article}", r"\usepackage{amsmath,amssymb,bm}",
+                          r"\usepackage[margin=2cm]{geometry}", r"\allowdisplaybreaks",
+                          rf"\title{{{latex_text(doc.title)}}}", r"\date{}", r"\begin{document}",
+                          r"\maketitle", text, r"\end{document}", ""])
+
+    def _Heading(self, b):
+        return [("\\section*{" if b.level == 1 else "\\subsection*{") + latex_text(b.text) + "}"]
+
+    def _Para(self, b):
+        return [latex_text(b.text), ""]
+
+    def _Display(self, b):
+        return [r"\begin{equation*}", b.tex, r"\end{equation*}"]
+
+    def _Bullets(self, b):
+        return [r"\begin{itemize}"] + [r"\item " + latex_text(i) for i in b.items] + [r"\end{itemize}"]
+
+
+# -- writing explanations ---------------------------------------------------------------------------
+class Writer:
+    """Turns a model and its derivation into an Explanation."""
+
+    def __init__(self, model: Model, grads: Gradients):
+        self.model, self.grads = model, grads
+        self.tensors = {**model.tensors, **{a.name: a for a in grads.adjoints.values()}}
+        self.printer = IndexPrinter(self.tensors)
+
+    def tex(self, expr) -> str:
+        return self.printer.doprint(expr)
+
+    def inline(self, expr) -> str:
+        return f"${self.tex(expr)}$"
+
+    def equation(self, eq: Equation, rhs=None) -> str:
+        return f"{self.tex(eq.lhs)} = {self.tex(eq.body if rhs is None else rhs)}"
+
+    def why(self, step) -> str:
+        return "; ".join(w.render(self.inline) if isinstance(w, Note) else str(w) for w in step.why)
+
+    def shape(self, t) -> str:
+        return r" \times ".join(self.tex(s) for s in t.shape) if t.shape else "1"
+
+    def matrix_blocks(self, eq: Equation, per_example=False) -> list:
+        fixed = [eq.indices[0]] if per_example and eq.indices and eq.out.shape[0] == B else []
+        if per_example and not fixed:
+            return []
+        mf = matrix_form(eq, self.tensors, fixed=fixed)
+        if mf is None:
+            return []
+        label = "Per example (column vectors)" if per_example else "In matrix form"
+        blocks = [Para(f"{label}, shape ${mf['shape']}$:"), Display(f"{mf['lhs']} = {mf['rhs']}")]
+        if mf["notes"]:
+            blocks.append(Bullets(mf["notes"]))
+        return blocks
+
+    def steps(self, derivation) -> list:
+        blocks = []
+        lhs = derivation.equation.lhs
+        for k, step in enumerate(derivation.steps, 1):
+            blocks.append(Para(f"Step {k}, *{step.rule}*: {self.why(step)}"))
+            blocks.append(Display(f"{self.tex(lhs)} = {self.tex(step.after)}"))
+        return blocks
+
+
+def _sizes_line(model: Model) -> str:
+    parts = [f"${sp.latex(s)} = {v}$" for s, v in sorted(model.size_values.items(), key=lambda kv: str(kv[0]))]
+    return "Sizes: $B$ is the batch size (any), " + ", ".join(parts) + "."
+
+
+def explain_model(model: Model, grads: Gradients | None = None, title: str | None = None) -> Explanation:
+    """The whole story: forward pass, loss and cost, each adjoint step by step, the backward recursion."""
+    grads = grads or derive(model)
+    w = Writer(model, grads)
+    doc = Explanation(title or f"Backpropagation in the model `{model.name}`")
+    layers = " → ".join(layer.describe() for _, layer in model.layers)
+    doc.add(Para(f"Layers: input → {layers} → {model.loss.layer.split(':', 1)[-1] if model.loss else ''}. "
+                 + _sizes_line(model)),
+            Para("Notation: $C$ is the cost being minimised, $\\ell_b$ the loss of example $b$; "
+                 "$\\frac{\\partial C}{\\partial T}$ is the adjoint of a tensor $T$, and "
+                 "$\\delta^{(l)} = \\frac{\\partial C}{\\partial z^{(l)}}$. Every formula below was derived "
+                 "by chainrule from the forward equations."))
+
+    doc.add(Heading(1, "Forward pass"))
+    for eq in model.equations:
+        if eq.out.role in ("loss", "cost"):
+            continue
+        doc.add(Para(f"Layer {eq.layer.replace(':', ' (', 1)}): {eq.note}; ${eq.out.latex}$ has shape ${w.shape(eq.out)}$."),
+                Display(w.equation(eq)), *w.matrix_blocks(eq))
+
+    doc.add(Heading(1, "Loss and cost"))
+    for eq in model.equations:
+        if eq.out.role == "loss":
+            doc.add(Para(f"The loss is per example ({eq.note}):"), Display(w.equation(eq)))
+        if eq.out.role == "cost":
+            doc.add(Para("The cost averages the per-example losses over the batch; "
+                         "gradient descent minimises the cost:"), Display(w.equation(eq)))
+
+    doc.add(Heading(1, "Backward pass, one tensor at a time"))
+    doc.add(Para("For each tensor read by an equation, the chain rule sums the upstream adjoint times "
+                 "the local derivative over everything that reads it; the steps show how the engine "
+                 "reaches the textbook form."))
+    for name, d in grads.derivations.items():
+        doc.add(Heading(2, f"Adjoint of ${w.tex(d.tensor[d.equation.indices] if d.tensor.rank else d.tensor.read())}$"))
+        doc.add(*w.steps(d))
+        doc.add(Para("Result:"), Display(w.equation(d.equation)), *w.matrix_blocks(d.equation))
+
+    doc.add(Heading(1, "The backward recursion"))
+    doc.add(Para("Inserting the adjoints of the activations and of the loss into the layers below gives "
+                 "the recursion for $\\delta^{(l)}$ and the parameter gradients:"))
+    for name, d in grads.composed.items():
+        doc.add(Heading(2, f"${w.tex(d.equation.lhs)}$"))
+        if d.steps:
+            doc.add(*w.steps(d))
+        doc.add(Display(w.equation(d.equation)), *w.matrix_blocks(d.equation),
+                *w.matrix_blocks(d.equation, per_example=True))
+    return doc
+
+
+def derivation_markdown(model: Model) -> str:
+    return explain_model(model).to_markdown()
