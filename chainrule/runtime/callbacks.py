@@ -1,0 +1,181 @@
+"""Callbacks for :meth:`Network.fit`: early stopping, checkpoints, learning-rate schedules, progress.
+
+A callback receives ``on_train_begin(network)``, ``on_epoch_begin(epoch)``,
+``on_batch_end(step, steps, cost)``, ``on_epoch_end(epoch, logs)`` and ``on_train_end(logs)``.
+``epoch`` is the 0-based epoch index; ``logs`` holds the epoch's metrics (``loss``, ``accuracy``,
+``val_loss``, ``val_accuracy``, ``lr``). Setting ``network.stop_training = True`` ends training
+after the current epoch.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+import time
+
+from .errors import ChainruleError
+
+__all__ = ["Callback", "EarlyStopping", "ModelCheckpoint", "LearningRateSchedule", "ProgressBar"]
+
+
+class Callback:
+    network = None
+
+    def set_network(self, network):
+        self.network = network
+
+    def on_train_begin(self, logs=None):
+        pass
+
+    def on_epoch_begin(self, epoch):
+        pass
+
+    def on_batch_end(self, step, steps, cost):
+        pass
+
+    def on_epoch_end(self, epoch, logs):
+        pass
+
+    def on_train_end(self, logs=None):
+        pass
+
+
+def _mode_for(monitor, mode):
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    if mode == "auto":
+        mode = "max" if "acc" in monitor else "min"
+    return mode
+
+
+def _check_monitor(monitor, network, who):
+    if monitor.startswith("val_") and not network.has_validation:
+        raise ChainruleError(f"{who} monitors {monitor!r} but fit has no validation data: pass "
+                             f"validation_split= or validation_data=, or monitor={monitor[4:]!r}")
+    if monitor.endswith("accuracy") and not network.is_classifier:
+        raise ChainruleError(f"{who} monitors {monitor!r} but the model's loss "
+                             f"({network.loss_name}) is not a classification loss")
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
+
+    With ``restore_best`` the parameters of the best epoch are put back when training ends.
+    ``best_epoch`` (0-based) and ``stopped_epoch`` (None if it never stopped) tell what happened.
+    """
+
+    def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto", restore_best=True):
+        self.monitor, self.patience, self.min_delta = monitor, int(patience), float(min_delta)
+        self.mode = _mode_for(monitor, mode)
+        self.restore_best = restore_best
+
+    def _better(self, value, best):
+        if self.mode == "min":
+            return value < best - self.min_delta
+        return value > best + self.min_delta
+
+    def on_train_begin(self, logs=None):
+        _check_monitor(self.monitor, self.network, "EarlyStopping")
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.best_epoch, self.best_params, self.wait, self.stopped_epoch = None, None, 0, None
+
+    def on_epoch_end(self, epoch, logs):
+        value = logs[self.monitor]
+        if self._better(value, self.best):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best:
+                self.best_params = self.network.get_params()
+        else:
+            self.wait += 1
+            if self.wait >= self.patience:
+                self.stopped_epoch = epoch
+                self.network.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.restore_best and self.best_params is not None:
+            self.network.set_params(self.best_params)
+
+
+class ModelCheckpoint(Callback):
+    """Save the parameters (atomically) after each epoch, or only when ``monitor`` improves.
+
+    ``path`` may contain ``{epoch}`` (1-based) and any metric name, e.g. ``ckpt-{epoch:03d}.npz``.
+    """
+
+    def __init__(self, path, monitor="val_loss", save_best_only=False, mode="auto"):
+        self.path, self.monitor, self.save_best_only = str(path), monitor, save_best_only
+        self.mode = _mode_for(monitor, mode)
+        self.saved = []
+
+    def on_train_begin(self, logs=None):
+        if self.save_best_only:
+            _check_monitor(self.monitor, self.network, "ModelCheckpoint")
+        self.best = math.inf if self.mode == "min" else -math.inf
+
+    def on_epoch_end(self, epoch, logs):
+        if self.save_best_only:
+            value = logs[self.monitor]
+            if not (value < self.best if self.mode == "min" else value > self.best):
+                return
+            self.best = value
+        fields = {k: v for k, v in logs.items() if v is not None}
+        path = self.path.format(epoch=epoch + 1, **fields)
+        self.network.save(path)
+        self.saved.append(path)
+
+
+class LearningRateSchedule(Callback):
+    """Set the learning rate before each epoch: ``fn(epoch)`` or ``fn(epoch, lr)`` (0-based epoch)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        try:
+            n = len([p for p in inspect.signature(fn).parameters.values()
+                     if p.default is inspect.Parameter.empty
+                     and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
+        except (TypeError, ValueError):
+            n = 2
+        self.two_args = n >= 2
+
+    def on_epoch_begin(self, epoch):
+        opt = self.network.optimizer
+        lr = self.fn(epoch, opt.lr) if self.two_args else self.fn(epoch)
+        lr = float(lr)
+        if not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"LearningRateSchedule gave lr={lr!r} for epoch {epoch + 1}")
+        opt.lr = lr
+
+
+class ProgressBar(Callback):
+    """A one-line text progress bar per epoch, on stderr (or ``stream``)."""
+
+    def __init__(self, stream=None, width=24, min_interval=0.1):
+        self.stream = stream if stream is not None else sys.stderr
+        self.width, self.min_interval = width, min_interval
+
+    def on_train_begin(self, logs=None):
+        self.epochs = self.network._fit_epochs
+
+    def on_epoch_begin(self, epoch):
+        self.epoch, self.t0, self.last, self.sum, self.n = epoch, time.perf_counter(), 0.0, 0.0, 0
+
+    def _line(self, step, steps, tail):
+        done = int(self.width * step / max(steps, 1))
+        bar = "=" * done + (">" if done < self.width else "") + "." * max(self.width - done - 1, 0)
+        return f"\repoch {self.epoch + 1}/{self.epochs} [{bar}] {step}/{steps} {tail}"
+
+    def on_batch_end(self, step, steps, cost):
+        self.sum += cost
+        self.n += 1
+        now = time.perf_counter()
+        if now - self.last >= self.min_interval or step == steps:
+            self.last = now
+            self.stream.write(self._line(step, steps, f"loss {self.sum / self.n:.4f}"))
+            self.stream.flush()
+
+    def on_epoch_end(self, epoch, logs):
+        parts = [f"{k} {v:.4f}" for k, v in logs.items() if v is not None and k not in ("lr", "time")]
+        dt = time.perf_counter() - self.t0
+        steps = self.network._fit_steps
+        self.stream.write(self._line(steps, steps, " - ".join(parts) + f" - {dt:.2f}s") + "\n")
+        self.stream.flush()

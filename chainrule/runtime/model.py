@@ -1,0 +1,497 @@
+"""``Network``: a trainable model built on the generated kernels of a derived model.
+
+The runtime never touches the math: it asks ``chainrule.derive`` for the model and
+``chainrule.codegen`` for its compiled module, and drives ``train_step`` / ``loss_and_grads`` /
+``predict``. Parameters are plain NumPy arrays in a dict, ordered as ``compiled.param_names``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from .callbacks import Callback, ProgressBar
+from .data import one_hot, train_test_split
+from .errors import CheckpointError, DataError, LabelError, ShapeError, TrainingDiverged
+from .optim import SGD, Optimizer, get_optimizer
+
+__all__ = ["Network", "History", "atomic_write"]
+
+FORMAT = "chainrule-params"
+FORMAT_VERSION = 1
+BINARY_LOSSES = ("bce", "bce_logits")
+
+
+# -- small helpers -----------------------------------------------------------------------------
+def _check_finite(arr: np.ndarray, what: str):
+    if arr.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        count = int(bad.sum())
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        first_s = str(first[0]) if len(first) == 1 else str(first)
+        raise DataError(f"{what} contains {count} non-finite value{'s' if count > 1 else ''} "
+                        f"(NaN or inf); the first at index {first_s} is {arr[first]!r}")
+
+
+def atomic_write(path, write):
+    """Call ``write(fileobj)`` on a temporary file in the target's directory, then ``os.replace`` it
+    over ``path``: readers see the old file or the new one, never a partial one."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class History:
+    """Per-epoch metrics of one ``fit``: ``history["loss"]``, ``["accuracy"]``, ``["val_loss"]``,
+    ``["val_accuracy"]``, ``["lr"]``, ``["time"]`` (lists, one entry per completed epoch).
+
+    ``loss`` is the mean minibatch cost over the epoch; ``accuracy`` and the validation metrics are
+    those of the parameters at the end of the epoch.
+    """
+
+    def __init__(self, keys):
+        self.history = {k: [] for k in keys}
+        self.epochs: list[int] = []
+        self.stopped_early = False
+        self.params: dict = {}
+
+    def append(self, epoch, logs):
+        self.epochs.append(epoch)
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(v)
+
+    def __getitem__(self, key):
+        return self.history[key]
+
+    def __contains__(self, key):
+        return key in self.history
+
+    def __len__(self):
+        return len(self.epochs)
+
+    def best(self, monitor="val_loss", mode="auto"):
+        """(0-based epoch, value) of the best epoch for ``monitor``."""
+        values = self.history[monitor]
+        if not values:
+            raise ValueError("no epochs recorded")
+        maximise = mode == "max" or (mode == "auto" and "acc" in monitor)
+        k = int(np.argmax(values) if maximise else np.argmin(values))
+        return self.epochs[k], values[k]
+
+    def __repr__(self):
+        last = {k: (round(v[-1], 4) if v else None) for k, v in self.history.items()}
+        return f"History({len(self)} epochs, last {last})"
+
+
+# -- the network ---------------------------------------------------------------------------------
+class Network:
+    """A trainable network: a derived model, its compiled kernels, and its parameters.
+
+    ``Network("demo")``, ``Network("4 -> dense(8) -> tanh -> dense(3) -> softmax_cross_entropy")``
+    or ``Network(model)`` for a ``chainrule.derive.Model``. ``compiled`` reuses an already compiled
+    module (``chainrule.codegen.compile_model(model, dtype=...)``).
+    """
+
+    def __init__(self, model="demo", dtype="float64", seed=0, optimizer=None, compiled=None):
+        from chainrule.derive import build_model
+        if isinstance(model, str) or model is None:
+            model = build_model(model)
+        self.model = model
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        if compiled is None:
+            from chainrule.codegen import compile_model
+            compiled = compile_model(model, dtype=self.dtype.name)
+        elif np.dtype(compiled.dtype) != self.dtype:
+            raise ValueError(f"compiled module is {compiled.dtype} but the network is {self.dtype}")
+        self.compiled = compiled
+        self.seed = seed
+        self.optimizer = get_optimizer(optimizer if optimizer is not None else SGD(0.1))
+        self.stop_training = False
+        self.has_validation = False
+
+        cm = compiled
+        self.input_name, self.target_name = cm.input_name, cm.target_name
+        self.n_inputs = model.concrete_shape(model.tensors[cm.input_name], B=1)[1]
+        self.n_outputs = model.concrete_shape(model.tensors[cm.target_name], B=1)[1]
+        self.loss_name = (model.loss.layer.split(":", 1)[-1] if model.loss is not None else "") or "loss"
+        simplex = model.tensors[cm.target_name].simplex_axis is not None
+        self.task = "multiclass" if simplex else ("binary" if self.loss_name in BINARY_LOSSES
+                                                  else "regression")
+        self.params = cm.init_params(seed=seed)
+        self._check_params(self.params, "init_params")
+
+    # -- description ---------------------------------------------------------------------------
+    @property
+    def is_classifier(self) -> bool:
+        return self.task in ("multiclass", "binary")
+
+    @property
+    def param_names(self):
+        return list(self.compiled.param_names)
+
+    @property
+    def param_shapes(self):
+        return {k: tuple(self.compiled.param_shapes[k]) for k in self.param_names}
+
+    @property
+    def spec(self) -> str | None:
+        """The layer-list spec of a sequential model (None for a hand-built graph)."""
+        if not self.model.layers:
+            return None
+        items = [str(self.n_inputs)] + [layer.describe() for _, layer in self.model.layers]
+        return " -> ".join(items + [self.loss_name])
+
+    def n_params(self) -> int:
+        return int(sum(int(np.prod(s)) for s in self.param_shapes.values()))
+
+    def summary(self) -> str:
+        lines = [f"Network {self.model.name!r} ({self.dtype.name}, {self.task}, loss {self.loss_name})",
+                 f"  input {self.input_name}: (N, {self.n_inputs})   target {self.target_name}: "
+                 f"(N, {self.n_outputs})"]
+        if self.spec:
+            lines.append(f"  spec: {self.spec}")
+        for k, s in self.param_shapes.items():
+            lines.append(f"  param {k:<8} {str(s):<12} {int(np.prod(s)):>8}")
+        lines.append(f"  {self.n_params()} parameters")
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return f"Network({self.model.name!r}, {self.dtype.name}, {self.n_params()} params)"
+
+    # -- parameters ----------------------------------------------------------------------------
+    def _check_params(self, params, source):
+        expected = self.param_shapes
+        missing = [k for k in expected if k not in params]
+        extra = [k for k in params if k not in expected]
+        wrong = [f"{k}: {source} has {tuple(np.shape(params[k]))}, the network needs {expected[k]}"
+                 for k in expected if k in params and tuple(np.shape(params[k])) != expected[k]]
+        problems = []
+        if missing:
+            problems.append(f"missing parameter{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+        if extra:
+            problems.append(f"unexpected parameter{'s' if len(extra) > 1 else ''} {', '.join(extra)}")
+        problems += wrong
+        if problems:
+            raise CheckpointError(f"parameters from {source} do not fit network {self.model.name!r} "
+                                  f"({self.spec or self.model.name}): " + "; ".join(problems))
+
+    def get_params(self) -> dict:
+        """A copy of the parameters."""
+        return {k: self.params[k].copy() for k in self.param_names}
+
+    def set_params(self, params: dict, source="set_params"):
+        """Copy ``params`` into the network's arrays (checks names and shapes)."""
+        self._check_params(params, source)
+        for k in self.param_names:
+            v = np.asarray(params[k])
+            _check_finite(v, f"parameter {k} from {source}")
+            np.copyto(self.params[k], v.astype(self.dtype, copy=False))
+
+    def save(self, path):
+        """Write the parameters to ``path`` (.npz) atomically, with metadata to rebuild the network."""
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": self.model.name,
+                "spec": self.spec, "dtype": self.dtype.name, "param_names": self.param_names,
+                "param_shapes": {k: list(s) for k, s in self.param_shapes.items()},
+                "task": self.task, "loss": self.loss_name}
+        arrays = {k: self.params[k] for k in self.param_names}
+        arrays["__meta__"] = np.array(json.dumps(meta))
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+        return os.fspath(path)
+
+    @staticmethod
+    def _read(path):
+        path = os.fspath(path)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                data = {k: f[k] for k in f.files}
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable .npz parameter file: {e}") from e
+        meta = {}
+        if "__meta__" in data:
+            try:
+                meta = json.loads(str(data.pop("__meta__")))
+            except ValueError as e:
+                raise CheckpointError(f"{path}: unreadable metadata: {e}") from e
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(f"{path} is not a chainrule parameter file")
+        return data, meta
+
+    def load(self, path):
+        """Load parameters saved by :meth:`save`; names and shapes must match this network."""
+        data, meta = self._read(path)
+        src = os.fspath(path)
+        if meta and meta.get("spec") and self.spec and meta["spec"] != self.spec:
+            # shapes are what matter; name the models to make a mismatch easy to understand
+            src = f"{src} (saved from {meta['spec']!r})"
+        self.set_params(data, source=src)
+        return self
+
+    @classmethod
+    def from_checkpoint(cls, path, compiled=None, **kw):
+        """Rebuild the network a file was saved from (model name or spec, dtype) and load it."""
+        data, meta = cls._read(path)
+        if not meta:
+            raise CheckpointError(f"{os.fspath(path)} has no chainrule metadata: build the Network "
+                                  f"yourself and call .load()")
+        from chainrule.derive import BUILTIN_MODELS
+        model = meta["model"] if meta["model"] in BUILTIN_MODELS else meta.get("spec")
+        if model is None:
+            raise CheckpointError(f"{os.fspath(path)} was saved from a hand-built model "
+                                  f"{meta['model']!r}: build it and call Network(model).load(path)")
+        net = cls(model, dtype=meta["dtype"], compiled=compiled, **kw)
+        net.set_params(data, source=os.fspath(path))
+        return net
+
+    # -- data checks -----------------------------------------------------------------------------
+    def _prepare_x(self, x, what="x"):
+        arr = np.asarray(x)
+        if arr.ndim != 2 or arr.shape[1] != self.n_inputs:
+            raise ShapeError(f"{what}: tensor {self.input_name} expects shape (N, {self.n_inputs}), "
+                             f"got {arr.shape}")
+        if arr.dtype.kind not in "biuf":
+            raise DataError(f"{what}: expected numbers, got dtype {arr.dtype}")
+        _check_finite(arr, what)
+        out = np.ascontiguousarray(arr, dtype=self.dtype)
+        _check_finite(out, f"{what} (as {self.dtype.name})")
+        return out
+
+    def _prepare_y(self, y, n, what="y"):
+        arr = np.asarray(y)
+        t, k = self.target_name, self.n_outputs
+        if arr.dtype.kind not in "biuf":
+            raise DataError(f"{what}: expected numbers, got dtype {arr.dtype}")
+        if arr.shape[:1] != (n,):
+            raise ShapeError(f"{what}: tensor {t} needs one row per example: x has {n} rows, "
+                             f"{what} has shape {arr.shape}")
+        _check_finite(arr, what)
+        if self.task == "multiclass" and arr.ndim == 1:
+            arr = one_hot(arr, k, dtype=self.dtype, name=f"{t} ({what})")
+        elif self.task == "binary" and arr.ndim == 1 and k == 1:
+            bad = np.flatnonzero((arr != 0) & (arr != 1))
+            if bad.size:
+                i = int(bad[0])
+                raise LabelError(f"label {arr[i]!r} at index {i} of {what} is outside the range 0..1 "
+                                 f"of the binary target {t} ({bad.size} bad labels)")
+            arr = arr.reshape(n, 1)
+        elif arr.ndim == 1 and k == 1:
+            arr = arr.reshape(n, 1)
+        if arr.ndim != 2 or arr.shape[1] != k:
+            hint = (f" (or integer class labels of shape ({n},))" if self.task == "multiclass" else "")
+            raise ShapeError(f"{what}: tensor {t} expects shape (N, {k}){hint}, got {np.shape(y)}")
+        out = np.ascontiguousarray(arr, dtype=self.dtype)
+        _check_finite(out, f"{what} (as {self.dtype.name})")
+        if self.task == "multiclass":
+            sums = out.sum(axis=1, dtype=np.float64)
+            tol = 1e-6 if self.dtype == np.float64 else 1e-4
+            bad = np.flatnonzero(np.abs(sums - 1) > tol)
+            if bad.size or (out < 0).any():
+                i = int(bad[0]) if bad.size else int(np.argwhere(out < 0)[0][0])
+                raise DataError(f"{what}: each row of target {t} must be a probability vector "
+                                f"(non-negative, summing to 1: {self.loss_name} declares it); "
+                                f"row {i} is {out[i].tolist()} (sum {sums[i]:g})")
+        elif self.task == "binary" and ((out < 0) | (out > 1)).any():
+            i = tuple(int(v) for v in np.argwhere((out < 0) | (out > 1))[0])
+            raise DataError(f"{what}: binary target {t} must lie in [0, 1]; {what}{list(i)} = {out[i]!r}")
+        return out
+
+    def _prepare(self, x, y, what="x", ywhat="y"):
+        xs = self._prepare_x(x, what)
+        return xs, self._prepare_y(y, len(xs), ywhat)
+
+    # -- inference -------------------------------------------------------------------------------
+    def predict(self, x, batch_size=4096):
+        """The model's output for ``x`` (class probabilities for classification losses)."""
+        xs = self._prepare_x(x)
+        if len(xs) <= batch_size:
+            return np.asarray(self.compiled.predict(self.params, xs))
+        return np.concatenate([np.asarray(self.compiled.predict(self.params, xs[i:i + batch_size]))
+                               for i in range(0, len(xs), batch_size)])
+
+    def predict_classes(self, x):
+        if not self.is_classifier:
+            raise ValueError(f"predict_classes needs a classification loss, the model has {self.loss_name}")
+        p = self.predict(x)
+        if self.task == "binary":
+            return (p > 0.5).astype(np.int64).reshape(len(p), -1).squeeze(-1) if p.shape[1] == 1 \
+                else (p > 0.5).astype(np.int64)
+        return np.argmax(p, axis=1)
+
+    def _accuracy(self, pred, y):
+        if self.task == "multiclass":
+            return float(np.mean(np.argmax(pred, 1) == np.argmax(y, 1)))
+        if self.task == "binary":
+            return float(np.mean((pred > 0.5) == (y > 0.5)))
+        return None
+
+    def _cost(self, xs, ys, batch_size=4096):
+        total = 0.0
+        for i in range(0, len(xs), batch_size):
+            xb, yb = xs[i:i + batch_size], ys[i:i + batch_size]
+            c, _ = self.compiled.loss_and_grads(self.params, xb, yb)
+            total += float(c) * len(xb)
+        return total / len(xs)
+
+    def _metrics(self, xs, ys, want_loss=True):
+        out = {}
+        if want_loss:
+            out["loss"] = self._cost(xs, ys)
+        if self.is_classifier:
+            out["accuracy"] = self._accuracy(self.predict(xs), ys)
+        return out
+
+    def evaluate(self, x, y) -> dict:
+        """``{"loss": mean cost, "accuracy": ...}`` (accuracy only for classification losses)."""
+        xs, ys = self._prepare(x, y)
+        return self._metrics(xs, ys)
+
+    # -- training ----------------------------------------------------------------------------------
+    def fit(self, x, y, epochs=10, batch_size=32, lr=None, validation_split=None,
+            validation_data=None, shuffle=True, seed=None, callbacks=(), progress=True,
+            optimizer=None, divergence_factor=1e3) -> History:
+        """Minibatch training. Returns a :class:`History`.
+
+        ``seed`` seeds the shuffling (default: the network's seed) and the validation split.
+        ``validation_split`` (a fraction) holds out a seeded, stratified part of ``x, y``;
+        ``validation_data=(x_val, y_val)`` gives the held-out set directly.
+        Training stops with :class:`TrainingDiverged` if a minibatch cost is NaN/inf or exceeds
+        ``divergence_factor`` × max(first cost, 1) (``None`` disables the second test); the
+        parameters are then restored to those at the start of the failing epoch.
+        """
+        if optimizer is not None:
+            self.optimizer = get_optimizer(optimizer)
+        if lr is not None:
+            self.optimizer.lr = float(lr)
+        if int(epochs) < 0 or int(batch_size) < 1:
+            raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
+        epochs, batch_size = int(epochs), int(batch_size)
+        seed = self.seed if seed is None else seed
+        if validation_split is not None and validation_data is not None:
+            raise ValueError("give validation_split or validation_data, not both")
+        xs, ys = self._prepare(x, y)
+        if validation_split is not None:
+            if not 0 < float(validation_split) < 1:
+                raise ValueError(f"validation_split must be in (0, 1), got {validation_split!r}")
+            n_val = int(round(float(validation_split) * len(xs)))
+            if n_val < 1 or n_val >= len(xs):
+                raise ValueError(f"validation_split={validation_split} leaves {n_val} of {len(xs)} "
+                                 f"examples for validation")
+            idx = np.arange(len(xs))
+            if self.task == "multiclass":      # stratified by class
+                tr, va, _, _ = train_test_split(idx, np.argmax(ys, 1), n_val, seed=seed, stratify=True)
+            else:
+                tr, va, _, _ = train_test_split(idx, idx, n_val, seed=seed, stratify=False)
+            xs, xv, ys, yv = xs[tr], xs[va], ys[tr], ys[va]
+            validation = (xv, yv)
+        elif validation_data is not None:
+            if len(validation_data) != 2:
+                raise ValueError("validation_data must be a pair (x_val, y_val)")
+            validation = self._prepare(*validation_data, what="validation x", ywhat="validation y")
+        else:
+            validation = None
+        self.has_validation = validation is not None
+
+        callbacks = list(callbacks or ())
+        if progress and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(ProgressBar())
+        for c in callbacks:
+            if not isinstance(c, Callback):
+                raise TypeError(f"callbacks must be Callback instances, got {type(c).__name__}")
+            c.set_network(self)
+
+        n = len(xs)
+        steps = math.ceil(n / batch_size)
+        self._fit_epochs, self._fit_steps = epochs, steps
+        keys = ["loss"] + (["accuracy"] if self.is_classifier else [])
+        keys += [f"val_{k}" for k in keys] if validation is not None else []
+        history = History(keys + ["lr", "time"])
+        history.params = {"epochs": epochs, "batch_size": batch_size, "steps": steps, "seed": seed,
+                          "optimizer": self.optimizer.config(), "n_train": n,
+                          "n_val": len(validation[0]) if validation is not None else 0}
+        self.history = history
+        self.stop_training = False
+        rng = np.random.default_rng(seed)
+        reference = None
+        for c in callbacks:
+            c.on_train_begin()
+        for epoch in range(epochs):
+            for c in callbacks:
+                c.on_epoch_begin(epoch)
+            t0 = time.perf_counter()
+            last_good = self.get_params()
+            if shuffle:
+                perm = rng.permutation(n)
+                xe, ye = xs[perm], ys[perm]
+            else:
+                xe, ye = xs, ys
+            total = 0.0
+            for step in range(steps):
+                lo = step * batch_size
+                xb, yb = xe[lo:lo + batch_size], ye[lo:lo + batch_size]
+                cost = self.optimizer.step(self.compiled, self.params, xb, yb)
+                if reference is None and math.isfinite(cost):
+                    reference = max(abs(cost), 1.0)
+                exploded = (divergence_factor is not None and reference is not None
+                            and cost > divergence_factor * reference)
+                if not math.isfinite(cost) or exploded:
+                    self.set_params(last_good, source="the last good parameters")
+                    why = (f"the cost became {cost}" if not math.isfinite(cost) else
+                           f"the cost {cost:.4g} exceeds {divergence_factor:g} × the first cost "
+                           f"({reference:.4g})")
+                    err = TrainingDiverged(
+                        f"training diverged at epoch {epoch + 1}, step {step + 1}/{steps}: {why} "
+                        f"(optimizer {self.optimizer!r}); parameters restored to those at the start "
+                        f"of epoch {epoch + 1}; try a smaller learning rate",
+                        epoch=epoch + 1, step=step + 1, cost=cost)
+                    err.history = history
+                    raise err
+                total += cost * len(xb)
+                for c in callbacks:
+                    c.on_batch_end(step + 1, steps, cost)
+            for k in self.param_names:
+                if not np.all(np.isfinite(self.params[k])):
+                    self.set_params(last_good, source="the last good parameters")
+                    err = TrainingDiverged(
+                        f"training diverged in epoch {epoch + 1}: parameter {k} became non-finite; "
+                        f"parameters restored to those at the start of epoch {epoch + 1}",
+                        epoch=epoch + 1, step=steps, cost=math.nan)
+                    err.history = history
+                    raise err
+            logs = {"loss": total / n}
+            if self.is_classifier:
+                logs["accuracy"] = self._accuracy(self.predict(xs), ys)
+            if validation is not None:
+                logs.update({f"val_{k}": v for k, v in self._metrics(*validation).items()})
+            logs["lr"] = self.optimizer.lr
+            logs["time"] = time.perf_counter() - t0
+            history.append(epoch, logs)
+            for c in callbacks:
+                c.on_epoch_end(epoch, logs)
+            if self.stop_training:
+                history.stopped_early = True
+                break
+        for c in callbacks:
+            c.on_train_end({})
+        return history
