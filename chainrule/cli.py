@@ -1,0 +1,158 @@
+"""`chainrule demo | derive | verify | codegen | docs`."""
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+MODEL_HELP = textwrap.dedent("""\
+    how to name a model:
+      a built-in name: {names}
+      or a layer-list spec, items separated by '->' (or ','):
+        '<inputs> -> <layer> -> ... -> <loss>'
+        layers: dense(N), {acts}, softmax, log_softmax
+        losses: {losses}
+      e.g. '64 -> dense(128) -> sigmoid -> dense(10) -> softmax_cross_entropy' (the demo model)
+    """)
+
+
+def _model_help() -> str:
+    from .derive import ACTIVATIONS, BUILTIN_MODELS, LOSSES
+    return MODEL_HELP.format(names=", ".join(BUILTIN_MODELS), acts=", ".join(ACTIVATIONS),
+                             losses=", ".join(LOSSES))
+
+
+def _write(text: str, out: str | None):
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        print(f"wrote {path}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+
+
+def cmd_derive(args) -> int:
+    from .derive import build_model, explain_model
+    model = build_model(args.model)
+    doc = explain_model(model)
+    _write(doc.to_latex() if args.format == "latex" else doc.to_markdown(), args.output)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .derive import build_model
+    from .derive.verify import builtin_declarations, check_claim, verify_model
+    if args.claim:
+        model = build_model(args.model[0] if args.model else None)
+        tensor, _, formula = args.claim.partition("=")
+        result = check_claim(model, tensor.strip(), formula.strip())
+        if result.equal:
+            print(f"equal: the claim for dC/d{tensor.strip()} matches the derivation "
+                  f"({result.checked} elements, {result.method})")
+            return 0
+        print(f"not equal: counterexample for dC/d{tensor.strip()}:")
+        for k, v in result.counterexample.items():
+            print(f"  {k}: {v}")
+        return 1
+    cases = {m: m for m in args.model} if args.model else builtin_declarations()
+    numeric = None
+    if not args.symbolic_only:
+        try:
+            from .codegen.verify import check_gradients as numeric
+        except ImportError:
+            print("(numeric check unavailable: chainrule.codegen is not importable)", file=sys.stderr)
+    rows, ok = [], True
+    for label, spec in cases.items():
+        model = build_model(spec)
+        checks = verify_model(model)
+        sym_ok = all(checks)
+        method = "exact" if all(c.method == "exact" for c in checks) else "50 digits"
+        num = ""
+        if numeric is not None:
+            errs = numeric(model)
+            worst = max(e for _, e in errs)
+            num = f"{worst:.1e}"
+            sym_ok = sym_ok and worst < 1e-6
+        ok &= sym_ok
+        rows.append((label, "pass" if sym_ok else "FAIL", f"{sum(c.checked for c in checks)} ({method})", num))
+    head = ("declaration", "result", "symbolic checks", "finite-diff rel. err")
+    widths = [max(len(str(r[k])) for r in rows + [head]) for k in range(4)]
+    for r in [head] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print("all passed" if ok else "SOME FAILED")
+    return 0 if ok else 1
+
+
+def cmd_codegen(args) -> int:
+    from .codegen import render_module
+    from .derive import build_model
+    _write(render_module(build_model(args.model), dtype=args.dtype), args.output)
+    return 0
+
+
+def cmd_docs(args) -> int:
+    from .derive import BUILTIN_MODELS, build_model, explain_model
+    out = Path(args.out)
+    for name in BUILTIN_MODELS:
+        _write(explain_model(build_model(name)).to_markdown(), str(out / f"{name}.md"))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .runtime.demo import run_demo
+    result = run_demo(out_dir=args.out, progress=not args.no_progress)
+    return 0 if result.get("test_accuracy", 0) >= 0.95 else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="chainrule", description="Derive backpropagation symbolically, "
+                                     "explain it, generate Numba kernels and train with them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("demo", help="derive, generate, compile and train the demo MLP on digits")
+    p.add_argument("--out", default="chainrule-demo", help="output folder (default: ./chainrule-demo)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("derive", help="write a model's derivation (Markdown or LaTeX)",
+                       epilog=_model_help(), formatter_class=fmt)
+    p.add_argument("model", nargs="?", default=None, help="built-in name or layer-list spec (default: demo)")
+    p.add_argument("--format", choices=("markdown", "latex"), default="markdown")
+    p.add_argument("-o", "--output", help="file to write (default: standard output)")
+    p.set_defaults(fn=cmd_derive)
+
+    p = sub.add_parser("verify", help="verify derived gradients (symbolic and finite differences)",
+                       epilog=_model_help() + "\nclaims: --claim 'z2 = (p2[b,o] - y2[b,o])/B' checks a formula "
+                       "for dC/dz2 in the derivation's own index names", formatter_class=fmt)
+    p.add_argument("model", nargs="*", help="models to verify (default: every built-in declaration)")
+    p.add_argument("--claim", help="TENSOR = FORMULA: is FORMULA the gradient dC/dTENSOR?")
+    p.add_argument("--symbolic-only", action="store_true", help="skip the finite-difference check")
+    p.set_defaults(fn=cmd_verify)
+
+    p = sub.add_parser("codegen", help="print or write a model's generated Numba module",
+                       epilog=_model_help(), formatter_class=fmt)
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    p.add_argument("-o", "--output")
+    p.set_defaults(fn=cmd_codegen)
+
+    p = sub.add_parser("docs", help="regenerate the derivation pages of every built-in model")
+    p.add_argument("--out", default="docs/derivations")
+    p.set_defaults(fn=cmd_docs)
+
+    args = parser.parse_args(argv)
+    from .derive.errors import ChainruleError
+    try:
+        return args.fn(args)
+    except ChainruleError as err:
+        print(f"chainrule {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
