@@ -1,0 +1,13 @@
+"""Code generation: equations -> kernel plans -> Jinja templates -> cached Python/Numba modules.
+
+    cm = compile_model(model, dtype="float64")
+    params = cm.init_params(seed=0)
+    cost = cm.train_step(params, x, y, lr=0.1)      # forward + backward + SGD, one njit call
+"""
+from __future__ import annotations
+
+from .cache import default_cache_dir
+from .compiled import CompiledModel, compile_model
+from .render import render_module
+
+__all__ = ["CompiledModel", "compile_model", "render_module", "default_cache_dir"]

@@ -1,0 +1,141 @@
+"""``CompiledModel``: the generated module of one model, with a NumPy-facing wrapper."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..derive.errors import ShapeError, UnsupportedError
+from .cache import cache_key, load_or_generate
+from .render import check_dtype, render_plan, plan_model
+
+
+class CompiledModel:
+    """Generated kernels of one model in one dtype.
+
+    Parameters are dicts ``name -> ndarray`` (names as in the model, e.g. ``W1``). Arrays handed to
+    ``train_step`` are updated in place, so they must already be C-contiguous and of ``dtype``.
+    """
+
+    def __init__(self, model, module, path: Path, source: str, dtype: str, cache_hit: bool):
+        self.model = model
+        self.module = module
+        self.module_path = Path(path)
+        self.source = source
+        self.dtype = dtype
+        self.cache_hit = cache_hit
+        self.param_names = [p.name for p in model.params]
+        self.param_shapes = {p.name: model.concrete_shape(p) for p in model.params}
+        self._inits = {p.name: p.init for p in model.params}
+        inputs = [t for t in model.inputs if t.role == "input"]
+        targets = [t for t in model.inputs if t.role == "target"]
+        self.input_name = inputs[0].name
+        self.target_name = targets[0].name
+        self._x = inputs[0]
+        self._y = targets[0]
+        self.output_names = [t.name for t in model.outputs]
+        self._dims = {t.name: self._batch_shape(model, t) for t in (self._x, self._y)}
+
+    @staticmethod
+    def _batch_shape(model, t):
+        """Concrete axis lengths, None for the batch axis (known only at run time)."""
+        from ..derive.layers import B
+        dims = []
+        for s in t.shape:
+            v = s.subs({k: v for k, v in model.size_values.items()})
+            dims.append(None if v == B else int(v))
+        return tuple(dims)
+
+    def __repr__(self):
+        return f"CompiledModel({self.model.name}, {self.dtype}, {self.module_path})"
+
+    # -- parameters ---------------------------------------------------------------------------
+    def init_params(self, seed=0) -> dict:
+        """Glorot uniform ("glorot"), He normal ("he") or zeros, from a seeded NumPy Generator."""
+        rng = np.random.default_rng(seed)
+        out = {}
+        for name in self.param_names:
+            shape, init = self.param_shapes[name], self._inits[name]
+            fan_out = shape[0] if shape else 1
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else (shape[0] if shape else 1)
+            if init == "zeros":
+                a = np.zeros(shape)
+            elif init == "glorot":
+                limit = math.sqrt(6.0 / (fan_in + fan_out))
+                a = rng.uniform(-limit, limit, size=shape)
+            elif init == "he":
+                a = rng.normal(0.0, math.sqrt(2.0 / fan_in), size=shape)
+            else:
+                raise UnsupportedError(f"parameter {name}: unknown initialiser {init!r} "
+                                       "(known: glorot, he, zeros)")
+            out[name] = np.ascontiguousarray(a, dtype=self.dtype)
+        return out
+
+    # -- argument checking --------------------------------------------------------------------
+    def _params(self, params, inplace=False) -> list:
+        missing = [n for n in self.param_names if n not in params]
+        if missing:
+            raise ShapeError(f"missing parameters {missing}; expected {self.param_names}")
+        out = []
+        for name in self.param_names:
+            a = params[name]
+            shape = self.param_shapes[name]
+            if tuple(np.shape(a)) != shape:
+                raise ShapeError(f"parameter {name} has shape {tuple(np.shape(a))}, expected {shape}")
+            if inplace:
+                if not isinstance(a, np.ndarray) or a.dtype != np.dtype(self.dtype) \
+                        or not a.flags.c_contiguous or not a.flags.writeable:
+                    raise TypeError(f"train_step updates parameter {name} in place: it must be a "
+                                    f"writeable C-contiguous {self.dtype} ndarray (use init_params)")
+            else:
+                a = np.ascontiguousarray(a, dtype=self.dtype)
+            out.append(a)
+        return out
+
+    def _array(self, a, tensor, what) -> np.ndarray:
+        a = np.ascontiguousarray(a, dtype=self.dtype)
+        dims = self._dims[tensor.name]
+        if a.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, a.shape)):
+            shape = "(" + ", ".join("B" if d is None else str(d) for d in dims) + ")"
+            raise ShapeError(f"{what} {tensor.name} has shape {a.shape}, expected {shape}")
+        if a.ndim and a.shape[0] == 0:
+            raise ShapeError(f"{what} {tensor.name} is an empty batch")
+        return a
+
+    def _xy(self, x, y):
+        x = self._array(x, self._x, "input")
+        y = self._array(y, self._y, "target")
+        if x.shape[0] != y.shape[0]:
+            raise ShapeError(f"input {self._x.name} has {x.shape[0]} rows but target "
+                             f"{self._y.name} has {y.shape[0]}")
+        return x, y
+
+    # -- kernels ------------------------------------------------------------------------------
+    def predict(self, params, x) -> np.ndarray:
+        return self.module.predict(*self._params(params), self._array(x, self._x, "input"))
+
+    def forward(self, params, x, y):
+        """(cost, first output)."""
+        cost, out = self.module.forward(*self._params(params), *self._xy(x, y))
+        return float(cost), out
+
+    def cost(self, params, x, y) -> float:
+        return self.forward(params, x, y)[0]
+
+    def loss_and_grads(self, params, x, y):
+        cost, grads = self.module.loss_and_grads(*self._params(params), *self._xy(x, y))
+        return float(cost), dict(zip(self.param_names, grads))
+
+    def train_step(self, params, x, y, lr) -> float:
+        return float(self.module.train_step(*self._params(params, inplace=True),
+                                            *self._xy(x, y), float(lr)))
+
+
+def compile_model(model, dtype="float64", cache_dir=None) -> CompiledModel:
+    """Generate (or load from the cache) the kernels of ``model`` in ``dtype``."""
+    dtype = check_dtype(dtype)
+    key = cache_key(model, dtype)
+    module, path, source, hit = load_or_generate(
+        key, lambda: render_plan(plan_model(model, dtype)), cache_dir)
+    return CompiledModel(model, module, path, source, dtype, hit)

@@ -1,0 +1,419 @@
+"""Lowering: forward and adjoint equations -> kernel plans -> lines of Numba-compatible Python.
+
+Every equation ``out[idx] = body`` becomes one of:
+
+* ``dot``:  ``out = np.dot(A, B)`` on 2-D views (transposes as ``.T``), when the body *is* a plain
+  two-operand contraction ``Σ_k A[..k..] B[..k..]``;
+* ``loop``: an elementwise loop nest over ``idx`` (last index innermost, so that the writes are
+  contiguous), into which contractions found inside the body are first extracted as ``np.dot``
+  temporaries, and whose remaining reductions (``Sum``, ``LogSumExp``) become accumulator loops,
+  hoisted to the shallowest loop level at which their free indices are bound. Consecutive
+  elementwise equations over the same iteration space that read each other only pointwise are
+  fused into one loop nest;
+* ``accumulate``: ``out[idx] = Σ_r f`` with bounds independent of ``idx`` (a bias gradient): the
+  reduction loop outermost and the output loop inside, so that the reads stay contiguous;
+* ``scalar``: a rank-0 output (the cost).
+
+Nothing here knows about a particular layer: everything comes from the equations.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from ..derive.errors import UnsupportedError
+from ..derive.layers import B as BATCH
+from ..derive.primitives import LogSumExp, Primitive
+from .printer import print_expr
+
+REDUCTIONS = (sp.Sum, LogSumExp)
+IND = "    "
+
+
+def sanitise(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z]", "_", name)[:24]
+
+
+def pretty(eq) -> str:
+    """One-line text of an equation, for the comment above the code implementing it."""
+    idx = ",".join(str(i) for i in eq.indices)
+    lhs = f"{eq.out.name}[{idx}]" if idx else eq.out.name
+    text = f"{lhs} = {_pretty_body(eq.body)}"
+    return " ".join(text.split())          # never a newline inside a comment
+
+
+def _pretty_body(body) -> str:
+    def rec(e):
+        if isinstance(e, sp.Sum):
+            vs = ",".join(str(v) for v, _, _ in e.limits)
+            return sp.Symbol(f"Σ_{vs}[{sp.sstr(rec(e.function))}]")
+        if isinstance(e, LogSumExp):
+            vs = ",".join(str(v) for v, _, _ in e.limits)
+            return sp.Symbol(f"LSE_{vs}[{sp.sstr(rec(e.function))}]")
+        if e.args and not isinstance(e, sp.Indexed):
+            return e.func(*[rec(a) for a in e.args]) if not isinstance(e, sp.Tuple) else e
+        return e
+    try:
+        return sp.sstr(rec(body))
+    except Exception:                       # pragma: no cover - printing is best effort
+        return sp.sstr(body)
+
+
+@dataclass
+class Kernel:
+    """One step of a generated function: what it implements and the code lines doing it."""
+
+    kind: str                    # dot | loop | accumulate | scalar | update
+    equations: list              # the equations it implements (pretty text)
+    outputs: list                # tensor names written
+    lines: list = field(default_factory=list)
+
+
+class _Block:
+    def __init__(self, bound: set):
+        self.bound = set(bound)
+        self.lines: list[str] = []
+        self.cache: dict = {}
+
+
+class Lowerer:
+    """Turns a model's equations (forward and composed adjoints) into kernels."""
+
+    def __init__(self, model, tensors: dict, *, cost_adjoint: str | None = None):
+        self.model = model
+        self.tensors = tensors                # name -> Tensor (forward and adjoint)
+        self.names: dict = {}                 # tensor name / Symbol -> identifier
+        for k, name in enumerate(tensors):
+            self.names[name] = f"t{k}_{sanitise(name)}"
+        self.names[BATCH] = "n_batch"
+        self.sizes = {}
+        for sym, val in model.size_values.items():
+            self.sizes[sym] = sp.Integer(int(val))
+        self.cost_adjoint = cost_adjoint
+        self._counter = 0
+        self.loop_vars = [sp.Symbol(f"i{k}", integer=True) for k in range(8)]
+        for v in self.loop_vars:
+            self.names[v] = str(v)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def fresh(self, prefix: str) -> str:
+        self._counter += 1
+        return f"{prefix}{self._counter}"
+
+    def ident(self, name: str) -> str:
+        return self.names[name]
+
+    def concrete_shape(self, t) -> tuple:
+        out = []
+        for s in t.shape:
+            v = sp.sympify(s).xreplace(self.sizes)
+            bad = v.free_symbols - {BATCH}
+            if bad:
+                raise UnsupportedError(f"codegen: tensor {t.name} has size {s} with no value")
+            out.append(v)
+        return tuple(out)
+
+    def pe(self, expr) -> str:
+        return print_expr(expr, self.names)
+
+    def shape_code(self, t) -> str:
+        dims = [self.pe(d) for d in self.concrete_shape(t)]
+        return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+    def prepare(self, eq):
+        """Sizes substituted, output indices renamed to i0.., bound indices to fresh r-names."""
+        body = sp.sympify(eq.body).xreplace(self.sizes)
+        if self.cost_adjoint is not None:
+            body = body.xreplace({sp.Symbol(self.cost_adjoint, real=True): sp.S.One})
+        rename = {old: self.loop_vars[p] for p, old in enumerate(eq.indices)}
+        bound = []
+        for r in sp.preorder_traversal(body):
+            if isinstance(r, REDUCTIONS):
+                for v, _, _ in r.limits:
+                    if v not in bound:
+                        bound.append(v)
+        for v in bound:
+            if v in rename:
+                raise UnsupportedError(f"codegen: equation {pretty(eq)} sums over its own output index {v}")
+            fresh = sp.Symbol(self.fresh("r"), integer=True)
+            self.names[fresh] = str(fresh)
+            rename[v] = fresh
+        body = body.xreplace(rename)
+        for s in body.free_symbols:
+            if s.is_integer and s not in self.names and s not in self.sizes:
+                raise UnsupportedError(f"codegen: index {s} in {pretty(eq)} is unbound")
+        return body, tuple(self.loop_vars[p] for p in range(len(eq.indices)))
+
+    # -- contraction detection ----------------------------------------------------------------
+    def match_dot(self, s, loop_vars):
+        """``Σ_k A[..] B[..]`` with plain indices and full range -> (A, B, k, coefficient) or None."""
+        if not isinstance(s, sp.Sum) or len(s.limits) != 1:
+            return None
+        k, lo, hi = s.limits[0]
+        if lo != 0:
+            return None
+        coeff, factors = sp.S.One, []
+        for f in sp.Mul.make_args(s.function):
+            if f.is_number:
+                coeff *= f
+            elif isinstance(f, sp.Indexed):
+                factors.append(f)
+            else:
+                return None
+        if len(factors) != 2:
+            return None
+        A, Bm = factors
+        for t in (A, Bm):
+            if not all(isinstance(i, sp.Symbol) for i in t.indices):
+                return None
+            if list(t.indices).count(k) != 1 or len(set(t.indices)) != len(t.indices):
+                return None
+            if t.rank > 2:
+                return None
+            name = str(t.base.label)
+            if name not in self.tensors:
+                return None
+            shp = self.concrete_shape(self.tensors[name])
+            if sp.simplify(shp[list(t.indices).index(k)] - 1 - hi) != 0:
+                return None
+        fa = [i for i in A.indices if i != k]
+        fb = [i for i in Bm.indices if i != k]
+        if set(fa) & set(fb) or not set(fa + fb) <= set(loop_vars):
+            return None
+        return A, Bm, k, coeff
+
+    def dot_code(self, A, Bm, k, loop_vars):
+        """Code for ``T[free] = Σ_k A B`` and the order of T's indices (out-index order)."""
+        fa = [i for i in A.indices if i != k]
+        fb = [i for i in Bm.indices if i != k]
+        if fa and fb and loop_vars.index(fa[0]) > loop_vars.index(fb[0]):
+            A, Bm, fa, fb = Bm, A, fb, fa
+        if not fa and fb:                        # vector . matrix -> matrix . vector
+            A, Bm, fa, fb = Bm, A, fb, fa
+
+        def view(t, k_first: bool):
+            code = self.ident(str(t.base.label))
+            if t.rank == 2 and (list(t.indices).index(k) == 0) != k_first:
+                code += ".T"
+            return code
+        a = view(A, k_first=False)                # A as (free, k)
+        b = view(Bm, k_first=True)                # B as (k, free)
+        return f"np.dot({a}, {b})", tuple(fa + fb)
+
+    # -- lowering one equation ----------------------------------------------------------------
+    def classify(self, eq):
+        body, loop_vars = self.prepare(eq)
+        info = {"eq": eq, "text": pretty(eq), "out": eq.out.name, "loop_vars": loop_vars,
+                "shape": self.concrete_shape(eq.out), "pre": [], "dot_reads": set()}
+        # the whole body a contraction: out = np.dot(...)
+        m = self.match_dot(body, loop_vars) if eq.out.rank > 0 else None
+        if m is not None and m[3] == 1:
+            code, order = self.dot_code(m[0], m[1], m[2], loop_vars)
+            if order == loop_vars:
+                info.update(kind="dot", code=code,
+                            dot_reads={str(m[0].base.label), str(m[1].base.label)})
+                return info
+        # extract contractions into np.dot temporaries
+        if eq.out.rank > 0:
+            for s in sorted(body.atoms(sp.Sum), key=sp.default_sort_key):
+                m = self.match_dot(s, loop_vars)
+                if m is None:
+                    continue
+                A, Bm, k, coeff = m
+                code, order = self.dot_code(A, Bm, k, loop_vars)
+                tmp = self.fresh("dot")
+                base = sp.IndexedBase(tmp)
+                self.names[tmp] = tmp
+                read = base[order] if order else sp.Symbol(tmp, real=True)
+                if not order:
+                    self.names[sp.Symbol(tmp, real=True)] = tmp
+                body = body.xreplace({s: coeff * read})
+                info["pre"].append((f"{tmp} = {code}", str(A.base.label), str(Bm.base.label)))
+                info["dot_reads"] |= {str(A.base.label), str(Bm.base.label)}
+        info["body"] = body
+        if eq.out.rank == 0:
+            info["kind"] = "scalar"
+            return info
+        if (isinstance(body, sp.Sum) and not any(isinstance(a, REDUCTIONS) for a in
+                                                  sp.preorder_traversal(body.function))
+                and not any(set(loop_vars) & (lo.free_symbols | hi.free_symbols)
+                            for _, lo, hi in body.limits)
+                and not info["pre"]):
+            info["kind"] = "accumulate"
+            return info
+        info["kind"] = "loop"
+        return info
+
+    # -- reductions ---------------------------------------------------------------------------
+    def emit_expr(self, expr, blocks: list[_Block]) -> str:
+        """Print ``expr``; each reduction in it is emitted as an accumulator loop in the shallowest
+        block of ``blocks`` where its free indices are bound, and replaced by the accumulator."""
+        reds = [r for r in sp.preorder_traversal(expr) if isinstance(r, REDUCTIONS)]
+        # outermost reductions only: the inner ones are handled recursively
+        outer = []
+        for r in reds:
+            if not any(r is not o and r in set(sp.preorder_traversal(o)) for o in reds):
+                outer.append(r)
+        repl = {}
+        for r in outer:
+            repl[r] = sp.Symbol(self.emit_reduction(r, blocks), real=True)
+            self.names[repl[r]] = str(repl[r])
+        return self.pe(expr.xreplace(repl))
+
+    def emit_reduction(self, r, blocks: list[_Block]) -> str:
+        free = {s for s in r.free_symbols if s.is_integer and s not in self.sizes and s != BATCH}
+        target = next((b for b in blocks if free <= b.bound), None)
+        if target is None:
+            raise UnsupportedError(f"codegen: reduction {r} uses unbound indices {free}")
+        key = sp.srepr(r)
+        if key in target.cache:
+            return target.cache[key]
+        depth = blocks.index(target)
+        acc = self.fresh("acc")
+        # nested loops over the limits (Sum(f, (i, ..), (j, ..)): i innermost)
+        inner_blocks = list(blocks[:depth + 1])
+        bound = set(target.bound)
+        headers = []
+        for v, lo, hi in reversed(r.limits):
+            bound = bound | {v}
+            headers.append(f"for {self.names[v]} in range({self.pe(lo)}, {self.pe(hi + 1)}):")
+            inner_blocks.append(_Block(bound))
+        body_block = inner_blocks[-1]
+        value = self.emit_expr(r.function, inner_blocks)
+        lines = []
+        if isinstance(r, LogSumExp):
+            mx, sm = acc + "_max", acc + "_sum"
+            lines += [f"{mx} = -np.inf", f"{sm} = 0.0"]
+            v = acc + "_v"
+            update = [f"{v} = {value}",       # one pass, max-shifted: never exp of a large number
+                      f"if {v} > {mx}:",
+                      f"{IND}{sm} = {sm} * math.exp({mx} - {v}) + 1.0",
+                      f"{IND}{mx} = {v}",
+                      "else:",
+                      f"{IND}{sm} += math.exp({v} - {mx})"]
+        else:
+            lines.append(f"{acc} = 0.0")
+            update = [f"{acc} += {value}"]
+        # the pre-lines of each intermediate block go inside the matching loop
+        nested: list[str] = []
+        for depth_k in range(len(headers) - 1, -1, -1):
+            blk = inner_blocks[depth + 1 + depth_k]
+            inner = blk.lines + (update if depth_k == len(headers) - 1 else []) + nested
+            nested = [headers[depth_k]] + [IND + ln for ln in inner]
+        lines += nested
+        if isinstance(r, LogSumExp):
+            lines.append(f"{acc} = {mx} + math.log({sm})")
+        del body_block
+        target.lines.extend(lines)
+        target.cache[key] = acc
+        return acc
+
+    # -- kernels ------------------------------------------------------------------------------
+    def lower(self, equations) -> list[Kernel]:
+        """Lower equations (in evaluation order) to kernels, fusing elementwise chains."""
+        infos = [self.classify(eq) for eq in equations]
+        kernels: list[Kernel] = []
+        group: list[dict] = []
+
+        def flush():
+            if group:
+                kernels.append(self.loop_kernel(group))
+                group.clear()
+
+        for info in infos:
+            if info["kind"] == "loop" and group and self.can_fuse(group, info):
+                group.append(info)
+                continue
+            flush()
+            if info["kind"] == "loop":
+                group.append(info)
+            elif info["kind"] == "dot":
+                name = self.ident(info["out"])
+                kernels.append(Kernel("dot", [info["text"]], [info["out"]],
+                                      [f"# {info['text']}", f"{name} = {info['code']}"]))
+            elif info["kind"] == "accumulate":
+                kernels.append(self.accumulate_kernel(info))
+            else:
+                kernels.append(self.scalar_kernel(info))
+        flush()
+        return kernels
+
+    def can_fuse(self, group, info) -> bool:
+        if info["shape"] != group[0]["shape"]:
+            return False
+        written = {g["out"] for g in group}
+        if info["dot_reads"] & written:
+            return False
+        body = info["body"]
+        inside = set()
+        for r in sp.preorder_traversal(body):
+            if isinstance(r, REDUCTIONS):
+                inside |= {str(x.base.label) for x in r.atoms(sp.Indexed)}
+        if inside & written:
+            return False
+        for x in body.atoms(sp.Indexed):
+            if str(x.base.label) in written and tuple(x.indices) != info["loop_vars"]:
+                return False
+        return True
+
+    def loop_kernel(self, group) -> Kernel:
+        loop_vars = group[0]["loop_vars"]
+        shape = group[0]["shape"]
+        lines = [f"# {g['text']}" for g in group]
+        for g in group:
+            lines.append(f"{self.ident(g['out'])} = np.empty({self.shape_code(self.tensors[g['out']])}, dtype=DT)")
+        for g in group:
+            for code, _, _ in g["pre"]:
+                lines.append(f"{code}  # contraction in {g['out']}")
+        blocks = [_Block(set(loop_vars[:d])) for d in range(len(loop_vars) + 1)]
+        stmts = []
+        for g in group:
+            value = self.emit_expr(g["body"], blocks)
+            target = "%s[%s]" % (self.ident(g["out"]), ", ".join(str(v) for v in loop_vars))
+            stmts += [f"# {g['text']}", f"{target} = {value}"]
+        lines += blocks[0].lines
+        nested = stmts
+        for d in range(len(loop_vars), 0, -1):
+            header = f"for {loop_vars[d - 1]} in range({self.pe(shape[d - 1])}):"
+            nested = [header] + [IND + ln for ln in blocks[d].lines + nested]
+        lines += nested
+        return Kernel("loop", [g["text"] for g in group], [g["out"] for g in group], lines)
+
+    def accumulate_kernel(self, info) -> Kernel:
+        body, loop_vars, shape = info["body"], info["loop_vars"], info["shape"]
+        name = self.ident(info["out"])
+        lines = [f"# {info['text']}",
+                 f"{name} = np.zeros({self.shape_code(self.tensors[info['out']])}, dtype=DT)"]
+        limits = list(body.limits)
+        red_vars = [v for v, _, _ in limits]
+        blocks = [_Block(set(red_vars) | set(loop_vars))]
+        value = self.emit_expr(body.function, blocks)
+        target = "%s[%s]" % (name, ", ".join(str(v) for v in loop_vars))
+        nested = blocks[0].lines + [f"{target} += {value}"]
+        for d in range(len(loop_vars), 0, -1):
+            nested = [f"for {loop_vars[d - 1]} in range({self.pe(shape[d - 1])}):"] + [IND + ln for ln in nested]
+        for v, lo, hi in limits:                 # reduction loops outermost
+            nested = [f"for {self.names[v]} in range({self.pe(lo)}, {self.pe(hi + 1)}):"] + [IND + ln for ln in nested]
+        lines += nested
+        return Kernel("accumulate", [info["text"]], [info["out"]], lines)
+
+    def scalar_kernel(self, info) -> Kernel:
+        blocks = [_Block(set())]
+        value = self.emit_expr(info["body"], blocks)
+        lines = [f"# {info['text']}"]
+        for code, _, _ in info["pre"]:
+            lines.append(code)
+        lines += blocks[0].lines
+        lines.append(f"{self.ident(info['out'])} = {value}")
+        return Kernel("scalar", [info["text"]], [info["out"]], lines)
+
+
+def primitives_used(exprs) -> list[type]:
+    seen = {}
+    for e in exprs:
+        for node in sp.preorder_traversal(e):
+            if isinstance(node, Primitive):
+                seen.setdefault(type(node).__name__, type(node))
+    return [seen[k] for k in sorted(seen)]

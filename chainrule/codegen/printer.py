@@ -1,0 +1,146 @@
+"""Printing scalar SymPy expressions as Numba-compatible Python source.
+
+A SymPy code printer (``_print_<Class>`` methods). Every tensor and symbol is looked up in a name
+map built by the lowering: user-chosen names never reach the generated code as raw text.
+Reductions (``Sum``, ``LogSumExp``) are never printed here: the lowering hoists them into
+accumulator loops first and replaces them by the accumulator's name.
+"""
+from __future__ import annotations
+
+import sympy as sp
+from sympy.printing.pycode import PythonCodePrinter
+
+from ..derive.errors import UnsupportedError
+from ..derive.primitives import LogSumExp, Primitive
+
+
+def _float_literal(value) -> str:
+    text = repr(float(value))
+    if text in ("inf", "-inf", "nan"):
+        return {"inf": "np.inf", "-inf": "-np.inf", "nan": "np.nan"}[text]
+    return text
+
+
+class KernelPrinter(PythonCodePrinter):
+    """Prints one scalar expression; ``names`` maps tensor names / Symbols to code identifiers."""
+
+    printmethod = "_kernelcode"
+
+    def __init__(self, names: dict, settings=None):
+        super().__init__(settings or {"fully_qualified_modules": True})
+        self.names = names            # str (tensor name) or Symbol -> identifier
+
+    # -- leaves ---------------------------------------------------------------------------
+    def _lookup(self, key):
+        if key in self.names:
+            return self.names[key]
+        raise UnsupportedError(f"codegen: no value for {key} (not a tensor, index or size of the model)")
+
+    def _print_Symbol(self, expr):
+        if expr in self.names:
+            return self.names[expr]
+        if expr.name in self.names:
+            return self.names[expr.name]
+        raise UnsupportedError(f"codegen: symbol {expr} is neither a tensor, an index nor a known size")
+
+    _print_Dummy = _print_Symbol
+
+    def _print_Indexed(self, expr):
+        base = self._lookup(str(expr.base.label))
+        return "%s[%s]" % (base, ", ".join(self._print(i) for i in expr.indices))
+
+    def _print_Integer(self, expr):
+        return str(int(expr))
+
+    def _print_Rational(self, expr):
+        return _float_literal(expr)
+
+    def _print_Half(self, expr):
+        return "0.5"
+
+    def _print_Float(self, expr):
+        return _float_literal(expr)
+
+    def _print_Infinity(self, expr):
+        return "np.inf"
+
+    def _print_NegativeInfinity(self, expr):
+        return "-np.inf"
+
+    def _print_Exp1(self, expr):
+        return "math.e"
+
+    def _print_Pi(self, expr):
+        return "math.pi"
+
+    # -- functions ------------------------------------------------------------------------
+    def _print_exp(self, expr):
+        return "math.exp(%s)" % self._print(expr.args[0])
+
+    def _print_log(self, expr):
+        # clipped log: log(max(x, tiny)), so log(0) of a saturated probability stays finite
+        return "math.log(max(%s, TINY))" % self._print(expr.args[0])
+
+    def _print_tanh(self, expr):
+        return "math.tanh(%s)" % self._print(expr.args[0])
+
+    def _print_Abs(self, expr):
+        return "abs(%s)" % self._print(expr.args[0])
+
+    def _print_sign(self, expr):
+        return "_sign(%s)" % self._print(expr.args[0])
+
+    def _print_Max(self, expr):
+        args = [self._print(a) for a in expr.args]
+        out = args[0]
+        for a in args[1:]:
+            out = "max(%s, %s)" % (out, a)
+        return out
+
+    def _print_Min(self, expr):
+        args = [self._print(a) for a in expr.args]
+        out = args[0]
+        for a in args[1:]:
+            out = "min(%s, %s)" % (out, a)
+        return out
+
+    def _print_Primitive(self, expr):
+        return "%s(%s)" % (type(expr).__name__, ", ".join(self._print(a) for a in expr.args))
+
+    def _print_Piecewise(self, expr):
+        parts = []
+        for value, cond in expr.args:
+            if cond == sp.true:
+                parts.append(self._print(value))
+                break
+            parts.append("(%s) if (%s) else " % (self._print(value), self._print(cond)))
+        else:
+            parts.append("np.nan")      # no branch matched: undefined, never silently 0
+        return "(" + "".join(parts) + ")"
+
+    def _print_Relational(self, expr):
+        return "(%s %s %s)" % (self._print(expr.lhs), expr.rel_op, self._print(expr.rhs))
+
+    def _print_Sum(self, expr):
+        raise UnsupportedError("codegen internal error: a Sum reached the scalar printer unhoisted")
+
+    def _print_LogSumExp(self, expr):
+        raise UnsupportedError("codegen internal error: a LogSumExp reached the scalar printer unhoisted")
+
+    def _print_Function(self, expr):
+        if isinstance(expr, Primitive):
+            return self._print_Primitive(expr)
+        raise UnsupportedError(f"codegen: function {type(expr).__name__} has no lowering "
+                               f"(in {expr}); supported: exp, log, tanh, Abs, sign, Max, Min, "
+                               f"Piecewise and chainrule primitives")
+
+    def _print_not_supported(self, expr):
+        raise UnsupportedError(f"codegen: cannot lower {type(expr).__name__} ({expr})")
+
+    emptyPrinter = _print_not_supported
+
+
+def print_expr(expr, names) -> str:
+    if isinstance(expr, (sp.Sum, LogSumExp)):
+        raise UnsupportedError("codegen internal error: unhoisted reduction")
+    return KernelPrinter(names).doprint(expr)
