@@ -269,7 +269,8 @@ class Network:
     def _prepare_x(self, x, what="x"):
         arr = np.asarray(x)
         if arr.ndim != 2 or arr.shape[1] != self.n_inputs:
-            raise ShapeError(f"{what}: tensor {self.input_name} expects shape (N, {self.n_inputs}), "
+            where = "" if what == self.input_name else f"{what}: "
+            raise ShapeError(f"{where}tensor {self.input_name} expects shape (N, {self.n_inputs}), "
                              f"got {arr.shape}")
         if arr.dtype.kind not in "biuf":
             raise DataError(f"{what}: expected numbers, got dtype {arr.dtype}")
