@@ -1,0 +1,21 @@
+"""Shared fixtures. Generated kernels are compiled once per test session, in a private cache dir."""
+import pytest
+
+
+@pytest.fixture(scope="session")
+def kernel_cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernels")
+
+
+@pytest.fixture(scope="session")
+def compiled_model(kernel_cache_dir):
+    """``compiled_model(name_or_spec, dtype="float64")`` -> CompiledModel, memoised per session."""
+    from chainrule.codegen import compile_model
+    from chainrule.derive import build_model
+    memo = {}
+
+    def get(name, dtype="float64"):
+        if (name, dtype) not in memo:
+            memo[name, dtype] = compile_model(build_model(name), dtype=dtype, cache_dir=kernel_cache_dir)
+        return memo[name, dtype]
+    return get
