@@ -53,6 +53,20 @@ def split_terms(expr) -> list:
     return [expr]
 
 
+class Bracket(sp.Function):
+    """The Iverson bracket [lo ≤ e ≤ hi] (1 or 0): a range guard waiting for the sum it constrains."""
+
+    nargs = 3
+
+    def _latex(self, printer):
+        e, lo, hi = (printer._print(a) for a in self.args)
+        return rf"\left[{lo} \le {e} \le {hi}\right]"
+
+    def as_piecewise(self):
+        e, lo, hi = self.args
+        return sp.Piecewise((1, sp.And(e >= lo, e <= hi)), (0, True))
+
+
 class DeltaEliminator:
     """Eliminates deltas bottom-up through nested sums; ``notes`` says what each step did."""
 
@@ -71,8 +85,9 @@ class DeltaEliminator:
             inner = {**ranges, **{v: (lo, hi) for v, lo, hi in limits}}
             summand = self._walk(expr.function, inner)
             return sp.Add(*[self._sum_term(t, limits, ranges) for t in split_terms(summand)])
-        if isinstance(expr, LogSumExp):
-            raise UnsupportedError(f"a Kronecker delta inside a log-sum-exp: {expr}")
+        if isinstance(expr, (LogSumExp, sp.Piecewise)):
+            raise UnsupportedError(f"a Kronecker delta inside {type(expr).__name__} (write the definition "
+                                   f"with Min/Max/Abs or a primitive instead): {expr}")
         if expr.is_Add or expr.is_Mul or expr.is_Pow or isinstance(expr, sp.Function):
             return expr.func(*[self._walk(a, ranges) for a in expr.args])
         return expr
@@ -90,6 +105,10 @@ class DeltaEliminator:
             term = sp.Mul(*[f for f in sp.Mul.make_args(term) if f is not delta]).xreplace({var: solution})
             self.notes.append(Note("{0} fixes {1}", delta, sp.Eq(var, solution, evaluate=False)))
             term, limits = self._guard(term, solution, lo, hi, limits, outer)
+        for br in [f for f in sp.Mul.make_args(term) if isinstance(f, Bracket)]:
+            if br.args[0].free_symbols & {lim[0] for lim in limits}:   # it constrains this sum now
+                rest = sp.Mul(*[f for f in sp.Mul.make_args(term) if f is not br])
+                term, limits = self._guard(rest, *br.args, limits, outer)
         const, dep = [], []
         bound = {lim[0] for lim in limits}
         for f in sp.Mul.make_args(term):
@@ -140,14 +159,16 @@ class DeltaEliminator:
                           for v, a, b in limits]
                 self.notes.append(Note("the range guard {0} becomes summation limits on {1}", cond, w))
                 return term, limits
-        self.notes.append(Note("the range guard {0} is kept as a condition", cond))
-        return sp.Piecewise((term, sp.And(solution >= lo, solution <= hi)), (0, True)), limits
+        return term * Bracket(solution, lo, hi), limits
 
 
 def eliminate_deltas(expr, ranges):
     """Return (gather-form expression, notes)."""
     elim = DeltaEliminator(ranges)
     out = elim(expr)
+    for br in out.atoms(Bracket):       # guards no sum could absorb stay explicit conditions
+        elim.notes.append(Note("the range guard {0} is kept as a condition", br))
+    out = out.replace(lambda e: isinstance(e, Bracket), lambda e: e.as_piecewise())
     if out.has(KroneckerDelta):
         raise UnsupportedError(f"a Kronecker delta could not be eliminated from {out}")
     return out, elim.notes

@@ -158,7 +158,7 @@ def check_claim(model: Model, tensor: str, claim, *, grads: Gradients | None = N
                         f"known: {', '.join(derivs)}")
     d = derivs[tensor]
     if isinstance(claim, str):
-        claim = parse_expression(claim, model, d.equation)
+        claim = parse_expression(claim, model, d.equation, extra=list(grads.adjoints.values()))
     sizes = small_sizes(model)
     values = Expanded(model, sizes)
     values.run(model.equations)
@@ -267,8 +267,14 @@ class _Parser:
             self.take("(")
             var = sp.Symbol(self.take(), integer=True)
             self.take(",")
+            shadowed = self.names.get(str(var))
+            self.names[str(var)] = var
             body = self.expr()
             self.take(")")
+            if shadowed is None:
+                del self.names[str(var)]
+            else:
+                self.names[str(var)] = shadowed
             return sp.Sum(body, (var, 0, _range_of(var, body, self.names) - 1))
         if tok in FUNCTIONS and self.peek() == "(":
             self.take("(")
@@ -298,11 +304,12 @@ def _range_of(var, body, names):
     raise SpecError(f"summation index {var} is not used as a tensor index")
 
 
-def parse_expression(text: str, model: Model, eq: Equation) -> sp.Expr:
-    """Read a claimed formula. Only the model's tensors, the equation's indices and the sizes are names."""
+def parse_expression(text: str, model: Model, eq: Equation, extra=()) -> sp.Expr:
+    """Read a claimed formula. Only the model's tensors (and adjoints), the equation's indices and
+    the sizes are names."""
     if len(text) > 2000:
         raise SpecError("claim too long")
-    names = dict(model.tensors)
+    names = dict(model.tensors) | {t.name: t for t in extra}
     names.update({str(i): i for i in eq.indices})
     names.update({str(s): s for s in model.sizes()})
     return _Parser(text, names, eq).parse()
