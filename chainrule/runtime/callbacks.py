@@ -155,6 +155,8 @@ class ProgressBar(Callback):
 
     def on_train_begin(self, logs=None):
         self.epochs = self.network._fit_epochs
+        isatty = getattr(self.stream, "isatty", None)
+        self.live = bool(isatty and isatty())     # redraw during the epoch only on a terminal
 
     def on_epoch_begin(self, epoch):
         self.epoch, self.t0, self.last, self.sum, self.n = epoch, time.perf_counter(), 0.0, 0.0, 0
@@ -167,6 +169,8 @@ class ProgressBar(Callback):
     def on_batch_end(self, step, steps, cost):
         self.sum += cost
         self.n += 1
+        if not self.live:
+            return
         now = time.perf_counter()
         if now - self.last >= self.min_interval or step == steps:
             self.last = now
@@ -177,5 +181,6 @@ class ProgressBar(Callback):
         parts = [f"{k} {v:.4f}" for k, v in logs.items() if v is not None and k not in ("lr", "time")]
         dt = time.perf_counter() - self.t0
         steps = self.network._fit_steps
-        self.stream.write(self._line(steps, steps, " - ".join(parts) + f" - {dt:.2f}s") + "\n")
+        line = self._line(steps, steps, " - ".join(parts) + f" - {dt:.2f}s")
+        self.stream.write((line if self.live else line.lstrip("\r")) + "\n")
         self.stream.flush()

@@ -69,8 +69,9 @@ def run_demo(out_dir="chainrule-demo", epochs=None, progress=True, quick=False, 
     if derivation_path:
         print(f"derivation:     {derivation_path}", file=out)
     print(f"generated code: {code_path} (kernels cached at {cm.module_path})", file=out)
-    print(f"time: {t_end - t_start:.1f}s (derive {t_derived - t_start:.1f}s, compile "
-          f"{t_compiled - t_derived:.1f}s, train {t_trained - t_compiled:.1f}s: {epochs} epochs)",
+    print(f"time: {t_end - t_start:.1f}s (derive {t_derived - t_start:.1f}s, generate "
+          f"{t_compiled - t_derived:.1f}s, train {t_trained - t_compiled:.1f}s: {epochs} epochs, "
+          f"including Numba's compilation on first use)",
           file=out)
     return {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
             "train_accuracy": history["accuracy"][-1], "epochs": len(history),

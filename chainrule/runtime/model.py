@@ -351,7 +351,10 @@ class Network:
         total = 0.0
         for i in range(0, len(xs), batch_size):
             xb, yb = xs[i:i + batch_size], ys[i:i + batch_size]
-            c, _ = self.compiled.loss_and_grads(self.params, xb, yb)
+            if hasattr(self.compiled, "cost"):
+                c = self.compiled.cost(self.params, xb, yb)
+            else:
+                c, _ = self.compiled.loss_and_grads(self.params, xb, yb)
             total += float(c) * len(xb)
         return total / len(xs)
 
