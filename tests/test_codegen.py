@@ -184,3 +184,49 @@ def test_second_process_reuses_cached_kernels(tmp_path):
     pycache = Path(first["path"]).parent / "__pycache__"
     assert list(pycache.glob("*.nbi")) and list(pycache.glob("*.nbc"))
     assert second["seconds"] < 0.5 * first["seconds"], (first, second)
+
+
+def test_affine_reads_multi_limit_sums_and_nested_reductions(kernel_cache_dir):
+    """A hand-written 1-D convolution model: reads x[b, t+p], two-limit sums in the weight
+    gradient, a squared inner sum (nested reduction) and a LogSumExp over time."""
+    import sympy as sp
+    from chainrule.derive import Equation, Model, Tensor, indices, size
+    from chainrule.derive.layers import B
+    from chainrule.derive.primitives import LogSumExp, leaky_relu
+    n, k = size("n"), size("k")
+    b, t, p, j = indices("b t p j")
+    x = Tensor("x", (B, n), role="input")
+    W = Tensor("W", (k,), role="param", init="glorot")
+    V = Tensor("V", (k,), role="param", init="he")
+    z, h = Tensor("z", (B, n - k + 1)), Tensor("h", (B, n - k + 1))
+    y = Tensor("y", (B, n - k + 1), role="target")
+    l, C = Tensor("l", (B,), role="loss"), Tensor("C", (), role="cost")
+    eqs = [Equation(z, (b, t), sp.Sum(W[p] * x[b, t + p], (p, 0, k - 1))),
+           Equation(h, (b, t), leaky_relu(z[b, t], sp.Rational(1, 10)) + sp.tanh(z[b, t]) ** 3
+                    + sp.Sum(V[j] * x[b, t + j], (j, 0, k - 1)) ** 2),
+           Equation(l, (b,), sp.Sum((h[b, t] - y[b, t]) ** 2, (t, 0, n - k))
+                    + LogSumExp(h[b, t], (t, 0, n - k))),
+           Equation(C, (), sp.Sum(l[b], (b, 0, B - 1)) / B)]
+    model = Model(eqs, [x, W, V, z, h, y, l, C], C, loss=l, outputs=[h],
+                  size_values={n: 7, k: 3}, name="conv1d")
+    errors = check_gradients(model, cache_dir=kernel_cache_dir)
+    assert [e[0] for e in errors] == ["W", "V"] and all(e < 1e-6 for _, e in errors), errors
+
+
+def test_printer_constructs_and_unsupported():
+    import sympy as sp
+    from chainrule.codegen.printer import print_expr
+    from chainrule.derive.errors import UnsupportedError
+    a, c = sp.Symbol("a", real=True), sp.Symbol("c", real=True)
+    names = {a: "v_a", c: "v_c"}
+    code = print_expr(sp.Piecewise((a, a > 0), (c / 3, True)) + sp.Max(a, c) + sp.Min(a, 1)
+                      + sp.sign(a) + sp.Abs(c) + sp.log(a) + a ** 2 + sp.Rational(1, 4), names)
+    env = {"math": __import__("math"), "np": np, "TINY": 1e-300,
+           "_sign": lambda v: float(np.sign(v)), "v_a": 2.0, "v_c": -1.5}
+    expected = 2.0 + 2.0 + 1.0 + 1.0 + 1.5 + np.log(2.0) + 4.0 + 0.25
+    assert eval(code, env) == pytest.approx(expected)
+    assert "TINY" in code and "v_a" in code
+    with pytest.raises(UnsupportedError, match="gamma"):
+        print_expr(sp.gamma(a), names)
+    with pytest.raises(UnsupportedError):
+        print_expr(sp.Symbol("unknown", real=True), names)

@@ -81,6 +81,12 @@ class KernelPrinter(PythonCodePrinter):
         # clipped log: log(max(x, tiny)), so log(0) of a saturated probability stays finite
         return "math.log(max(%s, TINY))" % self._print(expr.args[0])
 
+    def _print_sin(self, expr):
+        return "math.sin(%s)" % self._print(expr.args[0])
+
+    def _print_cos(self, expr):
+        return "math.cos(%s)" % self._print(expr.args[0])
+
     def _print_tanh(self, expr):
         return "math.tanh(%s)" % self._print(expr.args[0])
 
@@ -140,7 +146,16 @@ class KernelPrinter(PythonCodePrinter):
     emptyPrinter = _print_not_supported
 
 
+SUPPORTED_FUNCTIONS = (sp.exp, sp.log, sp.tanh, sp.sin, sp.cos, sp.Abs, sp.sign, sp.Max, sp.Min,
+                       sp.Piecewise, Primitive)
+
+
 def print_expr(expr, names) -> str:
     if isinstance(expr, (sp.Sum, LogSumExp)):
         raise UnsupportedError("codegen internal error: unhoisted reduction")
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Function) and not isinstance(node, SUPPORTED_FUNCTIONS):
+            raise UnsupportedError(
+                f"codegen: function {type(node).__name__} has no lowering (in {node}); supported: "
+                "exp, log, tanh, sin, cos, Abs, sign, Max, Min, Piecewise and chainrule primitives")
     return KernelPrinter(names).doprint(expr)
