@@ -324,3 +324,25 @@ def test_optional_datasets():
     else:
         with pytest.raises(ChainruleError, match="dataset-fashion-mnist"):
             data.load_fashion_mnist()
+
+
+# -- other tasks: binary (1-D 0/1 labels) and regression (no accuracy) ---------------------------------
+def test_binary_perceptron_float32_on_moons():
+    net = Network("perceptron", dtype="float32", seed=0)
+    assert net.task == "binary" and net.params["W1"].dtype == np.float32
+    x, y = data.make_moons(n=300, seed=0, dtype="float32")
+    h = net.fit(x, y, epochs=20, batch_size=16, lr=0.5, validation_split=0.2, progress=False)
+    assert h["val_accuracy"][-1] >= 0.8                     # a line separates moons fairly well
+    assert set(np.unique(net.predict_classes(x))) <= {0, 1}
+    with pytest.raises(LabelError, match="label 2 at index 0 .* range 0..1"):
+        net.fit(x, np.full(len(x), 2), epochs=1, progress=False)
+
+
+def test_regression_on_sine():
+    net = Network("1 -> dense(16) -> tanh -> dense(1) -> mse", seed=0)
+    assert net.task == "regression" and not net.is_classifier
+    x, y = data.make_sine(n=256, seed=0)
+    h = net.fit(x, y[:, 0], epochs=60, batch_size=16, lr=0.1, validation_split=0.25, progress=False)
+    assert "accuracy" not in h and set(net.evaluate(x, y)) == {"loss"}
+    assert h["val_loss"][-1] < 0.2 * h["val_loss"][0]
+    assert net.predict(x).shape == (256, 1)

@@ -271,7 +271,7 @@ def one_hot(labels, n_classes=None, dtype="float64", name="y"):
     if not _is_label_vector(labels):
         bad = np.flatnonzero(~np.isfinite(labels) | (labels != np.round(labels)))
         first = int(bad[0]) if bad.size else 0
-        raise LabelError(f"labels for tensor {name} must be integers; label {labels[first]!r} "
+        raise LabelError(f"labels for tensor {name} must be integers; label {labels[first].item()!r} "
                          f"at index {first} is not")
     labels = labels.astype(np.int64)
     if n_classes is None:

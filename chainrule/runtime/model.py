@@ -36,7 +36,7 @@ def _check_finite(arr: np.ndarray, what: str):
         first = tuple(int(i) for i in np.argwhere(bad)[0])
         first_s = str(first[0]) if len(first) == 1 else str(first)
         raise DataError(f"{what} contains {count} non-finite value{'s' if count > 1 else ''} "
-                        f"(NaN or inf); the first at index {first_s} is {arr[first]!r}")
+                        f"(NaN or inf); the first at index {first_s} is {arr[first].item()!r}")
 
 
 def atomic_write(path, write):
@@ -294,7 +294,7 @@ class Network:
             bad = np.flatnonzero((arr != 0) & (arr != 1))
             if bad.size:
                 i = int(bad[0])
-                raise LabelError(f"label {arr[i]!r} at index {i} of {what} is outside the range 0..1 "
+                raise LabelError(f"label {arr[i].item()!r} at index {i} of {what} is outside the range 0..1 "
                                  f"of the binary target {t} ({bad.size} bad labels)")
             arr = arr.reshape(n, 1)
         elif arr.ndim == 1 and k == 1:
@@ -315,7 +315,7 @@ class Network:
                                 f"row {i} is {out[i].tolist()} (sum {sums[i]:g})")
         elif self.task == "binary" and ((out < 0) | (out > 1)).any():
             i = tuple(int(v) for v in np.argwhere((out < 0) | (out > 1))[0])
-            raise DataError(f"{what}: binary target {t} must lie in [0, 1]; {what}{list(i)} = {out[i]!r}")
+            raise DataError(f"{what}: binary target {t} must lie in [0, 1]; {what}{list(i)} = {out[i].item()!r}")
         return out
 
     def _prepare(self, x, y, what="x", ywhat="y"):
