@@ -179,14 +179,24 @@ class Bilinear(Layer):
         return d.define(y, (b, k), sp.Sum(sp.Sum(x[b, i] * W[i, j, k] * x[b, j], (i, 0, n - 1)), (j, 0, n - 1)))
 
 
-def test_user_declared_swish_huber_and_bilinear_are_derived_and_verified():
-    swish = Activation("swish", lambda u: u * sigmoid(u))
+def test_user_declared_swish_activation_is_derived_and_verified():
+    model = sequential(2, [Dense(2), Activation("swish", lambda u: u * sigmoid(u))], "mse")
+    g = derive(model)
+    assert all(verify_model(model, g, points=1))
+    assert "swish activation" in explain_model(model, g).to_markdown()
+
+
+def test_user_declared_huber_loss_is_derived_and_verified():
     # Huber: r²/2 for |r| ≤ 1, |r| - 1/2 beyond; with m = min(|r|, 1) that is m (|r| - m/2)
     huber = Loss("huber", lambda p, y: sp.Min(sp.Abs(p - y), 1) * (sp.Abs(p - y) - sp.Min(sp.Abs(p - y), 1) / 2))
-    model = sequential(3, [Dense(2), swish, Bilinear(2)], huber)
+    model = sequential(2, [Dense(2)], huber)
+    assert all(verify_model(model, points=1))
+
+
+def test_user_declared_bilinear_layer_reads_its_input_twice_and_verifies():
+    model = sequential(2, [Bilinear(2)], "mse")
     g = derive(model)
-    assert all(verify_model(model, g))
-    assert "swish" in explain_model(model, g).to_markdown()
+    assert all(verify_model(model, g, points=1))
 
 
 # -- claims -------------------------------------------------------------------------------------------------

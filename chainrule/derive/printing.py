@@ -34,7 +34,8 @@ class IndexPrinter(LatexPrinter):
             inner = of.latex if of is not None else t.meta["of"]
             inner = f"{inner}_{{{_sub(indices, self)}}}" if indices else inner
             return rf"\frac{{\partial C}}{{\partial {inner}}}"
-        return f"{t.latex}_{{{_sub(indices, self)}}}" if indices else t.latex
+        tex = f"{t.latex}_{{{_sub(indices, self)}}}" if indices else t.latex
+        return f"{{{tex}}}" if "^" in t.latex and indices else tex     # so a power's ^2 cannot clash
 
     def _print_Indexed(self, expr):
         return self._element(str(expr.base.label), expr.indices)
