@@ -222,10 +222,8 @@ def explain_model(model: Model, grads: Gradients | None = None, title: str | Non
                  "the recursion for $\\delta^{(l)}$ and the parameter gradients:"))
     for name, d in grads.composed.items():
         doc.add(Heading(2, f"${w.tex(d.equation.lhs)}$"))
-        if d.steps:
-            doc.add(*w.steps(d))
-        doc.add(Display(w.equation(d.equation)), *w.matrix_blocks(d.equation),
-                *w.matrix_blocks(d.equation, per_example=True))
+        doc.add(*w.steps(d) if d.steps else [Display(w.equation(d.equation))])   # last step = result
+        doc.add(*w.matrix_blocks(d.equation), *w.matrix_blocks(d.equation, per_example=True))
     return doc
 
 
