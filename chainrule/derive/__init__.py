@@ -8,3 +8,5 @@ from .layers import (Activation, Builder, Dense, Layer, Loss, LogSoftmax, Softma
                      LOSSES, sequential)
 from .spec import BUILTIN_MODELS, build_model, parse_spec
 from .explain import Explanation, explain_model
+
+__all__ = [name for name in dir() if not name.startswith("_")]

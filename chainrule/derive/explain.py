@@ -17,7 +17,7 @@ from .layers import B
 from .matrix import matrix_form
 from .notes import Note
 from .printing import IndexPrinter
-from .tensor import Equation, shape_str
+from .tensor import Equation
 
 
 # -- the document -------------------------------------------------------------------------------------

@@ -142,9 +142,8 @@ class Softmax(Layer):
 
     def build(self, d, x):
         p = d.tensor("p", x.shape)
-        b, k, m = index("b"), index("k"), index("m")
-        n = x.shape[1]
-        return d.define(p, (b, k), sp.exp(x[b, k] - LogSumExp(x[b, m], (m, 0, n - 1))), note="softmax")
+        b, k = index("b"), index("k")
+        return d.define(p, (b, k), _softmax_of(x, b, k, x.shape[1]), note="softmax")
 
 
 class LogSoftmax(Layer):
@@ -154,9 +153,8 @@ class LogSoftmax(Layer):
 
     def build(self, d, x):
         s = d.tensor("s", x.shape)
-        b, k, m = index("b"), index("k"), index("m")
-        n = x.shape[1]
-        return d.define(s, (b, k), x[b, k] - LogSumExp(x[b, m], (m, 0, n - 1)), note="log-softmax")
+        b, k = index("b"), index("k")
+        return d.define(s, (b, k), _log_softmax_of(x, b, k, x.shape[1]), note="log-softmax")
 
 
 # -- losses ------------------------------------------------------------------------------------------
