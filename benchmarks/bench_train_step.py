@@ -3,7 +3,8 @@ cross-entropy): chainrule's generated ``train_step`` vs a hand-written NumPy ste
 
 All candidates run in one process, alternating round by round, on the same minibatch of
 scikit-learn digits, from the same initial parameters, with the same number of BLAS threads
-(threadpoolctl for NumPy/Numba's BLAS, ``torch.set_num_threads`` for PyTorch). Before timing, the
+(threadpoolctl for NumPy/Numba's BLAS, ``torch.set_num_threads`` for PyTorch; the limit is
+re-applied after warm-up because Numba loads SciPy's BLAS only when a kernel first calls it). Before timing, the
 first step's cost and updated parameters of every candidate are checked against chainrule's.
 
     python benchmarks/bench_train_step.py                 # batch 32 and 256, float32 and float64
@@ -150,6 +151,8 @@ def main(argv=None):
             for fn in fns.values():               # warm up (JIT, allocator, thread pools)
                 for _ in range(20):
                     fn()
+            # Numba's np.dot loads SciPy's BLAS lazily, on the first call: limit it now too
+            threadpool_limits(args.threads)
             inner = args.inner or max(10, 4000 // batch)
             samples = time_rounds(fns, args.rounds, inner)
             med = {k: statistics.median(v) for k, v in samples.items()}
