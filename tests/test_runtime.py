@@ -346,3 +346,37 @@ def test_regression_on_sine():
     assert "accuracy" not in h and set(net.evaluate(x, y)) == {"loss"}
     assert h["val_loss"][-1] < 0.2 * h["val_loss"][0]
     assert net.predict(x).shape == (256, 1)
+
+
+def test_unfused_optimizer_path_matches_fused_sgd(demo_model, demo_cm, digits):
+    """The Optimizer base (loss_and_grads + an elementwise update) is the hook for other optimisers."""
+    from chainrule.runtime import SGD, Optimizer
+
+    class UnfusedSGD(Optimizer):
+        def update(self, params, grads):
+            SGD(self.lr).update(params, grads)
+
+    x_train, _, y_train, _ = digits
+    fused, unfused = make_net(demo_model, demo_cm), make_net(demo_model, demo_cm)
+    h1 = fused.fit(x_train[:256], y_train[:256], epochs=2, optimizer=SGD(0.5), progress=False)
+    h2 = unfused.fit(x_train[:256], y_train[:256], epochs=2, optimizer=UnfusedSGD(0.5), progress=False)
+    assert h1["loss"] == pytest.approx(h2["loss"], rel=1e-10)
+    for k in fused.param_names:
+        np.testing.assert_allclose(fused.params[k], unfused.params[k], rtol=1e-10, atol=1e-12)
+
+
+def test_fashion_mnist_idx_reader(tmp_path, monkeypatch):
+    """The Debian-package loader, on tiny IDX files in its layout (gzip'd images and labels)."""
+    import gzip
+    images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
+    labels = np.array([9, 0, 3], np.uint8)
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x03" + b"".join(int(n).to_bytes(4, "big") for n in images.shape)
+                + images.tobytes())
+    with gzip.open(tmp_path / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + labels.tobytes())
+    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", (str(tmp_path),))
+    x, y = data.load_fashion_mnist("test")
+    assert x.shape == (3, 784) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0, :3], np.array([0, 1, 2]) / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(y, [9, 0, 3])

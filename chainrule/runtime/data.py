@@ -152,21 +152,21 @@ FASHION_MNIST_DIRS = ("/usr/share/dataset-fashion-mnist", "/usr/share/fashion-mn
 
 
 def _find_fashion(kind: str):
+    """(images, labels) paths of the train or t10k split, searched in the known folders and in any
+    ``/usr/share/*fashion*`` folder (one level, plus their direct subfolders)."""
     prefix = "train" if kind == "train" else "t10k"
-    for root in FASHION_MNIST_DIRS + ("/usr/share",):
+    roots = list(FASHION_MNIST_DIRS) + sorted(glob.glob("/usr/share/*fashion*"))
+    roots += [d for r in list(roots) for d in sorted(glob.glob(os.path.join(r, "*"))) if os.path.isdir(d)]
+    for root in dict.fromkeys(roots):
         if not os.path.isdir(root):
             continue
-        pattern = "**/" if root == "/usr/share" else ""
-        found = {}
+        found = []
         for what in ("images-idx3-ubyte", "labels-idx1-ubyte"):
-            hits = sorted(glob.glob(os.path.join(root, pattern + f"{prefix}-{what}*"), recursive=True))
-            hits = [h for h in hits if "fashion" in h.lower()] if root == "/usr/share" else hits
+            hits = sorted(glob.glob(os.path.join(root, f"{prefix}-{what}*")))
             if hits:
-                found[what] = hits[0]
+                found.append(hits[0])
         if len(found) == 2:
-            return found["images-idx3-ubyte"], found["labels-idx1-ubyte"]
-        if root == "/usr/share":
-            break
+            return tuple(found)
     return None
 
 
