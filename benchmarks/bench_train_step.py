@@ -23,9 +23,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from chainrule.codegen import compile_model  # noqa: E402
-from chainrule.derive import build_model  # noqa: E402
-from chainrule.runtime.data import load_digits, one_hot  # noqa: E402
+from chainrule.codegen import compile_model
+from chainrule.derive import build_model
+from chainrule.runtime.data import load_digits, one_hot
 
 LR = 0.01
 
@@ -131,20 +131,20 @@ def main(argv=None):
             errs = {"numpy": max([abs(c_np - c_ref)] + [float(np.max(np.abs(npp[k] - ref[k]))) for k in ref])}
             fns = {}
             pc = {k: v.copy() for k, v in init.items()}
-            fns["chainrule"] = lambda pc=pc: cm.train_step(pc, x, y, LR)
+            fns["chainrule"] = lambda pc=pc, cm=cm, x=x, y=y: cm.train_step(pc, x, y, LR)
             raw = cm.module.train_step
             pr = [v.copy() for v in init.values()]
-            fns["chainrule (raw njit)"] = lambda pr=pr: raw(*pr, x, y, LR)
+            fns["chainrule (raw njit)"] = lambda pr=pr, raw=raw, x=x, y=y: raw(*pr, x, y, LR)
             pn = {k: v.copy() for k, v in init.items()}
-            fns["numpy"] = lambda pn=pn: numpy_step(pn, x, y, LR)
+            fns["numpy"] = lambda pn=pn, x=x, y=y: numpy_step(pn, x, y, LR)
             if torch is not None:
                 tp, tstep = make_torch_step(torch, init, dtype)
                 tx, tl = torch.from_numpy(x), torch.from_numpy(labels_all[:batch].copy())
                 c_t = tstep(tx, tl)
                 errs["torch"] = max([abs(c_t - c_ref)] + [float(np.max(np.abs(tp[k].detach().numpy() - ref[k])))
                                                          for k in ref])
-                tp2, tstep2 = make_torch_step(torch, init, dtype)
-                fns["torch eager"] = lambda tstep2=tstep2: tstep2(tx, tl)
+                _, tstep2 = make_torch_step(torch, init, dtype)
+                fns["torch eager"] = lambda tstep2=tstep2, tx=tx, tl=tl: tstep2(tx, tl)
             for name, e in errs.items():
                 status = "ok" if e < tol else "MISMATCH"
                 print(f"  check {dtype} batch {batch}: {name} vs chainrule max abs diff {e:.2e} ({status})")

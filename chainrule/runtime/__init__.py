@@ -1,13 +1,35 @@
 """Training on the generated kernels: networks, optimisers, the training loop, data, checkpoints."""
-from .callbacks import Callback, EarlyStopping, LearningRateSchedule, ModelCheckpoint, ProgressBar
+from .callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateSchedule,
+    ModelCheckpoint,
+    ProgressBar,
+)
 from .data import one_hot, train_test_split
 from .errors import CheckpointError, DataError, LabelError, TrainingDiverged
 from .model import History, Network, atomic_write
 from .optim import SGD, Optimizer
 
-__all__ = ["Network", "History", "Optimizer", "SGD", "Callback", "EarlyStopping", "ModelCheckpoint",
-           "LearningRateSchedule", "ProgressBar", "DataError", "LabelError", "CheckpointError",
-           "TrainingDiverged", "one_hot", "train_test_split", "atomic_write", "run_demo"]
+__all__ = [
+    "SGD",
+    "Callback",
+    "CheckpointError",
+    "DataError",
+    "EarlyStopping",
+    "History",
+    "LabelError",
+    "LearningRateSchedule",
+    "ModelCheckpoint",
+    "Network",
+    "Optimizer",
+    "ProgressBar",
+    "TrainingDiverged",
+    "atomic_write",
+    "one_hot",
+    "run_demo",
+    "train_test_split",
+]
 
 
 def run_demo(*args, **kwargs):

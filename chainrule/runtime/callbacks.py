@@ -15,7 +15,7 @@ import time
 
 from .errors import ChainruleError
 
-__all__ = ["Callback", "EarlyStopping", "ModelCheckpoint", "LearningRateSchedule", "ProgressBar"]
+__all__ = ["Callback", "EarlyStopping", "LearningRateSchedule", "ModelCheckpoint", "ProgressBar"]
 
 
 class Callback:

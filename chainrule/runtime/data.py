@@ -14,10 +14,25 @@ import numpy as np
 
 from .errors import ChainruleError, DataError, LabelError
 
-__all__ = ["load_digits", "load_iris", "load_breast_cancer", "load_wine", "make_moons",
-           "make_spirals", "make_xor", "make_sine", "load_mnist1d", "load_fashion_mnist",
-           "fashion_mnist_available", "mnist1d_available", "train_test_split", "one_hot",
-           "standardize", "DATASETS", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "fashion_mnist_available",
+    "load_breast_cancer",
+    "load_dataset",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_iris",
+    "load_mnist1d",
+    "load_wine",
+    "make_moons",
+    "make_sine",
+    "make_spirals",
+    "make_xor",
+    "mnist1d_available",
+    "one_hot",
+    "standardize",
+    "train_test_split",
+]
 
 
 def _as(x, dtype):
@@ -234,7 +249,7 @@ def train_test_split(x, y, test_size=0.2, seed=0, stratify=None):
     n = len(x)
     if len(y) != n:
         raise ValueError(f"x has {n} rows but y has {len(y)}")
-    n_test = int(round(test_size * n)) if isinstance(test_size, float) else int(test_size)
+    n_test = round(test_size * n) if isinstance(test_size, float) else int(test_size)
     if not 0 < n_test < n:
         raise ValueError(f"test_size={test_size!r} leaves {n_test} of {n} examples for the test set")
     rng = np.random.default_rng(seed)

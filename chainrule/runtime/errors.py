@@ -3,8 +3,15 @@ from __future__ import annotations
 
 from chainrule.derive.errors import ChainruleError, ShapeError, SpecError
 
-__all__ = ["ChainruleError", "ShapeError", "SpecError", "DataError", "LabelError",
-           "CheckpointError", "TrainingDiverged"]
+__all__ = [
+    "ChainruleError",
+    "CheckpointError",
+    "DataError",
+    "LabelError",
+    "ShapeError",
+    "SpecError",
+    "TrainingDiverged",
+]
 
 
 class DataError(ChainruleError, ValueError):

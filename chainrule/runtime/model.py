@@ -17,9 +17,9 @@ import numpy as np
 from .callbacks import Callback, ProgressBar
 from .data import one_hot, train_test_split
 from .errors import CheckpointError, DataError, LabelError, ShapeError, TrainingDiverged
-from .optim import SGD, Optimizer, get_optimizer
+from .optim import SGD, get_optimizer
 
-__all__ = ["Network", "History", "atomic_write"]
+__all__ = ["History", "Network", "atomic_write"]
 
 FORMAT = "chainrule-params"
 FORMAT_VERSION = 1
@@ -167,12 +167,12 @@ class Network:
 
     def summary(self) -> str:
         lines = [f"Network {self.model.name!r} ({self.dtype.name}, {self.task}, loss {self.loss_name})",
-                 f"  input {self.input_name}: (N, {self.n_inputs})   target {self.target_name}: "
-                 f"(N, {self.n_outputs})"]
+                 (f"  input {self.input_name}: (N, {self.n_inputs})   target {self.target_name}: "
+                  f"(N, {self.n_outputs})")]
         if self.spec:
             lines.append(f"  spec: {self.spec}")
         for k, s in self.param_shapes.items():
-            lines.append(f"  param {k:<8} {str(s):<12} {int(np.prod(s)):>8}")
+            lines.append(f"  param {k:<8} {s!s:<12} {int(np.prod(s)):>8}")
         lines.append(f"  {self.n_params()} parameters")
         return "\n".join(lines)
 
@@ -398,7 +398,7 @@ class Network:
         if validation_split is not None:
             if not 0 < float(validation_split) < 1:
                 raise ValueError(f"validation_split must be in (0, 1), got {validation_split!r}")
-            n_val = int(round(float(validation_split) * len(xs)))
+            n_val = round(float(validation_split) * len(xs))
             if n_val < 1 or n_val >= len(xs):
                 raise ValueError(f"validation_split={validation_split} leaves {n_val} of {len(xs)} "
                                  f"examples for validation")

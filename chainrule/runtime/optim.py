@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Optimizer", "SGD", "get_optimizer"]
+__all__ = ["SGD", "Optimizer", "get_optimizer"]
 
 
 class Optimizer:
