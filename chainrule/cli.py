@@ -6,6 +6,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from .atomic import atomic_write_text
+
 MODEL_HELP = textwrap.dedent("""\
     how to name a model:
       a built-in name: {names}
@@ -25,12 +27,8 @@ def _model_help() -> str:
 
 def _write(text: str, out: str | None):
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        print(f"wrote {path}", file=sys.stderr)
+        atomic_write_text(out, text)
+        print(f"wrote {out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
 

@@ -31,7 +31,7 @@ def test_latex_document_math_renders(documents):
     need_katex()
     import re
     tex = documents["demo"].to_latex()
-    blocks = re.findall(r"\\begin\{equation\*\}\n(.*?)\n\\end\{equation\*\}", tex, re.S)
+    blocks = re.findall(r"\\begin\{equation\*\}\n(.*?)\n\\end\{equation\*\}", tex, re.DOTALL)
     inline = re.findall(r"(?<!\\)\$([^$]+)\$", tex)
     assert blocks and inline
     errors = katex_errors([(b, True) for b in blocks] + [(i, False) for i in inline])

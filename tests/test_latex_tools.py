@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-try:
-    from latex_tools import (
-        extract_math,
-        format_katex_errors,
-        katex_available,
-        katex_errors,
-        katex_results,
-        need_katex,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.latex_tools import (
-        extract_math,
-        format_katex_errors,
-        katex_available,
-        katex_errors,
-        katex_results,
-        need_katex,
-    )
+from latex_tools import (
+    extract_math,
+    format_katex_errors,
+    katex_available,
+    katex_errors,
+    katex_results,
+    need_katex,
+)
 
 
 # ------------------------------------------------------------------ KaTeX (needs node)

@@ -16,10 +16,11 @@ import hashlib
 import importlib.util
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import sympy as sp
+
+from ..atomic import atomic_write_text
 
 HEADER = "# chainrule-kernel sha256="
 _CODEGEN_DIR = Path(__file__).resolve().parent
@@ -83,23 +84,6 @@ def verify_file(path: Path) -> bool:
     return hashlib.sha256(rest).hexdigest() == first[len(HEADER):].decode("ascii", "replace").strip()
 
 
-def atomic_write(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".py", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def import_path(path: Path, module_name: str):
     """Import a generated module from its file (re-importing when the file changed)."""
     path = Path(path).resolve()
@@ -129,7 +113,7 @@ def load_or_generate(key: str, render, cache_dir=None):
     path = cache_dir / f"chainrule_{key[:32]}.py"
     hit = verify_file(path)
     if not hit:
-        atomic_write(path, with_header(render()))
+        atomic_write_text(path, with_header(render()))
         if not verify_file(path):
             raise OSError(f"kernel cache: could not write a valid module at {path}")
     text = path.read_text(encoding="utf-8")

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import jinja2
 import numpy as np
-import sympy as sp
 
 from ..derive.errors import UnsupportedError
 from .lower import IND, Lowerer, primitives_used, sanitise

@@ -9,4 +9,9 @@ from .layers import (Activation, Builder, Dense, Layer, Loss, LogSoftmax, Softma
 from .spec import BUILTIN_MODELS, build_model, parse_spec
 from .explain import Explanation, explain_model
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "ChainruleError", "ShapeError", "SpecError", "UnsupportedError", "Tensor", "Equation", "size", "index",
+    "indices", "Model", "sigmoid", "softplus", "relu", "leaky_relu", "step", "LogSumExp", "derive",
+    "Gradients", "Activation", "Builder", "Dense", "Layer", "Loss", "LogSoftmax", "Softmax", "ACTIVATIONS",
+    "LOSSES", "sequential", "BUILTIN_MODELS", "build_model", "parse_spec", "Explanation", "explain_model",
+]

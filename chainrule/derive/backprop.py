@@ -85,7 +85,7 @@ def _needs_adjoint(model: Model, wrt) -> list[str]:
     return [n for n in order if n in reach and n in useful]
 
 
-def _target_indices(t: Tensor, model: Model, taken: set) -> tuple:
+def _target_indices(t: Tensor, model: Model) -> tuple:
     """Readable names for the adjoint's indices: the tensor's own, else those its readers use."""
     eq = model.equation_for(t.name)
     names = None
@@ -102,9 +102,9 @@ def _target_indices(t: Tensor, model: Model, taken: set) -> tuple:
     if not names:
         names = [index(f"j{k}") for k in range(t.rank)]
     out = []
-    for k, n in enumerate(names):
-        while n in taken or n in out:
-            n = index(n.name + "'") if isinstance(n, sp.Symbol) else index(f"j{k}")
+    for n in names:                     # a read like W[i, i] repeats a name: prime the repeat
+        while n in out:
+            n = index(n.name + "'")
         out.append(n)
     return tuple(out)
 
@@ -151,12 +151,12 @@ def _upstream(model, out: Tensor, derivations, idx):
 def _derive_one(model: Model, t: Tensor, derivations) -> AdjointDerivation:
     adj = adjoint_of(t)
     consumers = [e for e in model.consumers(t.name) if e.out.name == model.cost.name or e.out.name in derivations]
-    j = _target_indices(t, model, set())
+    j = _target_indices(t, model)
     fresh = tuple(index(f"_t{k}") for k in range(t.rank))       # clash-free during elimination
     target_read = t[fresh] if t.rank else t.read()
     ranges = {f: (sp.S.Zero, n - 1) for f, n in zip(fresh, t.shape)}
 
-    chain, partials, raw = [], [], []
+    chain, partials = [], []
     for eq in consumers:
         limits = [(i, lo, hi) for i, (lo, hi) in eq.ranges().items()]
         up = _upstream(model, eq.out, derivations, eq.indices)
@@ -164,13 +164,12 @@ def _derive_one(model: Model, t: Tensor, derivations) -> AdjointDerivation:
         wrap = (lambda e, lim=limits: sp.Sum(e, *lim) if lim else e)
         chain.append(wrap(up * sp.Derivative(eq.lhs, target_read, evaluate=False)))
         partials.append(wrap(up * local))
-        raw.append(up * local if not limits else sp.Sum(up * local, *limits))
     steps = [Step("chain rule", adj[fresh] if t.rank else adj.read(), sp.Add(*chain, evaluate=False),
                   [Note("sum over every element that reads {0}: upstream adjoint times local derivative",
                         target_read)]),
              Step("differentiate", sp.Add(*chain, evaluate=False), sp.Add(*partials),
                   "SymPy differentiates each body; a read of the same tensor gives Kronecker deltas")]
-    expr, notes = eliminate_deltas(sp.Add(*raw), ranges)
+    expr, notes = eliminate_deltas(sp.Add(*partials), ranges)
     if notes:
         unique = list({(n.fmt, n.args): n for n in notes}.values())
         steps.append(Step("eliminate Kronecker deltas", steps[-1].after, expr, unique))

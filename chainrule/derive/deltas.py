@@ -15,26 +15,7 @@ from sympy import KroneckerDelta
 from .errors import UnsupportedError
 from .primitives import LogSumExp
 from .notes import Note
-
-
-def affine_bounds(expr, ranges):
-    """(min, max) of an affine integer expression over a box of index ranges, or None if not affine."""
-    expr = sp.expand(expr)
-    lo = hi = expr
-    for var in expr.free_symbols & set(ranges):
-        if not sp.Poly(expr, var).degree() == 1:
-            return None
-        c = expr.coeff(var)
-        if c.free_symbols & set(ranges) or c.is_nonnegative is None:
-            return None
-        vlo, vhi = ranges[var]
-        lo = lo.subs(var, vlo if c.is_nonnegative else vhi)
-        hi = hi.subs(var, vhi if c.is_nonnegative else vlo)
-    return sp.simplify(lo), sp.simplify(hi)
-
-
-def _nonneg(e) -> bool:
-    return bool(sp.simplify(e).is_nonnegative)
+from .tensor import affine_bounds, provably_nonneg
 
 
 def split_terms(expr) -> list:
@@ -145,7 +126,7 @@ class DeltaEliminator:
         ranges = {**outer, **{v: (a, b) for v, a, b in limits}}
         bounds = affine_bounds(solution, ranges)
         cond = sp.And(sp.Le(lo, solution, evaluate=False), sp.Le(solution, hi, evaluate=False), evaluate=False)
-        if bounds and _nonneg(bounds[0] - lo) and _nonneg(hi - bounds[1]):
+        if bounds and provably_nonneg(bounds[0] - lo) and provably_nonneg(hi - bounds[1]):
             self.notes.append(Note("the range guard {0} holds for every index in range: dropped", cond))
             return term, limits
         summed = [v for v, _, _ in limits if v in solution.free_symbols]

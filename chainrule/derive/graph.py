@@ -4,7 +4,7 @@ from __future__ import annotations
 import sympy as sp
 
 from .errors import ShapeError, SpecError, UnsupportedError
-from .tensor import Equation, Tensor, shape_str
+from .tensor import Equation, Tensor, affine_bounds, provably_nonneg, shape_str
 
 
 class Model:
@@ -92,25 +92,6 @@ class Model:
 
 
 # -- validation -----------------------------------------------------------------------------
-def _bounds(expr, ranges):
-    """Smallest and largest value of an affine index expression over a box of index ranges."""
-    expr = sp.expand(expr)
-    lo = hi = expr
-    for var in expr.free_symbols & set(ranges):
-        c = expr.coeff(var)
-        if c.free_symbols & set(ranges) or sp.expand(expr - c * var).has(var):
-            raise UnsupportedError(f"index expression {expr} is not affine in {var}")
-        vlo, vhi = ranges[var]
-        lo = lo.subs(var, vlo if c.is_nonnegative else vhi)
-        hi = hi.subs(var, vhi if c.is_nonnegative else vlo)
-    return sp.simplify(lo), sp.simplify(hi)
-
-
-def _provably_nonneg(expr) -> bool:
-    expr = sp.simplify(expr)
-    return bool(expr.is_nonnegative)
-
-
 def check_equation(eq: Equation, tensors: dict[str, Tensor]):
     """Every read names a known tensor of the right rank, with indices inside its axes."""
     where = f"layer {eq.layer}: " if eq.layer else ""
@@ -136,8 +117,11 @@ def check_equation(eq: Equation, tensors: dict[str, Tensor]):
             if unknown:
                 raise ShapeError(f"{where}index {sorted(map(str, unknown))} in {name}{list(idx)} "
                                  f"is neither an index of {eq.out.name} nor summed over")
-            lo, hi = _bounds(e, ranges)
-            if not (_provably_nonneg(lo) and _provably_nonneg(n - 1 - hi)):
+            bounds = affine_bounds(e, ranges)
+            if bounds is None:
+                raise UnsupportedError(f"{where}index expression {e} in {name}{list(idx)} is not affine")
+            lo, hi = bounds
+            if not (provably_nonneg(lo) and provably_nonneg(n - 1 - hi)):
                 raise ShapeError(
                     f"{where}{eq.out.name}{list(eq.indices)} {shape_str(eq.out.shape)} reads "
                     f"{name}{list(idx)}: index {e} runs over [{lo}, {hi}] but axis {axis} of "

@@ -1,7 +1,7 @@
 """Textbook-form rewrites: one decorated function per rewrite, each a justified, recorded step.
 
 A rewrite takes an expression and the model and returns the rewritten expression (the same object
-when it does not apply). ``simplify_recorded`` runs them to a fixed point and records a ``Step`` for
+when it does not apply), or ``(expression, justification)`` when it can say exactly what it used. ``simplify_recorded`` runs them to a fixed point and records a ``Step`` for
 each one that changed something.
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _is_trivial(body) -> bool:
          "re-express the derivative through a value the forward pass already computed")
 def forward_results(expr, model):
     eqs = [e for e in model.equations if not _is_trivial(e.body) and e.out.role != "cost"]
-    used = []
+    hits = {}                      # subexpression -> (forward equation, read that replaces it)
 
     def query(e):
         if not isinstance(e, (sp.Function, sp.Add, sp.Mul, sp.Pow, LogSumExp, sp.Sum)):
@@ -88,21 +88,14 @@ def forward_results(expr, model):
         for eq in eqs:
             hit = _match_forward(e, eq)
             if hit is not None:
-                used.append(eq)
+                hits[e] = (eq, hit)
                 return True
         return False
 
-    def value(e):
-        for eq in eqs:
-            hit = _match_forward(e, eq)
-            if hit is not None:
-                return hit
-        return e
-
-    out = expr.replace(query, value)
+    out = expr.replace(query, lambda e: hits[e][1])
     if out != expr:
-        unique = list({id(eq): eq for eq in used}.values())
-        forward_results.detail = [Note("the forward pass computed " + ", ".join(
+        unique = list({id(eq): eq for eq, _ in hits.values()}.values())
+        return out, [Note("the forward pass computed " + ", ".join(
             "{%d}" % k for k in range(len(unique))), *[sp.Eq(eq.lhs, eq.body, evaluate=False) for eq in unique], fixed=True)]
     return out
 
@@ -151,7 +144,7 @@ def declared_facts(expr, model):
 
     out = expr.replace(query, value)
     if applied:
-        declared_facts.detail = [Note(", ".join("{%d}" % k for k in range(len(applied))) +
+        return out, [Note(", ".join("{%d}" % k for k in range(len(applied))) +
                                       " (the target is a probability distribution: its entries sum to one)",
                                       *[sp.Eq(e, 1, evaluate=False) for e in applied])]
     return out
@@ -175,10 +168,11 @@ def simplify_recorded(expr, model, steps: list, rules=None, max_rounds=6):
         for rw in REWRITES:
             if rules is not None and rw.rule not in rules:
                 continue
-            rw.fn.detail = None
-            new = rw.fn(expr, model)
+            new, why = rw.fn(expr, model), rw.why
+            if isinstance(new, tuple):
+                new, why = new
             if new != expr:
-                steps.append(Step(rw.rule, expr, new, rw.fn.detail or rw.why))
+                steps.append(Step(rw.rule, expr, new, why))
                 expr, changed = new, True
         if not changed:
             break

@@ -34,6 +34,26 @@ def shape_str(shape) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+def affine_bounds(expr, ranges):
+    """(min, max) of an affine integer expression over a box of index ranges, or None if not affine."""
+    expr = sp.expand(expr)
+    lo = hi = expr
+    for var in expr.free_symbols & set(ranges):
+        if not sp.Poly(expr, var).degree() == 1:
+            return None
+        c = expr.coeff(var)
+        if c.free_symbols & set(ranges) or c.is_nonnegative is None:
+            return None
+        vlo, vhi = ranges[var]
+        lo = lo.subs(var, vlo if c.is_nonnegative else vhi)
+        hi = hi.subs(var, vhi if c.is_nonnegative else vlo)
+    return sp.simplify(lo), sp.simplify(hi)
+
+
+def provably_nonneg(e) -> bool:
+    return bool(sp.simplify(e).is_nonnegative)
+
+
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 

@@ -35,6 +35,21 @@ class Check:
     def __bool__(self):
         return self.equal
 
+    def compare(self, element, reference, candidate, point: dict, sizes: dict, labels=("derived", "claimed")) -> bool:
+        """Compare two scalar expressions at ``point``; on disagreement keep it as the counterexample."""
+        ref, cand = reference.xreplace(point), candidate.xreplace(point)
+        ok, method = same_value(cand, ref)
+        self.checked += 1
+        if method != "exact":
+            self.method = method
+        if not ok:
+            self.equal = False
+            self.counterexample = {
+                "sizes": {str(k): v for k, v in sizes.items()}, "element": str(element),
+                labels[1]: sp.N(expand_primitives(cand), 8), labels[0]: sp.N(expand_primitives(ref), 8),
+                "at": {str(k): v for k, v in point.items()}}
+        return ok
+
 
 def small_sizes(model: Model, cap: int = 2) -> dict:
     return {s: min(cap, v) for s, v in model.size_values.items()} | {sp.Symbol("B", integer=True, positive=True): 2}
@@ -47,13 +62,13 @@ class Expanded:
         self.model, self.sizes = model, sizes
         self.values: dict = {}
 
-    def elements(self, eq: Equation):
-        shape = [int(sp.sympify(n).subs(self.sizes)) for n in eq.out.shape]
+    def elements(self, tensor):
+        shape = [int(sp.sympify(n).subs(self.sizes)) for n in tensor.shape]
         for idx in itertools.product(*[range(n) for n in shape]):
-            yield idx, (eq.out.base[idx] if idx else eq.out.symbol)
+            yield idx, (tensor.base[idx] if idx else tensor.symbol)
 
     def evaluate(self, eq: Equation):
-        for idx, read in self.elements(eq):
+        for idx, read in self.elements(eq.out):
             body = eq.body.subs(self.sizes).xreplace(dict(zip(eq.indices, map(sp.Integer, idx))))
             body = body.doit()
             self.values[read] = body.xreplace(self.values)
@@ -124,21 +139,11 @@ def verify_model(model: Model, grads: Gradients | None = None, *, points: int = 
         if t.role not in ("param", "input"):
             continue
         check = Check(f"{model.name}: dC/d{name}", True, "exact")
-        for idx, read in Expanded(model, sizes).elements(Equation(d.adjoint, d.equation.indices, 0)):
+        for idx, read in backward.elements(d.adjoint):
             wrt = t.base[idx] if idx else t.symbol
-            direct = sp.diff(cost, wrt)
-            derived = backward.values[read]
-            for point in pts:
-                ok, method = same_value(direct.xreplace(point), derived.xreplace(point))
-                check.checked += 1
-                if method != "exact":
-                    check.method = method
-                if not ok:
-                    check.equal = False
-                    check.counterexample = {"element": str(wrt), "direct": direct.xreplace(point),
-                                            "derived": derived.xreplace(point)}
-                    break
-            if not check.equal:
+            direct, derived = sp.diff(cost, wrt), backward.values[read]
+            if not all(check.compare(wrt, direct, derived, point, sizes, ("direct", "derived"))
+                       for point in pts):
                 break
         checks.append(check)
     return checks
@@ -163,28 +168,16 @@ def check_claim(model: Model, tensor: str, claim, *, grads: Gradients | None = N
     values = Expanded(model, sizes)
     values.run(model.equations)
     values.run([x.equation for x in derivs.values()])
-    claimed = Expanded(model, sizes)
-    claimed.values = dict(values.values)
-    claim_eq = Equation(d.adjoint, d.equation.indices, claim)
+    claimed = {}
+    for idx, read in values.elements(d.adjoint):          # the claim, expanded once per element
+        body = claim.subs(sizes).xreplace(dict(zip(d.equation.indices, map(sp.Integer, idx)))).doit()
+        claimed[read] = body.xreplace(values.values)
     rng = random.Random(seed)
     result = Check(f"claim for dC/d{tensor}", True, "exact")
     for _ in range(points):
         point = random_point(model, sizes, rng)
-        for idx, read in values.elements(d.equation):
-            derived = values.values[read]
-            body = claim.subs(sizes).xreplace(dict(zip(claim_eq.indices, map(sp.Integer, idx)))).doit()
-            mine = body.xreplace(values.values)
-            ok, method = same_value(mine.xreplace(point), derived.xreplace(point))
-            result.checked += 1
-            if method != "exact":
-                result.method = method
-            if not ok:
-                result.equal = False
-                result.counterexample = {
-                    "sizes": {str(k): v for k, v in sizes.items()}, "element": str(read),
-                    "claimed": sp.N(expand_primitives(mine.xreplace(point)), 8),
-                    "derived": sp.N(expand_primitives(derived.xreplace(point)), 8),
-                    "at": {str(k): v for k, v in point.items()}}
+        for read, mine in claimed.items():
+            if not result.compare(read, values.values[read], mine, point, sizes):
                 return result
     return result
 

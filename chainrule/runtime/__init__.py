@@ -8,7 +8,7 @@ from .callbacks import (
 )
 from .data import one_hot, train_test_split
 from .errors import CheckpointError, DataError, LabelError, TrainingDiverged
-from .model import History, Network, atomic_write
+from .model import History, Network
 from .optim import SGD, Optimizer
 
 __all__ = [
@@ -25,7 +25,6 @@ __all__ = [
     "Optimizer",
     "ProgressBar",
     "TrainingDiverged",
-    "atomic_write",
     "one_hot",
     "run_demo",
     "train_test_split",

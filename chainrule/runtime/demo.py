@@ -5,6 +5,8 @@ import os
 import sys
 import time
 
+from ..atomic import atomic_write_text
+
 DEMO_EPOCHS = 50
 DEMO_QUICK_EPOCHS = 15
 DEMO_LR = 2.0
@@ -12,8 +14,7 @@ DEMO_BATCH = 32
 
 
 def _write_text(path, text):
-    from .model import atomic_write
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write_text(path, text)
 
 
 def run_demo(out_dir="chainrule-demo", epochs=None, progress=True, quick=False, lr=DEMO_LR,

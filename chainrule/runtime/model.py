@@ -9,17 +9,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
 
+from ..atomic import atomic_write
 from .callbacks import Callback, ProgressBar
 from .data import one_hot, train_test_split
 from .errors import CheckpointError, DataError, LabelError, ShapeError, TrainingDiverged
 from .optim import SGD, get_optimizer
 
-__all__ = ["History", "Network", "atomic_write"]
+__all__ = ["History", "Network"]
 
 FORMAT = "chainrule-params"
 FORMAT_VERSION = 1
@@ -37,27 +37,6 @@ def _check_finite(arr: np.ndarray, what: str):
         first_s = str(first[0]) if len(first) == 1 else str(first)
         raise DataError(f"{what} contains {count} non-finite value{'s' if count > 1 else ''} "
                         f"(NaN or inf); the first at index {first_s} is {arr[first].item()!r}")
-
-
-def atomic_write(path, write):
-    """Call ``write(fileobj)`` on a temporary file in the target's directory, then ``os.replace`` it
-    over ``path``: readers see the old file or the new one, never a partial one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class History:
