@@ -394,6 +394,8 @@ class Compiler:
             return lambda ctx: int(rnd(f(ctx)))
         if isinstance(e, sp.core.relational.Relational):
             fa, fb, test = self.compile(e.lhs), self.compile(e.rhs), _REL[e.rel_op]
+            if e.rel_op in ("==", "!="):       # an equality test is meant to hit: not a kink
+                return lambda ctx: test(0 if value_of(fa(ctx)) == value_of(fb(ctx)) else 1)
             return lambda ctx: test(ar.cmp(fa(ctx), fb(ctx)))
         if isinstance(e, sp.And):
             fs = [self.compile(a) for a in e.args]
@@ -489,8 +491,12 @@ class Compiler:
         key = (type(e), len(e.args))
         if key not in self._primitives:
             us = [sp.Dummy(f"u{j}", real=True) for j in range(len(e.args))]
-            self._primitives[key] = (us, None)
-            self._primitives[key] = (us, self.compile(type(e)(*us).definition()))
+            try:
+                definition = type(e)(*us).definition()
+            except NotImplementedError:
+                raise UnsupportedError(f"verification evaluates a primitive through its plain definition, and "
+                                       f"{type(e).__name__} has no definition()") from None
+            self._primitives[key] = (us, self.compile(definition))
         us, body = self._primitives[key]
         fs = [self.compile(a) for a in e.args]
 

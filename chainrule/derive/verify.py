@@ -69,17 +69,17 @@ class Check:
         return self.equal
 
     def sizes_text(self) -> str:
-        return "; ".join(", ".join(f"{k}={v}" for k, v in s.items()) or "(no symbolic sizes)"
-                         for s in self.sizes)
+        return " and ".join("(" + (", ".join(f"{k}={v}" for k, v in s.items()) or "no symbolic sizes") + ")"
+                            for s in self.sizes)
 
     def __str__(self):
-        verdict = "equal" if self.equal else "NOT EQUAL"
-        text = (f"{self.name}: {verdict}, {self.checked} element comparisons ({self.method}) at "
-                f"{len(self.sizes)} size assignment{'s' * (len(self.sizes) != 1)} [{self.sizes_text()}]"
-                f" x {self.points} random point{'s' * (self.points != 1)}")
-        if not self.equal:
-            text += "; counterexample: " + "; ".join(f"{k}: {v}" for k, v in self.counterexample.items())
-        return text
+        where = f"at sizes {self.sizes_text()}, {self.points} random point{'s' * (self.points != 1)} each"
+        if self.equal:
+            return f"{self.name}: equal: {self.checked} element comparisons ({self.method}) {where}"
+        found = "; ".join(f"{k}: {', '.join(f'{n}={v}' for n, v in v.items()) if k == 'sizes' else v}"
+                          for k, v in self.counterexample.items())
+        return (f"{self.name}: NOT EQUAL ({self.method}, checking {where}); counterexample after "
+                f"{self.checked} element comparison{'s' * (self.checked != 1)}: {found}")
 
 
 # -- sizes ---------------------------------------------------------------------------------------------
@@ -270,7 +270,11 @@ class _Evaluator:
             out = {}
             for idx in _elements(eq.out, sizes):
                 env.update(zip(eq.indices, idx))
-                out[idx] = tape.element(fn(ctx))
+                try:
+                    out[idx] = tape.element(fn(ctx))
+                except (EvaluationError, ZeroDivisionError) as err:
+                    raise EvaluationError(f"model {model.name}: the forward equation for {_element(eq.out.name, idx)}"
+                                          f" has no value at sizes {_named(sizes)} and a random point: {err}") from None
             for i in eq.indices:
                 env.pop(i, None)
             store[eq.out.name] = out
