@@ -140,7 +140,7 @@ class LatexDocPrinter:
             return text
         return "\n".join([r"\documentclass{article}", r"\usepackage{amsmath,amssymb,bm}",
                           r"\usepackage[margin=2cm]{geometry}", r"\allowdisplaybreaks",
-                          rf"\title{{{latex_text(doc.title)}}}", r"\date{}", r"\begin{document}",
+                          rf"\title{{{latex_text(doc.title)}}}", r"\author{chainrule}", r"\date{}", r"\begin{document}",
                           r"\maketitle", text, r"\end{document}", ""])
 
     def _Heading(self, b):
@@ -182,14 +182,18 @@ class Writer:
         return r" \times ".join(self.tex(s) for s in t.shape) if t.shape else "1"
 
     def matrix_blocks(self, eq: Equation, per_example=False) -> list:
-        fixed = [eq.indices[0]] if per_example and eq.indices and eq.out.shape[0] == B else []
-        if per_example and not fixed:
+        batched = bool(eq.indices) and eq.out.shape[0] == B
+        if per_example and (not batched or eq.out.rank >= 3):     # rank 3: already per example
             return []
+        # a rank-3 tensor (batch, time, feature) has a matrix form only per example
+        per_example = per_example or (batched and eq.out.rank >= 3)
+        fixed = [eq.indices[0]] if per_example else []
         mf = matrix_form(eq, self.tensors, fixed=fixed)      # None unless it passed its numeric check
         if mf is None:
             return []
         self.forms.append(mf)
-        label = "Per example (column vectors)" if per_example else "In matrix form"
+        label = ("Per example (column vectors)" if eq.out.rank < 3 else "For each example") if per_example \
+            else "In matrix form"
         blocks = [Para(f"{label}, shape ${mf['shape']}$:"), Display(f"{mf['lhs']} = {mf['rhs']}")]
         if mf["notes"]:
             blocks.append(Bullets(mf["notes"]))

@@ -24,6 +24,7 @@ import re
 
 import numpy as np
 import sympy as sp
+from sympy.core.function import Application
 
 from .errors import ChainruleError
 from .numeric import IndexEvaluator, concrete, evaluate
@@ -296,7 +297,7 @@ class Lifter:
         if expr.is_Pow and expr.exp.is_Integer and expr.exp > 0:
             base = self.lift(expr.base, order)
             return Mat(Power(base.node, int(expr.exp)), base.idx, base.notes)
-        if isinstance(expr, (sp.Function, sp.Pow)) and len(expr.args) >= 1:
+        if isinstance(expr, (Application, sp.Pow)) and len(expr.args) >= 1:
             return self.lift_function(expr, order)
         raise NoMatrixForm(f"no pattern for {type(expr).__name__}")
 

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import sympy as sp
+from sympy.core.function import Application
 
 from .errors import ShapeError, UnsupportedError
 from .primitives import LogSumExp, Primitive
@@ -67,7 +68,7 @@ class IndexEvaluator:
                 if cond == sp.true or bool(self.truth(cond, at)):
                     return self.value(expr, at)
             return math.nan
-        if isinstance(e, sp.Function):
+        if isinstance(e, Application):              # exp, log, Max, Abs, primitives, ...
             return self.function(e, at)
         raise UnsupportedError(f"cannot evaluate {type(e).__name__}: {e}")
 
