@@ -188,11 +188,11 @@ class _Parser:
     @staticmethod
     def _constant(a, name):
         """The value of a constant operand (guarded: exp(exp(exp(100))) is refused, not computed)."""
-        from .exact import Compiler, EvaluationError, Float, WORK_DPS
+        from .exact import Compiler, Context, EvaluationError, Float, WORK_DPS
         import mpmath
         try:
             with mpmath.workdps(WORK_DPS):
-                return Compiler(Float()).compile(a)(None)
+                return Compiler(Float()).compile(a)(Context({}, {}, budget=10_000))
         except EvaluationError as err:
             raise SpecError(f"the operand {_show(a)} of {name}: {err}") from None
         except Exception as err:                   # an unevaluable constant (e.g. a complex one)
@@ -285,9 +285,10 @@ class _Parser:
             return t
         if self.peek() != "[":
             if t.rank:
-                names = ", ".join(str(i) for i in self.eq.indices) or "i"
-                raise SpecError(f"{tok} has shape {shape_str(t.shape)}: read one element, e.g. "
-                                f"{tok}[{names if len(self.eq.indices) == t.rank else ', '.join('.' * t.rank)}]")
+                names = [str(i) for i in self.eq.indices] if len(self.eq.indices) == t.rank else \
+                    [f"i{k}" for k in range(t.rank)]
+                raise SpecError(f"{tok} has shape {shape_str(t.shape)}: read one element with {t.rank} "
+                                f"ind{'ex' if t.rank == 1 else 'ices'}, e.g. {tok}[{', '.join(names)}]")
             return t.read()
         self.take("[")
         self.enter()

@@ -83,8 +83,8 @@ class Exact:
         if a == 0 and b < 0:
             raise EvaluationError("division by zero")
         if a not in (0, 1, -1):
-            a = Fraction(a)
-            bits = max(a.numerator.bit_length(), a.denominator.bit_length())
+            f = Fraction(a)
+            bits = max(f.numerator.bit_length(), f.denominator.bit_length())
             if bits * abs(b) > MAX_BITS:
                 raise EvaluationError(f"a power with about {int(bits * abs(b) * 0.30103)} digits is too large")
         return Fraction(a) ** b if b < 0 else a ** b
