@@ -259,6 +259,23 @@ def test_a_corrupted_gradient_is_caught(demo):
     assert results["W2"] and results["b2"]
 
 
+def test_the_reference_does_not_use_the_derivatives_primitives_declare():
+    """A wrong declared derivative (σ' = σ) makes the engine derive a wrong gradient; the reference
+    differentiates σ's plain definition 1/(1+e^-u), so verification catches it."""
+    from sympy.core.cache import clear_cache
+    from chainrule.derive.primitives import sigmoid
+    right = sigmoid.fdiff
+    sigmoid.fdiff = lambda self, argindex=1: sigmoid(self.args[0])
+    clear_cache()                                 # SymPy caches derivatives: none may leak either way
+    try:
+        model = build_model("3 -> dense(2) -> sigmoid -> dense(2) -> mse")
+        checks = {c.name.split("dC/d")[1]: c for c in verify_model(model, derive(model))}
+    finally:
+        sigmoid.fdiff = right
+        clear_cache()
+    assert not checks["W1"] and not checks["b1"] and checks["W2"] and checks["b2"]
+
+
 def test_a_rank_zero_parameter_is_verified():
     class Temperature(Layer):
         has_params = True

@@ -320,6 +320,16 @@ class Context:
 
 
 _MISSING = object()
+
+
+def _reads_values(e) -> bool:
+    """Does ``e`` depend on tensor values (not only on indices and sizes)?"""
+    return e.has(sp.Indexed) or any(not s.is_integer for s in e.free_symbols)
+
+
+def _index_cmp(a, b) -> int:
+    a, b = value_of(a), value_of(b)
+    return 0 if a == b else (-1 if a < b else 1)
 _REL = {"<": lambda s: s < 0, "<=": lambda s: s <= 0, ">": lambda s: s > 0, ">=": lambda s: s >= 0,
         "==": lambda s: s == 0, "!=": lambda s: s != 0}
 
@@ -361,6 +371,8 @@ class Compiler:
             return self._primitive(e)
         if isinstance(e, sp.Piecewise):
             return self._piecewise(e)
+        if isinstance(e, (sp.Max, sp.Min, sp.Abs, sp.sign, sp.Heaviside, sp.core.relational.Relational)):
+            cmp = ar.cmp if _reads_values(e) else _index_cmp     # only a tie between values is a kink
         if isinstance(e, (sp.Max, sp.Min)):
             fs, sign = [self.compile(a) for a in e.args], (1 if isinstance(e, sp.Max) else -1)
 
@@ -368,7 +380,7 @@ class Compiler:
                 best = None
                 for f in fs:
                     v = f(ctx)
-                    if best is None or ar.cmp(v, best) * sign > 0:
+                    if best is None or cmp(v, best) * sign > 0:
                         best = v
                 return best
             return pick
@@ -377,15 +389,15 @@ class Compiler:
 
             def absolute(ctx):
                 v = f(ctx)
-                return v if ar.cmp(v, 0) >= 0 else ar.mul([-1, v])
+                return v if cmp(v, 0) >= 0 else ar.mul([-1, v])
             return absolute
         if isinstance(e, sp.sign):
             f = self.compile(e.args[0])
-            return lambda ctx: ar.cmp(f(ctx), 0)
+            return lambda ctx: cmp(f(ctx), 0)
         if isinstance(e, sp.Heaviside):
             f = self.compile(e.args[0])
             at0 = ar.const(e.args[1] if len(e.args) > 1 else sp.S.Half)
-            return lambda ctx: {1: 1, 0: at0, -1: 0}[ar.cmp(f(ctx), 0)]
+            return lambda ctx: {1: 1, 0: at0, -1: 0}[cmp(f(ctx), 0)]
         if isinstance(e, sp.KroneckerDelta):
             fa, fb = self.ints.compile(e.args[0]), self.ints.compile(e.args[1])
             return lambda ctx: 1 if fa(ctx) == fb(ctx) else 0
@@ -396,7 +408,7 @@ class Compiler:
             fa, fb, test = self.compile(e.lhs), self.compile(e.rhs), _REL[e.rel_op]
             if e.rel_op in ("==", "!="):       # an equality test is meant to hit: not a kink
                 return lambda ctx: test(0 if value_of(fa(ctx)) == value_of(fb(ctx)) else 1)
-            return lambda ctx: test(ar.cmp(fa(ctx), fb(ctx)))
+            return lambda ctx: test(cmp(fa(ctx), fb(ctx)))
         if isinstance(e, sp.And):
             fs = [self.compile(a) for a in e.args]
             return lambda ctx: all(f(ctx) for f in fs)

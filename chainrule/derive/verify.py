@@ -84,8 +84,12 @@ class Check:
 
 # -- sizes ---------------------------------------------------------------------------------------------
 def size_symbols(model: Model) -> list[sp.Symbol]:
-    """The symbolic sizes of a model: the free symbols of its tensors' shapes (``B`` included)."""
-    return model.sizes()
+    """The symbolic sizes of a model: the free symbols of its tensors' shapes (``B`` included), and
+    any other positive-integer symbol its equations use (a size that only scales, like ``d`` in 1/√d)."""
+    syms = set(model.sizes())
+    for eq in model.equations:
+        syms |= {s for s in eq.body.free_symbols if s.is_integer and s.is_positive}
+    return sorted(syms, key=str)
 
 
 def size_assignments(model: Model, count: int = 2, *, low: int = 3) -> list[dict]:
@@ -113,17 +117,19 @@ def size_assignments(model: Model, count: int = 2, *, low: int = 3) -> list[dict
             return False
         return v == int(v) and v > 0
 
-    def search(values, previous, budget=200_000):
+    def search(values, previous, strict, budget=200_000):
+        """Depth-first, smallest values first; ``strict``: every size differs from its value in each of
+        ``previous``, else the assignment as a whole differs from each of them."""
         env, used, steps = {}, set(), [0]
 
         def assign(k):
             if k == len(syms):
-                return True
+                return strict or all(env != p for p in previous)
             for v in values:
                 steps[0] += 1
                 if steps[0] > budget:
                     return False
-                if v in used or any(p[syms[k]] == v for p in previous):
+                if v in used or (strict and any(p[syms[k]] == v for p in previous)):
                     continue
                 env[syms[k]] = v
                 if all(whole(fn, env) for _, fn in checks[k]):
@@ -136,36 +142,20 @@ def size_assignments(model: Model, count: int = 2, *, low: int = 3) -> list[dict
         return dict(env) if assign(0) else None
 
     found: list[dict] = []
-    for top in (low + len(syms) + 5, low + 4 * len(syms) + 24):
-        found = []
-        while len(found) < count:
-            a = search(range(low, top), found)
-            if a is None:
-                break
-            found.append(a)
+    for strict in (True, False):      # a size the shapes pin down cannot change: then vary the others
+        for top in (low + len(syms) + 5, low + 4 * len(syms) + 24):
+            while len(found) < count:
+                a = search(range(low, top), found, strict)
+                if a is None:
+                    break
+                found.append(a)
         if len(found) == count:
             break
     if not found:
         raise VerificationError(
             f"model {model.name}: no assignment of the sizes {', '.join(map(str, syms))} (values ≥ {low}, distinct) "
             f"makes every shape a positive integer: {', '.join(sorted(str(n) for n, _ in sum(checks.values(), [])))}")
-    while len(found) < count:                            # a size the shapes pin down: vary the rest
-        a = _another(syms, checks, found, low, whole)
-        if a is None:
-            break
-        found.append(a)
     return found
-
-
-def _another(syms, checks, found, low, whole):
-    """An assignment that differs from every one in ``found`` somewhere (when each size cannot change)."""
-    for values in itertools.permutations(range(low, low + len(syms) + 5), len(syms)):
-        env = dict(zip(syms, values))
-        if env in found:
-            continue
-        if all(whole(fn, env) for k in checks for _, fn in checks[k]):
-            return env
-    return None
 
 
 def _named(sizes: dict) -> dict:
@@ -297,7 +287,7 @@ class _Evaluator:
                 env.pop(i, None)
         return values, direct, derived, errors
 
-    def evaluate_claim(self, sizes, values, direct, tensor, idx, indices):
+    def evaluate_claim(self, sizes, values, direct, idx, indices):
         env = dict(sizes)
         env.update(zip(indices, idx))
         return self.claim(Context(env, {**values, **direct}, CLAIM_BUDGET))
@@ -416,7 +406,7 @@ def check_claim(model: Model, tensor: str, claim, *, grads: Gradients | None = N
             for values, direct, derived, errors in _points(ev, model, a, rng, points):
                 for idx in _elements(d.adjoint, a):
                     try:
-                        mine = ev.evaluate_claim(a, values, direct, tensor, idx, d.equation.indices)
+                        mine = ev.evaluate_claim(a, values, direct, idx, d.equation.indices)
                     except (EvaluationError, ZeroDivisionError) as err:
                         raise SpecError(f"the claim has no value at sizes {_named(a)}, element "
                                         f"{_element(adj, idx)}: {err}") from None
