@@ -392,14 +392,32 @@ def parse_claim(text: str, model, eq: Equation, extra=()) -> sp.Expr:
                     if tensors[n].role != "cost"]
     try:
         expr = _Parser(text, names, eq, tensor_names, model.sizes()).parse()
-        check_ranges(expr, eq.ranges(), tensors)
     except RecursionError:
         raise SpecError("the claim is nested too deeply") from None
+    return check_claim_expression(expr, model, eq, extra)
+
+
+def check_claim_expression(expr, model, eq: Equation, extra=()) -> sp.Expr:
+    """A claim given as a SymPy expression: defined, real, reading known tensors inside their axes,
+    with no free index but the equation's own."""
+    expr = sp.sympify(expr)
+    tensors = dict(model.tensors) | {t.name: t for t in extra}
     for part in sp.preorder_traversal(expr):
         if part in _UNDEFINED:
             raise SpecError("the claim has no value: it contains an infinite or undefined part")
     if expr.has(sp.I):
         raise SpecError("the claim is not real (it contains the imaginary unit)")
+    for read in expr.atoms(sp.Indexed):
+        if str(read.base.label) not in tensors:
+            raise SpecError(f"the claim reads {read}, but the model has no tensor {read.base.label}")
+    stray = {s for s in expr.free_symbols if s.is_integer and not s.is_positive} - set(eq.indices)
+    if stray:
+        raise SpecError(f"the claim uses the indices {sorted(map(str, stray))}, which are neither indices of "
+                        f"{eq.lhs} nor summed over")
+    try:
+        check_ranges(expr, eq.ranges(), tensors)
+    except RecursionError:
+        raise SpecError("the claim is nested too deeply") from None
     return expr
 
 

@@ -36,7 +36,7 @@ import mpmath
 import sympy as sp
 
 from .backprop import Gradients, derive
-from .claims import grammar_help, parse_claim, parse_expression  # noqa: F401  (re-exported)
+from .claims import check_claim_expression, grammar_help, parse_claim, parse_expression  # noqa: F401
 from .errors import ChainruleError, ShapeError, SpecError
 from .exact import DIGITS, Compiler, Context, EvaluationError, Exact, Float, Inexact, Tape, WORK_DPS
 from .graph import Model
@@ -393,7 +393,10 @@ def check_claim(model: Model, tensor: str, claim, *, grads: Gradients | None = N
     d = derivs[tensor]
     if isinstance(claim, str):
         claim = parse_claim(claim, model, d.equation, extra=list(grads.adjoints.values()))
-    claim = sp.sympify(claim)
+    elif isinstance(claim, (sp.Basic, int)):
+        claim = check_claim_expression(claim, model, d.equation, extra=list(grads.adjoints.values()))
+    else:
+        raise SpecError(f"a claim is a string or a SymPy expression, not {type(claim).__name__}")
     assignments = _normalise_sizes(model, sizes)
     adj = d.adjoint.name
 
