@@ -151,6 +151,8 @@ HOSTILE = {
     "": "empty",
     "1" * 60: "too long",
     "x" * 2001: "too long",
+    "sum(k0, sum(k1, sum(k2, sum(k3, sum(k4, sum(k5, sum(k6, sum(k7, "
+    "p2[k0,k1]*p2[k2,k3]*p2[k4,k5]*p2[k6,k7]))))))))": "too many nested sums",
 }
 
 

@@ -100,10 +100,6 @@ class Exact:
         return -1 if a < b else 1
 
     @staticmethod
-    def real(x) -> float:
-        return float(x)
-
-    @staticmethod
     def sympy(x):
         return sp.Rational(x.numerator, x.denominator) if isinstance(x, Fraction) else sp.Integer(x)
 

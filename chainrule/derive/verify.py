@@ -46,7 +46,7 @@ __all__ = ["Check", "VerificationError", "check_claim", "verify_model", "size_as
            "parse_claim", "parse_expression", "builtin_declarations", "DIGITS"]
 
 RESAMPLES = 20         # attempts to find a random point away from every kink
-CLAIM_BUDGET = 2_000_000
+CLAIM_BUDGET = 200_000        # operations (terms of sums included) over all the evaluations of one claim
 
 
 class VerificationError(ChainruleError):
@@ -249,6 +249,7 @@ class _Evaluator:
         plain = Compiler(self.base, scalars)
         self.derived = [(eq, plain.compile(eq.body)) for eq in _ordered(derived)]
         self.claim = plain.compile(claim) if claim is not None else None
+        self.claim_budget = CLAIM_BUDGET
 
     def run(self, sizes: dict, point: dict):
         tape, model = self.tape, self.model
@@ -288,9 +289,14 @@ class _Evaluator:
         return values, direct, derived, errors
 
     def evaluate_claim(self, sizes, values, direct, idx, indices):
+        """The claim at one element; all evaluations of one claim share ``CLAIM_BUDGET`` sum terms."""
         env = dict(sizes)
         env.update(zip(indices, idx))
-        return self.claim(Context(env, {**values, **direct}, CLAIM_BUDGET))
+        ctx = Context(env, {**values, **direct}, self.claim_budget)
+        try:
+            return self.claim(ctx)
+        finally:
+            self.claim_budget = ctx.budget
 
 
 def _exactly_or_to_50_digits(attempt):
@@ -399,6 +405,11 @@ def check_claim(model: Model, tensor: str, claim, *, grads: Gradients | None = N
         raise SpecError(f"a claim is a string or a SymPy expression, not {type(claim).__name__}")
     assignments = _normalise_sizes(model, sizes)
     adj = d.adjoint.name
+    work = sum(_claim_cost(claim, a) * len(list(_elements(d.adjoint, a))) * points for a in assignments)
+    if work > CLAIM_BUDGET:
+        raise SpecError(f"the claim would take about {work:.2g} operations to check at sizes "
+                        f"{' and '.join(map(str, map(_named, assignments)))} (at most {CLAIM_BUDGET}): "
+                        f"too many nested sums")
 
     def attempt(exact):
         ev = _Evaluator(model, [x.equation for x in derivs.values()], exact, claim=claim)
@@ -433,6 +444,17 @@ def check_claim(model: Model, tensor: str, claim, *, grads: Gradients | None = N
     if result.checked == 0:
         raise VerificationError(f"{result.name}: no element was compared (an empty check is not a pass)")
     return result
+
+
+def _claim_cost(expr, sizes) -> int:
+    """About how many operations one evaluation of ``expr`` takes at ``sizes`` (sums multiply)."""
+    if isinstance(expr, sp.Sum):
+        terms = 1
+        for _, lo, hi in expr.limits:
+            n = (hi - lo + 1).xreplace({k: sp.Integer(v) for k, v in sizes.items()})
+            terms *= int(n) if n.is_Integer and n > 0 else 1
+        return 1 + terms * _claim_cost(expr.function, sizes)
+    return 1 + sum(_claim_cost(a, sizes) for a in expr.args)
 
 
 # -- the built-in declarations -----------------------------------------------------------------------------------
