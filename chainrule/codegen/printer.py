@@ -47,7 +47,21 @@ class KernelPrinter(PythonCodePrinter):
 
     def _print_Indexed(self, expr):
         base = self._lookup(str(expr.base.label))
-        return "%s[%s]" % (base, ", ".join(self._print(i) for i in expr.indices))
+        return "%s[%s]" % (base, ", ".join(self._print_index(i) for i in expr.indices))
+
+    def _print_index(self, e):
+        """An index with a rational coefficient (a strided map solved for its index, guarded by a
+        divisibility test) is an exact quotient: printed with integer division, never ``/``."""
+        num, den = sp.fraction(sp.together(sp.sympify(e)))
+        if den == 1:
+            return self._print(e)
+        if not den.is_Integer:
+            raise UnsupportedError(f"codegen: index {e} divides by {den}, not by an integer")
+        return "((%s) // %d)" % (self._print(sp.expand(num)), int(den))
+
+    def _print_Mod(self, expr):
+        a, m = expr.args
+        return "((%s) %% (%s))" % (self._print_index(a), self._print_index(m))
 
     def _print_Integer(self, expr):
         return str(int(expr))
@@ -147,7 +161,7 @@ class KernelPrinter(PythonCodePrinter):
 
 
 SUPPORTED_FUNCTIONS = (sp.exp, sp.log, sp.tanh, sp.sin, sp.cos, sp.Abs, sp.sign, sp.Max, sp.Min,
-                       sp.Piecewise, Primitive)
+                       sp.Piecewise, sp.Mod, Primitive)
 
 
 def print_expr(expr, names) -> str:

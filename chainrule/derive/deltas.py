@@ -1,7 +1,10 @@
 """Kronecker-delta elimination: from the scatter form SymPy's ``diff`` gives to the gather form.
 
 ``diff(x[b, k], x[b', j])`` is ``δ(b, b') δ(k, j)``. Summed over ``b`` and ``k``, each delta fixes one
-summation index (``b = b'``, ``k = j``), provided the index map is affine with a unit coefficient. What
+summation index (``b = b'``, ``k = j``), provided the index map is affine in it. A unit coefficient
+solves it outright; a stride or dilation ``h' = s h + d p`` solved for ``h`` gives ``h = (h' - d p)/s``,
+which is an index only where ``s`` divides ``h' - d p``: that condition is kept as an Iverson bracket
+``[s | h' - d p]`` (``Divides``), and the code generator lowers it to a ``%`` test. What
 the summation range said about the eliminated index becomes a *guard* on the solution: dropped when the
 ranges of the other indices already imply it (dense layers), turned into summation limits when it
 constrains another summation index (convolutions: ``max(0, h'-K+1) ≤ h ≤ min(H-1, h')``), and kept as an
@@ -48,6 +51,27 @@ class Bracket(sp.Function):
         return sp.Piecewise((1, sp.And(e >= lo, e <= hi)), (0, True))
 
 
+class Divides(sp.Function):
+    """The Iverson bracket [s | e] (1 if the integer ``s`` divides ``e``, else 0): where a strided or
+    dilated index map has a solution at all."""
+
+    nargs = 2
+
+    def _latex(self, printer):
+        s, e = (printer._print(a) for a in self.args)
+        return rf"\left[{s} \mid {e}\right]"
+
+    def as_condition(self):
+        s, e = self.args
+        return sp.Eq(sp.Mod(e, s), 0)
+
+    def as_piecewise(self):
+        return sp.Piecewise((1, self.as_condition()), (0, True))
+
+
+GUARDS = (Bracket, Divides)
+
+
 class DeltaEliminator:
     """Eliminates deltas bottom-up through nested sums; ``notes`` says what each step did."""
 
@@ -80,11 +104,16 @@ class DeltaEliminator:
             found = self._solvable_delta(term, limits)
             if found is None:
                 break
-            delta, var, solution = found
+            delta, var, solution, divides = found
             (_, lo, hi), = [lim for lim in limits if lim[0] == var]
             limits = [lim for lim in limits if lim[0] != var]
             term = substitute(sp.Mul(*[f for f in sp.Mul.make_args(term) if f is not delta]), {var: solution})
-            self.notes.append(Note("{0} fixes {1}", delta, sp.Eq(var, solution, evaluate=False)))
+            if divides is None:
+                self.notes.append(Note("{0} fixes {1}", delta, sp.Eq(var, solution, evaluate=False)))
+            else:
+                self.notes.append(Note("{0} fixes {1}, an index only where {2}: that condition is kept",
+                                       delta, sp.Eq(var, solution, evaluate=False), divides))
+                term = term * divides
             term, limits = self._guard(term, solution, lo, hi, limits, outer)
         for br in [f for f in sp.Mul.make_args(term) if isinstance(f, Bracket)]:
             if br.args[0].free_symbols & {lim[0] for lim in limits}:   # it constrains this sum now
@@ -112,13 +141,18 @@ class DeltaEliminator:
             if not isinstance(f, KroneckerDelta):
                 continue
             diff = sp.expand(f.args[0] - f.args[1])
+            solvable = []
             for var in summed:
                 c = diff.coeff(var)
-                if c in (1, -1) and not sp.expand(diff - c * var).has(var):
-                    return f, var, sp.expand(-(diff - c * var) / c)
+                rest = sp.expand(diff - c * var)
+                if c.is_Integer and c != 0 and not rest.has(var):
+                    solvable.append((abs(c) != 1, var, c, rest))
+            if solvable:                     # a unit coefficient first: no divisibility condition
+                _, var, c, rest = min(solvable, key=lambda s: (s[0], summed.index(s[1])))
+                return f, var, sp.expand(-rest / c), (None if abs(c) == 1 else Divides(abs(c), sp.expand(-rest)))
             if diff.free_symbols & set(summed):
                 raise UnsupportedError(f"cannot solve the index map {f.args[0]} = {f.args[1]} "
-                                       f"for a summation index (only unit coefficients are supported)")
+                                       f"for a summation index (its coefficients must be nonzero integers)")
         return None
 
     def _guard(self, term, solution, lo, hi, limits, outer):
@@ -149,7 +183,7 @@ def eliminate_deltas(expr, ranges):
     out = elim(expr)
     for br in out.atoms(Bracket):       # guards no sum could absorb stay explicit conditions
         elim.notes.append(Note("the range guard {0} is kept as a condition", br))
-    out = out.replace(lambda e: isinstance(e, Bracket), lambda e: e.as_piecewise())
+    out = out.replace(lambda e: isinstance(e, GUARDS), lambda e: e.as_piecewise())
     if out.has(KroneckerDelta):
         raise UnsupportedError(f"a Kronecker delta could not be eliminated from {out}")
     return out, elim.notes

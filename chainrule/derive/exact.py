@@ -400,6 +400,15 @@ class Compiler:
         if isinstance(e, (sp.floor, sp.ceiling)):
             f, rnd = self.ints.compile(e.args[0]), (math.floor if isinstance(e, sp.floor) else math.ceil)
             return lambda ctx: int(rnd(f(ctx)))
+        if isinstance(e, sp.Mod):                      # divisibility of indices (strides): exact integers
+            fa, fb = self.ints.compile(e.args[0]), self.ints.compile(e.args[1])
+
+            def mod(ctx):
+                a, m = value_of(fa(ctx)), value_of(fb(ctx))
+                if a != int(a) or m != int(m) or m == 0:
+                    raise EvaluationError(f"{e}: {a} mod {m} is not a remainder of integers")
+                return int(a) % int(m)
+            return mod
         if isinstance(e, sp.core.relational.Relational):
             fa, fb, test = self.compile(e.lhs), self.compile(e.rhs), _REL[e.rel_op]
             if e.rel_op in ("==", "!="):       # an equality test is meant to hit: not a kink

@@ -91,6 +91,8 @@ class Dense(Layer):
     has_params = True
 
     def build(self, d, x):
+        if x.rank > 2:
+            return self._build_flat(d, x)
         if x.rank != 2:
             raise ShapeError(f"layer {d.layer} (dense) expects a (batch, features) input, "
                              f"got {x.name} {shape_str(x.shape)}")
@@ -102,6 +104,21 @@ class Dense(Layer):
         b, o, i = index("b"), index("o"), index("i")
         return d.define(z, (b, o), sp.Sum(W[o, i] * x[b, i], (i, 0, n_in - 1)) + c[o],
                         note="affine map (the perceptron's weighted sum)")
+
+    def _build_flat(self, d, x):
+        """A dense layer on a flattened (batch, channel, ...) tensor contracts every non-batch axis."""
+        if not x.meta.get("flattened"):
+            raise ShapeError(f"layer {d.layer} (dense) expects a (batch, features) input, got {x.name} "
+                             f"{shape_str(x.shape)}: put a flatten (or a global pooling) before it")
+        n_out = d.size("n", self.units)
+        W = d.param("W", (n_out, *x.shape[1:]), init=self.init)
+        c = d.param("b", (n_out,), init="zeros")
+        z = d.tensor("z", (B, n_out), grad_latex=rf"\delta^{{({d.level})}}")
+        b, o = index("b"), index("o")
+        axes = tuple(index(n) for n in ("c", "h", "w")[: x.rank - 1]) if x.rank <= 4 else \
+            tuple(index(f"i{k}") for k in range(x.rank - 1))
+        body = sp.Sum(W[(o, *axes)] * x[(b, *axes)], *[(a, 0, n - 1) for a, n in zip(axes, x.shape[1:])])
+        return d.define(z, (b, o), body + c[o], note="affine map of the flattened features")
 
     def describe(self):
         return f"dense({self.units})"
@@ -231,15 +248,24 @@ LOSSES = {
 
 
 # -- assembling a model --------------------------------------------------------------------------------
-def sequential(n_inputs: int, layers, loss: Loss | str, name="model") -> Model:
-    """A layer list -> Model: input x (B × n_0), the layers, the per-example loss and the batch-mean cost."""
+def sequential(n_inputs, layers, loss: Loss | str, name="model") -> Model:
+    """A layer list -> Model: input x (B × n_0, or B × C × H × W for an input shape such as (1, 8, 8)),
+    the layers, the per-example loss and the batch-mean cost."""
     if isinstance(loss, str):
         if loss not in LOSSES:
             raise SpecError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
         loss = LOSSES[loss]()
     d = Builder()
-    n0 = d.size("n", n_inputs)
-    x = d.tensor("x", (B, n0), role="input", latex="x")
+    if isinstance(n_inputs, (tuple, list)):
+        if not 2 <= len(n_inputs) <= 3 or not all(isinstance(v, int) and v >= 1 for v in n_inputs):
+            raise SpecError(f"input shape {tuple(n_inputs)}: expected (channels, width) or "
+                            f"(channels, height, width) of positive integers")
+        names = ("C", "L") if len(n_inputs) == 2 else ("C", "H", "W")
+        dims = tuple(d.size(nm, v) for nm, v in zip(names, n_inputs))
+        x = d.tensor("x", (B, *dims), role="input", latex="x")
+    else:
+        n0 = d.size("n", n_inputs)
+        x = d.tensor("x", (B, n0), role="input", latex="x")
     h = x
     for k, layer in enumerate(layers, 1):
         if layer.has_params:
