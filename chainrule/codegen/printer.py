@@ -59,6 +59,18 @@ class KernelPrinter(PythonCodePrinter):
             raise UnsupportedError(f"codegen: index {e} divides by {den}, not by an integer")
         return "((%s) // %d)" % (self._print(sp.expand(num)), int(den))
 
+    def _print_floor(self, expr):
+        num, den = sp.fraction(sp.together(expr.args[0]))
+        if not den.is_Integer:
+            raise UnsupportedError(f"codegen: {expr} is not a rounding of an integer quotient")
+        return "((%s) // %d)" % (self._print(sp.expand(num)), int(den))
+
+    def _print_ceiling(self, expr):
+        num, den = sp.fraction(sp.together(expr.args[0]))
+        if not den.is_Integer:
+            raise UnsupportedError(f"codegen: {expr} is not a rounding of an integer quotient")
+        return "(-((%s) // %d))" % (self._print(sp.expand(-num)), int(den))
+
     def _print_Mod(self, expr):
         a, m = expr.args
         return "((%s) %% (%s))" % (self._print_index(a), self._print_index(m))
@@ -161,7 +173,7 @@ class KernelPrinter(PythonCodePrinter):
 
 
 SUPPORTED_FUNCTIONS = (sp.exp, sp.log, sp.tanh, sp.sin, sp.cos, sp.Abs, sp.sign, sp.Max, sp.Min,
-                       sp.Piecewise, sp.Mod, Primitive)
+                       sp.Piecewise, sp.Mod, sp.floor, sp.ceiling, Primitive)
 
 
 def print_expr(expr, names) -> str:

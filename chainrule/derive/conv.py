@@ -21,6 +21,7 @@ import sympy as sp
 
 from .errors import ShapeError, SpecError
 from .layers import B, Builder, Layer
+from .primitives import MaxOver
 from .tensor import Tensor, index, shape_str
 
 SPATIAL = ("h", "w")
@@ -175,6 +176,35 @@ class AvgPool(Layer):
         return d.define(y, (b, c, *out_idx), body, note=f"{kind}: the mean over each window")
 
 
+class MaxPool(Layer):
+    """``y[b, c, h, w] = max_{p,q} x[b, c, s h + p, s w + q]``: the largest value in each window
+    (ties: the first position in row-major order, as PyTorch; see ``MaxOver``)."""
+
+    def __init__(self, window=2, stride=None, *, dims: int = 2):
+        self.window, self.stride, self.dims = window, stride, dims
+        self.name = f"maxpool{dims}d"
+
+    def describe(self):
+        return f"maxpool{self.dims}d({self.window}" + (f", stride={self.stride})" if self.stride else ")")
+
+    def build(self, d, x):
+        dims, kind = self.dims, self.describe()
+        _expect_rank(d, x, dims, kind)
+        K = _tuple(self.window, dims, "window", d.layer)
+        S = _tuple(self.stride if self.stride is not None else self.window, dims, "stride", d.layer)
+        if any(v < 1 for v in K + S):
+            raise SpecError(f"layer {d.layer} ({kind}): window and stride must be at least 1, got {K}, {S}")
+        out_sizes = tuple(_out_size(d, x, 2 + a, n, k, s, kind, what="window")
+                          for a, (n, k, s) in enumerate(zip(x.shape[2:], K, S)))
+        b, c = index("b"), index("c")
+        out_idx = tuple(index(n) for n in (SPATIAL[1:] if dims == 1 else SPATIAL))
+        win = tuple(index(n) for n in (("q",) if dims == 1 else ("p", "q")))
+        y = d.tensor("m", (B, x.shape[1], *out_sizes))
+        read = x[(b, c, *(s * o + v for o, v, s in zip(out_idx, win, S)))]
+        body = MaxOver(read, *[(v, 0, k - 1) for v, k in zip(win, K)])
+        return d.define(y, (b, c, *out_idx), body, note=f"{kind}: the maximum over each window")
+
+
 class GlobalAvgPool(Layer):
     """``g[b, c] = (1/HW) Σ_h Σ_w x[b, c, h, w]``: one feature per channel."""
 
@@ -208,4 +238,4 @@ class Flatten(Layer):
         return x
 
 
-__all__ = ["Conv", "Conv1D", "Conv2D", "AvgPool", "GlobalAvgPool", "Flatten"]
+__all__ = ["Conv", "Conv1D", "Conv2D", "AvgPool", "MaxPool", "GlobalAvgPool", "Flatten"]

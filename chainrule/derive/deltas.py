@@ -174,6 +174,16 @@ class DeltaEliminator:
                           for v, a, b in limits]
                 self.notes.append(Note("the range guard {0} becomes summation limits on {1}", cond, w))
                 return term, limits
+            if c.is_Integer and c != 0 and not rest.has(w):
+                # a stride: lo <= c w + rest <= hi holds for the integers w between two roundings
+                m = abs(c)
+                new_lo, new_hi = ((sp.ceiling((lo - rest) / m), sp.floor((hi - rest) / m)) if c > 0 else
+                                  (sp.ceiling((rest - hi) / m), sp.floor((rest - lo) / m)))
+                limits = [(v, sp.Max(a, new_lo), sp.Min(b, new_hi)) if v == w else (v, a, b)
+                          for v, a, b in limits]
+                self.notes.append(Note("the range guard {0} becomes summation limits on {1} (rounded: "
+                                       "{1} steps by 1 while the index steps by {2})", cond, w, m))
+                return term, limits
         return term * Bracket(solution, lo, hi), limits
 
 

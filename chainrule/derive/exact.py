@@ -21,13 +21,14 @@ an ``EvaluationError`` that says what was undefined.
 from __future__ import annotations
 
 from fractions import Fraction
+import itertools
 import math
 
 import mpmath
 import sympy as sp
 
 from .errors import ChainruleError, UnsupportedError
-from .primitives import LogSumExp, Primitive
+from .primitives import IsArgmax, LogSumExp, MaxOver, Primitive
 
 DIGITS = 50            # what a "50 digits" comparison guarantees
 WORK_DPS = 70          # the working precision of the Float arithmetic
@@ -363,6 +364,10 @@ class Compiler:
         if isinstance(e, LogSumExp):
             exp, log = sp.exp, sp.log
             return self._sum(e, lambda terms: ar.func(log, [ar.add([ar.func(exp, [t]) for t in terms])]))
+        if isinstance(e, MaxOver):
+            return self._max_over(e)
+        if isinstance(e, IsArgmax):
+            return self._is_argmax(e)
         if isinstance(e, Primitive):
             return self._primitive(e)
         if isinstance(e, sp.Piecewise):
@@ -502,6 +507,59 @@ class Compiler:
                         env[v] = old
             return combine(terms)
         return total
+
+    def _window(self, limits, ctx):
+        """Every point of a window, the first limit outermost (the tie rule's order)."""
+        ranges = []
+        for var, lo, hi in limits:
+            a, b = int(lo(ctx)), int(hi(ctx))
+            ctx.budget -= max(0, b - a + 1)
+            if ctx.budget < 0:
+                raise EvaluationError("too much work: the maxima run over too many terms")
+            if b < a:
+                raise EvaluationError("a maximum over an empty window")
+            ranges.append(range(a, b + 1))
+        return itertools.product(*ranges)
+
+    def _argmax(self, e):
+        """Compile a MaxOver into fn(ctx) -> (first position of the maximum, the maximal value)."""
+        f = self.compile(e.function)
+        limits = [(v, self.ints.compile(lo), self.ints.compile(hi)) for v, lo, hi in e.limits]
+        names = [v for v, _, _ in limits]
+        cmp = self.ar.cmp
+
+        def best(ctx):
+            env = ctx.env
+            saved = [env.get(v, _MISSING) for v in names]
+            top = where = None
+            try:
+                for point in self._window(limits, ctx):
+                    env.update(zip(names, point))
+                    v = f(ctx)
+                    if top is None or cmp(v, top) > 0:      # strictly greater: the first maximum stays
+                        top, where = v, point
+            finally:
+                for v, old in zip(names, saved):
+                    if old is _MISSING:
+                        env.pop(v, None)
+                    else:
+                        env[v] = old
+            return where, top
+        return best
+
+    def _max_over(self, e):
+        best = self._argmax(e)
+        return lambda ctx: best(ctx)[1]      # on a tape: the maximal node itself, so the gradient routes to it
+
+    def _is_argmax(self, e):
+        m, *point = e.args
+        best = self._argmax(m)
+        fs = [self.ints.compile(p) for p in point]
+
+        def indicator(ctx):
+            where, _ = best(ctx)
+            return 1 if tuple(value_of(f(ctx)) for f in fs) == where else 0
+        return indicator
 
     def _primitive(self, e):
         """A primitive evaluates (and, on a tape, differentiates) through its plain definition."""

@@ -99,8 +99,8 @@ def check_equation(eq: Equation, tensors: dict[str, Tensor]):
     for s in eq.body.atoms(sp.Sum):
         for var, lo, hi in s.limits:
             ranges[var] = (lo, hi)
-    from .primitives import LogSumExp
-    for s in eq.body.atoms(LogSumExp):
+    from .primitives import LogSumExp, MaxOver
+    for s in eq.body.atoms(LogSumExp, MaxOver):
         for var, lo, hi in s.limits:
             ranges[var] = (lo, hi)
     for name, idx in eq.reads():

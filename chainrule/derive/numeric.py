@@ -14,7 +14,7 @@ import sympy as sp
 from sympy.core.function import Application
 
 from .errors import ShapeError, UnsupportedError
-from .primitives import LogSumExp, Primitive
+from .primitives import IsArgmax, LogSumExp, MaxOver, Primitive
 
 
 def concrete(expr, sizes: dict) -> int:
@@ -63,6 +63,14 @@ class IndexEvaluator:
                 return sum(terms)
             top = max(terms)
             return top + math.log(sum(math.exp(t - top) for t in terms))
+        if isinstance(e, MaxOver):                  # first limit outermost: the tie rule's order
+            return max(self.value(e.function, point) for point in self._points(e.limits, at))
+        if isinstance(e, IsArgmax):
+            m, *where = e.args
+            points = self._points(m.limits, at)
+            terms = [self.value(m.function, point) for point in points]
+            first = points[terms.index(max(terms))]
+            return float(all(first[v] == int(self.value(w, at)) for v, w in zip(m.variables, where)))
         if isinstance(e, sp.Piecewise):
             for expr, cond in e.args:
                 if cond == sp.true or bool(self.truth(cond, at)):

@@ -177,6 +177,64 @@ class LogSumExp(ExprWithIntLimits):
                                       ", ".join(printer._print(tuple(lim)) for lim in self.limits))
 
 
+class MaxOver(ExprWithIntLimits):
+    """``max_{p,q} f(p, q)``: a reduction. Its derivative routes to the position of the maximum:
+
+        ∂/∂x max_k f_k = Σ_k [k = argmax f] ∂f_k/∂x
+
+    **Tie rule** (stated once, here): when several positions hold the maximum, the argmax is the
+    *first* of them in the order of the limits (row-major over the window: the first limit is the
+    outermost), as PyTorch's max pooling does. The kernels and verification follow this rule.
+    """
+
+    is_commutative = True
+    is_real = True
+
+    def __new__(cls, function, *limits, **assumptions):
+        return super().__new__(cls, function, *limits, **assumptions)
+
+    def _eval_derivative(self, x):
+        for var, lo, hi in self.limits:
+            if x in lo.free_symbols or x in hi.free_symbols:
+                return None
+        df = sp.diff(self.function, x)
+        if df == 0:
+            return sp.S.Zero
+        mapping, limits, taken = {}, [], self.free_symbols | df.free_symbols | set(self.variables)
+        for var, lo, hi in self.limits:            # fresh outer names (see LogSumExp)
+            outer = var
+            while outer in taken:
+                outer = sp.Symbol(outer.name + "'", integer=True)
+            taken.add(outer)
+            mapping[var] = outer
+            limits.append((outer, lo, hi))
+        return sp.Sum(IsArgmax(self, *[mapping[v] for v in self.variables]) * df.xreplace(mapping), *limits)
+
+    def _latex(self, printer, exp=None):
+        vs = ", ".join(printer._print(v) for v in self.variables)
+        return with_power(rf"\max_{{{vs}}}\left({printer._print(self.function)}\right)", exp)
+
+    def _sympystr(self, printer):
+        return "MaxOver(%s, %s)" % (printer._print(self.function),
+                                    ", ".join(printer._print(tuple(lim)) for lim in self.limits))
+
+
+class IsArgmax(sp.Function):
+    """``[(k...) = argmax f]``: 1 at the position of the maximum of ``MaxOver`` (the first one, by the
+    tie rule of ``MaxOver``), 0 elsewhere. Piecewise constant: its derivative is 0."""
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+    def _latex(self, printer, exp=None):
+        m, *point = self.args
+        vs = ", ".join(printer._print(v) for v in m.variables)
+        pt = ", ".join(printer._print(p) for p in point)
+        pt = pt if len(point) == 1 else f"({pt})"
+        return with_power(rf"\left[{pt} = \operatorname{{argmax}}_{{{vs}}}\left({printer._print(m.function)}"
+                          rf"\right)\right]", exp)
+
+
 PRIMITIVES = {cls.__name__: cls for cls in (sigmoid, softplus, step, relu, leaky_relu)}
 
 

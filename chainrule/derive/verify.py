@@ -195,14 +195,17 @@ def random_point(model: Model, sizes, rng: random.Random) -> dict:
     """{tensor name: {index: Fraction}} for every input, target and parameter: values in [-1, 1] with
     denominator 20 (never 0), targets in (0, 1); probability targets' rows normalised to sum to one."""
     point = {}
+    # a maximum over a window ties often on a 40-value grid: a model with one draws from a finer grid
+    from .primitives import MaxOver
+    den = 1000 if any(eq.body.has(MaxOver) for eq in model.equations) else 20
     for t in model.tensors.values():
         if t.role not in ("input", "target", "param"):
             continue
         shape = _shape(t, sizes)
         values = {}
         for idx in itertools.product(*[range(n) for n in shape]):
-            v = rng.randint(1, 19) if t.role == "target" else rng.choice([k for k in range(-20, 21) if k])
-            values[idx] = Fraction(v, 20)
+            v = rng.randint(1, den - 1) if t.role == "target" else rng.choice((-1, 1)) * rng.randint(1, den)
+            values[idx] = Fraction(v, den)
         if t.simplex_axis is not None:
             axis = t.simplex_axis
             for rest in itertools.product(*[range(n) for k, n in enumerate(shape) if k != axis]):
