@@ -25,10 +25,11 @@ import sympy as sp
 
 from ..derive.errors import UnsupportedError
 from ..derive.layers import B as BATCH
-from ..derive.primitives import LogSumExp, Primitive
+from ..derive.deltas import eliminate_deltas
+from ..derive.primitives import IsArgmax, LogSumExp, MaxOver, Primitive
 from .printer import print_expr
 
-REDUCTIONS = (sp.Sum, LogSumExp)
+REDUCTIONS = (sp.Sum, LogSumExp, MaxOver)
 IND = "    "
 
 
@@ -123,8 +124,15 @@ class Lowerer:
         return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
     def prepare(self, eq):
-        """Sizes substituted, output indices renamed to i0.., bound indices to fresh r-names."""
-        body = sp.sympify(eq.body).xreplace(self.sizes)
+        """Sizes substituted, output indices renamed to i0.., bound indices to fresh r-names.
+        A body written with Kronecker deltas (zero padding: the input embedded in zeros) is lowered in
+        gather form: the engine's delta elimination, with the branch folded outward so that a read
+        outside the tensor is never evaluated."""
+        body = sp.sympify(eq.body)
+        if body.has(sp.KroneckerDelta):
+            body, _ = eliminate_deltas(body, eq.ranges())
+            body = sp.piecewise_fold(body)
+        body = body.xreplace(self.sizes)
         if self.cost_adjoint is not None:
             body = body.xreplace({sp.Symbol(self.cost_adjoint, real=True): sp.S.One})
         rename = {old: self.loop_vars[p] for p, old in enumerate(eq.indices)}
@@ -250,6 +258,25 @@ class Lowerer:
     def emit_expr(self, expr, blocks: list[_Block]) -> str:
         """Print ``expr``; each reduction in it is emitted as an accumulator loop in the shallowest
         block of ``blocks`` where its free indices are bound, and replaced by the accumulator."""
+        args = []
+
+        def find(e):                   # indicators outside every reduction (inner ones: recursively)
+            if isinstance(e, IsArgmax):
+                args.append(e)
+            elif not isinstance(e, REDUCTIONS):
+                for a in e.args:
+                    find(a)
+        find(expr)
+        if args:        # the indicator of the argmax: compare the point with the argmax loop's result
+            repl = {}
+            for a in args:
+                m, *point = a.args
+                where = self.emit_argmax(m, blocks)
+                syms = [sp.Symbol(w, integer=True) for w in where]
+                for sym in syms:
+                    self.names[sym] = str(sym)
+                repl[a] = sp.Piecewise((1, sp.And(*[sp.Eq(sym, pt) for sym, pt in zip(syms, point)])), (0, True))
+            expr = expr.xreplace(repl)
         reds = [r for r in sp.preorder_traversal(expr) if isinstance(r, REDUCTIONS)]
         # outermost reductions only: the inner ones are handled recursively
         outer = []
@@ -261,6 +288,36 @@ class Lowerer:
             repl[r] = sp.Symbol(self.emit_reduction(r, blocks), real=True)
             self.names[repl[r]] = str(repl[r])
         return self.pe(expr.xreplace(repl))
+
+    def emit_argmax(self, m, blocks: list[_Block]) -> list[str]:
+        """The first position of the maximum of ``m`` (a MaxOver): loops in the order of its limits
+        (first outermost) with a strict ``>``, which is the tie rule stated by ``MaxOver``."""
+        free = {s for s in m.free_symbols if s.is_integer and s not in self.sizes and s != BATCH}
+        target = next((b for b in blocks if free <= b.bound), None)
+        if target is None:
+            raise UnsupportedError(f"codegen: maximum {m} uses unbound indices {free}")
+        key = "argmax" + sp.srepr(m)
+        if key in target.cache:
+            return target.cache[key]
+        depth = blocks.index(target)
+        acc = self.fresh("amax")
+        where = [f"{acc}_{k}" for k in range(len(m.limits))]
+        inner_blocks, bound, headers = list(blocks[:depth + 1]), set(target.bound), []
+        for v, lo, hi in m.limits:
+            bound = bound | {v}
+            headers.append(f"for {self.names[v]} in range({self.pe(lo)}, {self.pe(hi + 1)}):")
+            inner_blocks.append(_Block(bound))
+        value = self.emit_expr(m.function, inner_blocks)
+        update = [f"{acc}_v = {value}", f"if {acc}_v > {acc}:", f"{IND}{acc} = {acc}_v"]
+        update += [f"{IND}{w} = {self.names[v]}" for w, (v, _, _) in zip(where, m.limits)]
+        nested: list[str] = []
+        for k in range(len(headers) - 1, -1, -1):
+            blk = inner_blocks[depth + 1 + k]
+            inner = blk.lines + (update if k == len(headers) - 1 else []) + nested
+            nested = [headers[k]] + [IND + ln for ln in inner]
+        target.lines.extend([f"{acc} = -np.inf"] + [f"{w} = -1" for w in where] + nested)
+        target.cache[key] = where
+        return where
 
     def emit_reduction(self, r, blocks: list[_Block]) -> str:
         free = {s for s in r.free_symbols if s.is_integer and s not in self.sizes and s != BATCH}
@@ -293,6 +350,9 @@ class Lowerer:
                       f"{IND}{mx} = {v}",
                       "else:",
                       f"{IND}{sm} += math.exp({v} - {mx})"]
+        elif isinstance(r, MaxOver):
+            lines.append(f"{acc} = -np.inf")
+            update = [f"{acc}_v = {value}", f"if {acc}_v > {acc}:", f"{IND}{acc} = {acc}_v"]
         else:
             lines.append(f"{acc} = 0.0")
             update = [f"{acc} += {value}"]

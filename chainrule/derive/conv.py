@@ -134,7 +134,7 @@ class Conv(Layer):
         read = src[(b, c, *(s * o + dd * v for o, v, s, dd in zip(out_idx, win, S, D)))]
         body = sp.Sum(W[(f, c, *win)] * read, (c, 0, C - 1), *[(v, 0, k - 1) for v, k in zip(win, ks)])
         if self.bias:
-            beta = d.param("beta", (F,), init="zeros")
+            beta = d.param("b", (F,), init="zeros")
             body = body + beta[f]
         return d.define(y, (b, f, *out_idx), body,
                         note=f"{kind}: cross-correlation of the input with each filter")
