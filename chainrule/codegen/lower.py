@@ -119,6 +119,12 @@ class Lowerer:
     def pe(self, expr) -> str:
         return print_expr(expr, self.names)
 
+    def range_code(self, lo, hi) -> str:
+        """``range(lo, hi + 1)`` over the integers between two bounds. A bound with a rational
+        coefficient (a strided map solved for its index, under a divisibility guard) is rounded
+        inward, so the loop runs over integers and stays inside [lo, hi]."""
+        return f"range({self.pe(_rounded(lo, up=True))}, {self.pe(_rounded(hi, up=False) + 1)})"
+
     def shape_code(self, t) -> str:
         dims = [self.pe(d) for d in self.concrete_shape(t)]
         return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
@@ -131,7 +137,6 @@ class Lowerer:
         body = sp.sympify(eq.body)
         if body.has(sp.KroneckerDelta):
             body, _ = eliminate_deltas(body, eq.ranges())
-            body = sp.piecewise_fold(body)
         body = body.xreplace(self.sizes)
         if self.cost_adjoint is not None:
             body = body.xreplace({sp.Symbol(self.cost_adjoint, real=True): sp.S.One})
@@ -305,7 +310,7 @@ class Lowerer:
         inner_blocks, bound, headers = list(blocks[:depth + 1]), set(target.bound), []
         for v, lo, hi in m.limits:
             bound = bound | {v}
-            headers.append(f"for {self.names[v]} in range({self.pe(lo)}, {self.pe(hi + 1)}):")
+            headers.append(f"for {self.names[v]} in {self.range_code(lo, hi)}:")
             inner_blocks.append(_Block(bound))
         value = self.emit_expr(m.function, inner_blocks)
         update = [f"{acc}_v = {value}", f"if {acc}_v > {acc}:", f"{IND}{acc} = {acc}_v"]
@@ -335,7 +340,7 @@ class Lowerer:
         headers = []
         for v, lo, hi in reversed(r.limits):
             bound = bound | {v}
-            headers.append(f"for {self.names[v]} in range({self.pe(lo)}, {self.pe(hi + 1)}):")
+            headers.append(f"for {self.names[v]} in {self.range_code(lo, hi)}:")
             inner_blocks.append(_Block(bound))
         body_block = inner_blocks[-1]
         value = self.emit_expr(r.function, inner_blocks)
@@ -455,7 +460,7 @@ class Lowerer:
         for d in range(len(loop_vars), 0, -1):
             nested = [f"for {loop_vars[d - 1]} in range({self.pe(shape[d - 1])}):"] + [IND + ln for ln in nested]
         for v, lo, hi in limits:                 # reduction loops outermost
-            nested = [f"for {self.names[v]} in range({self.pe(lo)}, {self.pe(hi + 1)}):"] + [IND + ln for ln in nested]
+            nested = [f"for {self.names[v]} in {self.range_code(lo, hi)}:"] + [IND + ln for ln in nested]
         lines += nested
         return Kernel("accumulate", [info["text"]], [info["out"]], lines)
 
@@ -468,6 +473,18 @@ class Lowerer:
         lines += blocks[0].lines
         lines.append(f"{self.ident(info['out'])} = {value}")
         return Kernel("scalar", [info["text"]], [info["out"]], lines)
+
+
+def _rounded(e, up: bool):
+    """``ceiling(e)`` (up) or ``floor(e)`` of an index bound, through Max and Min; unchanged if whole."""
+    e = sp.sympify(e)
+    if isinstance(e, (sp.Max, sp.Min)):
+        return e.func(*[_rounded(a, up) for a in e.args])
+    if isinstance(e, (sp.floor, sp.ceiling)):
+        return e
+    if sp.fraction(sp.together(e))[1] == 1:
+        return e
+    return sp.ceiling(e) if up else sp.floor(e)
 
 
 def primitives_used(exprs) -> list[type]:

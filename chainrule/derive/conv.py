@@ -43,14 +43,14 @@ def _value(d: Builder, s) -> int | None:
 def _expect_rank(d: Builder, x: Tensor, dims: int, kind: str):
     if x.rank != 2 + dims:
         axes = "(batch, channel, " + ", ".join(SPATIAL[2 - dims:] if dims == 1 else SPATIAL) + ")"
-        raise ShapeError(f"layer {d.layer} ({kind}) expects a rank-{2 + dims} input {axes}, "
+        raise ShapeError(f"layer {d.layer} expects a rank-{2 + dims} input {axes}, "
                          f"got {x.name} {shape_str(x.shape)}")
 
 
 def _out_size(d, x, axis, n, kernel_extent, stride, kind, what="kernel"):
     """(n - extent)/stride + 1, checked: whole, positive, and the window inside the input."""
     nv, kv = _value(d, n), _value(d, kernel_extent)
-    where = f"layer {d.layer} ({kind}): input {x.name} {shape_str(x.shape)}"
+    where = f"layer {d.layer}: input {x.name} {shape_str(x.shape)}"
     if nv is not None and kv is not None:
         if kv > nv:
             raise ShapeError(f"{where}: the {what} spans {kv} along axis {axis} but the input has only {nv}")
@@ -79,8 +79,8 @@ class Conv(Layer):
 
     def describe(self):
         k = self.kernel if isinstance(self.kernel, int) else "x".join(map(str, self.kernel))
-        extra = "".join(f", {n}={v}" for n, v in (("stride", self.stride), ("padding", self.padding),
-                                                  ("dilation", self.dilation)) if v not in (1, "valid"))
+        extra = "".join(f", {n}={v}" for n, v, default in (("stride", self.stride, 1), ("padding", self.padding, "valid"),
+                                                           ("dilation", self.dilation, 1)) if v != default)
         return f"conv{self.dims}d({self.filters}, {k}{extra})"
 
     def build(self, d: Builder, x: Tensor) -> Tensor:
@@ -90,27 +90,27 @@ class Conv(Layer):
         S = _tuple(self.stride, dims, "stride", d.layer)
         D = _tuple(self.dilation, dims, "dilation", d.layer)
         if not isinstance(self.filters, int) or self.filters < 1:
-            raise SpecError(f"layer {d.layer} ({kind}): the number of filters must be a positive integer, "
+            raise SpecError(f"layer {d.layer}: the number of filters must be a positive integer, "
                             f"got {self.filters!r}")
         for what, vals in (("kernel size", K), ("stride", S), ("dilation", D)):
             if any(v < 1 for v in vals):
-                raise SpecError(f"layer {d.layer} ({kind}): {what} must be at least 1, got {vals}")
+                raise SpecError(f"layer {d.layer}: {what} must be at least 1, got {vals}")
         if self.padding == "valid":
             P = (0,) * dims
         elif self.padding == "same":
             if any(s != 1 for s in S):
-                raise SpecError(f"layer {d.layer} ({kind}): padding 'same' needs stride 1, got stride {S}")
+                raise SpecError(f"layer {d.layer}: padding 'same' needs stride 1, got stride {S}")
             if any(dd * (k - 1) % 2 for k, dd in zip(K, D)):
-                raise SpecError(f"layer {d.layer} ({kind}): padding 'same' needs an odd kernel extent, "
+                raise SpecError(f"layer {d.layer}: padding 'same' needs an odd kernel extent, "
                                 f"got kernel {K} with dilation {D}")
             P = tuple(dd * (k - 1) // 2 for k, dd in zip(K, D))
         else:
             P = _tuple(self.padding, dims, "padding", d.layer)
             if any(p < 0 for p in P):
-                raise SpecError(f"layer {d.layer} ({kind}): padding must be 'valid', 'same' or >= 0, got {P}")
+                raise SpecError(f"layer {d.layer}: padding must be 'valid', 'same' or >= 0, got {P}")
         C = x.shape[1]
         if self.in_channels is not None and _value(d, C) not in (None, self.in_channels):
-            raise ShapeError(f"layer {d.layer} ({kind}): declared for {self.in_channels} input channels, "
+            raise ShapeError(f"layer {d.layer}: declared for {self.in_channels} input channels, "
                              f"but its input {x.name} {shape_str(x.shape)} has {_value(d, C)}")
         b, f, c = index("b"), index("f"), index("c")
         out_idx = tuple(index(n) for n in (SPATIAL[1:] if dims == 1 else SPATIAL))
@@ -164,7 +164,7 @@ class AvgPool(Layer):
         K = _tuple(self.window, dims, "window", d.layer)
         S = _tuple(self.stride if self.stride is not None else self.window, dims, "stride", d.layer)
         if any(v < 1 for v in K + S):
-            raise SpecError(f"layer {d.layer} ({kind}): window and stride must be at least 1, got {K}, {S}")
+            raise SpecError(f"layer {d.layer}: window and stride must be at least 1, got {K}, {S}")
         out_sizes = tuple(_out_size(d, x, 2 + a, n, k, s, kind, what="window")
                           for a, (n, k, s) in enumerate(zip(x.shape[2:], K, S)))
         b, c = index("b"), index("c")
@@ -193,7 +193,7 @@ class MaxPool(Layer):
         K = _tuple(self.window, dims, "window", d.layer)
         S = _tuple(self.stride if self.stride is not None else self.window, dims, "stride", d.layer)
         if any(v < 1 for v in K + S):
-            raise SpecError(f"layer {d.layer} ({kind}): window and stride must be at least 1, got {K}, {S}")
+            raise SpecError(f"layer {d.layer}: window and stride must be at least 1, got {K}, {S}")
         out_sizes = tuple(_out_size(d, x, 2 + a, n, k, s, kind, what="window")
                           for a, (n, k, s) in enumerate(zip(x.shape[2:], K, S)))
         b, c = index("b"), index("c")

@@ -187,13 +187,35 @@ class DeltaEliminator:
         return term * Bracket(solution, lo, hi), limits
 
 
+def _is_guard(f) -> bool:
+    return (isinstance(f, sp.Piecewise) and len(f.args) == 2 and f.args[0].expr == 1
+            and f.args[1].expr == 0 and f.args[1].cond == sp.true)
+
+
+def fold_guards(expr):
+    """``[c] · f`` -> ``f if c else 0``: a condition multiplies nothing it does not guard, so a read
+    that exists only where the condition holds (a strided index that must divide, a padded border)
+    is never evaluated elsewhere. Folds at each product only, never across a sum's binding (SymPy's
+    ``piecewise_fold`` would lift a condition on a summation index out of its sum)."""
+    if not expr.args or isinstance(expr, sp.Indexed):
+        return expr
+    args = [fold_guards(a) for a in expr.args]
+    expr = expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+    if expr.is_Mul:
+        guards = [f for f in expr.args if _is_guard(f)]
+        if guards:
+            rest = sp.Mul(*[f for f in expr.args if not _is_guard(f)])
+            return sp.Piecewise((rest, sp.And(*[g.args[0].cond for g in guards])), (0, True))
+    return expr
+
+
 def eliminate_deltas(expr, ranges):
     """Return (gather-form expression, notes)."""
     elim = DeltaEliminator(ranges)
     out = elim(expr)
     for br in out.atoms(Bracket):       # guards no sum could absorb stay explicit conditions
         elim.notes.append(Note("the range guard {0} is kept as a condition", br))
-    out = out.replace(lambda e: isinstance(e, GUARDS), lambda e: e.as_piecewise())
+    out = fold_guards(out.replace(lambda e: isinstance(e, GUARDS), lambda e: e.as_piecewise()))
     if out.has(KroneckerDelta):
         raise UnsupportedError(f"a Kronecker delta could not be eliminated from {out}")
     return out, elim.notes

@@ -15,6 +15,7 @@ from .backprop import Gradients, derive
 from .graph import Model
 from .layers import B
 from .matrix import matrix_form
+from .patterns import describe as describe_patterns
 from .notes import Note
 from .printing import IndexPrinter
 from .tensor import Equation
@@ -199,6 +200,9 @@ class Writer:
             blocks.append(Bullets(mf["notes"]))
         return blocks
 
+    def patterns(self, eq: Equation) -> list:
+        return [Para(t) for t in describe_patterns(eq, self.tensors, self.inline)]
+
     def steps(self, derivation) -> list:
         blocks = []
         lhs = derivation.equation.lhs
@@ -250,7 +254,8 @@ def explain_model(model: Model, grads: Gradients | None = None, title: str | Non
     for name, d in grads.derivations.items():
         doc.add(Heading(2, f"Adjoint of ${w.tex(d.tensor[d.equation.indices] if d.tensor.rank else d.tensor.read())}$"))
         doc.add(*w.steps(d))
-        doc.add(Para("Result:"), Display(w.equation(d.equation)), *w.matrix_blocks(d.equation))
+        doc.add(Para("Result:"), Display(w.equation(d.equation)), *w.patterns(d.equation),
+                *w.matrix_blocks(d.equation))
 
     doc.add(Heading(1, "The backward recursion"))
     doc.add(Para("Inserting the adjoints of the activations and of the loss into the layers below gives "
@@ -258,6 +263,7 @@ def explain_model(model: Model, grads: Gradients | None = None, title: str | Non
     for name, d in grads.composed.items():
         doc.add(Heading(2, f"${w.tex(d.equation.lhs)}$"))
         doc.add(*w.steps(d) if d.steps else [Display(w.equation(d.equation))])   # last step = result
+        doc.add(*w.patterns(d.equation))
         doc.add(*w.matrix_blocks(d.equation), *w.matrix_blocks(d.equation, per_example=True))
     doc.matrix_forms = w.forms
     return doc
