@@ -257,18 +257,30 @@ def test_errors_name_the_layer_the_tensor_and_the_shapes():
         Model(d.equations + [Equation(cost, (), sp.Sum(y[b, 0], (b, 0, B - 1)))], d.tensors + [cost], cost)
 
 
-def test_unsupported_index_maps_are_refused_not_guessed():
+def _downsample(coefficient):
     d = Builder()
     n = d.size("n", 4)
-    x = d.tensor("x", (B, 2 * n), role="input")
+    x = d.tensor("x", (B, coefficient * n), role="input")
     W = d.param("W", (n,))
     y = d.tensor("y", (B, n))
-    d.define(y, (b, i), W[i] * x[b, 2 * i])
+    d.define(y, (b, i), W[i] * x[b, coefficient * i])
     cost = Tensor("C", (), role="cost")
-    model = Model(d.equations + [Equation(cost, (), sp.Sum(sp.Sum(y[b, k], (k, 0, n - 1)), (b, 0, B - 1)))],
-                  d.tensors + [cost], cost)
-    with pytest.raises(UnsupportedError, match="unit coefficients"):
-        derive(model, wrt=["x"])
+    return Model(d.equations + [Equation(cost, (), sp.Sum(sp.Sum(y[b, k], (k, 0, n - 1)), (b, 0, B - 1)))],
+                 d.tensors + [cost], cost, size_values=d.size_values)
+
+
+def test_a_strided_index_map_is_solved_where_the_stride_divides():
+    """x[b, 2i]: the adjoint of x is W[j/2] δ[j/2] where 2 divides j, and 0 elsewhere."""
+    from chainrule.derive.verify import verify_model
+    model = _downsample(2)
+    grads = derive(model, wrt=["x"])
+    assert grads["x"].body.has(sp.Mod)
+    assert all(verify_model(model, grads))
+
+
+def test_index_maps_with_a_symbolic_coefficient_are_refused_not_guessed():
+    with pytest.raises(UnsupportedError, match="nonzero integers"):
+        derive(_downsample(size("s")), wrt=["x"])
 
 
 def test_dense_layer_rejects_a_non_matrix_input():
