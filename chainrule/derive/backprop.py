@@ -41,6 +41,8 @@ class AdjointDerivation:
     equation: Equation
     steps: list[Step] = field(default_factory=list)
     consumers: list[Equation] = field(default_factory=list)
+    # a tensor read by several equations: each use's own contribution (consumer, expression), which add
+    contributions: list = field(default_factory=list)
 
 
 class Gradients:
@@ -156,6 +158,9 @@ def _derive_one(model: Model, t: Tensor, derivations) -> AdjointDerivation:
              Step("differentiate", sp.Add(*chain, evaluate=False), sp.Add(*partials),
                   "SymPy differentiates each body; a read of the same tensor gives Kronecker deltas")]
     expr, notes = eliminate_deltas(sp.Add(*partials), ranges)
+    contributions = []
+    if len(consumers) > 1:          # several uses (a residual connection, shared weights): each one's term
+        contributions = [(eq, eliminate_deltas(part, ranges)[0]) for eq, part in zip(consumers, partials)]
     if notes:
         unique = list({(n.fmt, n.args): n for n in notes}.values())
         steps.append(Step("eliminate Kronecker deltas", steps[-1].after, expr, unique))
@@ -176,7 +181,8 @@ def _derive_one(model: Model, t: Tensor, derivations) -> AdjointDerivation:
         s.xreplace(clash)
         s.xreplace(rename)
     equation = Equation(adj, j, expr, layer=t.layer, note=f"adjoint of {t.name}")
-    return AdjointDerivation(t, adj, equation, steps, consumers)
+    contributions = [(eq, c.xreplace(clash).xreplace(rename)) for eq, c in contributions]
+    return AdjointDerivation(t, adj, equation, steps, consumers, contributions)
 
 
 # -- composing: the backward recursion --------------------------------------------------------------

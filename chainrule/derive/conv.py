@@ -40,11 +40,18 @@ def _value(d: Builder, s) -> int | None:
     return int(v) if v.is_Integer else None
 
 
-def _expect_rank(d: Builder, x: Tensor, dims: int, kind: str):
+def _expect_rank(d: Builder, x: Tensor, dims: int | None, kind: str) -> int:
+    """The number of spatial axes: ``dims``, or (None) inferred from the input, which must be 3-D or 4-D."""
+    if dims is None:
+        if x.rank not in (3, 4):
+            raise ShapeError(f"layer {d.layer} expects a (batch, channel, length) or (batch, channel, "
+                             f"height, width) input, got {x.name} {shape_str(x.shape)}")
+        return x.rank - 2
     if x.rank != 2 + dims:
         axes = "(batch, channel, " + ", ".join(SPATIAL[2 - dims:] if dims == 1 else SPATIAL) + ")"
         raise ShapeError(f"layer {d.layer} expects a rank-{2 + dims} input {axes}, "
                          f"got {x.name} {shape_str(x.shape)}")
+    return dims
 
 
 def _out_size(d, x, axis, n, kernel_extent, stride, kind, what="kernel"):
@@ -70,22 +77,22 @@ class Conv(Layer):
 
     has_params = True
 
-    def __init__(self, filters: int, kernel, *, dims: int = 2, stride=1, padding="valid", dilation=1,
+    def __init__(self, filters: int, kernel, *, dims: int | None = None, stride=1, padding="valid", dilation=1,
                  bias: bool = True, in_channels: int | None = None, init: str = "he"):
         self.filters, self.kernel, self.dims = filters, kernel, dims
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.bias, self.in_channels, self.init = bias, in_channels, init
-        self.name = f"conv{dims}d"
+        self.name = f"conv{dims}d" if dims else "conv"
 
     def describe(self):
         k = self.kernel if isinstance(self.kernel, int) else "x".join(map(str, self.kernel))
         extra = "".join(f", {n}={v}" for n, v, default in (("stride", self.stride, 1), ("padding", self.padding, "valid"),
                                                            ("dilation", self.dilation, 1)) if v != default)
-        return f"conv{self.dims}d({self.filters}, {k}{extra})"
+        return f"{self.name}({self.filters}, {k}{extra})"
 
     def build(self, d: Builder, x: Tensor) -> Tensor:
         dims, kind = self.dims, self.describe()
-        _expect_rank(d, x, dims, kind)
+        dims = _expect_rank(d, x, dims, kind)
         K = _tuple(self.kernel, dims, "kernel size", d.layer)
         S = _tuple(self.stride, dims, "stride", d.layer)
         D = _tuple(self.dilation, dims, "dilation", d.layer)
@@ -151,16 +158,16 @@ def Conv2D(filters, kernel, **kw) -> Conv:
 class AvgPool(Layer):
     """``y[b, c, h, w] = (1/k²) Σ_p Σ_q x[b, c, s h + p, s w + q]``: the mean over each window."""
 
-    def __init__(self, window=2, stride=None, *, dims: int = 2):
+    def __init__(self, window=2, stride=None, *, dims: int | None = None):
         self.window, self.stride, self.dims = window, stride, dims
-        self.name = f"avgpool{dims}d"
+        self.name = f"avgpool{dims}d" if dims else "avgpool"
 
     def describe(self):
-        return f"avgpool{self.dims}d({self.window}" + (f", stride={self.stride})" if self.stride else ")")
+        return f"{self.name}({self.window}" + (f", stride={self.stride})" if self.stride else ")")
 
     def build(self, d, x):
         dims, kind = self.dims, self.describe()
-        _expect_rank(d, x, dims, kind)
+        dims = _expect_rank(d, x, dims, kind)
         K = _tuple(self.window, dims, "window", d.layer)
         S = _tuple(self.stride if self.stride is not None else self.window, dims, "stride", d.layer)
         if any(v < 1 for v in K + S):
@@ -180,16 +187,16 @@ class MaxPool(Layer):
     """``y[b, c, h, w] = max_{p,q} x[b, c, s h + p, s w + q]``: the largest value in each window
     (ties: the first position in row-major order, as PyTorch; see ``MaxOver``)."""
 
-    def __init__(self, window=2, stride=None, *, dims: int = 2):
+    def __init__(self, window=2, stride=None, *, dims: int | None = None):
         self.window, self.stride, self.dims = window, stride, dims
-        self.name = f"maxpool{dims}d"
+        self.name = f"maxpool{dims}d" if dims else "maxpool"
 
     def describe(self):
-        return f"maxpool{self.dims}d({self.window}" + (f", stride={self.stride})" if self.stride else ")")
+        return f"{self.name}({self.window}" + (f", stride={self.stride})" if self.stride else ")")
 
     def build(self, d, x):
         dims, kind = self.dims, self.describe()
-        _expect_rank(d, x, dims, kind)
+        dims = _expect_rank(d, x, dims, kind)
         K = _tuple(self.window, dims, "window", d.layer)
         S = _tuple(self.stride if self.stride is not None else self.window, dims, "stride", d.layer)
         if any(v < 1 for v in K + S):

@@ -200,6 +200,23 @@ class Writer:
             blocks.append(Bullets(mf["notes"]))
         return blocks
 
+    def contributions(self, d) -> list:
+        """A tensor read by several equations: the term each use contributes, and that they add."""
+        if len(d.contributions) < 2:
+            return []
+        lhs = self.tex(d.equation.lhs)
+        items = []
+        for eq, term in d.contributions:
+            what = f"through ${eq.out.latex}$ ({eq.note or eq.layer})" if eq.note or eq.layer else f"through ${eq.out.latex}$"
+            reads = term.atoms(sp.Indexed)
+            identity = (len(reads) == 1 and term == next(iter(reads))
+                        and tuple(next(iter(reads)).indices) == tuple(d.equation.indices))
+            extra = (": the identity path, which passes the adjoint on unchanged, so that it cannot vanish "
+                     "through this connection") if identity else ""
+            items.append(f"{what}: ${self.tex(term)}${extra}")
+        return [Para(f"${d.tensor.latex}$ is used {len(d.contributions)} times, so its adjoint is the sum of "
+                     f"one contribution per use (${lhs}$ adds them):"), Bullets(items)]
+
     def patterns(self, eq: Equation) -> list:
         return [Para(t) for t in describe_patterns(eq, self.tensors, self.inline)]
 
@@ -255,7 +272,7 @@ def explain_model(model: Model, grads: Gradients | None = None, title: str | Non
         doc.add(Heading(2, f"Adjoint of ${w.tex(d.tensor[d.equation.indices] if d.tensor.rank else d.tensor.read())}$"))
         doc.add(*w.steps(d))
         doc.add(Para("Result:"), Display(w.equation(d.equation)), *w.patterns(d.equation),
-                *w.matrix_blocks(d.equation))
+                *w.contributions(d), *w.matrix_blocks(d.equation))
 
     doc.add(Heading(1, "The backward recursion"))
     doc.add(Para("Inserting the adjoints of the activations and of the loss into the layers below gives "

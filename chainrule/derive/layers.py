@@ -97,7 +97,7 @@ class Dense(Layer):
             raise ShapeError(f"layer {d.layer} (dense) expects a (batch, features) input, "
                              f"got {x.name} {shape_str(x.shape)}")
         n_in = x.shape[1]
-        n_out = d.size("n", self.units)
+        n_out = self.units if isinstance(self.units, sp.Expr) else d.size("n", self.units)
         W = d.param("W", (n_out, n_in), init=self.init)
         c = d.param("b", (n_out,), init="zeros")
         z = d.tensor("z", (B, n_out), grad_latex=rf"\delta^{{({d.level})}}")
@@ -110,7 +110,7 @@ class Dense(Layer):
         if not x.meta.get("flattened"):
             raise ShapeError(f"layer {d.layer} (dense) expects a (batch, features) input, got {x.name} "
                              f"{shape_str(x.shape)}: put a flatten (or a global pooling) before it")
-        n_out = d.size("n", self.units)
+        n_out = self.units if isinstance(self.units, sp.Expr) else d.size("n", self.units)
         W = d.param("W", (n_out, *x.shape[1:]), init=self.init)
         c = d.param("b", (n_out,), init="zeros")
         z = d.tensor("z", (B, n_out), grad_latex=rf"\delta^{{({d.level})}}")

@@ -1,10 +1,20 @@
 """Naming a model: built-in names, or a layer-list spec parsed without ``eval``.
 
-Spec grammar (items separated by ``,`` or ``->``; whitespace ignored)::
+Spec grammar (items separated by ``->`` or ``,`` at the top level; whitespace ignored)::
 
-    <inputs> , <layer> , ... , <loss>
-    layer := dense(<units>) | dense:<units> | <activation> | softmax | log_softmax
+    spec   := <input> -> <layer> -> ... -> <loss>
+    input  := N                  N features               e.g. 64
+            | HxW | CxHxW        an image (1 or C channels) e.g. 8x8, 3x32x32
+            | C@L                a 1-D signal, C channels   e.g. 1@40
+    layer  := dense(N) | <activation> | softmax | log_softmax
+            | conv(F, K [, stride=S] [, padding=valid|same|P] [, dilation=D] [, bias=0])
+            | maxpool(K [, stride=S]) | avgpool(K [, stride=S]) | global_avgpool | flatten
+            | residual(<layer> -> <layer> -> ...)      h = x + f(x)
     e.g.   64 -> dense(128) -> sigmoid -> dense(10) -> softmax_cross_entropy
+           8x8 -> conv(8, 3) -> relu -> maxpool(2) -> flatten -> dense(10) -> softmax_cross_entropy
+
+``conv``, ``maxpool`` and ``avgpool`` are 1-D or 2-D after their input (``conv1d``/``conv2d`` etc. are
+accepted too and must agree with it).
 """
 from __future__ import annotations
 
@@ -12,7 +22,7 @@ import re
 
 from .errors import SpecError
 from .graph import Model
-from .layers import ACTIVATIONS, LOSSES, Activation, Dense, LogSoftmax, Softmax, sequential
+from .layers import ACTIVATIONS, LOSSES, Activation, Dense, Layer, LogSoftmax, Softmax, sequential
 
 BUILTIN_MODELS = {
     "demo": "64 -> dense(128) -> sigmoid -> dense(10) -> softmax_cross_entropy",
@@ -23,40 +33,152 @@ BUILTIN_MODELS = {
     "log-softmax-nll": "64 -> dense(10) -> log_softmax -> nll",
 }
 
-_ITEM = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*)(?:\((?P<arg>\d+)\)|:(?P<arg2>\d+))?$")
+# the models of examples/ and `chainrule train`: named like built-ins, kept apart so that what iterates
+# over every built-in (docs, LaTeX checks) stays quick
+EXAMPLE_MODELS = {
+    "digits-cnn": "8x8 -> conv(8, 3, padding=same) -> relu -> maxpool(2) -> flatten -> dense(10) "
+                  "-> softmax_cross_entropy",
+    "mnist1d-cnn": "1@40 -> conv(32, 5, padding=same) -> relu -> maxpool(2) -> conv(32, 5, padding=same) -> relu "
+                   "-> maxpool(2) -> flatten -> dense(10) -> softmax_cross_entropy",
+    "residual-mlp": "64 -> dense(64) -> relu -> residual(dense(64) -> relu -> dense(64)) -> relu "
+                    "-> residual(dense(64) -> relu -> dense(64)) -> relu -> dense(10) -> softmax_cross_entropy",
+}
+
+_NAME = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*)(?:\((?P<args>.*)\)|:(?P<arg2>\d+))?$", re.S)
+_INPUT = re.compile(r"^(?:(?P<n>\d+)|(?P<c1>\d+)@(?P<l>\d+)|(?:(?P<c>\d+)x)?(?P<h>\d+)x(?P<w>\d+))$")
 
 
-def _layer(item: str, position: int):
-    m = _ITEM.match(item)
+def split_top(text: str, seps=("->", ",")) -> list[str]:
+    """Split at separators outside parentheses; unbalanced parentheses are an error."""
+    out, depth, cur, k = [], 0, "", 0
+    while k < len(text):
+        ch = text[k]
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise SpecError(f"spec {text!r}: unbalanced ')'")
+        if depth == 0:
+            sep = next((s for s in seps if text.startswith(s, k)), None)
+            if sep:
+                out.append(cur.strip())
+                cur, k = "", k + len(sep)
+                continue
+        cur += ch
+        k += 1
+    if depth:
+        raise SpecError(f"spec {text!r}: unbalanced '('")
+    out.append(cur.strip())
+    return [s for s in out if s]
+
+
+def input_item(shape) -> str:
+    """The spec item for a per-example input shape (the inverse of the input grammar)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 1:
+        return str(shape[0])
+    if len(shape) == 2:
+        return f"{shape[0]}@{shape[1]}"
+    return "x".join(map(str, shape))
+
+
+def _parse_input(item: str, text: str):
+    m = _INPUT.match(item)
+    if not m:
+        raise SpecError(f"spec {text!r}: the first item must be the input (e.g. 64, 8x8, 3x32x32, 1@40), "
+                        f"got {item!r}")
+    if m["n"]:
+        shape = int(m["n"])
+        dims = [shape]
+    elif m["l"]:
+        shape = dims = (int(m["c1"]), int(m["l"]))
+    else:
+        shape = dims = (int(m["c"] or 1), int(m["h"]), int(m["w"]))
+    if min(dims) < 1:
+        raise SpecError(f"spec {text!r}: input sizes must be positive, got {item!r}")
+    return shape
+
+
+def _args(text: str, position: int, name: str):
+    pos, kw = [], {}
+    for a in split_top(text, (",",)):
+        key, _, val = a.rpartition("=")
+        key, val = key.strip(), val.strip()
+        if not re.fullmatch(r"\d+|[a-z_]+", val) or (key and not re.fullmatch(r"[a-z_]+", key)):
+            raise SpecError(f"item {position}: {name}: argument {a!r} is not a number or a name")
+        value = int(val) if val.isdigit() else val
+        if key:
+            kw[key] = value
+        elif kw:
+            raise SpecError(f"item {position}: {name}: positional argument {a!r} after a keyword")
+        else:
+            pos.append(value)
+    return pos, kw
+
+
+def _call(cls, pos, kw, position, name, usage):
+    try:
+        return cls(*pos, **kw)
+    except TypeError:
+        raise SpecError(f"item {position}: {name}: bad arguments; usage: {usage}") from None
+
+
+KNOWN = ["dense(N)", *ACTIVATIONS, "softmax", "log_softmax", "conv(F, K, ...)", "maxpool(K)", "avgpool(K)",
+         "global_avgpool", "flatten", "residual(...)"]
+
+
+def _layer(item: str, position: int) -> Layer:
+    from .conv import AvgPool, Conv, Flatten, GlobalAvgPool, MaxPool
+    from .functional import Residual
+    m = _NAME.match(item)
     if not m:
         raise SpecError(f"item {position} {item!r} is not a layer (expected e.g. dense(128), sigmoid)")
-    name, arg = m["name"], m["arg"] or m["arg2"]
+    name, raw = m["name"], m["args"]
+    if name == "residual":
+        if not raw:
+            raise SpecError(f"item {position}: residual needs its layers, e.g. residual(dense(64) -> relu)")
+        return Residual([_layer(s, position) for s in split_top(raw, ("->",))])
+    pos, kw = _args(raw, position, name) if raw is not None else ([int(m["arg2"])] if m["arg2"] else [], {})
     if name == "dense":
-        if arg is None:
+        if len(pos) != 1 or kw or not isinstance(pos[0], int):
             raise SpecError(f"item {position}: dense needs a width, e.g. dense(128)")
-        return Dense(int(arg))
-    if arg is not None:
-        raise SpecError(f"item {position}: {name} takes no width")
+        return Dense(pos[0])
+    dims = {"1d": 1, "2d": 2}.get(name[-2:]) if name[-2:] in ("1d", "2d") else None
+    base = name[:-2] if dims else name
+    if base in ("conv", "maxpool", "avgpool"):
+        if "padding" in kw and isinstance(kw["padding"], str) and kw["padding"] not in ("same", "valid"):
+            raise SpecError(f"item {position}: {name}: padding must be same, valid or a number")
+        if "bias" in kw:
+            kw["bias"] = bool(kw["bias"])
+        cls, usage = {"conv": (Conv, "conv(F, K, stride=1, padding=valid|same|P, dilation=1, bias=1)"),
+                      "maxpool": (MaxPool, "maxpool(K, stride=K)"),
+                      "avgpool": (AvgPool, "avgpool(K, stride=K)")}[base]
+        return _call(cls, pos, {**kw, "dims": dims}, position, name, usage)
+    if pos or kw:
+        raise SpecError(f"item {position}: {name} takes no arguments")
     if name in ACTIVATIONS:
         return Activation(name, ACTIVATIONS[name])
     if name == "softmax":
         return Softmax()
     if name == "log_softmax":
         return LogSoftmax()
-    known = ["dense(N)", *ACTIVATIONS, "softmax", "log_softmax"]
-    raise SpecError(f"item {position}: unknown layer {name!r}; known layers: {', '.join(known)}")
+    if name == "global_avgpool":
+        return GlobalAvgPool()
+    if name == "flatten":
+        return Flatten()
+    raise SpecError(f"item {position}: unknown layer {name!r}; known layers: {', '.join(KNOWN)}")
 
 
 def parse_spec(text: str, name: str = "model") -> Model:
-    items = [s.strip() for s in re.split(r"->|,", text.strip().lower()) if s.strip()]
+    items = split_top(text.strip().lower())
     if len(items) < 2:
         raise SpecError(f"spec {text!r}: need at least '<inputs> -> <loss>'")
-    if not items[0].isdigit() or int(items[0]) < 1:
-        raise SpecError(f"spec {text!r}: the first item must be the input width, got {items[0]!r}")
+    inputs = _parse_input(items[0], text)
     if items[-1] not in LOSSES:
         raise SpecError(f"spec {text!r}: the last item must be a loss ({', '.join(LOSSES)}), got {items[-1]!r}")
     layers = [_layer(item, k) for k, item in enumerate(items[1:-1], 2)]
-    return sequential(int(items[0]), layers, items[-1], name=name)
+    return sequential(inputs, layers, items[-1], name=name)
 
 
 def build_model(name_or_spec: str | None = None) -> Model:
@@ -64,7 +186,9 @@ def build_model(name_or_spec: str | None = None) -> Model:
     key = (name_or_spec or "demo").strip()
     if key in BUILTIN_MODELS:
         return parse_spec(BUILTIN_MODELS[key], name=key)
+    if key in EXAMPLE_MODELS:
+        return parse_spec(EXAMPLE_MODELS[key], name=key)
     if "->" in key or "," in key:
         return parse_spec(key)
-    raise SpecError(f"unknown model {key!r}: use a built-in name ({', '.join(BUILTIN_MODELS)}) "
+    raise SpecError(f"unknown model {key!r}: use a built-in name ({', '.join([*BUILTIN_MODELS, *EXAMPLE_MODELS])}) "
                     f"or a layer-list spec such as {BUILTIN_MODELS['demo']!r}")

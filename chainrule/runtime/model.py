@@ -111,7 +111,8 @@ class Network:
 
         cm = compiled
         self.input_name, self.target_name = cm.input_name, cm.target_name
-        self.n_inputs = model.concrete_shape(model.tensors[cm.input_name], B=1)[1]
+        self.input_shape = model.concrete_shape(model.tensors[cm.input_name], B=1)[1:]   # per example
+        self.n_inputs = int(np.prod(self.input_shape))
         self.n_outputs = model.concrete_shape(model.tensors[cm.target_name], B=1)[1]
         self.loss_name = (model.loss.layer.split(":", 1)[-1] if model.loss is not None else "") or "loss"
         simplex = model.tensors[cm.target_name].simplex_axis is not None
@@ -138,7 +139,8 @@ class Network:
         """The layer-list spec of a sequential model (None for a hand-built graph)."""
         if not self.model.layers:
             return None
-        items = [str(self.n_inputs)] + [layer.describe() for _, layer in self.model.layers]
+        from chainrule.derive.spec import input_item
+        items = [input_item(self.input_shape)] + [layer.describe() for _, layer in self.model.layers]
         return " -> ".join(items + [self.loss_name])
 
     def n_params(self) -> int:
@@ -235,8 +237,8 @@ class Network:
         if not meta:
             raise CheckpointError(f"{os.fspath(path)} has no chainrule metadata: build the Network "
                                   f"yourself and call .load()")
-        from chainrule.derive import BUILTIN_MODELS
-        model = meta["model"] if meta["model"] in BUILTIN_MODELS else meta.get("spec")
+        from chainrule.derive import BUILTIN_MODELS, EXAMPLE_MODELS
+        model = meta["model"] if meta["model"] in {**BUILTIN_MODELS, **EXAMPLE_MODELS} else meta.get("spec")
         if model is None:
             raise CheckpointError(f"{os.fspath(path)} was saved from a hand-built model "
                                   f"{meta['model']!r}: build it and call Network(model).load(path)")
@@ -247,9 +249,14 @@ class Network:
     # -- data checks -----------------------------------------------------------------------------
     def _prepare_x(self, x, what="x"):
         arr = np.asarray(x)
-        if arr.ndim != 2 or arr.shape[1] != self.n_inputs:
+        shape = tuple(self.input_shape)
+        if len(shape) > 1 and arr.ndim == 2 and arr.shape[1] == self.n_inputs:
+            arr = arr.reshape((len(arr),) + shape)      # flat rows of an image, row-major (C, H, W)
+        if arr.shape[1:] != shape:
             where = "" if what == self.input_name else f"{what}: "
-            raise ShapeError(f"{where}tensor {self.input_name} expects shape (N, {self.n_inputs}), "
+            want = ", ".join(map(str, shape))
+            alt = f" (or (N, {self.n_inputs}) rows, reshaped row-major)" if len(shape) > 1 else ""
+            raise ShapeError(f"{where}tensor {self.input_name} expects shape (N, {want}){alt}, "
                              f"got {arr.shape}")
         if arr.dtype.kind not in "biuf":
             raise DataError(f"{what}: expected numbers, got dtype {arr.dtype}")
