@@ -198,13 +198,14 @@ def random_point(model: Model, sizes, rng: random.Random) -> dict:
     # a maximum over a window ties often on a 40-value grid: a model with one draws from a finer grid
     from .primitives import MaxOver
     den = 1000 if any(eq.body.has(MaxOver) for eq in model.equations) else 20
+    choices = [k for k in range(-den, den + 1) if k]
     for t in model.tensors.values():
         if t.role not in ("input", "target", "param"):
             continue
         shape = _shape(t, sizes)
         values = {}
         for idx in itertools.product(*[range(n) for n in shape]):
-            v = rng.randint(1, den - 1) if t.role == "target" else rng.choice((-1, 1)) * rng.randint(1, den)
+            v = rng.randint(1, den - 1) if t.role == "target" else rng.choice(choices)
             values[idx] = Fraction(v, den)
         if t.simplex_axis is not None:
             axis = t.simplex_axis
