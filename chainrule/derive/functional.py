@@ -11,7 +11,7 @@ import sympy as sp
 
 from .errors import ShapeError
 from .layers import Layer
-from .tensor import shape_str
+from .tensor import Tensor, shape_str
 
 
 def _elementwise(t):
@@ -52,3 +52,180 @@ class Residual(Layer):
         r = d.tensor("r", x.shape)
         idx = _elementwise(x)
         return d.define(r, idx, x[idx] + h[idx], note="residual connection: the input plus the branch")
+
+
+# -- the functional API ------------------------------------------------------------------------------
+class Node:
+    """A tensor in a functional model before it is built: an input, or an operation on nodes."""
+
+    def __init__(self, op, args=(), name=None):
+        self.op, self.args, self.name = op, tuple(args), name
+
+    def __add__(self, other):
+        return add(self, other)
+
+    def __repr__(self):
+        what = self.op if isinstance(self.op, str) else self.op.describe()
+        return f"Node({what}{', ' + self.name if self.name else ''})"
+
+
+def Input(shape, name: str = "x") -> Node:
+    """An input of the model: ``Input(64)`` (features), ``Input((1, 8, 8))`` (an image), ``Input((1, 40))``."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not shape or not all(isinstance(v, int) and v >= 1 for v in shape) or len(shape) > 3:
+        raise ShapeError(f"input {name}: shape must be 1 to 3 positive integers, got {shape}")
+    return _input(shape, name)
+
+
+def _input(shape, name):
+    n = Node("input", (), name=name)
+    n.shape = shape
+    return n
+
+
+def add(*nodes: Node) -> Node:
+    """Elementwise sum of tensors of one shape (a residual connection: ``add(x, f(x))``)."""
+    if len(nodes) < 2:
+        raise ShapeError("add needs at least two tensors")
+    return Node("add", nodes)
+
+
+def concat(*nodes: Node) -> Node:
+    """Concatenation of (batch, features) tensors along the feature axis."""
+    if len(nodes) < 2:
+        raise ShapeError("concat needs at least two tensors")
+    return Node("concat", nodes)
+
+
+def apply_layer(layer, inputs) -> Node:
+    if len(inputs) != 1 or not isinstance(inputs[0], Node):
+        raise ShapeError(f"layer {layer.describe()} is applied to one tensor (a functional Input or a "
+                         f"layer's output), got {inputs!r}")
+    return Node(layer, inputs)
+
+
+def functional_model(inputs, outputs, losses, name="model"):
+    """A Model from a functional graph: ``inputs`` (Input nodes), ``outputs`` (nodes) and one loss per
+    output (a name such as "softmax_cross_entropy" or a ``Loss``). The cost is the batch mean of the
+    sum of the per-example losses. A layer object applied more than once shares its parameters: each
+    application reads the same tensors, so its gradient sums the uses."""
+    from .graph import Model
+    from .layers import B, LOSSES, Builder, Loss
+    from .errors import SpecError
+    from .tensor import Equation, Tensor, index
+    inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+    outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    losses = list(losses) if isinstance(losses, (list, tuple)) else [losses]
+    if len(losses) != len(outputs):
+        raise SpecError(f"{len(outputs)} outputs need {len(outputs)} losses, got {len(losses)}")
+    d = Builder()
+    built: dict[int, Tensor] = {}
+    names = [n.name for n in inputs]
+    if len(set(names)) != len(names):
+        raise SpecError(f"inputs need distinct names, got {names}")
+    for node in inputs:
+        if node.op != "input":
+            raise SpecError(f"{node!r} is not an Input")
+        if len(node.shape) == 1:
+            dims = (d.size(f"n_{node.name}", node.shape[0]),)
+        else:
+            letters = ("C", "L") if len(node.shape) == 2 else ("C", "H", "W")
+            dims = tuple(d.size(f"{s}_{node.name}", v) for s, v in zip(letters, node.shape))
+        t = Tensor(node.name, (B, *dims), role="input", latex=node.name)
+        d.tensors.append(t)
+        built[id(node)] = t
+    levels: dict[int, int] = {}
+    first_input: dict[int, Tensor] = {}
+    step = [0]
+
+    def build(node):
+        if id(node) in built:
+            return built[id(node)]
+        args = [build(a) for a in node.args]
+        step[0] += 1
+        if node.op == "input":
+            raise SpecError(f"input {node.name} is used but not listed in inputs")
+        if node.op in ("add", "concat"):
+            d.layer = f"{step[0]}:{node.op}"
+            out = _add(d, args) if node.op == "add" else _concat(d, args)
+        else:
+            layer = node.op
+            first = id(layer) not in levels
+            if layer.has_params and first:
+                d.level = max(levels.values(), default=0) + 1
+                levels[id(layer)] = d.level
+            elif layer.has_params:
+                d.level = levels[id(layer)]              # a shared layer: the same parameters
+            d.layer = f"{step[0]}:{layer.describe()}" + ("" if first else " (shared)")
+            if not first and first_input[id(layer)].rank == args[0].rank:
+                d.unify_sizes(first_input[id(layer)].shape, args[0].shape)   # one layer, one input size
+            first_input.setdefault(id(layer), args[0])
+            d.owner = layer
+            for key in [k for k in d._param_uses.get(id(layer), {}) if k[0] == "next"]:
+                del d._param_uses[id(layer)][key]          # this application counts its parameters anew
+            out = layer.build(d, args[0])
+            d.owner = None
+            if first:
+                levels.setdefault(id(layer), d.level)
+                d.layer_log.append((d.layer, layer))
+        built[id(node)] = out
+        return out
+
+    outs = [build(o) for o in outputs]
+    per_example, predictions = [], []
+    d.level = max(levels.values(), default=0)
+    for k, (out, loss) in enumerate(zip(outs, losses), 1):
+        if isinstance(loss, str):
+            if loss not in LOSSES:
+                raise SpecError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+            loss = LOSSES[loss]()
+        if not isinstance(loss, Loss):
+            raise SpecError(f"output {k}: {loss!r} is not a loss")
+        d.layer = f"loss{k}:{loss.name}"
+        y, per, outs_k = loss.build(d, out)
+        per_example.append(per)
+        predictions += outs_k
+    d.layer = "cost"
+    cost = Tensor("C", (), role="cost", latex="C", layer="cost")
+    d.tensors.append(cost)
+    b = index("b")
+    total = sp.Add(*[p[b] for p in per_example])
+    d.equations.append(Equation(cost, (), sp.Sum(total, (b, 0, B - 1)) / B, layer="cost",
+                                note="cost: the mean over the batch of the per-example losses"
+                                     + (" (summed over the outputs)" if len(per_example) > 1 else "")))
+    return Model(d.equations, d.tensors, cost, loss=per_example[0], outputs=predictions,
+                 size_values=d.size_values, name=name, layers=d.layer_log)
+
+
+def _add(d, args):
+    first = args[0]
+    for t in args[1:]:
+        if t.rank == first.rank:
+            d.unify_sizes(first.shape, t.shape)       # adding them says their equal widths are one size
+        if tuple(t.shape) != tuple(first.shape):
+            vals = [tuple(sp.sympify(s).xreplace(d.size_values) for s in a.shape) for a in (first, t)]
+            hint = (" (equal values but independent sizes: give the layers the same width symbol)"
+                    if vals[0] == vals[1] else "")
+            raise ShapeError(f"layer {d.layer}: cannot add {first.name} {shape_str(first.shape)} and "
+                             f"{t.name} {shape_str(t.shape)}{hint}")
+    r = d.tensor("r", first.shape)
+    idx = _elementwise(first)
+    return d.define(r, idx, sp.Add(*[t[idx] for t in args]),
+                    note="sum of " + ", ".join(t.name for t in args) + " (a residual connection)")
+
+
+def _concat(d, args):
+    from .tensor import index
+    for t in args:
+        if t.rank != 2:
+            raise ShapeError(f"layer {d.layer}: concat joins (batch, features) tensors, got {t.name} "
+                             f"{shape_str(t.shape)}")
+    b, i = index("b"), index("i")
+    offset, terms = sp.S.Zero, []
+    for k, t in enumerate(args):
+        j = index(f"j{k}")                   # one summation index per part: each has its own range
+        terms.append(sp.Sum(t[b, j] * sp.KroneckerDelta(i, j + offset), (j, 0, t.shape[1] - 1)))
+        offset += t.shape[1]
+    c = d.tensor("c", (args[0].shape[0], offset))
+    return d.define(c, (b, i), sp.Add(*terms),
+                    note="concatenation of " + ", ".join(t.name for t in args) + " along the features")

@@ -28,6 +28,9 @@ class Builder:
         self.level = 0            # the (l) in W^(l): advanced by every layer with parameters
         self.layer = ""           # the name of the layer being declared
         self.layer_log: list = []
+        self.owner = None                 # the layer object being declared (functional API)
+        self._param_uses: dict = {}
+        self._renamed: dict = {}          # size symbol -> the size it was unified with
 
     # names
     def _name(self, base: str) -> tuple[str, str]:
@@ -50,12 +53,50 @@ class Builder:
 
     def tensor(self, base: str, shape, role="hidden", **kw) -> Tensor:
         name, latex = self._name(base)
+        if kw.get("grad_latex") and self.level and name.count("_"):     # a second use: primed like its name
+            kw["grad_latex"] += "{}'" * (int(name.rsplit("_", 1)[1]) - 1)
         t = Tensor(name, tuple(shape), role=role, latex=kw.pop("latex", latex), layer=self.layer, **kw)
         self.tensors.append(t)
         return t
 
     def param(self, base: str, shape, init="glorot") -> Tensor:
+        """A parameter of the layer being declared. A layer object declared again (the functional API
+        applies one layer to several tensors) gets the parameters of its first declaration back."""
+        owner = getattr(self, "owner", None)
+        if owner is not None:
+            uses = self._param_uses.setdefault(id(owner), {})
+            k = uses.get(("next", base), 0)
+            uses[("next", base)] = k + 1
+            key = (base, k)
+            if key in uses:
+                t = uses[key]
+                self.unify_sizes(t.shape, shape)
+                shape = tuple(sp.sympify(s).xreplace(self._renamed) for s in shape)
+                if tuple(t.shape) != tuple(sp.sympify(s) for s in shape):
+                    raise ShapeError(f"layer {self.layer}: a shared layer's parameter {t.name} has shape "
+                                     f"{shape_str(t.shape)}, but this use needs {shape_str(tuple(shape))} "
+                                     f"(apply a shared layer to tensors of one shape)")
+                return t
+            uses[key] = self.tensor(base, shape, role="param", init=init)
+            return uses[key]
         return self.tensor(base, shape, role="param", init=init)
+
+    def unify_sizes(self, first, second):
+        """Axes of equal declared length but different size symbols that must be one size (a sum of
+        two tensors, a shared layer applied twice): the later symbol is replaced by the earlier one
+        everywhere, so the model stays valid at every size verification picks, not only the declared."""
+        for sa, sb in zip(first, second):
+            sa, sb = sp.sympify(sa), sp.sympify(sb).xreplace(self._renamed)
+            if sa == sb or not (isinstance(sa, sp.Symbol) and isinstance(sb, sp.Symbol)):
+                continue
+            if sa not in self.size_values or self.size_values.get(sa) != self.size_values.get(sb):
+                continue
+            for t in self.tensors:
+                t.shape = tuple(sp.sympify(s).xreplace({sb: sa}) for s in t.shape)
+            for eq in self.equations:
+                eq.body = eq.body.xreplace({sb: sa})
+            self.size_values.pop(sb, None)
+            self._renamed[sb] = sa
 
     def define(self, out: Tensor, idx, body, note="") -> Tensor:
         self.equations.append(Equation(out, tuple(idx), body, layer=self.layer, note=note))
@@ -76,6 +117,11 @@ class Layer:
 
     def build(self, d: Builder, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def __call__(self, *inputs):
+        """Functional API: the layer applied to a tensor of a graph model (see ``functional.py``)."""
+        from .functional import apply_layer
+        return apply_layer(self, inputs)
 
     def describe(self) -> str:
         return self.name
