@@ -1,4 +1,4 @@
-"""`chainrule demo | derive | verify | codegen | docs`."""
+"""`chainrule demo | derive | verify | codegen | train | docs`."""
 from __future__ import annotations
 
 import argparse
@@ -156,6 +156,12 @@ def cmd_demo(args) -> int:
     return 0 if result.get("test_accuracy", 0) >= 0.95 else 1
 
 
+def cmd_train(args):
+    from .runtime.examples import run_example
+    run_example(args.example, out_dir=args.out, epochs=args.epochs, progress=not args.no_progress)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="chainrule", description="Derive backpropagation symbolically, "
                                      "explain it, generate Numba kernels and train with them.")
@@ -194,6 +200,16 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     p.add_argument("-o", "--output")
     p.set_defaults(fn=cmd_codegen)
+
+    from .runtime.examples import EXAMPLES
+    p = sub.add_parser("train", help="train a named example (derivation, kernels, progress bar, test accuracy)",
+                       epilog="examples:\n" + "\n".join(f"  {k:<14} {v.about} (target {v.target})"
+                                                          for k, v in EXAMPLES.items()), formatter_class=fmt)
+    p.add_argument("example", choices=sorted(EXAMPLES))
+    p.add_argument("--epochs", type=int, default=None, help="override the example's number of epochs")
+    p.add_argument("--out", default=None, help="output folder (default: ./chainrule-examples/NAME)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("docs", help="regenerate the derivation pages of every built-in model")
     p.add_argument("--out", default="docs/derivations")

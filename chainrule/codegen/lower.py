@@ -294,6 +294,26 @@ class Lowerer:
             self.names[repl[r]] = str(repl[r])
         return self.pe(expr.xreplace(repl))
 
+    @staticmethod
+    def loop_order(r):
+        """The limits of a reduction, innermost first: where no limit depends on another index of the
+        same reduction (a sum, not a max: the tie rule fixes a max's order), the index that the reads
+        use in their last axes goes innermost, so that the innermost loop walks contiguous memory."""
+        limits = list(r.limits)
+        vars_ = {v for v, _, _ in limits}
+        if isinstance(r, MaxOver) or any((lo.free_symbols | hi.free_symbols) & vars_ for _, lo, hi in limits):
+            return limits
+        reads = list(r.function.atoms(sp.Indexed))
+
+        def depth(v):           # larger = nearer the last axis in the reads that use v
+            best = -100
+            for x in reads:
+                for pos, e in enumerate(x.indices):
+                    if v in sp.sympify(e).free_symbols:
+                        best = max(best, pos - len(x.indices))
+            return best
+        return sorted(limits, key=lambda lim: -depth(lim[0]))
+
     def emit_argmax(self, m, blocks: list[_Block]) -> list[str]:
         """The first position of the maximum of ``m`` (a MaxOver): loops in the order of its limits
         (first outermost) with a strict ``>``, which is the tie rule stated by ``MaxOver``."""
@@ -338,7 +358,7 @@ class Lowerer:
         inner_blocks = list(blocks[:depth + 1])
         bound = set(target.bound)
         headers = []
-        for v, lo, hi in reversed(r.limits):
+        for v, lo, hi in reversed(self.loop_order(r)):
             bound = bound | {v}
             headers.append(f"for {self.names[v]} in {self.range_code(lo, hi)}:")
             inner_blocks.append(_Block(bound))

@@ -38,6 +38,8 @@ BUILTIN_MODELS = {
 EXAMPLE_MODELS = {
     "digits-cnn": "8x8 -> conv(8, 3, padding=same) -> relu -> maxpool(2) -> flatten -> dense(10) "
                   "-> softmax_cross_entropy",
+    "digits-cnn-wide": "8x8 -> conv(16, 3, padding=same) -> relu -> conv(32, 3, padding=same) -> relu -> maxpool(2) "
+                       "-> flatten -> dense(10) -> softmax_cross_entropy",
     "mnist1d-cnn": "1@40 -> conv(32, 5, padding=same) -> relu -> maxpool(2) -> conv(32, 5, padding=same) -> relu "
                    "-> maxpool(2) -> flatten -> dense(10) -> softmax_cross_entropy",
     "residual-mlp": "64 -> dense(64) -> relu -> residual(dense(64) -> relu -> dense(64)) -> relu "
