@@ -31,11 +31,13 @@ class CompiledModel:
         inputs = [t for t in model.inputs if t.role == "input"]
         targets = [t for t in model.inputs if t.role == "target"]
         self.input_name = inputs[0].name
+        self.input_names = [t.name for t in inputs]       # every input, in the kernels' argument order
         self.target_name = targets[0].name
         self._x = inputs[0]
+        self._xs = inputs
         self._y = targets[0]
         self.output_names = [t.name for t in model.outputs]
-        self._dims = {t.name: self._batch_shape(model, t) for t in (self._x, self._y)}
+        self._dims = {t.name: self._batch_shape(model, t) for t in (*self._xs, self._y)}
 
     @staticmethod
     def _batch_shape(model, t):
@@ -103,17 +105,43 @@ class CompiledModel:
             raise ShapeError(f"{what} {tensor.name} is an empty batch")
         return a
 
+    def _inputs(self, x) -> list:
+        """The model's inputs as arrays in kernel order: one array for a one-input model; a list, a
+        tuple or a dict by name for a model with several."""
+        if hasattr(x, "arrays"):            # runtime.model.Inputs
+            x = list(x.arrays)
+        if len(self._xs) == 1:
+            if isinstance(x, list) and len(x) == 1:
+                x = x[0]
+            if isinstance(x, dict):
+                x = x.get(self._x.name, x)
+            return [self._array(x, self._x, "input")]
+        if isinstance(x, dict):
+            missing = [t.name for t in self._xs if t.name not in x]
+            if missing:
+                raise ShapeError(f"missing inputs {missing}; the model takes {self.input_names}")
+            x = [x[t.name] for t in self._xs]
+        if not isinstance(x, (list, tuple)) or len(x) != len(self._xs):
+            raise ShapeError(f"the model takes {len(self._xs)} inputs {self.input_names}: give a list or a "
+                             f"dict of arrays")
+        xs = [self._array(a, t, "input") for a, t in zip(x, self._xs)]
+        for a, t in zip(xs[1:], self._xs[1:]):
+            if a.shape[0] != xs[0].shape[0]:
+                raise ShapeError(f"input {t.name} has {a.shape[0]} rows but input {self._x.name} has "
+                                 f"{xs[0].shape[0]}")
+        return xs
+
     def _xy(self, x, y):
-        x = self._array(x, self._x, "input")
+        xs = self._inputs(x)
         y = self._array(y, self._y, "target")
-        if x.shape[0] != y.shape[0]:
-            raise ShapeError(f"input {self._x.name} has {x.shape[0]} rows but target "
+        if xs[0].shape[0] != y.shape[0]:
+            raise ShapeError(f"input {self._x.name} has {xs[0].shape[0]} rows but target "
                              f"{self._y.name} has {y.shape[0]}")
-        return x, y
+        return (*xs, y)
 
     # -- kernels ------------------------------------------------------------------------------
     def predict(self, params, x) -> np.ndarray:
-        return self.module.predict(*self._params(params), self._array(x, self._x, "input"))
+        return self.module.predict(*self._params(params), *self._inputs(x))
 
     def forward(self, params, x, y):
         """(cost, first output)."""

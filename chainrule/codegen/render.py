@@ -82,9 +82,9 @@ def plan_model(model, dtype="float64", grads=None) -> Plan:
     composed = grads.composed
     inputs = [t for t in model.inputs if t.role == "input"]
     targets = [t for t in model.inputs if t.role == "target"]
-    if len(inputs) != 1 or len(targets) != 1:
+    if not inputs or len(targets) != 1:
         raise UnsupportedError(f"codegen: models with {len(inputs)} inputs and {len(targets)} targets "
-                               "are not supported yet (exactly one of each)")
+                               "are not supported yet (one or more inputs, exactly one target)")
     x, y = inputs[0], targets[0]
     if not model.outputs:
         raise UnsupportedError("codegen: the model declares no output for predict")
@@ -129,8 +129,9 @@ def plan_model(model, dtype="float64", grads=None) -> Plan:
     out = model.outputs[0]
     context = dict(
         model_label=sanitise(model.name), dtype=dtype, tiny=tiny, primitives=prims,
-        params=[ident(p.name) for p in params], x=ident(x.name), y=ident(y.name),
-        arg_doc=", ".join(f"{ident(t.name)} = {t.name}" for t in [*params, x, y]),
+        params=[ident(p.name) for p in params], x=", ".join(ident(t.name) for t in inputs),
+        x_first=ident(x.name), y=ident(y.name),
+        arg_doc=", ".join(f"{ident(t.name)} = {t.name}" for t in [*params, *inputs, y]),
         output_doc=f"{ident(out.name)} = {out.name}",
         forward=["\n".join(k.lines) for k in forward_k],
         predict=["\n".join(k.lines) for k in predict_k],

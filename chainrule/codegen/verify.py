@@ -10,6 +10,14 @@ def sample_batch(cm: CompiledModel, batch=5, seed=0):
     """A random batch of inputs and valid targets (one-hot rows for a probability target,
     values in (0.05, 0.95) otherwise, which suits every loss: MSE, MAE, BCE, ...)."""
     rng = np.random.default_rng(seed)
+    if len(cm.input_names) > 1:
+        xs = [rng.normal(size=[batch if d is None else d for d in cm._dims[n]]) for n in cm.input_names]
+        _, y = sample_batch_one(cm, batch, rng)
+        return xs, y
+    return sample_batch_one(cm, batch, rng)
+
+
+def sample_batch_one(cm: CompiledModel, batch, rng):
     x_dims = [batch if d is None else d for d in cm._dims[cm.input_name]]
     y_dims = [batch if d is None else d for d in cm._dims[cm.target_name]]
     x = rng.normal(size=x_dims)
@@ -34,7 +42,8 @@ def check_gradients(model, dtype="float64", seed=0, *, batch=5, max_entries=300,
     for name in cm.param_names:          # move off special points (zero biases)
         params[name] += (0.1 * rng.normal(size=params[name].shape)).astype(cm.dtype)
     x, y = sample_batch(cm, batch=batch, seed=seed + 1)
-    x, y = x.astype(cm.dtype), y.astype(cm.dtype)
+    x = [a.astype(cm.dtype) for a in x] if isinstance(x, list) else x.astype(cm.dtype)
+    y = y.astype(cm.dtype)
     _, grads = cm.loss_and_grads(params, x, y)
     if eps is None:
         eps = 1e-6 if cm.dtype == "float64" else 1e-2

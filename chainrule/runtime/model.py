@@ -82,6 +82,23 @@ class History:
 
 
 # -- the network ---------------------------------------------------------------------------------
+class Inputs:
+    """The inputs of a model with several: arrays whose rows are the same examples, indexed together
+    (so shuffling, minibatches and validation splits work as for one array)."""
+
+    def __init__(self, arrays):
+        self.arrays = list(arrays)
+
+    def __len__(self):
+        return len(self.arrays[0])
+
+    def __getitem__(self, idx):
+        return Inputs([a[idx] for a in self.arrays])
+
+    def __repr__(self):
+        return f"Inputs({', '.join(str(a.shape) for a in self.arrays)})"
+
+
 class Network:
     """A trainable network: a derived model, its compiled kernels, and its parameters.
 
@@ -113,6 +130,8 @@ class Network:
         self.input_name, self.target_name = cm.input_name, cm.target_name
         self.input_shape = model.concrete_shape(model.tensors[cm.input_name], B=1)[1:]   # per example
         self.n_inputs = int(np.prod(self.input_shape))
+        self.input_names = list(getattr(cm, "input_names", [cm.input_name]))
+        self.input_shapes = {n: model.concrete_shape(model.tensors[n], B=1)[1:] for n in self.input_names}
         self.n_outputs = model.concrete_shape(model.tensors[cm.target_name], B=1)[1]
         self.loss_name = (model.loss.layer.split(":", 1)[-1] if model.loss is not None else "") or "loss"
         simplex = model.tensors[cm.target_name].simplex_axis is not None
@@ -248,15 +267,37 @@ class Network:
 
     # -- data checks -----------------------------------------------------------------------------
     def _prepare_x(self, x, what="x"):
+        if len(self.input_names) == 1:
+            return self._prepare_one(x, what, self.input_name, self.input_shape)
+        if isinstance(x, Inputs):
+            x = x.arrays
+        if isinstance(x, dict):
+            missing = [n for n in self.input_names if n not in x]
+            if missing:
+                raise ShapeError(f"{what}: missing inputs {missing}; the model takes {self.input_names}")
+            x = [x[n] for n in self.input_names]
+        if not isinstance(x, (list, tuple)) or len(x) != len(self.input_names):
+            raise ShapeError(f"{what}: the model takes {len(self.input_names)} inputs {self.input_names}; "
+                             f"give a list or a dict of arrays")
+        arrays = [self._prepare_one(a, f"{what}[{n}]", n, self.input_shapes[n])
+                  for a, n in zip(x, self.input_names)]
+        rows = {len(a) for a in arrays}
+        if len(rows) != 1:
+            raise ShapeError(f"{what}: the inputs {self.input_names} have different numbers of rows "
+                             f"{[len(a) for a in arrays]}")
+        return Inputs(arrays)
+
+    def _prepare_one(self, x, what, name, shape):
         arr = np.asarray(x)
-        shape = tuple(self.input_shape)
-        if len(shape) > 1 and arr.ndim == 2 and arr.shape[1] == self.n_inputs:
+        shape = tuple(shape)
+        n_flat = int(np.prod(shape))
+        if len(shape) > 1 and arr.ndim == 2 and arr.shape[1] == n_flat:
             arr = arr.reshape((len(arr),) + shape)      # flat rows of an image, row-major (C, H, W)
         if arr.shape[1:] != shape:
-            where = "" if what == self.input_name else f"{what}: "
+            where = "" if what == name else f"{what}: "
             want = ", ".join(map(str, shape))
-            alt = f" (or (N, {self.n_inputs}) rows, reshaped row-major)" if len(shape) > 1 else ""
-            raise ShapeError(f"{where}tensor {self.input_name} expects shape (N, {want}){alt}, "
+            alt = f" (or (N, {n_flat}) rows, reshaped row-major)" if len(shape) > 1 else ""
+            raise ShapeError(f"{where}tensor {name} expects shape (N, {want}){alt}, "
                              f"got {arr.shape}")
         if arr.dtype.kind not in "biuf":
             raise DataError(f"{what}: expected numbers, got dtype {arr.dtype}")
