@@ -61,6 +61,18 @@ class IndexPrinter(LatexPrinter):
             return rf"{self._print(b.lhs)} \le {self._print(b.rhs)} \le {self._print(a.rhs)}"
         return super()._print_And(expr)
 
+    def _print_Heaviside(self, expr, exp=None):
+        # SymPy's derivative of Max/Min. Its default value ½ at 0 is replaced by chainrule's stated
+        # convention step(0) = 0 (primitives.step; the code generator lowers it so), so it prints as
+        # the step does; an explicit other value at 0 keeps SymPy's θ with that value shown.
+        x = expr.args[0]
+        h0 = expr.args[1] if len(expr.args) > 1 else sp.S.Half
+        if h0 in (sp.S.Half, sp.S.Zero):
+            tex = rf"\mathbb{{1}}\left[{self._print(x)} > 0\right]"
+        else:
+            tex = rf"\theta_{{{self._print(h0)}}}\left({self._print(x)}\right)"
+        return f"{tex}^{{{exp}}}" if exp else tex
+
     def _print_KroneckerDelta(self, expr, exp=None):
         return rf"\delta_{{{_sub(expr.args, self)}}}"
 
