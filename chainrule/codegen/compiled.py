@@ -11,6 +11,12 @@ from .cache import cache_key, load_or_generate
 from .render import check_dtype, render_plan, plan_model
 
 
+def _c_array(a, dtype) -> np.ndarray:
+    """A C-contiguous array of ``dtype`` with the shape of ``a``: a rank-0 parameter stays 0-d
+    (``np.ascontiguousarray`` would make it shape (1,))."""
+    return np.require(np.asarray(a, dtype=dtype), requirements="C")
+
+
 class CompiledModel:
     """Generated kernels of one model in one dtype.
 
@@ -69,7 +75,7 @@ class CompiledModel:
             else:
                 raise UnsupportedError(f"parameter {name}: unknown initialiser {init!r} "
                                        "(known: glorot, he, zeros)")
-            out[name] = np.ascontiguousarray(a, dtype=self.dtype)
+            out[name] = _c_array(a, self.dtype)
         return out
 
     # -- argument checking --------------------------------------------------------------------
@@ -89,7 +95,7 @@ class CompiledModel:
                     raise TypeError(f"train_step updates parameter {name} in place: it must be a "
                                     f"writeable C-contiguous {self.dtype} ndarray (use init_params)")
             else:
-                a = np.ascontiguousarray(a, dtype=self.dtype)
+                a = _c_array(a, self.dtype)
             out.append(a)
         return out
 

@@ -87,6 +87,11 @@ class Lowerer:
         self.names: dict = {}                 # tensor name / Symbol -> identifier
         for k, name in enumerate(tensors):
             self.names[name] = f"t{k}_{sanitise(name)}"
+            t = tensors[name]
+            if t.rank == 0 and t.role in ("param", "input", "target"):
+                # a rank-0 argument is passed as a 0-d array (so train_step can update it in
+                # place): its read is the element ``a[()]``
+                self.names[t.symbol] = f"{self.names[name]}[()]"
         self.names[BATCH] = "n_batch"
         self.sizes = {}
         for sym, val in model.size_values.items():
@@ -450,7 +455,7 @@ def to_conventions(expr):
       of a step is zero almost everywhere, as ``step``'s own derivative is declared.
 
     ``Abs`` lowers as ``abs`` and its derivative ``sign`` as ``sign(0) = 0``; ``Max``/``Min`` as
-    ``max``/``min``. (The same map is what the explanation prints: ``\mathbb{1}[x > 0]``.)
+    ``max``/``min``. (The same map is what the explanation prints: ``1[x > 0]``.)
     """
     expr = sp.sympify(expr)
     if not expr.has(sp.Heaviside, sp.DiracDelta):
