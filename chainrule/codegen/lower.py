@@ -40,7 +40,7 @@ def pretty(eq) -> str:
     """One-line text of an equation, for the comment above the code implementing it."""
     idx = ",".join(str(i) for i in eq.indices)
     lhs = f"{eq.out.name}[{idx}]" if idx else eq.out.name
-    text = f"{lhs} = {_pretty_body(eq.body)}"
+    text = f"{lhs} = {_pretty_body(to_conventions(eq.body))}"      # as lowered: step, not Heaviside
     return " ".join(text.split())          # never a newline inside a comment
 
 
