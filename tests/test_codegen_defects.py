@@ -56,6 +56,19 @@ class InlineLayerNorm(Layer):
         return d.define(h, (b, i), (x[b, i] - mean) / sp.sqrt(var + sp.Rational(1, 100000)))
 
 
+class BatchNorm(Layer):
+    """Batch normalisation as a user would declare it: mean and variance over the batch."""
+
+    name = "batchnorm"
+
+    def build(self, d, x):
+        h = d.tensor("h", x.shape)
+        b, i, c, e = indices("b i c e")
+        mean = sp.Sum(x[c, i], (c, 0, B - 1)) / B
+        var = sp.Sum((x[c, i] - sp.Sum(x[e, i], (e, 0, B - 1)) / B) ** 2, (c, 0, B - 1)) / B
+        return d.define(h, (b, i), (x[b, i] - mean) / sp.sqrt(var + sp.Rational(1, 100000)))
+
+
 class PReLU(Layer):
     """a = relu(z) + α min(z, 0) with one learned slope α: a rank-0 parameter."""
 
@@ -146,13 +159,16 @@ def test_step_convention_is_stated_once():
     """Heaviside (SymPy's derivative of Max/Min, ½ at 0) lowers as chainrule's step (0 at 0), an
     explicit other value at 0 is kept, DiracDelta (derivative of sign/step) is 0; the explanation
     prints the step as the kernel computes it."""
-    from chainrule.codegen.lower import to_conventions
+    from chainrule.codegen.printer import print_expr, to_conventions
     u = sp.Symbol("u", real=True)
     assert sp.diff(sp.Max(u, 0), u) == sp.Heaviside(u)
     assert to_conventions(sp.Heaviside(u)) == step(u) == to_conventions(sp.Heaviside(u, 0))
     pw = to_conventions(sp.Heaviside(u, 1))
     assert [pw.subs(u, v) for v in (-1, 0, 1)] == [0, 1, 1]
     assert to_conventions(sp.diff(sp.sign(u) * u, u)) == sp.sign(u)
+    assert print_expr(sp.Heaviside(u), {u: "v"}) == "step(v)"
+    code = print_expr(sp.Heaviside(u, 1), {u: "v"})
+    assert [eval(code, {"np": np, "v": v}) for v in (-1.0, 0.0, 2.0)] == [0, 1, 1]
     md = explain_model(elu_hinge_model()).to_markdown()
     assert r"\mathbb{1}\left[" in md and r"\theta" not in md
 
@@ -173,6 +189,17 @@ def test_rank0_parameters_end_to_end_and_zero_gradient_passes(compiled_declared)
     assert cm.train_step(p, x, y, 0.5) == pytest.approx(cost, rel=1e-12)
     assert id(p["alpha2"]) == ident and p["alpha2"].shape == ()
     assert float(p["alpha2"]) == pytest.approx(alpha - 0.5 * float(g["alpha2"]), rel=1e-12)
+
+
+def test_batch_norm_compiles_and_its_zero_bias_gradient_passes(compiled_declared):
+    """The bias before a batch normalisation has gradient 0: compared as 0, not as relative error 1."""
+    cm = compiled_declared("batchnorm", lambda: sequential(
+        3, [Dense(4), BatchNorm(), Activation("tanh", sp.tanh), Dense(2)], "mse", name="batchnorm"))
+    checks = {c.name: c for c in assert_gradients_pass(cm, seed=1)}
+    b1 = checks["b1"]
+    _, g, fd = b1.worst
+    assert b1.compared == 4 and abs(g) < 1e-12 and 0 < abs(fd) < 1e-8     # fd: rounding noise
+    assert abs(g - fd) / max(abs(g), abs(fd)) > 0.99       # what a plain relative error would say
 
 
 class _Corrupted:

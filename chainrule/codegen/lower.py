@@ -25,8 +25,8 @@ import sympy as sp
 
 from ..derive.errors import UnsupportedError
 from ..derive.layers import B as BATCH
-from ..derive.primitives import LogSumExp, Primitive, step
-from .printer import print_expr
+from ..derive.primitives import LogSumExp, Primitive
+from .printer import print_expr, to_conventions
 
 REDUCTIONS = (sp.Sum, LogSumExp)
 IND = "    "
@@ -439,36 +439,6 @@ class Lowerer:
         lines += blocks[0].lines
         lines.append(f"{self.ident(info['out'])} = {value}")
         return Kernel("scalar", [info["text"]], [info["out"]], lines)
-
-
-def to_conventions(expr):
-    """SymPy's step-function constructs, mapped onto chainrule's one stated convention.
-
-    The value of a step at its kink is a convention, stated once, by the ``step`` primitive:
-    ``step(0) = 0`` (ReLU'(0) = 0, as PyTorch). SymPy differentiates ``Max``/``Min`` (hence
-    hinge, Huber, clipping, ELU written with ``Min``) into ``Heaviside(x)``, whose own default at 0
-    is ½; the design replaces that default by the convention, so
-
-    * ``Heaviside(x)`` (SymPy's default ½) and ``Heaviside(x, 0)`` lower as ``step(x)``;
-    * ``Heaviside(x, h0)`` with any other explicit ``h0`` keeps the value it states at 0;
-    * ``DiracDelta(x)`` (the derivative of ``sign``, ``Heaviside`` or ``step``) is 0: the derivative
-      of a step is zero almost everywhere, as ``step``'s own derivative is declared.
-
-    ``Abs`` lowers as ``abs`` and its derivative ``sign`` as ``sign(0) = 0``; ``Max``/``Min`` as
-    ``max``/``min``. (The same map is what the explanation prints: ``1[x > 0]``.)
-    """
-    expr = sp.sympify(expr)
-    if not expr.has(sp.Heaviside, sp.DiracDelta):
-        return expr
-
-    def heaviside(*args):
-        x = args[0]
-        h0 = args[1] if len(args) > 1 else sp.S.Half
-        if h0 in (sp.S.Half, sp.S.Zero):
-            return step(x)
-        return sp.Piecewise((sp.S.One, x > 0), (h0, sp.Eq(x, 0)), (sp.S.Zero, True))
-    expr = expr.replace(sp.Heaviside, heaviside)
-    return expr.replace(sp.DiracDelta, lambda *args: sp.S.Zero)
 
 
 def outermost_reductions(expr) -> list:

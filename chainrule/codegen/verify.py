@@ -70,6 +70,10 @@ class GradientCheck:
     def __len__(self):
         return 2
 
+    def __repr__(self):
+        return (f"GradientCheck({self.name}: {'pass' if self.ok else 'FAIL'}, error {self.error:.2e}, "
+                f"{self.compared}/{self.size} entries)")
+
     def __str__(self):
         idx, g, fd = self.worst
         return (f"{self.name}: {'pass' if self.ok else 'FAIL'}, relative error {self.error:.2e} "
