@@ -32,6 +32,7 @@ SWISH = Activation("swish", lambda u: u * sigmoid(u))
 HUBER = Loss("huber", lambda p, y: sp.Min(sp.Abs(p - y), 1) * (sp.Abs(p - y) - sp.Min(sp.Abs(p - y), 1) / 2))
 ELU = Activation("elu", lambda u: sp.Max(u, 0) + sp.Min(0, sp.exp(u) - 1))
 HINGE = Loss("hinge", lambda z, y: sp.Max(0, 1 - y * z))
+SOFTSIGN = Activation("softsign", lambda u: u / (1 + sp.Abs(u)))           # its derivative has sign
 
 
 def huber_model():
@@ -39,7 +40,7 @@ def huber_model():
 
 
 def elu_hinge_model():
-    return sequential(3, [Dense(4), ELU, Dense(2)], HINGE, name="elu_hinge")
+    return sequential(3, [Dense(4), ELU, Dense(3), SOFTSIGN, Dense(2)], HINGE, name="elu_hinge")
 
 
 class InlineLayerNorm(Layer):
@@ -150,9 +151,10 @@ def test_readme_huber_compiles_trains_and_matches_finite_differences(compiled_de
     assert history["loss"][-1] < 0.5 * history["loss"][0], history["loss"]
 
 
-def test_elu_with_min_and_hinge_with_max_match_finite_differences(compiled_declared):
+def test_elu_with_min_softsign_with_abs_and_hinge_with_max_match_finite_differences(compiled_declared):
     cm = compiled_declared("elu_hinge", elu_hinge_model)
     assert_gradients_pass(cm)
+    assert "_sign(" in cm.source and "step(" in cm.source
 
 
 def test_step_convention_is_stated_once():
@@ -173,6 +175,17 @@ def test_step_convention_is_stated_once():
     assert r"\mathbb{1}\left[" in md and r"\theta" not in md
 
 
+@pytest.mark.latex
+def test_step_explanations_render_in_katex():
+    from latex_tools import extract_math, format_katex_errors, katex_errors, need_katex
+    need_katex()
+    items = []
+    for build in (huber_model, elu_hinge_model):
+        items += extract_math(explain_model(build()).to_markdown())
+    errors = katex_errors(items)
+    assert not errors, format_katex_errors(errors)
+
+
 # -- 3. the numeric check: zeros and corruption ------------------------------------------------------
 def test_rank0_parameters_end_to_end_and_zero_gradient_passes(compiled_declared):
     cm = compiled_declared("rank0", rank0_model)
@@ -189,6 +202,21 @@ def test_rank0_parameters_end_to_end_and_zero_gradient_passes(compiled_declared)
     assert cm.train_step(p, x, y, 0.5) == pytest.approx(cost, rel=1e-12)
     assert id(p["alpha2"]) == ident and p["alpha2"].shape == ()
     assert float(p["alpha2"]) == pytest.approx(alpha - 0.5 * float(g["alpha2"]), rel=1e-12)
+
+
+def test_rank0_parameters_in_the_runtime(compiled_declared, tmp_path):
+    cm = compiled_declared("rank0", rank0_model)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 3))
+    y = np.stack([x[:, 0] * x[:, 1], np.abs(x[:, 2])], 1)
+    net = Network(cm.model, compiled=cm, seed=0)
+    assert net.param_shapes["alpha2"] == () and net.n_params() == 12 + 4 + 1 + 12 + 3 + 1 + 6 + 2
+    history = net.fit(x, y, epochs=5, lr=0.05, batch_size=16, progress=False)
+    assert history["loss"][-1] < history["loss"][0]
+    assert net.params["alpha2"].shape == () and float(net.params["alpha2"]) != 0.0
+    path = net.save(tmp_path / "rank0.npz")
+    again = Network(cm.model, compiled=cm, seed=1).load(path)
+    assert again.params["alpha2"].shape == () and again.params["alpha2"] == net.params["alpha2"]
 
 
 def test_batch_norm_compiles_and_its_zero_bias_gradient_passes(compiled_declared):
