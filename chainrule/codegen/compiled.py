@@ -8,7 +8,14 @@ import numpy as np
 
 from ..derive.errors import ShapeError, UnsupportedError
 from .cache import cache_key, load_or_generate
+from .facts import declared_facts
 from .render import check_dtype, render_plan, plan_model
+
+
+def _c_array(a, dtype) -> np.ndarray:
+    """A C-contiguous array of ``dtype`` with the shape of ``a``: a rank-0 parameter stays 0-d
+    (``np.ascontiguousarray`` would make it shape (1,))."""
+    return np.require(np.asarray(a, dtype=dtype), requirements="C")
 
 
 class CompiledModel:
@@ -38,6 +45,8 @@ class CompiledModel:
         self._y = targets[0]
         self.output_names = [t.name for t in model.outputs]
         self._dims = {t.name: self._batch_shape(model, t) for t in (*self._xs, self._y)}
+        # facts declared on the arguments, which the derived gradient may rely on
+        self.facts = declared_facts(model, names={*self.input_names, self.target_name})
 
     @staticmethod
     def _batch_shape(model, t):
@@ -71,7 +80,7 @@ class CompiledModel:
             else:
                 raise UnsupportedError(f"parameter {name}: unknown initialiser {init!r} "
                                        "(known: glorot, he, zeros)")
-            out[name] = np.ascontiguousarray(a, dtype=self.dtype)
+            out[name] = _c_array(a, self.dtype)
         return out
 
     # -- argument checking --------------------------------------------------------------------
@@ -91,11 +100,12 @@ class CompiledModel:
                     raise TypeError(f"train_step updates parameter {name} in place: it must be a "
                                     f"writeable C-contiguous {self.dtype} ndarray (use init_params)")
             else:
-                a = np.ascontiguousarray(a, dtype=self.dtype)
+                a = _c_array(a, self.dtype)
             out.append(a)
         return out
 
-    def _array(self, a, tensor, what) -> np.ndarray:
+    def _array(self, a, tensor, what, facts=False) -> np.ndarray:
+        data_dtype = getattr(a, "dtype", None)
         a = np.ascontiguousarray(a, dtype=self.dtype)
         dims = self._dims[tensor.name]
         if a.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, a.shape)):
@@ -103,9 +113,13 @@ class CompiledModel:
             raise ShapeError(f"{what} {tensor.name} has shape {a.shape}, expected {shape}")
         if a.ndim and a.shape[0] == 0:
             raise ShapeError(f"{what} {tensor.name} is an empty batch")
+        if facts:
+            for fact in self.facts:
+                if fact.tensor.name == tensor.name:
+                    fact.check(a, data_dtype=data_dtype)
         return a
 
-    def _inputs(self, x) -> list:
+    def _inputs(self, x, facts=False) -> list:
         """The model's inputs as arrays in kernel order: one array for a one-input model; a list, a
         tuple or a dict by name for a model with several."""
         if hasattr(x, "arrays"):            # runtime.model.Inputs
@@ -115,7 +129,7 @@ class CompiledModel:
                 x = x[0]
             if isinstance(x, dict):
                 x = x.get(self._x.name, x)
-            return [self._array(x, self._x, "input")]
+            return [self._array(x, self._x, "input", facts)]
         if isinstance(x, dict):
             missing = [t.name for t in self._xs if t.name not in x]
             if missing:
@@ -124,16 +138,17 @@ class CompiledModel:
         if not isinstance(x, (list, tuple)) or len(x) != len(self._xs):
             raise ShapeError(f"the model takes {len(self._xs)} inputs {self.input_names}: give a list or a "
                              f"dict of arrays")
-        xs = [self._array(a, t, "input") for a, t in zip(x, self._xs)]
+        xs = [self._array(a, t, "input", facts) for a, t in zip(x, self._xs)]
         for a, t in zip(xs[1:], self._xs[1:]):
             if a.shape[0] != xs[0].shape[0]:
                 raise ShapeError(f"input {t.name} has {a.shape[0]} rows but input {self._x.name} has "
                                  f"{xs[0].shape[0]}")
         return xs
 
-    def _xy(self, x, y):
-        xs = self._inputs(x)
-        y = self._array(y, self._y, "target")
+    def _xy(self, x, y, facts=False):
+        """Checked arrays; ``facts``: also every fact declared on them (before a gradient)."""
+        xs = self._inputs(x, facts)
+        y = self._array(y, self._y, "target", facts)
         if xs[0].shape[0] != y.shape[0]:
             raise ShapeError(f"input {self._x.name} has {xs[0].shape[0]} rows but target "
                              f"{self._y.name} has {y.shape[0]}")
@@ -152,12 +167,12 @@ class CompiledModel:
         return self.forward(params, x, y)[0]
 
     def loss_and_grads(self, params, x, y):
-        cost, grads = self.module.loss_and_grads(*self._params(params), *self._xy(x, y))
+        cost, grads = self.module.loss_and_grads(*self._params(params), *self._xy(x, y, facts=True))
         return float(cost), dict(zip(self.param_names, grads))
 
     def train_step(self, params, x, y, lr) -> float:
         return float(self.module.train_step(*self._params(params, inplace=True),
-                                            *self._xy(x, y), float(lr)))
+                                            *self._xy(x, y, facts=True), float(lr)))
 
 
 def compile_model(model, dtype="float64", cache_dir=None) -> CompiledModel:

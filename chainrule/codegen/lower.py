@@ -27,7 +27,7 @@ from ..derive.errors import UnsupportedError
 from ..derive.layers import B as BATCH
 from ..derive.deltas import eliminate_deltas
 from ..derive.primitives import IsArgmax, LogSumExp, MaxOver, Primitive
-from .printer import print_expr
+from .printer import print_expr, to_conventions
 
 REDUCTIONS = (sp.Sum, LogSumExp, MaxOver)
 IND = "    "
@@ -41,7 +41,7 @@ def pretty(eq) -> str:
     """One-line text of an equation, for the comment above the code implementing it."""
     idx = ",".join(str(i) for i in eq.indices)
     lhs = f"{eq.out.name}[{idx}]" if idx else eq.out.name
-    text = f"{lhs} = {_pretty_body(eq.body)}"
+    text = f"{lhs} = {_pretty_body(to_conventions(eq.body))}"      # as lowered: step, not Heaviside
     return " ".join(text.split())          # never a newline inside a comment
 
 
@@ -88,6 +88,11 @@ class Lowerer:
         self.names: dict = {}                 # tensor name / Symbol -> identifier
         for k, name in enumerate(tensors):
             self.names[name] = f"t{k}_{sanitise(name)}"
+            t = tensors[name]
+            if t.rank == 0 and t.role in ("param", "input", "target"):
+                # a rank-0 argument is passed as a 0-d array (so train_step can update it in
+                # place): its read is the element ``a[()]``
+                self.names[t.symbol] = f"{self.names[name]}[()]"
         self.names[BATCH] = "n_batch"
         self.sizes = {}
         for sym, val in model.size_values.items():
@@ -130,34 +135,66 @@ class Lowerer:
         return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
     def prepare(self, eq):
-        """Sizes substituted, output indices renamed to i0.., bound indices to fresh r-names.
+        """Sizes substituted, bound indices renamed apart (fresh r-names), output indices to i0..
         A body written with Kronecker deltas (zero padding: the input embedded in zeros) is lowered in
         gather form: the engine's delta elimination, with the branch folded outward so that a read
         outside the tensor is never evaluated."""
         body = sp.sympify(eq.body)
         if body.has(sp.KroneckerDelta):
             body, _ = eliminate_deltas(body, eq.ranges())
-        body = body.xreplace(self.sizes)
+        body = to_conventions(body.xreplace(self.sizes))
         if self.cost_adjoint is not None:
             body = body.xreplace({sp.Symbol(self.cost_adjoint, real=True): sp.S.One})
+        # bound indices first: a reduction may bind a name that is free elsewhere in the body
+        # (even an output index: SymPy's Sum shadows it), so it is renamed before the output
+        # indices are mapped to loop variables
+        body = self.rename_bound(body)
         rename = {old: self.loop_vars[p] for p, old in enumerate(eq.indices)}
-        bound = []
-        for r in sp.preorder_traversal(body):
-            if isinstance(r, REDUCTIONS):
-                for v, _, _ in r.limits:
-                    if v not in bound:
-                        bound.append(v)
-        for v in bound:
-            if v in rename:
-                raise UnsupportedError(f"codegen: equation {pretty(eq)} sums over its own output index {v}")
-            fresh = sp.Symbol(self.fresh("r"), integer=True)
-            self.names[fresh] = str(fresh)
-            rename[v] = fresh
         body = body.xreplace(rename)
         for s in body.free_symbols:
             if s.is_integer and s not in self.names and s not in self.sizes:
                 raise UnsupportedError(f"codegen: index {s} in {pretty(eq)} is unbound")
         return body, tuple(self.loop_vars[p] for p in range(len(eq.indices)))
+
+    def rename_bound(self, expr):
+        """Alpha-rename every reduction's bound indices to fresh loop names, bottom-up.
+
+        Reductions that are equal up to the names of their bound indices (nested ones included)
+        become one and the same expression, which the lowering computes once (``_Block.cache``);
+        any two others get different names, so a nested loop never reuses (and clobbers) the
+        variable of an enclosing loop, and a sum may bind a name that is free around it.
+        """
+        table: dict = {}          # canonical form of a reduction -> the renamed reduction
+        renamed: set = set()      # the fresh names given so far
+        memo: dict = {}
+
+        def canonical(r):
+            order = [v for v, _, _ in r.limits]
+            for node in sp.preorder_traversal(r):
+                if node in renamed and node not in order:
+                    order.append(node)
+            return sp.srepr(r.xreplace({v: sp.Symbol(f"·{k}", integer=True) for k, v in enumerate(order)}))
+
+        def rec(e):
+            if e in memo:
+                return memo[e]
+            if not e.args or isinstance(e, sp.Indexed):
+                return e
+            args = [rec(a) for a in e.args]
+            new = e.func(*args) if any(a is not b for a, b in zip(args, e.args)) else e
+            if isinstance(new, REDUCTIONS):
+                key = canonical(new)
+                if key not in table:
+                    fresh = {}
+                    for v, _, _ in new.limits:
+                        fresh[v] = sp.Symbol(self.fresh("r"), integer=True)
+                        self.names[fresh[v]] = str(fresh[v])
+                    renamed.update(fresh.values())
+                    table[key] = new.xreplace(fresh)
+                new = table[key]
+            memo[e] = new
+            return new
+        return rec(expr)
 
     # -- contraction detection ----------------------------------------------------------------
     def match_dot(self, s, loop_vars):
@@ -268,7 +305,7 @@ class Lowerer:
         def find(e):                   # indicators outside every reduction (inner ones: recursively)
             if isinstance(e, IsArgmax):
                 args.append(e)
-            elif not isinstance(e, REDUCTIONS):
+            elif not isinstance(e, REDUCTIONS) and not isinstance(e, sp.Indexed):
                 for a in e.args:
                     find(a)
         find(expr)
@@ -282,14 +319,8 @@ class Lowerer:
                     self.names[sym] = str(sym)
                 repl[a] = sp.Piecewise((1, sp.And(*[sp.Eq(sym, pt) for sym, pt in zip(syms, point)])), (0, True))
             expr = expr.xreplace(repl)
-        reds = [r for r in sp.preorder_traversal(expr) if isinstance(r, REDUCTIONS)]
-        # outermost reductions only: the inner ones are handled recursively
-        outer = []
-        for r in reds:
-            if not any(r is not o and r in set(sp.preorder_traversal(o)) for o in reds):
-                outer.append(r)
         repl = {}
-        for r in outer:
+        for r in outermost_reductions(expr):
             repl[r] = sp.Symbol(self.emit_reduction(r, blocks), real=True)
             self.names[repl[r]] = str(repl[r])
         return self.pe(expr.xreplace(repl))
@@ -507,10 +538,29 @@ def _rounded(e, up: bool):
     return sp.ceiling(e) if up else sp.floor(e)
 
 
+def outermost_reductions(expr) -> list:
+    """The reductions of ``expr`` that are not inside another reduction, found top-down.
+
+    (A reduction may also occur *inside* another one, e.g. a mean used alone and within a
+    variance: it is still outermost where it occurs alone; its nested occurrence is handled when
+    the enclosing reduction's body is emitted, and reuses the same accumulator.)"""
+    out, seen, stack = [], set(), [expr]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, REDUCTIONS):
+            if e not in seen:
+                seen.add(e)
+                out.append(e)
+            continue
+        if not isinstance(e, sp.Indexed):
+            stack.extend(reversed(e.args))
+    return out
+
+
 def primitives_used(exprs) -> list[type]:
     seen = {}
     for e in exprs:
-        for node in sp.preorder_traversal(e):
+        for node in sp.preorder_traversal(to_conventions(e)):
             if isinstance(node, Primitive):
                 seen.setdefault(type(node).__name__, type(node))
     return [seen[k] for k in sorted(seen)]
