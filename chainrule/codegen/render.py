@@ -79,7 +79,10 @@ def plan_model(model, dtype="float64", grads=None) -> Plan:
     from ..derive import derive
     dtype = check_dtype(dtype)
     grads = grads if grads is not None else derive(model)
-    composed = grads.composed
+    from ..derive.backprop import compose, recomputed_inside_reductions
+    keep = recomputed_inside_reductions(grads)
+    # an adjoint that inlining would recompute inside another reduction gets an array of its own
+    composed = compose(grads, keep=keep) if keep else grads.composed
     inputs = [t for t in model.inputs if t.role == "input"]
     targets = [t for t in model.inputs if t.role == "target"]
     if not inputs or len(targets) != 1:

@@ -201,13 +201,34 @@ def _substitute_adjoint(expr, adj_name: str, eq: Equation):
     return expr.replace(lambda e: isinstance(e, sp.Indexed) and str(e.base.label) == adj_name, value)
 
 
-def compose(grads: Gradients) -> dict[str, AdjointDerivation]:
-    """Inline adjoints of intermediates read only once; simplify what results, recording steps."""
+def recomputed_inside_reductions(grads: Gradients) -> set:
+    """Adjoints that composing would inline *inside* a reduction of their reader while carrying a
+    reduction of their own (the adjoint of a pooled convolution output, read under the argmax sum of
+    the pooling): inlined, each would be recomputed once per term of the outer reduction. The code
+    generator keeps them as arrays of their own (``compose(grads, keep=...)``)."""
+    from .primitives import LogSumExp, MaxOver
+    reductions = (sp.Sum, LogSumExp, MaxOver)
+    derivs = grads.derivations
+    out = set()
+    for n, d in derivs.items():
+        if not d.equation.body.has(*reductions):
+            continue
+        name = d.adjoint.name
+        for m in derivs.values():
+            for r in m.equation.body.atoms(*reductions):
+                if any(str(x.base.label) == name for x in r.atoms(sp.Indexed)):
+                    out.add(n)
+    return out
+
+
+def compose(grads: Gradients, keep=frozenset()) -> dict[str, AdjointDerivation]:
+    """Inline adjoints of intermediates read only once (except those in ``keep``); simplify what
+    results, recording steps."""
     model = grads.model
     derivs = grads.derivations
     readers = {n: [m for m in derivs if derivs[n].adjoint.name in {r for r, _ in derivs[m].equation.reads()}]
                for n in derivs}
-    inline = {n for n in derivs if n not in grads.kept and len(readers[n]) == 1}
+    inline = {n for n in derivs if n not in grads.kept and n not in keep and len(readers[n]) == 1}
     out = {}
     for name, d in derivs.items():
         if name in inline:
