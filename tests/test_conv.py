@@ -83,6 +83,22 @@ def test_the_explanation_names_the_full_correlation_and_the_argmax_routing():
     assert r"\operatorname{argmax}" in md
 
 
+@pytest.mark.latex
+def test_every_equation_of_conv_and_pool_derivations_renders():
+    from latex_tools import extract_math, format_katex_errors, katex_errors, need_katex
+    need_katex()
+    items = []
+    for spec in ["1x9x9 -> conv(2, 3, stride=2, padding=1) -> relu -> maxpool(2, stride=1) -> avgpool(2) -> flatten "
+                 "-> dense(3) -> softmax_cross_entropy",
+                 "1@12 -> conv(2, 2, stride=2, dilation=3) -> global_avgpool -> dense(2) -> mse"]:
+        from chainrule.derive import build_model
+        model = build_model(spec)
+        doc = explain_model(model, derive(model, wrt=["x"]))
+        items += extract_math(doc.to_markdown()) + [(eq, True) for eq in doc.equations()]
+    errors = katex_errors(items)
+    assert not errors, format_katex_errors(errors)
+
+
 # -- generated kernels -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def conv_kernels(kernel_cache_dir):

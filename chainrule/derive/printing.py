@@ -58,6 +58,8 @@ class IndexPrinter(LatexPrinter):
         return rf"\frac{{\partial {num}}}{{{den}}}"
 
     def _print_And(self, expr):
+        if len(expr.args) != 2:        # several conditions (a divisibility and ranges): one after another
+            return r" \wedge ".join(self._print(a) for a in expr.args)
         a, b = expr.args
         if isinstance(a, sp.Le) and isinstance(b, sp.Le) and a.rhs == b.lhs:      # lo ≤ x ≤ hi
             return rf"{self._print(a.lhs)} \le {self._print(a.rhs)} \le {self._print(b.rhs)}"
@@ -75,6 +77,12 @@ class IndexPrinter(LatexPrinter):
             tex = self._print(step(x))
         else:
             tex = rf"\theta_{{{self._print(h0)}}}\left({self._print(x)}\right)"
+        return rf"\left({tex}\right)^{{{exp}}}" if exp else tex
+
+    def _print_Mod(self, expr, exp=None):
+        a, m = expr.args
+        arg = rf"\left({self._print(a)}\right)" if a.is_Add or a.is_Mul else self._print(a)
+        tex = rf"{arg} \bmod {self._print(m)}"
         return rf"\left({tex}\right)^{{{exp}}}" if exp else tex
 
     def _print_KroneckerDelta(self, expr, exp=None):
