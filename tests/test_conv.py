@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from chainrule.derive import (ACTIVATIONS, Activation, Dense, Model, ShapeError, SpecError, derive,
-                              explain_model, index, sequential)
+from chainrule.derive import (ACTIVATIONS, Activation, Dense, Model, ShapeError, SpecError, build_model,
+                              derive, explain_model, index, sequential)
 from chainrule.derive.conv import AvgPool, Conv1D, Conv2D, Flatten, GlobalAvgPool, MaxPool
 from chainrule.derive.layers import B
 from chainrule.derive.tensor import Equation, Tensor, size
@@ -81,6 +81,8 @@ def test_the_explanation_names_the_full_correlation_and_the_argmax_routing():
     assert "correlation of $\\tilde{x}^{(1)}$ with" in md          # the kernel gradient
     assert "routes the adjoint to the position of the maximum" in md and "first maximal position" in md
     assert r"\operatorname{argmax}" in md
+    avg = build_model("1x8x8 -> avgpool(2) -> flatten -> dense(3) -> softmax_cross_entropy")
+    assert "spread evenly over the window" in explain_model(avg, derive(avg, wrt=["x"])).to_markdown()
 
 
 @pytest.mark.latex

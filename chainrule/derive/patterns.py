@@ -78,6 +78,13 @@ def describe(eq, tensors: dict, inline) -> list[str]:
                            f"entry sums, over every example and output position, the input under it "
                            f"(at {', '.join(inline(e) for e in shifted)}) times the adjoint there.")
                 break
+    # a constant share of an adjoint summed over the windows that cover this position (average pooling)
+    coeff, rest = body.as_coeff_Mul()
+    if isinstance(rest, sp.Sum) and coeff.is_Rational and coeff != 1 and isinstance(rest.function, sp.Indexed) \
+            and rest.function in adjoints and not body.has(IsArgmax):
+        out.append(f"Each position receives the share {inline(coeff)} of the adjoint of every window that "
+                   f"covers it: the adjoint is spread evenly over the window (average pooling's "
+                   f"{inline(coeff)} = 1/window size).")
     for a in body.atoms(IsArgmax):
         out.append(f"The bracket {inline(a)} routes the adjoint to the position of the maximum of each "
                    f"window and nothing to the other positions (ties: the first maximal position, "
