@@ -198,13 +198,79 @@ def test_a_module_that_does_not_compile_is_never_cached(tmp_path, monkeypatch):
 
 
 def test_parameterless_model_is_refused_clearly_and_nothing_is_cached(tmp_path):
+    from chainrule.derive.layers import Activation, sequential, sigmoid
+    with pytest.raises(SpecError, match=r"spec '3 -> mse' has no layer with parameters.*'3 -> dense\(1\) -> mse'"):
+        build_model("3 -> mse")
     with pytest.raises(UnsupportedError, match="has no parameters, so there is nothing to train"):
-        compile_model(build_model("3 -> mse"), cache_dir=tmp_path)
+        compile_model(sequential(3, [], "mse"), cache_dir=tmp_path)
     with pytest.raises(UnsupportedError, match="no parameters"):
-        render_module(build_model("3 -> sigmoid -> mse"))
+        render_module(sequential(3, [Activation("sigmoid", sigmoid)], "mse"))
     assert not list(tmp_path.glob("*.py"))
 
 
+# == degenerate and hostile specs =====================================================================
+@pytest.mark.parametrize("spec, message", [
+    ("3 -> dense(0) -> mse", "item 2: the width of dense(0) is 0: a width must be at least 1"),
+    ("0 -> dense(2) -> mse", "the input width is 0: a width must be at least 1"),
+    ("3 -> dense(1000000000) -> mse", "is 1000000000, above the limit of 100000; if you mean it, raise "
+     "the limit with CHAINRULE_MAX_WIDTH=1000000000 or build_model(..., max_width=1000000000)"),
+    ("2 -> dense(20000) -> dense(20000) -> mse", "has 400,080,000 parameters, above the limit of "
+     "100,000,000; if you mean it, raise the limit with CHAINRULE_MAX_PARAMS=400080000"),
+    ("\u00b2 -> dense(2) -> mse", "the first item must be the input width (digits 0-9), got '\u00b2'"),
+    ("3 -> dense(\u00b2) -> mse", "item 2 'dense(\u00b2)' is not a layer"),
+    ("", "empty model spec"),
+    ("   ", "empty model spec"),
+])
+def test_degenerate_specs_get_clear_errors(spec, message):
+    with pytest.raises(SpecError) as e:
+        build_model(spec)
+    assert message in str(e.value)
+
+
+def test_limits_can_be_raised_by_argument_or_environment(monkeypatch):
+    from chainrule.derive.layers import Dense
+    assert build_model("2 -> dense(150000) -> mse", max_width=200_000).size_values
+    monkeypatch.setenv("CHAINRULE_MAX_WIDTH", "200000")
+    assert build_model("2 -> dense(150000) -> mse").size_values
+    monkeypatch.setenv("CHAINRULE_MAX_PARAMS", "10")
+    with pytest.raises(SpecError, match="has 15 parameters, above the limit of 10"):
+        build_model("2 -> dense(5) -> mse")
+    monkeypatch.setenv("CHAINRULE_MAX_PARAMS", "lots")
+    with pytest.raises(SpecError, match="CHAINRULE_MAX_PARAMS='lots' is not a positive integer"):
+        build_model("2 -> dense(5) -> mse")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(SpecError, match=f"dense: units must be a positive integer, got {bad!r}"):
+            Dense(bad)
+
+
+def _hostile_model(evil):
+    """The perceptron with its input tensor renamed after declaration (name, base, equations)."""
+    from chainrule.derive.graph import Model
+    m = build_model("2 -> dense(1) -> bce_logits")
+    x = m.tensors["x"]
+    old = x.base
+    x.name, x.base = evil, sp.IndexedBase(evil, real=True)
+    eqs = [type(e)(e.out, e.indices, e.body.xreplace({old: x.base}), layer=e.layer, note=e.note)
+           for e in m.equations]
+    return Model(eqs, list(m.tensors.values()), m.cost, loss=m.loss, outputs=m.outputs,
+                 size_values=m.size_values, name="evil\nmodel", layers=m.layers)
+
+
+@pytest.mark.parametrize("sep", ["\n", "\r", "\r\n", "\x0c\n", "\u2028", "\x00"])
+def test_renamed_tensor_never_reaches_generated_code_raw(tmp_path, sep):
+    import ast
+    marker = tmp_path / "pwned"
+    evil = f"x{sep}import os; open({str(marker)!r}, 'w'){sep}#"
+    model = _hostile_model(evil)
+    src = render_module(model)
+    tree = ast.parse(src)
+    imports = sorted(a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                     for a in n.names)
+    assert imports == ["math", "njit", "numpy"]
+    assert all("open(" not in line for line in src.splitlines() if not line.lstrip().startswith("#"))
+    cm = compile_model(model, cache_dir=tmp_path / "k")      # importing it runs nothing
+    _works(cm)
+    assert not marker.exists()
 # == atomic writes ====================================================================================
 _KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys

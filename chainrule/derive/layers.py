@@ -90,6 +90,9 @@ class Dense(Layer):
     name = "dense"
     has_params = True
 
+    def __post_init__(self):
+        _check_width(self.units, "dense: units")
+
     def build(self, d, x):
         if x.rank != 2:
             raise ShapeError(f"layer {d.layer} (dense) expects a (batch, features) input, "
@@ -230,6 +233,12 @@ LOSSES = {
 }
 
 
+def _check_width(n, what):
+    import numbers
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise SpecError(f"{what} must be a positive integer, got {n!r}")
+
+
 # -- assembling a model --------------------------------------------------------------------------------
 def sequential(n_inputs: int, layers, loss: Loss | str, name="model") -> Model:
     """A layer list -> Model: input x (B × n_0), the layers, the per-example loss and the batch-mean cost."""
@@ -237,6 +246,7 @@ def sequential(n_inputs: int, layers, loss: Loss | str, name="model") -> Model:
         if loss not in LOSSES:
             raise SpecError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
         loss = LOSSES[loss]()
+    _check_width(n_inputs, "sequential: the number of inputs")
     d = Builder()
     n0 = d.size("n", n_inputs)
     x = d.tensor("x", (B, n0), role="input", latex="x")
