@@ -314,3 +314,234 @@ def test_user_files_follow_the_umask_and_the_cache_stays_private(tmp_path):
     assert stat.S_IMODE(os.stat(tmp_path / "doc.md").st_mode) == 0o644
     assert stat.S_IMODE(os.stat(tmp_path / "private").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(tmp_path / "strict.md").st_mode) == 0o600
+
+
+# == checkpoints ======================================================================================
+RELU = "4 -> dense(3) -> relu -> dense(2) -> mse"
+TANH = "4 -> dense(3) -> tanh -> dense(2) -> mse"
+
+
+@pytest.fixture
+def net_of(compiled_model):
+    from chainrule.runtime import Network
+
+    def make(spec, seed=0):
+        cm = compiled_model(spec)
+        return Network(cm.model, compiled=cm, seed=seed)
+    return make
+
+
+def _npz(path, arrays: dict, meta=None, compress=False):
+    """An .npz written member by member (streams, so a large declared array costs no memory)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED,
+                         allowZip64=True) as zf:
+        if meta is not None:
+            text = meta if isinstance(meta, str) else json.dumps(meta)
+            with zf.open("__meta__.npy", "w") as f:
+                np.lib.format.write_array(f, np.array(text))
+        for name, a in arrays.items():
+            with zf.open(name + ".npy", "w", force_zip64=True) as f:
+                if isinstance(a, tuple):                       # (shape, dtype): zeros, streamed
+                    shape, dtype = a
+                    np.lib.format.write_array_header_2_0(
+                        f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                            "fortran_order": False, "shape": shape})
+                    chunk = bytes(1 << 20)
+                    left = int(np.prod(shape)) * np.dtype(dtype).itemsize
+                    while left:
+                        f.write(chunk[:min(left, len(chunk))])
+                        left -= min(left, len(chunk))
+                else:
+                    np.lib.format.write_array(f, np.asarray(a), allow_pickle=True)
+
+
+def _meta_of(net):
+    return {"format": "chainrule-params", "version": 1, "model": net.model.name, "spec": net.spec,
+            "dtype": "float64", "param_names": net.param_names,
+            "param_shapes": {k: list(s) for k, s in net.param_shapes.items()}}
+
+
+def _peak_mib(fn):
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak / 2**20
+
+
+def test_large_undeclared_array_is_refused_before_it_is_allocated(net_of, tmp_path):
+    from chainrule.runtime import CheckpointError
+    net = net_of(TANH)
+    path = tmp_path / "bomb.npz"
+    params = {k: v for k, v in net.get_params().items()}
+    _npz(path, {**params, "payload": ((32 << 20,), "float64")}, meta=_meta_of(net), compress=True)
+    assert path.stat().st_size < 2 << 20                     # 256 MiB of zeros, compressed
+    errors = []
+
+    def load():
+        with pytest.raises(CheckpointError) as e:
+            net.load(path)
+        errors.append(str(e.value))
+    assert _peak_mib(load) < 8
+    assert "holds array payload that the metadata does not declare" in errors[0]
+    # without metadata, the unexpected name and the shape are refused from the headers too
+    _npz(path, {**params, "W1": ((4096, 4096), "float64")}, compress=True)
+    errors.clear()
+    assert _peak_mib(load) < 8
+    assert "W1: " in errors[0] and "has (4096, 4096), the network needs (3, 4)" in errors[0]
+
+
+def test_checkpoint_members_must_agree_with_their_headers_and_hold_no_pickles(net_of, tmp_path):
+    from chainrule.runtime import CheckpointError
+    net = net_of(TANH)
+    path = tmp_path / "p.npz"
+    _npz(path, {**net.get_params(), "W1": np.array([{"a": 1}], dtype=object)}, meta=_meta_of(net))
+    with pytest.raises(CheckpointError, match="array W1 holds Python objects .a pickle., which are never loaded"):
+        net.load(path)
+    net.save(path)
+    with zipfile.ZipFile(path) as zf:                      # a member cut short: header lies
+        data = {i.filename: zf.read(i) for i in zf.infolist()}
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, blob in data.items():
+            zf.writestr(name, blob[:-8] if name == "W1.npy" else blob)
+    with pytest.raises(CheckpointError, match=r"array W1 declares shape \(3, 4\) float64 \(96 bytes\) "
+                                              r"but its member holds 88 bytes"):
+        net.load(path)
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"format": "chainrule-params"}, "malformed metadata: 'version' is missing"),
+    ('["format", "chainrule-params"]', "malformed metadata: expected a JSON object, got a JSON list"),
+    ("{not json", "unreadable metadata (not JSON)"),
+    ({"format": "something-else"}, "is not a chainrule parameter file (format 'something-else'"),
+    ({"format": "chainrule-params", "version": 1, "model": "m", "dtype": "float64",
+      "param_names": ["W1"], "param_shapes": {"W1": "big"}},
+     "malformed metadata: the shape of W1 should be a list of non-negative integers, got \"big\""),
+    ({"format": "chainrule-params", "version": 1, "model": "m", "dtype": "float16",
+      "param_names": [], "param_shapes": {}}, "malformed metadata: dtype 'float16' is not one of"),
+    ({"format": "chainrule-params", "version": "1", "model": "m", "dtype": "float64",
+      "param_names": [], "param_shapes": {}}, "malformed metadata: 'version' should be a JSON integer"),
+    ({"format": "chainrule-params", "version": 7, "model": "m", "dtype": "float64",
+      "param_names": [], "param_shapes": {}}, "format version 7 is not supported"),
+])
+def test_malformed_metadata_says_what_is_wrong(tmp_path, meta, message):
+    from chainrule.runtime import CheckpointError, Network
+    path = tmp_path / "m.npz"
+    _npz(path, {"W1": np.zeros((3, 4))}, meta=meta)
+    with pytest.raises(CheckpointError) as e:
+        Network.from_checkpoint(path)
+    assert message in str(e.value)
+
+
+def test_metadata_spec_is_checked_before_kernels_are_compiled(net_of, tmp_path, monkeypatch):
+    import chainrule.codegen
+    from chainrule.runtime import CheckpointError, Network
+    net = net_of(TANH)
+
+    def no_compiling(*a, **k):
+        raise AssertionError("compiled kernels for a checkpoint that does not validate")
+    monkeypatch.setattr(chainrule.codegen, "compile_model", no_compiling)
+    path = tmp_path / "c.npz"
+    meta = {**_meta_of(net), "spec": "2 -> dense(20000) -> dense(20000) -> mse", "model": "model"}
+    _npz(path, net.get_params(), meta=meta)
+    with pytest.raises(CheckpointError, match=r"the model in its metadata cannot be built: .* has "
+                                              r"400,080,000 parameters, above the limit"):
+        Network.from_checkpoint(path)
+    meta["spec"] = "4 -> dense(300) -> dense(2) -> mse"             # buildable, but not these arrays
+    _npz(path, net.get_params(), meta=meta)
+    with pytest.raises(CheckpointError, match=r"its metadata's model '4 -> dense\(300\) -> dense\(2\) -> "
+                                              r"mse' does not match its arrays: W1: the model has \(300, 4\), "
+                                              r"the file \(3, 4\)"):
+        Network.from_checkpoint(path)
+
+
+def test_same_shapes_other_architecture_is_refused_with_both_descriptions(net_of, tmp_path):
+    from chainrule.runtime import CheckpointError
+    relu, tanh = net_of(RELU), net_of(TANH, seed=5)
+    path = tmp_path / "relu.npz"
+    relu.save(path)
+    with pytest.raises(CheckpointError) as e:
+        tanh.load(path)
+    msg = str(e.value)
+    assert f"was saved from a different architecture: {RELU!r}, but this network is {TANH!r}" in msg
+    assert "check_architecture=False" in msg
+    assert not np.array_equal(tanh.params["W1"], relu.params["W1"])      # nothing was loaded
+    tanh.load(path, check_architecture=False)
+    np.testing.assert_array_equal(tanh.params["W1"], relu.params["W1"])
+    mse, ce = net_of("4 -> dense(3) -> mse"), net_of("4 -> dense(3) -> softmax -> cross_entropy")
+    mse.save(path)
+    with pytest.raises(CheckpointError, match="'4 -> dense.3. -> mse', but this network is "
+                                              "'4 -> dense.3. -> softmax -> cross_entropy'"):
+        ce.load(path)
+
+
+def test_save_round_trip_and_leftovers_of_a_killed_save_are_cleaned(net_of, tmp_path):
+    from chainrule.runtime import Network
+    net = net_of(TANH, seed=3)
+    path = tmp_path / "ck.npz"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    leftover = tmp_path / f".ck.npz.{dead}.0123456789ab.tmp"
+    leftover.write_bytes(b"\0" * 1000)
+    old = os.umask(0o022)
+    try:
+        net.save(path)
+    finally:
+        os.umask(old)
+    assert not leftover.exists() and sorted(os.listdir(tmp_path)) == ["ck.npz"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    back = Network.from_checkpoint(path, compiled=net.compiled)
+    for k in net.param_names:
+        np.testing.assert_array_equal(back.params[k], net.params[k])
+
+
+# == run-time arguments and data ======================================================================
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lr": -1}, "fit: lr must be a finite number > 0, got -1"),
+    ({"lr": 0}, "fit: lr must be a finite number > 0, got 0"),
+    ({"lr": float("nan")}, "fit: lr must be a finite number > 0, got nan"),
+    ({"lr": float("inf")}, "fit: lr must be a finite number > 0, got inf"),
+    ({"lr": "0.1"}, "fit: lr must be a finite number > 0, got '0.1'"),
+    ({"batch_size": 2.9}, "fit: batch_size must be a whole number >= 1, got 2.9"),
+    ({"batch_size": 0}, "fit: batch_size must be a whole number >= 1, got 0"),
+    ({"batch_size": True}, "fit: batch_size must be a whole number >= 1, got True"),
+    ({"epochs": 2.9}, "fit: epochs must be a whole number >= 0, got 2.9"),
+    ({"epochs": -1}, "fit: epochs must be a whole number >= 0, got -1"),
+])
+def test_fit_arguments_are_checked_by_name(net_of, kwargs, message):
+    net = net_of(TANH)
+    lr_before, before = net.optimizer.lr, net.get_params()
+    x, y = np.ones((6, 4)), np.zeros((6, 2))
+    with pytest.raises(ValueError) as e:
+        net.fit(x, y, progress=False, **kwargs)
+    assert str(e.value) == message
+    assert net.optimizer.lr == lr_before
+    for k in net.param_names:
+        np.testing.assert_array_equal(net.params[k], before[k])
+
+
+def test_whole_floats_are_accepted_and_optimizers_refuse_bad_rates(net_of):
+    from chainrule.runtime import SGD
+    net = net_of(TANH)
+    h = net.fit(np.ones((6, 4)), np.zeros((6, 2)), epochs=2.0, batch_size=np.int64(3), lr=0.05,
+                progress=False)
+    assert len(h) == 2 and h.params["steps"] == 2
+    with pytest.raises(ValueError, match="SGD: the learning rate must be a finite number >= 0, got -0.5"):
+        SGD(-0.5)
+    with pytest.raises(ValueError, match="got nan"):
+        net.optimizer.lr = float("nan")
+
+
+def test_empty_data_is_a_clear_error(net_of):
+    from chainrule.runtime import DataError
+    net = net_of(TANH)
+    x, y = np.zeros((0, 4)), np.zeros((0, 2))
+    with pytest.raises(DataError, match=r"fit: x is empty \(0 examples, shape \(0, 4\)\): there is nothing to train on"):
+        net.fit(x, y, progress=False)
+    with pytest.raises(DataError, match=r"evaluate: x is empty \(0 examples.*nothing to evaluate"):
+        net.evaluate(x, y)
+    with pytest.raises(DataError, match=r"fit \(validation_data\): validation x is empty"):
+        net.fit(np.ones((4, 4)), np.zeros((4, 2)), validation_data=(x, y), progress=False)
