@@ -545,3 +545,130 @@ def test_empty_data_is_a_clear_error(net_of):
         net.evaluate(x, y)
     with pytest.raises(DataError, match=r"fit \(validation_data\): validation x is empty"):
         net.fit(np.ones((4, 4)), np.zeros((4, 2)), validation_data=(x, y), progress=False)
+
+
+# == the command line and files =======================================================================
+def _cli(capsys, *argv):
+    from chainrule.cli import main
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _one_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_cli_version(capsys):
+    from importlib.metadata import version
+    with pytest.raises(SystemExit) as e:
+        _cli(capsys, "--version")
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"chainrule {version('chainrule')}"
+
+
+def test_cli_file_errors_are_one_line_before_any_work(capsys, tmp_path, monkeypatch):
+    import chainrule.runtime.demo as demo
+    monkeypatch.setattr(demo, "run_demo", lambda **k: pytest.fail("demo started working"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (("demo", "--out", "/proc/x"), "chainrule demo: error: --out /proc/x: cannot create the directory"),
+        (("demo", "--out", str(afile)), f"chainrule demo: error: --out {afile} exists and is not a directory"),
+        (("derive", "-o", str(tmp_path)), f"chainrule derive: error: -o {tmp_path} is a directory: give a file name"),
+        (("codegen", "-o", str(afile / "m.py")), f"chainrule codegen: error: -o {afile / 'm.py'}: {afile} is not a directory"),
+        (("derive", "-o", "/proc/d.md"), "chainrule derive: error: -o /proc/d.md: directory /proc: cannot write there"),
+        (("docs", "--out", str(afile)), f"chainrule docs: error: --out {afile} exists and is not a directory"),
+        (("derive", ""), "chainrule derive: SpecError: empty model spec"),
+    ]
+    for argv, start in cases:
+        rc, out, err = _cli(capsys, *argv)
+        assert rc == 2 and out == "", argv
+        assert _one_line(err).startswith(start), (argv, err)
+    monkeypatch.setenv("CHAINRULE_CACHE_DIR", str(afile))
+    rc, _, err = _cli(capsys, "demo", "--out", str(tmp_path / "d"))
+    assert rc == 2
+    assert _one_line(err) == f"chainrule demo: KernelCacheError: kernel cache directory {afile} is not a directory"
+
+
+def test_cli_read_only_output_directory(capsys, tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_open = os.open
+
+    def read_only(path, *a, **k):                   # as on a read-only mount (root ignores 0500)
+        if str(path).startswith(str(ro)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *a, **k)
+    monkeypatch.setattr(os, "open", read_only)
+    rc, _, err = _cli(capsys, "derive", "perceptron", "-o", str(ro / "p.md"))
+    monkeypatch.undo()
+    assert rc == 2
+    assert _one_line(err) == (f"chainrule derive: error: -o {ro / 'p.md'}: directory {ro}: cannot write "
+                              f"there: Read-only file system")
+    assert list(ro.iterdir()) == []
+
+
+@pytest.mark.skipif(IS_ROOT, reason="root can write into a 0500 directory (simulated above)")
+def test_cli_chmod_0500_output_directory(capsys, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    try:
+        rc, _, err = _cli(capsys, "demo", "--out", str(ro))
+        assert rc == 2 and "cannot write there: Permission denied" in _one_line(err)
+    finally:
+        os.chmod(ro, 0o700)
+
+
+def test_cli_outputs_follow_the_umask(capsys, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert _cli(capsys, "derive", "perceptron", "-o", str(tmp_path / "d.md"))[0] == 0
+        assert _cli(capsys, "codegen", "perceptron", "-o", str(tmp_path / "m.py"))[0] == 0
+        from chainrule.runtime.demo import run_demo
+        res = run_demo(out_dir=str(tmp_path / "demo"), epochs=1, progress=False, stream=sys.stderr)
+    finally:
+        os.umask(old)
+    for f in [tmp_path / "d.md", tmp_path / "m.py", Path(res["derivation"]), Path(res["code"])]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def _source_tree_with_demo_output(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "node_modules", "__pycache__",
+                                                              "*.egg-info", "build", "dist"))
+    (src / "chainrule-demo").mkdir(exist_ok=True)          # what `chainrule demo` leaves behind
+    (src / "chainrule-demo" / "demo_model.py").write_text("x = 1\n")
+    (src / "chainrule_extra").mkdir()
+    (src / "chainrule_extra" / "__init__.py").write_text("")
+    return src
+
+
+def test_package_discovery_finds_only_chainrule(tmp_path):
+    """The discovery pyproject.toml configures, run on a tree holding chainrule-demo/."""
+    import tomllib
+
+    import setuptools
+    src = _source_tree_with_demo_output(tmp_path)
+    find = tomllib.loads((src / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    found = setuptools.find_namespace_packages(where=str(src), include=find["include"])
+    assert "chainrule" in found and "chainrule.runtime" in found
+    assert all(p == "chainrule" or p.startswith("chainrule.") for p in found), found
+
+
+@pytest.mark.slow
+def test_wheel_contains_only_the_package(tmp_path):
+    """`pip wheel .` after `chainrule demo` left chainrule-demo/ in the source tree (needs pip to
+    fetch the build backend)."""
+    src = _source_tree_with_demo_output(tmp_path)
+    wheels = tmp_path / "whl"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "-q", "-w", str(wheels)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    (whl,) = wheels.glob("chainrule-*.whl")
+    with zipfile.ZipFile(whl) as zf:
+        tops = {n.split("/")[0] for n in zf.namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"chainrule"}, tops
