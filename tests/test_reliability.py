@@ -672,3 +672,19 @@ def test_wheel_contains_only_the_package(tmp_path):
     with zipfile.ZipFile(whl) as zf:
         tops = {n.split("/")[0] for n in zf.namelist()}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"chainrule"}, tops
+
+
+# == the test summary =================================================================================
+def test_skipped_latex_tests_are_announced_with_the_command_that_enables_them():
+    from types import SimpleNamespace
+
+    from latex_tools import katex_skip_summary
+    skip = "Skipped: KaTeX checker unavailable: KaTeX is not installed: run `npm ci` in tests/latex_check"
+    reports = [SimpleNamespace(longrepr=("t.py", 3, skip)) for _ in range(12)]
+    reports.append(SimpleNamespace(longrepr=("t.py", 9, "Skipped: needs torch")))
+    lines = katex_skip_summary(reports)
+    assert lines[0].startswith("12 LaTeX tests SKIPPED: the KaTeX checker is unavailable (KaTeX is not installed")
+    assert "Enable them with: (cd tests/latex_check && npm ci)" in lines[1]
+    assert katex_skip_summary(reports[-1:]) == []
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "export CHAINRULE_REQUIRE_KATEX=1" in ci and "npm ci" in ci
