@@ -688,3 +688,193 @@ def test_skipped_latex_tests_are_announced_with_the_command_that_enables_them():
     assert katex_skip_summary(reports[-1:]) == []
     ci = (ROOT / ".ci" / "run").read_text()
     assert "export CHAINRULE_REQUIRE_KATEX=1" in ci and "npm ci" in ci
+
+
+# == property-based tests ===========================================================================
+# Random layer-list specs -> build -> compile -> finite differences and an independent NumPy forward;
+# random claim strings -> an answer or a clear ChainruleError. Compiling costs seconds per model, so
+# the default run draws a handful of examples (derandomized: the same ones every run) and the
+# `slow` variants draw many more.
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chainrule.derive.layers import ACTIVATIONS, LOSSES
+
+FAST = settings(max_examples=4, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+MANY = settings(max_examples=60, deadline=None, derandomize=False, database=None,
+                suppress_health_check=list(HealthCheck))
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _log_softmax(z):
+    m = z.max(1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(1, keepdims=True))
+
+
+# the NumPy meaning of each built-in name, written independently of the SymPy declarations
+NP_LAYERS = {
+    "identity": lambda z: z,
+    "sigmoid": lambda z: 1 / (1 + np.exp(-z)),
+    "tanh": np.tanh,
+    "relu": lambda z: np.maximum(z, 0.0),
+    "leaky_relu": lambda z: np.where(z > 0, z, 0.01 * z),
+    "softmax": _softmax,
+    "log_softmax": _log_softmax,
+}
+NP_LOSSES = {   # name -> (per-example loss of (output, y), prediction of the output)
+    "mse": (lambda p, y: ((p - y) ** 2).mean(1), None),
+    "mae": (lambda p, y: np.abs(p - y).mean(1), None),
+    "bce": (lambda p, y: (-(y * np.log(p) + (1 - y) * np.log(1 - p))).mean(1), None),
+    "bce_logits": (lambda z, y: (np.logaddexp(0, z) - y * z).mean(1), NP_LAYERS["sigmoid"]),
+    "cross_entropy": (lambda p, y: -(y * np.log(p)).sum(1), None),
+    "softmax_cross_entropy": (lambda z, y: -(y * _log_softmax(z)).sum(1), _softmax),
+    "nll": (lambda s, y: -(y * s).sum(1), np.exp),
+}
+# what a loss needs in front of it to be defined (probabilities, log-probabilities)
+NEEDS = {"bce": "sigmoid", "cross_entropy": "softmax", "nll": "log_softmax"}
+
+
+@st.composite
+def layer_specs(draw, max_depth=3, max_width=4):
+    """(spec, layers, loss): dense layers of width 1..max_width, optional activations, any loss."""
+    loss = draw(st.sampled_from(sorted(LOSSES)))
+    n_in = draw(st.integers(1, max_width))
+    hidden = sorted(ACTIVATIONS) + ["softmax", "log_softmax"]
+    layers = []
+    for _ in range(draw(st.integers(1, max_depth))):
+        layers.append(f"dense({draw(st.integers(1, max_width))})")
+        if draw(st.booleans()):
+            layers.append(draw(st.sampled_from(hidden)))
+    simplex = LOSSES[loss]().simplex or loss == "softmax_cross_entropy"
+    if layers[-1] in ("softmax", "log_softmax") and NEEDS.get(loss) != layers[-1]:
+        layers.pop()
+    if loss in NEEDS:
+        if layers[-1] == NEEDS[loss]:
+            layers.pop()
+        if not layers[-1].startswith("dense"):
+            layers.append(f"dense({draw(st.integers(1, max_width))})")
+        layers.append(NEEDS[loss])
+    if simplex:                                   # a probability over at least two classes
+        last = max(k for k, item in enumerate(layers) if item.startswith("dense"))
+        width = int(layers[last][6:-1])
+        layers[last] = f"dense({max(width, 2)})"
+    return " -> ".join([str(n_in), *layers, loss]), layers, loss
+
+
+def _numpy_forward(layers, loss, params, x, y):
+    h = x
+    level = 0
+    for item in layers:
+        if item.startswith("dense"):
+            level += 1
+            h = h @ params[f"W{level}"].T + params[f"b{level}"]
+        else:
+            h = NP_LAYERS[item](h)
+    per_example, prediction = NP_LOSSES[loss]
+    return per_example(h, y).mean(), (prediction(h) if prediction else h)
+
+
+def _check_spec(compiled_model, drawn):
+    from chainrule.codegen.verify import check_gradients
+    spec, layers, loss = drawn
+    missing = {i for i in layers if not i.startswith("dense")} - set(NP_LAYERS) | ({loss} - set(NP_LOSSES))
+    assert not missing, f"no NumPy reference for {missing}: add one to NP_LAYERS / NP_LOSSES"
+    cm = compiled_model(spec)
+    errors = check_gradients(cm.model, compiled=cm, seed=1)
+    assert errors and max(e for _, e in errors) < 1e-5, (spec, errors)
+    rng = np.random.default_rng(2)
+    params = cm.init_params(3)
+    for k in params:
+        params[k] += 0.3 * rng.normal(size=params[k].shape)
+    x, y = sample_batch(cm, batch=5, seed=4)
+    cost, out = cm.forward(params, x, y)
+    ref_cost, ref_out = _numpy_forward(layers, loss, params, x, y)
+    np.testing.assert_allclose(cost, ref_cost, rtol=1e-10, atol=1e-12, err_msg=spec)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-10, atol=1e-12, err_msg=spec)
+    np.testing.assert_allclose(cm.predict(params, x), ref_out, rtol=1e-10, atol=1e-12, err_msg=spec)
+
+
+@FAST
+@given(drawn=layer_specs(max_depth=2, max_width=3))
+def test_random_specs_compile_and_match_finite_differences_and_numpy(compiled_model, drawn):
+    _check_spec(compiled_model, drawn)
+
+
+@pytest.mark.slow
+@MANY
+@given(drawn=layer_specs())
+def test_many_random_specs(compiled_model, drawn):
+    _check_spec(compiled_model, drawn)
+
+
+CLAIM_MODEL = "3 -> dense(2) -> sigmoid -> dense(2) -> softmax_cross_entropy"
+
+
+@pytest.fixture(scope="module")
+def claim_model():
+    from chainrule.derive import derive
+    model = build_model(CLAIM_MODEL)
+    return model, derive(model)
+
+
+def claim_strings():
+    names = ["x", "W1", "b1", "z1", "a1", "W2", "b2", "z2", "y2", "l2", "p2", "C", "d_z2", "d_a1",
+             "b", "o", "i", "k", "B", "n_1", "exp", "log", "tanh", "sigmoid", "abs", "sqrt", "relu",
+             "softplus", "step", "sign", "sum", "nope", "__import__", "lambda"]
+    tokens = st.sampled_from(names + ["+", "-", "*", "/", "**", "^", "(", ")", "[", "]", ",", "0", "1",
+                                      "2", "0.5", "1e3", "'", "=", " ", "\n", "9" * 40])
+    read = st.builds(lambda t, i, j: f"{t}[{i},{j}]", st.sampled_from(["z2", "p2", "y2", "a1", "z1", "W2"]),
+                     st.sampled_from(["b", "o", "i", "0", "1", "b+1", "o-1", "2"]),
+                     st.sampled_from(["o", "b", "i", "k", "0", "1"]))
+    atom = st.one_of(read, st.sampled_from(["B", "1", "2", "0", "n_1", "b", "o"]))
+    expr = st.recursive(atom, lambda e: st.one_of(
+        st.builds(lambda a, op, c: f"({a}) {op} ({c})", e, st.sampled_from(["+", "-", "*", "/", "**"]), e),
+        st.builds(lambda f, a: f"{f}({a})", st.sampled_from(["exp", "log", "tanh", "sigmoid", "abs", "sqrt"]), e)),
+        max_leaves=6)
+    return st.one_of(expr, st.lists(tokens, max_size=12).map("".join), st.text(max_size=20))
+
+
+def _claim_outcome(claim_model, tensor, claim):
+    from chainrule.derive.verify import check_claim
+    model, grads = claim_model
+    try:
+        result = check_claim(model, tensor, claim, grads=grads, points=1)
+    except ChainruleError as e:
+        assert str(e), "a ChainruleError must say what is wrong"
+        return None
+    assert isinstance(result.equal, bool)
+    return result
+
+
+CLAIM_XFAIL = pytest.mark.xfail(strict=False, reason=(
+    "claim parser/checker hardening is in progress on another branch; failing inputs reported to "
+    "the lead"))
+
+
+@CLAIM_XFAIL
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(tensor=st.sampled_from(["z2", "z1", "W2", "b1"]), claim=claim_strings())
+def test_random_claims_get_an_answer_or_a_clear_error(claim_model, tensor, claim):
+    _claim_outcome(claim_model, tensor, claim)
+
+
+@pytest.mark.slow
+@CLAIM_XFAIL
+@settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(tensor=st.sampled_from(["z2", "z1", "W2", "W1", "b1", "b2"]), claim=claim_strings())
+def test_many_random_claims(claim_model, tensor, claim):
+    _claim_outcome(claim_model, tensor, claim)
+
+
+@pytest.mark.xfail(strict=False, reason="same_value treats zoo/nan as equal to anything (oo > oo is "
+                   "False); reported to the lead, chainrule/derive/verify.py is another branch's")
+@pytest.mark.parametrize("claim", ["1/0", "log(0)", "(p2[b,o] - y2[b,o])/B + 1/0"])
+def test_a_non_finite_claim_is_never_equal(claim_model, claim):
+    result = _claim_outcome(claim_model, "z2", claim)
+    assert result is None or not result.equal, f"{claim!r} was declared equal to dC/dz2"
