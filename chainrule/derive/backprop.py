@@ -21,7 +21,7 @@ from .deltas import eliminate_deltas
 from .notes import Note
 from .graph import Model
 from .rewrites import Step, simplify_recorded
-from .tensor import Equation, Tensor, index, reads_of as reads
+from .tensor import Equation, Tensor, index, reads_of as reads, rename_bound, substitute
 
 COST_SEED = sp.S.One        # dC/dC
 
@@ -113,20 +113,6 @@ def _bound(expr) -> set:
     return {v for e in expr.atoms(sp.Sum) for v, *_ in e.limits}
 
 
-def _rename_bound(expr, avoid: set):
-    """Rename summation indices that clash with ``avoid`` (free indices of the result)."""
-    def fix(e):
-        new_limits, mapping = [], {}
-        for var, lo, hi in e.limits:
-            v = var
-            while v in avoid or v in mapping.values():
-                v = index(v.name + "'")
-            mapping[var] = v
-            new_limits.append((v, lo, hi))
-        return type(e)(e.function.xreplace(mapping), *new_limits)
-    return expr.replace(lambda e: isinstance(e, sp.Sum) and any(v in avoid for v, *_ in e.limits), fix)
-
-
 def derive(model: Model, wrt=()) -> Gradients:
     """Derive the adjoint of every tensor between the parameters (and ``wrt``) and the cost."""
     names = _needs_adjoint(model, wrt)
@@ -195,13 +181,17 @@ def _derive_one(model: Model, t: Tensor, derivations) -> AdjointDerivation:
 
 # -- composing: the backward recursion --------------------------------------------------------------
 def _substitute_adjoint(expr, adj_name: str, eq: Equation):
-    """Replace every read of adjoint ``adj_name`` by the body of its equation at the read's indices."""
+    """Replace every read of adjoint ``adj_name`` by the body of its equation at the read's indices.
+
+    The inserted body's summation indices are renamed away from every index of ``expr``, so that
+    a batch statistic (``Σ_b``) inserted where ``b`` is free cannot capture it."""
+    around = {s for s in sp.preorder_traversal(expr) if isinstance(s, sp.Symbol) and s.is_integer}
+
     def value(read):
-        mapping = dict(zip(eq.indices, read.indices)) if eq.indices else {}
-        body = _rename_bound(eq.body, set().union(*[sp.sympify(i).free_symbols for i in mapping.values()]))
-        return body.xreplace(mapping)
+        mapping = dict(zip(eq.indices, read.indices))
+        return substitute(rename_bound(eq.body, around - set(eq.indices)), mapping)
     if not eq.indices:
-        return expr.xreplace({eq.out.read(): eq.body})
+        return expr.xreplace({eq.out.read(): rename_bound(eq.body, around)})
     return expr.replace(lambda e: isinstance(e, sp.Indexed) and str(e.base.label) == adj_name, value)
 
 

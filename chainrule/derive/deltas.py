@@ -15,7 +15,7 @@ from sympy import KroneckerDelta
 from .errors import UnsupportedError
 from .primitives import LogSumExp
 from .notes import Note
-from .tensor import affine_bounds, provably_nonneg
+from .tensor import affine_bounds, provably_nonneg, substitute
 
 
 def split_terms(expr) -> list:
@@ -83,7 +83,7 @@ class DeltaEliminator:
             delta, var, solution = found
             (_, lo, hi), = [lim for lim in limits if lim[0] == var]
             limits = [lim for lim in limits if lim[0] != var]
-            term = sp.Mul(*[f for f in sp.Mul.make_args(term) if f is not delta]).xreplace({var: solution})
+            term = substitute(sp.Mul(*[f for f in sp.Mul.make_args(term) if f is not delta]), {var: solution})
             self.notes.append(Note("{0} fixes {1}", delta, sp.Eq(var, solution, evaluate=False)))
             term, limits = self._guard(term, solution, lo, hi, limits, outer)
         for br in [f for f in sp.Mul.make_args(term) if isinstance(f, Bracket)]:

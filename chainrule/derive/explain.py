@@ -46,6 +46,7 @@ class Bullets:
 class Explanation:
     title: str
     blocks: list = field(default_factory=list)
+    matrix_forms: list = field(default_factory=list)     # every MatrixForm printed (each one checked)
 
     def add(self, *blocks):
         self.blocks.extend(blocks)
@@ -95,10 +96,36 @@ _LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "#": r"\#", "_": r"\_", "{": r"\{", "}
 
 
 def latex_text(text: str) -> str:
-    """Escape the plain-text parts of a string; leave ``$...$`` math alone."""
+    r"""Escape the plain-text parts of a string; leave ``$...$`` math alone. The explanations' own
+    inline markup (``*emphasis*`` and ```code```, as in Markdown) becomes ``\emph`` and ``\texttt``."""
     parts = re.split(r"(\$[^$]+\$)", text)
-    return "".join(p if p.startswith("$") and p.endswith("$") and len(p) > 1
-                   else "".join(_LATEX_SPECIAL.get(c, c) for c in p) for p in parts)
+    return "".join(p if p.startswith("$") and p.endswith("$") and len(p) > 1 else _latex_prose(p) for p in parts)
+
+
+def _latex_prose(text: str) -> str:
+    out = []
+    for k, piece in enumerate(re.split(r"(`[^`]+`|\*[^*\s][^*]*\*)", text)):
+        if k % 2 == 0:
+            out.append("".join(_LATEX_SPECIAL.get(c, c) for c in piece))
+        else:
+            inner = "".join(_LATEX_SPECIAL.get(c, c) for c in piece[1:-1])
+            out.append(rf"\texttt{{{inner}}}" if piece[0] == "`" else rf"\emph{{{inner}}}")
+    return "".join(_UNICODE_MATH.get(c) or _greek(c) or c for c in "".join(out))
+
+
+_UNICODE_MATH = {"→": r"$\to$", "←": r"$\leftarrow$", "≤": r"$\le$", "≥": r"$\ge$", "×": r"$\times$",
+                 "·": r"$\cdot$", "∂": r"$\partial$", "⊙": r"$\odot$", "ℓ": r"$\ell$", "−": "-",
+                 "–": "--", "—": "---", "’": "'", "‘": "`", "√": r"$\surd$", "∑": r"$\sum$", "ᵀ": r"$^\top$"}
+
+
+def _greek(c: str) -> str | None:
+    """Greek letters in prose (σ, δ, Σ) as pdflatex math: σ -> $\\sigma$."""
+    import unicodedata
+    name = unicodedata.name(c, "")
+    for prefix, case in (("GREEK SMALL LETTER ", str.lower), ("GREEK CAPITAL LETTER ", str.capitalize)):
+        if name.startswith(prefix):
+            return rf"$\{case(name[len(prefix):])}$"
+    return None
 
 
 class LatexDocPrinter:
@@ -113,7 +140,7 @@ class LatexDocPrinter:
             return text
         return "\n".join([r"\documentclass{article}", r"\usepackage{amsmath,amssymb,bm}",
                           r"\usepackage[margin=2cm]{geometry}", r"\allowdisplaybreaks",
-                          rf"\title{{{latex_text(doc.title)}}}", r"\date{}", r"\begin{document}",
+                          rf"\title{{{latex_text(doc.title)}}}", r"\author{chainrule}", r"\date{}", r"\begin{document}",
                           r"\maketitle", text, r"\end{document}", ""])
 
     def _Heading(self, b):
@@ -137,6 +164,7 @@ class Writer:
         self.model, self.grads = model, grads
         self.tensors = {**model.tensors, **{a.name: a for a in grads.adjoints.values()}}
         self.printer = IndexPrinter(self.tensors)
+        self.forms = []
 
     def tex(self, expr) -> str:
         return self.printer.doprint(expr)
@@ -154,13 +182,18 @@ class Writer:
         return r" \times ".join(self.tex(s) for s in t.shape) if t.shape else "1"
 
     def matrix_blocks(self, eq: Equation, per_example=False) -> list:
-        fixed = [eq.indices[0]] if per_example and eq.indices and eq.out.shape[0] == B else []
-        if per_example and not fixed:
+        batched = bool(eq.indices) and eq.out.shape[0] == B
+        if per_example and (not batched or eq.out.rank >= 3):     # rank 3: already per example
             return []
-        mf = matrix_form(eq, self.tensors, fixed=fixed)
+        # a rank-3 tensor (batch, time, feature) has a matrix form only per example
+        per_example = per_example or (batched and eq.out.rank >= 3)
+        fixed = [eq.indices[0]] if per_example else []
+        mf = matrix_form(eq, self.tensors, fixed=fixed)      # None unless it passed its numeric check
         if mf is None:
             return []
-        label = "Per example (column vectors)" if per_example else "In matrix form"
+        self.forms.append(mf)
+        label = ("Per example (column vectors)" if eq.out.rank < 3 else "For each example") if per_example \
+            else "In matrix form"
         blocks = [Para(f"{label}, shape ${mf['shape']}$:"), Display(f"{mf['lhs']} = {mf['rhs']}")]
         if mf["notes"]:
             blocks.append(Bullets(mf["notes"]))
@@ -191,7 +224,9 @@ def explain_model(model: Model, grads: Gradients | None = None, title: str | Non
             Para("Notation: $C$ is the cost being minimised, $\\ell_b$ the loss of example $b$; "
                  "$\\frac{\\partial C}{\\partial T}$ is the adjoint of a tensor $T$, and "
                  "$\\delta^{(l)} = \\frac{\\partial C}{\\partial z^{(l)}}$. Every formula below was derived "
-                 "by chainrule from the forward equations."))
+                 "by chainrule from the forward equations. A bracket $[P]$ is 1 where $P$ holds and 0 "
+                 "otherwise (Iverson's notation). Every matrix form was checked numerically against its "
+                 "index form."))
 
     doc.add(Heading(1, "Forward pass"))
     for eq in model.equations:
@@ -224,6 +259,7 @@ def explain_model(model: Model, grads: Gradients | None = None, title: str | Non
         doc.add(Heading(2, f"${w.tex(d.equation.lhs)}$"))
         doc.add(*w.steps(d) if d.steps else [Display(w.equation(d.equation))])   # last step = result
         doc.add(*w.matrix_blocks(d.equation), *w.matrix_blocks(d.equation, per_example=True))
+    doc.matrix_forms = w.forms
     return doc
 
 

@@ -1,4 +1,4 @@
-"""Lifting index form to matrix form, by pattern (never per layer).
+"""Lifting index form to matrix form, by pattern (never per layer), and checking the result.
 
 The patterns: a read is a matrix or vector (transposed when its indices come in the other order); a
 sum over one shared index of two factors is a matrix product; a sum over one index of one factor is a
@@ -7,16 +7,27 @@ matrix along one axis is a product with ``diag``; a vector added to a matrix is 
 product with ones; a scalar function of one read applies elementwise. Anything else has no matrix form
 and the index form stands alone (a refusal, not a guess).
 
+A matrix form is built as a small expression tree (``Read``, ``T``, ``MatMul``, ``Hadamard``, ...),
+never as text: the LaTeX is printed from the tree, and ``MatrixForm.check`` evaluates the same tree
+with real matrix semantics (column vectors, strict shapes: a misplaced transpose is a shape error or
+a wrong number) against the index form read numerically (``numeric.py``). A form that fails or cannot
+be checked is not printed.
+
 With ``fixed`` indices (the batch index), the same patterns give the per-example form, where a
 batch matrix ``Δ`` becomes the column vector ``δ``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import itertools
 import re
 
+import numpy as np
 import sympy as sp
+from sympy.core.function import Application
 
+from .errors import ChainruleError
+from .numeric import IndexEvaluator, concrete, evaluate
 from .printing import IndexPrinter
 
 
@@ -24,23 +35,202 @@ class NoMatrixForm(Exception):
     """The expression matches none of the patterns."""
 
 
+# -- the tree: each node prints itself and evaluates itself (2-D arrays: vectors are columns) ----------
+def with_sup(tex: str, sup: str) -> str:
+    """Add to a name's superscript: ``W^{(1)}`` -> ``W^{(1)\\top}``; never a double superscript."""
+    if tex.endswith("}"):
+        depth = 0
+        for k in range(len(tex) - 1, -1, -1):
+            depth += {"}": 1, "{": -1}.get(tex[k], 0)
+            if depth == 0:
+                if k > 0 and tex[k - 1] == "^" and tex[:k - 1].count("{") == tex[:k - 1].count("}"):
+                    return f"{tex[:-1]}{sup}}}"
+                break
+    if "^" in tex:
+        return f"{{{tex}}}^{{{sup}}}"
+    return f"{tex}^{{{sup}}}"
+
+
+class Node:
+    tex: str
+    atom: bool = True
+
+    def paren(self) -> str:
+        return self.tex if self.atom else rf"\left({self.tex}\right)"
+
+
+class Read(Node):
+    def __init__(self, tex, name, indices, fixed):
+        self.tex, self.name, self.indices, self.fixed = tex, name, tuple(indices), fixed
+        self.atom = not tex.startswith(r"\frac")
+
+    def value(self, ctx):
+        arr = np.asarray(ctx.env[self.name], dtype=float)
+        sel = tuple(ctx.fixed[i] if i in self.fixed else slice(None) for i in self.indices)
+        return _as_2d(arr[sel] if self.indices else arr)
+
+
+class Const(Node):
+    def __init__(self, expr, printer):
+        self.expr = expr
+        self.tex = printer.doprint(expr)
+        self.atom = not (expr.is_Add or expr.could_extract_minus_sign())
+
+    def value(self, ctx):
+        return np.array([[ctx.scalar(self.expr)]])
+
+
+class Ones(Node):
+    def __init__(self, length):
+        self.length, self.tex = length, r"\mathbf{1}"
+
+    def value(self, ctx):
+        return np.ones((concrete(self.length, ctx.sizes), 1))
+
+
+class T(Node):
+    def __init__(self, m: Node):
+        self.m = m
+        self.tex = with_sup(m.tex, r"\top") if m.atom else rf"\left({m.tex}\right)^{{\top}}"
+
+    def value(self, ctx):
+        return self.m.value(ctx).T
+
+
+def transpose(m: Node) -> Node:
+    return m.m if isinstance(m, T) else T(m)
+
+
+class MatMul(Node):
+    atom = False
+
+    def __init__(self, a: Node, b: Node):
+        self.a, self.b = a, b
+        self.tex = f"{a.paren()} {b.paren()}"
+
+    def value(self, ctx):
+        a, b = self.a.value(ctx), self.b.value(ctx)
+        if a.shape[1] != b.shape[0]:
+            raise ValueError(f"matrix product of shapes {a.shape} and {b.shape}")
+        return a @ b
+
+
+class Hadamard(Node):
+    atom = False
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.tex = r" \odot ".join(p.paren() for p in self.parts)
+
+    def value(self, ctx):
+        vals = [p.value(ctx) for p in self.parts]
+        if len({v.shape for v in vals}) != 1:
+            raise ValueError(f"elementwise product of shapes {[v.shape for v in vals]}")
+        out = vals[0]
+        for v in vals[1:]:
+            out = out * v
+        return out
+
+
+class Diag(Node):
+    def __init__(self, v: Node):
+        self.v = v
+        self.tex = rf"\operatorname{{diag}}\left({v.tex}\right)"
+
+    def value(self, ctx):
+        v = self.v.value(ctx)
+        if v.shape[1] != 1:
+            raise ValueError(f"diag of a {v.shape} matrix")
+        return np.diagflat(v)
+
+
+class Scale(Node):
+    atom = False
+
+    def __init__(self, s: Const, m: Node):
+        self.s, self.m = s, m
+        self.tex = f"- {m.paren()}" if s.expr == -1 else f"{s.paren()} {m.paren()}"
+
+    def value(self, ctx):
+        return self.s.value(ctx)[0, 0] * self.m.value(ctx)
+
+
+class Sum(Node):
+    atom = False
+
+    def __init__(self, terms):                     # [(sign, node)]
+        self.terms = terms
+        tex = ("- " if terms[0][0] < 0 else "") + terms[0][1].tex
+        for sign, m in terms[1:]:
+            tex += (" + " if sign > 0 else " - ") + (m.tex if m.atom or isinstance(m, (MatMul, Hadamard)) else m.paren())
+        self.tex = tex
+
+    def value(self, ctx):
+        vals = [(s, m.value(ctx)) for s, m in self.terms]
+        shapes = {v.shape for _, v in vals if v.shape != (1, 1)}
+        if len(shapes) > 1:
+            raise ValueError(f"sum of shapes {[v.shape for _, v in vals]}")
+        if shapes and any(v.shape == (1, 1) for _, v in vals) and shapes != {(1, 1)}:
+            shape = shapes.pop()            # a scalar added to every element (stated in the notes)
+            vals = [(s, np.broadcast_to(v, shape)) for s, v in vals]
+        return sum(s * v for s, v in vals)
+
+
+class Power(Node):
+    def __init__(self, m: Node, k: int):
+        self.m, self.k = m, k
+        base = m.paren() if "^" not in m.tex else rf"\left({m.tex}\right)"
+        self.tex = rf"{base}^{{\circ {k}}}"
+
+    def value(self, ctx):
+        return self.m.value(ctx) ** self.k
+
+
+class Apply(Node):
+    """A scalar function applied elementwise: ``template`` has the placeholder where the argument goes."""
+
+    def __init__(self, template, placeholder, m: Node, printer):
+        self.template, self.placeholder, self.m = template, placeholder, m
+        self.tex = printer.doprint(template).replace(printer.doprint(placeholder), m.tex)
+
+    def value(self, ctx):
+        inner = self.m.value(ctx)
+        return np.vectorize(lambda x: ctx.scalar(self.template, {self.placeholder: float(x)}))(inner)
+
+
+def _as_2d(a):
+    a = np.asarray(a, dtype=float)
+    return a.reshape(1, 1) if a.ndim == 0 else a.reshape(-1, 1) if a.ndim == 1 else a
+
+
+@dataclass
+class Context:
+    env: dict
+    sizes: dict
+    fixed: dict
+
+    def scalar(self, expr, extra=None) -> float:
+        ev = IndexEvaluator(self.env, self.sizes)
+        at = dict(self.fixed)
+        if extra:
+            expr = expr.xreplace({k: sp.Float(v, 30) for k, v in extra.items()})
+        return ev.value(expr, at)
+
+
+# -- the lifter -------------------------------------------------------------------------------------------
 @dataclass
 class Mat:
-    tex: str
+    node: Node
     idx: tuple                 # the loop index of each axis (0, 1 or 2 of them)
-    atom: bool = True          # prints without parentheses as a factor
     notes: list = field(default_factory=list)
+
+    @property
+    def tex(self):
+        return self.node.tex
 
 
 _UPPER = {r"\delta": r"\Delta", r"\ell": r"\boldsymbol{\ell}"}
-
-
-def _with_sup(tex: str, sup: str) -> str:
-    """Append to the superscript: W^{(1)} -> W^{(1)\\top}."""
-    m = re.fullmatch(r"(.*)\^\{(.*)\}", tex)
-    if m and "{" not in m.group(1):
-        return f"{m.group(1)}^{{{m.group(2)}{sup}}}"
-    return f"{tex}^{{{sup}}}"
+PLACEHOLDER = sp.Symbol("PLACEHOLDER")
 
 
 class Lifter:
@@ -69,36 +259,35 @@ class Lifter:
     def size_tex(self, idx) -> str:
         if not idx:
             return "1 \\times 1"
-        sizes = [self.printer.doprint(sp.simplify(self.ranges[i][1] - self.ranges[i][0] + 1)) for i in idx]
+        sizes = [self.printer.doprint(self.length(i)) for i in idx]
         return " \\times ".join(sizes) if len(sizes) == 2 else sizes[0]
 
-    # building blocks ---------------------------------------------------------------------------
-    def transpose(self, m: Mat) -> Mat:
-        if len(m.idx) < 2:
-            return m
-        tex = _with_sup(m.tex, r"\top") if m.atom else rf"\left({m.tex}\right)^{{\top}}"
-        return Mat(tex, m.idx[::-1], True, m.notes)
+    def length(self, i):
+        return sp.simplify(self.ranges[i][1] - self.ranges[i][0] + 1)
 
-    def paren(self, m: Mat) -> str:
-        return m.tex if m.atom else rf"\left({m.tex}\right)"
+    def const(self, expr) -> Const:
+        return Const(sp.sympify(expr), self.printer)
 
     def aligned(self, m: Mat, order) -> Mat:
         if tuple(m.idx) == tuple(order):
             return m
-        if tuple(m.idx[::-1]) == tuple(order):
-            return self.transpose(m)
+        if len(m.idx) == 2 and tuple(m.idx[::-1]) == tuple(order):
+            return Mat(transpose(m.node), tuple(order), m.notes)
         raise NoMatrixForm(f"indices {m.idx} cannot be arranged as {order}")
 
     # the patterns ------------------------------------------------------------------------------
+    def is_scalar(self, expr) -> bool:
+        return not (expr.free_symbols & (set(self.ranges) - self.fixed)) and not expr.has(sp.Sum)
+
     def lift(self, expr, order=None) -> Mat:
         if isinstance(expr, sp.Indexed):
             t = self.tensors[str(expr.base.label)]
-            idx = tuple(i for i in expr.indices if i not in self.fixed)
-            if not all(isinstance(i, sp.Symbol) for i in idx) or len(set(idx)) != len(idx):
+            if not all(isinstance(i, sp.Symbol) for i in expr.indices) or len(set(expr.indices)) != len(expr.indices):
                 raise NoMatrixForm(f"{expr}: not a plain read")
-            return Mat(self.name(t), idx)
-        if expr.is_Number or (isinstance(expr, sp.Symbol) and not (expr.free_symbols & set(self.ranges))):
-            return Mat(self.printer.doprint(expr), (), atom=not expr.is_negative)
+            idx = tuple(i for i in expr.indices if i not in self.fixed)
+            return Mat(Read(self.name(t), t.name, expr.indices, self.fixed), idx)
+        if self.is_scalar(expr) and not isinstance(expr, sp.Indexed):
+            return Mat(self.const(expr), ())
         if isinstance(expr, sp.Sum):
             return self.lift_sum(expr, order)
         if expr.is_Add:
@@ -107,20 +296,20 @@ class Lifter:
             return self.lift_mul(expr, order)
         if expr.is_Pow and expr.exp.is_Integer and expr.exp > 0:
             base = self.lift(expr.base, order)
-            tex = rf"\left({base.tex}\right)" if ("^" in base.tex or not base.atom) else base.tex
-            return Mat(rf"{tex}^{{\circ {expr.exp}}}", base.idx, True, base.notes)
-        if isinstance(expr, sp.Function) and len(expr.args) >= 1:
+            return Mat(Power(base.node, int(expr.exp)), base.idx, base.notes)
+        if isinstance(expr, (Application, sp.Pow)) and len(expr.args) >= 1:
             return self.lift_function(expr, order)
         raise NoMatrixForm(f"no pattern for {type(expr).__name__}")
 
     def lift_function(self, expr, order):
-        inner = [a for a in expr.args if a.free_symbols & (set(self.ranges) - self.fixed)]
-        if len(inner) != 1:
+        inner = [a for a in expr.args if not self.is_scalar(a)]
+        if len(inner) != 1 or isinstance(inner[0], sp.Sum) and len(expr.args) > 1:
             raise NoMatrixForm(f"{expr}: not an elementwise function of one argument")
         arg = self.lift(inner[0], order)
-        placeholder = sp.Symbol("PLACEHOLDER")
-        tex = self.printer.doprint(expr.xreplace({inner[0]: placeholder}))
-        return Mat(tex.replace("PLACEHOLDER", arg.tex), arg.idx, True, arg.notes)
+        template = expr.xreplace({inner[0]: PLACEHOLDER})
+        if template.has(sp.Indexed) or template.has(sp.Sum):
+            raise NoMatrixForm(f"{expr}: the argument appears more than once")
+        return Mat(Apply(template, PLACEHOLDER, arg.node, self.printer), arg.idx, arg.notes)
 
     def lift_sum(self, expr, order):
         if len(expr.limits) != 1:
@@ -130,74 +319,71 @@ class Lifter:
         if full is None or sp.simplify(lo - full[0]) != 0 or sp.simplify(hi - full[1]) != 0:
             raise NoMatrixForm("a sum over part of a range")
         factors = sp.Mul.make_args(expr.function)
-        scalars = [f for f in factors if not (f.free_symbols & set(self.ranges))]
-        rest = [f for f in factors if f.free_symbols & set(self.ranges)]
-        scale = sp.Mul(*scalars)
+        scalars = [f for f in factors if self.is_scalar(f) and not isinstance(f, sp.Indexed)]
+        rest = [f for f in factors if f not in scalars]
         if len(rest) == 1:
             m = self.lift(rest[0])
             if k not in m.idx:
                 raise NoMatrixForm("the summed index is not an axis")
             free = tuple(i for i in m.idx if i != k)
+            ones = Ones(self.length(k))
+            note = (f"$\\mathbf{{1}}$ is the vector of ${self.size_tex((k,))}$ ones: "
+                    f"multiplying by it sums over ${self.printer.doprint(k)}$")
             if not free:
-                out = Mat(rf"\mathbf{{1}}^{{\top}} {self.paren(m)}", (), True, m.notes)
+                out = Mat(MatMul(T(ones), m.node), (), m.notes + [note])
             else:
-                out = Mat(rf"{self.aligned(m, free + (k,)).tex} \mathbf{{1}}", free, True,
-                          m.notes + [f"$\\mathbf{{1}}$ is the vector of ${self.size_tex((k,))}$ ones: "
-                                     f"multiplying by it sums over ${self.printer.doprint(k)}$"])
+                out = Mat(MatMul(self.aligned(m, free + (k,)).node, ones), free, m.notes + [note])
         elif len(rest) == 2:
             out = self.contraction(k, *[self.lift(f) for f in rest], order)
         else:
             raise NoMatrixForm("a sum of a product of more than two factors")
-        return self.scaled(scale, out)
+        return self.scaled(sp.Mul(*scalars), out)
 
     def contraction(self, k, a: Mat, b: Mat, order) -> Mat:
         if k not in a.idx or k not in b.idx:
             raise NoMatrixForm("the summed index is missing from a factor")
         fa = tuple(i for i in a.idx if i != k)
         fb = tuple(i for i in b.idx if i != k)
-        if len(fa) + len(fb) > 2:
-            raise NoMatrixForm("a contraction with too many free indices")
+        if len(fa) + len(fb) > 2 or (fa and fa == fb):
+            raise NoMatrixForm("not a matrix product")
         want = tuple(order) if order else fa + fb
-        if fb and fb[0] == want[0] and fa != fb:        # b supplies the first output index: swap
+        if fb and fb[0] == want[0]:                     # b supplies the first output index: swap
             a, b, fa, fb = b, a, fb, fa
         notes = a.notes + b.notes
         left = self.aligned(a, fa + (k,)) if fa else a
         right = self.aligned(b, (k,) + fb) if fb else b
+        kk = self.printer.doprint(k)
         for m, orig, pos in ((left, a, "second"), (right, b, "first")):
-            if m is not orig and m.tex != orig.tex and fa:
+            if m is not orig and fa:
                 notes.append(
-                    f"the sum runs over ${self.printer.doprint(k)}$, which is not the {pos} index of "
+                    f"the sum runs over ${kk}$, which is not the {pos} index of "
                     f"${orig.tex}$; a matrix product $AB$ sums the second index of $A$ against the first "
                     f"index of $B$, so ${orig.tex}$ enters transposed as ${m.tex}$")
-        if not fa and not fb:
-            tex, idx = rf"{self.transpose_vec(left)} {self.paren(right)}", ()
+        if not fa and not fb:                           # two vectors: an inner product
+            node, idx = MatMul(T(left.node), right.node), ()
+            shapes = f"${left.tex}$ and ${right.tex}$ are vectors of length ${self.size_tex((k,))}$"
         elif not fa:                                    # vector · matrix: write as matrixᵀ vector
-            right_t = self.transpose(right)
-            tex, idx = rf"{right_t.tex} {self.paren(left)}", fb
-            kk, q = self.printer.doprint(k), self.printer.doprint(fb[0])
+            right_t = transpose(right.node)
+            node, idx = MatMul(right_t, left.node), fb
+            q = self.printer.doprint(fb[0])
             notes.append(f"the sum runs over ${kk}$, the first index of ${right.tex}$: "
                          f"$\\sum_{{{kk}}} {right.tex}_{{{kk}{q}}} v_{{{kk}}} = ({right_t.tex} v)_{{{q}}}$, "
                          f"hence the transpose")
-            left, right = right_t, left
+            shapes = (f"${right_t.tex}$ is ${self.size_tex(fb + (k,))}$ and ${left.tex}$ has length "
+                      f"${self.size_tex((k,))}$, so the product has length ${self.size_tex(fb)}$")
         else:
-            tex, idx = rf"{self.paren(left)} {self.paren(right)}", fa + fb
-        shapes = (f"${left.tex}$ is ${self.size_tex(fa + (k,))}$ and ${right.tex}$ is "
-                  f"${self.size_tex((k,) + fb)}$, so the product is ${self.size_tex(fa + fb)}$")
-        return Mat(tex, idx, False, notes + [shapes])
-
-    @staticmethod
-    def transpose_vec(m: Mat) -> str:
-        return _with_sup(m.tex, r"\top") if m.atom else rf"\left({m.tex}\right)^{{\top}}"
+            node, idx = MatMul(left.node, right.node), fa + fb
+            shapes = (f"${left.tex}$ is ${self.size_tex(fa + (k,))}$ and ${right.tex}$ is "
+                      f"${self.size_tex((k,) + fb)}$, so the product is ${self.size_tex(fa + fb)}$")
+        return Mat(node, idx, notes + [shapes])
 
     def scaled(self, scale, m: Mat) -> Mat:
         if scale == 1:
             return m
-        s = self.printer.doprint(scale)
-        return Mat(rf"{s} {self.paren(m)}" if scale != -1 else rf"- {self.paren(m)}", m.idx, False, m.notes)
+        return Mat(Scale(self.const(scale), m.node), m.idx, m.notes)
 
     def lift_mul(self, expr, order):
-        scalars = [f for f in expr.args if not (f.free_symbols & (set(self.ranges) - self.fixed))
-                   and not isinstance(f, (sp.Indexed, sp.Sum))]
+        scalars = [f for f in expr.args if self.is_scalar(f) and not isinstance(f, sp.Indexed)]
         rank = lambda f: 0 if isinstance(f, sp.Sum) else 1 if isinstance(f, sp.Indexed) else 2  # noqa: E731
         parts = [self.lift(f, order) for f in sorted(expr.args, key=rank) if f not in scalars]
         if not parts:
@@ -206,57 +392,124 @@ class Lifter:
         target = tuple(order) if order and set(order) == set(full) else full
         mats = [p for p in parts if set(p.idx) == set(target)]
         vecs = [p for p in parts if p not in mats]
-        if len(mats) == 1 and not vecs:
-            return self.scaled(sp.Mul(*scalars), self.aligned(mats[0], target))
-        tex = r" \odot ".join(self.paren(self.aligned(m, target)) for m in mats)
         notes = [n for p in parts for n in p.notes]
+        if len(mats) == 1 and not vecs:
+            return self.scaled(sp.Mul(*scalars), Mat(self.aligned(mats[0], target).node, target, notes))
+        if len(parts) == 2 and all(len(p.idx) == 1 for p in parts) and \
+                order and len(order) == 2 and {p.idx[0] for p in parts} == set(order):
+            first, second = sorted(parts, key=lambda v: order.index(v.idx[0]))
+            notes.append(f"${first.tex} {T(second.node).tex}$ is an outer product: column times row")
+            return self.scaled(sp.Mul(*scalars), Mat(MatMul(first.node, T(second.node)), tuple(order), notes))
+        if not mats:
+            raise NoMatrixForm("a product of factors over different indices")
+        node = Hadamard([self.aligned(m, target).node for m in mats]) if len(mats) > 1 \
+            else self.aligned(mats[0], target).node
         if len(mats) > 1:
             notes.append(r"$\odot$ is the elementwise (Hadamard) product")
         for v in vecs:
+            if len(v.idx) == 0:
+                node = _scalar_times(v.node, node)
+                continue
             if len(v.idx) != 1 or v.idx[0] not in target:
                 raise NoMatrixForm("a factor broadcast along an unsupported axis")
             if len(target) == 1:
-                tex = rf"{self.paren(v)} \odot {tex}"
+                node = Hadamard([v.node, node])
             elif target.index(v.idx[0]) == 0:
-                tex = rf"\operatorname{{diag}}\left({v.tex}\right) {tex}"
+                node = MatMul(Diag(v.node), node)
+                notes.append(rf"$\operatorname{{diag}}\left({v.tex}\right)$ scales row ${self.printer.doprint(v.idx[0])}$ by the entry ${self.printer.doprint(v.idx[0])}$ of ${v.tex}$")
             else:
-                tex = rf"{tex} \operatorname{{diag}}\left({v.tex}\right)"
-        return self.scaled(sp.Mul(*scalars), Mat(tex, target, False, notes))
+                node = MatMul(node, Diag(v.node))
+                notes.append(rf"$\operatorname{{diag}}\left({v.tex}\right)$ on the right scales each column by an entry of ${v.tex}$")
+        return self.scaled(sp.Mul(*scalars), Mat(node, target, notes))
 
     def lift_add(self, expr, order):
-        signed = [(-1, -t) if t.as_coeff_Mul()[0].is_negative else (1, t) for t in expr.args]
-        signed.sort(key=lambda st: st[0] < 0)                       # P - Y, 1 - A
+        signed = [(-1, -t) if t.could_extract_minus_sign() else (1, t) for t in expr.args]
         lifted = [(sign, self.lift(t, order)) for sign, t in signed]
         lifted.sort(key=lambda sm: (sm[0] < 0, -len(sm[1].idx)))   # X W^T before the broadcast bias
-        signs = [sign for sign, _ in lifted]
-        terms = [m for _, m in lifted]
-        full = max(terms, key=lambda m: len(m.idx)).idx
+        full = max((m for _, m in lifted), key=lambda m: len(m.idx)).idx
         target = tuple(order) if order and set(order) == set(full) else full
-        out, notes = [], []
-        for m in terms:
+        terms, notes = [], []
+        for sign, m in lifted:
             notes += m.notes
             if set(m.idx) == set(target):
-                out.append(self.aligned(m, target).tex)
+                terms.append((sign, self.aligned(m, target).node))
             elif not m.idx:
-                out.append(m.tex)                        # a scalar, broadcast to every element
+                terms.append((sign, m.node))          # a scalar, added to every element
+                if target:
+                    notes.append(f"${m.tex}$ is added to every element")
             elif len(m.idx) == 1 and len(target) == 2:
+                ones = Ones(self.length(target[0] if m.idx[0] == target[1] else target[1]))
                 if m.idx[0] == target[1]:
-                    out.append(rf"\mathbf{{1}} {_with_sup(m.tex, chr(92) + 'top')}")
-                    row = _with_sup(m.tex, chr(92) + "top")
-                    notes.append(f"$\\mathbf{{1}} {row}$ repeats the row ${row}$ for every one of the "
-                                 f"${self.size_tex(target[:1])}$ rows (broadcasting)")
+                    node = MatMul(ones, T(m.node))
+                    notes.append(f"$\\mathbf{{1}} {T(m.node).tex}$ repeats the row ${T(m.node).tex}$ for every "
+                                 f"one of the ${self.size_tex(target[:1])}$ rows (broadcasting)")
                 else:
-                    out.append(rf"{m.tex} \mathbf{{1}}^{{\top}}")
+                    node = MatMul(m.node, T(ones))
+                    notes.append(f"${m.node.paren()} \\mathbf{{1}}^{{\\top}}$ repeats the column for every one "
+                                 f"of the ${self.size_tex(target[1:])}$ columns (broadcasting)")
+                terms.append((sign, node))
             else:
                 raise NoMatrixForm("terms over different indices")
-        tex = out[0] if signs[0] > 0 else f"- {out[0]}"
-        for sign, t in zip(signs[1:], out[1:]):
-            tex += (" + " if sign > 0 else " - ") + t
-        return Mat(tex, target, False, notes)
+        return Mat(Sum(terms), target, notes)
 
 
-def matrix_form(eq, tensors: dict, extra_ranges=None, fixed=()) -> dict | None:
-    """The matrix form of an index-form equation, with its shape and notes, or None."""
+def _scalar_times(s: Node, m: Node) -> Node:
+    """A rank-0 tensor times a matrix (a scalar read such as a learned temperature)."""
+    return Scale(_ConstNode(s), m)
+
+
+class _ConstNode(Const):
+    def __init__(self, node: Node):
+        self.node, self.tex, self.atom, self.expr = node, node.tex, node.atom, None
+
+    def value(self, ctx):
+        return self.node.value(ctx)
+
+
+# -- the result: printed only when checked ------------------------------------------------------------
+@dataclass
+class MatrixForm:
+    """``lhs = rhs`` (shape ``shape``) for equation ``eq``, with the reasons in ``notes``."""
+
+    eq: object
+    lhs: str
+    rhs: str
+    shape: str
+    notes: list
+    node: Node
+    order: tuple
+    fixed: tuple
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+    def evaluate(self, env: dict, sizes: dict, fixed_values: dict | None = None) -> np.ndarray:
+        """The matrix form's value with real matrix semantics (vectors as columns)."""
+        return self.node.value(Context(env, sizes, dict(fixed_values or {})))
+
+    def reference(self, env: dict, sizes: dict, fixed_values: dict | None = None) -> np.ndarray:
+        """The index form read numerically, arranged as the matrix form claims (order, columns)."""
+        full = evaluate(self.eq, env, sizes)
+        fixed_values = dict(fixed_values or {})
+        sel = tuple(fixed_values[i] if i in self.fixed else slice(None) for i in self.eq.indices)
+        kept = [i for i in self.eq.indices if i not in self.fixed]
+        arr = full[sel] if self.eq.indices else full
+        if len(kept) == 2 and tuple(kept) != tuple(self.order):
+            arr = arr.T
+        return _as_2d(arr)
+
+    def check(self, env: dict, sizes: dict, fixed_values=None, rtol=1e-9) -> bool:
+        try:
+            got = self.evaluate(env, sizes, fixed_values)
+        except (ValueError, ChainruleError):
+            return False
+        want = self.reference(env, sizes, fixed_values)
+        return got.shape == want.shape and bool(np.allclose(got, want, rtol=rtol, atol=rtol))
+
+
+def matrix_form(eq, tensors: dict, extra_ranges=None, fixed=(), check=True) -> MatrixForm | None:
+    """The matrix form of an index-form equation, or None when no pattern fits or it fails its check
+    (``check=False`` skips the numeric self-check: tests call ``MatrixForm.check`` themselves)."""
     ranges = {**(extra_ranges or {}), **eq.ranges()}
     for s in eq.body.atoms(sp.Sum):
         for v, lo, hi in s.limits:
@@ -270,6 +523,57 @@ def matrix_form(eq, tensors: dict, extra_ranges=None, fixed=()) -> dict | None:
             raise NoMatrixForm("free indices differ")
     except (NoMatrixForm, KeyError):
         return None
-    lhs = lifter.name(eq.out)
-    notes = list(dict.fromkeys(rhs.notes))
-    return {"lhs": lhs, "rhs": rhs.tex, "shape": lifter.size_tex(order), "notes": notes}
+    form = MatrixForm(eq, lifter.name(eq.out), rhs.tex, lifter.size_tex(order),
+                      list(dict.fromkeys(rhs.notes)), rhs.node, order, tuple(lifter.fixed))
+    if check and not self_check(form, tensors):
+        return None
+    return form
+
+
+# -- checking at small sizes ----------------------------------------------------------------------------
+def check_sizes(eq, tensors: dict, count=2) -> list[dict]:
+    """Up to ``count`` assignments of the sizes ``eq`` involves, each size distinct from the others and
+    from 2 (so a swapped axis or a dropped factor shows), every shape a positive integer."""
+    involved = [eq.out] + [tensors[n] for n, _ in eq.reads() if n in tensors]
+    shapes = [sp.sympify(s) for t in involved for s in t.shape]
+    limits = [e for r in eq.body.atoms(sp.Sum) for lim in r.limits for e in lim[1:]]
+    symbols = sorted({s for e in shapes + limits for s in sp.sympify(e).free_symbols if s.is_positive}, key=str)
+    values = [3, 4, 5, 6, 7, 8, 9, 10, 11]
+    found = []
+    for combo in itertools.permutations(values[:max(len(symbols) + 2, 4)], len(symbols)):
+        sizes = dict(zip(symbols, combo))
+        try:
+            if all(concrete(s, sizes) > 0 for s in shapes):
+                found.append(sizes)
+        except ChainruleError:
+            continue
+        if len(found) == count:
+            break
+    return found
+
+
+def random_env(eq, tensors: dict, sizes: dict, rng) -> dict:
+    """Values in (0.1, 0.9) for every tensor ``eq`` reads (positive, so logs and roots are defined)."""
+    env = {}
+    for name, _ in eq.reads():
+        t = tensors.get(name)
+        if t is not None and name not in env:
+            env[name] = rng.uniform(0.1, 0.9, size=tuple(concrete(n, sizes) for n in t.shape))
+    return env
+
+
+def self_check(form: MatrixForm, tensors: dict, seed=0) -> bool:
+    rng = np.random.default_rng(seed)
+    assignments = check_sizes(form.eq, tensors)
+    if not assignments:
+        return False
+    for sizes in assignments:
+        env = random_env(form.eq, tensors, sizes, rng)
+        fixed_values = {i: concrete(form.eq.out.shape[list(form.eq.indices).index(i)], sizes) - 1
+                        for i in form.fixed}
+        try:
+            if not form.check(env, sizes, fixed_values):
+                return False
+        except ChainruleError:
+            return False
+    return True

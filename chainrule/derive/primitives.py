@@ -18,13 +18,21 @@ import sympy as sp
 from sympy.concrete.expr_with_intlimits import ExprWithIntLimits
 
 
+def with_power(tex: str, exp=None) -> str:
+    """``f(x)`` raised to ``exp`` (SymPy's printer passes the exponent of a power of a function)."""
+    return tex if exp is None else rf"\left({tex}\right)^{{{exp}}}"
+
+
 class Primitive(sp.Function):
     """A scalar function with a derivative, a LaTeX form and a stable lowering."""
 
     latex_name: str = ""
     lowering: str = ""          # source of `def <name>(x): ...`, Numba-compatible
 
-    def _latex(self, printer):
+    def _latex(self, printer, exp=None):
+        return with_power(self._latex_plain(printer), exp)
+
+    def _latex_plain(self, printer):
         args = ", ".join(printer._print(a) for a in self.args)
         return rf"{self.latex_name}\left({args}\right)"
 
@@ -69,14 +77,15 @@ def softplus(x):
 class step(Primitive):
     """The unit step, with step(0) = 0: the derivative of ReLU at 0 is *chosen* as 0 (as PyTorch)."""
 
-    latex_name = r"\mathbb{1}"
+    latex_name = "step"
     lowering = '''
 def step(x):
     return 1.0 if x > 0.0 else 0.0
 '''
 
-    def _latex(self, printer):
-        return rf"\mathbb{{1}}\left[{printer._print(self.args[0])} > 0\right]"
+    def _latex_plain(self, printer):
+        # the Iverson bracket [x > 0]: 1 where it holds, else 0 (as the range guards print)
+        return rf"\left[{printer._print(self.args[0])} > 0\right]"
 
     def fdiff(self, argindex=1):
         return sp.S.Zero            # almost everywhere
@@ -109,7 +118,7 @@ def leaky_relu(x, alpha):
     return x if x > 0.0 else alpha * x
 '''
 
-    def _latex(self, printer):
+    def _latex_plain(self, printer):
         x, alpha = self.args
         return rf"\operatorname{{LeakyReLU}}_{{{printer._print(alpha)}}}\left({printer._print(x)}\right)"
 
@@ -158,10 +167,10 @@ class LogSumExp(ExprWithIntLimits):
     def definition(self):
         return self.doit()
 
-    def _latex(self, printer):
+    def _latex(self, printer, exp=None):
         (var, lo, hi), = self.limits
-        return (rf"\operatorname{{LSE}}_{{{printer._print(var)}}}"
-                rf"\left({printer._print(self.function)}\right)")
+        return with_power(rf"\operatorname{{LSE}}_{{{printer._print(var)}}}"
+                rf"\left({printer._print(self.function)}\right)", exp)
 
     def _sympystr(self, printer):
         return "LogSumExp(%s, %s)" % (printer._print(self.function),

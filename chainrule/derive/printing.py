@@ -32,9 +32,11 @@ class IndexPrinter(LatexPrinter):
         if t.role == "adjoint" and not t.meta.get("custom_latex"):
             of = self.tensors.get(t.meta["of"])
             inner = of.latex if of is not None else t.meta["of"]
-            inner = f"{inner}_{{{_sub(indices, self)}}}" if indices else inner
+            base = f"{{{inner}}}" if "_" in inner else inner
+            inner = f"{base}_{{{_sub(indices, self)}}}" if indices else inner
             return rf"\frac{{\partial C}}{{\partial {inner}}}"
-        tex = f"{t.latex}_{{{_sub(indices, self)}}}" if indices else t.latex
+        base = f"{{{t.latex}}}" if "_" in t.latex else t.latex          # W_{q} read at ef: {W_{q}}_{ef}
+        tex = f"{base}_{{{_sub(indices, self)}}}" if indices else t.latex
         return f"{{{tex}}}" if "^" in t.latex and indices else tex     # so a power's ^2 cannot clash
 
     def _print_Indexed(self, expr):

@@ -115,6 +115,21 @@ def factor_out_of_sums(expr, model):
     return expr.replace(query, value)
 
 
+@rewrite("count terms", "a sum of a term that does not depend on the summation index is the term "
+         "times the number of indices")
+def count_constant_sums(expr, model):
+    def query(e):
+        return isinstance(e, sp.Sum) and not (e.function.free_symbols & {v for v, *_ in e.limits})
+
+    def value(e):
+        out = e.function
+        for _, lo, hi in e.limits:
+            out = out * (hi - lo + 1)
+        return out
+
+    return expr.replace(query, value)
+
+
 @rewrite("sum of a sum", "a sum of terms splits into a sum per term")
 def split_sums(expr, model):
     return expr.replace(lambda e: isinstance(e, sp.Sum) and e.function.is_Add,
@@ -147,6 +162,34 @@ def declared_facts(expr, model):
         return out, [Note(", ".join("{%d}" % k for k in range(len(applied))) +
                                       " (the target is a probability distribution: its entries sum to one)",
                                       *[sp.Eq(e, 1, evaluate=False) for e in applied])]
+    return out
+
+
+def _divides_by_a_read(e) -> bool:
+    return any(p.is_Pow and p.exp.is_negative and p.base.has(sp.Indexed) for p in sp.preorder_traversal(e))
+
+
+@rewrite("cancel", "common factors of numerator and denominator cancel")
+def cancel_fractions(expr, model):
+    """A product that divides by a forward value (BCE's 1/a and 1/(1-a)) times one that supplies it
+    (σ' = a(1-a)) cancels: the kernel then never divides by a saturating activation."""
+    done = []
+
+    def query(e):
+        if not (e.is_Mul or e.is_Add) or e.has(sp.Sum, LogSumExp) or not _divides_by_a_read(e):
+            return False
+        return not _divides_by_a_read(sp.cancel(e))
+
+    def value(e):
+        out = sp.factor_terms(sp.cancel(e))
+        done.append((e, out))
+        return out
+
+    out = expr.replace(query, value)
+    if done:
+        text = "; ".join("{%d} = {%d}" % (2 * k, 2 * k + 1) for k in range(len(done)))
+        return out, [Note(text + " (the factors the forward pass supplies cancel against the denominators)",
+                          *[x for pair in done for x in pair])]
     return out
 
 

@@ -54,6 +54,65 @@ def provably_nonneg(e) -> bool:
     return bool(sp.simplify(e).is_nonnegative)
 
 
+# -- bound indices ------------------------------------------------------------------------------
+# ``Sum`` and ``LogSumExp`` bind their summation index, but SymPy's ``xreplace`` does not respect
+# binding: replacing a free ``o`` also rewrites an inner ``Σ_o``. So the engine keeps one invariant:
+# no summation index shadows a free index or an enclosing summation index. ``rename_bound``
+# restores it and ``substitute`` replaces free indices without capture.
+def _binders():
+    from sympy.concrete.expr_with_intlimits import ExprWithIntLimits
+    return (sp.Sum, ExprWithIntLimits)
+
+
+def _symbols(expr) -> set:
+    return {s for s in sp.preorder_traversal(expr) if isinstance(s, sp.Symbol)}
+
+
+def _fresh(var, taken: set):
+    w = var
+    while w in taken:
+        w = index(w.name + "'")
+    return w
+
+
+def rename_bound(expr, avoid=frozenset()):
+    """Rename every summation index that is in ``avoid`` or shadows an enclosing one (to a primed
+    name that is neither in scope nor free in its body), so that replacing free indices can never
+    reach a bound one. Sibling sums may share a name; nested ones never do."""
+    expr = sp.sympify(expr)
+    binders = _binders()
+    if not any(isinstance(e, binders) for e in sp.preorder_traversal(expr)):
+        return expr
+
+    def walk(e, blocked):
+        if isinstance(e, binders):
+            mapping, limits = {}, []
+            for var, lo, hi in e.limits:
+                lo = walk(lo.xreplace(mapping), blocked)
+                hi = walk(hi.xreplace(mapping), blocked)
+                new = var
+                if var in blocked:
+                    new = _fresh(var, blocked | _symbols(e))
+                    mapping[var] = new
+                limits.append((new, lo, hi))
+                blocked = blocked | {new}
+            return type(e)(walk(e.function.xreplace(mapping), blocked), *limits)
+        if not e.args or isinstance(e, sp.Indexed):
+            return e
+        args = [walk(a, blocked) for a in e.args]
+        return e.func(*args) if any(a is not b for a, b in zip(args, e.args)) else e
+
+    return walk(expr, frozenset(avoid))
+
+
+def substitute(expr, mapping: dict):
+    """``expr`` with free indices replaced by ``mapping`` (index -> expression), without capture."""
+    avoid = set(mapping)
+    for value in mapping.values():
+        avoid |= sp.sympify(value).free_symbols
+    return rename_bound(expr, avoid).xreplace(mapping)
+
+
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -125,7 +184,7 @@ class Equation:
 
     def __post_init__(self):
         self.indices = tuple(self.indices)
-        self.body = sp.sympify(self.body)
+        self.body = rename_bound(sp.sympify(self.body), set(self.indices))   # no shadowed index
         if len(self.indices) != self.out.rank:
             raise ShapeError(f"layer {self.layer or '?'}: equation for {self.out.name} "
                              f"{shape_str(self.out.shape)} has {len(self.indices)} indices")
