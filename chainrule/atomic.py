@@ -13,6 +13,7 @@ writer is no longer running (or that are older than a day, e.g. written from ano
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -70,6 +71,22 @@ def clean_stale_temporaries(path) -> list[str]:
             except OSError:
                 pass
     return removed
+
+
+def probe_writable(directory) -> str | None:
+    """None when a file can be created in ``directory`` (created if missing), else the reason
+    (the system's message, e.g. ``Read-only file system``)."""
+    directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        return os.strerror(errno.ENOTDIR)
+    probe = os.path.join(directory, f".chainrule-probe-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def atomic_write(path, write, mode: int = 0o666):

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 import textwrap
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, probe_writable
 
 
 def _version() -> str:
@@ -31,12 +30,9 @@ def _writable_dir(path: Path, option: str):
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise UsageError(f"{option} {path}: cannot create the directory: {e.strerror or e}") from None
-    probe = path / f".chainrule-probe-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.unlink(probe)
-    except OSError as e:
-        raise UsageError(f"{option} {path}: cannot write there: {e.strerror or e}") from None
+    why = probe_writable(path)
+    if why is not None:
+        raise UsageError(f"{option} {path}: cannot write there: {why}")
 
 
 def _writable_file(path: str, option: str):

@@ -695,15 +695,18 @@ def test_skipped_latex_tests_are_announced_with_the_command_that_enables_them():
 # random claim strings -> an answer or a clear ChainruleError. Compiling costs seconds per model, so
 # the default run draws a handful of examples (derandomized: the same ones every run) and the
 # `slow` variants draw many more.
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from chainrule.derive.layers import ACTIVATIONS, LOSSES
 
 FAST = settings(max_examples=4, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
+# no shrinking in the large runs: every shrink step compiles a model (minutes); the failing
+# example is reported as drawn
 MANY = settings(max_examples=60, deadline=None, derandomize=False, database=None,
-                suppress_health_check=list(HealthCheck))
+                suppress_health_check=list(HealthCheck),
+                phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
 def _softmax(z):
@@ -866,7 +869,8 @@ def test_random_claims_get_an_answer_or_a_clear_error(claim_model, tensor, claim
 
 @pytest.mark.slow
 @CLAIM_XFAIL
-@settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(tensor=st.sampled_from(["z2", "z1", "W2", "W1", "b1", "b2"]), claim=claim_strings())
 def test_many_random_claims(claim_model, tensor, claim):
     _claim_outcome(claim_model, tensor, claim)
@@ -878,3 +882,19 @@ def test_many_random_claims(claim_model, tensor, claim):
 def test_a_non_finite_claim_is_never_equal(claim_model, claim):
     result = _claim_outcome(claim_model, "z2", claim)
     assert result is None or not result.equal, f"{claim!r} was declared equal to dC/dz2"
+
+
+def test_model_checkpoint_checks_its_path_before_the_first_epoch(net_of, tmp_path):
+    from chainrule.runtime import ModelCheckpoint
+    net = net_of(TANH)
+    x, y = np.ones((6, 4)), np.zeros((6, 2))
+    ck = ModelCheckpoint(str(tmp_path / "ck-{val_loss:.3f}.npz"))
+    with pytest.raises(ChainruleError, match=r"ModelCheckpoint path .* cannot be filled in \(KeyError\('val_loss'\)\); "
+                                             r"its fields can be: epoch, loss, lr, time"):
+        net.fit(x, y, epochs=3, callbacks=[ck], progress=False)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    ck = ModelCheckpoint(str(afile / "ck-{epoch}.npz"))
+    with pytest.raises(ChainruleError, match=f"ModelCheckpoint cannot save to {afile}/ck-1.npz: Not a directory"):
+        net.fit(x, y, epochs=3, callbacks=[ck], progress=False)
+    assert net.history is not None and len(net.history) == 0        # no epoch was spent
