@@ -898,3 +898,17 @@ def test_model_checkpoint_checks_its_path_before_the_first_epoch(net_of, tmp_pat
     with pytest.raises(ChainruleError, match=f"ModelCheckpoint cannot save to {afile}/ck-1.npz: Not a directory"):
         net.fit(x, y, epochs=3, callbacks=[ck], progress=False)
     assert net.history is not None and len(net.history) == 0        # no epoch was spent
+
+
+def test_user_layers_sharing_a_name_but_not_a_function_warn_on_load(tmp_path, kernel_cache_dir):
+    from chainrule.derive.layers import Activation, Dense, sequential
+    from chainrule.runtime import Network
+    a = sequential(3, [Dense(2), Activation("act", lambda u: u ** 3), Dense(1)], "mse")
+    b = sequential(3, [Dense(2), Activation("act", lambda u: u / 2), Dense(1)], "mse")
+    na = Network(a, compiled=compile_model(a, cache_dir=kernel_cache_dir))
+    nb = Network(b, compiled=compile_model(b, cache_dir=kernel_cache_dir), seed=1)
+    assert na.spec == nb.spec == "3 -> dense(2) -> act -> dense(1) -> mse"
+    na.save(tmp_path / "a.npz")
+    with pytest.warns(RuntimeWarning, match="whose equations differ from this network's"):
+        nb.load(tmp_path / "a.npz")
+    np.testing.assert_array_equal(nb.params["W1"], na.params["W1"])

@@ -156,7 +156,11 @@ class CompiledModel:
 
 
 def compile_model(model, dtype="float64", cache_dir=None) -> CompiledModel:
-    """Generate (or load from the cache) the kernels of ``model`` in ``dtype``."""
+    """Generate (or load from the cache) the kernels of ``model`` in ``dtype``.
+
+    ``cache_dir`` (default: ``$CHAINRULE_CACHE_DIR`` or ``~/.cache/chainrule/kernels``) must be a
+    private directory (see :mod:`chainrule.codegen.cache`); when it cannot be written the kernels
+    are compiled in memory with one :class:`~chainrule.codegen.cache.KernelCacheWarning`."""
     dtype = check_dtype(dtype)
     key = cache_key(model, dtype)
 

@@ -230,20 +230,19 @@ class Network:
 
     def _check_architecture(self, ck, src):
         """Refuse a file saved from another architecture with the same shapes (relu vs tanh, mse vs
-        cross-entropy): both layer-list specs are compared; for hand-built graphs the equation
-        fingerprints, with a warning only (they may change with the SymPy version)."""
+        cross-entropy): both layer-list specs are compared. The equations' fingerprints are compared
+        too (hand-built graphs, user layers that share a name), with a warning only: they may also
+        change with the SymPy version."""
         meta = ck.meta
         if not meta:
             return
         theirs, ours = meta.get("spec"), self.spec
-        if theirs and ours:
-            if theirs != ours:
-                raise CheckpointError(
-                    f"{src} was saved from a different architecture: {theirs!r}, but this network "
-                    f"is {ours!r} (the parameter shapes agree, the functions differ); build the "
-                    f"network it was saved from (Network.from_checkpoint) or pass "
-                    f"check_architecture=False to load the numbers anyway")
-            return
+        if theirs and ours and theirs != ours:
+            raise CheckpointError(
+                f"{src} was saved from a different architecture: {theirs!r}, but this network "
+                f"is {ours!r} (the parameter shapes agree, the functions differ); build the "
+                f"network it was saved from (Network.from_checkpoint) or pass "
+                f"check_architecture=False to load the numbers anyway")
         if meta.get("architecture") and meta["architecture"] != self.architecture:
             import warnings
             warnings.warn(f"{src} was saved from model {meta['model']!r} ({theirs or 'hand-built'}) "
