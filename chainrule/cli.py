@@ -94,21 +94,46 @@ def cmd_derive(args) -> int:
     return 0
 
 
-def cmd_verify(args) -> int:
+def _say(*parts):
+    print(*parts, flush=True)
+
+
+def _claim(args) -> int:
     from .derive import build_model
-    from .derive.verify import builtin_declarations, check_claim, verify_model
+    from .derive.errors import ChainruleError, SpecError
+    from .derive.verify import check_claim
+    if len(args.model) > 1:
+        raise SpecError("--claim checks one model: give at most one MODEL")
+    tensor, eq, formula = args.claim.partition("=")
+    tensor, formula = tensor.strip(), formula.strip()
+    if not eq or not tensor or not formula:
+        raise SpecError(f"--claim {args.claim!r}: write TENSOR = FORMULA, e.g. 'z2 = (p2[b,o] - y2[b,o])/B'")
+    model = build_model(args.model[0] if args.model else None)
+    try:
+        result = check_claim(model, tensor, formula)
+    except ChainruleError:
+        raise
+    except (RecursionError, MemoryError, ArithmeticError, TypeError, ValueError) as err:   # never a traceback
+        raise SpecError(f"cannot check the claim {formula!r}: {type(err).__name__}: {err}") from None
+    if result.equal:
+        _say(f"equal: the claim for dC/d{tensor} matches the gradient: {result.checked} element comparisons "
+             f"({result.method}) at sizes {result.sizes_text()}, {result.points} random points each")
+        return 0
+    _say(f"not equal: counterexample for dC/d{tensor}:")
+    for k, v in result.counterexample.items():
+        if k == "sizes":
+            v = ", ".join(f"{name}={value}" for name, value in v.items())
+        _say(f"  {k}: {v}")
+    return 1
+
+
+def cmd_verify(args) -> int:
+    import time
+    from .derive import build_model
+    from .derive.errors import ChainruleError
+    from .derive.verify import builtin_declarations, verify_model
     if args.claim:
-        model = build_model(args.model[0] if args.model else None)
-        tensor, _, formula = args.claim.partition("=")
-        result = check_claim(model, tensor.strip(), formula.strip())
-        if result.equal:
-            print(f"equal: the claim for dC/d{tensor.strip()} matches the derivation "
-                  f"({result.checked} elements, {result.method})")
-            return 0
-        print(f"not equal: counterexample for dC/d{tensor.strip()}:")
-        for k, v in result.counterexample.items():
-            print(f"  {k}: {v}")
-        return 1
+        return _claim(args)
     cases = {m: m for m in args.model} if args.model else builtin_declarations()
     numeric = None
     if not args.symbolic_only:
@@ -116,26 +141,51 @@ def cmd_verify(args) -> int:
             from .codegen.verify import check_gradients as numeric
         except ImportError:
             print("(numeric check unavailable: chainrule.codegen is not importable)", file=sys.stderr)
-    rows, ok = [], True
+    head = ("declaration", "result", "symbolic comparisons", "finite-diff rel. err", "time", "sizes")
+    widths = (max(len(head[0]), *map(len, cases)), 6, 26, 20, 6)
+    row = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths + (0,))).rstrip()  # noqa: E731
+    _say(row(head))
+    ok, started = True, time.perf_counter()
     for label, spec in cases.items():
-        model = build_model(spec)
-        checks = verify_model(model)
-        sym_ok = all(checks)
-        method = "exact" if all(c.method == "exact" for c in checks) else "50 digits"
-        num = ""
-        if numeric is not None:
-            errs = numeric(model)
-            worst = max(e for _, e in errs)
-            num = f"{worst:.1e}"
-            sym_ok = sym_ok and worst < 1e-6
+        t0 = time.perf_counter()
+        try:
+            model = build_model(spec)
+            checks = verify_model(model)
+            sym_ok = all(checks)
+            method = "exact" if all(c.method == "exact" for c in checks) else "50 digits"
+            num = ""
+            if numeric is not None:
+                worst = max(e for _, e in numeric(model))
+                num = f"{worst:.1e}"
+                sym_ok = sym_ok and worst < 1e-6
+            cells = (label, "pass" if sym_ok else "FAIL", f"{sum(c.checked for c in checks)} ({method})", num,
+                     f"{time.perf_counter() - t0:.1f}s", checks[0].sizes_text())
+            _say(row(cells))
+            for c in checks:
+                if not c:
+                    _say(f"    {c}")
+        except ChainruleError as err:
+            sym_ok = False
+            _say(row((label, "ERROR", "", "", f"{time.perf_counter() - t0:.1f}s", "")))
+            _say(f"    {type(err).__name__}: {err}")
         ok &= sym_ok
-        rows.append((label, "pass" if sym_ok else "FAIL", f"{sum(c.checked for c in checks)} ({method})", num))
-    head = ("declaration", "result", "symbolic checks", "finite-diff rel. err")
-    widths = [max(len(str(r[k])) for r in rows + [head]) for k in range(4)]
-    for r in [head] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-    print("all passed" if ok else "SOME FAILED")
+    _say(("all passed" if ok else "SOME FAILED") + f" ({time.perf_counter() - started:.1f}s)")
     return 0 if ok else 1
+
+
+def _verify_epilog() -> str:
+    """The verify help: models, and the claim grammar with the demo model's names as an example."""
+    from .derive import build_model, derive
+    from .derive.verify import grammar_help
+    model = build_model("demo")
+    names = [t for t in model.tensors if model.tensors[t].role != "cost"]
+    names += sorted(a.name for a in derive(model).adjoints.values())
+    return (_model_help() + "\nclaims: --claim 'TENSOR = FORMULA' asks whether FORMULA is the gradient dC/dTENSOR, "
+            "e.g.\n  chainrule verify demo --claim 'z2 = (p2[b,o] - y2[b,o])/B'\n  chainrule verify demo --claim "
+            "'W1 = sum(b, d_z1[b,o]*x[b,i])'\n" + textwrap.fill(
+                grammar_help(names).replace("A claim may use", "FORMULA may use") + " (names shown: the demo "
+                "model's; an unknown name lists the model's own). FORMULA is read by a small parser, never "
+                "evaluated as code.", width=100, initial_indent="  ", subsequent_indent="  ") + "\n")
 
 
 def cmd_codegen(args) -> int:
@@ -179,10 +229,16 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_derive)
 
     p = sub.add_parser("verify", help="verify derived gradients (symbolic and finite differences)",
-                       epilog=_model_help() + "\nclaims: --claim 'z2 = (p2[b,o] - y2[b,o])/B' checks a formula "
-                       "for dC/dz2 in the derivation's own index names", formatter_class=fmt)
+                       epilog="(see below)", formatter_class=fmt)
+    _format_help = p.format_help
+
+    def verify_help(p=p):                       # built only when shown: it derives the demo model
+        p.epilog = _verify_epilog()
+        return _format_help()
+    p.format_help = verify_help
     p.add_argument("model", nargs="*", help="models to verify (default: every built-in declaration)")
-    p.add_argument("--claim", help="TENSOR = FORMULA: is FORMULA the gradient dC/dTENSOR?")
+    p.add_argument("--claim", metavar="'TENSOR = FORMULA'",
+                   help="is FORMULA the gradient dC/dTENSOR? (grammar below; e.g. 'z2 = (p2[b,o]-y2[b,o])/B')")
     p.add_argument("--symbolic-only", action="store_true", help="skip the finite-difference check")
     p.set_defaults(fn=cmd_verify)
 

@@ -21,6 +21,20 @@ def compiled_model(kernel_cache_dir):
     return get
 
 
+@pytest.fixture(scope="session")
+def compiled_declared(kernel_cache_dir):
+    """``compiled_declared(key, build, dtype="float64")`` -> CompiledModel of the Model ``build()``
+    (a user-declared model), compiled once per session and key."""
+    from chainrule.codegen import compile_model
+    memo = {}
+
+    def get(key, build, dtype="float64"):
+        if (key, dtype) not in memo:
+            memo[key, dtype] = compile_model(build(), dtype=dtype, cache_dir=kernel_cache_dir)
+        return memo[key, dtype]
+    return get
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Say loudly which LaTeX tests were skipped because node/KaTeX is missing, and how to run them."""
     from latex_tools import katex_skip_summary

@@ -261,12 +261,12 @@ def test_renamed_tensor_never_reaches_generated_code_raw(tmp_path, sep):
     import ast
     marker = tmp_path / "pwned"
     evil = f"x{sep}import os; open({str(marker)!r}, 'w'){sep}#"
+    def imports(src):
+        return sorted(a.name for n in ast.walk(ast.parse(src)) if isinstance(n, (ast.Import, ast.ImportFrom))
+                      for a in n.names)
     model = _hostile_model(evil)
     src = render_module(model)
-    tree = ast.parse(src)
-    imports = sorted(a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-                     for a in n.names)
-    assert imports == ["math", "njit", "numpy"]
+    assert imports(src) == imports(render_module(build_model("2 -> dense(1) -> bce_logits")))
     assert all("open(" not in line for line in src.splitlines() if not line.lstrip().startswith("#"))
     cm = compile_model(model, cache_dir=tmp_path / "k")      # importing it runs nothing
     _works(cm)
@@ -854,12 +854,6 @@ def _claim_outcome(claim_model, tensor, claim):
     return result
 
 
-CLAIM_XFAIL = pytest.mark.xfail(strict=False, reason=(
-    "claim parser/checker hardening is in progress on another branch; failing inputs reported to "
-    "the lead"))
-
-
-@CLAIM_XFAIL
 @settings(max_examples=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 @given(tensor=st.sampled_from(["z2", "z1", "W2", "b1"]), claim=claim_strings())
@@ -868,7 +862,6 @@ def test_random_claims_get_an_answer_or_a_clear_error(claim_model, tensor, claim
 
 
 @pytest.mark.slow
-@CLAIM_XFAIL
 @settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck),
           phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(tensor=st.sampled_from(["z2", "z1", "W2", "W1", "b1", "b2"]), claim=claim_strings())
@@ -876,8 +869,6 @@ def test_many_random_claims(claim_model, tensor, claim):
     _claim_outcome(claim_model, tensor, claim)
 
 
-@pytest.mark.xfail(strict=False, reason="same_value treats zoo/nan as equal to anything (oo > oo is "
-                   "False); reported to the lead, chainrule/derive/verify.py is another branch's")
 @pytest.mark.parametrize("claim", ["1/0", "log(0)", "(p2[b,o] - y2[b,o])/B + 1/0"])
 def test_a_non_finite_claim_is_never_equal(claim_model, claim):
     result = _claim_outcome(claim_model, "z2", claim)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from .cache import KernelCacheError, KernelCacheWarning, default_cache_dir
 from .compiled import CompiledModel, compile_model
+from .facts import FactError
 from .render import render_module
 
-__all__ = ["CompiledModel", "KernelCacheError", "KernelCacheWarning", "compile_model", "default_cache_dir",
-           "render_module"]
+__all__ = ["CompiledModel", "FactError", "KernelCacheError", "KernelCacheWarning", "compile_model",
+           "default_cache_dir", "render_module"]

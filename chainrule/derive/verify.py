@@ -1,313 +1,463 @@
-"""Symbolic verification: fix the sizes to small integers, expand the model to scalars, differentiate
-the expanded cost directly with SymPy, and compare with the derived gradient at random rational points.
+"""Symbolic verification: the derived gradients against an independent reverse mode, exactly.
 
-A claimed gradient (a SymPy expression, or a string read by a small parser of our own: never ``eval``
-or ``sympify`` on untrusted text) is answered equal, or not equal with a counterexample.
+What is compared, and how:
+
+* **Sizes.** Every symbolic size of the model (the batch ``B`` included) gets concrete values at two
+  or more *size assignments* (``size_assignments``): small integers from 3 up, distinct from each
+  other and from 2, different in each assignment, and chosen so that every tensor's shape evaluates
+  to a whole positive number (a convolution's ``W-K+1``, a pooled ``(W-K)/S+1``). Integers written in
+  a declaration (a stride of 2) stay as written.
+* **Points.** At each assignment, every input, target and parameter element gets a random rational
+  value (probability targets normalised so that their rows sum to one).
+* **Direct gradient (the reference).** The forward equations are evaluated element by element on a
+  scalar reverse-mode tape (``exact.Tape``): each scalar operation records its local partial
+  derivatives from elementary calculus (primitives through their plain definitions, ``LogSumExp`` as
+  ``log Σ exp``), and one backward sweep gives ∂C/∂(every element). No derived formula, and no
+  derivative declared by a primitive, is used for the reference.
+* **Derived gradient.** The engine's adjoint equations (``derive(model).composed`` by default) are
+  evaluated element by element at the same point, reading the forward values.
+* **Comparison.** Exactly (Python ``Fraction``s) when every value is rational; otherwise with ``mpmath``
+  at 70 digits, and agreement means agreement to 50 significant digits. A point where a ``max``,
+  ``abs``, step or branch is exactly at its kink is replaced by another.
+
+A ``Check`` says which sizes and how many elements it compared; a check that would compare no element
+is an error, never a pass. A claimed gradient (``check_claim``: a SymPy expression, or a string read
+by the safe parser of ``claims.py``) is compared with the direct gradient the same way, and is
+answered equal, or not equal with a counterexample naming the sizes and the element.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 import itertools
 import random
-import re
 
+import mpmath
 import sympy as sp
 
 from .backprop import Gradients, derive
-from .errors import SpecError
+from .claims import check_claim_expression, grammar_help, parse_claim, parse_expression  # noqa: F401
+from .errors import ChainruleError, ShapeError, SpecError
+from .exact import DIGITS, Compiler, Context, EvaluationError, Exact, Float, Inexact, Tape, WORK_DPS
 from .graph import Model
-from .primitives import PRIMITIVES, expand_primitives
 from .tensor import Equation
 
-DIGITS = 50
+__all__ = ["Check", "VerificationError", "check_claim", "verify_model", "size_assignments", "size_symbols",
+           "parse_claim", "parse_expression", "builtin_declarations", "DIGITS"]
+
+RESAMPLES = 20         # attempts to find a random point away from every kink
+CLAIM_BUDGET = 200_000        # operations (terms of sums included) over all the evaluations of one claim
+
+
+class VerificationError(ChainruleError):
+    """Verification that cannot be carried out honestly (nothing to compare, no valid sizes)."""
 
 
 @dataclass
 class Check:
-    """The result of comparing one gradient element, or a whole tensor."""
+    """The result of comparing one gradient (all its elements) at several sizes and points."""
 
     name: str
-    equal: bool
-    method: str = ""                         # "exact" or "50 digits"
+    equal: bool = True
+    method: str = "exact"                         # "exact" or "50 digits"
     counterexample: dict = field(default_factory=dict)
-    checked: int = 0
+    checked: int = 0                              # element comparisons made
+    sizes: list = field(default_factory=list)     # the size assignments compared at ({name: value})
+    points: int = 0                               # random points per assignment
 
     def __bool__(self):
         return self.equal
 
-    def compare(self, element, reference, candidate, point: dict, sizes: dict, labels=("derived", "claimed")) -> bool:
-        """Compare two scalar expressions at ``point``; on disagreement keep it as the counterexample."""
-        ref, cand = reference.xreplace(point), candidate.xreplace(point)
-        ok, method = same_value(cand, ref)
-        self.checked += 1
-        if method != "exact":
-            self.method = method
-        if not ok:
-            self.equal = False
-            self.counterexample = {
-                "sizes": {str(k): v for k, v in sizes.items()}, "element": str(element),
-                labels[1]: sp.N(expand_primitives(cand), 8), labels[0]: sp.N(expand_primitives(ref), 8),
-                "at": {str(k): v for k, v in point.items()}}
-        return ok
+    def sizes_text(self) -> str:
+        return " and ".join("(" + (", ".join(f"{k}={v}" for k, v in s.items()) or "no symbolic sizes") + ")"
+                            for s in self.sizes)
+
+    def __str__(self):
+        where = f"at sizes {self.sizes_text()}, {self.points} random point{'s' * (self.points != 1)} each"
+        if self.equal:
+            return f"{self.name}: equal: {self.checked} element comparisons ({self.method}) {where}"
+        found = "; ".join(f"{k}: {', '.join(f'{n}={v}' for n, v in v.items()) if k == 'sizes' else v}"
+                          for k, v in self.counterexample.items())
+        return (f"{self.name}: NOT EQUAL ({self.method}, checking {where}); counterexample after "
+                f"{self.checked} element comparison{'s' * (self.checked != 1)}: {found}")
 
 
-def small_sizes(model: Model, cap: int = 2) -> dict:
-    return {s: min(cap, v) for s, v in model.size_values.items()} | {sp.Symbol("B", integer=True, positive=True): 2}
+# -- sizes ---------------------------------------------------------------------------------------------
+def size_symbols(model: Model) -> list[sp.Symbol]:
+    """The symbolic sizes of a model: the free symbols of its tensors' shapes (``B`` included), and
+    any other positive-integer symbol its equations use (a size that only scales, like ``d`` in 1/√d)."""
+    syms = set(model.sizes())
+    for eq in model.equations:
+        syms |= {s for s in eq.body.free_symbols if s.is_integer and s.is_positive}
+    return sorted(syms, key=str)
 
 
-class Expanded:
-    """Every tensor element as a scalar SymPy expression of the inputs and parameters."""
+def size_assignments(model: Model, count: int = 2, *, low: int = 3) -> list[dict]:
+    """``count`` assignments {size symbol: int}, deterministic: every size gets a value ≥ ``low`` (so
+    never 2), distinct from every other size's, different from its value in the other assignments,
+    and every tensor's shape evaluates to whole positive numbers. Smallest values first."""
+    syms = size_symbols(model)
+    shapes = {sp.sympify(n) for t in model.tensors.values() for n in t.shape}
+    ints = Compiler(Exact())
+    checks = {k: [] for k in range(len(syms))}          # shape expressions, by their last symbol
+    for n in shapes:
+        if not n.free_symbols:
+            if not (n.is_Integer and n > 0):
+                raise ShapeError(f"a tensor of model {model.name} has the fixed size {n}, not a positive integer")
+            continue
+        last = max(syms.index(s) for s in n.free_symbols)
+        checks[last].append((n, ints.compile(n)))
+    if not syms:
+        return [{}]
 
-    def __init__(self, model: Model, sizes: dict):
-        self.model, self.sizes = model, sizes
-        self.values: dict = {}
+    def whole(expr_fn, env) -> bool:
+        try:
+            v = expr_fn(Context(env, {}))
+        except (EvaluationError, ZeroDivisionError):
+            return False
+        return v == int(v) and v > 0
 
-    def elements(self, tensor):
-        shape = [int(sp.sympify(n).subs(self.sizes)) for n in tensor.shape]
-        for idx in itertools.product(*[range(n) for n in shape]):
-            yield idx, (tensor.base[idx] if idx else tensor.symbol)
+    def search(values, previous, strict, budget=200_000):
+        """Depth-first, smallest values first; ``strict``: every size differs from its value in each of
+        ``previous``, else the assignment as a whole differs from each of them."""
+        env, used, steps = {}, set(), [0]
 
-    def evaluate(self, eq: Equation):
-        for idx, read in self.elements(eq.out):
-            body = eq.body.subs(self.sizes).xreplace(dict(zip(eq.indices, map(sp.Integer, idx))))
-            body = body.doit()
-            self.values[read] = body.xreplace(self.values)
+        def assign(k):
+            if k == len(syms):
+                return strict or all(env != p for p in previous)
+            for v in values:
+                steps[0] += 1
+                if steps[0] > budget:
+                    return False
+                if v in used or (strict and any(p[syms[k]] == v for p in previous)):
+                    continue
+                env[syms[k]] = v
+                if all(whole(fn, env) for _, fn in checks[k]):
+                    used.add(v)
+                    if assign(k + 1):
+                        return True
+                    used.discard(v)
+                del env[syms[k]]
+            return False
+        return dict(env) if assign(0) else None
 
-    def run(self, equations):
-        for eq in equations:
-            self.evaluate(eq)
-        return self
+    found: list[dict] = []
+    for strict in (True, False):      # a size the shapes pin down cannot change: then vary the others
+        for top in (low + len(syms) + 5, low + 4 * len(syms) + 24):
+            while len(found) < count:
+                a = search(range(low, top), found, strict)
+                if a is None:
+                    break
+                found.append(a)
+        if len(found) == count:
+            break
+    if not found:
+        raise VerificationError(
+            f"model {model.name}: no assignment of the sizes {', '.join(map(str, syms))} (values ≥ {low}, distinct) "
+            f"makes every shape a positive integer: {', '.join(sorted(str(n) for n, _ in sum(checks.values(), [])))}")
+    return found
 
 
-def _leaves(model: Model, sizes) -> list:
+def _named(sizes: dict) -> dict:
+    return {str(k): int(v) for k, v in sizes.items()}
+
+
+def _normalise_sizes(model, sizes):
+    if sizes is None:
+        return size_assignments(model)
+    by_name = {str(s): s for s in size_symbols(model)}
     out = []
-    for t in model.tensors.values():
-        if t.role in ("input", "target", "param"):
-            shape = [int(sp.sympify(n).subs(sizes)) for n in t.shape]
-            out += [t.base[idx] for idx in itertools.product(*[range(n) for n in shape])]
+    for a in sizes:
+        a = {by_name.get(str(k), k): int(v) for k, v in a.items()}
+        missing = set(by_name.values()) - set(a)
+        if missing:
+            raise VerificationError(f"size assignment {_named(a)} gives no value to {sorted(map(str, missing))}")
+        out.append(a)
     return out
 
 
+def _shape(tensor, sizes) -> tuple:
+    out = []
+    for n in tensor.shape:
+        v = sp.sympify(n).xreplace({k: sp.Integer(v) for k, v in sizes.items()})
+        if not (v.is_Integer and v > 0):
+            raise VerificationError(f"tensor {tensor.name} {tensor.shape} has size {v} at {_named(sizes)}")
+        out.append(int(v))
+    return tuple(out)
+
+
+def _elements(tensor, sizes):
+    return itertools.product(*[range(n) for n in _shape(tensor, sizes)])
+
+
+# -- random points ---------------------------------------------------------------------------------------
 def random_point(model: Model, sizes, rng: random.Random) -> dict:
-    """Random rationals for every leaf; probability targets normalised so their rows sum to one."""
+    """{tensor name: {index: Fraction}} for every input, target and parameter: values in [-1, 1] with
+    denominator 20 (never 0), targets in (0, 1); probability targets' rows normalised to sum to one."""
     point = {}
     for t in model.tensors.values():
         if t.role not in ("input", "target", "param"):
             continue
-        shape = [int(sp.sympify(n).subs(sizes)) for n in t.shape]
+        shape = _shape(t, sizes)
+        values = {}
         for idx in itertools.product(*[range(n) for n in shape]):
-            lo = 1 if t.role == "target" else -9
-            point[t.base[idx]] = sp.Rational(rng.randint(lo, 9), 10) or sp.Rational(1, 7)
+            v = rng.randint(1, 19) if t.role == "target" else rng.choice([k for k in range(-20, 21) if k])
+            values[idx] = Fraction(v, 20)
         if t.simplex_axis is not None:
             axis = t.simplex_axis
-            for idx in itertools.product(*[range(n) for k, n in enumerate(shape) if k != axis]):
-                row = [t.base[idx[:axis] + (j,) + idx[axis:]] for j in range(shape[axis])]
-                total = sum(point[r] for r in row)
+            for rest in itertools.product(*[range(n) for k, n in enumerate(shape) if k != axis]):
+                row = [rest[:axis] + (j,) + rest[axis:] for j in range(shape[axis])]
+                total = sum(values[r] for r in row)
                 for r in row:
-                    point[r] = point[r] / total
+                    values[r] = values[r] / total
+        point[t.name] = values
     return point
 
 
-def same_value(a, b) -> tuple[bool, str]:
-    """Exact when the difference simplifies to zero, otherwise agreement to 50 significant digits."""
-    diff = expand_primitives(sp.sympify(a) - sp.sympify(b))
-    if diff.is_Rational:
-        return diff == 0, "exact"
-    value = sp.N(diff, DIGITS)
-    scale = max(1, abs(sp.N(expand_primitives(sp.sympify(a)), DIGITS)))
-    if abs(value) > sp.Float(10) ** (-(DIGITS - 10)) * scale:
-        return False, f"{DIGITS} digits"
-    return True, f"{DIGITS} digits"
+# -- one evaluation: forward on the tape, backward sweep, derived equations ----------------------------------
+def _ordered(equations: list[Equation]) -> list[Equation]:
+    """Adjoint equations so that each comes after the adjoints it reads."""
+    by_name = {eq.out.name: eq for eq in equations}
+    order, seen = [], set()
+
+    def visit(eq, path=()):
+        if eq.out.name in seen:
+            return
+        if eq.out.name in path:
+            raise VerificationError(f"the adjoint equations read each other in a cycle: {' -> '.join(path)}")
+        for name, _ in eq.reads():
+            if name in by_name and name != eq.out.name:
+                visit(by_name[name], path + (eq.out.name,))
+        seen.add(eq.out.name)
+        order.append(eq)
+    for eq in equations:
+        visit(eq)
+    return order
 
 
-def verify_model(model: Model, grads: Gradients | None = None, *, points: int = 2, seed: int = 0,
-                 composed: bool = True) -> list[Check]:
-    """Compare every derived parameter gradient with direct differentiation of the expanded cost."""
-    grads = grads or derive(model)
-    sizes = small_sizes(model)
-    forward = Expanded(model, sizes).run(model.equations)
-    cost = forward.values[model.cost.symbol]
-    backward = Expanded(model, sizes)
-    backward.values = dict(forward.values)
-    derivs = grads.composed if composed else grads.derivations
-    backward.run([d.equation for d in derivs.values()])
-    rng = random.Random(seed)
-    pts = [random_point(model, sizes, rng) for _ in range(points)]
-    checks = []
-    for name, d in derivs.items():
-        t = model.tensors[name]
-        if t.role not in ("param", "input"):
-            continue
-        check = Check(f"{model.name}: dC/d{name}", True, "exact")
-        for idx, read in backward.elements(d.adjoint):
-            wrt = t.base[idx] if idx else t.symbol
-            direct, derived = sp.diff(cost, wrt), backward.values[read]
-            if not all(check.compare(wrt, direct, derived, point, sizes, ("direct", "derived"))
-                       for point in pts):
+class _Evaluator:
+    """Compiled once per model and arithmetic; ``run`` evaluates one size assignment at one point."""
+
+    def __init__(self, model: Model, derived: list[Equation], exact: bool, claim=None):
+        self.model = model
+        self.base = Exact() if exact else Float()
+        self.tape = Tape(self.base)
+        scalars = {t.name for t in model.tensors.values() if t.rank == 0}
+        scalars |= {"d_" + n for n in scalars} | {eq.out.name for eq in derived if eq.out.rank == 0}
+        fwd = Compiler(self.tape, scalars)
+        self.forward = [(eq, fwd.compile(eq.body)) for eq in model.equations]
+        plain = Compiler(self.base, scalars)
+        self.derived = [(eq, plain.compile(eq.body)) for eq in _ordered(derived)]
+        self.claim = plain.compile(claim) if claim is not None else None
+        self.claim_budget = CLAIM_BUDGET
+
+    def run(self, sizes: dict, point: dict):
+        tape, model = self.tape, self.model
+        tape.reset()
+        env = dict(sizes)
+        store = {name: {idx: tape.leaf(v) for idx, v in values.items()} for name, values in point.items()}
+        ctx = Context(env, store)
+        for eq, fn in self.forward:
+            out = {}
+            for idx in _elements(eq.out, sizes):
+                env.update(zip(eq.indices, idx))
+                try:
+                    out[idx] = tape.element(fn(ctx))
+                except (EvaluationError, ZeroDivisionError) as err:
+                    raise EvaluationError(f"model {model.name}: the forward equation for {_element(eq.out.name, idx)}"
+                                          f" has no value at sizes {_named(sizes)} and a random point: {err}") from None
+            for i in eq.indices:
+                env.pop(i, None)
+            store[eq.out.name] = out
+        cost = store[model.cost.name][()]
+        tape.backward(cost)
+        values = {name: {i: n.value for i, n in elems.items()} for name, elems in store.items()}
+        direct = {"d_" + name: {i: n.grad for i, n in elems.items()} for name, elems in store.items()}
+        derived, errors = dict(values), {}
+        ctx = Context(env, derived)
+        for eq, fn in self.derived:
+            out = {}
+            try:
+                for idx in _elements(eq.out, sizes):
+                    env.update(zip(eq.indices, idx))
+                    out[idx] = fn(ctx)
+                derived[eq.out.name] = out
+            except (EvaluationError, ZeroDivisionError) as err:
+                errors[eq.out.name] = f"{eq.out.name}: {err}"
+            for i in eq.indices:
+                env.pop(i, None)
+        return values, direct, derived, errors
+
+    def evaluate_claim(self, sizes, values, direct, idx, indices):
+        """The claim at one element; all evaluations of one claim share ``CLAIM_BUDGET`` sum terms."""
+        env = dict(sizes)
+        env.update(zip(indices, idx))
+        ctx = Context(env, {**values, **direct}, self.claim_budget)
+        try:
+            return self.claim(ctx)
+        finally:
+            self.claim_budget = ctx.budget
+
+
+def _exactly_or_to_50_digits(attempt):
+    """Run ``attempt(exact: bool)`` exactly; if a value leaves the rationals, again at 70 digits."""
+    try:
+        return attempt(True)
+    except Inexact:
+        with mpmath.workdps(WORK_DPS):
+            return attempt(False)
+
+
+def _points(ev: _Evaluator, model, sizes, rng, count):
+    """``count`` evaluated random points at ``sizes``, each away from every kink."""
+    out = []
+    for _ in range(count):
+        for attempt in range(RESAMPLES):
+            point = random_point(model, sizes, rng)
+            result = ev.run(sizes, point)
+            if not ev.base.kink:
                 break
-        checks.append(check)
-    return checks
-
-
-# -- claims -------------------------------------------------------------------------------------------
-def check_claim(model: Model, tensor: str, claim, *, grads: Gradients | None = None, points: int = 3,
-                seed: int = 0) -> Check:
-    """Is ``claim`` (index form, using the adjoint's own indices) the gradient ∂C/∂tensor?
-
-    The claim may read forward tensors (``p2[b,o]``), targets and parameters, and the sizes (``B``).
-    """
-    grads = grads or derive(model)
-    derivs = grads.composed if tensor in grads.composed else grads.derivations
-    if tensor not in derivs:
-        raise SpecError(f"model {model.name} derives no gradient for {tensor!r}; "
-                        f"known: {', '.join(derivs)}")
-    d = derivs[tensor]
-    if isinstance(claim, str):
-        claim = parse_expression(claim, model, d.equation, extra=list(grads.adjoints.values()))
-    sizes = small_sizes(model)
-    values = Expanded(model, sizes)
-    values.run(model.equations)
-    values.run([x.equation for x in derivs.values()])
-    claimed = {}
-    for idx, read in values.elements(d.adjoint):          # the claim, expanded once per element
-        body = claim.subs(sizes).xreplace(dict(zip(d.equation.indices, map(sp.Integer, idx)))).doit()
-        claimed[read] = body.xreplace(values.values)
-    rng = random.Random(seed)
-    result = Check(f"claim for dC/d{tensor}", True, "exact")
-    for _ in range(points):
-        point = random_point(model, sizes, rng)
-        for read, mine in claimed.items():
-            if not result.compare(read, values.values[read], mine, point, sizes):
-                return result
-    return result
-
-
-# -- a small, safe expression parser -------------------------------------------------------------------
-_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d+)?)|([A-Za-z_][A-Za-z0-9_']*)|(\*\*|[-+*/^()\[\],]))")
-FUNCTIONS = {"exp": sp.exp, "log": sp.log, "tanh": sp.tanh, "abs": sp.Abs, "sign": sp.sign,
-             "sqrt": sp.sqrt, **PRIMITIVES}
-
-
-def _tokens(text: str):
-    pos, out = 0, []
-    while pos < len(text.rstrip()):
-        m = _TOKEN.match(text, pos)
-        if not m or m.end() == pos:
-            raise SpecError(f"cannot read {text[pos:pos + 12]!r} at position {pos} of {text!r}")
-        out.append(m.group(m.lastindex))
-        pos = m.end()
+        else:
+            raise VerificationError(f"model {model.name}: every random point at sizes {_named(sizes)} sits on a "
+                                    f"kink (a tie in max/min/abs/step), so the derivative there is a convention")
+        out.append(result)
     return out
 
 
-class _Parser:
-    """expr := term (± term)* ; term := unary (*|/ unary)* ; unary := -unary | power ;
-    power := atom (^ unary)? ; atom := number | name | name[idx, ...] | f(expr) | sum(k, expr) | (expr)"""
-
-    def __init__(self, text, names: dict, eq: Equation):
-        self.toks, self.k, self.text = _tokens(text), 0, text
-        self.names, self.eq = names, eq
-
-    def peek(self):
-        return self.toks[self.k] if self.k < len(self.toks) else None
-
-    def take(self, want=None):
-        tok = self.peek()
-        if tok is None or (want is not None and tok != want):
-            raise SpecError(f"in {self.text!r}: expected {want or 'more'} but found {tok or 'the end'}")
-        self.k += 1
-        return tok
-
-    def parse(self):
-        e = self.expr()
-        if self.peek() is not None:
-            raise SpecError(f"in {self.text!r}: unexpected {self.peek()!r}")
-        return e
-
-    def expr(self):
-        e = self.term()
-        while self.peek() in ("+", "-"):
-            e = e + self.term() if self.take() == "+" else e - self.term()
-        return e
-
-    def term(self):
-        e = self.unary()
-        while self.peek() in ("*", "/"):
-            e = e * self.unary() if self.take() == "*" else e / self.unary()
-        return e
-
-    def unary(self):
-        if self.peek() == "-":
-            self.take()
-            return -self.unary()
-        return self.power()
-
-    def power(self):
-        e = self.atom()
-        if self.peek() in ("^", "**"):
-            self.take()
-            e = e ** self.unary()
-        return e
-
-    def atom(self):
-        tok = self.take()
-        if tok == "(":
-            e = self.expr()
-            self.take(")")
-            return e
-        if tok[0].isdigit():
-            return sp.Rational(tok)
-        if tok == "sum" and self.peek() == "(":
-            self.take("(")
-            var = sp.Symbol(self.take(), integer=True)
-            self.take(",")
-            shadowed = self.names.get(str(var))
-            self.names[str(var)] = var
-            body = self.expr()
-            self.take(")")
-            if shadowed is None:
-                del self.names[str(var)]
-            else:
-                self.names[str(var)] = shadowed
-            return sp.Sum(body, (var, 0, _range_of(var, body, self.names) - 1))
-        if tok in FUNCTIONS and self.peek() == "(":
-            self.take("(")
-            e = self.expr()
-            self.take(")")
-            return FUNCTIONS[tok](e)
-        if tok in self.names:
-            t = self.names[tok]
-            if self.peek() == "[":
-                self.take("[")
-                idx = [self.expr()]
-                while self.peek() == ",":
-                    self.take(",")
-                    idx.append(self.expr())
-                self.take("]")
-                return t[tuple(idx)]
-            return t if isinstance(t, sp.Basic) else t.read()
-        raise SpecError(f"in {self.text!r}: unknown name {tok!r} (tensors, indices and sizes of the model, "
-                        f"and the functions {', '.join(sorted(FUNCTIONS))} are allowed)")
+def _number(ev, x):
+    return ev.base.sympy(x)
 
 
-def _range_of(var, body, names):
-    for read in body.atoms(sp.Indexed):
-        for axis, e in enumerate(read.indices):
-            if e == var:
-                return names[str(read.base.label)].shape[axis]
-    raise SpecError(f"summation index {var} is not used as a tensor index")
+# -- verifying a model ------------------------------------------------------------------------------------
+def verify_model(model: Model, grads: Gradients | None = None, *, points: int = 2, seed: int = 0,
+                 composed: bool = True, sizes=None) -> list[Check]:
+    """Compare every derived parameter (and requested input) gradient with the direct gradient of the
+    cost, element by element, at ≥ 2 size assignments × ``points`` random points (see the module
+    docstring). Returns one ``Check`` per gradient; raises ``VerificationError`` if there is nothing
+    to compare."""
+    grads = grads or derive(model)
+    derivs = grads.composed if composed else grads.derivations
+    names = [n for n in derivs if model.tensors[n].role in ("param", "input")]
+    if not names:
+        raise VerificationError(f"model {model.name} has no parameter gradient to verify")
+    assignments = _normalise_sizes(model, sizes)
+
+    def attempt(exact):
+        ev = _Evaluator(model, [d.equation for d in derivs.values()], exact)
+        checks = {n: Check(f"{model.name}: dC/d{n}", True, ev.base.name, sizes=[_named(a) for a in assignments],
+                           points=points) for n in names}
+        rng = random.Random(seed)
+        for a in assignments:
+            for values, direct, derived, errors in _points(ev, model, a, rng, points):
+                for n in names:
+                    check, adj = checks[n], derivs[n].adjoint.name
+                    if not check.equal:
+                        continue
+                    if adj in errors or adj not in derived:
+                        check.equal = False
+                        check.counterexample = {"sizes": _named(a), "error": errors.get(adj) or
+                                                f"{adj} could not be evaluated ({'; '.join(errors.values())})"}
+                        continue
+                    for idx in _elements(derivs[n].adjoint, a):
+                        mine, ref = derived[adj][idx], direct[adj][idx]
+                        check.checked += 1
+                        if not ev.base.same(mine, ref):
+                            check.equal = False
+                            check.counterexample = {"sizes": _named(a), "element": _element(adj, idx),
+                                                    "derived": _number(ev, mine), "direct": _number(ev, ref)}
+                            break
+        return list(checks.values())
+
+    checks = _exactly_or_to_50_digits(attempt)
+    for c in checks:
+        if c.checked == 0 and c.equal:
+            raise VerificationError(f"{c.name}: no element was compared at sizes {c.sizes_text()} "
+                                    f"(an empty check is not a pass)")
+    return checks
 
 
-def parse_expression(text: str, model: Model, eq: Equation, extra=()) -> sp.Expr:
-    """Read a claimed formula. Only the model's tensors (and adjoints), the equation's indices and
-    the sizes are names."""
-    if len(text) > 2000:
-        raise SpecError("claim too long")
-    names = dict(model.tensors) | {t.name: t for t in extra}
-    names.update({str(i): i for i in eq.indices})
-    names.update({str(s): s for s in model.sizes()})
-    return _Parser(text, names, eq).parse()
+def _element(name, idx) -> str:
+    return f"{name}[{', '.join(map(str, idx))}]" if idx else name
 
 
+# -- claims ---------------------------------------------------------------------------------------------------
+def check_claim(model: Model, tensor: str, claim, *, grads: Gradients | None = None, points: int = 2,
+                seed: int = 0, sizes=None) -> Check:
+    """Is ``claim`` the gradient ∂C/∂``tensor``? ``claim`` is index notation in the adjoint's own index
+    names (a string for the safe parser, or a SymPy expression); it may read forward tensors
+    (``p2[b,o]``), targets, parameters, adjoints (``d_z1[b,o]``, their true values) and the sizes.
+
+    The claim is compared with the direct gradient (see the module docstring) at every element, at
+    ≥ 2 size assignments × ``points`` random points; the counterexample names the sizes, the element,
+    the claimed value and the derived one. A claim without a value somewhere (a division by zero)
+    raises ``SpecError``."""
+    grads = grads or derive(model)
+    derivs = grads.composed if tensor in grads.composed else grads.derivations
+    if tensor not in derivs:
+        raise SpecError(f"model {model.name} derives no gradient for {tensor!r}; known: {', '.join(derivs)}. "
+                        f"{grammar_help()}")
+    d = derivs[tensor]
+    if isinstance(claim, str):
+        claim = parse_claim(claim, model, d.equation, extra=list(grads.adjoints.values()))
+    elif isinstance(claim, (sp.Basic, int)):
+        claim = check_claim_expression(claim, model, d.equation, extra=list(grads.adjoints.values()))
+    else:
+        raise SpecError(f"a claim is a string or a SymPy expression, not {type(claim).__name__}")
+    assignments = _normalise_sizes(model, sizes)
+    adj = d.adjoint.name
+    work = sum(_claim_cost(claim, a) * len(list(_elements(d.adjoint, a))) * points for a in assignments)
+    if work > CLAIM_BUDGET:
+        raise SpecError(f"the claim would take about {work:.2g} operations to check at sizes "
+                        f"{' and '.join(map(str, map(_named, assignments)))} (at most {CLAIM_BUDGET}): "
+                        f"too many nested sums")
+
+    def attempt(exact):
+        ev = _Evaluator(model, [x.equation for x in derivs.values()], exact, claim=claim)
+        result = Check(f"claim for dC/d{tensor}", True, ev.base.name, sizes=[_named(a) for a in assignments],
+                       points=points)
+        rng = random.Random(seed)
+        for a in assignments:
+            for values, direct, derived, errors in _points(ev, model, a, rng, points):
+                for idx in _elements(d.adjoint, a):
+                    try:
+                        mine = ev.evaluate_claim(a, values, direct, idx, d.equation.indices)
+                    except (EvaluationError, ZeroDivisionError) as err:
+                        raise SpecError(f"the claim has no value at sizes {_named(a)}, element "
+                                        f"{_element(adj, idx)}: {err}") from None
+                    ref = direct[adj][idx]
+                    result.checked += 1
+                    if not ev.base.same(mine, ref):
+                        result.equal = False
+                        result.counterexample = {"sizes": _named(a), "element": _element(adj, idx),
+                                                 "claimed": _number(ev, mine)}
+                        mine_derived = derived.get(adj, {}).get(idx)
+                        if mine_derived is not None and ev.base.same(mine_derived, ref):
+                            result.counterexample["derived"] = _number(ev, ref)
+                        else:      # the derivation disagrees too: show both (and say so)
+                            result.counterexample["direct"] = _number(ev, ref)
+                            result.counterexample["derived"] = (_number(ev, mine_derived) if mine_derived is not None
+                                                                else errors.get(adj, "not evaluated"))
+                        return result
+        return result
+
+    result = _exactly_or_to_50_digits(attempt)
+    if result.checked == 0:
+        raise VerificationError(f"{result.name}: no element was compared (an empty check is not a pass)")
+    return result
+
+
+def _claim_cost(expr, sizes) -> int:
+    """About how many operations one evaluation of ``expr`` takes at ``sizes`` (sums multiply)."""
+    if isinstance(expr, sp.Sum):
+        terms = 1
+        for _, lo, hi in expr.limits:
+            n = (hi - lo + 1).xreplace({k: sp.Integer(v) for k, v in sizes.items()})
+            terms *= int(n) if n.is_Integer and n > 0 else 1
+        return 1 + terms * _claim_cost(expr.function, sizes)
+    return 1 + sum(_claim_cost(a, sizes) for a in expr.args)
+
+
+# -- the built-in declarations -----------------------------------------------------------------------------------
 def builtin_declarations() -> dict[str, str]:
     """A small model exercising each built-in declaration (every one contains the dense layer)."""
     from .layers import ACTIVATIONS
