@@ -539,7 +539,8 @@ def test_empty_data_is_a_clear_error(net_of):
     from chainrule.runtime import DataError
     net = net_of(TANH)
     x, y = np.zeros((0, 4)), np.zeros((0, 2))
-    with pytest.raises(DataError, match=r"fit: x is empty \(0 examples, shape \(0, 4\)\): there is nothing to train on"):
+    with pytest.raises(DataError, match=r"fit: x is empty \(0 examples, shape \(0, 4\)\): "
+                                        r"there is nothing to train on"):
         net.fit(x, y, progress=False)
     with pytest.raises(DataError, match=r"evaluate: x is empty \(0 examples.*nothing to evaluate"):
         net.evaluate(x, y)
@@ -579,7 +580,8 @@ def test_cli_file_errors_are_one_line_before_any_work(capsys, tmp_path, monkeypa
         (("demo", "--out", "/proc/x"), "chainrule demo: error: --out /proc/x: cannot create the directory"),
         (("demo", "--out", str(afile)), f"chainrule demo: error: --out {afile} exists and is not a directory"),
         (("derive", "-o", str(tmp_path)), f"chainrule derive: error: -o {tmp_path} is a directory: give a file name"),
-        (("codegen", "-o", str(afile / "m.py")), f"chainrule codegen: error: -o {afile / 'm.py'}: {afile} is not a directory"),
+        (("codegen", "-o", str(afile / "m.py")),
+         f"chainrule codegen: error: -o {afile / 'm.py'}: {afile} is not a directory"),
         (("derive", "-o", "/proc/d.md"), "chainrule derive: error: -o /proc/d.md: directory /proc: cannot write there"),
         (("docs", "--out", str(afile)), f"chainrule docs: error: --out {afile} exists and is not a directory"),
         (("derive", ""), "chainrule derive: SpecError: empty model spec"),
