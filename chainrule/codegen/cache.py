@@ -172,8 +172,10 @@ def _numba_cache_dir() -> Path | None:
 
 # -- the key and the header ------------------------------------------------------------------------
 def _codegen_fingerprint() -> str:
+    """The code generator's own sources, and the primitives whose lowerings it copies into modules."""
     h = hashlib.sha256()
-    for p in sorted(_CODEGEN_DIR.rglob("*")):
+    sources = sorted(_CODEGEN_DIR.rglob("*")) + [_CODEGEN_DIR.parent / "derive" / "primitives.py"]
+    for p in sources:
         if p.suffix in (".py", ".j2") and "__pycache__" not in p.parts:
             h.update(p.name.encode())
             h.update(p.read_bytes())
