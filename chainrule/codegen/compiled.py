@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..derive.errors import ShapeError, UnsupportedError
-from .cache import cache_key, load_or_generate
+from .cache import cache_key, fall_back_in_memory, load_or_generate
 from .facts import declared_facts
 from .render import check_dtype, render_plan, plan_model
 
@@ -25,10 +25,12 @@ class CompiledModel:
     ``train_step`` are updated in place, so they must already be C-contiguous and of ``dtype``.
     """
 
-    def __init__(self, model, module, path: Path, source: str, dtype: str, cache_hit: bool):
+    def __init__(self, model, module, path: Path, source: str, dtype: str, cache_hit: bool,
+                 key: str | None = None, render=None):
         self.model = model
         self.module = module
         self.module_path = Path(path)
+        self._key, self._render = key, render
         self.source = source
         self.dtype = dtype
         self.cache_hit = cache_hit
@@ -57,6 +59,11 @@ class CompiledModel:
             v = s.subs({k: v for k, v in model.size_values.items()})
             dims.append(None if v == B else int(v))
         return tuple(dims)
+
+    @property
+    def in_memory(self) -> bool:
+        """True when the kernels were compiled in memory (the cache directory was not writable)."""
+        return str(self.module_path).startswith("<")
 
     def __repr__(self):
         return f"CompiledModel({self.model.name}, {self.dtype}, {self.module_path})"
@@ -155,30 +162,52 @@ class CompiledModel:
         return (*xs, y)
 
     # -- kernels ------------------------------------------------------------------------------
+    def _call(self, fn: str, *args):
+        """Run a kernel. Numba writes its cache on a kernel's first call: if that write fails
+        (a full disk, a cache made read-only meanwhile), switch to a module compiled in memory
+        (one warning) instead of failing."""
+        try:
+            return getattr(self.module, fn)(*args)
+        except OSError as e:
+            if self.in_memory:
+                raise
+            new = fall_back_in_memory(e, self._key, self._render, self.module_path.parent)
+            if new is None:
+                raise
+            self.module, label, self.source = new
+            self.module_path, self.cache_hit = Path(label), False
+            return getattr(self.module, fn)(*args)
+
     def predict(self, params, x) -> np.ndarray:
-        return self.module.predict(*self._params(params), *self._inputs(x))
+        return self._call("predict", *self._params(params), *self._inputs(x))
 
     def forward(self, params, x, y):
         """(cost, first output)."""
-        cost, out = self.module.forward(*self._params(params), *self._xy(x, y))
+        cost, out = self._call("forward", *self._params(params), *self._xy(x, y))
         return float(cost), out
 
     def cost(self, params, x, y) -> float:
         return self.forward(params, x, y)[0]
 
     def loss_and_grads(self, params, x, y):
-        cost, grads = self.module.loss_and_grads(*self._params(params), *self._xy(x, y, facts=True))
+        cost, grads = self._call("loss_and_grads", *self._params(params), *self._xy(x, y, facts=True))
         return float(cost), dict(zip(self.param_names, grads))
 
     def train_step(self, params, x, y, lr) -> float:
-        return float(self.module.train_step(*self._params(params, inplace=True),
-                                            *self._xy(x, y, facts=True), float(lr)))
+        return float(self._call("train_step", *self._params(params, inplace=True),
+                                *self._xy(x, y, facts=True), float(lr)))
 
 
 def compile_model(model, dtype="float64", cache_dir=None) -> CompiledModel:
-    """Generate (or load from the cache) the kernels of ``model`` in ``dtype``."""
+    """Generate (or load from the cache) the kernels of ``model`` in ``dtype``.
+
+    ``cache_dir`` (default: ``$CHAINRULE_CACHE_DIR`` or ``~/.cache/chainrule/kernels``) must be a
+    private directory (see :mod:`chainrule.codegen.cache`); when it cannot be written the kernels
+    are compiled in memory with one :class:`~chainrule.codegen.cache.KernelCacheWarning`."""
     dtype = check_dtype(dtype)
     key = cache_key(model, dtype)
-    module, path, source, hit = load_or_generate(
-        key, lambda: render_plan(plan_model(model, dtype)), cache_dir)
-    return CompiledModel(model, module, path, source, dtype, hit)
+
+    def render(cache=True):
+        return render_plan(plan_model(model, dtype), cache=cache)
+    module, path, source, hit = load_or_generate(key, render, cache_dir)
+    return CompiledModel(model, module, path, source, dtype, hit, key=key, render=render)

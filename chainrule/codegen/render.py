@@ -8,7 +8,7 @@ import jinja2
 import numpy as np
 
 from ..derive.errors import UnsupportedError
-from .lower import IND, Lowerer, primitives_used, sanitise
+from .lower import IND, Lowerer, comment_text, primitives_used, sanitise
 
 DTYPES = ("float64", "float32")
 
@@ -92,6 +92,9 @@ def plan_model(model, dtype="float64", grads=None) -> Plan:
     if not model.outputs:
         raise UnsupportedError("codegen: the model declares no output for predict")
     params = model.params
+    if not params:
+        raise UnsupportedError(f"codegen: model {comment_text(model.name)!r} has no parameters, so "
+                               "there is nothing to train: add a layer with parameters, e.g. dense(N)")
     tensors = dict(model.tensors)
     adjoints = {}
     for name, d in composed.items():
@@ -119,7 +122,7 @@ def plan_model(model, dtype="float64", grads=None) -> Plan:
             grad_codes.append(ident(adjoints[p.name]))
         else:                                 # does not reach the cost: its gradient is zero
             g = f"zero_{sanitise(p.name)}"
-            zero_lines.append(f"# d_{p.name} = 0 (does not reach the cost)\n"
+            zero_lines.append(f"# d_{comment_text(p.name)} = 0 (does not reach the cost)\n"
                               f"{g} = np.zeros({lw.shape_code(p)}, dtype=DT)")
             grad_codes.append(g)
     for k, p in enumerate(params):
@@ -129,7 +132,8 @@ def plan_model(model, dtype="float64", grads=None) -> Plan:
         stmt = [f"{ident(p.name)}[{idx}] -= lr * g{k}[{idx}]"]
         for d in range(p.rank, 0, -1):
             stmt = [f"for {loop_vars[d - 1]} in range({lw.pe(shape[d - 1])}):"] + [IND + s for s in stmt]
-        update.append("\n".join([f"# {p.name} <- {p.name} - lr * d_{p.name}  (plain SGD, in place)",
+        pn = comment_text(p.name)
+        update.append("\n".join([f"# {pn} <- {pn} - lr * d_{pn}  (plain SGD, in place)",
                                  f"g{k} = grads[{k}]"] + stmt))
 
     prims = [textwrap.dedent(c.lowering).strip() for c in primitives_used(
@@ -140,8 +144,8 @@ def plan_model(model, dtype="float64", grads=None) -> Plan:
         model_label=sanitise(model.name), dtype=dtype, tiny=tiny, primitives=prims,
         params=[ident(p.name) for p in params], x=", ".join(ident(t.name) for t in inputs),
         x_first=ident(x.name), y=ident(y.name),
-        arg_doc=", ".join(f"{ident(t.name)} = {t.name}" for t in [*params, *inputs, y]),
-        output_doc=f"{ident(out.name)} = {out.name}",
+        arg_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}" for t in [*params, *inputs, y]),
+        output_doc=f"{ident(out.name)} = {comment_text(out.name)}",
         forward=["\n".join(k.lines) for k in forward_k],
         predict=["\n".join(k.lines) for k in predict_k],
         backward=["\n".join(k.lines) for k in backward_k] + zero_lines,
@@ -150,8 +154,10 @@ def plan_model(model, dtype="float64", grads=None) -> Plan:
                 model.cost.name, forward_k, predict_k, backward_k, context)
 
 
-def render_plan(plan: Plan) -> str:
-    return _ENV.get_template("module.py.j2").render(**plan.context)
+def render_plan(plan: Plan, cache: bool = True) -> str:
+    """The module's source; ``cache=False`` renders ``@njit(cache=False)`` (for a module compiled
+    in memory, which Numba cannot cache)."""
+    return _ENV.get_template("module.py.j2").render(**plan.context, njit_cache=bool(cache))
 
 
 def render_module(model, dtype="float64") -> str:

@@ -136,6 +136,9 @@ class Dense(Layer):
     name = "dense"
     has_params = True
 
+    def __post_init__(self):
+        _check_width(self.units, "dense: units")
+
     def build(self, d, x):
         if x.rank > 2:
             return self._build_flat(d, x)
@@ -293,6 +296,12 @@ LOSSES = {
 }
 
 
+def _check_width(n, what):
+    import numbers
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise SpecError(f"{what} must be a positive integer, got {n!r}")
+
+
 # -- assembling a model --------------------------------------------------------------------------------
 def sequential(n_inputs, layers, loss: Loss | str, name="model") -> Model:
     """A layer list -> Model: input x (B × n_0, or B × C × H × W for an input shape such as (1, 8, 8)),
@@ -301,6 +310,7 @@ def sequential(n_inputs, layers, loss: Loss | str, name="model") -> Model:
         if loss not in LOSSES:
             raise SpecError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
         loss = LOSSES[loss]()
+    _check_width(n_inputs, "sequential: the number of inputs")
     d = Builder()
     if isinstance(n_inputs, (tuple, list)):
         if not 2 <= len(n_inputs) <= 3 or not all(isinstance(v, int) and v >= 1 for v in n_inputs):

@@ -15,9 +15,15 @@ Spec grammar (items separated by ``->`` or ``,`` at the top level; whitespace ig
 
 ``conv``, ``maxpool`` and ``avgpool`` are 1-D or 2-D after their input (``conv1d``/``conv2d`` etc. are
 accepted too and must agree with it).
+
+Limits: a width (the inputs, a dense layer's units, a convolution's filters or kernel) is at most
+``CHAINRULE_MAX_WIDTH`` (default 100000) and a model has at most ``CHAINRULE_MAX_PARAMS`` parameters
+(default 100 million, 800 MB in float64), so that a typo cannot ask for hundreds of gigabytes. Raise
+them with those environment variables or with ``build_model(spec, max_width=..., max_params=...)``.
 """
 from __future__ import annotations
 
+import os
 import re
 
 from .errors import SpecError
@@ -46,8 +52,34 @@ EXAMPLE_MODELS = {
                     "-> residual(dense(64) -> relu -> dense(64)) -> relu -> dense(10) -> softmax_cross_entropy",
 }
 
-_NAME = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*)(?:\((?P<args>.*)\)|:(?P<arg2>\d+))?$", re.S)
-_INPUT = re.compile(r"^(?:(?P<n>\d+)|(?P<c1>\d+)@(?P<l>\d+)|(?:(?P<c>\d+)x)?(?P<h>\d+)x(?P<w>\d+))$")
+_NAME = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*)(?:\((?P<args>.*)\)|:(?P<arg2>[0-9]+))?$", re.S)
+_INPUT = re.compile(r"^(?:(?P<n>[0-9]+)|(?P<c1>[0-9]+)@(?P<l>[0-9]+)|(?:(?P<c>[0-9]+)x)?(?P<h>[0-9]+)x(?P<w>[0-9]+))$")
+
+MAX_WIDTH = 100_000
+MAX_PARAMS = 100_000_000
+_WIDTH = re.compile(r"[0-9]+")       # ASCII digits only ("²".isdigit() is True, int("²") fails)
+
+
+def _limit(value, env: str, default: int) -> int:
+    if value is None:
+        raw = os.environ.get(env, "").strip()
+        if not raw:
+            return default
+        if not _WIDTH.fullmatch(raw) or int(raw) < 1:
+            raise SpecError(f"{env}={raw!r} is not a positive integer")
+        return int(raw)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(f"limit {value!r} is not a positive integer")
+    return value
+
+
+def _check_width(width: int, what: str, max_width: int):
+    if width < 1:
+        raise SpecError(f"{what} is {width}: a width must be at least 1")
+    if width > max_width:
+        raise SpecError(f"{what} is {width}, above the limit of {max_width}; if you mean it, raise "
+                        f"the limit with CHAINRULE_MAX_WIDTH={width} or build_model(..., max_width={width})")
+
 
 
 def split_top(text: str, seps=("->", ",")) -> list[str]:
@@ -85,7 +117,7 @@ def input_item(shape) -> str:
     return "x".join(map(str, shape))
 
 
-def _parse_input(item: str, text: str):
+def _parse_input(item: str, text: str, max_width: int = MAX_WIDTH):
     m = _INPUT.match(item)
     if not m:
         raise SpecError(f"spec {text!r}: the first item must be the input (e.g. 64, 8x8, 3x32x32, 1@40), "
@@ -97,8 +129,8 @@ def _parse_input(item: str, text: str):
         shape = dims = (int(m["c1"]), int(m["l"]))
     else:
         shape = dims = (int(m["c"] or 1), int(m["h"]), int(m["w"]))
-    if min(dims) < 1:
-        raise SpecError(f"spec {text!r}: input sizes must be positive, got {item!r}")
+    for v in dims:
+        _check_width(v, f"spec {text!r}: the input size", max_width)
     return shape
 
 
@@ -107,9 +139,9 @@ def _args(text: str, position: int, name: str):
     for a in split_top(text, (",",)):
         key, _, val = a.rpartition("=")
         key, val = key.strip(), val.strip()
-        if not re.fullmatch(r"\d+|[a-z_]+", val) or (key and not re.fullmatch(r"[a-z_]+", key)):
+        if not re.fullmatch(r"[0-9]+|[a-z_]+", val) or (key and not re.fullmatch(r"[a-z_]+", key)):
             raise SpecError(f"item {position}: {name}: argument {a!r} is not a number or a name")
-        value = int(val) if val.isdigit() else val
+        value = int(val) if _WIDTH.fullmatch(val) else val
         if key:
             kw[key] = value
         elif kw:
@@ -130,7 +162,7 @@ KNOWN = ["dense(N)", *ACTIVATIONS, "softmax", "log_softmax", "conv(F, K, ...)", 
          "global_avgpool", "flatten", "residual(...)"]
 
 
-def _layer(item: str, position: int) -> Layer:
+def _layer(item: str, position: int, max_width: int = MAX_WIDTH) -> Layer:
     from .conv import AvgPool, Conv, Flatten, GlobalAvgPool, MaxPool
     from .functional import Residual
     m = _NAME.match(item)
@@ -140,11 +172,12 @@ def _layer(item: str, position: int) -> Layer:
     if name == "residual":
         if not raw:
             raise SpecError(f"item {position}: residual needs its layers, e.g. residual(dense(64) -> relu)")
-        return Residual([_layer(s, position) for s in split_top(raw, ("->",))])
+        return Residual([_layer(s, position, max_width) for s in split_top(raw, ("->",))])
     pos, kw = _args(raw, position, name) if raw is not None else ([int(m["arg2"])] if m["arg2"] else [], {})
     if name == "dense":
         if len(pos) != 1 or kw or not isinstance(pos[0], int):
             raise SpecError(f"item {position}: dense needs a width, e.g. dense(128)")
+        _check_width(pos[0], f"item {position}: the width of {item}", max_width)
         return Dense(pos[0])
     dims = {"1d": 1, "2d": 2}.get(name[-2:]) if name[-2:] in ("1d", "2d") else None
     base = name[:-2] if dims else name
@@ -153,6 +186,9 @@ def _layer(item: str, position: int) -> Layer:
             raise SpecError(f"item {position}: {name}: padding must be same, valid or a number")
         if "bias" in kw:
             kw["bias"] = bool(kw["bias"])
+        for v in [*pos, *kw.values()]:
+            if isinstance(v, int) and not isinstance(v, bool):
+                _check_width(v, f"item {position}: an argument of {item}", max_width)
         cls, usage = {"conv": (Conv, "conv(F, K, stride=1, padding=valid|same|P, dilation=1, bias=1)"),
                       "maxpool": (MaxPool, "maxpool(K, stride=K)"),
                       "avgpool": (AvgPool, "avgpool(K, stride=K)")}[base]
@@ -172,25 +208,66 @@ def _layer(item: str, position: int) -> Layer:
     raise SpecError(f"item {position}: unknown layer {name!r}; known layers: {', '.join(KNOWN)}")
 
 
-def parse_spec(text: str, name: str = "model") -> Model:
+def _learns(layer) -> bool:
+    return layer.has_params or any(_learns(inner) for inner in getattr(layer, "layers", ()))
+
+
+def parse_spec(text: str, name: str = "model", *, max_width: int | None = None,
+               max_params: int | None = None) -> Model:
+    max_width = _limit(max_width, "CHAINRULE_MAX_WIDTH", MAX_WIDTH)
+    max_params = _limit(max_params, "CHAINRULE_MAX_PARAMS", MAX_PARAMS)
     items = split_top(text.strip().lower())
     if len(items) < 2:
         raise SpecError(f"spec {text!r}: need at least '<inputs> -> <loss>'")
-    inputs = _parse_input(items[0], text)
+    inputs = _parse_input(items[0], text, max_width)
     if items[-1] not in LOSSES:
         raise SpecError(f"spec {text!r}: the last item must be a loss ({', '.join(LOSSES)}), got {items[-1]!r}")
-    layers = [_layer(item, k) for k, item in enumerate(items[1:-1], 2)]
-    return sequential(inputs, layers, items[-1], name=name)
+    layers = [_layer(item, k, max_width) for k, item in enumerate(items[1:-1], 2)]
+    if not any(_learns(layer) for layer in layers):
+        raise SpecError(f"spec {text!r} has no layer with parameters, so there is nothing to learn: "
+                        f"add one, e.g. '{items[0]} -> dense(1) -> {items[-1]}'")
+    count, widths = 0, [inputs if isinstance(inputs, int) else None]
+    for layer in layers:                     # dense chains: refused before anything is built
+        if isinstance(layer, Dense) and widths[-1] is not None:
+            count += layer.units * widths[-1] + layer.units
+            widths.append(layer.units)
+        elif not isinstance(layer, Activation):
+            widths.append(None)
+    if count <= max_params:
+        model = sequential(inputs, layers, items[-1], name=name)
+        count = sum(int(_prod(model.concrete_shape(p))) for p in model.params)
+    if count > max_params:
+        raise SpecError(f"spec {text!r} has {count:,} parameters, above the limit of {max_params:,}; "
+                        f"if you mean it, raise the limit with CHAINRULE_MAX_PARAMS={count} or "
+                        f"build_model(..., max_params={count})")
+    return model
 
 
-def build_model(name_or_spec: str | None = None) -> Model:
-    """A built-in model name (``demo``, ...) or a layer-list spec; ``None`` is the demo model."""
-    key = (name_or_spec or "demo").strip()
+def _prod(shape) -> int:
+    out = 1
+    for v in shape:
+        out *= int(v)
+    return out
+
+
+def build_model(name_or_spec: str | None = None, *, max_width: int | None = None,
+                max_params: int | None = None) -> Model:
+    """A built-in model name (``demo``, ...), an example model name, or a layer-list spec; ``None`` is
+    the demo model. ``max_width`` and ``max_params`` raise the limits on a spec's sizes (see the module
+    docstring)."""
+    if name_or_spec is None:
+        name_or_spec = "demo"
+    if not isinstance(name_or_spec, str):
+        raise SpecError(f"a model is named by a string, got {type(name_or_spec).__name__}")
+    key = name_or_spec.strip()
+    if not key:
+        raise SpecError("empty model spec: give a built-in name "
+                        f"({', '.join(BUILTIN_MODELS)}) or a layer-list spec such as {BUILTIN_MODELS['demo']!r}")
     if key in BUILTIN_MODELS:
         return parse_spec(BUILTIN_MODELS[key], name=key)
     if key in EXAMPLE_MODELS:
         return parse_spec(EXAMPLE_MODELS[key], name=key)
     if "->" in key or "," in key:
-        return parse_spec(key)
+        return parse_spec(key, max_width=max_width, max_params=max_params)
     raise SpecError(f"unknown model {key!r}: use a built-in name ({', '.join([*BUILTIN_MODELS, *EXAMPLE_MODELS])}) "
                     f"or a layer-list spec such as {BUILTIN_MODELS['demo']!r}")

@@ -15,8 +15,23 @@ class Optimizer:
     name = "optimizer"
 
     def __init__(self, lr: float):
-        self.lr = float(lr)
+        self.lr = lr
         self.state: dict = {}
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        """A finite number >= 0 (a schedule may anneal to 0; a negative rate would climb)."""
+        import math
+        import numbers
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+                or value < 0:
+            raise ValueError(f"{type(self).__name__}: the learning rate must be a finite number "
+                             f">= 0, got {value!r}")
+        self._lr = float(value)
 
     def reset(self):
         """Forget accumulated state (moments, velocities)."""
