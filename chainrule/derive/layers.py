@@ -137,7 +137,8 @@ class Dense(Layer):
     has_params = True
 
     def __post_init__(self):
-        _check_width(self.units, "dense: units")
+        if not isinstance(self.units, sp.Expr):   # a size symbol: the width of another tensor (residual)
+            _check_width(self.units, "dense: units")
 
     def build(self, d, x):
         if x.rank > 2:
@@ -310,7 +311,8 @@ def sequential(n_inputs, layers, loss: Loss | str, name="model") -> Model:
         if loss not in LOSSES:
             raise SpecError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
         loss = LOSSES[loss]()
-    _check_width(n_inputs, "sequential: the number of inputs")
+    if not isinstance(n_inputs, (tuple, list)):
+        _check_width(n_inputs, "sequential: the number of inputs")
     d = Builder()
     if isinstance(n_inputs, (tuple, list)):
         if not 2 <= len(n_inputs) <= 3 or not all(isinstance(v, int) and v >= 1 for v in n_inputs):

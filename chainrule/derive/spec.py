@@ -120,8 +120,8 @@ def input_item(shape) -> str:
 def _parse_input(item: str, text: str, max_width: int = MAX_WIDTH):
     m = _INPUT.match(item)
     if not m:
-        raise SpecError(f"spec {text!r}: the first item must be the input (e.g. 64, 8x8, 3x32x32, 1@40), "
-                        f"got {item!r}")
+        raise SpecError(f"spec {text!r}: the first item must be the input width (digits 0-9), got {item!r} "
+                        f"(or an input shape: 8x8, 3x32x32, 1@40)")
     if m["n"]:
         shape = int(m["n"])
         dims = [shape]
@@ -130,7 +130,7 @@ def _parse_input(item: str, text: str, max_width: int = MAX_WIDTH):
     else:
         shape = dims = (int(m["c"] or 1), int(m["h"]), int(m["w"]))
     for v in dims:
-        _check_width(v, f"spec {text!r}: the input size", max_width)
+        _check_width(v, f"spec {text!r}: the input {'width' if len(dims) == 1 else 'size'}", max_width)
     return shape
 
 
@@ -166,7 +166,7 @@ def _layer(item: str, position: int, max_width: int = MAX_WIDTH) -> Layer:
     from .conv import AvgPool, Conv, Flatten, GlobalAvgPool, MaxPool
     from .functional import Residual
     m = _NAME.match(item)
-    if not m:
+    if not m or (m["args"] is not None and not re.fullmatch(r"[0-9a-z_=,\s>()-]*", m["args"])):
         raise SpecError(f"item {position} {item!r} is not a layer (expected e.g. dense(128), sigmoid)")
     name, raw = m["name"], m["args"]
     if name == "residual":
