@@ -182,6 +182,8 @@ class Activation(Layer):
 
     def build(self, d, x):
         a = d.tensor("a", x.shape)
+        if x.meta.get("flattened"):          # an activation after a flatten keeps it flat for dense
+            a.meta["flattened"] = True
         idx = elementwise_indices(x)
         return d.define(a, idx, self.fn(x[idx]), note=f"{self.name} activation, elementwise")
 

@@ -27,7 +27,7 @@ EXAMPLES = {
                           about="a CNN on scikit-learn's 8x8 digits (80/20 split, seed 0)"),
     "mnist1d-cnn": Example("mnist1d-cnn", "mnist1d", epochs=30, lr=0.2, target=0.94,
                            about="a 1-D CNN on MNIST-1D (4000 train / 1000 test, generated locally)"),
-    "residual-mlp": Example("residual-mlp", "digits", epochs=40, lr=0.1, target=0.97,
+    "residual-mlp": Example("residual-mlp", "digits", epochs=40, lr=0.1, target=0.96,
                             about="an MLP with two residual blocks on scikit-learn's digits"),
 }
 
