@@ -19,3 +19,20 @@ def compiled_model(kernel_cache_dir):
             memo[name, dtype] = compile_model(build_model(name), dtype=dtype, cache_dir=kernel_cache_dir)
         return memo[name, dtype]
     return get
+
+
+@pytest.fixture(scope="session")
+def compiled_with(kernel_cache_dir):
+    """``compiled_with(spec, optimizer, dtype="float64")`` -> CompiledModel whose train_step fuses
+    that optimiser's update; memoised per session."""
+    from chainrule.codegen import compile_model
+    from chainrule.derive import build_model
+    memo = {}
+
+    def get(name, optimizer="sgd", dtype="float64"):
+        key = (name, optimizer, dtype)
+        if key not in memo:
+            memo[key] = compile_model(build_model(name), dtype=dtype, cache_dir=kernel_cache_dir,
+                                      optimizer=optimizer)
+        return memo[key]
+    return get

@@ -43,7 +43,7 @@ def _codegen_fingerprint() -> str:
     return h.hexdigest()
 
 
-def cache_key(model, dtype: str) -> str:
+def cache_key(model, dtype: str, extra: str = "") -> str:
     import numba
     import numpy
     try:
@@ -57,7 +57,7 @@ def cache_key(model, dtype: str) -> str:
         _codegen_fingerprint(),
         repr(sorted((str(k), int(v)) for k, v in model.size_values.items())),
         repr([(t.name, t.role, t.init, tuple(map(str, t.shape))) for t in model.tensors.values()]),
-        repr([t.name for t in model.outputs]), model.cost.name,
+        repr([t.name for t in model.outputs]), model.cost.name, extra,
     ]
     for eq in model.equations:
         parts.append(eq.out.name + sp.srepr(sp.Tuple(*eq.indices)) + sp.srepr(eq.body))

@@ -18,8 +18,14 @@ class CompiledModel:
     ``train_step`` are updated in place, so they must already be C-contiguous and of ``dtype``.
     """
 
-    def __init__(self, model, module, path: Path, source: str, dtype: str, cache_hit: bool):
+    def __init__(self, model, module, path: Path, source: str, dtype: str, cache_hit: bool,
+                 optimizer="sgd"):
+        from ..derive.optimizers import get_rule
         self.model = model
+        self.rule = get_rule(optimizer)
+        self.optimizer = self.rule.name
+        self.state_names = list(self.rule.state)
+        self.hyper_names = ["t", "clip"] + [h.name for h in self.rule.hyperparameters]
         self.module = module
         self.module_path = Path(path)
         self.source = source
@@ -127,15 +133,58 @@ class CompiledModel:
         cost, grads = self.module.loss_and_grads(*self._params(params), *self._xy(x, y))
         return float(cost), dict(zip(self.param_names, grads))
 
-    def train_step(self, params, x, y, lr) -> float:
-        return float(self.module.train_step(*self._params(params, inplace=True),
-                                            *self._xy(x, y), float(lr)))
+    def init_state(self) -> dict:
+        """The optimiser's state, all zeros: ``{param name: {state name: array}}``."""
+        return {p: {s: np.zeros(self.param_shapes[p], dtype=self.dtype) for s in self.state_names}
+                for p in self.param_names}
+
+    def hyper_vector(self, lr=None, step=1, clip=0.0, **hyper) -> np.ndarray:
+        """The ``hp`` argument of the generated ``train_step``: the step t, the clipping norm and
+        the rule's hyperparameters (its declared defaults unless given, e.g. ``beta1=0.8``)."""
+        from ..derive.optimizers import HYPER_NAMES
+        values = {h.name: float(v) for h, v in self.rule.defaults.items()}
+        if lr is not None:
+            values["eta"] = float(lr)
+        for k, v in hyper.items():
+            name = HYPER_NAMES[k].name if k in HYPER_NAMES else k
+            if name not in values:
+                raise TypeError(f"optimizer {self.optimizer} has no hyperparameter {k!r} "
+                                f"(it has {', '.join(values)})")
+            values[name] = float(v)
+        values["t"], values["clip"] = float(step), float(clip)
+        return np.array([values[n] for n in self.hyper_names], dtype=np.float64)
+
+    def train_step(self, params, x, y, lr=None, state=None, step=1, clip=0.0, hp=None, **hyper) -> float:
+        """One fused step: forward, backward and the optimiser's update, in place (parameters and
+        ``state`` from :meth:`init_state`; ``step`` is t, 1 at the first update)."""
+        if self.state_names and state is None:
+            raise TypeError(f"train_step with optimizer {self.optimizer} needs its state "
+                            f"(init_state())")
+        states = []
+        for p in self.param_names:
+            for s in self.state_names:
+                a = state[p][s]
+                if not isinstance(a, np.ndarray) or a.dtype != np.dtype(self.dtype) \
+                        or not a.flags.c_contiguous or a.shape != self.param_shapes[p]:
+                    raise TypeError(f"optimizer state {s} of {p} must be a C-contiguous "
+                                    f"{self.dtype} array of shape {self.param_shapes[p]}")
+                states.append(a)
+        if hp is None:
+            hp = self.hyper_vector(lr, step, clip, **hyper)
+        return float(self.module.train_step(*self._params(params, inplace=True), *states,
+                                            *self._xy(x, y), hp))
 
 
-def compile_model(model, dtype="float64", cache_dir=None) -> CompiledModel:
-    """Generate (or load from the cache) the kernels of ``model`` in ``dtype``."""
+def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd") -> CompiledModel:
+    """Generate (or load from the cache) the kernels of ``model`` in ``dtype``, with the update of
+    ``optimizer`` (a name or an ``UpdateRule``) fused into ``train_step``."""
+    import sympy as sp
+
+    from ..derive.optimizers import get_rule
     dtype = check_dtype(dtype)
-    key = cache_key(model, dtype)
+    rule = get_rule(optimizer)
+    extra = rule.name + "".join(t + sp.srepr(b) for t, b in rule.assignments)
+    key = cache_key(model, dtype, extra)
     module, path, source, hit = load_or_generate(
-        key, lambda: render_plan(plan_model(model, dtype)), cache_dir)
-    return CompiledModel(model, module, path, source, dtype, hit)
+        key, lambda: render_plan(plan_model(model, dtype, optimizer=rule)), cache_dir)
+    return CompiledModel(model, module, path, source, dtype, hit, optimizer=rule)

@@ -37,6 +37,9 @@ class Plan:
     predict: list
     backward: list
     context: dict
+    optimizer: str = "sgd"
+    state_names: list = None
+    hyper_names: list = None
 
 
 def _adjoint_order(composed, model):
@@ -75,8 +78,9 @@ def _needed(model, names):
     return [e for e in model.equations if e.out.name in need]
 
 
-def plan_model(model, dtype="float64", grads=None) -> Plan:
+def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
     from ..derive import derive
+    from ..derive.optimizers import get_rule
     dtype = check_dtype(dtype)
     grads = grads if grads is not None else derive(model)
     composed = grads.composed
@@ -113,18 +117,13 @@ def plan_model(model, dtype="float64", grads=None) -> Plan:
             zero_lines.append(f"# d_{p.name} = 0 (does not reach the cost)\n"
                               f"{g} = np.zeros({lw.shape_code(p)}, dtype=DT)")
             grad_codes.append(g)
-    for k, p in enumerate(params):
-        loop_vars = [f"i{j}" for j in range(p.rank)]
-        shape = lw.concrete_shape(p)
-        idx = ", ".join(loop_vars) if loop_vars else "()"
-        stmt = [f"{ident(p.name)}[{idx}] -= lr * g{k}[{idx}]"]
-        for d in range(p.rank, 0, -1):
-            stmt = [f"for {loop_vars[d - 1]} in range({lw.pe(shape[d - 1])}):"] + [IND + s for s in stmt]
-        update.append("\n".join([f"# {p.name} <- {p.name} - lr * d_{p.name}  (plain SGD, in place)",
-                                 f"g{k} = grads[{k}]"] + stmt))
+    rule = get_rule(optimizer)
+    update, state_args, update_eqs = _lower_update(rule, params, [ident(p.name) for p in params], lw)
+    hyper = ["t", "clip"] + [h.name for h in rule.hyperparameters]
 
     prims = [textwrap.dedent(c.lowering).strip() for c in primitives_used(
-        [e.body for e in model.equations] + [e.body for e in (d.equation for d in composed.values())])]
+        [e.body for e in model.equations] + [e.body for e in (d.equation for d in composed.values())]
+        + update_eqs)]
     tiny = repr(float(np.finfo(np.dtype(dtype)).tiny))
     out = model.outputs[0]
     context = dict(
@@ -135,15 +134,76 @@ def plan_model(model, dtype="float64", grads=None) -> Plan:
         forward=["\n".join(k.lines) for k in forward_k],
         predict=["\n".join(k.lines) for k in predict_k],
         backward=["\n".join(k.lines) for k in backward_k] + zero_lines,
-        update=update, cost=ident(model.cost.name), output=ident(out.name), grads=grad_codes)
+        update=update, cost=ident(model.cost.name), output=ident(out.name), grads=grad_codes,
+        optimizer=rule.name, optimizer_title=rule.title, states=state_args,
+        hyper=[(k, f"hp_{h}") for k, h in enumerate(hyper)],
+        train_args=", ".join([ident(p.name) for p in params] + state_args + [ident(x.name), ident(y.name), "hp"]))
     return Plan([p.name for p in params], x.name, y.name, [t.name for t in model.outputs],
-                model.cost.name, forward_k, predict_k, backward_k, context)
+                model.cost.name, forward_k, predict_k, backward_k, context,
+                optimizer=rule.name, state_names=[s for s in rule.state], hyper_names=hyper)
+
+
+def _lower_update(rule, params, param_codes, lw_main):
+    """The optimiser's declared update equations, instantiated for every parameter (as a flat view
+    of its elements) and lowered by the same ``Lowerer`` and printer as the model's equations.
+
+    The gradient read ``g[i]`` becomes ``κ·g[i]`` with κ the global-norm clipping factor (1 when
+    clipping is off); the last version of θ and of each state is written in place.
+    """
+    from types import SimpleNamespace
+
+    import sympy as sp
+
+    from ..derive.optimizers import I, N, STEP
+    from ..derive.tensor import Tensor, size
+    kappa = sp.Symbol("gscale", positive=True)
+    finals = rule.final_versions()
+    blocks, state_args, eqs_out = [], [], []
+    for k, p in enumerate(params):
+        numel = 1
+        for d in lw_main.concrete_shape(p):
+            numel *= int(d)
+        n_k = size(f"N_{k}")
+        tensors, names = {}, {}
+        for name, t in rule._all_tensors.items():
+            tensors[name] = Tensor(name, (n_k,), role=t.role, latex=t.latex)
+        lw = Lowerer(SimpleNamespace(size_values={n_k: numel}), tensors)
+        names["theta"] = f"p{k}"
+        names["g"] = f"g{k}"
+        for st in rule.state:
+            names[st] = f"f{k}_{st}"                # a flat view of the state argument
+            state_args.append(f"s{k}_{st}")
+        for name in tensors:
+            if name not in names:
+                names[name] = f"u{k}_{sanitise(name)}"
+        for target, final in finals.items():
+            names[final] = names[target]            # the new value overwrites the old, in place
+            lw.preallocated.add(final)
+        lw.names.update(names)
+        for h in rule.hyperparameters:
+            lw.names[h] = f"hp_{h.name}"
+        lw.names[STEP] = "hp_t"
+        lw.names[kappa] = "gscale"
+        eqs = []
+        for eq in rule.equations():
+            body = eq.body.xreplace({rule.tensors["g"][I]: kappa * rule.tensors["g"][I]})
+            body = body.xreplace({N: n_k})
+            eqs.append(type(eq)(tensors[eq.out.name], eq.indices, body, layer=eq.layer, note=eq.note))
+        eqs_out += [e.body for e in eqs]
+        kernels = lw.lower(eqs)
+        head = [f"# {rule.name} update of {p.name} (declared in chainrule.derive.optimizers, "
+                f"lowered like every equation; theta = {p.name}, flat)",
+                f"p{k} = {param_codes[k]}.reshape({numel})",
+                f"g{k} = np.ascontiguousarray(grads[{k}]).reshape({numel})"]
+        head += [f"f{k}_{st} = s{k}_{st}.reshape({numel})" for st in rule.state]
+        blocks.append("\n".join(head + [ln for kern in kernels for ln in kern.lines]))
+    return blocks, state_args, eqs_out
 
 
 def render_plan(plan: Plan) -> str:
     return _ENV.get_template("module.py.j2").render(**plan.context)
 
 
-def render_module(model, dtype="float64") -> str:
+def render_module(model, dtype="float64", optimizer="sgd") -> str:
     """The generated module's source (what ``chainrule codegen`` prints)."""
-    return render_plan(plan_model(model, dtype))
+    return render_plan(plan_model(model, dtype, optimizer=optimizer))

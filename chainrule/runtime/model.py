@@ -104,8 +104,10 @@ class Network:
         elif np.dtype(compiled.dtype) != self.dtype:
             raise ValueError(f"compiled module is {compiled.dtype} but the network is {self.dtype}")
         self.compiled = compiled
+        self._modules = {compiled.optimizer: compiled}
         self.seed = seed
         self.optimizer = get_optimizer(optimizer if optimizer is not None else SGD(0.1))
+        self._ensure_compiled()
         self.stop_training = False
         self.has_validation = False
 
@@ -119,6 +121,17 @@ class Network:
                                                   else "regression")
         self.params = cm.init_params(seed=seed)
         self._check_params(self.params, "init_params")
+
+    def _ensure_compiled(self):
+        """The compiled module whose ``train_step`` fuses the optimiser's declared update."""
+        rule = getattr(self.optimizer, "rule", None)
+        if rule is None or self.compiled.optimizer == rule:
+            return
+        if rule not in self._modules:
+            from chainrule.codegen import compile_model
+            self._modules[rule] = compile_model(self.model, dtype=self.dtype.name, optimizer=rule,
+                                                cache_dir=self.compiled.module_path.parent)
+        self.compiled = self._modules[rule]
 
     # -- description ---------------------------------------------------------------------------
     @property
@@ -366,7 +379,8 @@ class Network:
         if optimizer is not None:
             self.optimizer = get_optimizer(optimizer)
         if lr is not None:
-            self.optimizer.lr = float(lr)
+            self.optimizer.lr = lr
+        self._ensure_compiled()
         if int(epochs) < 0 or int(batch_size) < 1:
             raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
         epochs, batch_size = int(epochs), int(batch_size)
