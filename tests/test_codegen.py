@@ -99,7 +99,8 @@ def test_module_is_readable_and_names_are_mapped(compiled_model):
     src = cm.source
     assert cm.module_path.read_text().endswith(src)
     for comment in ["# z1[b,o] = ", "# a1[b,i] = sigmoid(z1[b, i])", "# d_W1[o,i] = Σ_b[d_z1[b, o]*x[b, i]]",
-                    "# d_b1[o] = Σ_b[d_z1[b, o]]", "# W1 <- W1 - lr * d_W1"]:
+                    "# d_b1[o] = Σ_b[d_z1[b, o]]", "# sgd update of W1",
+                        "# theta__0[i] = -eta*gscale*g[i] + theta[i]"]:
         assert comment in src, comment
     assert "np.dot(" in src and "@njit(cache=True)" in src
     for fn in ("forward", "predict", "loss_and_grads", "train_step"):

@@ -130,3 +130,21 @@ def test_bad_hyperparameters_are_named():
     opt = SGD(0.1)
     with pytest.raises(ValueError, match=r"lr must be >= 0, got -1"):
         opt.lr = -1
+
+
+def test_explanations_come_from_the_declarations():
+    import sympy as sp
+    from chainrule.derive.optimizers import (GRAD, I, RULES, STEP, beta1, constant_gradient_solution,
+                                             explain_decoupled_decay, explain_optimizer, mu, eta)
+    g = GRAD[I]
+    assert sp.simplify(constant_gradient_solution(RULES["adam"], "m") - (1 - beta1 ** STEP) * g) == 0
+    assert sp.simplify(constant_gradient_solution(RULES["momentum"], "v")
+                       - eta * g * (1 - mu ** STEP) / (mu - 1)) == 0
+    assert constant_gradient_solution(RULES["adagrad"], "G") == STEP * g ** 2
+    md = explain_optimizer("adam").to_markdown()
+    assert "Bias correction" in md
+    assert r"\Delta \theta_{i} = - \frac{\eta g_{i}}{\epsilon + \left|{g_{i}}\right|}" in md
+    assert "Bias correction" not in explain_optimizer("rmsprop").to_markdown()   # nothing to correct
+    dd = explain_decoupled_decay().to_markdown()
+    assert r"- \frac{\eta \lambda \theta_{i}}{\epsilon + \lambda \left|{\theta_{i}}\right|}" in dd
+    assert r"\Delta \theta_{i}\big|_{\mathrm{decoupled}} = - \eta \lambda \theta_{i}" in dd

@@ -58,6 +58,7 @@ def cache_key(model, dtype: str, extra: str = "") -> str:
         repr(sorted((str(k), int(v)) for k, v in model.size_values.items())),
         repr([(t.name, t.role, t.init, tuple(map(str, t.shape))) for t in model.tensors.values()]),
         repr([t.name for t in model.outputs]), model.cost.name, extra,
+        repr(sorted((str(k), float(v)) for k, v in getattr(model, "constants", {}).items())),
     ]
     for eq in model.equations:
         parts.append(eq.out.name + sp.srepr(sp.Tuple(*eq.indices)) + sp.srepr(eq.body))

@@ -91,6 +91,8 @@ class Lowerer:
         self.sizes = {}
         for sym, val in model.size_values.items():
             self.sizes[sym] = sp.Integer(int(val))
+        for sym, val in getattr(model, "constants", {}).items():   # regularisation strengths
+            self.sizes[sym] = sp.Float(val)
         self.cost_adjoint = cost_adjoint
         self._counter = 0
         self.preallocated: set = set()        # outputs written into existing arrays (in place)

@@ -163,7 +163,7 @@ class Writer:
     def __init__(self, model: Model, grads: Gradients):
         self.model, self.grads = model, grads
         self.tensors = {**model.tensors, **{a.name: a for a in grads.adjoints.values()}}
-        self.printer = IndexPrinter(self.tensors)
+        self.printer = IndexPrinter(self.tensors, symbol_names=dict(getattr(model, "constant_latex", {})))
         self.forms = []
 
     def tex(self, expr) -> str:

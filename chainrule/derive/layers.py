@@ -28,6 +28,20 @@ class Builder:
         self.level = 0            # the (l) in W^(l): advanced by every layer with parameters
         self.layer = ""           # the name of the layer being declared
         self.layer_log: list = []
+        self.constants: dict = {}      # regularisation strengths: symbol -> value
+        self.constant_latex: dict = {}
+        self.penalties: list = []      # rank-0 cost terms (regularisers), added to the cost
+
+    def constant(self, base: str, value, latex: str) -> sp.Symbol:
+        """A named positive constant of the model (e.g. a regularisation strength λ^(l))."""
+        sym = sp.Symbol(f"{base}{self.level}_{len(self.constants)}", positive=True)
+        self.constants[sym] = float(value)
+        self.constant_latex[sym] = latex
+        return sym
+
+    def penalty(self, body, note: str):
+        """Add ``body`` (a scalar expression over tensors) to the cost, as a regularisation term."""
+        self.penalties.append((body, note, self.layer))
 
     # names
     def _name(self, base: str) -> tuple[str, str]:
@@ -87,8 +101,14 @@ class Dense(Layer):
 
     units: int
     init: str = "glorot"
+    l2: float = 0.0          # weight decay in the cost: + l2/2 Σ W²
+    l1: float = 0.0          # + l1 Σ |W|
     name = "dense"
     has_params = True
+
+    def __post_init__(self):
+        for what in ("l2", "l1"):
+            check_strength(f"dense({self.units}): {what}", getattr(self, what))
 
     def build(self, d, x):
         if x.rank != 2:
@@ -100,11 +120,64 @@ class Dense(Layer):
         c = d.param("b", (n_out,), init="zeros")
         z = d.tensor("z", (B, n_out), grad_latex=rf"\delta^{{({d.level})}}")
         b, o, i = index("b"), index("o"), index("i")
+        weight_penalties(d, W, (o, i), self.l2, self.l1)
         return d.define(z, (b, o), sp.Sum(W[o, i] * x[b, i], (i, 0, n_in - 1)) + c[o],
                         note="affine map (the perceptron's weighted sum)")
 
     def describe(self):
-        return f"dense({self.units})"
+        extra = "".join(f", {k}={getattr(self, k):g}" for k in ("l2", "l1") if getattr(self, k))
+        return f"dense({self.units}{extra})"
+
+
+def check_strength(what: str, value) -> float:
+    """A regularisation strength: a finite number >= 0 (else a ValueError naming it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    if not (float(value) >= 0) or float(value) == float("inf"):
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _full_sum(d: Builder, read, t: Tensor, idx):
+    """Σ over every element of ``t`` of ``read(t[idx'])``, with summation indices primed apart from
+    those of the cost's other terms (sibling sums over different ranges never share a name)."""
+    k = len(d.penalties) + 1
+    fresh = tuple(index(v.name + "'" * k) for v in idx)
+    return sp.Sum(read(t[fresh]), *[(v, 0, n - 1) for v, n in zip(fresh, t.shape)])
+
+
+def weight_penalties(d: Builder, W: Tensor, idx, l2=0.0, l1=0.0):
+    """Weight decay terms of the cost: λ/2 Σ W² (L2) and λ Σ |W| (L1). Their gradients (λW and
+    λ sign W) are derived by the engine like every other term."""
+    if l2:
+        lam = d.constant("lambda", l2, rf"\lambda^{{({d.level})}}_{{2}}")
+        d.penalty(lam / 2 * _full_sum(d, lambda r: r ** 2, W, idx), f"L2 weight decay on {W.name}")
+    if l1:
+        lam = d.constant("lambda", l1, rf"\lambda^{{({d.level})}}_{{1}}")
+        d.penalty(lam * _full_sum(d, sp.Abs, W, idx), f"L1 penalty on {W.name}")
+
+
+class ActivityRegularization(Layer):
+    """The identity, adding to the cost the batch mean of λ₂/2 Σ a² and λ₁ Σ |a| over its input."""
+
+    name = "activity"
+
+    def __init__(self, l2=0.0, l1=0.0):
+        self.l2 = check_strength("activity: l2", l2)
+        self.l1 = check_strength("activity: l1", l1)
+
+    def build(self, d, x):
+        idx = elementwise_indices(x)
+        if self.l2:
+            lam = d.constant("alpha", self.l2, rf"\alpha_{{2}}")
+            d.penalty(lam / 2 * _full_sum(d, lambda r: r ** 2, x, idx) / B, f"L2 activity penalty on {x.name}")
+        if self.l1:
+            lam = d.constant("alpha", self.l1, rf"\alpha_{{1}}")
+            d.penalty(lam * _full_sum(d, sp.Abs, x, idx) / B, f"L1 activity penalty on {x.name}")
+        return x
+
+    def describe(self):
+        return f"activity(l2={self.l2:g}, l1={self.l1:g})"
 
 
 class Activation(Layer):
@@ -253,7 +326,14 @@ def sequential(n_inputs: int, layers, loss: Loss | str, name="model") -> Model:
     cost = Tensor("C", (), role="cost", latex="C", layer="cost")
     d.tensors.append(cost)
     b = index("b")
-    d.equations.append(Equation(cost, (), sp.Sum(per_example[b], (b, 0, B - 1)) / B, layer="cost",
-                                note="cost: the mean of the per-example losses over the batch"))
-    return Model(d.equations, d.tensors, cost, loss=per_example, outputs=outputs,
-                 size_values=d.size_values, name=name, layers=d.layer_log)
+    body = sp.Sum(per_example[b], (b, 0, B - 1)) / B
+    note = "cost: the mean of the per-example losses over the batch"
+    if d.penalties:
+        body = body + sp.Add(*[p for p, _, _ in d.penalties])
+        note += ", plus " + ", ".join(n for _, n, _ in d.penalties)
+    d.equations.append(Equation(cost, (), body, layer="cost", note=note))
+    model = Model(d.equations, d.tensors, cost, loss=per_example, outputs=outputs,
+                  size_values=d.size_values, name=name, layers=d.layer_log)
+    model.constants = dict(d.constants)
+    model.constant_latex = dict(d.constant_latex)
+    return model

@@ -221,3 +221,121 @@ def step_at(rule: UpdateRule, t=None, states=None, grad=None):
             body = body.subs(STEP, t)
         env[target] = body
     return env["theta"]
+
+
+# -- explanations, generated from the declarations -----------------------------------------------------
+def _printer(rule: UpdateRule):
+    from .printing import IndexPrinter
+    names = {s: HYPER_LATEX[s.name] for s in rule.defaults}
+    names[STEP] = "t"
+    return IndexPrinter(rule.tensors, symbol_names=names)
+
+
+def _tex(rule, expr) -> str:
+    return _printer(rule).doprint(expr)
+
+
+def _correction_factors(rule: UpdateRule) -> list:
+    """Factors ``1/(…t…)`` in θ's update: the step-dependent rescalings the rule declares."""
+    body = dict(rule.assignments)["theta"]
+    out = []
+    for p in sp.preorder_traversal(body):
+        if isinstance(p, sp.Pow) and p.exp == -1 and p.base.has(STEP) and p.base not in out \
+                and not p.base.atoms(sp.Indexed):
+            out.append(p.base)
+    return out
+
+
+def explain_optimizer(rule) -> "Explanation":
+    """The rule's equations, its hyperparameters, and what the engine derives about it: the closed
+    form of each moving-average state under a constant gradient, and what its step-dependent
+    factors (Adam's bias correction) do to the step."""
+    from .explain import Bullets, Display, Explanation, Heading, Para
+    rule = get_rule(rule)
+    doc = Explanation(f"Optimiser: {rule.title}")
+    tex = lambda e: _tex(rule, e)                                    # noqa: E731
+    doc.add(Para(f"Declared once as elementwise assignments over a parameter element "
+                 f"$\\theta_i$, its gradient $g_i = \\partial C / \\partial \\theta_i$"
+                 + (f" and the state {', '.join('$' + rule.tensors[s].latex + '_i$' for s in rule.state)}"
+                    f" (each starting at 0)" if rule.state else "")
+                 + f", run in order at every step $t = 1, 2, \\dots$ ({rule.reference})."))
+    for target, body in rule.assignments:
+        doc.add(Display(f"{tex(rule.read(target))} \\leftarrow {tex(body)}"))
+    doc.add(Bullets([f"${tex(s)}$ = {v:g}" + (" (the learning rate)" if s == eta else "")
+                     for s, v in sorted(rule.defaults.items(), key=lambda kv: kv[0] != eta)]))
+    averaged = {}
+    for st in rule.state:
+        sol = constant_gradient_solution(rule, st)
+        if sol is None:
+            continue
+        averaged[st] = sol
+        s_t = sp.Symbol(rule.tensors[st].latex + "_{i,t}")
+        doc.add(Heading(2, f"The state ${rule.tensors[st].latex}$ under a constant gradient"))
+        doc.add(Para(f"Its update is linear in ${rule.tensors[st].latex}_i$. With $g_i$ held "
+                     f"constant and ${rule.tensors[st].latex}_{{i,0}} = 0$, the recurrence solves "
+                     f"(SymPy's rsolve on the declared assignment) to"))
+        doc.add(Display(f"{tex(s_t)} = {tex(sol)}"))
+    factors = _correction_factors(rule)
+    if averaged and factors:
+        with_c = sp.simplify(step_at(rule, states={}, grad=None).xreplace({}))
+        const = {}
+        for st, sol in averaged.items():
+            # θ's update reads the state's new value, i.e. the closed form at step t
+            const[st] = sol
+        def theta_step(keep):
+            env = dict(const)
+            body = dict(rule.assignments)["theta"]
+            if not keep:
+                body = body.xreplace({f: sp.S.One for f in factors})
+            body = body.xreplace({rule.read(n): v for n, v in env.items()})
+            return sp.simplify(body.subs(sp.sqrt(g ** 2), sp.Abs(g)))
+        corrected, raw = theta_step(True), theta_step(False)
+        corrected, raw = sp.simplify(corrected - THETA[I]), sp.simplify(raw - THETA[I])
+        del with_c
+        doc.add(Heading(2, "Bias correction"))
+        doc.add(Para("Each average is its target times a factor $1 - \\beta^{t}$ that is small in "
+                     "the first steps, because the state starts at zero. The update divides by "
+                     + ", ".join(f"${tex(f)}$" for f in factors)
+                     + ", so with a constant gradient the step is, for every $t$,"))
+        doc.add(Display(f"\\Delta {tex(THETA[I])} = {tex(corrected)}"))
+        doc.add(Para("Without those factors the same substitution gives a step that depends on "
+                     "$t$ (at $t = 1$ it is scaled by the ratio of the two factors):"))
+        doc.add(Display(f"\\Delta {tex(THETA[I])} = {tex(raw)}"))
+    return doc
+
+
+def explain_decoupled_decay(coupled="adam", decoupled="adamw") -> "Explanation":
+    """Why AdamW's decay is not L2 in the loss: both derived, on the first step and in general."""
+    from .explain import Display, Explanation, Heading, Para
+    a, w = get_rule(coupled), get_rule(decoupled)
+    tex = lambda e: _tex(w, e)                                       # noqa: E731
+    doc = Explanation(f"{w.title} versus L2 in the loss")
+    th = THETA[I]
+    penalty = lam / 2 * th ** 2
+    grad_pen = sp.diff(penalty, th)
+    doc.add(Para(f"L2 in the loss adds ${tex(penalty)}$ per parameter to the cost; its derivative "
+                 f"adds ${tex(grad_pen)}$ to the gradient, so {a.title} sees "
+                 f"$g_i + {tex(grad_pen)}$ and the decay passes through the moving averages and the "
+                 f"division by $\\sqrt{{\\hat v}}$. {w.title} instead declares the decay outside "
+                 f"the adaptive step:"))
+    doc.add(Display(f"{tex(th)} \\leftarrow {tex(dict(w.assignments)['theta'])}"))
+    l2 = step_at(a, t=1, grad=g + grad_pen)
+    dec = step_at(w, t=1)
+    fix = lambda e: sp.simplify(e.subs(sp.sqrt((g + grad_pen) ** 2), sp.Abs(g + grad_pen))  # noqa: E731
+                                .subs(sp.sqrt(g ** 2), sp.Abs(g)))
+    l2, dec = fix(l2 - th), fix(dec - th)
+    doc.add(Heading(2, "The first step, derived from both declarations"))
+    doc.add(Para(f"{a.title} with L2 in the loss ($t = 1$, states from zero):"))
+    doc.add(Display(f"\\Delta {tex(th)} = {tex(l2)}"))
+    doc.add(Para(f"{w.title}:"))
+    doc.add(Display(f"\\Delta {tex(th)} = {tex(dec)}"))
+    l2_0, dec_0 = sp.simplify(l2.subs(g, 0)), sp.simplify(dec.subs(g, 0))
+    doc.add(Para("They differ. Where the gradient of the data term vanishes ($g_i = 0$), the two "
+                 "steps are"))
+    doc.add(Display(f"\\Delta {tex(th)}\\big|_{{\\mathrm{{L2}}}} = {tex(l2_0)}, \\qquad "
+                    f"\\Delta {tex(th)}\\big|_{{\\mathrm{{decoupled}}}} = {tex(dec_0)}"))
+    doc.add(Para(f"With L2 the decay is normalised together with the gradient: the whole step is "
+                 f"at most $\\eta$ in size however large ${tex(lam * th)}$ is, and a weight with a "
+                 f"large gradient history is decayed less. Decoupled, every weight shrinks by the "
+                 f"same fraction $\\eta\\lambda$ per step."))
+    return doc
