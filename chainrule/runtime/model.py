@@ -27,6 +27,10 @@ BINARY_LOSSES = ("bce", "bce_logits")
 
 
 # -- small helpers -----------------------------------------------------------------------------
+def _fmt_config(cfg: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in cfg.items() if k != "name" and v is not None)
+
+
 def _check_finite(arr: np.ndarray, what: str):
     if arr.dtype.kind not in "fc":
         return
@@ -110,6 +114,8 @@ class Network:
         self._ensure_compiled()
         self.stop_training = False
         self.has_validation = False
+        self.epoch = 0                 # epochs completed (what a resumed fit continues from)
+        self._rng = None               # the shuffling generator, kept across fits for exact resume
 
         cm = compiled
         self.input_name, self.target_name = cm.input_name, cm.target_name
@@ -200,13 +206,28 @@ class Network:
             _check_finite(v, f"parameter {k} from {source}")
             np.copyto(self.params[k], v.astype(self.dtype, copy=False))
 
-    def save(self, path):
-        """Write the parameters to ``path`` (.npz) atomically, with metadata to rebuild the network."""
+    def save(self, path, training_state=True):
+        """Write the parameters to ``path`` (.npz) atomically, with metadata to rebuild the network.
+
+        With ``training_state`` (the default) the file also holds what an exact resume needs: the
+        optimiser (its name, hyperparameters, step count and state arrays), the number of epochs
+        completed and the state of the shuffling generator.
+        """
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": self.model.name,
                 "spec": self.spec, "dtype": self.dtype.name, "param_names": self.param_names,
                 "param_shapes": {k: list(s) for k, s in self.param_shapes.items()},
                 "task": self.task, "loss": self.loss_name}
         arrays = {k: self.params[k] for k in self.param_names}
+        if training_state:
+            opt = self.optimizer
+            meta["optimizer"] = {"class": type(opt).__name__, "config": opt.config(),
+                                 "t": int(getattr(opt, "t", 0)),
+                                 "state": sorted(f"{p}/{s}" for p in opt.state for s in opt.state[p])}
+            meta["epoch"] = int(self.epoch)
+            meta["rng"] = self._rng.bit_generator.state if self._rng is not None else None
+            for p, states in opt.state.items():
+                for sname, a in states.items():
+                    arrays[f"__opt__/{p}/{sname}"] = a
         arrays["__meta__"] = np.array(json.dumps(meta))
         atomic_write(path, lambda f: np.savez(f, **arrays))
         return os.fspath(path)
@@ -232,13 +253,56 @@ class Network:
         return data, meta
 
     def load(self, path):
-        """Load parameters saved by :meth:`save`; names and shapes must match this network."""
+        """Load parameters saved by :meth:`save`; names and shapes must match this network.
+
+        A file with training state also restores the optimiser's state and step count (the
+        network's optimiser must be the same kind, with the same hyperparameters), the epoch count
+        and the shuffling generator, so that ``fit(..., initial_epoch=net.epoch)`` continues exactly.
+        """
         data, meta = self._read(path)
         src = os.fspath(path)
         if meta and meta.get("spec") and self.spec and meta["spec"] != self.spec:
             # shapes are what matter; name the models to make a mismatch easy to understand
             src = f"{src} (saved from {meta['spec']!r})"
+        opt_arrays = {k: data.pop(k) for k in list(data) if k.startswith("__opt__/")}
+        saved_opt = meta.get("optimizer") if meta else None
+        if saved_opt is not None:
+            mine = self.optimizer.config()
+            if saved_opt["config"] != mine:
+                raise CheckpointError(
+                    f"{src} was saved with optimizer {saved_opt['class']}({_fmt_config(saved_opt['config'])}) "
+                    f"but the network uses {type(self.optimizer).__name__}({_fmt_config(mine)}): pass the "
+                    f"same optimizer to Network(..., optimizer=...) to resume, or load the parameters "
+                    f"only with load_params()")
+            expected = {f"{p}/{s}" for p in self.param_names
+                        for s in getattr(self.compiled, "state_names", [])}
+            have = {k[len("__opt__/"):] for k in opt_arrays}
+            if have and have != expected:
+                raise CheckpointError(f"{src}: optimizer state {sorted(have)} does not fit this "
+                                      f"network's {sorted(expected)}")
         self.set_params(data, source=src)
+        if saved_opt is not None:
+            state = {}
+            for key, a in opt_arrays.items():
+                pname, sname = key[len("__opt__/"):].split("/", 1)
+                if tuple(a.shape) != self.param_shapes[pname]:
+                    raise CheckpointError(f"{src}: optimizer state {sname} of {pname} has shape "
+                                          f"{a.shape}, the parameter has {self.param_shapes[pname]}")
+                _check_finite(a, f"optimizer state {sname} of {pname} in {src}")
+                state.setdefault(pname, {})[sname] = np.ascontiguousarray(a, dtype=self.dtype)
+            self.optimizer.state = state
+            self.optimizer.t = int(saved_opt.get("t", 0))
+            self.epoch = int(meta.get("epoch", 0))
+            if meta.get("rng") is not None:
+                self._rng = np.random.default_rng()
+                self._rng.bit_generator.state = meta["rng"]
+        return self
+
+    def load_params(self, path):
+        """Load only the parameters of a file saved by :meth:`save` (no optimiser state)."""
+        data, meta = self._read(path)
+        data = {k: v for k, v in data.items() if not k.startswith("__opt__/")}
+        self.set_params(data, source=os.fspath(path))
         return self
 
     @classmethod
@@ -366,7 +430,7 @@ class Network:
     # -- training ----------------------------------------------------------------------------------
     def fit(self, x, y, epochs=10, batch_size=32, lr=None, validation_split=None,
             validation_data=None, shuffle=True, seed=None, callbacks=(), progress=True,
-            optimizer=None, divergence_factor=1e3) -> History:
+            optimizer=None, divergence_factor=1e3, initial_epoch=0) -> History:
         """Minibatch training. Returns a :class:`History`.
 
         ``seed`` seeds the shuffling (default: the network's seed) and the validation split.
@@ -375,6 +439,11 @@ class Network:
         Training stops with :class:`TrainingDiverged` if a minibatch cost is NaN/inf or exceeds
         ``divergence_factor`` × max(first cost, 1) (``None`` disables the second test); the
         parameters are then restored to those at the start of the failing epoch.
+
+        ``initial_epoch`` continues a run: epochs ``initial_epoch .. epochs - 1`` are trained, with
+        the shuffling generator and optimiser state as they were (kept in memory, or restored by
+        :meth:`load` from a checkpoint written by :meth:`save` / ``ModelCheckpoint``), so that
+        3 epochs + save + load + ``fit(epochs=6, initial_epoch=3)`` equals 6 epochs bit for bit.
         """
         if optimizer is not None:
             self.optimizer = get_optimizer(optimizer)
@@ -429,11 +498,23 @@ class Network:
                           "n_val": len(validation[0]) if validation is not None else 0}
         self.history = history
         self.stop_training = False
-        rng = np.random.default_rng(seed)
+        if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer)) \
+                or not 0 <= initial_epoch <= epochs:
+            raise ValueError(f"initial_epoch must be an integer in [0, epochs={epochs}], "
+                             f"got {initial_epoch!r}")
+        if initial_epoch == 0 or self._rng is None:
+            if initial_epoch:
+                raise ValueError(f"initial_epoch={initial_epoch} resumes a run, but this network has "
+                                 f"no training state: load a checkpoint saved by save() first")
+            self._rng = np.random.default_rng(seed)
+        elif initial_epoch != self.epoch:
+            raise ValueError(f"initial_epoch={initial_epoch} but the network has completed "
+                             f"{self.epoch} epochs (from its checkpoint or last fit)")
+        rng = self._rng
         reference = None
         for c in callbacks:
             c.on_train_begin()
-        for epoch in range(epochs):
+        for epoch in range(initial_epoch, epochs):
             for c in callbacks:
                 c.on_epoch_begin(epoch)
             t0 = time.perf_counter()
@@ -484,6 +565,7 @@ class Network:
             logs["lr"] = self.optimizer.lr
             logs["time"] = time.perf_counter() - t0
             history.append(epoch, logs)
+            self.epoch = epoch + 1
             for c in callbacks:
                 c.on_epoch_end(epoch, logs)
             if self.stop_training:

@@ -120,7 +120,12 @@ class DeclaredOptimizer(Optimizer):
         return out
 
     def config(self) -> dict:
-        return {"name": self.name, "lr": self.lr, "clipnorm": self.clipnorm, **self.hyper}
+        """Name, learning rate, clipping and every hyperparameter (declared defaults filled in)."""
+        from chainrule.derive.optimizers import HYPER_NAMES
+        by_symbol = {s.name: k for k, s in HYPER_NAMES.items()}
+        values = {by_symbol[n]: v for n, v in self.values().items() if by_symbol[n] != "lr"}
+        return {"name": self.name, "lr": self.lr, "clipnorm": self.clipnorm,
+                **{k: values[k] for k in sorted(values)}}
 
     def __repr__(self):
         extra = "".join(f", {k}={v:g}" for k, v in self.hyper.items())

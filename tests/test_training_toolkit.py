@@ -1,0 +1,77 @@
+"""Training toolkit: exact resume, schedules, diagnostics and plots, argument errors."""
+import numpy as np
+import pytest
+
+SPEC = "4 -> dense(8) -> tanh -> dense(3) -> softmax_cross_entropy"
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, size=90)
+    x = rng.normal(size=(90, 4)) + np.eye(3, 4)[y] * 2.0
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def adam_cm(compiled_with):
+    return compiled_with(SPEC, "adam")
+
+
+def _net(cm, **kw):
+    from chainrule.runtime import Network
+    from chainrule.runtime.optim import Adam
+    return Network(cm.model, compiled=cm, optimizer=Adam(0.01, beta1=0.8), seed=4, **kw)
+
+
+def test_resume_3_plus_3_is_bitwise_6(adam_cm, blobs, tmp_path):
+    x, y = blobs
+    straight = _net(adam_cm)
+    straight.fit(x, y, epochs=6, batch_size=16, validation_split=0.2, progress=False)
+    first = _net(adam_cm)
+    first.fit(x, y, epochs=3, batch_size=16, validation_split=0.2, progress=False)
+    path = first.save(tmp_path / "ckpt.npz")
+    resumed = _net(adam_cm)
+    resumed.load(path)
+    assert resumed.epoch == 3 and resumed.optimizer.t == first.optimizer.t > 0
+    h = resumed.fit(x, y, epochs=6, batch_size=16, validation_split=0.2, progress=False,
+                    initial_epoch=3)
+    assert h.epochs == [3, 4, 5]
+    moved = 0.0
+    for k in straight.param_names:
+        assert np.array_equal(resumed.params[k], straight.params[k]), k
+        moved += float(np.abs(straight.params[k] - first.params[k]).max())
+        for s in ("m", "v"):
+            assert np.array_equal(resumed.optimizer.state[k][s], straight.optimizer.state[k][s])
+    assert moved > 0                       # epochs 4-6 did change the parameters
+    # without the training state the continuation differs (the test can fail)
+    cold = _net(adam_cm)
+    cold.load_params(path)
+    cold.fit(x, y, epochs=3, batch_size=16, validation_split=0.2, progress=False)
+    assert not all(np.array_equal(cold.params[k], straight.params[k]) for k in cold.param_names)
+
+
+def test_checkpoint_of_another_optimizer_is_refused(adam_cm, blobs, tmp_path, compiled_with):
+    from chainrule.runtime import CheckpointError, Network
+    from chainrule.runtime.optim import Adam
+    x, y = blobs
+    net = _net(adam_cm)
+    net.fit(x, y, epochs=1, progress=False)
+    path = net.save(tmp_path / "a.npz")
+    other = Network(adam_cm.model, compiled=compiled_with(SPEC, "sgd"), seed=4)
+    with pytest.raises(CheckpointError, match=r"saved with optimizer Adam\(lr=0.01.*but the network uses SGD"):
+        other.load(path)
+    with pytest.raises(CheckpointError, match=r"Adam\(lr=0.01, beta1=0.8.* uses Adam\(lr=0.01, beta1=0.9"):
+        Network(adam_cm.model, compiled=adam_cm, optimizer=Adam(0.01)).load(path)
+    other.load_params(path)                # the parameters alone are fine
+    wider = compiled_with("4 -> dense(5) -> tanh -> dense(3) -> softmax_cross_entropy", "adam")
+    with pytest.raises(CheckpointError, match=r"W1: .* has \(8, 4\), the network needs \(5, 4\)"):
+        Network(wider.model, compiled=wider, optimizer=Adam(0.01, beta1=0.8)).load(path)
+
+
+def test_initial_epoch_without_state_is_an_error(adam_cm, blobs):
+    x, y = blobs
+    with pytest.raises(ValueError, match="initial_epoch=2 resumes a run"):
+        _net(adam_cm).fit(x, y, epochs=4, initial_epoch=2, progress=False)
+    with pytest.raises(ValueError, match=r"initial_epoch must be an integer in \[0, epochs=4\], got 5"):
+        _net(adam_cm).fit(x, y, epochs=4, initial_epoch=5, progress=False)
