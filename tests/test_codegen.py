@@ -100,7 +100,7 @@ def test_module_is_readable_and_names_are_mapped(compiled_model):
     assert cm.module_path.read_text().endswith(src)
     for comment in ["# z1[b,o] = ", "# a1[b,i] = sigmoid(z1[b, i])", "# d_W1[o,i] = Σ_b[d_z1[b, o]*x[b, i]]",
                     "# d_b1[o] = Σ_b[d_z1[b, o]]", "# sgd update of W1",
-                        "# theta__0[i] = -eta*gscale*g[i] + theta[i]"]:
+                        "# theta__0[i] = -eta*gscale*g[i] + theta[i]", "u_p0[i0] = -u_hp_eta*u_gscale*u_g0[i0] + u_p0[i0]"]:
         assert comment in src, comment
     assert "np.dot(" in src and "@njit(cache=True)" in src
     for fn in ("forward", "predict", "loss_and_grads", "train_step"):

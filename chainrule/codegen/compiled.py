@@ -25,7 +25,8 @@ class CompiledModel:
         self.rule = get_rule(optimizer)
         self.optimizer = self.rule.name
         self.state_names = list(self.rule.state)
-        self.hyper_names = ["t", "clip"] + [h.name for h in self.rule.hyperparameters]
+        self.hyper_names = ["t", "clip", "seed"] + [h.name for h in self.rule.hyperparameters]
+        self.has_noise = any(t.role == "noise" for t in model.tensors.values())
         self.module = module
         self.module_path = Path(path)
         self.source = source
@@ -121,16 +122,18 @@ class CompiledModel:
     def predict(self, params, x) -> np.ndarray:
         return self.module.predict(*self._params(params), self._array(x, self._x, "input"))
 
-    def forward(self, params, x, y):
-        """(cost, first output)."""
-        cost, out = self.module.forward(*self._params(params), *self._xy(x, y))
+    def forward(self, params, x, y, seed=-1):
+        """(cost, first output). ``seed`` >= 0: training mode (dropout masks and noise drawn from
+        that seed); < 0 (the default): evaluation mode (they take their mean)."""
+        cost, out = self.module.forward(*self._params(params), *self._xy(x, y), int(seed))
         return float(cost), out
 
-    def cost(self, params, x, y) -> float:
-        return self.forward(params, x, y)[0]
+    def cost(self, params, x, y, seed=-1) -> float:
+        return self.forward(params, x, y, seed)[0]
 
-    def loss_and_grads(self, params, x, y):
-        cost, grads = self.module.loss_and_grads(*self._params(params), *self._xy(x, y))
+    def loss_and_grads(self, params, x, y, seed=-1):
+        """(cost, gradients); ``seed`` as in :meth:`forward` (the masks of a training step)."""
+        cost, grads = self.module.loss_and_grads(*self._params(params), *self._xy(x, y), int(seed))
         return float(cost), dict(zip(self.param_names, grads))
 
     def init_state(self) -> dict:
@@ -138,7 +141,7 @@ class CompiledModel:
         return {p: {s: np.zeros(self.param_shapes[p], dtype=self.dtype) for s in self.state_names}
                 for p in self.param_names}
 
-    def hyper_vector(self, lr=None, step=1, clip=0.0, **hyper) -> np.ndarray:
+    def hyper_vector(self, lr=None, step=1, clip=0.0, seed=0, **hyper) -> np.ndarray:
         """The ``hp`` argument of the generated ``train_step``: the step t, the clipping norm and
         the rule's hyperparameters (its declared defaults unless given, e.g. ``beta1=0.8``)."""
         from ..derive.optimizers import HYPER_NAMES
@@ -151,12 +154,14 @@ class CompiledModel:
                 raise TypeError(f"optimizer {self.optimizer} has no hyperparameter {k!r} "
                                 f"(it has {', '.join(values)})")
             values[name] = float(v)
-        values["t"], values["clip"] = float(step), float(clip)
+        values["t"], values["clip"], values["seed"] = float(step), float(clip), float(seed)
         return np.array([values[n] for n in self.hyper_names], dtype=np.float64)
 
-    def train_step(self, params, x, y, lr=None, state=None, step=1, clip=0.0, hp=None, **hyper) -> float:
+    def train_step(self, params, x, y, lr=None, state=None, step=1, clip=0.0, hp=None, seed=0,
+                   **hyper) -> float:
         """One fused step: forward, backward and the optimiser's update, in place (parameters and
-        ``state`` from :meth:`init_state`; ``step`` is t, 1 at the first update)."""
+        ``state`` from :meth:`init_state`; ``step`` is t, 1 at the first update; ``seed`` (>= 0)
+        seeds the step's dropout masks and noise)."""
         if self.state_names and state is None:
             raise TypeError(f"train_step with optimizer {self.optimizer} needs its state "
                             f"(init_state())")
@@ -170,7 +175,7 @@ class CompiledModel:
                                     f"{self.dtype} array of shape {self.param_shapes[p]}")
                 states.append(a)
         if hp is None:
-            hp = self.hyper_vector(lr, step, clip, **hyper)
+            hp = self.hyper_vector(lr, step, clip, seed, **hyper)
         return float(self.module.train_step(*self._params(params, inplace=True), *states,
                                             *self._xy(x, y), hp))
 

@@ -119,7 +119,21 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
             grad_codes.append(g)
     rule = get_rule(optimizer)
     update, state_args, update_eqs = _lower_update(rule, params, [ident(p.name) for p in params], lw)
-    hyper = ["t", "clip"] + [h.name for h in rule.hyperparameters]
+    hyper = ["t", "clip", "seed"] + [h.name for h in rule.hyperparameters]
+    noise_train, noise_eval = [], []
+    for t in model.tensors.values():
+        if t.role != "noise":
+            continue
+        shape, name, dist = lw.shape_code(t), ident(t.name), t.meta.get("dist")
+        if dist == "bernoulli":
+            keep = repr(float(t.meta["keep"]))
+            noise_train.append(f"{name} = (np.random.random({shape}) < {keep}).astype(DT)  # {t.name} ~ Bernoulli({keep})")
+            noise_eval.append(f"{name} = np.full({shape}, {keep}, dtype=DT)  # {t.name}: its mean")
+        elif dist == "normal":
+            noise_train.append(f"{name} = np.random.standard_normal({shape}).astype(DT)  # {t.name} ~ N(0, 1)")
+            noise_eval.append(f"{name} = np.zeros({shape}, dtype=DT)  # {t.name}: its mean")
+        else:
+            raise UnsupportedError(f"codegen: random tensor {t.name} has unknown distribution {dist!r}")
 
     prims = [textwrap.dedent(c.lowering).strip() for c in primitives_used(
         [e.body for e in model.equations] + [e.body for e in (d.equation for d in composed.values())]
@@ -136,8 +150,9 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
         backward=["\n".join(k.lines) for k in backward_k] + zero_lines,
         update=update, cost=ident(model.cost.name), output=ident(out.name), grads=grad_codes,
         optimizer=rule.name, optimizer_title=rule.title, states=state_args,
-        hyper=[(k, f"hp_{h}") for k, h in enumerate(hyper)],
-        train_args=", ".join([ident(p.name) for p in params] + state_args + [ident(x.name), ident(y.name), "hp"]))
+        noise_train=noise_train, noise_eval=noise_eval,
+        hyper=[(k, f"u_hp_{h}") for k, h in enumerate(hyper)],
+        train_args=", ".join([ident(p.name) for p in params] + state_args + [ident(x.name), ident(y.name)]))
     return Plan([p.name for p in params], x.name, y.name, [t.name for t in model.outputs],
                 model.cost.name, forward_k, predict_k, backward_k, context,
                 optimizer=rule.name, state_names=[s for s in rule.state], hyper_names=hyper)
@@ -168,22 +183,22 @@ def _lower_update(rule, params, param_codes, lw_main):
         for name, t in rule._all_tensors.items():
             tensors[name] = Tensor(name, (n_k,), role=t.role, latex=t.latex)
         lw = Lowerer(SimpleNamespace(size_values={n_k: numel}), tensors)
-        names["theta"] = f"p{k}"
-        names["g"] = f"g{k}"
+        names["theta"] = f"u_p{k}"
+        names["g"] = f"u_g{k}"
         for st in rule.state:
-            names[st] = f"f{k}_{st}"                # a flat view of the state argument
-            state_args.append(f"s{k}_{st}")
+            names[st] = f"u_f{k}_{st}"                # a flat view of the state argument
+            state_args.append(f"u_s{k}_{st}")
         for name in tensors:
             if name not in names:
-                names[name] = f"u{k}_{sanitise(name)}"
+                names[name] = f"u_{k}_{sanitise(name)}"
         for target, final in finals.items():
             names[final] = names[target]            # the new value overwrites the old, in place
             lw.preallocated.add(final)
         lw.names.update(names)
         for h in rule.hyperparameters:
-            lw.names[h] = f"hp_{h.name}"
-        lw.names[STEP] = "hp_t"
-        lw.names[kappa] = "gscale"
+            lw.names[h] = f"u_hp_{h.name}"
+        lw.names[STEP] = "u_hp_t"
+        lw.names[kappa] = "u_gscale"
         eqs = []
         for eq in rule.equations():
             body = eq.body.xreplace({rule.tensors["g"][I]: kappa * rule.tensors["g"][I]})
@@ -193,9 +208,9 @@ def _lower_update(rule, params, param_codes, lw_main):
         kernels = lw.lower(eqs)
         head = [f"# {rule.name} update of {p.name} (declared in chainrule.derive.optimizers, "
                 f"lowered like every equation; theta = {p.name}, flat)",
-                f"p{k} = {param_codes[k]}.reshape({numel})",
-                f"g{k} = np.ascontiguousarray(grads[{k}]).reshape({numel})"]
-        head += [f"f{k}_{st} = s{k}_{st}.reshape({numel})" for st in rule.state]
+                f"u_p{k} = {param_codes[k]}.reshape({numel})",
+                f"u_g{k} = np.ascontiguousarray(u_grads[{k}]).reshape({numel})"]
+        head += [f"u_f{k}_{st} = u_s{k}_{st}.reshape({numel})" for st in rule.state]
         blocks.append("\n".join(head + [ln for kern in kernels for ln in kern.lines]))
     return blocks, state_args, eqs_out
 

@@ -157,6 +157,50 @@ def weight_penalties(d: Builder, W: Tensor, idx, l2=0.0, l1=0.0):
         d.penalty(lam * _full_sum(d, sp.Abs, W, idx), f"L1 penalty on {W.name}")
 
 
+class Dropout(Layer):
+    """Inverted dropout: a = x ⊙ m / (1 - p), m a Bernoulli(1 - p) mask drawn at every training step
+    (from a seeded generator); in evaluation m is its mean 1 - p, so the layer is the identity."""
+
+    name = "dropout"
+
+    def __init__(self, rate: float):
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise ValueError(f"dropout rate must be a number in [0, 1), got {rate!r}")
+        self.rate = float(rate)
+
+    def build(self, d, x):
+        idx = elementwise_indices(x)
+        p = d.constant("p", self.rate, "p")
+        m = d.tensor("m", x.shape, role="noise", meta={"dist": "bernoulli", "keep": 1 - self.rate},
+                     latex="m")
+        a = d.tensor("a", x.shape)
+        return d.define(a, idx, x[idx] * m[idx] / (1 - p),
+                        note="inverted dropout: a random mask, rescaled so that its mean is 1")
+
+    def describe(self):
+        return f"dropout({self.rate:g})"
+
+
+class GaussianNoise(Layer):
+    """Additive noise a = x + σ ε, ε ~ N(0, 1) drawn at every training step; 0 in evaluation."""
+
+    name = "noise"
+
+    def __init__(self, std: float):
+        check_strength("noise: std", std)
+        self.std = float(std)
+
+    def build(self, d, x):
+        idx = elementwise_indices(x)
+        sigma = d.constant("sigma", self.std, r"\sigma")
+        e = d.tensor("eps", x.shape, role="noise", meta={"dist": "normal"}, latex=r"\varepsilon")
+        a = d.tensor("a", x.shape)
+        return d.define(a, idx, x[idx] + sigma * e[idx], note="additive Gaussian noise")
+
+    def describe(self):
+        return f"noise({self.std:g})"
+
+
 class ActivityRegularization(Layer):
     """The identity, adding to the cost the batch mean of λ₂/2 Σ a² and λ₁ Σ |a| over its input."""
 

@@ -196,7 +196,7 @@ def random_point(model: Model, sizes, rng: random.Random) -> dict:
     denominator 20 (never 0), targets in (0, 1); probability targets' rows normalised to sum to one."""
     point = {}
     for t in model.tensors.values():
-        if t.role not in ("input", "target", "param"):
+        if t.role not in ("input", "target", "param", "noise"):
             continue
         shape = _shape(t, sizes)
         values = {}

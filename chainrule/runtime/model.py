@@ -427,10 +427,22 @@ class Network:
         xs, ys = self._prepare(x, y)
         return self._metrics(xs, ys)
 
+    def gradient_norms(self, x, y, prepared=False) -> dict:
+        """‖∂C/∂θ‖ for every parameter θ at the current parameters, on the batch ``x, y``."""
+        xs, ys = (x, y) if prepared else self._prepare(x, y)
+        _, grads = self.compiled.loss_and_grads(self.params, xs, ys)
+        return {k: float(np.linalg.norm(grads[k])) for k in self.param_names}
+
+    def plot(self, history=None, out_dir=".", prefix=""):
+        """Write the training curves and the per-layer gradient norms as PNG files in ``out_dir``;
+        returns their paths (see :mod:`chainrule.runtime.plots`)."""
+        from .plots import plot_history
+        return plot_history(history if history is not None else self.history, out_dir, prefix=prefix)
+
     # -- training ----------------------------------------------------------------------------------
     def fit(self, x, y, epochs=10, batch_size=32, lr=None, validation_split=None,
             validation_data=None, shuffle=True, seed=None, callbacks=(), progress=True,
-            optimizer=None, divergence_factor=1e3, initial_epoch=0) -> History:
+            optimizer=None, divergence_factor=1e3, initial_epoch=0, diagnostics=True) -> History:
         """Minibatch training. Returns a :class:`History`.
 
         ``seed`` seeds the shuffling (default: the network's seed) and the validation split.
@@ -439,6 +451,10 @@ class Network:
         Training stops with :class:`TrainingDiverged` if a minibatch cost is NaN/inf or exceeds
         ``divergence_factor`` × max(first cost, 1) (``None`` disables the second test); the
         parameters are then restored to those at the start of the failing epoch.
+
+        With ``diagnostics`` the history also records, per parameter and epoch, the gradient norm
+        ``grad_norm/W1`` (on up to 256 training examples, at the epoch's end) and the update/weight
+        ratio ``update_ratio/W1`` = ‖W_end - W_start‖ / ‖W_start‖ over the epoch.
 
         ``initial_epoch`` continues a run: epochs ``initial_epoch .. epochs - 1`` are trained, with
         the shuffling generator and optimiser state as they were (kept in memory, or restored by
@@ -450,8 +466,9 @@ class Network:
         if lr is not None:
             self.optimizer.lr = lr
         self._ensure_compiled()
-        if int(epochs) < 0 or int(batch_size) < 1:
-            raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
+        for name, value, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         epochs, batch_size = int(epochs), int(batch_size)
         seed = self.seed if seed is None else seed
         if validation_split is not None and validation_data is not None:
@@ -528,7 +545,11 @@ class Network:
             for step in range(steps):
                 lo = step * batch_size
                 xb, yb = xe[lo:lo + batch_size], ye[lo:lo + batch_size]
-                cost = self.optimizer.step(self.compiled, self.params, xb, yb)
+                if self.compiled.has_noise:      # this step's dropout masks / noise, seeded
+                    cost = self.optimizer.step(self.compiled, self.params, xb, yb,
+                                               seed=int(rng.integers(2 ** 31)))
+                else:
+                    cost = self.optimizer.step(self.compiled, self.params, xb, yb)
                 if reference is None and math.isfinite(cost):
                     reference = max(abs(cost), 1.0)
                 exploded = (divergence_factor is not None and reference is not None
@@ -564,7 +585,15 @@ class Network:
                 logs.update({f"val_{k}": v for k, v in self._metrics(*validation).items()})
             logs["lr"] = self.optimizer.lr
             logs["time"] = time.perf_counter() - t0
-            history.append(epoch, logs)
+            record = dict(logs)
+            if diagnostics:
+                norms = self.gradient_norms(xs[:256], ys[:256], prepared=True)
+                for k in self.param_names:
+                    record[f"grad_norm/{k}"] = norms[k]
+                    start = float(np.linalg.norm(last_good[k]))
+                    step_norm = float(np.linalg.norm(self.params[k] - last_good[k]))
+                    record[f"update_ratio/{k}"] = step_norm / start if start > 0 else math.inf
+            history.append(epoch, record)
             self.epoch = epoch + 1
             for c in callbacks:
                 c.on_epoch_end(epoch, logs)

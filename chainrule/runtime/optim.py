@@ -55,8 +55,8 @@ class Optimizer:
         self.state = {}
         self.t = 0
 
-    def step(self, cm, params: dict, x, y) -> float:
-        cost, grads = cm.loss_and_grads(params, x, y)
+    def step(self, cm, params: dict, x, y, seed=0) -> float:
+        cost, grads = cm.loss_and_grads(params, x, y, seed)
         self.update(params, grads)
         return float(cost)
 
@@ -101,14 +101,14 @@ class DeclaredOptimizer(Optimizer):
                                                                    low_open=True, owner=owner)
         self.name = rule.name
 
-    def step(self, cm, params, x, y):
+    def step(self, cm, params, x, y, seed=0):
         if cm.optimizer != self.rule:
             raise ValueError(f"the compiled module fuses the {cm.optimizer} update, not {self.rule}")
         if not self.state and cm.state_names:
             self.state = cm.init_state()
         self.t += 1
         return float(cm.train_step(params, x, y, lr=self.lr, state=self.state, step=self.t,
-                                   clip=self.clipnorm or 0.0, **self.hyper))
+                                   clip=self.clipnorm or 0.0, seed=seed, **self.hyper))
 
     def values(self) -> dict:
         """Every hyperparameter's value (declared defaults filled in), by its declared name."""
