@@ -136,7 +136,8 @@ def test_damaged_cache_entry_is_regenerated(tmp_path):
     p = again.init_params(0)
     x, y = sample_batch(again, batch=4)
     assert np.isfinite(again.loss_and_grads(p, x, y)[0])
-    path.write_text(text.replace("-= lr *", "+= lr *"))  # same length, edited: not trusted either
+    assert "-u_hp_eta*" in text
+    path.write_text(text.replace("-u_hp_eta*", "+u_hp_eta*"))  # same length, edited: not trusted either
     assert not compile_model(model, cache_dir=tmp_path).cache_hit
     assert path.read_text() == text
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]

@@ -148,3 +148,20 @@ def test_explanations_come_from_the_declarations():
     dd = explain_decoupled_decay().to_markdown()
     assert r"- \frac{\eta \lambda \theta_{i}}{\epsilon + \lambda \left|{\theta_{i}}\right|}" in dd
     assert r"\Delta \theta_{i}\big|_{\mathrm{decoupled}} = - \eta \lambda \theta_{i}" in dd
+
+
+@pytest.mark.parametrize("name", ["momentum", "adam"])
+def test_unfused_path_is_the_same_declaration(name, compiled_with):
+    """fused=False evaluates the declared equations with NumPy (lambdify): same steps."""
+    from chainrule.runtime.optim import OPTIMIZERS
+    _, hyper = CASES[name]
+    fused_cm, sgd_cm = compiled_with(SPEC, name), compiled_with(SPEC, "sgd")
+    x, y = _data()
+    a, b = fused_cm.init_params(seed=1), sgd_cm.init_params(seed=1)
+    fa, fb = OPTIMIZERS[name](**hyper), OPTIMIZERS[name](fused=False, **hyper)
+    for _ in range(4):
+        fa.step(fused_cm, a, x, y)
+        fb.step(sgd_cm, b, x, y)          # only loss_and_grads of this module is used
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-12, atol=1e-15)
+        assert not np.array_equal(a[k], sgd_cm.init_params(seed=1)[k])

@@ -157,6 +157,34 @@ def weight_penalties(d: Builder, W: Tensor, idx, l2=0.0, l1=0.0):
         d.penalty(lam * _full_sum(d, sp.Abs, W, idx), f"L1 penalty on {W.name}")
 
 
+class Residual(Layer):
+    """A residual block h = x + f(W x + c), f an activation (ReLU by default): the identity path
+    carries the adjoint past the block unchanged (the "gradient highway")."""
+
+    has_params = True
+    name = "residual"
+
+    def __init__(self, activation: str = "relu", init: str = "he"):
+        if activation not in ACTIVATIONS:
+            raise SpecError(f"residual: unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+        self.activation, self.init = activation, init
+
+    def build(self, d, x):
+        if x.rank != 2:
+            raise ShapeError(f"layer {d.layer} (residual) expects a (batch, features) input, "
+                             f"got {x.name} {shape_str(x.shape)}")
+        n = x.shape[1]
+        W, c = d.param("W", (n, n), init=self.init), d.param("b", (n,), init="zeros")
+        h = d.tensor("h", x.shape)
+        b, o, i = index("b"), index("o"), index("i")
+        f = ACTIVATIONS[self.activation]
+        return d.define(h, (b, o), x[b, o] + f(sp.Sum(W[o, i] * x[b, i], (i, 0, n - 1)) + c[o]),
+                        note=f"residual block: the input plus {self.activation} of an affine map")
+
+    def describe(self):
+        return f"residual({self.activation})"
+
+
 class Dropout(Layer):
     """Inverted dropout: a = x ⊙ m / (1 - p), m a Bernoulli(1 - p) mask drawn at every training step
     (from a seeded generator); in evaluation m is its mean 1 - p, so the layer is the identity."""

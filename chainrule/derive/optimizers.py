@@ -339,3 +339,25 @@ def explain_decoupled_decay(coupled="adam", decoupled="adamw") -> "Explanation":
                  f"large gradient history is decayed less. Decoupled, every weight shrinks by the "
                  f"same fraction $\\eta\\lambda$ per step."))
     return doc
+
+
+def numpy_update(rule) -> "callable":
+    """The declared assignments as one NumPy function ``update(theta, g, state, values, t)``
+    (``state`` a dict of arrays updated in place, ``values`` hyperparameter name -> value), made by
+    ``sympy.lambdify`` from the same equations the code generator lowers: the unfused path."""
+    rule = get_rule(rule)
+    names = ["theta", "g", *rule.state]
+    plain = {rule.read(n): sp.Symbol(f"_{n}") for n in names}
+    args = [plain[rule.read(n)] for n in names] + rule.hyperparameters + [STEP]
+    steps = [(target, sp.lambdify(args, sp.sympify(body).xreplace(plain), modules="numpy"))
+             for target, body in rule.assignments]
+
+    def update(theta, g, state, values, t):
+        env = {"theta": theta, "g": g, **state}
+        hyper = [values[h.name] for h in rule.hyperparameters]
+        for target, fn in steps:
+            env[target] = fn(*[env[n] for n in names], *hyper, t)
+        theta[...] = env["theta"]
+        for s in rule.state:
+            state[s][...] = env[s]
+    return update

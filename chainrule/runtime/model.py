@@ -131,7 +131,7 @@ class Network:
     def _ensure_compiled(self):
         """The compiled module whose ``train_step`` fuses the optimiser's declared update."""
         rule = getattr(self.optimizer, "rule", None)
-        if rule is None or self.compiled.optimizer == rule:
+        if rule is None or self.compiled.optimizer == rule or not getattr(self.optimizer, "fused", True):
             return
         if rule not in self._modules:
             from chainrule.codegen import compile_model

@@ -79,8 +79,9 @@ class DeclaredOptimizer(Optimizer):
     ``rho``, ``weight_decay``); unset ones take the rule's declared defaults.
     """
 
-    def __init__(self, lr=None, clipnorm=None, **hyper):
+    def __init__(self, lr=None, clipnorm=None, fused=True, **hyper):
         from chainrule.derive.optimizers import HYPER_NAMES, eta, get_rule
+        self.fused = bool(fused)
         rule = get_rule(self.rule)
         owner = type(self).__name__
         declared = {s.name: s for s in rule.defaults}
@@ -102,6 +103,8 @@ class DeclaredOptimizer(Optimizer):
         self.name = rule.name
 
     def step(self, cm, params, x, y, seed=0):
+        if not self.fused:
+            return self._unfused_step(cm, params, x, y, seed)
         if cm.optimizer != self.rule:
             raise ValueError(f"the compiled module fuses the {cm.optimizer} update, not {self.rule}")
         if not self.state and cm.state_names:
@@ -109,6 +112,27 @@ class DeclaredOptimizer(Optimizer):
         self.t += 1
         return float(cm.train_step(params, x, y, lr=self.lr, state=self.state, step=self.t,
                                    clip=self.clipnorm or 0.0, seed=seed, **self.hyper))
+
+    def _unfused_step(self, cm, params, x, y, seed):
+        """``loss_and_grads`` and the declared update evaluated by NumPy (lambdified from the same
+        equations): no ``train_step`` to compile, for quick experiments on big graphs."""
+        from chainrule.derive.optimizers import numpy_update
+        if getattr(self, "_numpy_update", None) is None:
+            self._numpy_update = numpy_update(self.rule)
+        cost, grads = cm.loss_and_grads(params, x, y, seed)
+        if self.clipnorm:
+            norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads.values()))
+            if norm > self.clipnorm:
+                grads = {k: g * (self.clipnorm / norm) for k, g in grads.items()}
+        if not self.state and cm.state_names is not None:
+            from chainrule.derive.optimizers import get_rule
+            names = get_rule(self.rule).state
+            self.state = {k: {s: np.zeros_like(params[k]) for s in names} for k in params} if names else {}
+        self.t += 1
+        values = self.values()
+        for k in params:
+            self._numpy_update(params[k], grads[k], self.state.get(k, {}), values, self.t)
+        return float(cost)
 
     def values(self) -> dict:
         """Every hyperparameter's value (declared defaults filled in), by its declared name."""
