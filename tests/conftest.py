@@ -36,3 +36,17 @@ def compiled_with(kernel_cache_dir):
                                       optimizer=optimizer)
         return memo[key]
     return get
+
+
+@pytest.fixture(scope="session")
+def compiled_declared(kernel_cache_dir):
+    """``compiled_declared(key, build, dtype="float64")`` -> CompiledModel of the Model ``build()``
+    (a user-declared model), compiled once per session and key."""
+    from chainrule.codegen import compile_model
+    memo = {}
+
+    def get(key, build, dtype="float64"):
+        if (key, dtype) not in memo:
+            memo[key, dtype] = compile_model(build(), dtype=dtype, cache_dir=kernel_cache_dir)
+        return memo[key, dtype]
+    return get

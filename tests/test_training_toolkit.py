@@ -124,3 +124,35 @@ def test_fit_argument_errors_name_the_argument(adam_cm, blobs, kw, msg):
     x, y = blobs
     with pytest.raises(ValueError, match=msg):
         _net(adam_cm).fit(x, y, progress=False, **{"epochs": 1, **kw})
+
+
+def test_cli_optimizer_explanations(capsys):
+    from chainrule.cli import main
+    assert main(["optimizer", "adamw-vs-l2"]) == 0
+    out = capsys.readouterr().out
+    assert "decoupled" in out and r"\lambda \theta_{i}" in out
+    assert main(["optimizer", "adam"]) == 0
+    assert "Bias correction" in capsys.readouterr().out
+
+
+def test_cli_train_writes_plots(tmp_path, capsys, kernel_cache_dir, monkeypatch):
+    from chainrule.cli import main
+    monkeypatch.setenv("CHAINRULE_CACHE_DIR", str(kernel_cache_dir))
+    rc = main(["train", "2 -> dense(6) -> tanh -> dense(2) -> softmax_cross_entropy", "--data", "moons",
+               "--epochs", "3", "--no-progress", "--plots", str(tmp_path / "p")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "test: loss" in out and "curves:" in out
+    for name in ("curves.png", "gradient_norms.png"):
+        assert (tmp_path / "p" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_cli_experiments(tmp_path, capsys):
+    from chainrule.cli import main
+    assert main(["experiment", "overfitting", "--out", str(tmp_path), "--epochs", "600"]) == 0
+    report = (tmp_path / "overfitting.md").read_text()
+    assert "| 128 units + L2 |" in report and (tmp_path / "overfitting.png").stat().st_size > 1000
+    assert main(["experiment", "vanishing", "--out", str(tmp_path), "--epochs", "3"]) == 0
+    report = (tmp_path / "vanishing.md").read_text()
+    assert "equals $\\frac{1}{4}$" in report and (tmp_path / "vanishing.png").stat().st_size > 1000

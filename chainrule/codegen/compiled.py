@@ -8,7 +8,14 @@ import numpy as np
 
 from ..derive.errors import ShapeError, UnsupportedError
 from .cache import cache_key, load_or_generate
+from .facts import declared_facts
 from .render import check_dtype, render_plan, plan_model
+
+
+def _c_array(a, dtype) -> np.ndarray:
+    """A C-contiguous array of ``dtype`` with the shape of ``a``: a rank-0 parameter stays 0-d
+    (``np.ascontiguousarray`` would make it shape (1,))."""
+    return np.require(np.asarray(a, dtype=dtype), requirements="C")
 
 
 class CompiledModel:
@@ -43,6 +50,8 @@ class CompiledModel:
         self._y = targets[0]
         self.output_names = [t.name for t in model.outputs]
         self._dims = {t.name: self._batch_shape(model, t) for t in (self._x, self._y)}
+        # facts declared on the arguments, which the derived gradient may rely on
+        self.facts = declared_facts(model, names={self.input_name, self.target_name})
 
     @staticmethod
     def _batch_shape(model, t):
@@ -76,7 +85,7 @@ class CompiledModel:
             else:
                 raise UnsupportedError(f"parameter {name}: unknown initialiser {init!r} "
                                        "(known: glorot, he, zeros)")
-            out[name] = np.ascontiguousarray(a, dtype=self.dtype)
+            out[name] = _c_array(a, self.dtype)
         return out
 
     # -- argument checking --------------------------------------------------------------------
@@ -96,11 +105,12 @@ class CompiledModel:
                     raise TypeError(f"train_step updates parameter {name} in place: it must be a "
                                     f"writeable C-contiguous {self.dtype} ndarray (use init_params)")
             else:
-                a = np.ascontiguousarray(a, dtype=self.dtype)
+                a = _c_array(a, self.dtype)
             out.append(a)
         return out
 
-    def _array(self, a, tensor, what) -> np.ndarray:
+    def _array(self, a, tensor, what, facts=False) -> np.ndarray:
+        data_dtype = getattr(a, "dtype", None)
         a = np.ascontiguousarray(a, dtype=self.dtype)
         dims = self._dims[tensor.name]
         if a.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, a.shape)):
@@ -108,11 +118,16 @@ class CompiledModel:
             raise ShapeError(f"{what} {tensor.name} has shape {a.shape}, expected {shape}")
         if a.ndim and a.shape[0] == 0:
             raise ShapeError(f"{what} {tensor.name} is an empty batch")
+        if facts:
+            for fact in self.facts:
+                if fact.tensor.name == tensor.name:
+                    fact.check(a, data_dtype=data_dtype)
         return a
 
-    def _xy(self, x, y):
-        x = self._array(x, self._x, "input")
-        y = self._array(y, self._y, "target")
+    def _xy(self, x, y, facts=False):
+        """Checked arrays; ``facts``: also every fact declared on them (before a gradient)."""
+        x = self._array(x, self._x, "input", facts)
+        y = self._array(y, self._y, "target", facts)
         if x.shape[0] != y.shape[0]:
             raise ShapeError(f"input {self._x.name} has {x.shape[0]} rows but target "
                              f"{self._y.name} has {y.shape[0]}")
@@ -133,7 +148,7 @@ class CompiledModel:
 
     def loss_and_grads(self, params, x, y, seed=-1):
         """(cost, gradients); ``seed`` as in :meth:`forward` (the masks of a training step)."""
-        cost, grads = self.module.loss_and_grads(*self._params(params), *self._xy(x, y), int(seed))
+        cost, grads = self.module.loss_and_grads(*self._params(params), *self._xy(x, y, facts=True), int(seed))
         return float(cost), dict(zip(self.param_names, grads))
 
     def init_state(self) -> dict:
@@ -177,7 +192,7 @@ class CompiledModel:
         if hp is None:
             hp = self.hyper_vector(lr, step, clip, seed, **hyper)
         return float(self.module.train_step(*self._params(params, inplace=True), *states,
-                                            *self._xy(x, y), hp))
+                                            *self._xy(x, y, facts=True), hp))
 
 
 def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd") -> CompiledModel:

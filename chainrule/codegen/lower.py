@@ -26,7 +26,7 @@ import sympy as sp
 from ..derive.errors import UnsupportedError
 from ..derive.layers import B as BATCH
 from ..derive.primitives import LogSumExp, Primitive
-from .printer import print_expr
+from .printer import print_expr, to_conventions
 
 REDUCTIONS = (sp.Sum, LogSumExp)
 IND = "    "
@@ -40,7 +40,7 @@ def pretty(eq) -> str:
     """One-line text of an equation, for the comment above the code implementing it."""
     idx = ",".join(str(i) for i in eq.indices)
     lhs = f"{eq.out.name}[{idx}]" if idx else eq.out.name
-    text = f"{lhs} = {_pretty_body(eq.body)}"
+    text = f"{lhs} = {_pretty_body(to_conventions(eq.body))}"      # as lowered: step, not Heaviside
     return " ".join(text.split())          # never a newline inside a comment
 
 
@@ -87,6 +87,11 @@ class Lowerer:
         self.names: dict = {}                 # tensor name / Symbol -> identifier
         for k, name in enumerate(tensors):
             self.names[name] = f"t{k}_{sanitise(name)}"
+            t = tensors[name]
+            if t.rank == 0 and t.role in ("param", "input", "target"):
+                # a rank-0 argument is passed as a 0-d array (so train_step can update it in
+                # place): its read is the element ``a[()]``
+                self.names[t.symbol] = f"{self.names[name]}[()]"
         self.names[BATCH] = "n_batch"
         self.sizes = {}
         for sym, val in model.size_values.items():
@@ -126,28 +131,60 @@ class Lowerer:
         return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
     def prepare(self, eq):
-        """Sizes substituted, output indices renamed to i0.., bound indices to fresh r-names."""
-        body = sp.sympify(eq.body).xreplace(self.sizes)
+        """Sizes substituted, bound indices renamed apart (fresh r-names), output indices to i0.."""
+        body = to_conventions(sp.sympify(eq.body).xreplace(self.sizes))
         if self.cost_adjoint is not None:
             body = body.xreplace({sp.Symbol(self.cost_adjoint, real=True): sp.S.One})
+        # bound indices first: a reduction may bind a name that is free elsewhere in the body
+        # (even an output index: SymPy's Sum shadows it), so it is renamed before the output
+        # indices are mapped to loop variables
+        body = self.rename_bound(body)
         rename = {old: self.loop_vars[p] for p, old in enumerate(eq.indices)}
-        bound = []
-        for r in sp.preorder_traversal(body):
-            if isinstance(r, REDUCTIONS):
-                for v, _, _ in r.limits:
-                    if v not in bound:
-                        bound.append(v)
-        for v in bound:
-            if v in rename:
-                raise UnsupportedError(f"codegen: equation {pretty(eq)} sums over its own output index {v}")
-            fresh = sp.Symbol(self.fresh("r"), integer=True)
-            self.names[fresh] = str(fresh)
-            rename[v] = fresh
         body = body.xreplace(rename)
         for s in body.free_symbols:
             if s.is_integer and s not in self.names and s not in self.sizes:
                 raise UnsupportedError(f"codegen: index {s} in {pretty(eq)} is unbound")
         return body, tuple(self.loop_vars[p] for p in range(len(eq.indices)))
+
+    def rename_bound(self, expr):
+        """Alpha-rename every reduction's bound indices to fresh loop names, bottom-up.
+
+        Reductions that are equal up to the names of their bound indices (nested ones included)
+        become one and the same expression, which the lowering computes once (``_Block.cache``);
+        any two others get different names, so a nested loop never reuses (and clobbers) the
+        variable of an enclosing loop, and a sum may bind a name that is free around it.
+        """
+        table: dict = {}          # canonical form of a reduction -> the renamed reduction
+        renamed: set = set()      # the fresh names given so far
+        memo: dict = {}
+
+        def canonical(r):
+            order = [v for v, _, _ in r.limits]
+            for node in sp.preorder_traversal(r):
+                if node in renamed and node not in order:
+                    order.append(node)
+            return sp.srepr(r.xreplace({v: sp.Symbol(f"·{k}", integer=True) for k, v in enumerate(order)}))
+
+        def rec(e):
+            if e in memo:
+                return memo[e]
+            if not e.args or isinstance(e, sp.Indexed):
+                return e
+            args = [rec(a) for a in e.args]
+            new = e.func(*args) if any(a is not b for a, b in zip(args, e.args)) else e
+            if isinstance(new, REDUCTIONS):
+                key = canonical(new)
+                if key not in table:
+                    fresh = {}
+                    for v, _, _ in new.limits:
+                        fresh[v] = sp.Symbol(self.fresh("r"), integer=True)
+                        self.names[fresh[v]] = str(fresh[v])
+                    renamed.update(fresh.values())
+                    table[key] = new.xreplace(fresh)
+                new = table[key]
+            memo[e] = new
+            return new
+        return rec(expr)
 
     # -- contraction detection ----------------------------------------------------------------
     def match_dot(self, s, loop_vars):
@@ -253,14 +290,8 @@ class Lowerer:
     def emit_expr(self, expr, blocks: list[_Block]) -> str:
         """Print ``expr``; each reduction in it is emitted as an accumulator loop in the shallowest
         block of ``blocks`` where its free indices are bound, and replaced by the accumulator."""
-        reds = [r for r in sp.preorder_traversal(expr) if isinstance(r, REDUCTIONS)]
-        # outermost reductions only: the inner ones are handled recursively
-        outer = []
-        for r in reds:
-            if not any(r is not o and r in set(sp.preorder_traversal(o)) for o in reds):
-                outer.append(r)
         repl = {}
-        for r in outer:
+        for r in outermost_reductions(expr):
             repl[r] = sp.Symbol(self.emit_reduction(r, blocks), real=True)
             self.names[repl[r]] = str(repl[r])
         return self.pe(expr.xreplace(repl))
@@ -415,10 +446,29 @@ class Lowerer:
         return Kernel("scalar", [info["text"]], [info["out"]], lines)
 
 
+def outermost_reductions(expr) -> list:
+    """The reductions of ``expr`` that are not inside another reduction, found top-down.
+
+    (A reduction may also occur *inside* another one, e.g. a mean used alone and within a
+    variance: it is still outermost where it occurs alone; its nested occurrence is handled when
+    the enclosing reduction's body is emitted, and reuses the same accumulator.)"""
+    out, seen, stack = [], set(), [expr]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, REDUCTIONS):
+            if e not in seen:
+                seen.add(e)
+                out.append(e)
+            continue
+        if not isinstance(e, sp.Indexed):
+            stack.extend(reversed(e.args))
+    return out
+
+
 def primitives_used(exprs) -> list[type]:
     seen = {}
     for e in exprs:
-        for node in sp.preorder_traversal(e):
+        for node in sp.preorder_traversal(to_conventions(e)):
             if isinstance(node, Primitive):
                 seen.setdefault(type(node).__name__, type(node))
     return [seen[k] for k in sorted(seen)]

@@ -11,7 +11,7 @@ import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
 from ..derive.errors import UnsupportedError
-from ..derive.primitives import LogSumExp, Primitive
+from ..derive.primitives import LogSumExp, Primitive, step
 
 
 def _float_literal(value) -> str:
@@ -137,8 +137,8 @@ class KernelPrinter(PythonCodePrinter):
         if isinstance(expr, Primitive):
             return self._print_Primitive(expr)
         raise UnsupportedError(f"codegen: function {type(expr).__name__} has no lowering "
-                               f"(in {expr}); supported: exp, log, tanh, Abs, sign, Max, Min, "
-                               f"Piecewise and chainrule primitives")
+                               f"(in {expr}); supported: exp, log, tanh, sin, cos, Abs, sign, Max, "
+                               f"Min, Heaviside (as step), Piecewise and chainrule primitives")
 
     def _print_not_supported(self, expr):
         raise UnsupportedError(f"codegen: cannot lower {type(expr).__name__} ({expr})")
@@ -146,16 +146,48 @@ class KernelPrinter(PythonCodePrinter):
     emptyPrinter = _print_not_supported
 
 
+def to_conventions(expr):
+    """SymPy's step-function constructs, mapped onto chainrule's one stated convention.
+
+    The value of a step at its kink is a convention, stated once, by the ``step`` primitive:
+    ``step(0) = 0`` (ReLU'(0) = 0, as PyTorch). SymPy differentiates ``Max``/``Min`` (hence
+    hinge, Huber, clipping, ELU written with ``Min``) into ``Heaviside(x)``, whose own default at 0
+    is ½; the design replaces that default by the convention, so
+
+    * ``Heaviside(x)`` (SymPy's default ½) and ``Heaviside(x, 0)`` lower as ``step(x)``;
+    * ``Heaviside(x, h0)`` with any other explicit ``h0`` keeps the value it states at 0;
+    * ``DiracDelta(x)`` (the derivative of ``sign``, ``Heaviside`` or ``step``) is 0: the derivative
+      of a step is zero almost everywhere, as ``step``'s own derivative is declared.
+
+    ``Abs`` lowers as ``abs`` and its derivative ``sign`` as ``sign(0) = 0``; ``Max``/``Min`` as
+    ``max``/``min``. (The same map is what the explanation prints: ``1[x > 0]``.)
+    """
+    expr = sp.sympify(expr)
+    if not expr.has(sp.Heaviside, sp.DiracDelta):
+        return expr
+
+    def heaviside(*args):
+        x = args[0]
+        h0 = args[1] if len(args) > 1 else sp.S.Half
+        if h0 in (sp.S.Half, sp.S.Zero):
+            return step(x)
+        return sp.Piecewise((sp.S.One, x > 0), (h0, sp.Eq(x, 0)), (sp.S.Zero, True))
+    expr = expr.replace(sp.Heaviside, heaviside)
+    return expr.replace(sp.DiracDelta, lambda *args: sp.S.Zero)
+
+
 SUPPORTED_FUNCTIONS = (sp.exp, sp.log, sp.tanh, sp.sin, sp.cos, sp.Abs, sp.sign, sp.Max, sp.Min,
                        sp.Piecewise, Primitive)
 
 
 def print_expr(expr, names) -> str:
+    expr = to_conventions(expr)
     if isinstance(expr, (sp.Sum, LogSumExp)):
         raise UnsupportedError("codegen internal error: unhoisted reduction")
     for node in sp.preorder_traversal(expr):
         if isinstance(node, sp.Function) and not isinstance(node, SUPPORTED_FUNCTIONS):
             raise UnsupportedError(
                 f"codegen: function {type(node).__name__} has no lowering (in {node}); supported: "
-                "exp, log, tanh, sin, cos, Abs, sign, Max, Min, Piecewise and chainrule primitives")
+                "exp, log, tanh, sin, cos, Abs, sign, Max, Min, Heaviside (as step), Piecewise and "
+                "chainrule primitives")
     return KernelPrinter(names).doprint(expr)

@@ -110,7 +110,13 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
 
     grad_codes, zero_lines, update = [], [], []
     for p in params:
-        if p.name in adjoints:
+        if p.name in adjoints and p.rank == 0:
+            # a rank-0 gradient is computed as a number; returned as a 0-d array like its parameter
+            g = f"grad_{sanitise(p.name)}"
+            zero_lines.append(f"# d_{p.name} as a 0-d array, like {p.name}\n"
+                              f"{g} = np.empty((), dtype=DT)\n{g}[()] = {ident(adjoints[p.name])}")
+            grad_codes.append(g)
+        elif p.name in adjoints:
             grad_codes.append(ident(adjoints[p.name]))
         else:                                 # does not reach the cost: its gradient is zero
             g = f"zero_{sanitise(p.name)}"

@@ -1,9 +1,17 @@
 """Numeric verification: generated gradients against central finite differences of the cost."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from ..derive.errors import ChainruleError
 from .compiled import CompiledModel, compile_model
+
+# relative tolerance per dtype (the finite differences of a float32 cost are far coarser)
+RTOL = {"float64": 1e-6, "float32": 1e-2}
+DEFAULT_EPS = {"float64": 1e-6, "float32": 1e-2}
+NOISE_FACTOR = 100.0     # rounding of the cost, in units of the dtype's machine epsilon
 
 
 def sample_batch(cm: CompiledModel, batch=5, seed=0):
@@ -23,10 +31,60 @@ def sample_batch(cm: CompiledModel, batch=5, seed=0):
     return x, y
 
 
+@dataclass
+class GradientCheck:
+    """The generated gradient of one parameter against central differences of the generated cost.
+
+    Entry ``j`` agrees when ``|g_j - fd_j| <= atol + rtol * max(|g_j|, |fd_j|)``. ``atol`` is the
+    resolution of the finite differences: the rounding of the cost (``NOISE_FACTOR`` machine
+    epsilons of ``max(|C|, 1)``) divided by the step ``eps``; so a gradient that is truly 0 (a bias
+    before a normalisation) compares as 0 instead of as a relative error of 1.
+
+    ``error = max_j |g_j - fd_j| / (atol / rtol + max(|g_j|, |fd_j|))`` is a relative error in
+    which magnitudes below ``atol / rtol`` are measured against that floor; ``ok`` is
+    ``error <= rtol``, which is exactly the entrywise test above. Reads as the pair ``(name, error)``.
+    """
+
+    name: str
+    error: float
+    compared: int          # entries compared
+    size: int              # entries of the parameter
+    rtol: float
+    atol: float
+    eps: float
+    worst: tuple           # (index of the worst entry, generated gradient, finite difference)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.error <= self.rtol)
+
+    def __bool__(self):
+        return self.ok
+
+    def __iter__(self):
+        return iter((self.name, self.error))
+
+    def __getitem__(self, k):
+        return (self.name, self.error)[k]
+
+    def __len__(self):
+        return 2
+
+    def __repr__(self):
+        return (f"GradientCheck({self.name}: {'pass' if self.ok else 'FAIL'}, error {self.error:.2e}, "
+                f"{self.compared}/{self.size} entries)")
+
+    def __str__(self):
+        idx, g, fd = self.worst
+        return (f"{self.name}: {'pass' if self.ok else 'FAIL'}, relative error {self.error:.2e} "
+                f"(tolerance {self.rtol:g}, absolute floor {self.atol:.1e}) over {self.compared} of "
+                f"{self.size} entries; worst at {idx}: generated {g:.10g}, finite difference {fd:.10g}")
+
+
 def check_gradients(model, dtype="float64", seed=0, *, batch=5, max_entries=300, eps=None,
-                    cache_dir=None, compiled=None):
-    """``[(param name, relative error)]``: the generated ``loss_and_grads`` against central
-    differences of the generated cost, ``‖g - g_fd‖ / max(‖g‖, ‖g_fd‖, tiny)`` over up to
+                    rtol=None, cache_dir=None, compiled=None) -> list[GradientCheck]:
+    """One :class:`GradientCheck` per parameter (in order; each unpacks as ``(name, error)``): the
+    generated ``loss_and_grads`` against central differences of the generated cost, over up to
     ``max_entries`` randomly chosen entries of each parameter."""
     cm = compiled if compiled is not None else compile_model(model, dtype=dtype, cache_dir=cache_dir)
     rng = np.random.default_rng(seed)
@@ -35,16 +93,19 @@ def check_gradients(model, dtype="float64", seed=0, *, batch=5, max_entries=300,
         params[name] += (0.1 * rng.normal(size=params[name].shape)).astype(cm.dtype)
     x, y = sample_batch(cm, batch=batch, seed=seed + 1)
     x, y = x.astype(cm.dtype), y.astype(cm.dtype)
-    _, grads = cm.loss_and_grads(params, x, y)
-    if eps is None:
-        eps = 1e-6 if cm.dtype == "float64" else 1e-2
+    cost, grads = cm.loss_and_grads(params, x, y)
+    eps = DEFAULT_EPS[cm.dtype] if eps is None else float(eps)
+    rtol = RTOL[cm.dtype] if rtol is None else float(rtol)
+    atol = NOISE_FACTOR * float(np.finfo(cm.dtype).eps) * max(abs(cost), 1.0) / eps
     results = []
     for name in cm.param_names:
         p = params[name]
-        flat = p.reshape(-1)
+        flat = p.reshape(-1)                 # a view (the arrays are C-contiguous), also for 0-d
         n = flat.size
-        picks = np.arange(n) if n <= max_entries else rng.choice(n, size=max_entries, replace=False)
-        g = grads[name].reshape(-1)[picks].astype(np.float64)
+        picks = np.arange(n) if n <= max_entries else np.sort(rng.choice(n, size=max_entries, replace=False))
+        if len(picks) == 0:
+            raise ChainruleError(f"gradient check of {name} compared 0 entries: not a check")
+        g = np.asarray(grads[name], dtype=np.float64).reshape(-1)[picks]
         fd = np.empty(len(picks))
         for j, k in enumerate(picks):
             old = flat[k]
@@ -54,6 +115,10 @@ def check_gradients(model, dtype="float64", seed=0, *, batch=5, max_entries=300,
             cm_ = cm.cost(params, x, y)
             flat[k] = old
             fd[j] = (cp - cm_) / (2 * eps)
-        denom = max(np.linalg.norm(g), np.linalg.norm(fd), np.finfo(np.float64).tiny)
-        results.append((name, float(np.linalg.norm(g - fd) / denom)))
+        scale = atol / rtol + np.maximum(np.abs(g), np.abs(fd))
+        rel = np.abs(g - fd) / scale
+        w = int(np.argmax(rel))
+        where = tuple(int(i) for i in np.unravel_index(picks[w], p.shape)) if p.ndim else ()
+        results.append(GradientCheck(name, float(rel[w]), len(picks), n, rtol, atol, eps,
+                                     (where, float(g[w]), float(fd[w]))))
     return results

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sympy as sp
 from sympy.printing.latex import LatexPrinter
 
+from .primitives import step
+
 
 def _sub(indices, printer) -> str:
     parts = [printer._print(i) for i in indices]
@@ -62,6 +64,18 @@ class IndexPrinter(LatexPrinter):
         if isinstance(a, sp.Le) and isinstance(b, sp.Le) and b.rhs == a.lhs:
             return rf"{self._print(b.lhs)} \le {self._print(b.rhs)} \le {self._print(a.rhs)}"
         return super()._print_And(expr)
+
+    def _print_Heaviside(self, expr, exp=None):
+        # SymPy's derivative of Max/Min. Its default value ½ at 0 is replaced by chainrule's stated
+        # convention step(0) = 0 (primitives.step; the code generator lowers it so), so it prints
+        # exactly as the step does; an explicit other value at 0 keeps SymPy's θ with that value.
+        x = expr.args[0]
+        h0 = expr.args[1] if len(expr.args) > 1 else sp.S.Half
+        if h0 in (sp.S.Half, sp.S.Zero):
+            tex = self._print(step(x))
+        else:
+            tex = rf"\theta_{{{self._print(h0)}}}\left({self._print(x)}\right)"
+        return rf"\left({tex}\right)^{{{exp}}}" if exp else tex
 
     def _print_KroneckerDelta(self, expr, exp=None):
         return rf"\delta_{{{_sub(expr.args, self)}}}"

@@ -125,6 +125,8 @@ class Network:
         simplex = model.tensors[cm.target_name].simplex_axis is not None
         self.task = "multiclass" if simplex else ("binary" if self.loss_name in BINARY_LOSSES
                                                   else "regression")
+        from chainrule.codegen.facts import declared_facts
+        self._facts = declared_facts(model, names={cm.input_name, cm.target_name})
         self.params = cm.init_params(seed=seed)
         self._check_params(self.params, "init_params")
 
@@ -333,6 +335,9 @@ class Network:
         _check_finite(arr, what)
         out = np.ascontiguousarray(arr, dtype=self.dtype)
         _check_finite(out, f"{what} (as {self.dtype.name})")
+        for fact in self._facts:                 # facts declared on the input, if any
+            if fact.tensor.name == self.input_name:
+                fact.check(out, what=what, error=DataError, data_dtype=arr.dtype)
         return out
 
     def _prepare_y(self, y, n, what="y"):
@@ -360,15 +365,16 @@ class Network:
             raise ShapeError(f"{what}: tensor {t} expects shape (N, {k}){hint}, got {np.shape(y)}")
         out = np.ascontiguousarray(arr, dtype=self.dtype)
         _check_finite(out, f"{what} (as {self.dtype.name})")
-        if self.task == "multiclass":
-            sums = out.sum(axis=1, dtype=np.float64)
-            tol = 1e-6 if self.dtype == np.float64 else 1e-4
-            bad = np.flatnonzero(np.abs(sums - 1) > tol)
-            if bad.size or (out < 0).any():
-                i = int(bad[0]) if bad.size else int(np.argwhere(out < 0)[0][0])
-                raise DataError(f"{what}: each row of target {t} must be a probability vector "
-                                f"(non-negative, summing to 1: {self.loss_name} declares it); "
-                                f"row {i} is {out[i].tolist()} (sum {sums[i]:g})")
+        # every fact declared on the target (the derived gradient may rely on it), on all rows
+        # at once, so that the error names the row of the caller's data
+        for fact in self._facts:
+            if fact.tensor.name == t:
+                fact.check(out, what=what, error=DataError, data_dtype=arr.dtype)
+        if self.task == "multiclass" and (out < 0).any():
+            i = int(np.argwhere(out < 0)[0][0])
+            raise DataError(f"{what}: each row of target {t} must be a probability vector "
+                            f"(non-negative, summing to 1: {self.loss_name} declares it); "
+                            f"row {i} is {out[i].tolist()}")
         elif self.task == "binary" and ((out < 0) | (out > 1)).any():
             i = tuple(int(v) for v in np.argwhere((out < 0) | (out > 1))[0])
             raise DataError(f"{what}: binary target {t} must lie in [0, 1]; {what}{list(i)} = {out[i].item()!r}")
@@ -556,7 +562,10 @@ class Network:
                             and cost > divergence_factor * reference)
                 if not math.isfinite(cost) or exploded:
                     self.set_params(last_good, source="the last good parameters")
-                    why = (f"the cost became {cost}" if not math.isfinite(cost) else
+                    # (the kernels follow IEEE arithmetic: an overflow or a division by zero in
+                    # the forward or backward pass arrives here as an inf/NaN cost)
+                    why = (f"the cost became {cost} (an overflow or a division by zero in the "
+                           f"forward or backward pass gives inf/NaN)" if not math.isfinite(cost) else
                            f"the cost {cost:.4g} exceeds {divergence_factor:g} × the first cost "
                            f"({reference:.4g})")
                     err = TrainingDiverged(
