@@ -135,3 +135,33 @@ def test_bad_dropout_rate_is_named(rate):
     from chainrule.derive.layers import Dropout
     with pytest.raises(ValueError, match=r"dropout rate must be a number in \[0, 1\), got "):
         Dropout(rate)
+
+
+def test_max_norm_is_a_declared_projection_after_the_update(kernel_cache_dir):
+    from chainrule.codegen import compile_model
+    c = 0.6
+    model = sequential(3, [Dense(5, max_norm=c), TANH, Dense(2)], "mse")
+    md = explain_model(model).to_markdown()
+    assert "Constraints, applied after each update" in md and r"\max\left(c^{(1)}" in md
+    plain = compile_model(_model_5(), cache_dir=kernel_cache_dir)
+    cm = compile_model(model, cache_dir=kernel_cache_dir)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 3)), rng.normal(size=(8, 2))
+    p = cm.init_params(seed=3)
+    p["W1"][0] *= 0.1                                  # one short row, the others long
+    q = {k: v.copy() for k, v in p.items()}
+    cm.train_step(p, x, y, lr=0.1)
+    plain.train_step(q, x, y, lr=0.1)                  # the same update without the projection
+    norms_q = np.linalg.norm(q["W1"], axis=1)
+    assert norms_q[0] < c and (norms_q[1:] > c).any()
+    expect = q["W1"] * (c / np.maximum(c, norms_q))[:, None]
+    np.testing.assert_allclose(p["W1"], expect, rtol=1e-12)
+    np.testing.assert_array_equal(p["W1"][0], q["W1"][0])          # inside the ball: untouched
+    np.testing.assert_array_equal(p["W2"], q["W2"])
+    assert np.linalg.norm(p["W1"], axis=1).max() <= c * (1 + 1e-12)
+    with pytest.raises(ValueError, match=r"max_norm must be > 0, got 0"):
+        Dense(5, max_norm=0)
+
+
+def _model_5():
+    return sequential(3, [Dense(5), TANH, Dense(2)], "mse")

@@ -25,12 +25,15 @@ def _net(cm, **kw):
 
 
 def test_resume_3_plus_3_is_bitwise_6(adam_cm, blobs, tmp_path):
+    from chainrule.runtime import Network
     x, y = blobs
     straight = _net(adam_cm)
     straight.fit(x, y, epochs=6, batch_size=16, validation_split=0.2, progress=False)
     first = _net(adam_cm)
     first.fit(x, y, epochs=3, batch_size=16, validation_split=0.2, progress=False)
     path = first.save(tmp_path / "ckpt.npz")
+    rebuilt = Network.from_checkpoint(path, compiled=adam_cm)      # parameters only, any optimiser
+    assert all(np.array_equal(rebuilt.params[k], first.params[k]) for k in first.param_names)
     resumed = _net(adam_cm)
     resumed.load(path)
     assert resumed.epoch == 3 and resumed.optimizer.t == first.optimizer.t > 0

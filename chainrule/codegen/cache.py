@@ -59,6 +59,7 @@ def cache_key(model, dtype: str, extra: str = "") -> str:
         repr([(t.name, t.role, t.init, tuple(map(str, t.shape))) for t in model.tensors.values()]),
         repr([t.name for t in model.outputs]), model.cost.name, extra,
         repr(sorted((str(k), float(v)) for k, v in getattr(model, "constants", {}).items())),
+        repr([sp.srepr(e.body) for e in getattr(model, "constraints", [])]),
     ]
     for eq in model.equations:
         parts.append(eq.out.name + sp.srepr(sp.Tuple(*eq.indices)) + sp.srepr(eq.body))

@@ -125,6 +125,15 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
             grad_codes.append(g)
     rule = get_rule(optimizer)
     update, state_args, update_eqs = _lower_update(rule, params, [ident(p.name) for p in params], lw)
+    for eq in getattr(model, "constraints", []):
+        # a projection after the update: lowered like every equation, written into the parameter
+        proj = Lowerer(model, {eq.out.name: eq.out, eq.out.meta["param"]: model.tensors[eq.out.meta["param"]]})
+        proj.names[eq.out.meta["param"]] = ident(eq.out.meta["param"])
+        proj.names[eq.out.name] = ident(eq.out.meta["param"])
+        proj.preallocated.add(eq.out.name)
+        update.append("\n".join([f"# {eq.note} (declared projection, after the update)"]
+                                 + [ln for k in proj.lower([eq]) for ln in k.lines]))
+        update_eqs.append(eq.body)
     hyper = ["t", "clip", "seed"] + [h.name for h in rule.hyperparameters]
     noise_train, noise_eval = [], []
     for t in model.tensors.values():

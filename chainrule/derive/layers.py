@@ -31,6 +31,7 @@ class Builder:
         self.constants: dict = {}      # regularisation strengths: symbol -> value
         self.constant_latex: dict = {}
         self.penalties: list = []      # rank-0 cost terms (regularisers), added to the cost
+        self.constraints: list = []    # projections applied to parameters after each update
 
     def constant(self, base: str, value, latex: str) -> sp.Symbol:
         """A named positive constant of the model (e.g. a regularisation strength λ^(l))."""
@@ -103,12 +104,16 @@ class Dense(Layer):
     init: str = "glorot"
     l2: float = 0.0          # weight decay in the cost: + l2/2 Σ W²
     l1: float = 0.0          # + l1 Σ |W|
+    max_norm: float | None = None   # after each update, rows of W projected onto ‖W_o‖ ≤ max_norm
     name = "dense"
     has_params = True
 
     def __post_init__(self):
         for what in ("l2", "l1"):
             check_strength(f"dense({self.units}): {what}", getattr(self, what))
+        if self.max_norm is not None and (check_strength(f"dense({self.units}): max_norm",
+                                                         self.max_norm) == 0):
+            raise ValueError(f"dense({self.units}): max_norm must be > 0, got {self.max_norm!r}")
 
     def build(self, d, x):
         if x.rank != 2:
@@ -121,11 +126,13 @@ class Dense(Layer):
         z = d.tensor("z", (B, n_out), grad_latex=rf"\delta^{{({d.level})}}")
         b, o, i = index("b"), index("o"), index("i")
         weight_penalties(d, W, (o, i), self.l2, self.l1)
+        if self.max_norm is not None:
+            max_norm_constraint(d, W, self.max_norm)
         return d.define(z, (b, o), sp.Sum(W[o, i] * x[b, i], (i, 0, n_in - 1)) + c[o],
                         note="affine map (the perceptron's weighted sum)")
 
     def describe(self):
-        extra = "".join(f", {k}={getattr(self, k):g}" for k in ("l2", "l1") if getattr(self, k))
+        extra = "".join(f", {k}={getattr(self, k):g}" for k in ("l2", "l1", "max_norm") if getattr(self, k))
         return f"dense({self.units}{extra})"
 
 
@@ -227,6 +234,18 @@ class GaussianNoise(Layer):
 
     def describe(self):
         return f"noise({self.std:g})"
+
+
+def max_norm_constraint(d: Builder, W: Tensor, bound: float):
+    """The max-norm constraint as a declared projection (applied after each update, no gradient):
+    W_oi ← W_oi · c / max(c, ‖W_o‖), i.e. rows longer than c are scaled back to length c."""
+    c = d.constant("c", bound, rf"c^{{({d.level})}}")
+    o, i, j = index("o"), index("i"), index("j")
+    out = Tensor(f"{W.name}__maxnorm", W.shape, role="hidden", latex=W.latex, layer=d.layer,
+                 meta={"param": W.name})
+    norm = sp.sqrt(sp.Sum(W[o, j] ** 2, (j, 0, W.shape[1] - 1)))
+    d.constraints.append(Equation(out, (o, i), W[o, i] * c / sp.Max(c, norm), layer=d.layer,
+                                  note=f"Max-norm constraint on the rows of {W.name}"))
 
 
 class ActivityRegularization(Layer):
@@ -407,5 +426,6 @@ def sequential(n_inputs: int, layers, loss: Loss | str, name="model") -> Model:
     model = Model(d.equations, d.tensors, cost, loss=per_example, outputs=outputs,
                   size_values=d.size_values, name=name, layers=d.layer_log)
     model.constants = dict(d.constants)
+    model.constraints = list(d.constraints)
     model.constant_latex = dict(d.constant_latex)
     return model

@@ -149,7 +149,7 @@ def vanishing(out_dir="chainrule-experiments", depth=10, width=16, epochs=30, se
     eq = grads.composed["z1"].equation
     tensors = {**small.tensors, **{a.name: a for a in grads.adjoints.values()}}
     a1 = small.tensors["a1"]
-    factor = next(f for f in sp.Mul.make_args(eq.body) if f.has(a1.base) and not f.has(sp.Sum))
+    factor = sp.Mul(*[f for f in sp.Mul.make_args(eq.body) if f.has(a1.base) and not f.has(sp.Sum)])
     u = sp.Symbol("a")
     bare = factor.xreplace({r: u for r in factor.atoms(sp.Indexed)})
     crit = sp.solve(sp.diff(bare, u), u)

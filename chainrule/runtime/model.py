@@ -320,7 +320,8 @@ class Network:
             raise CheckpointError(f"{os.fspath(path)} was saved from a hand-built model "
                                   f"{meta['model']!r}: build it and call Network(model).load(path)")
         net = cls(model, dtype=meta["dtype"], compiled=compiled, **kw)
-        net.set_params(data, source=os.fspath(path))
+        net.set_params({k: v for k, v in data.items() if not k.startswith("__opt__/")},
+                       source=os.fspath(path))
         return net
 
     # -- data checks -----------------------------------------------------------------------------
