@@ -67,6 +67,11 @@ def test_checkpoint_of_another_optimizer_is_refused(adam_cm, blobs, tmp_path, co
     with pytest.raises(CheckpointError, match=r"Adam\(lr=0.01, beta1=0.8.* uses Adam\(lr=0.01, beta1=0.9"):
         Network(adam_cm.model, compiled=adam_cm, optimizer=Adam(0.01)).load(path)
     other.load_params(path)                # the parameters alone are fine
+    relaxed = Network(adam_cm.model, compiled=adam_cm, optimizer=Adam(0.02, beta1=0.8))
+    relaxed.load(path)                     # a new learning rate is fine: the state still means the same
+    assert relaxed.optimizer.t == net.optimizer.t and relaxed.optimizer.lr == 0.02
+    sgd_path = other.save(tmp_path / "sgd.npz")
+    _net(adam_cm).load(sgd_path)           # SGD has no state: nothing is lost by switching
     wider = compiled_with("4 -> dense(5) -> tanh -> dense(3) -> softmax_cross_entropy", "adam")
     with pytest.raises(CheckpointError, match=r"W1: .* has \(8, 4\), the network needs \(5, 4\)"):
         Network(wider.model, compiled=wider, optimizer=Adam(0.01, beta1=0.8)).load(path)

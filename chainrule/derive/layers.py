@@ -238,13 +238,15 @@ class GaussianNoise(Layer):
 
 def max_norm_constraint(d: Builder, W: Tensor, bound: float):
     """The max-norm constraint as a declared projection (applied after each update, no gradient):
-    W_oi ← W_oi · c / max(c, ‖W_o‖), i.e. rows longer than c are scaled back to length c."""
+    W_oi ← W_oi if ‖W_o‖ ≤ c, else c W_oi / ‖W_o‖: rows longer than c are scaled back to length c,
+    the others are left exactly as they are."""
     c = d.constant("c", bound, rf"c^{{({d.level})}}")
     o, i, j = index("o"), index("i"), index("j")
     out = Tensor(f"{W.name}__maxnorm", W.shape, role="hidden", latex=W.latex, layer=d.layer,
                  meta={"param": W.name})
     norm = sp.sqrt(sp.Sum(W[o, j] ** 2, (j, 0, W.shape[1] - 1)))
-    d.constraints.append(Equation(out, (o, i), W[o, i] * c / sp.Max(c, norm), layer=d.layer,
+    body = sp.Piecewise((W[o, i], norm <= c), (c * W[o, i] / norm, True))
+    d.constraints.append(Equation(out, (o, i), body, layer=d.layer,
                                   note=f"Max-norm constraint on the rows of {W.name}"))
 
 

@@ -270,14 +270,23 @@ class Network:
         saved_opt = meta.get("optimizer") if meta else None
         if saved_opt is not None:
             mine = self.optimizer.config()
-            if saved_opt["config"] != mine:
+            theirs = saved_opt["config"]
+            same_kind = theirs.get("name") == mine.get("name")
+            # the learning rate and clipping may change between runs (schedules do it every epoch);
+            # the other hyperparameters define what the saved state means
+            fixed = lambda cfg: {k: v for k, v in cfg.items() if k not in ("lr", "clipnorm")}  # noqa: E731
+            if (not same_kind and opt_arrays) or (same_kind and fixed(theirs) != fixed(mine)):
                 raise CheckpointError(
-                    f"{src} was saved with optimizer {saved_opt['class']}({_fmt_config(saved_opt['config'])}) "
+                    f"{src} was saved with optimizer {saved_opt['class']}({_fmt_config(theirs)}) "
                     f"but the network uses {type(self.optimizer).__name__}({_fmt_config(mine)}): pass the "
                     f"same optimizer to Network(..., optimizer=...) to resume, or load the parameters "
                     f"only with load_params()")
+            if not same_kind:
+                saved_opt = dict(saved_opt, t=0)          # nothing of its state to carry over
+            from chainrule.derive.optimizers import get_rule
+            rule = getattr(self.optimizer, "rule", None)
             expected = {f"{p}/{s}" for p in self.param_names
-                        for s in getattr(self.compiled, "state_names", [])}
+                        for s in (get_rule(rule).state if rule else [])}
             have = {k[len("__opt__/"):] for k in opt_arrays}
             if have and have != expected:
                 raise CheckpointError(f"{src}: optimizer state {sorted(have)} does not fit this "
