@@ -31,6 +31,12 @@ def test_gradients_match_finite_differences(compiled_model, name):
     assert [n for n, _ in errors] == cm.param_names
     for pname, err in errors:
         assert err < 1e-6, (name, pname, err)
+    # the separate forward and predict kernels agree with the forward pass that loss_and_grads differentiates
+    x, y = sample_batch(cm, batch=7, seed=5)
+    params = cm.init_params(3)
+    cost, out = cm.forward(params, x, y)
+    assert cost == pytest.approx(cm.loss_and_grads(params, x, y)[0], rel=1e-13)
+    np.testing.assert_allclose(cm.predict(params, x), out, rtol=1e-13)
 
 
 def test_check_gradients_api_default(kernel_cache_dir):

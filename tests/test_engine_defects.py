@@ -94,3 +94,12 @@ def test_sigmoid_bce_trains_at_a_large_learning_rate_without_error(compiled_mode
 def test_the_step_function_prints_as_an_iverson_bracket():
     md = explain_model(build_model("mlp-relu")).to_markdown()
     assert r"\left[{z^{(1)}_{bo}} > 0\right]" in md and r"\mathbb{1}" not in md
+
+
+def test_every_corpus_model_verifies_symbolically_at_several_sizes():
+    """The whole corpus: each derived parameter gradient against the independent reference."""
+    for name, model in corpus().items():
+        checks = verify_model(model)
+        assert checks and all(checks), f"{name}: {[str(c) for c in checks if not c]}"
+        assert all(c.checked > 0 for c in checks)
+        assert len({tuple(sorted(s.items())) for s in checks[0].sizes}) >= 2
