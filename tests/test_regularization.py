@@ -165,3 +165,26 @@ def test_max_norm_is_a_declared_projection_after_the_update(kernel_cache_dir):
 
 def _model_5():
     return sequential(3, [Dense(5), TANH, Dense(2)], "mse")
+
+
+def test_layer_norm_verifies_and_trains(kernel_cache_dir):
+    from chainrule.codegen import compile_model
+    from chainrule.codegen.verify import check_gradients
+    from chainrule.derive.layers import LayerNorm
+    from chainrule.derive.verify import verify_model
+    from chainrule.runtime import Network
+    from chainrule.runtime.optim import Adam
+    model = sequential(3, [Dense(5), LayerNorm(), TANH, Dense(2)], "mse")
+    assert all(c.equal and c.checked > 0 for c in verify_model(model))
+    cm = compile_model(model, cache_dir=kernel_cache_dir, optimizer="adam")
+    assert all(err < 1e-6 for _, err in check_gradients(model, compiled=cm))
+    p = cm.init_params(seed=0)
+    assert (p["gamma2"] == 1).all() and (p["beta2"] == 0).all()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 3))
+    y = np.stack([np.sin(x[:, 0]), x[:, 1] * x[:, 2]], axis=1)
+    net = Network(model, compiled=cm, optimizer=Adam(0.01))
+    h = net.fit(x, y, epochs=20, batch_size=16, progress=False)
+    assert h["loss"][-1] < 0.5 * h["loss"][0]
+    out = net.predict(x[:4])           # per example: the same in evaluation, batch of one included
+    np.testing.assert_allclose(np.vstack([net.predict(x[k:k + 1]) for k in range(4)]), out, rtol=1e-12)

@@ -77,6 +77,8 @@ class CompiledModel:
             fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else (shape[0] if shape else 1)
             if init == "zeros":
                 a = np.zeros(shape)
+            elif init == "ones":             # a normalisation layer's scale γ
+                a = np.ones(shape)
             elif init == "glorot":
                 limit = math.sqrt(6.0 / (fan_in + fan_out))
                 a = rng.uniform(-limit, limit, size=shape)
@@ -84,7 +86,7 @@ class CompiledModel:
                 a = rng.normal(0.0, math.sqrt(2.0 / fan_in), size=shape)
             else:
                 raise UnsupportedError(f"parameter {name}: unknown initialiser {init!r} "
-                                       "(known: glorot, he, zeros)")
+                                       "(known: glorot, he, zeros, ones)")
             out[name] = _c_array(a, self.dtype)
         return out
 

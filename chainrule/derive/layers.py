@@ -192,6 +192,39 @@ class Residual(Layer):
         return f"residual({self.activation})"
 
 
+class LayerNorm(Layer):
+    """Layer normalisation (Ba, Kiros & Hinton 2016): per example, the mean and variance over the
+    features, then a learnable scale γ and shift β. The same in training and evaluation."""
+
+    has_params = True
+    name = "layer_norm"
+
+    def __init__(self, eps: float = 1e-5):
+        if check_strength("layer_norm: eps", eps) == 0:
+            raise ValueError(f"layer_norm: eps must be > 0, got {eps!r}")
+        self.eps = float(eps)
+
+    def build(self, d, x):
+        if x.rank != 2:
+            raise ShapeError(f"layer {d.layer} (layer_norm) expects a (batch, features) input, "
+                             f"got {x.name} {shape_str(x.shape)}")
+        n = x.shape[1]
+        g, s = d.param("gamma", (n,), init="ones"), d.param("beta", (n,), init="zeros")
+        g.latex, s.latex = rf"\gamma^{{({d.level})}}", rf"\beta^{{({d.level})}}"
+        eps = d.constant("epsilon", self.eps, r"\epsilon")
+        mu, var = d.tensor("mu", (B,), latex=rf"\mu^{{({d.level})}}"), d.tensor("v", (B,), latex=rf"\sigma^{{2({d.level})}}")
+        y = d.tensor("y", x.shape)
+        b, i = index("b"), index("i")
+        d.define(mu, (b,), sp.Sum(x[b, i], (i, 0, n - 1)) / n, note="mean over the features")
+        d.define(var, (b,), sp.Sum((x[b, i] - mu[b]) ** 2, (i, 0, n - 1)) / n,
+                 note="variance over the features")
+        return d.define(y, (b, i), g[i] * (x[b, i] - mu[b]) / sp.sqrt(var[b] + eps) + s[i],
+                        note="normalise, then scale and shift")
+
+    def describe(self):
+        return "layer_norm"
+
+
 class Dropout(Layer):
     """Inverted dropout: a = x ⊙ m / (1 - p), m a Bernoulli(1 - p) mask drawn at every training step
     (from a seeded generator); in evaluation m is its mean 1 - p, so the layer is the identity."""
