@@ -147,6 +147,10 @@ def cmd_docs(args) -> int:
     out = Path(args.out)
     for name in BUILTIN_MODELS:
         _write(explain_model(build_model(name)).to_markdown(), str(out / f"{name}.md"))
+    from .derive.optimizers import RULES, explain_decoupled_decay, explain_optimizer
+    for name in RULES:
+        _write(explain_optimizer(name).to_markdown(), str(out / "optimizers" / f"{name}.md"))
+    _write(explain_decoupled_decay().to_markdown(), str(out / "optimizers" / "adamw-vs-l2.md"))
     return 0
 
 
@@ -261,7 +265,7 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output")
     p.set_defaults(fn=cmd_optimizer)
 
-    p = sub.add_parser("docs", help="regenerate the derivation pages of every built-in model")
+    p = sub.add_parser("docs", help="regenerate the derivation pages of every built-in model and optimiser")
     p.add_argument("--out", default="docs/derivations")
     p.set_defaults(fn=cmd_docs)
 

@@ -165,3 +165,35 @@ def test_unfused_path_is_the_same_declaration(name, compiled_with):
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-12, atol=1e-15)
         assert not np.array_equal(a[k], sgd_cm.init_params(seed=1)[k])
+
+
+@pytest.mark.latex
+def test_optimizer_and_regulariser_explanations_render(tmp_path):
+    """KaTeX renders every equation of the optimiser explanations and of a model with every
+    regulariser; pdflatex compiles Adam's explanation and AdamW vs L2."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from latex_tools import extract_math, format_katex_errors, katex_errors, need_katex
+    from test_explain_latex import _pdflatex
+    from chainrule.derive import ACTIVATIONS, Activation, Dense, explain_model, sequential
+    from chainrule.derive.layers import ActivityRegularization, Dropout, GaussianNoise, LayerNorm
+    from chainrule.derive.optimizers import RULES, explain_decoupled_decay, explain_optimizer
+    need_katex()
+    docs = [explain_optimizer(n) for n in RULES] + [explain_decoupled_decay()]
+    relu = Activation("relu", ACTIVATIONS["relu"])
+    docs.append(explain_model(sequential(3, [GaussianNoise(0.1), Dense(4, l2=0.01, l1=0.001, max_norm=2.0),
+                                             LayerNorm(), relu, ActivityRegularization(l2=0.1),
+                                             Dropout(0.5), Dense(2)], "mse")))
+    items = []
+    for doc in docs:
+        items += extract_math(doc.to_markdown()) + [(eq, True) for eq in doc.equations()]
+    errors = katex_errors(items)
+    assert not errors, format_katex_errors(errors)
+    for k, doc in enumerate([docs[list(RULES).index("adam")], docs[len(RULES)]]):
+        target = tmp_path / f"opt{k}.tex"
+        target.write_text(doc.to_latex())
+        code, log = _pdflatex(target)
+        problems = [ln for ln in log.splitlines()
+                    if ln.startswith("!") or "Missing character" in ln or "Warning" in ln]
+        assert code == 0 and not problems, problems[:5]
