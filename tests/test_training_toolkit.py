@@ -164,3 +164,21 @@ def test_cli_experiments(tmp_path, capsys):
     assert main(["experiment", "vanishing", "--out", str(tmp_path), "--epochs", "3"]) == 0
     report = (tmp_path / "vanishing.md").read_text()
     assert "equals $\\frac{1}{4}$" in report and (tmp_path / "vanishing.png").stat().st_size > 1000
+
+
+def test_early_stopping_restores_the_best_epoch_and_says_which(adam_cm, blobs):
+    from chainrule.runtime import EarlyStopping, ModelCheckpoint  # noqa: F401
+    x, y = blobs
+    net = _net(adam_cm)
+    snapshots = {}
+
+    class Snap(EarlyStopping.__mro__[1]):           # a plain Callback recording each epoch's params
+        def on_epoch_end(self, epoch, logs):
+            snapshots[epoch] = self.network.get_params()
+    es = EarlyStopping("val_loss", patience=2)
+    h = net.fit(x, y, epochs=40, batch_size=8, validation_split=0.3, progress=False,
+                callbacks=[Snap(), es])
+    assert h.best_epoch == es.best_epoch == int(np.argmin(h["val_loss"])) + h.epochs[0]
+    assert h.restored_epoch == h.best_epoch and h.best_epoch < h.epochs[-1]    # it did go back
+    for k in net.param_names:
+        np.testing.assert_array_equal(net.params[k], snapshots[h.best_epoch][k])

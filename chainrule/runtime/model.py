@@ -56,6 +56,8 @@ class History:
         self.epochs: list[int] = []
         self.stopped_early = False
         self.params: dict = {}
+        self.best_epoch = None         # set by EarlyStopping (0-based)
+        self.restored_epoch = None     # the epoch whose parameters EarlyStopping put back
 
     def append(self, epoch, logs):
         self.epochs.append(epoch)
