@@ -2,11 +2,64 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, probe_writable
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("chainrule")
+    except Exception:                     # pragma: no cover - not installed (a source checkout)
+        return "unknown (not installed)"
+
+
+class UsageError(Exception):
+    """A file or directory the command cannot use: reported as one line, before any work."""
+
+
+def _writable_dir(path: Path, option: str):
+    """Create ``path`` if needed and check that a file can be created in it."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot create the directory: {e.strerror or e}") from None
+    why = probe_writable(path)
+    if why is not None:
+        raise UsageError(f"{option} {path}: cannot write there: {why}")
+
+
+def _writable_file(path: str, option: str):
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{option} {path} is a directory: give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{option} {path}: {parent} is not a directory")
+    try:
+        _writable_dir(parent, option)
+    except UsageError as e:
+        raise UsageError(str(e).replace(f"{option} {parent}", f"{option} {path}: directory {parent}", 1)) from None
+
+
+def _preflight(args):
+    """Check every file and directory the command will write, before it does any work."""
+    cmd = args.command
+    if cmd in ("derive", "codegen") and args.output:
+        _writable_file(args.output, "-o")
+    elif cmd == "demo":
+        _writable_dir(Path(args.out), "--out")
+    elif cmd == "docs":
+        _writable_dir(Path(args.out), "--out")
+    if cmd == "demo" or (cmd == "verify" and not args.claim and not args.symbolic_only):
+        from .codegen.cache import prepare_cache_dir
+        prepare_cache_dir()                # refuses a CHAINRULE_CACHE_DIR that is a file or unsafe
 
 MODEL_HELP = textwrap.dedent("""\
     how to name a model:
@@ -201,6 +254,7 @@ def cmd_train(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="chainrule", description="Derive backpropagation symbolically, "
                                      "explain it, generate Numba kernels and train with them.")
+    parser.add_argument("--version", action="version", version=f"chainrule {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -272,10 +326,22 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from .derive.errors import ChainruleError
     try:
+        _preflight(args)
+    except UsageError as err:
+        print(f"chainrule {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ChainruleError as err:
+        print(f"chainrule {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    try:
         return args.fn(args)
     except ChainruleError as err:
         print(f"chainrule {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
+    except OSError as err:                 # a file-system failure during the work (disk full, ...)
+        where = f" {err.filename}" if err.filename else ""
+        print(f"chainrule {args.command}: error:{where}: {err.strerror or err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -50,3 +50,13 @@ def compiled_declared(kernel_cache_dir):
             memo[key, dtype] = compile_model(build(), dtype=dtype, cache_dir=kernel_cache_dir)
         return memo[key, dtype]
     return get
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say loudly which LaTeX tests were skipped because node/KaTeX is missing, and how to run them."""
+    from latex_tools import katex_skip_summary
+    lines = katex_skip_summary(terminalreporter.stats.get("skipped", []))
+    if lines:
+        terminalreporter.write_sep("=", "LaTeX checks not run", yellow=True, bold=True)
+        for line in lines:
+            terminalreporter.write_line(line, yellow=True, bold=True)

@@ -113,12 +113,15 @@ class Temperature(Layer):
 
 
 class Bilinear(Layer):
-    """y_bk = Σ_ij x_bi W_ijk x_bj."""
+    """y_bk = Σ_ij x_bi W_ijk x_bj: a user's layer that reads its input twice, declared and nothing else."""
     has_params = True
+
+    def __init__(self, units=2):
+        self.units = units
 
     def build(self, d, x):
         n = x.shape[1]
-        m = d.size("n", 2)
+        m = d.size("n", self.units)
         W = d.param("W", (n, n, m))
         y = d.tensor("z", (B, m))
         return d.define(y, (b, k), sp.Sum(sp.Sum(x[b, i] * W[i, j, k] * x[b, j], (i, 0, n - 1)), (j, 0, n - 1)))

@@ -309,3 +309,28 @@ def _prose_math(text: str) -> list[tuple[str, bool]]:
                 continue
         i += 1
     return found
+
+
+# --------------------------------------------------------------------------- test summary
+
+ENABLE_COMMAND = "(cd tests/latex_check && npm ci)"
+
+
+def katex_skip_summary(skipped_reports) -> list[str]:
+    """Lines for the end of a test run when LaTeX tests were skipped for want of KaTeX ([] if none).
+
+    ``skipped_reports`` are pytest's skipped test reports (``terminalreporter.stats["skipped"]``).
+    """
+    reasons = []
+    for rep in skipped_reports:
+        longrepr = getattr(rep, "longrepr", None)
+        text = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        if "KaTeX checker unavailable" in text:
+            reasons.append(text.split("KaTeX checker unavailable:", 1)[1].strip())
+    if not reasons:
+        return []
+    return [
+        f"{len(reasons)} LaTeX test{'s' if len(reasons) > 1 else ''} SKIPPED: the KaTeX checker is "
+        f"unavailable ({reasons[0]}).",
+        f"Enable them with: {ENABLE_COMMAND}   (CI sets {REQUIRE_ENV}=1, so they cannot skip there)",
+    ]

@@ -9,6 +9,7 @@ from chainrule.derive.layers import B, Layer
 from chainrule.derive.matrix import matrix_form
 from chainrule.derive.tensor import Equation, Tensor, size
 from chainrule.derive.verify import check_claim, verify_model
+from corpus import Bilinear
 
 b, o, i, k = (index(n) for n in "b o i k".split())
 
@@ -162,23 +163,6 @@ def test_model_explanation_contains_every_part(demo):
 
 
 # -- a user's own declarations ---------------------------------------------------------------------------------
-class Bilinear(Layer):
-    """y_bk = Σ_ij x_bi W_ijk x_bj: a user's layer, declared and nothing else."""
-
-    has_params = True
-
-    def __init__(self, units):
-        self.units = units
-
-    def build(self, d, x):
-        n = x.shape[1]
-        m = d.size("n", self.units)
-        W = d.param("W", (n, n, m))
-        y = d.tensor("z", (B, m))
-        j = index("j")
-        return d.define(y, (b, k), sp.Sum(sp.Sum(x[b, i] * W[i, j, k] * x[b, j], (i, 0, n - 1)), (j, 0, n - 1)))
-
-
 def test_user_declared_swish_activation_is_derived_and_verified():
     model = sequential(2, [Dense(2), Activation("swish", lambda u: u * sigmoid(u))], "mse")
     g = derive(model)

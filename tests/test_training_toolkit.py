@@ -123,10 +123,10 @@ def test_schedule_diagnostics_and_plots(adam_cm, blobs, tmp_path):
 
 
 @pytest.mark.parametrize("kw, msg", [
-    ({"epochs": 2.5}, r"epochs must be an integer >= 0, got 2.5"),
-    ({"batch_size": "8"}, r"batch_size must be an integer >= 1, got '8'"),
-    ({"lr": -0.5}, r"lr must be >= 0, got -0.5"),
-    ({"lr": float("nan")}, r"lr must be finite, got nan"),
+    ({"epochs": 2.5}, r"epochs must be a whole number >= 0, got 2.5"),
+    ({"batch_size": "8"}, r"batch_size must be a whole number >= 1, got '8'"),
+    ({"lr": -0.5}, r"lr must be a finite number > 0, got -0.5"),
+    ({"lr": float("nan")}, r"lr must be a finite number > 0, got nan"),
 ])
 def test_fit_argument_errors_name_the_argument(adam_cm, blobs, kw, msg):
     x, y = blobs

@@ -6,9 +6,10 @@
 """
 from __future__ import annotations
 
-from .cache import default_cache_dir
+from .cache import KernelCacheError, KernelCacheWarning, default_cache_dir
 from .compiled import CompiledModel, compile_model
 from .facts import FactError
 from .render import render_module
 
-__all__ = ["CompiledModel", "FactError", "compile_model", "render_module", "default_cache_dir"]
+__all__ = ["CompiledModel", "FactError", "KernelCacheError", "KernelCacheWarning", "compile_model",
+           "default_cache_dir", "render_module"]

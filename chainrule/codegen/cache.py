@@ -4,26 +4,85 @@
   (``~/.cache/chainrule/kernels``).
 * Key: sha256 of the model's equations (``srepr``), sizes, outputs, the dtype, the chainrule, Numba
   and NumPy versions and the code generator's own sources (so a change to a template invalidates).
-* Integrity: the first line of each file is ``# chainrule-kernel sha256=<hash of the rest>``; a file
-  whose content does not match (truncated, edited, half-written) is regenerated, never trusted.
-* Writes are atomic (temporary file in the same directory + ``os.replace``).
-* Modules are imported from their path with importlib (never ``exec`` of a string), so Numba's
-  ``cache=True`` keeps its compiled code in ``__pycache__`` next to the file, for the next process.
+* Header: the first line of each file is ``# chainrule-kernel key=<key> sha256=<hash of the rest>``.
+  The loader recomputes the key from the model it is asked for and accepts the file only when both
+  the key and the content hash match; anything else is regenerated, never trusted.
+* Writes are atomic (temporary file in the same directory + ``os.replace``), mode 0600, and a module
+  that does not compile is never written.
+* Modules are imported from their path with importlib (never ``exec`` of a string read from disk),
+  so Numba's ``cache=True`` keeps its compiled code in ``__pycache__`` inside the cache directory,
+  for the next process.
+
+Trust model: **the cache directory is code.** Whoever can write into it can run code as you the
+next time a model is compiled, exactly as with Python's own ``__pycache__`` or ``site-packages``.
+chainrule therefore keeps the directory private and checks it, as ssh does for its keys:
+
+* it is created with mode 0700; an existing directory that is not owned by you, or that is
+  writable by group or others, is refused with :class:`KernelCacheError` (fix it with
+  ``chmod go-w DIR`` or point ``CHAINRULE_CACHE_DIR`` elsewhere); a path that is not a directory
+  is refused too. When ``NUMBA_CACHE_DIR`` is set, Numba keeps its index and compiled code there
+  instead of in ``__pycache__``: that directory must pass the same check.
+
+What the header protects against: accidental damage (a truncated, half-written or bit-flipped
+module) and a module belonging to another key (another model's module copied or renamed over an
+entry, an entry left by another version): such a file is regenerated. A module whose header was
+recomputed after an edit is *not* detected, and neither is a replaced file in ``__pycache__``
+(Numba's index is a pickle and its data files hold machine code; Numba checks only the source
+file's timestamp and size): detecting that would need a secret, and a key stored beside the cache
+protects nothing. Against other users the protection is the directory's permissions, enforced
+above; against code already running as you there is none (it could edit chainrule itself).
+The parent directories are not checked: a parent writable by others (without the sticky bit) lets
+them move the directory away and put their own in its place; the ownership check then refuses it.
+
+A cache directory that cannot be written (read-only file system, a full disk, no permission) does
+not stop anything: the module is compiled in memory, without Numba's on-disk cache, and one
+:class:`KernelCacheWarning` says so.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
+import linecache
 import os
+import stat
 import sys
+import tempfile
+import types
+import warnings
 from pathlib import Path
 
 import sympy as sp
 
 from ..atomic import atomic_write_text
+from ..derive.errors import ChainruleError, UnsupportedError
 
-HEADER = "# chainrule-kernel sha256="
+HEADER = "# chainrule-kernel key="
 _CODEGEN_DIR = Path(__file__).resolve().parent
+# errors that mean "this directory cannot hold the cache right now": fall back to memory
+_UNWRITABLE = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, "EDQUOT", -1)}
+
+
+class KernelCacheError(ChainruleError, OSError):
+    """The kernel cache directory is not usable safely (not a directory, not yours, writable by
+    others): refused, since whatever is in it runs as you."""
+
+
+class KernelCacheWarning(RuntimeWarning):
+    """The kernel cache could not be written; kernels were compiled in memory instead."""
+
+
+_warned: set = set()
+
+
+def _warn_once(directory, why):
+    key = str(directory)
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(f"kernel cache {directory} is not writable ({why}): compiling the kernels in "
+                  f"memory (not cached: the next process compiles them again)",
+                  KernelCacheWarning, stacklevel=4)
 
 
 def default_cache_dir() -> Path:
@@ -34,30 +93,106 @@ def default_cache_dir() -> Path:
     return Path(base) / "chainrule" / "kernels"
 
 
+# -- the directory ----------------------------------------------------------------------------------
+def _check_owned_private(path: Path, what: str):
+    """Refuse a directory that is not ours or is writable by group/others (POSIX only)."""
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise KernelCacheError(f"{what} {path} is not a directory")
+    if os.name != "posix":
+        return
+    if st.st_uid != os.geteuid():
+        raise KernelCacheError(
+            f"{what} {path} is owned by uid {st.st_uid}, not by you (uid {os.geteuid()}): its "
+            f"content would run as you; use a directory of your own (CHAINRULE_CACHE_DIR)")
+    if st.st_mode & 0o022:
+        who = {0o022: "group and others", 0o020: "group", 0o002: "others"}[st.st_mode & 0o022]
+        raise KernelCacheError(
+            f"{what} {path} is writable by {who} "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}): whoever can write there can run code as you; "
+            f"fix it with `chmod go-w {path}` or use another CHAINRULE_CACHE_DIR")
+
+
+def _probe(directory: Path) -> str | None:
+    """None when a file can be created in ``directory``, else why not."""
+    try:
+        tempfile.TemporaryFile(dir=directory).close()
+        return None
+    except OSError as e:
+        return e.strerror or str(e)
+
+
+def prepare_cache_dir(cache_dir=None) -> tuple[Path, str | None]:
+    """Create (0700) and check the cache directory; return (path, None) when it is writable, or
+    (path, reason) when kernels must be compiled in memory. Raises :class:`KernelCacheError` for
+    a directory that must not be used (see the module docstring)."""
+    path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    what = "kernel cache directory"
+    if not path.exists():
+        if path.is_symlink():
+            raise KernelCacheError(f"{what} {path} is a dangling symbolic link")
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except NotADirectoryError:
+            raise KernelCacheError(f"{what} {path}: a parent of it is not a directory") from None
+        except FileExistsError:
+            pass
+        except OSError as e:
+            if e.errno in _UNWRITABLE:
+                return path, f"cannot create it: {e.strerror}"
+            raise KernelCacheError(f"{what} {path} cannot be created: {e.strerror or e}") from e
+    _check_owned_private(path, what)
+    numba_dir = _numba_cache_dir()
+    if numba_dir is not None and numba_dir.exists():
+        _check_owned_private(numba_dir, "Numba's cache directory (NUMBA_CACHE_DIR)")
+    why = _probe(path)
+    if why is not None:
+        return path, why
+    pycache = path / "__pycache__"        # where Numba's cache=True writes (InTreeCacheLocator)
+    try:
+        os.makedirs(pycache, mode=0o700, exist_ok=True)
+    except OSError as e:
+        return path, f"cannot create {pycache}: {e.strerror}"
+    if numba_dir is None:
+        _check_owned_private(pycache, what)
+        why = _probe(pycache)
+        if why is not None:
+            return path, f"{pycache}: {why}"
+    return path, None
+
+
+def _numba_cache_dir() -> Path | None:
+    try:
+        from numba.core import config
+        value = config.CACHE_DIR
+    except Exception:                      # pragma: no cover - numba layout changed
+        value = os.environ.get("NUMBA_CACHE_DIR")
+    return Path(value).expanduser() if value else None
+
+
+# -- the key and the header ------------------------------------------------------------------------
 def _codegen_fingerprint() -> str:
+    """The code generator's own sources, and the primitives whose lowerings it copies into modules."""
     h = hashlib.sha256()
-    for p in sorted(_CODEGEN_DIR.rglob("*")):
+    sources = sorted(_CODEGEN_DIR.rglob("*")) + [_CODEGEN_DIR.parent / "derive" / "primitives.py"]
+    for p in sources:
         if p.suffix in (".py", ".j2") and "__pycache__" not in p.parts:
             h.update(p.name.encode())
             h.update(p.read_bytes())
     return h.hexdigest()
 
 
-def cache_key(model, dtype: str, extra: str = "") -> str:
-    import numba
-    import numpy
-    try:
-        from importlib.metadata import version
-        cr_version = version("chainrule")
-    except Exception:
-        cr_version = "dev"
+def model_fingerprint(model) -> str:
+    """sha256 of what defines a model's computation: sizes, tensors, outputs, cost, equations.
+
+    Two models with the same fingerprint compute the same function of the same parameters (it does
+    not depend on the model's name); the checkpoints record it to recognise their architecture."""
     h = hashlib.sha256()
     parts = [
-        "chainrule-kernel-v1", dtype, cr_version, numba.__version__, numpy.__version__,
-        _codegen_fingerprint(),
         repr(sorted((str(k), int(v)) for k, v in model.size_values.items())),
         repr([(t.name, t.role, t.init, tuple(map(str, t.shape))) for t in model.tensors.values()]),
-        repr([t.name for t in model.outputs]), model.cost.name, extra,
+        repr([t.name for t in model.outputs]), model.cost.name,
+        # named constants (regularisation strengths) and declared projections (max-norm)
         repr(sorted((str(k), float(v)) for k, v in getattr(model, "constants", {}).items())),
         repr([sp.srepr(e.body) for e in getattr(model, "constraints", [])]),
     ]
@@ -69,23 +204,68 @@ def cache_key(model, dtype: str, extra: str = "") -> str:
     return h.hexdigest()
 
 
-def with_header(source: str) -> str:
-    digest = hashlib.sha256(source.encode("utf-8")).hexdigest()
-    return f"{HEADER}{digest}\n{source}"
-
-
-def verify_file(path: Path) -> bool:
-    """True when the file exists and its content matches the hash in its first line."""
+def cache_key(model, dtype: str, extra: str = "") -> str:
+    """``extra``: what else shapes the module (the optimiser whose update train_step fuses)."""
+    import numba
+    import numpy
     try:
-        data = path.read_bytes()
+        from importlib.metadata import version
+        cr_version = version("chainrule")
+    except Exception:
+        cr_version = "dev"
+    h = hashlib.sha256()
+    for p in ["chainrule-kernel-v2", dtype, cr_version, numba.__version__, numpy.__version__,
+              _codegen_fingerprint(), model_fingerprint(model), extra]:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def with_header(source: str, key: str) -> str:
+    digest = hashlib.sha256(source.encode("utf-8")).hexdigest()
+    return f"{HEADER}{key} sha256={digest}\n{source}"
+
+
+def read_verified(path: Path, key: str) -> str | None:
+    """The module's source when ``path`` is a regular file whose header names ``key`` and whose
+    content matches the header's hash; None otherwise (missing, damaged, another key's module)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        data = Path(path).read_bytes()
     except OSError:
-        return False
+        return None
     first, sep, rest = data.partition(b"\n")
     if not sep or not first.startswith(HEADER.encode()):
-        return False
-    return hashlib.sha256(rest).hexdigest() == first[len(HEADER):].decode("ascii", "replace").strip()
+        return None
+    fields = first[len(HEADER):].decode("ascii", "replace").split()
+    if len(fields) != 2 or not fields[1].startswith("sha256="):
+        return None
+    if fields[0] != key or hashlib.sha256(rest).hexdigest() != fields[1][len("sha256="):]:
+        return None
+    try:
+        return rest.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
+def verify_file(path: Path, key: str) -> bool:
+    """True when the file exists, names ``key`` in its header and its content matches its hash."""
+    return read_verified(path, key) is not None
+
+
+def check_compiles(source: str, filename: str):
+    """Refuse (UnsupportedError) a generated module that is not valid Python, before it is cached."""
+    try:
+        compile(source, filename, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as e:
+        line = getattr(e, "lineno", None)
+        text = (getattr(e, "text", None) or "").strip()
+        raise UnsupportedError(f"codegen: the generated module does not compile ({e.msg if hasattr(e, 'msg') else e}"
+                               f"{f' at line {line}: {text}' if line else ''}); it was not cached") from e
+
+
+# -- importing ---------------------------------------------------------------------------------------
 def import_path(path: Path, module_name: str):
     """Import a generated module from its file (re-importing when the file changed)."""
     path = Path(path).resolve()
@@ -108,17 +288,75 @@ def import_path(path: Path, module_name: str):
     return mod
 
 
+def import_source(source: str, module_name: str, filename: str):
+    """A module from source generated in this process (the fallback when nothing can be written).
+
+    The source comes from the renderer, never from disk; it is registered with ``linecache`` so
+    that tracebacks still show the generated lines."""
+    code = compile(source, filename, "exec", dont_inherit=True)
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    mod = types.ModuleType(module_name)
+    mod.__file__ = filename
+    sys.modules[module_name] = mod
+    try:
+        exec(code, mod.__dict__)          # noqa: S102 - our own freshly rendered source
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    mod._chainrule_stamp = None
+    return mod
+
+
+def load_in_memory(key: str, render):
+    """(module, filename, source): ``render(cache=False)`` compiled without touching the disk."""
+    source = render(cache=False)
+    filename = f"<chainrule kernels {key[:32]} (in memory)>"
+    check_compiles(source, filename)
+    return import_source(source, f"chainrule_kernels_mem_{key[:32]}", filename), filename, source
+
+
+def fall_back_in_memory(err: OSError, key, render, directory):
+    """After ``err`` from a kernel's first call (Numba writing its cache), the in-memory module as
+    (module, label, source), with one warning; None when ``err`` is not a cache-write failure."""
+    if key is None or render is None or getattr(err, "errno", None) not in _UNWRITABLE:
+        return None
+    _warn_once(directory, f"Numba could not write its cache: {err.strerror or err}")
+    return load_in_memory(key, render)
+
+
 def load_or_generate(key: str, render, cache_dir=None):
-    """Return (module, path, source, hit): the cached module for ``key``, generated by ``render()``
-    when missing or damaged."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    """Return (module, path, source, hit): the cached module for ``key``, generated by
+    ``render(cache=True)`` when missing, damaged or another key's. When the directory cannot be
+    written, ``render(cache=False)`` is compiled in memory (``path`` is then a ``<...>`` label) and
+    one :class:`KernelCacheWarning` is issued."""
+    cache_dir, unwritable = prepare_cache_dir(cache_dir)
+    if unwritable is not None:
+        _warn_once(cache_dir, unwritable)
+        module, label, source = load_in_memory(key, render)
+        return module, label, source, False
     path = cache_dir / f"chainrule_{key[:32]}.py"
-    hit = verify_file(path)
+    source = read_verified(path, key)
+    hit = source is not None
     if not hit:
-        atomic_write_text(path, with_header(render()))
-        if not verify_file(path):
+        source = render(cache=True)
+        check_compiles(source, str(path))
+        try:
+            atomic_write_text(path, with_header(source, key), mode=0o600)
+        except OSError as e:
+            if e.errno not in _UNWRITABLE:
+                raise
+            _warn_once(cache_dir, e.strerror or str(e))
+            module, label, source = load_in_memory(key, render)
+            return module, label, source, False
+        if read_verified(path, key) != source:
             raise OSError(f"kernel cache: could not write a valid module at {path}")
-    text = path.read_text(encoding="utf-8")
-    source = text.partition("\n")[2]
-    module = import_path(path, f"chainrule_kernels_{key[:32]}")
+    try:
+        module = import_path(path, f"chainrule_kernels_{key[:32]}")
+    except BaseException:
+        if not hit:                      # never leave a module that does not import in the cache
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
     return module, path, source, hit

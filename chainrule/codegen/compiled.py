@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..derive.errors import ShapeError, UnsupportedError
-from .cache import cache_key, load_or_generate
+from .cache import cache_key, fall_back_in_memory, load_or_generate
 from .facts import declared_facts
 from .render import check_dtype, render_plan, plan_model
 
@@ -26,7 +26,7 @@ class CompiledModel:
     """
 
     def __init__(self, model, module, path: Path, source: str, dtype: str, cache_hit: bool,
-                 optimizer="sgd"):
+                 key: str | None = None, render=None, optimizer="sgd"):
         from ..derive.optimizers import get_rule
         self.model = model
         self.rule = get_rule(optimizer)
@@ -36,6 +36,7 @@ class CompiledModel:
         self.has_noise = any(t.role == "noise" for t in model.tensors.values())
         self.module = module
         self.module_path = Path(path)
+        self._key, self._render = key, render
         self.source = source
         self.dtype = dtype
         self.cache_hit = cache_hit
@@ -62,6 +63,11 @@ class CompiledModel:
             v = s.subs({k: v for k, v in model.size_values.items()})
             dims.append(None if v == B else int(v))
         return tuple(dims)
+
+    @property
+    def in_memory(self) -> bool:
+        """True when the kernels were compiled in memory (the cache directory was not writable)."""
+        return str(self.module_path).startswith("<")
 
     def __repr__(self):
         return f"CompiledModel({self.model.name}, {self.dtype}, {self.module_path})"
@@ -136,13 +142,29 @@ class CompiledModel:
         return x, y
 
     # -- kernels ------------------------------------------------------------------------------
+    def _call(self, fn: str, *args):
+        """Run a kernel. Numba writes its cache on a kernel's first call: if that write fails
+        (a full disk, a cache made read-only meanwhile), switch to a module compiled in memory
+        (one warning) instead of failing."""
+        try:
+            return getattr(self.module, fn)(*args)
+        except OSError as e:
+            if self.in_memory:
+                raise
+            new = fall_back_in_memory(e, self._key, self._render, self.module_path.parent)
+            if new is None:
+                raise
+            self.module, label, self.source = new
+            self.module_path, self.cache_hit = Path(label), False
+            return getattr(self.module, fn)(*args)
+
     def predict(self, params, x) -> np.ndarray:
-        return self.module.predict(*self._params(params), self._array(x, self._x, "input"))
+        return self._call("predict", *self._params(params), self._array(x, self._x, "input"))
 
     def forward(self, params, x, y, seed=-1):
         """(cost, first output). ``seed`` >= 0: training mode (dropout masks and noise drawn from
         that seed); < 0 (the default): evaluation mode (they take their mean)."""
-        cost, out = self.module.forward(*self._params(params), *self._xy(x, y), int(seed))
+        cost, out = self._call("forward", *self._params(params), *self._xy(x, y), int(seed))
         return float(cost), out
 
     def cost(self, params, x, y, seed=-1) -> float:
@@ -150,7 +172,8 @@ class CompiledModel:
 
     def loss_and_grads(self, params, x, y, seed=-1):
         """(cost, gradients); ``seed`` as in :meth:`forward` (the masks of a training step)."""
-        cost, grads = self.module.loss_and_grads(*self._params(params), *self._xy(x, y, facts=True), int(seed))
+        cost, grads = self._call("loss_and_grads", *self._params(params), *self._xy(x, y, facts=True),
+                                 int(seed))
         return float(cost), dict(zip(self.param_names, grads))
 
     def init_state(self) -> dict:
@@ -193,13 +216,17 @@ class CompiledModel:
                 states.append(a)
         if hp is None:
             hp = self.hyper_vector(lr, step, clip, seed, **hyper)
-        return float(self.module.train_step(*self._params(params, inplace=True), *states,
-                                            *self._xy(x, y, facts=True), hp))
+        return float(self._call("train_step", *self._params(params, inplace=True), *states,
+                                *self._xy(x, y, facts=True), hp))
 
 
 def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd") -> CompiledModel:
     """Generate (or load from the cache) the kernels of ``model`` in ``dtype``, with the update of
-    ``optimizer`` (a name or an ``UpdateRule``) fused into ``train_step``."""
+    ``optimizer`` (a name or an ``UpdateRule``) fused into ``train_step``.
+
+    ``cache_dir`` (default: ``$CHAINRULE_CACHE_DIR`` or ``~/.cache/chainrule/kernels``) must be a
+    private directory (see :mod:`chainrule.codegen.cache`); when it cannot be written the kernels
+    are compiled in memory with one :class:`~chainrule.codegen.cache.KernelCacheWarning`."""
     import sympy as sp
 
     from ..derive.optimizers import get_rule
@@ -207,6 +234,9 @@ def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd") -> Co
     rule = get_rule(optimizer)
     extra = rule.name + "".join(t + sp.srepr(b) for t, b in rule.assignments)
     key = cache_key(model, dtype, extra)
-    module, path, source, hit = load_or_generate(
-        key, lambda: render_plan(plan_model(model, dtype, optimizer=rule)), cache_dir)
-    return CompiledModel(model, module, path, source, dtype, hit, optimizer=rule)
+
+    def render(cache=True):
+        return render_plan(plan_model(model, dtype, optimizer=rule), cache=cache)
+    module, path, source, hit = load_or_generate(key, render, cache_dir)
+    return CompiledModel(model, module, path, source, dtype, hit, key=key, render=render,
+                         optimizer=rule)

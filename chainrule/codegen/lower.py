@@ -36,12 +36,19 @@ def sanitise(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z]", "_", name)[:24]
 
 
+def comment_text(text) -> str:
+    """``text`` made safe for one ``#`` comment line of generated code: every character that is not
+    printable (line breaks of any kind, NUL, other controls) becomes ``?``. Every user-chosen name
+    or text that enters a comment of the template goes through here, whenever it was set."""
+    return "".join(c if c.isprintable() else "?" for c in str(text))
+
+
 def pretty(eq) -> str:
     """One-line text of an equation, for the comment above the code implementing it."""
     idx = ",".join(str(i) for i in eq.indices)
     lhs = f"{eq.out.name}[{idx}]" if idx else eq.out.name
     text = f"{lhs} = {_pretty_body(to_conventions(eq.body))}"      # as lowered: step, not Heaviside
-    return " ".join(text.split())          # never a newline inside a comment
+    return comment_text(" ".join(text.split()))   # never a newline inside a comment
 
 
 def _pretty_body(body) -> str:
@@ -402,7 +409,7 @@ class Lowerer:
             lines.append(f"{self.ident(g['out'])} = np.empty({self.shape_code(self.tensors[g['out']])}, dtype=DT)")
         for g in group:
             for code, _, _ in g["pre"]:
-                lines.append(f"{code}  # contraction in {g['out']}")
+                lines.append(f"{code}  # contraction in {comment_text(g['out'])}")
         blocks = [_Block(set(loop_vars[:d])) for d in range(len(loop_vars) + 1)]
         stmts = []
         for g in group:

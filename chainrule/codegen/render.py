@@ -8,7 +8,7 @@ import jinja2
 import numpy as np
 
 from ..derive.errors import UnsupportedError
-from .lower import IND, Lowerer, primitives_used, sanitise
+from .lower import IND, Lowerer, comment_text, primitives_used, sanitise
 
 DTYPES = ("float64", "float32")
 
@@ -93,6 +93,9 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
     if not model.outputs:
         raise UnsupportedError("codegen: the model declares no output for predict")
     params = model.params
+    if not params:
+        raise UnsupportedError(f"codegen: model {comment_text(model.name)!r} has no parameters, so "
+                               "there is nothing to train: add a layer with parameters, e.g. dense(N)")
     tensors = dict(model.tensors)
     adjoints = {}
     for name, d in composed.items():
@@ -120,7 +123,7 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
             grad_codes.append(ident(adjoints[p.name]))
         else:                                 # does not reach the cost: its gradient is zero
             g = f"zero_{sanitise(p.name)}"
-            zero_lines.append(f"# d_{p.name} = 0 (does not reach the cost)\n"
+            zero_lines.append(f"# d_{comment_text(p.name)} = 0 (does not reach the cost)\n"
                               f"{g} = np.zeros({lw.shape_code(p)}, dtype=DT)")
             grad_codes.append(g)
     rule = get_rule(optimizer)
@@ -131,7 +134,7 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
         proj.names[eq.out.meta["param"]] = ident(eq.out.meta["param"])
         proj.names[eq.out.name] = ident(eq.out.meta["param"])
         proj.preallocated.add(eq.out.name)
-        update.append("\n".join([f"# {eq.note} (declared projection, after the update)"]
+        update.append("\n".join([f"# {comment_text(eq.note)} (declared projection, after the update)"]
                                  + [ln for k in proj.lower([eq]) for ln in k.lines]))
         update_eqs.append(eq.body)
     hyper = ["t", "clip", "seed"] + [h.name for h in rule.hyperparameters]
@@ -158,8 +161,8 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
     context = dict(
         model_label=sanitise(model.name), dtype=dtype, tiny=tiny, primitives=prims,
         params=[ident(p.name) for p in params], x=ident(x.name), y=ident(y.name),
-        arg_doc=", ".join(f"{ident(t.name)} = {t.name}" for t in [*params, x, y]),
-        output_doc=f"{ident(out.name)} = {out.name}",
+        arg_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}" for t in [*params, x, y]),
+        output_doc=f"{ident(out.name)} = {comment_text(out.name)}",
         forward=["\n".join(k.lines) for k in forward_k],
         predict=["\n".join(k.lines) for k in predict_k],
         backward=["\n".join(k.lines) for k in backward_k] + zero_lines,
@@ -221,7 +224,7 @@ def _lower_update(rule, params, param_codes, lw_main):
             eqs.append(type(eq)(tensors[eq.out.name], eq.indices, body, layer=eq.layer, note=eq.note))
         eqs_out += [e.body for e in eqs]
         kernels = lw.lower(eqs)
-        head = [f"# {rule.name} update of {p.name} (declared in chainrule.derive.optimizers, "
+        head = [f"# {rule.name} update of {comment_text(p.name)} (declared in chainrule.derive.optimizers, "
                 f"lowered like every equation; theta = {p.name}, flat)",
                 f"u_p{k} = {param_codes[k]}.reshape({numel})",
                 f"u_g{k} = np.ascontiguousarray(u_grads[{k}]).reshape({numel})"]
@@ -230,8 +233,10 @@ def _lower_update(rule, params, param_codes, lw_main):
     return blocks, state_args, eqs_out
 
 
-def render_plan(plan: Plan) -> str:
-    return _ENV.get_template("module.py.j2").render(**plan.context)
+def render_plan(plan: Plan, cache: bool = True) -> str:
+    """The module's source; ``cache=False`` renders ``@njit(cache=False)`` (for a module compiled
+    in memory, which Numba cannot cache)."""
+    return _ENV.get_template("module.py.j2").render(**plan.context, njit_cache=bool(cache))
 
 
 def render_module(model, dtype="float64", optimizer="sgd") -> str:

@@ -109,6 +109,7 @@ class Dense(Layer):
     has_params = True
 
     def __post_init__(self):
+        _check_width(self.units, "dense: units")
         for what in ("l2", "l1"):
             check_strength(f"dense({self.units}): {what}", getattr(self, what))
         if self.max_norm is not None and (check_strength(f"dense({self.units}): max_norm",
@@ -429,6 +430,12 @@ LOSSES = {
 }
 
 
+def _check_width(n, what):
+    import numbers
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise SpecError(f"{what} must be a positive integer, got {n!r}")
+
+
 # -- assembling a model --------------------------------------------------------------------------------
 def sequential(n_inputs: int, layers, loss: Loss | str, name="model") -> Model:
     """A layer list -> Model: input x (B × n_0), the layers, the per-example loss and the batch-mean cost."""
@@ -436,6 +443,7 @@ def sequential(n_inputs: int, layers, loss: Loss | str, name="model") -> Model:
         if loss not in LOSSES:
             raise SpecError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
         loss = LOSSES[loss]()
+    _check_width(n_inputs, "sequential: the number of inputs")
     d = Builder()
     n0 = d.size("n", n_inputs)
     x = d.tensor("x", (B, n0), role="input", latex="x")

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 import sympy as sp
+from sympy.concrete.expr_with_intlimits import ExprWithIntLimits
 
 from .errors import ShapeError, UnsupportedError
 
@@ -59,9 +60,7 @@ def provably_nonneg(e) -> bool:
 # binding: replacing a free ``o`` also rewrites an inner ``Σ_o``. So the engine keeps one invariant:
 # no summation index shadows a free index or an enclosing summation index. ``rename_bound``
 # restores it and ``substitute`` replaces free indices without capture.
-def _binders():
-    from sympy.concrete.expr_with_intlimits import ExprWithIntLimits
-    return (sp.Sum, ExprWithIntLimits)
+BINDERS = (sp.Sum, ExprWithIntLimits)       # Sum, and reductions such as LogSumExp
 
 
 def _symbols(expr) -> set:
@@ -80,7 +79,7 @@ def rename_bound(expr, avoid=frozenset()):
     name that is neither in scope nor free in its body), so that replacing free indices can never
     reach a bound one. Sibling sums may share a name; nested ones never do."""
     expr = sp.sympify(expr)
-    binders = _binders()
+    binders = BINDERS
     if not any(isinstance(e, binders) for e in sp.preorder_traversal(expr)):
         return expr
 

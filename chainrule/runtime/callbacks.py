@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import sys
 import time
 
@@ -116,6 +117,18 @@ class ModelCheckpoint(Callback):
         if self.save_best_only:
             _check_monitor(self.monitor, self.network, "ModelCheckpoint")
         self.best = math.inf if self.mode == "min" else -math.inf
+        # fail now, not after the first epoch: the path's fields and its directory
+        history = getattr(self.network, "history", None)
+        fields = list(history.history) if history is not None else []
+        try:
+            path = self.path.format(epoch=1, **{k: 0.0 for k in fields})
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise ChainruleError(f"ModelCheckpoint path {self.path!r} cannot be filled in ({e!r}); "
+                                 f"its fields can be: epoch, {', '.join(fields)}") from None
+        from ..atomic import probe_writable
+        why = probe_writable(os.path.dirname(os.path.abspath(path)))
+        if why is not None:
+            raise ChainruleError(f"ModelCheckpoint cannot save to {path}: {why}")
 
     def on_epoch_end(self, epoch, logs):
         if self.save_best_only:

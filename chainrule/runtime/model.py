@@ -15,20 +15,38 @@ import numpy as np
 
 from ..atomic import atomic_write
 from .callbacks import Callback, ProgressBar
+from .checkpoint import FORMAT, FORMAT_VERSION, STATE_PREFIX, inspect_checkpoint
 from .data import one_hot, train_test_split
-from .errors import CheckpointError, DataError, LabelError, ShapeError, TrainingDiverged
+from .errors import ChainruleError, CheckpointError, DataError, LabelError, ShapeError, TrainingDiverged
 from .optim import SGD, get_optimizer
 
 __all__ = ["History", "Network"]
 
-FORMAT = "chainrule-params"
-FORMAT_VERSION = 1
 BINARY_LOSSES = ("bce", "bce_logits")
 
 
 # -- small helpers -----------------------------------------------------------------------------
 def _fmt_config(cfg: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in cfg.items() if k != "name" and v is not None)
+
+
+def _whole(value, name: str, minimum: int, who="fit") -> int:
+    """An integer argument (an integral float such as 3.0 is fine; 2.9 is not truncated)."""
+    import numbers
+    ok = not isinstance(value, bool) and (
+        isinstance(value, numbers.Integral)
+        or (isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()))
+    if not ok or int(value) < minimum:
+        raise ValueError(f"{who}: {name} must be a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _learning_rate(value, who="fit") -> float:
+    import numbers
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value <= 0:
+        raise ValueError(f"{who}: lr must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _check_finite(arr: np.ndarray, what: str):
@@ -183,11 +201,14 @@ class Network:
 
     # -- parameters ----------------------------------------------------------------------------
     def _check_params(self, params, source):
+        self._check_shapes({k: tuple(np.shape(v)) for k, v in params.items()}, source)
+
+    def _check_shapes(self, shapes: dict, source):
         expected = self.param_shapes
-        missing = [k for k in expected if k not in params]
-        extra = [k for k in params if k not in expected]
-        wrong = [f"{k}: {source} has {tuple(np.shape(params[k]))}, the network needs {expected[k]}"
-                 for k in expected if k in params and tuple(np.shape(params[k])) != expected[k]]
+        missing = [k for k in expected if k not in shapes]
+        extra = [k for k in shapes if k not in expected]
+        wrong = [f"{k}: {source} has {tuple(shapes[k])}, the network needs {expected[k]}"
+                 for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
         problems = []
         if missing:
             problems.append(f"missing parameter{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
@@ -210,17 +231,25 @@ class Network:
             _check_finite(v, f"parameter {k} from {source}")
             np.copyto(self.params[k], v.astype(self.dtype, copy=False))
 
+    @property
+    def architecture(self) -> str:
+        """A fingerprint of the model's equations (see ``chainrule.codegen.cache.model_fingerprint``)."""
+        from chainrule.codegen.cache import model_fingerprint
+        return model_fingerprint(self.model)
+
     def save(self, path, training_state=True):
         """Write the parameters to ``path`` (.npz) atomically, with metadata to rebuild the network.
 
         With ``training_state`` (the default) the file also holds what an exact resume needs: the
         optimiser (its name, hyperparameters, step count and state arrays), the number of epochs
         completed and the state of the shuffling generator.
-        """
+
+        The file's mode follows the umask, like any file you write. The temporaries of an earlier
+        save of the same path that was killed midway are removed."""
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": self.model.name,
                 "spec": self.spec, "dtype": self.dtype.name, "param_names": self.param_names,
                 "param_shapes": {k: list(s) for k, s in self.param_shapes.items()},
-                "task": self.task, "loss": self.loss_name}
+                "task": self.task, "loss": self.loss_name, "architecture": self.architecture}
         arrays = {k: self.params[k] for k in self.param_names}
         if training_state:
             opt = self.optimizer
@@ -229,110 +258,135 @@ class Network:
                                  "state": sorted(f"{p}/{s}" for p in opt.state for s in opt.state[p])}
             meta["epoch"] = int(self.epoch)
             meta["rng"] = self._rng.bit_generator.state if self._rng is not None else None
+            meta["state_shapes"] = {}
             for p, states in opt.state.items():
                 for sname, a in states.items():
-                    arrays[f"__opt__/{p}/{sname}"] = a
+                    arrays[f"{STATE_PREFIX}{p}/{sname}"] = a
+                    meta["state_shapes"][f"{STATE_PREFIX}{p}/{sname}"] = list(a.shape)
         arrays["__meta__"] = np.array(json.dumps(meta))
         atomic_write(path, lambda f: np.savez(f, **arrays))
         return os.fspath(path)
 
-    @staticmethod
-    def _read(path):
-        path = os.fspath(path)
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                data = {k: f[k] for k in f.files}
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{path} is not a readable .npz parameter file: {e}") from e
-        meta = {}
-        if "__meta__" in data:
-            try:
-                meta = json.loads(str(data.pop("__meta__")))
-            except ValueError as e:
-                raise CheckpointError(f"{path}: unreadable metadata: {e}") from e
-            if meta.get("format") != FORMAT:
-                raise CheckpointError(f"{path} is not a chainrule parameter file")
-        return data, meta
+    def _check_architecture(self, ck, src):
+        """Refuse a file saved from another architecture with the same shapes (relu vs tanh, mse vs
+        cross-entropy): both layer-list specs are compared. The equations' fingerprints are compared
+        too (hand-built graphs, user layers that share a name), with a warning only: they may also
+        change with the SymPy version."""
+        meta = ck.meta
+        if not meta:
+            return
+        theirs, ours = meta.get("spec"), self.spec
+        if theirs and ours and theirs != ours:
+            raise CheckpointError(
+                f"{src} was saved from a different architecture: {theirs!r}, but this network "
+                f"is {ours!r} (the parameter shapes agree, the functions differ); build the "
+                f"network it was saved from (Network.from_checkpoint) or pass "
+                f"check_architecture=False to load the numbers anyway")
+        if meta.get("architecture") and meta["architecture"] != self.architecture:
+            import warnings
+            warnings.warn(f"{src} was saved from model {meta['model']!r} ({theirs or 'hand-built'}) "
+                          f"whose equations differ from this network's {self.model.name!r} "
+                          f"({ours or 'hand-built'}); loading the parameters anyway",
+                          RuntimeWarning, stacklevel=3)
 
-    def load(self, path):
-        """Load parameters saved by :meth:`save`; names and shapes must match this network.
+    def load(self, path, check_architecture=True):
+        """Load parameters saved by :meth:`save`; names and shapes must match this network, and
+        (unless ``check_architecture=False``) the file must come from the same architecture.
+        Everything is validated from the file's headers before any array is read.
 
         A file with training state also restores the optimiser's state and step count (the
-        network's optimiser must be the same kind, with the same hyperparameters), the epoch count
-        and the shuffling generator, so that ``fit(..., initial_epoch=net.epoch)`` continues exactly.
+        network's optimiser must be the same kind with the same hyperparameters; the learning rate
+        may differ), the epoch count and the shuffling generator, so that
+        ``fit(..., initial_epoch=net.epoch)`` continues exactly.
         """
-        data, meta = self._read(path)
+        ck = inspect_checkpoint(path)
         src = os.fspath(path)
-        if meta and meta.get("spec") and self.spec and meta["spec"] != self.spec:
-            # shapes are what matter; name the models to make a mismatch easy to understand
-            src = f"{src} (saved from {meta['spec']!r})"
-        opt_arrays = {k: data.pop(k) for k in list(data) if k.startswith("__opt__/")}
-        saved_opt = meta.get("optimizer") if meta else None
+        if ck.meta and ck.meta.get("spec") and self.spec and ck.meta["spec"] != self.spec:
+            src = f"{src} (saved from {ck.meta['spec']!r})"
+        self._check_shapes(ck.shapes, src)
+        if check_architecture:
+            self._check_architecture(ck, os.fspath(path))
+        saved_opt = ck.meta.get("optimizer") if ck.meta else None
         if saved_opt is not None:
             mine = self.optimizer.config()
-            theirs = saved_opt["config"]
+            theirs = saved_opt.get("config", {})
             same_kind = theirs.get("name") == mine.get("name")
             # the learning rate and clipping may change between runs (schedules do it every epoch);
             # the other hyperparameters define what the saved state means
             fixed = lambda cfg: {k: v for k, v in cfg.items() if k not in ("lr", "clipnorm")}  # noqa: E731
-            if (not same_kind and opt_arrays) or (same_kind and fixed(theirs) != fixed(mine)):
+            if (not same_kind and ck.state) or (same_kind and fixed(theirs) != fixed(mine)):
                 raise CheckpointError(
-                    f"{src} was saved with optimizer {saved_opt['class']}({_fmt_config(theirs)}) "
+                    f"{src} was saved with optimizer {saved_opt.get('class')}({_fmt_config(theirs)}) "
                     f"but the network uses {type(self.optimizer).__name__}({_fmt_config(mine)}): pass the "
                     f"same optimizer to Network(..., optimizer=...) to resume, or load the parameters "
                     f"only with load_params()")
-            if not same_kind:
-                saved_opt = dict(saved_opt, t=0)          # nothing of its state to carry over
             from chainrule.derive.optimizers import get_rule
             rule = getattr(self.optimizer, "rule", None)
-            expected = {f"{p}/{s}" for p in self.param_names
+            expected = {f"{STATE_PREFIX}{p}/{s}" for p in self.param_names
                         for s in (get_rule(rule).state if rule else [])}
-            have = {k[len("__opt__/"):] for k in opt_arrays}
-            if have and have != expected:
-                raise CheckpointError(f"{src}: optimizer state {sorted(have)} does not fit this "
+            if same_kind and ck.state and set(ck.state) != expected:
+                raise CheckpointError(f"{src}: optimizer state {sorted(ck.state)} does not fit this "
                                       f"network's {sorted(expected)}")
-        self.set_params(data, source=src)
+            for key, m in ck.state.items():
+                pname = key[len(STATE_PREFIX):].split("/", 1)[0]
+                if m.shape != self.param_shapes[pname]:
+                    raise CheckpointError(f"{src}: optimizer state {key} has shape {m.shape}, the "
+                                          f"parameter has {self.param_shapes[pname]}")
+        self.set_params(ck.read_arrays(), source=src)
         if saved_opt is not None:
             state = {}
-            for key, a in opt_arrays.items():
-                pname, sname = key[len("__opt__/"):].split("/", 1)
-                if tuple(a.shape) != self.param_shapes[pname]:
-                    raise CheckpointError(f"{src}: optimizer state {sname} of {pname} has shape "
-                                          f"{a.shape}, the parameter has {self.param_shapes[pname]}")
-                _check_finite(a, f"optimizer state {sname} of {pname} in {src}")
-                state.setdefault(pname, {})[sname] = np.ascontiguousarray(a, dtype=self.dtype)
+            if same_kind:
+                for key, a in ck.read_arrays(state=True).items():
+                    pname, sname = key[len(STATE_PREFIX):].split("/", 1)
+                    _check_finite(a, f"optimizer state {sname} of {pname} in {src}")
+                    state.setdefault(pname, {})[sname] = np.ascontiguousarray(a, dtype=self.dtype)
             self.optimizer.state = state
-            self.optimizer.t = int(saved_opt.get("t", 0))
-            self.epoch = int(meta.get("epoch", 0))
-            if meta.get("rng") is not None:
+            self.optimizer.t = int(saved_opt.get("t", 0)) if same_kind else 0
+            self.epoch = int(ck.meta.get("epoch", 0))
+            if ck.meta.get("rng") is not None:
                 self._rng = np.random.default_rng()
-                self._rng.bit_generator.state = meta["rng"]
+                self._rng.bit_generator.state = ck.meta["rng"]
         return self
 
-    def load_params(self, path):
+    def load_params(self, path, check_architecture=True):
         """Load only the parameters of a file saved by :meth:`save` (no optimiser state)."""
-        data, meta = self._read(path)
-        data = {k: v for k, v in data.items() if not k.startswith("__opt__/")}
-        self.set_params(data, source=os.fspath(path))
+        ck = inspect_checkpoint(path)
+        self._check_shapes(ck.shapes, os.fspath(path))
+        if check_architecture:
+            self._check_architecture(ck, os.fspath(path))
+        self.set_params(ck.read_arrays(), source=os.fspath(path))
         return self
 
     @classmethod
     def from_checkpoint(cls, path, compiled=None, **kw):
-        """Rebuild the network a file was saved from (model name or spec, dtype) and load it."""
-        data, meta = cls._read(path)
+        """Rebuild the network a file was saved from (model name or spec, dtype) and load it.
+
+        The metadata's model is built (symbolically, cheap) and its parameter shapes checked against
+        the metadata and the archive before any kernel is compiled or any array allocated."""
+        ck = inspect_checkpoint(path)
+        src = os.fspath(path)
+        meta = ck.meta
         if not meta:
-            raise CheckpointError(f"{os.fspath(path)} has no chainrule metadata: build the Network "
+            raise CheckpointError(f"{src} has no chainrule metadata: build the Network "
                                   f"yourself and call .load()")
-        from chainrule.derive import BUILTIN_MODELS
-        model = meta["model"] if meta["model"] in BUILTIN_MODELS else meta.get("spec")
-        if model is None:
-            raise CheckpointError(f"{os.fspath(path)} was saved from a hand-built model "
+        from chainrule.derive import BUILTIN_MODELS, build_model
+        name = meta["model"] if meta["model"] in BUILTIN_MODELS else meta.get("spec")
+        if name is None:
+            raise CheckpointError(f"{src} was saved from a hand-built model "
                                   f"{meta['model']!r}: build it and call Network(model).load(path)")
+        try:
+            model = build_model(name)
+        except ChainruleError as e:
+            raise CheckpointError(f"{src}: the model in its metadata cannot be built: {e}") from e
+        shapes = {p.name: tuple(int(n) for n in model.concrete_shape(p)) for p in model.params}
+        if shapes != ck.shapes:
+            diff = [f"{k}: the model has {shapes.get(k)}, the file {ck.shapes.get(k)}"
+                    for k in sorted(set(shapes) | set(ck.shapes)) if shapes.get(k) != ck.shapes.get(k)]
+            raise CheckpointError(f"{src}: its metadata's model {name!r} does not match its arrays: "
+                                  + "; ".join(diff))
         net = cls(model, dtype=meta["dtype"], compiled=compiled, **kw)
-        net.set_params({k: v for k, v in data.items() if not k.startswith("__opt__/")},
-                       source=os.fspath(path))
+        net._check_architecture(ck, src)
+        net.set_params(ck.read_arrays(), source=src)
         return net
 
     # -- data checks -----------------------------------------------------------------------------
@@ -392,13 +446,17 @@ class Network:
             raise DataError(f"{what}: binary target {t} must lie in [0, 1]; {what}{list(i)} = {out[i].item()!r}")
         return out
 
-    def _prepare(self, x, y, what="x", ywhat="y"):
+    def _prepare(self, x, y, what="x", ywhat="y", who=None):
         xs = self._prepare_x(x, what)
+        if who and len(xs) == 0:
+            raise DataError(f"{who}: {what} is empty (0 examples, shape {xs.shape}): there is "
+                            f"nothing to {'evaluate' if who == 'evaluate' else 'train on'}")
         return xs, self._prepare_y(y, len(xs), ywhat)
 
     # -- inference -------------------------------------------------------------------------------
     def predict(self, x, batch_size=4096):
         """The model's output for ``x`` (class probabilities for classification losses)."""
+        batch_size = _whole(batch_size, "batch_size", 1, who="predict")
         xs = self._prepare_x(x)
         if len(xs) <= batch_size:
             return np.asarray(self.compiled.predict(self.params, xs))
@@ -442,7 +500,7 @@ class Network:
 
     def evaluate(self, x, y) -> dict:
         """``{"loss": mean cost, "accuracy": ...}`` (accuracy only for classification losses)."""
-        xs, ys = self._prepare(x, y)
+        xs, ys = self._prepare(x, y, who="evaluate")
         return self._metrics(xs, ys)
 
     def gradient_norms(self, x, y, prepared=False) -> dict:
@@ -470,6 +528,18 @@ class Network:
         ``divergence_factor`` × max(first cost, 1) (``None`` disables the second test); the
         parameters are then restored to those at the start of the failing epoch.
 
+        ``epochs`` (>= 0) and ``batch_size`` (>= 1) are whole numbers and ``lr`` a finite number
+        > 0: anything else is a ``ValueError`` naming the argument; empty data is a ``DataError``.
+
+        Reproducibility: the same data, seed, dtype, optimizer and *number of BLAS threads* give
+        bitwise identical parameters. The matrix products run in BLAS, whose summation order
+        depends on its thread count once the products are large enough to be split, so 1 and 2
+        threads can differ in the last bits: rounding-level differences that training may grow
+        (measured in float64: the demo at batch 32 is identical; a 64-512-10 tanh network at batch
+        512 differs by up to 6e-17 in absolute value after 5 epochs). For bitwise equal runs pin
+        the thread count, e.g. ``OPENBLAS_NUM_THREADS=1`` (or ``OMP_NUM_THREADS``) before NumPy
+        and Numba are imported.
+
         With ``diagnostics`` the history also records, per parameter and epoch, the gradient norm
         ``grad_norm/W1`` (on up to 256 training examples, at the epoch's end) and the update/weight
         ratio ``update_ratio/W1`` = ‖W_end - W_start‖ / ‖W_start‖ over the epoch.
@@ -479,19 +549,19 @@ class Network:
         :meth:`load` from a checkpoint written by :meth:`save` / ``ModelCheckpoint``), so that
         3 epochs + save + load + ``fit(epochs=6, initial_epoch=3)`` equals 6 epochs bit for bit.
         """
+        epochs = _whole(epochs, "epochs", 0)
+        batch_size = _whole(batch_size, "batch_size", 1)
+        if lr is not None:
+            lr = _learning_rate(lr)
         if optimizer is not None:
             self.optimizer = get_optimizer(optimizer)
         if lr is not None:
             self.optimizer.lr = lr
         self._ensure_compiled()
-        for name, value, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        epochs, batch_size = int(epochs), int(batch_size)
         seed = self.seed if seed is None else seed
         if validation_split is not None and validation_data is not None:
             raise ValueError("give validation_split or validation_data, not both")
-        xs, ys = self._prepare(x, y)
+        xs, ys = self._prepare(x, y, who="fit")
         if validation_split is not None:
             if not 0 < float(validation_split) < 1:
                 raise ValueError(f"validation_split must be in (0, 1), got {validation_split!r}")
@@ -509,7 +579,8 @@ class Network:
         elif validation_data is not None:
             if len(validation_data) != 2:
                 raise ValueError("validation_data must be a pair (x_val, y_val)")
-            validation = self._prepare(*validation_data, what="validation x", ywhat="validation y")
+            validation = self._prepare(*validation_data, what="validation x", ywhat="validation y",
+                                       who="fit (validation_data)")
         else:
             validation = None
         self.has_validation = validation is not None
