@@ -174,7 +174,8 @@ def _numba_cache_dir() -> Path | None:
 def _codegen_fingerprint() -> str:
     """The code generator's own sources, and the primitives whose lowerings it copies into modules."""
     h = hashlib.sha256()
-    sources = sorted(_CODEGEN_DIR.rglob("*")) + [_CODEGEN_DIR.parent / "derive" / "primitives.py"]
+    sources = sorted(_CODEGEN_DIR.rglob("*")) + [_CODEGEN_DIR.parent / "derive" / "primitives.py",
+                                                 _CODEGEN_DIR.parent / "derive" / "optimizers.py"]
     for p in sources:
         if p.suffix in (".py", ".j2") and "__pycache__" not in p.parts:
             h.update(p.name.encode())

@@ -232,7 +232,9 @@ def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd") -> Co
     from ..derive.optimizers import get_rule
     dtype = check_dtype(dtype)
     rule = get_rule(optimizer)
-    extra = rule.name + "".join(t + sp.srepr(b) for t, b in rule.assignments)
+    from ..derive.optimizers import RULES
+    # the default (SGD) keeps the plain key; any other rule's declaration is part of it
+    extra = "" if rule is RULES["sgd"] else rule.name + "".join(t + sp.srepr(b) for t, b in rule.assignments)
     key = cache_key(model, dtype, extra)
 
     def render(cache=True):

@@ -38,7 +38,7 @@ class Optimizer:
     rule = None                     # the declared update rule's name (fused optimisers)
 
     def __init__(self, lr: float):
-        self._lr = check_number("lr", lr, low=0, owner=type(self).__name__)
+        self.lr = lr
         self.state: dict = {}
         self.t = 0
 
@@ -48,7 +48,12 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value):
-        self._lr = check_number("lr", value, low=0, owner=type(self).__name__)
+        """A finite number >= 0 (a schedule may anneal to 0; a negative rate would climb)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{type(self).__name__}: the learning rate must be a finite number "
+                             f">= 0, got {value!r}")
+        self._lr = float(value)
 
     def reset(self):
         """Forget accumulated state (moments, velocities) and the step count."""
