@@ -134,7 +134,8 @@ def main(argv=None):
             fns["chainrule"] = lambda pc=pc, cm=cm, x=x, y=y: cm.train_step(pc, x, y, LR)
             raw = cm.module.train_step
             pr = [v.copy() for v in init.values()]
-            fns["chainrule (raw njit)"] = lambda pr=pr, raw=raw, x=x, y=y: raw(*pr, x, y, LR)
+            hp = cm.hyper_vector(LR)           # (t, clip, lr): the SGD update's hyperparameters
+            fns["chainrule (raw njit)"] = lambda pr=pr, raw=raw, x=x, y=y, hp=hp: raw(*pr, x, y, hp)
             pn = {k: v.copy() for k, v in init.items()}
             fns["numpy"] = lambda pn=pn, x=x, y=y: numpy_step(pn, x, y, LR)
             if torch is not None:

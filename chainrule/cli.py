@@ -191,7 +191,7 @@ def _verify_epilog() -> str:
 def cmd_codegen(args) -> int:
     from .codegen import render_module
     from .derive import build_model
-    _write(render_module(build_model(args.model), dtype=args.dtype), args.output)
+    _write(render_module(build_model(args.model), dtype=args.dtype, optimizer=args.optimizer), args.output)
     return 0
 
 
@@ -200,6 +200,10 @@ def cmd_docs(args) -> int:
     out = Path(args.out)
     for name in BUILTIN_MODELS:
         _write(explain_model(build_model(name)).to_markdown(), str(out / f"{name}.md"))
+    from .derive.optimizers import RULES, explain_decoupled_decay, explain_optimizer
+    for name in RULES:
+        _write(explain_optimizer(name).to_markdown(), str(out / "optimizers" / f"{name}.md"))
+    _write(explain_decoupled_decay().to_markdown(), str(out / "optimizers" / "adamw-vs-l2.md"))
     return 0
 
 
@@ -209,9 +213,46 @@ def cmd_demo(args) -> int:
     return 0 if result.get("test_accuracy", 0) >= 0.95 else 1
 
 
-def cmd_train(args):
-    from .runtime.examples import run_example
-    run_example(args.example, out_dir=args.out, epochs=args.epochs, progress=not args.no_progress)
+def cmd_experiment(args) -> int:
+    from .runtime import experiments
+    kw = {"out_dir": args.out}
+    if args.epochs is not None:
+        kw["epochs"] = args.epochs
+    result = getattr(experiments, args.name)(**kw)
+    print(f"plot: {result['plot']}\nreport: {result['report']}\n({result['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_optimizer(args) -> int:
+    from .derive.optimizers import explain_decoupled_decay, explain_optimizer
+    doc = explain_decoupled_decay() if args.name == "adamw-vs-l2" else explain_optimizer(args.name)
+    text = doc.to_latex() if args.format == "latex" else doc.to_markdown()
+    if args.output:
+        from .atomic import atomic_write_text
+        atomic_write_text(args.output, text)
+    else:
+        print(text)
+    return 0
+
+
+def cmd_train(args) -> int:
+    """A named example (its own data, recipe and target), or any model on a built-in data set."""
+    from .runtime.examples import run_example, EXAMPLES
+    if args.model in EXAMPLES:
+        run_example(args.model, out_dir=args.out, epochs=args.epochs, progress=not args.no_progress)
+        return 0
+    from .runtime import Network
+    from .runtime.data import load_dataset, train_test_split
+    from .runtime.optim import get_optimizer
+    x, y = load_dataset(args.data)
+    xtr, xte, ytr, yte = train_test_split(x, y, 0.2, seed=args.seed)
+    net = Network(args.model, seed=args.seed, optimizer=get_optimizer(args.optimizer, args.lr))
+    h = net.fit(xtr, ytr, epochs=20 if args.epochs is None else args.epochs, batch_size=args.batch_size, validation_split=0.2,
+                seed=args.seed, progress=not args.no_progress)
+    print("test:", ", ".join(f"{k} {v:.4f}" for k, v in net.evaluate(xte, yte).items()))
+    if args.plots:
+        for name, path in net.plot(h, args.plots).items():
+            print(f"{name}: {path}")
     return 0
 
 
@@ -252,20 +293,42 @@ def main(argv=None) -> int:
                        epilog=_model_help(), formatter_class=fmt)
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    p.add_argument("--optimizer", default="sgd", help="the update fused into train_step (default: sgd)")
     p.add_argument("-o", "--output")
     p.set_defaults(fn=cmd_codegen)
 
     from .runtime.examples import EXAMPLES
-    p = sub.add_parser("train", help="train a named example (derivation, kernels, progress bar, test accuracy)",
-                       epilog="examples:\n" + "\n".join(f"  {k:<14} {v.about} (target {v.target})"
-                                                          for k, v in EXAMPLES.items()), formatter_class=fmt)
-    p.add_argument("example", choices=sorted(EXAMPLES))
-    p.add_argument("--epochs", type=int, default=None, help="override the example's number of epochs")
-    p.add_argument("--out", default=None, help="output folder (default: ./chainrule-examples/NAME)")
+    p = sub.add_parser("train", help="train a named example, or a model on a built-in data set (plots with --plots)",
+                       epilog="examples (their own data, recipe and accuracy target):\n"
+                       + "\n".join(f"  {k:<14} {v.about} (target {v.target})" for k, v in EXAMPLES.items())
+                       + "\n\n" + _model_help(), formatter_class=fmt)
+    p.add_argument("model", help="an example name, a built-in model name or a layer-list spec")
+    p.add_argument("--data", default="digits", help="digits, iris, wine, breast_cancer, moons, spirals, xor, sine")
+    p.add_argument("--optimizer", default="adam",
+                   choices=("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw"))
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the optimiser's)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the example's, else 20)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plots", metavar="DIR", help="write curves.png and gradient_norms.png into DIR")
+    p.add_argument("--out", default=None, help="an example's output folder (default: ./chainrule-examples/NAME)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("docs", help="regenerate the derivation pages of every built-in model")
+    p = sub.add_parser("experiment", help="run an experiment: overfitting or vanishing (table + plot)")
+    p.add_argument("name", choices=("overfitting", "vanishing"))
+    p.add_argument("--out", default="chainrule-experiments", help="output folder")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the experiment's)")
+    p.set_defaults(fn=cmd_experiment)
+
+    p = sub.add_parser("optimizer", help="an optimiser's update rule, explained from its declaration")
+    p.add_argument("name", choices=("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw",
+                                    "adamw-vs-l2"))
+    p.add_argument("--format", choices=("markdown", "latex"), default="markdown")
+    p.add_argument("-o", "--output")
+    p.set_defaults(fn=cmd_optimizer)
+
+    p = sub.add_parser("docs", help="regenerate the derivation pages of every built-in model and optimiser")
     p.add_argument("--out", default="docs/derivations")
     p.set_defaults(fn=cmd_docs)
 

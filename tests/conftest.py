@@ -22,6 +22,23 @@ def compiled_model(kernel_cache_dir):
 
 
 @pytest.fixture(scope="session")
+def compiled_with(kernel_cache_dir):
+    """``compiled_with(spec, optimizer, dtype="float64")`` -> CompiledModel whose train_step fuses
+    that optimiser's update; memoised per session."""
+    from chainrule.codegen import compile_model
+    from chainrule.derive import build_model
+    memo = {}
+
+    def get(name, optimizer="sgd", dtype="float64"):
+        key = (name, optimizer, dtype)
+        if key not in memo:
+            memo[key] = compile_model(build_model(name), dtype=dtype, cache_dir=kernel_cache_dir,
+                                      optimizer=optimizer)
+        return memo[key]
+    return get
+
+
+@pytest.fixture(scope="session")
 def compiled_declared(kernel_cache_dir):
     """``compiled_declared(key, build, dtype="float64")`` -> CompiledModel of the Model ``build()``
     (a user-declared model), compiled once per session and key."""

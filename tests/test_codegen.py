@@ -105,7 +105,8 @@ def test_module_is_readable_and_names_are_mapped(compiled_model):
     src = cm.source
     assert cm.module_path.read_text().endswith(src)
     for comment in ["# z1[b,o] = ", "# a1[b,i] = sigmoid(z1[b, i])", "# d_W1[o,i] = Σ_b[d_z1[b, o]*x[b, i]]",
-                    "# d_b1[o] = Σ_b[d_z1[b, o]]", "# W1 <- W1 - lr * d_W1"]:
+                    "# d_b1[o] = Σ_b[d_z1[b, o]]", "# sgd update of W1",
+                        "# theta__0[i] = -eta*gscale*g[i] + theta[i]", "u_p0[i0] = -u_hp_eta*u_gscale*u_g0[i0] + u_p0[i0]"]:
         assert comment in src, comment
     assert "np.dot(" in src and "@njit(cache=True)" in src
     for fn in ("forward", "predict", "loss_and_grads", "train_step"):
@@ -141,7 +142,8 @@ def test_damaged_cache_entry_is_regenerated(tmp_path):
     p = again.init_params(0)
     x, y = sample_batch(again, batch=4)
     assert np.isfinite(again.loss_and_grads(p, x, y)[0])
-    path.write_text(text.replace("-= lr *", "+= lr *"))  # same length, edited: not trusted either
+    assert "-u_hp_eta*" in text
+    path.write_text(text.replace("-u_hp_eta*", "+u_hp_eta*"))  # same length, edited: not trusted either
     assert not compile_model(model, cache_dir=tmp_path).cache_hit
     assert path.read_text() == text
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]

@@ -174,7 +174,8 @@ def _numba_cache_dir() -> Path | None:
 def _codegen_fingerprint() -> str:
     """The code generator's own sources, and the primitives whose lowerings it copies into modules."""
     h = hashlib.sha256()
-    sources = sorted(_CODEGEN_DIR.rglob("*")) + [_CODEGEN_DIR.parent / "derive" / "primitives.py"]
+    sources = sorted(_CODEGEN_DIR.rglob("*")) + [_CODEGEN_DIR.parent / "derive" / "primitives.py",
+                                                 _CODEGEN_DIR.parent / "derive" / "optimizers.py"]
     for p in sources:
         if p.suffix in (".py", ".j2") and "__pycache__" not in p.parts:
             h.update(p.name.encode())
@@ -192,6 +193,9 @@ def model_fingerprint(model) -> str:
         repr(sorted((str(k), int(v)) for k, v in model.size_values.items())),
         repr([(t.name, t.role, t.init, tuple(map(str, t.shape))) for t in model.tensors.values()]),
         repr([t.name for t in model.outputs]), model.cost.name,
+        # named constants (regularisation strengths) and declared projections (max-norm)
+        repr(sorted((str(k), float(v)) for k, v in getattr(model, "constants", {}).items())),
+        repr([sp.srepr(e.body) for e in getattr(model, "constraints", [])]),
     ]
     for eq in model.equations:
         parts.append(eq.out.name + sp.srepr(sp.Tuple(*eq.indices)) + sp.srepr(eq.body))
@@ -201,7 +205,8 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def cache_key(model, dtype: str) -> str:
+def cache_key(model, dtype: str, extra: str = "") -> str:
+    """``extra``: what else shapes the module (the optimiser whose update train_step fuses)."""
     import numba
     import numpy
     try:
@@ -211,7 +216,7 @@ def cache_key(model, dtype: str) -> str:
         cr_version = "dev"
     h = hashlib.sha256()
     for p in ["chainrule-kernel-v2", dtype, cr_version, numba.__version__, numpy.__version__,
-              _codegen_fingerprint(), model_fingerprint(model)]:
+              _codegen_fingerprint(), model_fingerprint(model), extra]:
         h.update(p.encode())
         h.update(b"\0")
     return h.hexdigest()

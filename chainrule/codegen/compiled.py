@@ -26,8 +26,14 @@ class CompiledModel:
     """
 
     def __init__(self, model, module, path: Path, source: str, dtype: str, cache_hit: bool,
-                 key: str | None = None, render=None):
+                 key: str | None = None, render=None, optimizer="sgd"):
+        from ..derive.optimizers import get_rule
         self.model = model
+        self.rule = get_rule(optimizer)
+        self.optimizer = self.rule.name
+        self.state_names = list(self.rule.state)
+        self.hyper_names = ["t", "clip", "seed"] + [h.name for h in self.rule.hyperparameters]
+        self.has_noise = any(t.role == "noise" for t in model.tensors.values())
         self.module = module
         self.module_path = Path(path)
         self._key, self._render = key, render
@@ -79,6 +85,8 @@ class CompiledModel:
             fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else (shape[0] if shape else 1)
             if init == "zeros":
                 a = np.zeros(shape)
+            elif init == "ones":             # a normalisation layer's scale γ
+                a = np.ones(shape)
             elif init == "glorot":
                 limit = math.sqrt(6.0 / (fan_in + fan_out))
                 a = rng.uniform(-limit, limit, size=shape)
@@ -86,7 +94,7 @@ class CompiledModel:
                 a = rng.normal(0.0, math.sqrt(2.0 / fan_in), size=shape)
             else:
                 raise UnsupportedError(f"parameter {name}: unknown initialiser {init!r} "
-                                       "(known: glorot, he, zeros)")
+                                       "(known: glorot, he, zeros, ones)")
             out[name] = _c_array(a, self.dtype)
         return out
 
@@ -181,33 +189,84 @@ class CompiledModel:
     def predict(self, params, x) -> np.ndarray:
         return self._call("predict", *self._params(params), *self._inputs(x))
 
-    def forward(self, params, x, y):
-        """(cost, first output)."""
-        cost, out = self._call("forward", *self._params(params), *self._xy(x, y))
+    def forward(self, params, x, y, seed=-1):
+        """(cost, first output). ``seed`` >= 0: training mode (dropout masks and noise drawn from
+        that seed); < 0 (the default): evaluation mode (they take their mean)."""
+        cost, out = self._call("forward", *self._params(params), *self._xy(x, y), int(seed))
         return float(cost), out
 
-    def cost(self, params, x, y) -> float:
-        return self.forward(params, x, y)[0]
+    def cost(self, params, x, y, seed=-1) -> float:
+        return self.forward(params, x, y, seed)[0]
 
-    def loss_and_grads(self, params, x, y):
-        cost, grads = self._call("loss_and_grads", *self._params(params), *self._xy(x, y, facts=True))
+    def loss_and_grads(self, params, x, y, seed=-1):
+        """(cost, gradients); ``seed`` as in :meth:`forward` (the masks of a training step)."""
+        cost, grads = self._call("loss_and_grads", *self._params(params), *self._xy(x, y, facts=True),
+                                 int(seed))
         return float(cost), dict(zip(self.param_names, grads))
 
-    def train_step(self, params, x, y, lr) -> float:
-        return float(self._call("train_step", *self._params(params, inplace=True),
-                                *self._xy(x, y, facts=True), float(lr)))
+    def init_state(self) -> dict:
+        """The optimiser's state, all zeros: ``{param name: {state name: array}}``."""
+        return {p: {s: np.zeros(self.param_shapes[p], dtype=self.dtype) for s in self.state_names}
+                for p in self.param_names}
+
+    def hyper_vector(self, lr=None, step=1, clip=0.0, seed=0, **hyper) -> np.ndarray:
+        """The ``hp`` argument of the generated ``train_step``: the step t, the clipping norm and
+        the rule's hyperparameters (its declared defaults unless given, e.g. ``beta1=0.8``)."""
+        from ..derive.optimizers import HYPER_NAMES
+        values = {h.name: float(v) for h, v in self.rule.defaults.items()}
+        if lr is not None:
+            values["eta"] = float(lr)
+        for k, v in hyper.items():
+            name = HYPER_NAMES[k].name if k in HYPER_NAMES else k
+            if name not in values:
+                raise TypeError(f"optimizer {self.optimizer} has no hyperparameter {k!r} "
+                                f"(it has {', '.join(values)})")
+            values[name] = float(v)
+        values["t"], values["clip"], values["seed"] = float(step), float(clip), float(seed)
+        return np.array([values[n] for n in self.hyper_names], dtype=np.float64)
+
+    def train_step(self, params, x, y, lr=None, state=None, step=1, clip=0.0, hp=None, seed=0,
+                   **hyper) -> float:
+        """One fused step: forward, backward and the optimiser's update, in place (parameters and
+        ``state`` from :meth:`init_state`; ``step`` is t, 1 at the first update; ``seed`` (>= 0)
+        seeds the step's dropout masks and noise)."""
+        if self.state_names and state is None:
+            raise TypeError(f"train_step with optimizer {self.optimizer} needs its state "
+                            f"(init_state())")
+        states = []
+        for p in self.param_names:
+            for s in self.state_names:
+                a = state[p][s]
+                if not isinstance(a, np.ndarray) or a.dtype != np.dtype(self.dtype) \
+                        or not a.flags.c_contiguous or a.shape != self.param_shapes[p]:
+                    raise TypeError(f"optimizer state {s} of {p} must be a C-contiguous "
+                                    f"{self.dtype} array of shape {self.param_shapes[p]}")
+                states.append(a)
+        if hp is None:
+            hp = self.hyper_vector(lr, step, clip, seed, **hyper)
+        return float(self._call("train_step", *self._params(params, inplace=True), *states,
+                                *self._xy(x, y, facts=True), hp))
 
 
-def compile_model(model, dtype="float64", cache_dir=None) -> CompiledModel:
-    """Generate (or load from the cache) the kernels of ``model`` in ``dtype``.
+def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd") -> CompiledModel:
+    """Generate (or load from the cache) the kernels of ``model`` in ``dtype``, with the update of
+    ``optimizer`` (a name or an ``UpdateRule``) fused into ``train_step``.
 
     ``cache_dir`` (default: ``$CHAINRULE_CACHE_DIR`` or ``~/.cache/chainrule/kernels``) must be a
     private directory (see :mod:`chainrule.codegen.cache`); when it cannot be written the kernels
     are compiled in memory with one :class:`~chainrule.codegen.cache.KernelCacheWarning`."""
+    import sympy as sp
+
+    from ..derive.optimizers import get_rule
     dtype = check_dtype(dtype)
-    key = cache_key(model, dtype)
+    rule = get_rule(optimizer)
+    from ..derive.optimizers import RULES
+    # the default (SGD) keeps the plain key; any other rule's declaration is part of it
+    extra = "" if rule is RULES["sgd"] else rule.name + "".join(t + sp.srepr(b) for t, b in rule.assignments)
+    key = cache_key(model, dtype, extra)
 
     def render(cache=True):
-        return render_plan(plan_model(model, dtype), cache=cache)
+        return render_plan(plan_model(model, dtype, optimizer=rule), cache=cache)
     module, path, source, hit = load_or_generate(key, render, cache_dir)
-    return CompiledModel(model, module, path, source, dtype, hit, key=key, render=render)
+    return CompiledModel(model, module, path, source, dtype, hit, key=key, render=render,
+                         optimizer=rule)

@@ -104,8 +104,11 @@ class Lowerer:
         self.sizes = {}
         for sym, val in model.size_values.items():
             self.sizes[sym] = sp.Integer(int(val))
+        for sym, val in getattr(model, "constants", {}).items():   # regularisation strengths
+            self.sizes[sym] = sp.Float(val)
         self.cost_adjoint = cost_adjoint
         self._counter = 0
+        self.preallocated: set = set()        # outputs written into existing arrays (in place)
         self.loop_vars = [sp.Symbol(f"i{k}", integer=True) for k in range(8)]
         for v in self.loop_vars:
             self.names[v] = str(v)
@@ -486,6 +489,8 @@ class Lowerer:
         shape = group[0]["shape"]
         lines = [f"# {g['text']}" for g in group]
         for g in group:
+            if g["out"] in self.preallocated:
+                continue
             lines.append(f"{self.ident(g['out'])} = np.empty({self.shape_code(self.tensors[g['out']])}, dtype=DT)")
         for g in group:
             for code, _, _ in g["pre"]:

@@ -37,6 +37,9 @@ class Plan:
     predict: list
     backward: list
     context: dict
+    optimizer: str = "sgd"
+    state_names: list = None
+    hyper_names: list = None
 
 
 def _adjoint_order(composed, model):
@@ -75,8 +78,9 @@ def _needed(model, names):
     return [e for e in model.equations if e.out.name in need]
 
 
-def plan_model(model, dtype="float64", grads=None) -> Plan:
+def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
     from ..derive import derive
+    from ..derive.optimizers import get_rule
     dtype = check_dtype(dtype)
     grads = grads if grads is not None else derive(model)
     from ..derive.backprop import compose, recomputed_inside_reductions
@@ -125,19 +129,36 @@ def plan_model(model, dtype="float64", grads=None) -> Plan:
             zero_lines.append(f"# d_{comment_text(p.name)} = 0 (does not reach the cost)\n"
                               f"{g} = np.zeros({lw.shape_code(p)}, dtype=DT)")
             grad_codes.append(g)
-    for k, p in enumerate(params):
-        loop_vars = [f"i{j}" for j in range(p.rank)]
-        shape = lw.concrete_shape(p)
-        idx = ", ".join(loop_vars) if loop_vars else "()"
-        stmt = [f"{ident(p.name)}[{idx}] -= lr * g{k}[{idx}]"]
-        for d in range(p.rank, 0, -1):
-            stmt = [f"for {loop_vars[d - 1]} in range({lw.pe(shape[d - 1])}):"] + [IND + s for s in stmt]
-        pn = comment_text(p.name)
-        update.append("\n".join([f"# {pn} <- {pn} - lr * d_{pn}  (plain SGD, in place)",
-                                 f"g{k} = grads[{k}]"] + stmt))
+    rule = get_rule(optimizer)
+    update, state_args, update_eqs = _lower_update(rule, params, [ident(p.name) for p in params], lw)
+    for eq in getattr(model, "constraints", []):
+        # a projection after the update: lowered like every equation, written into the parameter
+        proj = Lowerer(model, {eq.out.name: eq.out, eq.out.meta["param"]: model.tensors[eq.out.meta["param"]]})
+        proj.names[eq.out.meta["param"]] = ident(eq.out.meta["param"])
+        proj.names[eq.out.name] = ident(eq.out.meta["param"])
+        proj.preallocated.add(eq.out.name)
+        update.append("\n".join([f"# {comment_text(eq.note)} (declared projection, after the update)"]
+                                 + [ln for k in proj.lower([eq]) for ln in k.lines]))
+        update_eqs.append(eq.body)
+    hyper = ["t", "clip", "seed"] + [h.name for h in rule.hyperparameters]
+    noise_train, noise_eval = [], []
+    for t in model.tensors.values():
+        if t.role != "noise":
+            continue
+        shape, name, dist = lw.shape_code(t), ident(t.name), t.meta.get("dist")
+        if dist == "bernoulli":
+            keep = repr(float(t.meta["keep"]))
+            noise_train.append(f"{name} = (np.random.random({shape}) < {keep}).astype(DT)  # {t.name} ~ Bernoulli({keep})")
+            noise_eval.append(f"{name} = np.full({shape}, {keep}, dtype=DT)  # {t.name}: its mean")
+        elif dist == "normal":
+            noise_train.append(f"{name} = np.random.standard_normal({shape}).astype(DT)  # {t.name} ~ N(0, 1)")
+            noise_eval.append(f"{name} = np.zeros({shape}, dtype=DT)  # {t.name}: its mean")
+        else:
+            raise UnsupportedError(f"codegen: random tensor {t.name} has unknown distribution {dist!r}")
 
     prims = [textwrap.dedent(c.lowering).strip() for c in primitives_used(
-        [e.body for e in model.equations] + [e.body for e in (d.equation for d in composed.values())])]
+        [e.body for e in model.equations] + [e.body for e in (d.equation for d in composed.values())]
+        + update_eqs)]
     tiny = repr(float(np.finfo(np.dtype(dtype)).tiny))
     out = model.outputs[0]
     context = dict(
@@ -149,9 +170,71 @@ def plan_model(model, dtype="float64", grads=None) -> Plan:
         forward=["\n".join(k.lines) for k in forward_k],
         predict=["\n".join(k.lines) for k in predict_k],
         backward=["\n".join(k.lines) for k in backward_k] + zero_lines,
-        update=update, cost=ident(model.cost.name), output=ident(out.name), grads=grad_codes)
+        update=update, cost=ident(model.cost.name), output=ident(out.name), grads=grad_codes,
+        optimizer=rule.name, optimizer_title=rule.title, states=state_args,
+        noise_train=noise_train, noise_eval=noise_eval,
+        hyper=[(k, f"u_hp_{h}") for k, h in enumerate(hyper)],
+        train_args=", ".join([ident(p.name) for p in params] + state_args + [ident(x.name), ident(y.name)]))
     return Plan([p.name for p in params], x.name, y.name, [t.name for t in model.outputs],
-                model.cost.name, forward_k, predict_k, backward_k, context)
+                model.cost.name, forward_k, predict_k, backward_k, context,
+                optimizer=rule.name, state_names=[s for s in rule.state], hyper_names=hyper)
+
+
+def _lower_update(rule, params, param_codes, lw_main):
+    """The optimiser's declared update equations, instantiated for every parameter (as a flat view
+    of its elements) and lowered by the same ``Lowerer`` and printer as the model's equations.
+
+    The gradient read ``g[i]`` becomes ``κ·g[i]`` with κ the global-norm clipping factor (1 when
+    clipping is off); the last version of θ and of each state is written in place.
+    """
+    from types import SimpleNamespace
+
+    import sympy as sp
+
+    from ..derive.optimizers import I, N, STEP
+    from ..derive.tensor import Tensor, size
+    kappa = sp.Symbol("gscale", positive=True)
+    finals = rule.final_versions()
+    blocks, state_args, eqs_out = [], [], []
+    for k, p in enumerate(params):
+        numel = 1
+        for d in lw_main.concrete_shape(p):
+            numel *= int(d)
+        n_k = size(f"N_{k}")
+        tensors, names = {}, {}
+        for name, t in rule._all_tensors.items():
+            tensors[name] = Tensor(name, (n_k,), role=t.role, latex=t.latex)
+        lw = Lowerer(SimpleNamespace(size_values={n_k: numel}), tensors)
+        names["theta"] = f"u_p{k}"
+        names["g"] = f"u_g{k}"
+        for st in rule.state:
+            names[st] = f"u_f{k}_{st}"                # a flat view of the state argument
+            state_args.append(f"u_s{k}_{st}")
+        for name in tensors:
+            if name not in names:
+                names[name] = f"u_{k}_{sanitise(name)}"
+        for target, final in finals.items():
+            names[final] = names[target]            # the new value overwrites the old, in place
+            lw.preallocated.add(final)
+        lw.names.update(names)
+        for h in rule.hyperparameters:
+            lw.names[h] = f"u_hp_{h.name}"
+        lw.names[STEP] = "u_hp_t"
+        lw.names[kappa] = "u_gscale"
+        eqs = []
+        for eq in rule.equations():
+            body = eq.body.xreplace({rule.tensors["g"][I]: kappa * rule.tensors["g"][I]})
+            body = body.xreplace({N: n_k})
+            eqs.append(type(eq)(tensors[eq.out.name], eq.indices, body, layer=eq.layer, note=eq.note))
+        eqs_out += [e.body for e in eqs]
+        kernels = lw.lower(eqs)
+        head = [f"# {rule.name} update of {comment_text(p.name)} (declared in chainrule.derive.optimizers, "
+                f"lowered like every equation; theta = {p.name}, flat)",
+                f"u_p{k} = {param_codes[k]}.reshape({numel})",
+                f"u_g{k} = np.ascontiguousarray(u_grads[{k}]).reshape({numel})"]
+        head += [f"u_f{k}_{st} = u_s{k}_{st}.reshape({numel})" for st in rule.state]
+        blocks.append("\n".join(head + [ln for kern in kernels for ln in kern.lines]))
+    return blocks, state_args, eqs_out
 
 
 def render_plan(plan: Plan, cache: bool = True) -> str:
@@ -160,6 +243,6 @@ def render_plan(plan: Plan, cache: bool = True) -> str:
     return _ENV.get_template("module.py.j2").render(**plan.context, njit_cache=bool(cache))
 
 
-def render_module(model, dtype="float64") -> str:
+def render_module(model, dtype="float64", optimizer="sgd") -> str:
     """The generated module's source (what ``chainrule codegen`` prints)."""
-    return render_plan(plan_model(model, dtype))
+    return render_plan(plan_model(model, dtype, optimizer=optimizer))

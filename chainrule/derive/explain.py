@@ -164,7 +164,7 @@ class Writer:
     def __init__(self, model: Model, grads: Gradients):
         self.model, self.grads = model, grads
         self.tensors = {**model.tensors, **{a.name: a for a in grads.adjoints.values()}}
-        self.printer = IndexPrinter(self.tensors)
+        self.printer = IndexPrinter(self.tensors, symbol_names=dict(getattr(model, "constant_latex", {})))
         self.forms = []
 
     def tex(self, expr) -> str:
@@ -282,6 +282,15 @@ def explain_model(model: Model, grads: Gradients | None = None, title: str | Non
         doc.add(*w.steps(d) if d.steps else [Display(w.equation(d.equation))])   # last step = result
         doc.add(*w.patterns(d.equation))
         doc.add(*w.matrix_blocks(d.equation), *w.matrix_blocks(d.equation, per_example=True))
+    constraints = getattr(model, "constraints", [])
+    if constraints:
+        doc.add(Heading(1, "Constraints, applied after each update"))
+        for eq in constraints:
+            param = model.tensors[eq.out.meta["param"]]
+            doc.add(Para(f"{eq.note}. A projection, not a term of the cost (so it adds nothing to the "
+                         f"gradient): after each optimiser step, a row of ${param.latex}$ whose norm "
+                         f"exceeds the bound is rescaled onto it, and any other row is left alone:"),
+                    Display(f"{w.tex(param[eq.indices])} \\leftarrow {w.tex(eq.body)}"))
     doc.matrix_forms = w.forms
     return doc
 

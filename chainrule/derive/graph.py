@@ -23,6 +23,9 @@ class Model:
         self.outputs = list(outputs)
         self.size_values = dict(size_values or {})
         self.layers = list(layers)       # (layer name, description) pairs, for explanations
+        self.constants: dict = {}        # named constants (regularisation strengths): symbol -> value
+        self.constant_latex: dict = {}
+        self.constraints: list = []      # projections of parameters after each update (max-norm)
         self.equations = self._topological(equations)
         for eq in self.equations:
             check_equation(eq, self.tensors)

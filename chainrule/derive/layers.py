@@ -31,6 +31,21 @@ class Builder:
         self.owner = None                 # the layer object being declared (functional API)
         self._param_uses: dict = {}
         self._renamed: dict = {}          # size symbol -> the size it was unified with
+        self.constants: dict = {}      # regularisation strengths: symbol -> value
+        self.constant_latex: dict = {}
+        self.penalties: list = []      # rank-0 cost terms (regularisers), added to the cost
+        self.constraints: list = []    # projections applied to parameters after each update
+
+    def constant(self, base: str, value, latex: str) -> sp.Symbol:
+        """A named positive constant of the model (e.g. a regularisation strength λ^(l))."""
+        sym = sp.Symbol(f"{base}{self.level}_{len(self.constants)}", positive=True)
+        self.constants[sym] = float(value)
+        self.constant_latex[sym] = latex
+        return sym
+
+    def penalty(self, body, note: str):
+        """Add ``body`` (a scalar expression over tensors) to the cost, as a regularisation term."""
+        self.penalties.append((body, note, self.layer))
 
     # names
     def _name(self, base: str) -> tuple[str, str]:
@@ -133,12 +148,20 @@ class Dense(Layer):
 
     units: int
     init: str = "glorot"
+    l2: float = 0.0          # weight decay in the cost: + l2/2 Σ W²
+    l1: float = 0.0          # + l1 Σ |W|
+    max_norm: float | None = None   # after each update, rows of W projected onto ‖W_o‖ ≤ max_norm
     name = "dense"
     has_params = True
 
     def __post_init__(self):
         if not isinstance(self.units, sp.Expr):   # a size symbol: the width of another tensor (residual)
             _check_width(self.units, "dense: units")
+        for what in ("l2", "l1"):
+            check_strength(f"dense({self.units}): {what}", getattr(self, what))
+        if self.max_norm is not None and (check_strength(f"dense({self.units}): max_norm",
+                                                         self.max_norm) == 0):
+            raise ValueError(f"dense({self.units}): max_norm must be > 0, got {self.max_norm!r}")
 
     def build(self, d, x):
         if x.rank > 2:
@@ -152,6 +175,9 @@ class Dense(Layer):
         c = d.param("b", (n_out,), init="zeros")
         z = d.tensor("z", (B, n_out), grad_latex=rf"\delta^{{({d.level})}}")
         b, o, i = index("b"), index("o"), index("i")
+        weight_penalties(d, W, (o, i), self.l2, self.l1)
+        if self.max_norm is not None:
+            max_norm_constraint(d, W, self.max_norm)
         return d.define(z, (b, o), sp.Sum(W[o, i] * x[b, i], (i, 0, n_in - 1)) + c[o],
                         note="affine map (the perceptron's weighted sum)")
 
@@ -171,7 +197,178 @@ class Dense(Layer):
         return d.define(z, (b, o), body + c[o], note="affine map of the flattened features")
 
     def describe(self):
-        return f"dense({self.units})"
+        extra = "".join(f", {k}={getattr(self, k):g}" for k in ("l2", "l1", "max_norm") if getattr(self, k))
+        return f"dense({self.units}{extra})"
+
+
+def check_strength(what: str, value) -> float:
+    """A regularisation strength: a finite number >= 0 (else a ValueError naming it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    if not (float(value) >= 0) or float(value) == float("inf"):
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _full_sum(d: Builder, read, t: Tensor, idx):
+    """Σ over every element of ``t`` of ``read(t[idx'])``, with summation indices primed apart from
+    those of the cost's other terms (sibling sums over different ranges never share a name)."""
+    k = len(d.penalties) + 1
+    fresh = tuple(index(v.name + "'" * k) for v in idx)
+    return sp.Sum(read(t[fresh]), *[(v, 0, n - 1) for v, n in zip(fresh, t.shape)])
+
+
+def weight_penalties(d: Builder, W: Tensor, idx, l2=0.0, l1=0.0):
+    """Weight decay terms of the cost: λ/2 Σ W² (L2) and λ Σ |W| (L1). Their gradients (λW and
+    λ sign W) are derived by the engine like every other term."""
+    if l2:
+        lam = d.constant("lambda", l2, rf"\lambda^{{({d.level})}}_{{2}}")
+        d.penalty(lam / 2 * _full_sum(d, lambda r: r ** 2, W, idx), f"L2 weight decay on {W.name}")
+    if l1:
+        lam = d.constant("lambda", l1, rf"\lambda^{{({d.level})}}_{{1}}")
+        d.penalty(lam * _full_sum(d, sp.Abs, W, idx), f"L1 penalty on {W.name}")
+
+
+class Residual(Layer):
+    """A residual block h = x + f(W x + c), f an activation (ReLU by default): the identity path
+    carries the adjoint past the block unchanged (the "gradient highway")."""
+
+    has_params = True
+    name = "residual"
+
+    def __init__(self, activation: str = "relu", init: str = "he"):
+        if activation not in ACTIVATIONS:
+            raise SpecError(f"residual: unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+        self.activation, self.init = activation, init
+
+    def build(self, d, x):
+        if x.rank != 2:
+            raise ShapeError(f"layer {d.layer} (residual) expects a (batch, features) input, "
+                             f"got {x.name} {shape_str(x.shape)}")
+        n = x.shape[1]
+        W, c = d.param("W", (n, n), init=self.init), d.param("b", (n,), init="zeros")
+        h = d.tensor("h", x.shape)
+        b, o, i = index("b"), index("o"), index("i")
+        f = ACTIVATIONS[self.activation]
+        return d.define(h, (b, o), x[b, o] + f(sp.Sum(W[o, i] * x[b, i], (i, 0, n - 1)) + c[o]),
+                        note=f"residual block: the input plus {self.activation} of an affine map")
+
+    def describe(self):
+        return f"residual({self.activation})"
+
+
+class LayerNorm(Layer):
+    """Layer normalisation (Ba, Kiros & Hinton 2016): per example, the mean and variance over the
+    features, then a learnable scale γ and shift β. The same in training and evaluation."""
+
+    has_params = True
+    name = "layer_norm"
+
+    def __init__(self, eps: float = 1e-5):
+        if check_strength("layer_norm: eps", eps) == 0:
+            raise ValueError(f"layer_norm: eps must be > 0, got {eps!r}")
+        self.eps = float(eps)
+
+    def build(self, d, x):
+        if x.rank != 2:
+            raise ShapeError(f"layer {d.layer} (layer_norm) expects a (batch, features) input, "
+                             f"got {x.name} {shape_str(x.shape)}")
+        n = x.shape[1]
+        g, s = d.param("gamma", (n,), init="ones"), d.param("beta", (n,), init="zeros")
+        g.latex, s.latex = rf"\gamma^{{({d.level})}}", rf"\beta^{{({d.level})}}"
+        eps = d.constant("epsilon", self.eps, r"\epsilon")
+        mu, var = d.tensor("mu", (B,), latex=rf"\mu^{{({d.level})}}"), d.tensor("v", (B,), latex=rf"\sigma^{{2({d.level})}}")
+        y = d.tensor("y", x.shape)
+        b, i = index("b"), index("i")
+        d.define(mu, (b,), sp.Sum(x[b, i], (i, 0, n - 1)) / n, note="mean over the features")
+        d.define(var, (b,), sp.Sum((x[b, i] - mu[b]) ** 2, (i, 0, n - 1)) / n,
+                 note="variance over the features")
+        return d.define(y, (b, i), g[i] * (x[b, i] - mu[b]) / sp.sqrt(var[b] + eps) + s[i],
+                        note="normalise, then scale and shift")
+
+    def describe(self):
+        return "layer_norm"
+
+
+class Dropout(Layer):
+    """Inverted dropout: a = x ⊙ m / (1 - p), m a Bernoulli(1 - p) mask drawn at every training step
+    (from a seeded generator); in evaluation m is its mean 1 - p, so the layer is the identity."""
+
+    name = "dropout"
+
+    def __init__(self, rate: float):
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise ValueError(f"dropout rate must be a number in [0, 1), got {rate!r}")
+        self.rate = float(rate)
+
+    def build(self, d, x):
+        idx = elementwise_indices(x)
+        p = d.constant("p", self.rate, "p")
+        m = d.tensor("m", x.shape, role="noise", meta={"dist": "bernoulli", "keep": 1 - self.rate},
+                     latex="m")
+        a = d.tensor("a", x.shape)
+        return d.define(a, idx, x[idx] * m[idx] / (1 - p),
+                        note="inverted dropout: a random mask, rescaled so that its mean is 1")
+
+    def describe(self):
+        return f"dropout({self.rate:g})"
+
+
+class GaussianNoise(Layer):
+    """Additive noise a = x + σ ε, ε ~ N(0, 1) drawn at every training step; 0 in evaluation."""
+
+    name = "noise"
+
+    def __init__(self, std: float):
+        check_strength("noise: std", std)
+        self.std = float(std)
+
+    def build(self, d, x):
+        idx = elementwise_indices(x)
+        sigma = d.constant("sigma", self.std, r"\sigma")
+        e = d.tensor("eps", x.shape, role="noise", meta={"dist": "normal"}, latex=r"\varepsilon")
+        a = d.tensor("a", x.shape)
+        return d.define(a, idx, x[idx] + sigma * e[idx], note="additive Gaussian noise")
+
+    def describe(self):
+        return f"noise({self.std:g})"
+
+
+def max_norm_constraint(d: Builder, W: Tensor, bound: float):
+    """The max-norm constraint as a declared projection (applied after each update, no gradient):
+    W_oi ← W_oi if ‖W_o‖ ≤ c, else c W_oi / ‖W_o‖: rows longer than c are scaled back to length c,
+    the others are left exactly as they are."""
+    c = d.constant("c", bound, rf"c^{{({d.level})}}")
+    o, i, j = index("o"), index("i"), index("j")
+    out = Tensor(f"{W.name}__maxnorm", W.shape, role="hidden", latex=W.latex, layer=d.layer,
+                 meta={"param": W.name})
+    norm = sp.sqrt(sp.Sum(W[o, j] ** 2, (j, 0, W.shape[1] - 1)))
+    body = sp.Piecewise((W[o, i], norm <= c), (c * W[o, i] / norm, True))
+    d.constraints.append(Equation(out, (o, i), body, layer=d.layer,
+                                  note=f"Max-norm constraint on the rows of {W.name}"))
+
+
+class ActivityRegularization(Layer):
+    """The identity, adding to the cost the batch mean of λ₂/2 Σ a² and λ₁ Σ |a| over its input."""
+
+    name = "activity"
+
+    def __init__(self, l2=0.0, l1=0.0):
+        self.l2 = check_strength("activity: l2", l2)
+        self.l1 = check_strength("activity: l1", l1)
+
+    def build(self, d, x):
+        idx = elementwise_indices(x)
+        if self.l2:
+            lam = d.constant("alpha", self.l2, rf"\alpha_{{2}}")
+            d.penalty(lam / 2 * _full_sum(d, lambda r: r ** 2, x, idx) / B, f"L2 activity penalty on {x.name}")
+        if self.l1:
+            lam = d.constant("alpha", self.l1, rf"\alpha_{{1}}")
+            d.penalty(lam * _full_sum(d, sp.Abs, x, idx) / B, f"L1 activity penalty on {x.name}")
+        return x
+
+    def describe(self):
+        return f"activity(l2={self.l2:g}, l1={self.l1:g})"
 
 
 class Activation(Layer):
@@ -339,7 +536,15 @@ def sequential(n_inputs, layers, loss: Loss | str, name="model") -> Model:
     cost = Tensor("C", (), role="cost", latex="C", layer="cost")
     d.tensors.append(cost)
     b = index("b")
-    d.equations.append(Equation(cost, (), sp.Sum(per_example[b], (b, 0, B - 1)) / B, layer="cost",
-                                note="cost: the mean of the per-example losses over the batch"))
-    return Model(d.equations, d.tensors, cost, loss=per_example, outputs=outputs,
-                 size_values=d.size_values, name=name, layers=d.layer_log)
+    body = sp.Sum(per_example[b], (b, 0, B - 1)) / B
+    note = "cost: the mean of the per-example losses over the batch"
+    if d.penalties:
+        body = body + sp.Add(*[p for p, _, _ in d.penalties])
+        note += ", plus " + ", ".join(n for _, n, _ in d.penalties)
+    d.equations.append(Equation(cost, (), body, layer="cost", note=note))
+    model = Model(d.equations, d.tensors, cost, loss=per_example, outputs=outputs,
+                  size_values=d.size_values, name=name, layers=d.layer_log)
+    model.constants = dict(d.constants)
+    model.constraints = list(d.constraints)
+    model.constant_latex = dict(d.constant_latex)
+    return model

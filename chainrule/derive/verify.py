@@ -200,7 +200,7 @@ def random_point(model: Model, sizes, rng: random.Random) -> dict:
     den = 1000 if any(eq.body.has(MaxOver) for eq in model.equations) else 20
     choices = [k for k in range(-den, den + 1) if k]
     for t in model.tensors.values():
-        if t.role not in ("input", "target", "param"):
+        if t.role not in ("input", "target", "param", "noise"):
             continue
         shape = _shape(t, sizes)
         values = {}
@@ -249,10 +249,12 @@ class _Evaluator:
         scalars = {t.name for t in model.tensors.values() if t.rank == 0}
         scalars |= {"d_" + n for n in scalars} | {eq.out.name for eq in derived if eq.out.rank == 0}
         fwd = Compiler(self.tape, scalars)
-        self.forward = [(eq, fwd.compile(eq.body)) for eq in model.equations]
+        # the model's named constants (regularisation strengths) at their exact decimal values
+        consts = {s: sp.Rational(repr(float(v))) for s, v in getattr(model, "constants", {}).items()}
+        self.forward = [(eq, fwd.compile(eq.body.xreplace(consts))) for eq in model.equations]
         plain = Compiler(self.base, scalars)
-        self.derived = [(eq, plain.compile(eq.body)) for eq in _ordered(derived)]
-        self.claim = plain.compile(claim) if claim is not None else None
+        self.derived = [(eq, plain.compile(eq.body.xreplace(consts))) for eq in _ordered(derived)]
+        self.claim = plain.compile(claim.xreplace(consts)) if claim is not None else None
         self.claim_budget = CLAIM_BUDGET
 
     def run(self, sizes: dict, point: dict):

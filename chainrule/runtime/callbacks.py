@@ -93,8 +93,13 @@ class EarlyStopping(Callback):
                 self.network.stop_training = True
 
     def on_train_end(self, logs=None):
+        history = getattr(self.network, "history", None)
+        if history is not None:
+            history.best_epoch = self.best_epoch
         if self.restore_best and self.best_params is not None:
-            self.network.set_params(self.best_params)
+            self.network.set_params(self.best_params, source=f"the best epoch ({self.best_epoch + 1})")
+            if history is not None:
+                history.restored_epoch = self.best_epoch     # the parameters are those of this epoch
 
 
 class ModelCheckpoint(Callback):

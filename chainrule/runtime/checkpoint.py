@@ -49,25 +49,31 @@ class Checkpoint:
     path: str
     members: dict                       # name -> Member (parameters only)
     meta: dict = field(default_factory=dict)
+    state: dict = field(default_factory=dict)   # name -> Member: the optimiser's state arrays
 
     @property
     def shapes(self) -> dict:
         return {k: m.shape for k, m in self.members.items()}
 
-    def read_arrays(self) -> dict:
-        """The arrays (allocated now, after validation); each one's size is already known."""
+    def read_arrays(self, state=False) -> dict:
+        """The arrays (allocated now, after validation); each one's size is already known.
+        ``state``: the optimiser's state arrays instead of the parameters."""
         out = {}
+        members = self.state if state else self.members
         try:
             with zipfile.ZipFile(self.path) as zf:
-                for name, m in self.members.items():
+                for name, m in members.items():
                     with zf.open(m.info) as f:
                         out[name] = np.lib.format.read_array(f, allow_pickle=False)
         except (OSError, ValueError, zipfile.BadZipFile) as e:
             raise CheckpointError(f"{self.path}: cannot read the arrays: {e}") from e
-        for name, m in self.members.items():
+        for name, m in members.items():
             if out[name].shape != m.shape:           # pragma: no cover - header checked above
                 raise CheckpointError(f"{self.path}: array {name} changed while reading")
         return out
+
+
+STATE_PREFIX = "__opt__/"
 
 
 def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str):
@@ -131,7 +137,7 @@ def inspect_checkpoint(path) -> Checkpoint:
                                       f"floating-point arrays")
             members[name] = m
     if meta:
-        declared = meta["param_shapes"]
+        declared = {**meta["param_shapes"], **meta["state_shapes"]}
         undeclared = sorted(set(members) - set(declared))
         absent = sorted(set(declared) - set(members))
         problems = []
@@ -145,7 +151,8 @@ def inspect_checkpoint(path) -> Checkpoint:
                      for k in sorted(set(members) & set(declared)) if members[k].shape != declared[k]]
         if problems:
             raise CheckpointError(f"{path} is inconsistent: " + "; ".join(problems))
-    return Checkpoint(path, members, meta)
+    state = {k: members.pop(k) for k in list(members) if k.startswith(STATE_PREFIX)}
+    return Checkpoint(path, members, meta, state)
 
 
 def _parse_meta(text: str, path: str) -> dict:
@@ -187,4 +194,16 @@ def _parse_meta(text: str, path: str) -> dict:
     if set(shapes) != set(names):
         raise bad(f"'param_names' {names} and 'param_shapes' {sorted(shapes)} name different parameters")
     meta["param_shapes"] = shapes
+    # training state (optional): the optimiser's state arrays, named "__opt__/<param>/<state>"
+    states = meta.get("state_shapes", {})
+    if not isinstance(states, dict):
+        raise bad("'state_shapes' should be a JSON object")
+    checked = {}
+    for name, shape in states.items():
+        if (not isinstance(name, str) or not name.startswith(STATE_PREFIX) or not isinstance(shape, list)
+                or len(shape) > MAX_RANK
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            raise bad(f"optimizer state entry {str(name)[:40]!r}: {json.dumps(shape)[:80]}")
+        checked[name] = tuple(shape)
+    meta["state_shapes"] = checked
     return meta

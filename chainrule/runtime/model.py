@@ -15,7 +15,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from .callbacks import Callback, ProgressBar
-from .checkpoint import FORMAT, FORMAT_VERSION, inspect_checkpoint
+from .checkpoint import FORMAT, FORMAT_VERSION, STATE_PREFIX, inspect_checkpoint
 from .data import one_hot, train_test_split
 from .errors import ChainruleError, CheckpointError, DataError, LabelError, ShapeError, TrainingDiverged
 from .optim import SGD, get_optimizer
@@ -26,6 +26,10 @@ BINARY_LOSSES = ("bce", "bce_logits")
 
 
 # -- small helpers -----------------------------------------------------------------------------
+def _fmt_config(cfg: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in cfg.items() if k != "name" and v is not None)
+
+
 def _whole(value, name: str, minimum: int, who="fit") -> int:
     """An integer argument (an integral float such as 3.0 is fine; 2.9 is not truncated)."""
     import numbers
@@ -70,6 +74,8 @@ class History:
         self.epochs: list[int] = []
         self.stopped_early = False
         self.params: dict = {}
+        self.best_epoch = None         # set by EarlyStopping (0-based)
+        self.restored_epoch = None     # the epoch whose parameters EarlyStopping put back
 
     def append(self, epoch, logs):
         self.epochs.append(epoch)
@@ -139,10 +145,14 @@ class Network:
         elif np.dtype(compiled.dtype) != self.dtype:
             raise ValueError(f"compiled module is {compiled.dtype} but the network is {self.dtype}")
         self.compiled = compiled
+        self._modules = {compiled.optimizer: compiled}
         self.seed = seed
         self.optimizer = get_optimizer(optimizer if optimizer is not None else SGD(0.1))
+        self._ensure_compiled()
         self.stop_training = False
         self.has_validation = False
+        self.epoch = 0                 # epochs completed (what a resumed fit continues from)
+        self._rng = None               # the shuffling generator, kept across fits for exact resume
 
         cm = compiled
         self.input_name, self.target_name = cm.input_name, cm.target_name
@@ -159,6 +169,17 @@ class Network:
         self._facts = declared_facts(model, names={cm.input_name, cm.target_name})
         self.params = cm.init_params(seed=seed)
         self._check_params(self.params, "init_params")
+
+    def _ensure_compiled(self):
+        """The compiled module whose ``train_step`` fuses the optimiser's declared update."""
+        rule = getattr(self.optimizer, "rule", None)
+        if rule is None or self.compiled.optimizer == rule or not getattr(self.optimizer, "fused", True):
+            return
+        if rule not in self._modules:
+            from chainrule.codegen import compile_model
+            self._modules[rule] = compile_model(self.model, dtype=self.dtype.name, optimizer=rule,
+                                                cache_dir=self.compiled.module_path.parent)
+        self.compiled = self._modules[rule]
 
     # -- description ---------------------------------------------------------------------------
     @property
@@ -237,8 +258,12 @@ class Network:
         from chainrule.codegen.cache import model_fingerprint
         return model_fingerprint(self.model)
 
-    def save(self, path):
+    def save(self, path, training_state=True):
         """Write the parameters to ``path`` (.npz) atomically, with metadata to rebuild the network.
+
+        With ``training_state`` (the default) the file also holds what an exact resume needs: the
+        optimiser (its name, hyperparameters, step count and state arrays), the number of epochs
+        completed and the state of the shuffling generator.
 
         The file's mode follows the umask, like any file you write. The temporaries of an earlier
         save of the same path that was killed midway are removed."""
@@ -247,6 +272,18 @@ class Network:
                 "param_shapes": {k: list(s) for k, s in self.param_shapes.items()},
                 "task": self.task, "loss": self.loss_name, "architecture": self.architecture}
         arrays = {k: self.params[k] for k in self.param_names}
+        if training_state:
+            opt = self.optimizer
+            meta["optimizer"] = {"class": type(opt).__name__, "config": opt.config(),
+                                 "t": int(getattr(opt, "t", 0)),
+                                 "state": sorted(f"{p}/{s}" for p in opt.state for s in opt.state[p])}
+            meta["epoch"] = int(self.epoch)
+            meta["rng"] = self._rng.bit_generator.state if self._rng is not None else None
+            meta["state_shapes"] = {}
+            for p, states in opt.state.items():
+                for sname, a in states.items():
+                    arrays[f"{STATE_PREFIX}{p}/{sname}"] = a
+                    meta["state_shapes"][f"{STATE_PREFIX}{p}/{sname}"] = list(a.shape)
         arrays["__meta__"] = np.array(json.dumps(meta))
         atomic_write(path, lambda f: np.savez(f, **arrays))
         return os.fspath(path)
@@ -276,8 +313,13 @@ class Network:
     def load(self, path, check_architecture=True):
         """Load parameters saved by :meth:`save`; names and shapes must match this network, and
         (unless ``check_architecture=False``) the file must come from the same architecture.
+        Everything is validated from the file's headers before any array is read.
 
-        Everything is validated from the file's headers before any array is read."""
+        A file with training state also restores the optimiser's state and step count (the
+        network's optimiser must be the same kind with the same hyperparameters; the learning rate
+        may differ), the epoch count and the shuffling generator, so that
+        ``fit(..., initial_epoch=net.epoch)`` continues exactly.
+        """
         ck = inspect_checkpoint(path)
         src = os.fspath(path)
         if ck.meta and ck.meta.get("spec") and self.spec and ck.meta["spec"] != self.spec:
@@ -285,7 +327,55 @@ class Network:
         self._check_shapes(ck.shapes, src)
         if check_architecture:
             self._check_architecture(ck, os.fspath(path))
+        saved_opt = ck.meta.get("optimizer") if ck.meta else None
+        if saved_opt is not None:
+            mine = self.optimizer.config()
+            theirs = saved_opt.get("config", {})
+            same_kind = theirs.get("name") == mine.get("name")
+            # the learning rate and clipping may change between runs (schedules do it every epoch);
+            # the other hyperparameters define what the saved state means
+            fixed = lambda cfg: {k: v for k, v in cfg.items() if k not in ("lr", "clipnorm")}  # noqa: E731
+            if (not same_kind and ck.state) or (same_kind and fixed(theirs) != fixed(mine)):
+                raise CheckpointError(
+                    f"{src} was saved with optimizer {saved_opt.get('class')}({_fmt_config(theirs)}) "
+                    f"but the network uses {type(self.optimizer).__name__}({_fmt_config(mine)}): pass the "
+                    f"same optimizer to Network(..., optimizer=...) to resume, or load the parameters "
+                    f"only with load_params()")
+            from chainrule.derive.optimizers import get_rule
+            rule = getattr(self.optimizer, "rule", None)
+            expected = {f"{STATE_PREFIX}{p}/{s}" for p in self.param_names
+                        for s in (get_rule(rule).state if rule else [])}
+            if same_kind and ck.state and set(ck.state) != expected:
+                raise CheckpointError(f"{src}: optimizer state {sorted(ck.state)} does not fit this "
+                                      f"network's {sorted(expected)}")
+            for key, m in ck.state.items():
+                pname = key[len(STATE_PREFIX):].split("/", 1)[0]
+                if m.shape != self.param_shapes[pname]:
+                    raise CheckpointError(f"{src}: optimizer state {key} has shape {m.shape}, the "
+                                          f"parameter has {self.param_shapes[pname]}")
         self.set_params(ck.read_arrays(), source=src)
+        if saved_opt is not None:
+            state = {}
+            if same_kind:
+                for key, a in ck.read_arrays(state=True).items():
+                    pname, sname = key[len(STATE_PREFIX):].split("/", 1)
+                    _check_finite(a, f"optimizer state {sname} of {pname} in {src}")
+                    state.setdefault(pname, {})[sname] = np.ascontiguousarray(a, dtype=self.dtype)
+            self.optimizer.state = state
+            self.optimizer.t = int(saved_opt.get("t", 0)) if same_kind else 0
+            self.epoch = int(ck.meta.get("epoch", 0))
+            if ck.meta.get("rng") is not None:
+                self._rng = np.random.default_rng()
+                self._rng.bit_generator.state = ck.meta["rng"]
+        return self
+
+    def load_params(self, path, check_architecture=True):
+        """Load only the parameters of a file saved by :meth:`save` (no optimiser state)."""
+        ck = inspect_checkpoint(path)
+        self._check_shapes(ck.shapes, os.fspath(path))
+        if check_architecture:
+            self._check_architecture(ck, os.fspath(path))
+        self.set_params(ck.read_arrays(), source=os.fspath(path))
         return self
 
     @classmethod
@@ -461,10 +551,22 @@ class Network:
         xs, ys = self._prepare(x, y, who="evaluate")
         return self._metrics(xs, ys)
 
+    def gradient_norms(self, x, y, prepared=False) -> dict:
+        """‖∂C/∂θ‖ for every parameter θ at the current parameters, on the batch ``x, y``."""
+        xs, ys = (x, y) if prepared else self._prepare(x, y)
+        _, grads = self.compiled.loss_and_grads(self.params, xs, ys)
+        return {k: float(np.linalg.norm(grads[k])) for k in self.param_names}
+
+    def plot(self, history=None, out_dir=".", prefix=""):
+        """Write the training curves and the per-layer gradient norms as PNG files in ``out_dir``;
+        returns their paths (see :mod:`chainrule.runtime.plots`)."""
+        from .plots import plot_history
+        return plot_history(history if history is not None else self.history, out_dir, prefix=prefix)
+
     # -- training ----------------------------------------------------------------------------------
     def fit(self, x, y, epochs=10, batch_size=32, lr=None, validation_split=None,
             validation_data=None, shuffle=True, seed=None, callbacks=(), progress=True,
-            optimizer=None, divergence_factor=1e3) -> History:
+            optimizer=None, divergence_factor=1e3, initial_epoch=0, diagnostics=True) -> History:
         """Minibatch training. Returns a :class:`History`.
 
         ``seed`` seeds the shuffling (default: the network's seed) and the validation split.
@@ -485,6 +587,15 @@ class Network:
         512 differs by up to 6e-17 in absolute value after 5 epochs). For bitwise equal runs pin
         the thread count, e.g. ``OPENBLAS_NUM_THREADS=1`` (or ``OMP_NUM_THREADS``) before NumPy
         and Numba are imported.
+
+        With ``diagnostics`` the history also records, per parameter and epoch, the gradient norm
+        ``grad_norm/W1`` (on up to 256 training examples, at the epoch's end) and the update/weight
+        ratio ``update_ratio/W1`` = ‖W_end - W_start‖ / ‖W_start‖ over the epoch.
+
+        ``initial_epoch`` continues a run: epochs ``initial_epoch .. epochs - 1`` are trained, with
+        the shuffling generator and optimiser state as they were (kept in memory, or restored by
+        :meth:`load` from a checkpoint written by :meth:`save` / ``ModelCheckpoint``), so that
+        3 epochs + save + load + ``fit(epochs=6, initial_epoch=3)`` equals 6 epochs bit for bit.
         """
         epochs = _whole(epochs, "epochs", 0)
         batch_size = _whole(batch_size, "batch_size", 1)
@@ -494,6 +605,7 @@ class Network:
             self.optimizer = get_optimizer(optimizer)
         if lr is not None:
             self.optimizer.lr = lr
+        self._ensure_compiled()
         seed = self.seed if seed is None else seed
         if validation_split is not None and validation_data is not None:
             raise ValueError("give validation_split or validation_data, not both")
@@ -540,11 +652,23 @@ class Network:
                           "n_val": len(validation[0]) if validation is not None else 0}
         self.history = history
         self.stop_training = False
-        rng = np.random.default_rng(seed)
+        if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer)) \
+                or not 0 <= initial_epoch <= epochs:
+            raise ValueError(f"initial_epoch must be an integer in [0, epochs={epochs}], "
+                             f"got {initial_epoch!r}")
+        if initial_epoch == 0 or self._rng is None:
+            if initial_epoch:
+                raise ValueError(f"initial_epoch={initial_epoch} resumes a run, but this network has "
+                                 f"no training state: load a checkpoint saved by save() first")
+            self._rng = np.random.default_rng(seed)
+        elif initial_epoch != self.epoch:
+            raise ValueError(f"initial_epoch={initial_epoch} but the network has completed "
+                             f"{self.epoch} epochs (from its checkpoint or last fit)")
+        rng = self._rng
         reference = None
         for c in callbacks:
             c.on_train_begin()
-        for epoch in range(epochs):
+        for epoch in range(initial_epoch, epochs):
             for c in callbacks:
                 c.on_epoch_begin(epoch)
             t0 = time.perf_counter()
@@ -558,7 +682,11 @@ class Network:
             for step in range(steps):
                 lo = step * batch_size
                 xb, yb = xe[lo:lo + batch_size], ye[lo:lo + batch_size]
-                cost = self.optimizer.step(self.compiled, self.params, xb, yb)
+                if self.compiled.has_noise:      # this step's dropout masks / noise, seeded
+                    cost = self.optimizer.step(self.compiled, self.params, xb, yb,
+                                               seed=int(rng.integers(2 ** 31)))
+                else:
+                    cost = self.optimizer.step(self.compiled, self.params, xb, yb)
                 if reference is None and math.isfinite(cost):
                     reference = max(abs(cost), 1.0)
                 exploded = (divergence_factor is not None and reference is not None
@@ -597,7 +725,16 @@ class Network:
                 logs.update({f"val_{k}": v for k, v in self._metrics(*validation).items()})
             logs["lr"] = self.optimizer.lr
             logs["time"] = time.perf_counter() - t0
-            history.append(epoch, logs)
+            record = dict(logs)
+            if diagnostics:
+                norms = self.gradient_norms(xs[:256], ys[:256], prepared=True)
+                for k in self.param_names:
+                    record[f"grad_norm/{k}"] = norms[k]
+                    start = float(np.linalg.norm(last_good[k]))
+                    step_norm = float(np.linalg.norm(self.params[k] - last_good[k]))
+                    record[f"update_ratio/{k}"] = step_norm / start if start > 0 else math.inf
+            history.append(epoch, record)
+            self.epoch = epoch + 1
             for c in callbacks:
                 c.on_epoch_end(epoch, logs)
             if self.stop_training:

@@ -1,44 +1,67 @@
-"""Optimisers. ``SGD`` takes the fused path: one generated ``train_step`` (forward, backward and the
-update in a single Numba call). Other optimisers subclass :class:`Optimizer` and implement
-:meth:`Optimizer.update`, an elementwise update from the gradients of ``loss_and_grads``.
+"""Optimisers. Every built-in optimiser is an update rule declared as equations in
+``chainrule.derive.optimizers``; its update is generated and fused into ``train_step`` (forward,
+backward and update in one Numba call). This module only keeps the hyperparameters, the state arrays
+(kept between steps, saved in checkpoints) and the step count.
+
+A custom *unfused* optimiser can still subclass :class:`Optimizer` and implement :meth:`update`
+(an update from the gradients of ``loss_and_grads``).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-__all__ = ["SGD", "Optimizer", "get_optimizer"]
+__all__ = ["SGD", "Adagrad", "Adam", "AdamW", "Momentum", "Nesterov", "Optimizer", "RMSProp",
+           "DeclaredOptimizer", "get_optimizer", "check_number"]
+
+
+def check_number(name, value, *, low=None, high=None, low_open=False, high_open=False, owner=""):
+    """``float(value)``, or a ValueError naming the argument and the value."""
+    who = f"{owner}: " if owner else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{who}{name} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{who}{name} must be finite, got {value!r}")
+    if low is not None and (v <= low if low_open else v < low):
+        raise ValueError(f"{who}{name} must be {'>' if low_open else '>='} {low:g}, got {value!r}")
+    if high is not None and (v >= high if high_open else v > high):
+        raise ValueError(f"{who}{name} must be {'<' if high_open else '<='} {high:g}, got {value!r}")
+    return v
 
 
 class Optimizer:
     """Base class. ``step`` runs one minibatch and returns its cost; it updates ``params`` in place."""
 
     name = "optimizer"
+    rule = None                     # the declared update rule's name (fused optimisers)
 
     def __init__(self, lr: float):
         self.lr = lr
         self.state: dict = {}
+        self.t = 0
 
     @property
-    def lr(self) -> float:
+    def lr(self):
         return self._lr
 
     @lr.setter
     def lr(self, value):
         """A finite number >= 0 (a schedule may anneal to 0; a negative rate would climb)."""
-        import math
-        import numbers
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-                or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(value) or value < 0:
             raise ValueError(f"{type(self).__name__}: the learning rate must be a finite number "
                              f">= 0, got {value!r}")
         self._lr = float(value)
 
     def reset(self):
-        """Forget accumulated state (moments, velocities)."""
+        """Forget accumulated state (moments, velocities) and the step count."""
         self.state = {}
+        self.t = 0
 
-    def step(self, cm, params: dict, x, y) -> float:
-        cost, grads = cm.loss_and_grads(params, x, y)
+    def step(self, cm, params: dict, x, y, seed=0) -> float:
+        cost, grads = cm.loss_and_grads(params, x, y, seed)
         self.update(params, grads)
         return float(cost)
 
@@ -52,29 +75,140 @@ class Optimizer:
         return f"{type(self).__name__}(lr={self.lr:g})"
 
 
-class SGD(Optimizer):
-    """Plain stochastic gradient descent, θ ← θ - lr ∂C/∂θ, fused into the generated train_step."""
+class DeclaredOptimizer(Optimizer):
+    """An optimiser whose update is a declared rule (``chainrule.derive.optimizers.RULES``),
+    generated into the compiled module's ``train_step``.
 
-    name = "sgd"
+    ``clipnorm`` clips the gradient by its global norm (over all parameters) before the update.
+    Other keyword arguments set hyperparameters (``momentum``, ``beta1``, ``beta2``, ``eps``,
+    ``rho``, ``weight_decay``); unset ones take the rule's declared defaults.
+    """
 
-    def __init__(self, lr: float = 0.1):
-        super().__init__(lr)
+    def __init__(self, lr=None, clipnorm=None, fused=True, **hyper):
+        from chainrule.derive.optimizers import HYPER_NAMES, eta, get_rule
+        self.fused = bool(fused)
+        rule = get_rule(self.rule)
+        owner = type(self).__name__
+        declared = {s.name: s for s in rule.defaults}
+        self.hyper = {}
+        for k, v in hyper.items():
+            sym = HYPER_NAMES.get(k)
+            if sym is None or sym.name not in declared or sym == eta:
+                known = [n for n, s in HYPER_NAMES.items() if s in rule.defaults and s != eta]
+                raise TypeError(f"{owner} has no hyperparameter {k!r} (it has lr, clipnorm"
+                                f"{', ' if known else ''}{', '.join(known)})")
+            high = 1 if k in ("momentum", "beta1", "beta2", "rho") else None
+            self.hyper[k] = check_number(k, v, low=0, high=high, high_open=high is not None,
+                                         owner=owner)
+        if "eps" in self.hyper and self.hyper["eps"] <= 0:
+            raise ValueError(f"{owner}: eps must be > 0, got {hyper['eps']!r}")
+        super().__init__(float(rule.defaults[eta]) if lr is None else lr)
+        self.clipnorm = None if clipnorm is None else check_number("clipnorm", clipnorm, low=0,
+                                                                   low_open=True, owner=owner)
+        self.name = rule.name
 
-    def step(self, cm, params, x, y):
-        return float(cm.train_step(params, x, y, self.lr))
+    def step(self, cm, params, x, y, seed=0):
+        if not self.fused:
+            return self._unfused_step(cm, params, x, y, seed)
+        if cm.optimizer != self.rule:
+            raise ValueError(f"the compiled module fuses the {cm.optimizer} update, not {self.rule}")
+        if not self.state and cm.state_names:
+            self.state = cm.init_state()
+        self.t += 1
+        return float(cm.train_step(params, x, y, lr=self.lr, state=self.state, step=self.t,
+                                   clip=self.clipnorm or 0.0, seed=seed, **self.hyper))
+
+    def _unfused_step(self, cm, params, x, y, seed):
+        """``loss_and_grads`` and the declared update evaluated by NumPy (lambdified from the same
+        equations): no ``train_step`` to compile, for quick experiments on big graphs."""
+        from chainrule.derive.optimizers import numpy_update
+        if getattr(self, "_numpy_update", None) is None:
+            self._numpy_update = numpy_update(self.rule)
+        cost, grads = cm.loss_and_grads(params, x, y, seed)
+        if self.clipnorm:
+            norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads.values()))
+            if norm > self.clipnorm:
+                grads = {k: g * (self.clipnorm / norm) for k, g in grads.items()}
+        if not self.state and cm.state_names is not None:
+            from chainrule.derive.optimizers import get_rule
+            names = get_rule(self.rule).state
+            self.state = {k: {s: np.zeros_like(params[k]) for s in names} for k in params} if names else {}
+        self.t += 1
+        values = self.values()
+        for k in params:
+            self._numpy_update(params[k], grads[k], self.state.get(k, {}), values, self.t)
+        return float(cost)
+
+    def values(self) -> dict:
+        """Every hyperparameter's value (declared defaults filled in), by its declared name."""
+        from chainrule.derive.optimizers import HYPER_NAMES, get_rule
+        rule = get_rule(self.rule)
+        out = {s.name: float(v) for s, v in rule.defaults.items()}
+        out["eta"] = self.lr
+        out.update({HYPER_NAMES[k].name: v for k, v in self.hyper.items()})
+        return out
+
+    def config(self) -> dict:
+        """Name, learning rate, clipping and every hyperparameter (declared defaults filled in)."""
+        from chainrule.derive.optimizers import HYPER_NAMES
+        by_symbol = {s.name: k for k, s in HYPER_NAMES.items()}
+        values = {by_symbol[n]: v for n, v in self.values().items() if by_symbol[n] != "lr"}
+        return {"name": self.name, "lr": self.lr, "clipnorm": self.clipnorm,
+                **{k: values[k] for k in sorted(values)}}
+
+    def __repr__(self):
+        extra = "".join(f", {k}={v:g}" for k, v in self.hyper.items())
+        clip = f", clipnorm={self.clipnorm:g}" if self.clipnorm else ""
+        return f"{type(self).__name__}(lr={self.lr:g}{extra}{clip})"
+
+
+class SGD(DeclaredOptimizer):
+    """θ ← θ - η g."""
+
+    rule = "sgd"
+
+    def __init__(self, lr: float = 0.1, clipnorm=None):
+        super().__init__(lr, clipnorm)
 
     def update(self, params, grads):          # the unfused equivalent (used by tests/tools)
         for k, g in grads.items():
             params[k] -= np.asarray(self.lr, dtype=params[k].dtype) * g
 
 
-OPTIMIZERS = {"sgd": SGD}
+class Momentum(DeclaredOptimizer):
+    """v ← μ v - η g; θ ← θ + v."""
+    rule = "momentum"
+
+
+class Nesterov(DeclaredOptimizer):
+    """v ← μ v - η g; θ ← θ + μ v - η g."""
+    rule = "nesterov"
+
+
+class Adagrad(DeclaredOptimizer):
+    rule = "adagrad"
+
+
+class RMSProp(DeclaredOptimizer):
+    rule = "rmsprop"
+
+
+class Adam(DeclaredOptimizer):
+    rule = "adam"
+
+
+class AdamW(DeclaredOptimizer):
+    rule = "adamw"
+
+
+OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "nesterov": Nesterov, "adagrad": Adagrad,
+              "rmsprop": RMSProp, "adam": Adam, "adamw": AdamW}
 
 
 def get_optimizer(opt, lr=None) -> Optimizer:
     if isinstance(opt, Optimizer):
         if lr is not None:
-            opt.lr = float(lr)
+            opt.lr = lr
         return opt
     if isinstance(opt, str):
         key = opt.lower()
