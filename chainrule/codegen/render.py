@@ -174,7 +174,7 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
         optimizer=rule.name, optimizer_title=rule.title, states=state_args,
         noise_train=noise_train, noise_eval=noise_eval,
         hyper=[(k, f"u_hp_{h}") for k, h in enumerate(hyper)],
-        train_args=", ".join([ident(p.name) for p in params] + state_args + [ident(x.name), ident(y.name)]))
+        train_args=", ".join([ident(p.name) for p in params] + state_args + [ident(t.name) for t in inputs] + [ident(y.name)]))
     return Plan([p.name for p in params], x.name, y.name, [t.name for t in model.outputs],
                 model.cost.name, forward_k, predict_k, backward_k, context,
                 optimizer=rule.name, state_names=[s for s in rule.state], hyper_names=hyper)
