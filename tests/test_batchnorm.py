@@ -69,3 +69,15 @@ def test_input_adjoint_is_the_compact_ioffe_szegedy_form():
 
 def test_batchnorm_gradients_are_verified():
     assert all(verify_model(_model()))
+
+
+def test_batchnorm_kernels_match_finite_differences(compiled_declared):
+    from chainrule.codegen.verify import check_gradients
+    from chainrule.derive import Activation
+    model = lambda: sequential(3, [Dense(4), BatchNorm(), Activation("tanh", sp.tanh), Dense(2)], "mse",
+                               name="bn-fd")
+    cm = compiled_declared("bn-fd", model)
+    checks = check_gradients(cm.model, compiled=cm, seed=2)
+    assert [c.name for c in checks] == cm.param_names and len(checks) == 6
+    for c in checks:
+        assert c.ok and c.compared == min(c.size, 300), str(c)
