@@ -222,6 +222,59 @@ def declared_facts(expr, model):
     return out
 
 
+def _normalised_equations(model):
+    """Forward equations x̂ = A / sqrt(P) (A and P read tensors): a normalised deviation."""
+    out = []
+    for eq in model.equations:
+        if eq.out.role == "cost" or not eq.body.is_Mul:
+            continue
+        roots = [f for f in eq.body.args if f.is_Pow and f.exp == sp.Rational(-1, 2) and f.base.has(sp.Indexed)]
+        if len(roots) != 1:
+            continue
+        A = sp.Mul(*[f for f in eq.body.args if f is not roots[0]])
+        if A.is_Add and A.has(sp.Indexed):
+            out.append((eq, A, roots[0].base))
+    return out
+
+
+@rewrite("normalised forward result",
+         "a deviation the forward pass normalised is its normalised value times the scale: A = x̂ √P")
+def normalised_results(expr, model):
+    """Where the forward pass computed x̂ = A/√P, write A as x̂ √P (at every index where it appears),
+    move the scale out of the sums and let the powers of P cancel; kept only when shorter (the
+    compact batch-norm form: (x - μ) Σ (x - μ) dx̂ / (v + ε) becomes x̂ Σ x̂ dx̂)."""
+    from .tensor import Equation
+    used = []
+    out = expr
+    for eq, A, P in _normalised_equations(model):
+        pseudo = Equation(eq.out, eq.indices, A)
+        hits = {}
+
+        def query(e):
+            if not e.is_Add:
+                return False
+            hit = _match_forward(e, pseudo)
+            if hit is None:
+                return False
+            mapping = dict(zip(eq.indices, hit.indices))
+            hits[e] = hit * sp.sqrt(P.xreplace(mapping))
+            return True
+
+        new = out.replace(query, lambda e: hits[e])
+        if new != out:
+            out = new
+            used.append(eq)
+    if not used:
+        return expr
+    for _ in range(3):
+        out = collect_common(factor_out_of_sums(out, model), model)
+    if sp.count_ops(out) >= sp.count_ops(expr):
+        return expr
+    return out, [Note("the forward pass computed " + ", ".join("{%d}" % k for k in range(len(used)))
+                      + ", so the deviation is the normalised value times the scale",
+                      *[sp.Eq(eq.lhs, eq.body, evaluate=False) for eq in used], fixed=True)]
+
+
 def _divides_by_a_read(e) -> bool:
     return any(p.is_Pow and p.exp.is_negative and p.base.has(sp.Indexed) for p in sp.preorder_traversal(e))
 
