@@ -13,6 +13,7 @@ import sympy as sp
 
 from .notes import Note
 from .primitives import LogSumExp
+from .tensor import Equation
 
 
 @dataclass
@@ -172,7 +173,6 @@ def forward_sums(expr, model):
             if [v for v, *_ in limits] != body_vars:
                 continue
             cand = e.function.xreplace(ren)
-            from .tensor import Equation
             hit = _match_forward(cand, Equation(eq.out, eq.indices, s.function))
             if hit is not None:
                 hits[e] = (eq, hit / c)
@@ -243,7 +243,6 @@ def normalised_results(expr, model):
     """Where the forward pass computed x̂ = A/√P, write A as x̂ √P (at every index where it appears),
     move the scale out of the sums and let the powers of P cancel; kept only when shorter (the
     compact batch-norm form: (x - μ) Σ (x - μ) dx̂ / (v + ε) becomes x̂ Σ x̂ dx̂)."""
-    from .tensor import Equation
     used = []
     out = expr
     for eq, A, P in _normalised_equations(model):
