@@ -13,6 +13,7 @@ import sympy as sp
 
 from .notes import Note
 from .primitives import LogSumExp
+from .tensor import Equation
 
 
 @dataclass
@@ -130,6 +131,62 @@ def count_constant_sums(expr, model):
     return expr.replace(query, value)
 
 
+def _mean_equations(model):
+    """Forward equations that are a constant times one sum (a mean μ = (1/N) Σ_b x_b): (eq, sum, c)."""
+    out = []
+    for eq in model.equations:
+        if eq.out.role == "cost":
+            continue
+        sums = [f for f in sp.Mul.make_args(eq.body) if isinstance(f, sp.Sum)]
+        if len(sums) != 1:
+            continue
+        c = sp.Mul(*[f for f in sp.Mul.make_args(eq.body) if f is not sums[0]])
+        if c.has(sp.Indexed, sp.Sum) or c == 0:
+            continue
+        out.append((eq, sums[0], c))
+    return out
+
+
+@rewrite("forward sum", "a sum the forward pass computed (times a constant) is that forward value")
+def forward_sums(expr, model):
+    """Σ_b' x_b'i, where the forward pass computed μ_i = c Σ_b x_bi, is μ_i / c: a fact derived from
+    the forward equation (it makes deviations from a mean sum to zero: Σ_b (x_b - μ) = B μ - B μ)."""
+    means = _mean_equations(model)
+    if not means:
+        return expr
+    hits = {}
+
+    def query(e):
+        if not isinstance(e, sp.Sum):
+            return False
+        for eq, s, c in means:
+            if len(e.limits) != len(s.limits):
+                continue
+            body_vars = [v for v, *_ in s.limits]
+            if set(body_vars) & e.free_symbols:
+                continue            # renaming would capture a free index
+            ren = {v: w for (v, *_), w in zip(e.limits, body_vars)}
+            limits = [(ren[v], lo, hi) for v, lo, hi in e.limits]
+            if any(sp.simplify(lo - lo2) != 0 or sp.simplify(hi - hi2) != 0
+                   for (_, lo, hi), (_, lo2, hi2) in zip(limits, s.limits)):
+                continue
+            if [v for v, *_ in limits] != body_vars:
+                continue
+            cand = e.function.xreplace(ren)
+            hit = _match_forward(cand, Equation(eq.out, eq.indices, s.function))
+            if hit is not None:
+                hits[e] = (eq, hit / c)
+                return True
+        return False
+
+    out = expr.replace(query, lambda e: hits[e][1])
+    if out != expr:
+        unique = list({id(eq): eq for eq, _ in hits.values()}.values())
+        return out, [Note("the forward pass computed " + ", ".join("{%d}" % k for k in range(len(unique))),
+                          *[sp.Eq(eq.lhs, eq.body, evaluate=False) for eq in unique], fixed=True)]
+    return out
+
+
 @rewrite("sum of a sum", "a sum of terms splits into a sum per term")
 def split_sums(expr, model):
     return expr.replace(lambda e: isinstance(e, sp.Sum) and e.function.is_Add,
@@ -163,6 +220,58 @@ def declared_facts(expr, model):
                                       " (the target is a probability distribution: its entries sum to one)",
                                       *[sp.Eq(e, 1, evaluate=False) for e in applied])]
     return out
+
+
+def _normalised_equations(model):
+    """Forward equations x̂ = A / sqrt(P) (A and P read tensors): a normalised deviation."""
+    out = []
+    for eq in model.equations:
+        if eq.out.role == "cost" or not eq.body.is_Mul:
+            continue
+        roots = [f for f in eq.body.args if f.is_Pow and f.exp == sp.Rational(-1, 2) and f.base.has(sp.Indexed)]
+        if len(roots) != 1:
+            continue
+        A = sp.Mul(*[f for f in eq.body.args if f is not roots[0]])
+        if A.is_Add and A.has(sp.Indexed):
+            out.append((eq, A, roots[0].base))
+    return out
+
+
+@rewrite("normalised forward result",
+         "a deviation the forward pass normalised is its normalised value times the scale: A = x̂ √P")
+def normalised_results(expr, model):
+    """Where the forward pass computed x̂ = A/√P, write A as x̂ √P (at every index where it appears),
+    move the scale out of the sums and let the powers of P cancel; kept only when shorter (the
+    compact batch-norm form: (x - μ) Σ (x - μ) dx̂ / (v + ε) becomes x̂ Σ x̂ dx̂)."""
+    used = []
+    out = expr
+    for eq, A, P in _normalised_equations(model):
+        pseudo = Equation(eq.out, eq.indices, A)
+        hits = {}
+
+        def query(e):
+            if not e.is_Add:
+                return False
+            hit = _match_forward(e, pseudo)
+            if hit is None:
+                return False
+            mapping = dict(zip(eq.indices, hit.indices))
+            hits[e] = hit * sp.sqrt(P.xreplace(mapping))
+            return True
+
+        new = out.replace(query, lambda e: hits[e])
+        if new != out:
+            out = new
+            used.append(eq)
+    if not used:
+        return expr
+    for _ in range(3):
+        out = collect_common(factor_out_of_sums(out, model), model)
+    if sp.count_ops(out) >= sp.count_ops(expr):
+        return expr
+    return out, [Note("the forward pass computed " + ", ".join("{%d}" % k for k in range(len(used)))
+                      + ", so the deviation is the normalised value times the scale",
+                      *[sp.Eq(eq.lhs, eq.body, evaluate=False) for eq in used], fixed=True)]
 
 
 def _divides_by_a_read(e) -> bool:
