@@ -18,6 +18,8 @@ Nothing here knows about a particular layer: everything comes from the equations
 """
 from __future__ import annotations
 
+import itertools
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -30,6 +32,7 @@ from ..derive.primitives import IsArgmax, LogSumExp, MaxOver, Primitive
 from .printer import print_expr, to_conventions
 
 REDUCTIONS = (sp.Sum, LogSumExp, MaxOver)
+GEMM_MAX_WASTE = 4.0      # an im2col GEMM may compute this many times the products its limits keep
 IND = "    "
 
 
@@ -277,6 +280,10 @@ class Lowerer:
         if len(set(ks)) != len(ks):
             return None
         limits = {v: (lo, hi) for v, lo, hi in s.limits}
+        bounds = set().union(*[sp.sympify(lo).free_symbols | sp.sympify(hi).free_symbols
+                               for lo, hi in limits.values()])
+        if not bounds <= set(ks) | set(loop_vars) | set(self.sizes) | {BATCH}:
+            return None                          # limits bound by an enclosing reduction
         coeff, factors = sp.S.One, []
         for f in sp.Mul.make_args(s.function):
             if f.is_number:
@@ -317,8 +324,38 @@ class Lowerer:
                     guards.append((v, "lo", lo))
                 if sp.simplify(hi - (size[v] - 1)) != 0:
                     guards.append((v, "hi", hi))
+            if guards and self.gather_waste(ks, limits, size, loop_vars, shape) > GEMM_MAX_WASTE:
+                return None
             return dict(P=P, G=G, ks=ks, fp=fp, fg=fg, size=size, coeff=coeff, guards=guards)
         return None
+
+    def gather_waste(self, ks, limits, size, loop_vars, shape) -> float:
+        """How many times more products the zero-filled GEMM computes than the summation limits
+        keep: the full axis of each summation index over the widest range its limits allow (found
+        by evaluating them at every value of the output indices they depend on). The buffer grows
+        with the square of the image for an input gradient, so a large waste keeps the loop nest."""
+        waste = 1.0
+        for v in ks:
+            lo, hi = (_rounded(b, up=u) for b, u in zip(limits[v], (True, False)))
+            dep = sorted((sp.sympify(lo).free_symbols | sp.sympify(hi).free_symbols) - set(self.sizes), key=str)
+            if not dep:
+                width = hi - lo + 1
+            else:
+                if not set(dep) <= set(loop_vars):
+                    return float("inf")          # limits bound by another summation index
+                extents = [shape[loop_vars.index(d)] for d in dep]
+                if not all(e.is_Integer for e in extents) or math.prod(int(e) for e in extents) > 100_000:
+                    return float("inf")
+                f = sp.lambdify(dep, hi - lo + 1, modules="math")
+                width = max(f(*pt) for pt in itertools.product(*[range(int(e)) for e in extents]))
+            if not (sp.sympify(size[v]).is_Integer and sp.sympify(width).is_number):
+                if sp.simplify(size[v] - width) != 0:
+                    return float("inf")
+                continue
+            if width <= 0:
+                return float("inf")
+            waste *= float(size[v]) / float(width)
+        return waste
 
     def gemm_code(self, m, tmp) -> tuple[list, tuple]:
         """The lines of an im2col GEMM (see ``match_gemm``) into ``tmp``, and tmp's index order."""
