@@ -209,3 +209,30 @@ def test_declaration_errors_name_the_layer_tensor_and_shapes(layers, shape, mess
         sequential(shape, layers, "mse")
     text = str(err.value)
     assert message in text and f"layer {len(layers)}:" in text, text
+
+
+def test_convolutions_lower_to_im2col_gemms_that_pass_finite_differences(conv_kernels):
+    """A contraction over channel and kernel offsets with affine reads is lowered as im2col + np.dot
+    (the code generator's choice from the equation's shape), for the forward convolution, the kernel
+    gradient and the input gradient (whose summation limits depend on the output index: zeros
+    outside them in the gathered buffer); the kernels still pass finite differences and agree with
+    scipy's correlate."""
+    from chainrule.codegen.verify import check_gradients
+    cm = conv_kernels("cnn-gemm", [Conv2D(3, 3), Activation("tanh", ACTIVATIONS["tanh"]), Conv2D(2, 2),
+                                   Flatten(), Dense(3)], (2, 7, 6), "softmax_cross_entropy")
+    src = cm.source
+    for eq in ("y1[b,f,h,w] = Σ_c,p,q", "y2[b,f,h,w] = Σ_c,p,q", "d_W1[f,c,p,q] = Σ_b,h,w",
+               "d_W2[f,c,p,q] = Σ_b,h,w", "d_y1[b,f,h,w] = Σ_f',h',w'[W2"):
+        assert f"# contraction in {eq.split('[')[0]}: {eq}" in src, eq
+    assert src.count("_col = np.empty(") >= 5 and "zero outside the summation limits" in src
+    results = check_gradients(cm.model, compiled=cm)
+    assert [n for n, _ in results] == ["W1", "b1", "W2", "b2", "W3", "b3"]
+    assert all(err < 1e-6 for _, err in results), results
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 2, 7, 6))
+    one = conv_kernels("conv-gemm-ref", [Conv2D(3, 3), Flatten(), Dense(3 * 5 * 4)], (2, 7, 6))
+    p1 = one.init_params(0)
+    p1["b1"] = rng.normal(size=p1["b1"].shape)
+    got = _identity_readout(one, p1, x)
+    np.testing.assert_allclose(got, _conv_reference(x, p1["W1"], p1["b1"], 1, 0, 1).reshape(3, -1),
+                               rtol=1e-12, atol=1e-12)

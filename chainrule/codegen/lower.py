@@ -18,6 +18,8 @@ Nothing here knows about a particular layer: everything comes from the equations
 """
 from __future__ import annotations
 
+import itertools
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -30,6 +32,7 @@ from ..derive.primitives import IsArgmax, LogSumExp, MaxOver, Primitive
 from .printer import print_expr, to_conventions
 
 REDUCTIONS = (sp.Sum, LogSumExp, MaxOver)
+GEMM_MAX_WASTE = 4.0      # an im2col GEMM may compute this many times the products its limits keep
 IND = "    "
 
 
@@ -262,6 +265,139 @@ class Lowerer:
         b = view(Bm, k_first=True)                # B as (k, free)
         return f"np.dot({a}, {b})", tuple(fa + fb)
 
+    def match_gemm(self, s, loop_vars, shape):
+        """``Σ_{k1..km} P[..] G[..]`` over several indices with full constant ranges, where ``P``
+        reads every summation index as a plain index (the rest of its indices output indices) and
+        ``G`` reads affine expressions of the summation indices and of the other output indices (a
+        convolution: ``W[f, c, p, q] x[b, c, h + p, w + q]``, or its kernel gradient
+        ``δ[b, f, h, w] x[b, c, h + p, w + q]``) -> a GEMM plan, or None.
+
+        Lowered as im2col: ``col[Fg.., K..] = G[..]`` gathered into a contiguous buffer, then
+        ``out[Fg.., Fp..] = col(Fg, K) · P(K, Fp)`` by ``np.dot`` on 2-D views."""
+        if not isinstance(s, sp.Sum):           # (a plain matrix product is match_dot's)
+            return None
+        ks = [v for v, _, _ in s.limits]
+        if len(set(ks)) != len(ks):
+            return None
+        limits = {v: (lo, hi) for v, lo, hi in s.limits}
+        bounds = set().union(*[sp.sympify(lo).free_symbols | sp.sympify(hi).free_symbols
+                               for lo, hi in limits.values()])
+        if not bounds <= set(ks) | set(loop_vars) | set(self.sizes) | {BATCH}:
+            return None                          # limits bound by an enclosing reduction
+        coeff, factors = sp.S.One, []
+        for f in sp.Mul.make_args(s.function):
+            if f.is_number:
+                coeff *= f
+            elif isinstance(f, sp.Indexed):
+                factors.append(f)
+            else:
+                return None
+        if len(factors) != 2:
+            return None
+        if not all(str(t.base.label) in self.tensors for t in factors):
+            return None
+        lv = set(loop_vars)
+        for P, G in (factors, factors[::-1]):
+            pidx = list(P.indices)
+            if not all(isinstance(i, sp.Symbol) for i in pidx) or len(set(pidx)) != len(pidx):
+                continue
+            if not set(ks) <= set(pidx) or not set(pidx) <= set(ks) | lv:
+                continue
+            fp = [i for i in pidx if i not in ks]
+            gfree = set().union(*[sp.sympify(e).free_symbols for e in G.indices]) - {BATCH}
+            gfree -= set(self.sizes)
+            if not gfree <= set(ks) | lv or gfree & set(fp):
+                continue
+            if not all(_affine(e, gfree) for e in G.indices):
+                continue
+            fg = [v for v in loop_vars if v in gfree]
+            size = {v: shape[loop_vars.index(v)] for v in fp + fg}
+            # each summation index runs over P's axis that reads it; a narrower range (limits that
+            # depend on output indices: the input gradient's full correlation, or padding) is a
+            # guard of the gather, which writes zero outside it
+            pshape = self.concrete_shape(self.tensors[str(P.base.label)])
+            guards = []
+            for v in ks:
+                size[v] = pshape[pidx.index(v)]
+                lo, hi = limits[v]
+                if sp.simplify(lo) != 0:
+                    guards.append((v, "lo", lo))
+                if sp.simplify(hi - (size[v] - 1)) != 0:
+                    guards.append((v, "hi", hi))
+            if guards and self.gather_waste(ks, limits, size, loop_vars, shape) > GEMM_MAX_WASTE:
+                return None
+            return dict(P=P, G=G, ks=ks, fp=fp, fg=fg, size=size, coeff=coeff, guards=guards)
+        return None
+
+    def gather_waste(self, ks, limits, size, loop_vars, shape) -> float:
+        """How many times more products the zero-filled GEMM computes than the summation limits
+        keep: the full axis of each summation index over the widest range its limits allow (found
+        by evaluating them at every value of the output indices they depend on). The buffer grows
+        with the square of the image for an input gradient, so a large waste keeps the loop nest."""
+        waste = 1.0
+        for v in ks:
+            lo, hi = (_rounded(b, up=u) for b, u in zip(limits[v], (True, False)))
+            dep = sorted((sp.sympify(lo).free_symbols | sp.sympify(hi).free_symbols) - set(self.sizes), key=str)
+            if not dep:
+                width = hi - lo + 1
+            else:
+                if not set(dep) <= set(loop_vars):
+                    return float("inf")          # limits bound by another summation index
+                extents = [shape[loop_vars.index(d)] for d in dep]
+                if not all(e.is_Integer for e in extents) or math.prod(int(e) for e in extents) > 100_000:
+                    return float("inf")
+                f = sp.lambdify(dep, hi - lo + 1, modules="math")
+                width = max(f(*pt) for pt in itertools.product(*[range(int(e)) for e in extents]))
+            if not (sp.sympify(size[v]).is_Integer and sp.sympify(width).is_number):
+                if sp.simplify(size[v] - width) != 0:
+                    return float("inf")
+                continue
+            if width <= 0:
+                return float("inf")
+            waste *= float(size[v]) / float(width)
+        return waste
+
+    def gemm_code(self, m, tmp) -> tuple[list, tuple]:
+        """The lines of an im2col GEMM (see ``match_gemm``) into ``tmp``, and tmp's index order."""
+        P, G, ks, fp, fg, size = m["P"], m["G"], m["ks"], m["fp"], m["fg"], m["size"]
+        pe = self.pe
+        col = tmp + "_col"
+        cdims = [pe(size[v]) for v in fg + ks]
+        prod = lambda vs: " * ".join(f"({pe(size[v])})" for v in vs) or "1"
+        gtxt = comment_text(sp.sstr(G))
+        lines = [f"# im2col: {col}[{', '.join(map(str, fg + ks))}] = {gtxt}",
+                 f"{col} = np.empty(({', '.join(cdims)},), dtype=DT)"]
+        depth = 0
+        for v in fg + ks:
+            lines.append(IND * depth + f"for {self.names[v]} in range({pe(size[v])}):")
+            depth += 1
+        target = f"{col}[{', '.join(self.names[v] for v in fg + ks)}]"
+        if m["guards"]:
+            cond = " and ".join(
+                f"{self.names[v]} >= {pe(_rounded(b, up=True))}" if side == "lo"
+                else f"{self.names[v]} <= {pe(_rounded(b, up=False))}" for v, side, b in m["guards"])
+            lines += [IND * depth + f"# zero outside the summation limits: {comment_text(cond)}",
+                      IND * depth + f"if {cond}:",
+                      IND * (depth + 1) + f"{target} = {pe(G)}",
+                      IND * depth + "else:",
+                      IND * (depth + 1) + f"{target} = 0.0"]
+        else:
+            lines.append(IND * depth + f"{target} = {pe(G)}")
+        pname = self.ident(str(P.base.label))
+        perm = [list(P.indices).index(v) for v in ks + fp]
+        ptxt = comment_text(sp.sstr(P))
+        lines.append(f"# {ptxt} as a ({', '.join(map(str, ks))}) x ({', '.join(map(str, fp))}) matrix")
+        if perm == sorted(perm):
+            pmat = f"{pname}"
+        else:
+            pmat = f"np.ascontiguousarray({pname}.transpose(({', '.join(map(str, perm))},)))"
+        out_dims = [pe(size[v]) for v in fg + fp]
+        lines.append(f"# GEMM: {tmp}[{', '.join(map(str, fg + fp))}] = Σ_{','.join(map(str, ks))} "
+                     f"{col}[{', '.join(map(str, fg + ks))}] * {ptxt}")
+        lines.append(f"{tmp} = np.dot({col}.reshape(({prod(fg)}, {prod(ks)})), "
+                     f"{pmat}.reshape(({prod(ks)}, {prod(fp)}))).reshape(({', '.join(out_dims)},))")
+        return lines, tuple(fg + fp)
+
     # -- lowering one equation ----------------------------------------------------------------
     def classify(self, eq):
         body, loop_vars = self.prepare(eq)
@@ -280,6 +416,16 @@ class Lowerer:
             for s in sorted(body.atoms(sp.Sum), key=sp.default_sort_key):
                 m = self.match_dot(s, loop_vars)
                 if m is None:
+                    g = self.match_gemm(s, loop_vars, info["shape"])
+                    if g is None:
+                        continue
+                    tmp = self.fresh("gemm")
+                    self.names[tmp] = tmp
+                    code, order = self.gemm_code(g, tmp)
+                    body = body.xreplace({s: g["coeff"] * sp.IndexedBase(tmp)[order]})
+                    a, b = str(g["P"].base.label), str(g["G"].base.label)
+                    info["pre"].append((code, a, b))
+                    info["dot_reads"] |= {a, b}
                     continue
                 A, Bm, k, coeff = m
                 code, order = self.dot_code(A, Bm, k, loop_vars)
@@ -494,7 +640,10 @@ class Lowerer:
             lines.append(f"{self.ident(g['out'])} = np.empty({self.shape_code(self.tensors[g['out']])}, dtype=DT)")
         for g in group:
             for code, _, _ in g["pre"]:
-                lines.append(f"{code}  # contraction in {comment_text(g['out'])}")
+                if isinstance(code, list):          # an im2col GEMM: commented line by line
+                    lines += [f"# contraction in {comment_text(g['out'])}: {g['text']}"] + code
+                else:
+                    lines.append(f"{code}  # contraction in {comment_text(g['out'])}")
         blocks = [_Block(set(loop_vars[:d])) for d in range(len(loop_vars) + 1)]
         stmts = []
         for g in group:
@@ -532,10 +681,22 @@ class Lowerer:
         value = self.emit_expr(info["body"], blocks)
         lines = [f"# {info['text']}"]
         for code, _, _ in info["pre"]:
-            lines.append(code)
+            lines += code if isinstance(code, list) else [code]
         lines += blocks[0].lines
         lines.append(f"{self.ident(info['out'])} = {value}")
         return Kernel("scalar", [info["text"]], [info["out"]], lines)
+
+
+def _affine(e, syms) -> bool:
+    """``e`` is affine (integer coefficients) in ``syms``."""
+    e = sp.sympify(e)
+    if not (e.free_symbols & set(syms)):
+        return True
+    try:
+        poly = sp.Poly(e, *sorted(e.free_symbols & set(syms), key=str))
+    except sp.PolynomialError:
+        return False
+    return poly.total_degree() <= 1 and all(c.is_integer for c in poly.coeffs())
 
 
 def _rounded(e, up: bool):
