@@ -217,16 +217,10 @@ class Lowerer:
         k, lo, hi = s.limits[0]
         if lo != 0:
             return None
-        coeff, factors = sp.S.One, []
-        for f in sp.Mul.make_args(s.function):
-            if f.is_number:
-                coeff *= f
-            elif isinstance(f, sp.Indexed):
-                factors.append(f)
-            else:
-                return None
-        if len(factors) != 2:
+        split = _two_reads(s.function)
+        if split is None:
             return None
+        coeff, factors = split
         A, Bm = factors
         for t in (A, Bm):
             if not all(isinstance(i, sp.Symbol) for i in t.indices):
@@ -284,16 +278,10 @@ class Lowerer:
                                for lo, hi in limits.values()])
         if not bounds <= set(ks) | set(loop_vars) | set(self.sizes) | {BATCH}:
             return None                          # limits bound by an enclosing reduction
-        coeff, factors = sp.S.One, []
-        for f in sp.Mul.make_args(s.function):
-            if f.is_number:
-                coeff *= f
-            elif isinstance(f, sp.Indexed):
-                factors.append(f)
-            else:
-                return None
-        if len(factors) != 2:
+        split = _two_reads(s.function)
+        if split is None:
             return None
+        coeff, factors = split
         if not all(str(t.base.label) in self.tensors for t in factors):
             return None
         lv = set(loop_vars)
@@ -728,6 +716,19 @@ def outermost_reductions(expr) -> list:
         if not isinstance(e, sp.Indexed):
             stack.extend(reversed(e.args))
     return out
+
+
+def _two_reads(product):
+    """``c · A[..] · B[..]`` (a number times exactly two reads) -> (c, [A, B]), else None."""
+    coeff, factors = sp.S.One, []
+    for f in sp.Mul.make_args(product):
+        if f.is_number:
+            coeff *= f
+        elif isinstance(f, sp.Indexed):
+            factors.append(f)
+        else:
+            return None
+    return (coeff, factors) if len(factors) == 2 else None
 
 
 def primitives_used(exprs) -> list[type]:

@@ -155,15 +155,21 @@ def Conv2D(filters, kernel, **kw) -> Conv:
     return Conv(filters, kernel, dims=2, **kw)
 
 
-class AvgPool(Layer):
-    """``y[b, c, h, w] = (1/k²) Σ_p Σ_q x[b, c, s h + p, s w + q]``: the mean over each window."""
+class _Pool(Layer):
+    """A reduction over each window ``x[b, c, s h + p, s w + q]``; subclasses say which (``reduce``)."""
+
+    kind = "pool"
+    what = ""
 
     def __init__(self, window=2, stride=None, *, dims: int | None = None):
         self.window, self.stride, self.dims = window, stride, dims
-        self.name = f"avgpool{dims}d" if dims else "avgpool"
+        self.name = f"{self.kind}{dims}d" if dims else self.kind
 
     def describe(self):
         return f"{self.name}({self.window}" + (f", stride={self.stride})" if self.stride else ")")
+
+    def reduce(self, read, limits, K):
+        raise NotImplementedError
 
     def build(self, d, x):
         dims, kind = self.dims, self.describe()
@@ -179,37 +185,27 @@ class AvgPool(Layer):
         win = tuple(index(n) for n in (("q",) if dims == 1 else ("p", "q")))
         y = d.tensor("m", (B, x.shape[1], *out_sizes))
         read = x[(b, c, *(s * o + v for o, v, s in zip(out_idx, win, S)))]
-        body = sp.Sum(read, *[(v, 0, k - 1) for v, k in zip(win, K)]) / sp.Mul(*K)
-        return d.define(y, (b, c, *out_idx), body, note=f"{kind}: the mean over each window")
+        body = self.reduce(read, [(v, 0, k - 1) for v, k in zip(win, K)], K)
+        return d.define(y, (b, c, *out_idx), body, note=f"{kind}: the {self.what} over each window")
 
 
-class MaxPool(Layer):
+class AvgPool(_Pool):
+    """``y[b, c, h, w] = (1/k²) Σ_p Σ_q x[b, c, s h + p, s w + q]``: the mean over each window."""
+
+    kind, what = "avgpool", "mean"
+
+    def reduce(self, read, limits, K):
+        return sp.Sum(read, *limits) / sp.Mul(*K)
+
+
+class MaxPool(_Pool):
     """``y[b, c, h, w] = max_{p,q} x[b, c, s h + p, s w + q]``: the largest value in each window
     (ties: the first position in row-major order, as PyTorch; see ``MaxOver``)."""
 
-    def __init__(self, window=2, stride=None, *, dims: int | None = None):
-        self.window, self.stride, self.dims = window, stride, dims
-        self.name = f"maxpool{dims}d" if dims else "maxpool"
+    kind, what = "maxpool", "maximum"
 
-    def describe(self):
-        return f"{self.name}({self.window}" + (f", stride={self.stride})" if self.stride else ")")
-
-    def build(self, d, x):
-        dims, kind = self.dims, self.describe()
-        dims = _expect_rank(d, x, dims, kind)
-        K = _tuple(self.window, dims, "window", d.layer)
-        S = _tuple(self.stride if self.stride is not None else self.window, dims, "stride", d.layer)
-        if any(v < 1 for v in K + S):
-            raise SpecError(f"layer {d.layer}: window and stride must be at least 1, got {K}, {S}")
-        out_sizes = tuple(_out_size(d, x, 2 + a, n, k, s, kind, what="window")
-                          for a, (n, k, s) in enumerate(zip(x.shape[2:], K, S)))
-        b, c = index("b"), index("c")
-        out_idx = tuple(index(n) for n in (SPATIAL[1:] if dims == 1 else SPATIAL))
-        win = tuple(index(n) for n in (("q",) if dims == 1 else ("p", "q")))
-        y = d.tensor("m", (B, x.shape[1], *out_sizes))
-        read = x[(b, c, *(s * o + v for o, v, s in zip(out_idx, win, S)))]
-        body = MaxOver(read, *[(v, 0, k - 1) for v, k in zip(win, K)])
-        return d.define(y, (b, c, *out_idx), body, note=f"{kind}: the maximum over each window")
+    def reduce(self, read, limits, K):
+        return MaxOver(read, *limits)
 
 
 class GlobalAvgPool(Layer):

@@ -83,3 +83,13 @@ def run_example(name: str, out_dir: str | None = None, epochs: int | None = None
           f"on first use)", file=out)
     return {"test_accuracy": result["accuracy"], "seconds": t_end - t0,
             "train_seconds": t_trained - t_ready, "derivation": doc_path, "network": net}
+
+
+def script_main(name: str, argv=None):
+    """The command line of ``examples/<name>.py``: ``[--epochs N] [--out DIR]``, then ``run_example``."""
+    import argparse
+    ap = argparse.ArgumentParser(description=f"the {name} example (the same as: chainrule train {name})")
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    return run_example(name, out_dir=args.out, epochs=args.epochs)

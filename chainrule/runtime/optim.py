@@ -121,9 +121,6 @@ class DeclaredOptimizer(Optimizer):
     def _unfused_step(self, cm, params, x, y, seed):
         """``loss_and_grads`` and the declared update evaluated by NumPy (lambdified from the same
         equations): no ``train_step`` to compile, for quick experiments on big graphs."""
-        from chainrule.derive.optimizers import numpy_update
-        if getattr(self, "_numpy_update", None) is None:
-            self._numpy_update = numpy_update(self.rule)
         cost, grads = cm.loss_and_grads(params, x, y, seed)
         if self.clipnorm:
             norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads.values()))
@@ -134,10 +131,17 @@ class DeclaredOptimizer(Optimizer):
             names = get_rule(self.rule).state
             self.state = {k: {s: np.zeros_like(params[k]) for s in names} for k in params} if names else {}
         self.t += 1
-        values = self.values()
-        for k in params:
-            self._numpy_update(params[k], grads[k], self.state.get(k, {}), values, self.t)
+        self.update(params, grads)
         return float(cost)
+
+    def update(self, params, grads):
+        """The declared update applied with NumPy (lambdified from the same equations as the kernel)."""
+        from chainrule.derive.optimizers import numpy_update
+        if getattr(self, "_numpy_update", None) is None:
+            self._numpy_update = numpy_update(self.rule)
+        values = self.values()
+        for k, g in grads.items():
+            self._numpy_update(params[k], g, self.state.get(k, {}), values, self.t)
 
     def values(self) -> dict:
         """Every hyperparameter's value (declared defaults filled in), by its declared name."""
@@ -170,9 +174,6 @@ class SGD(DeclaredOptimizer):
     def __init__(self, lr: float = 0.1, clipnorm=None):
         super().__init__(lr, clipnorm)
 
-    def update(self, params, grads):          # the unfused equivalent (used by tests/tools)
-        for k, g in grads.items():
-            params[k] -= np.asarray(self.lr, dtype=params[k].dtype) * g
 
 
 class Momentum(DeclaredOptimizer):
