@@ -86,6 +86,7 @@ class EarlyStopping(Callback):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best:
                 self.best_params = self.network.get_params()
+                self.best_buffers = self.network.get_buffers()      # running averages go with them
         else:
             self.wait += 1
             if self.wait >= self.patience:
@@ -98,6 +99,7 @@ class EarlyStopping(Callback):
             history.best_epoch = self.best_epoch
         if self.restore_best and self.best_params is not None:
             self.network.set_params(self.best_params, source=f"the best epoch ({self.best_epoch + 1})")
+            self.network.set_buffers(self.best_buffers, source=f"the best epoch ({self.best_epoch + 1})")
             if history is not None:
                 history.restored_epoch = self.best_epoch     # the parameters are those of this epoch
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from .callbacks import Callback, ProgressBar
-from .checkpoint import FORMAT, FORMAT_VERSION, STATE_PREFIX, inspect_checkpoint
+from .checkpoint import BUFFER_PREFIX, FORMAT, FORMAT_VERSION, STATE_PREFIX, inspect_checkpoint
 from .data import one_hot, train_test_split
 from .errors import ChainruleError, CheckpointError, DataError, LabelError, ShapeError, TrainingDiverged
 from .optim import SGD, get_optimizer
@@ -169,6 +169,9 @@ class Network:
         self._facts = declared_facts(model, names={cm.input_name, cm.target_name})
         self.params = cm.init_params(seed=seed)
         self._check_params(self.params, "init_params")
+        # non-trainable state (batch norm's running averages): updated by training steps, read in
+        # evaluation, saved with the parameters
+        self.buffers = cm.init_buffers()
 
     def _ensure_compiled(self):
         """The compiled module whose ``train_step`` fuses the optimiser's declared update."""
@@ -244,6 +247,26 @@ class Network:
         """A copy of the parameters."""
         return {k: self.params[k].copy() for k in self.param_names}
 
+    @property
+    def buffer_names(self):
+        return list(self.compiled.buffer_names)
+
+    def get_buffers(self) -> dict:
+        """A copy of the buffers (running averages)."""
+        return {k: self.buffers[k].copy() for k in self.buffer_names}
+
+    def set_buffers(self, buffers: dict, source="set_buffers"):
+        """Copy ``buffers`` into the network's running averages (checks names and shapes)."""
+        expected = {k: tuple(self.compiled.buffer_shapes[k]) for k in self.buffer_names}
+        got = {k: tuple(np.shape(v)) for k, v in buffers.items()}
+        if got != expected:
+            raise CheckpointError(f"buffers from {source} do not fit network {self.model.name!r}: "
+                                  f"it has {expected}, {source} has {got}")
+        for k in self.buffer_names:
+            v = np.asarray(buffers[k])
+            _check_finite(v, f"buffer {k} from {source}")
+            np.copyto(self.buffers[k], v.astype(self.dtype, copy=False))
+
     def set_params(self, params: dict, source="set_params"):
         """Copy ``params`` into the network's arrays (checks names and shapes)."""
         self._check_params(params, source)
@@ -272,6 +295,11 @@ class Network:
                 "param_shapes": {k: list(s) for k, s in self.param_shapes.items()},
                 "task": self.task, "loss": self.loss_name, "architecture": self.architecture}
         arrays = {k: self.params[k] for k in self.param_names}
+        # the running averages are part of the model in evaluation: always saved
+        meta["buffer_shapes"] = {}
+        for k in self.buffer_names:
+            arrays[f"{BUFFER_PREFIX}{k}"] = self.buffers[k]
+            meta["buffer_shapes"][f"{BUFFER_PREFIX}{k}"] = list(self.buffers[k].shape)
         if training_state:
             opt = self.optimizer
             meta["optimizer"] = {"class": type(opt).__name__, "config": opt.config(),
@@ -354,6 +382,7 @@ class Network:
                     raise CheckpointError(f"{src}: optimizer state {key} has shape {m.shape}, the "
                                           f"parameter has {self.param_shapes[pname]}")
         self.set_params(ck.read_arrays(), source=src)
+        self._load_buffers(ck, src)
         if saved_opt is not None:
             state = {}
             if same_kind:
@@ -370,13 +399,21 @@ class Network:
         return self
 
     def load_params(self, path, check_architecture=True):
-        """Load only the parameters of a file saved by :meth:`save` (no optimiser state)."""
+        """Load only the parameters (and the running averages the model evaluates with) of a file
+        saved by :meth:`save` (no optimiser state)."""
         ck = inspect_checkpoint(path)
         self._check_shapes(ck.shapes, os.fspath(path))
         if check_architecture:
             self._check_architecture(ck, os.fspath(path))
         self.set_params(ck.read_arrays(), source=os.fspath(path))
+        self._load_buffers(ck, os.fspath(path))
         return self
+
+    def _load_buffers(self, ck, src):
+        """The running averages of a checkpoint, by name (``__buf__/<name>``)."""
+        buffers = {k[len(BUFFER_PREFIX):]: a for k, a in ck.read_arrays(buffers=True).items()}
+        if buffers or self.buffer_names:
+            self.set_buffers(buffers, source=src)
 
     @classmethod
     def from_checkpoint(cls, path, compiled=None, **kw):
@@ -408,6 +445,7 @@ class Network:
         net = cls(model, dtype=meta["dtype"], compiled=compiled, **kw)
         net._check_architecture(ck, src)
         net.set_params(ck.read_arrays(), source=src)
+        net._load_buffers(ck, src)
         return net
 
     # -- data checks -----------------------------------------------------------------------------
@@ -507,8 +545,9 @@ class Network:
         batch_size = _whole(batch_size, "batch_size", 1, who="predict")
         xs = self._prepare_x(x)
         if len(xs) <= batch_size:
-            return np.asarray(self.compiled.predict(self.params, xs))
-        return np.concatenate([np.asarray(self.compiled.predict(self.params, xs[i:i + batch_size]))
+            return np.asarray(self.compiled.predict(self.params, xs, buffers=self.buffers))
+        return np.concatenate([np.asarray(self.compiled.predict(self.params, xs[i:i + batch_size],
+                                                                buffers=self.buffers))
                                for i in range(0, len(xs), batch_size)])
 
     def predict_classes(self, x):
@@ -532,7 +571,7 @@ class Network:
         for i in range(0, len(xs), batch_size):
             xb, yb = xs[i:i + batch_size], ys[i:i + batch_size]
             if hasattr(self.compiled, "cost"):
-                c = self.compiled.cost(self.params, xb, yb)
+                c = self.compiled.cost(self.params, xb, yb, buffers=self.buffers)
             else:
                 c, _ = self.compiled.loss_and_grads(self.params, xb, yb)
             total += float(c) * len(xb)
@@ -666,13 +705,14 @@ class Network:
                              f"{self.epoch} epochs (from its checkpoint or last fit)")
         rng = self._rng
         reference = None
+        buffers = {"buffers": self.buffers} if self.buffer_names else {}   # custom optimisers: none
         for c in callbacks:
             c.on_train_begin()
         for epoch in range(initial_epoch, epochs):
             for c in callbacks:
                 c.on_epoch_begin(epoch)
             t0 = time.perf_counter()
-            last_good = self.get_params()
+            last_good, last_buffers = self.get_params(), self.get_buffers()
             if shuffle:
                 perm = rng.permutation(n)
                 xe, ye = xs[perm], ys[perm]
@@ -684,15 +724,16 @@ class Network:
                 xb, yb = xe[lo:lo + batch_size], ye[lo:lo + batch_size]
                 if self.compiled.has_noise:      # this step's dropout masks / noise, seeded
                     cost = self.optimizer.step(self.compiled, self.params, xb, yb,
-                                               seed=int(rng.integers(2 ** 31)))
+                                               seed=int(rng.integers(2 ** 31)), **buffers)
                 else:
-                    cost = self.optimizer.step(self.compiled, self.params, xb, yb)
+                    cost = self.optimizer.step(self.compiled, self.params, xb, yb, **buffers)
                 if reference is None and math.isfinite(cost):
                     reference = max(abs(cost), 1.0)
                 exploded = (divergence_factor is not None and reference is not None
                             and cost > divergence_factor * reference)
                 if not math.isfinite(cost) or exploded:
                     self.set_params(last_good, source="the last good parameters")
+                    self.set_buffers(last_buffers, source="the last good buffers")
                     # (the kernels follow IEEE arithmetic: an overflow or a division by zero in
                     # the forward or backward pass arrives here as an inf/NaN cost)
                     why = (f"the cost became {cost} (an overflow or a division by zero in the "
@@ -712,6 +753,7 @@ class Network:
             for k in self.param_names:
                 if not np.all(np.isfinite(self.params[k])):
                     self.set_params(last_good, source="the last good parameters")
+                    self.set_buffers(last_buffers, source="the last good buffers")
                     err = TrainingDiverged(
                         f"training diverged in epoch {epoch + 1}: parameter {k} became non-finite; "
                         f"parameters restored to those at the start of epoch {epoch + 1}",
