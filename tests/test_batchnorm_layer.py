@@ -239,3 +239,23 @@ def test_checkpoint_round_trip_and_exact_resume(dense_cm, tmp_path):
     for k in straight.buffer_names:
         assert np.array_equal(resumed.buffers[k], straight.buffers[k]), k
     assert not np.array_equal(straight.buffers["rvar1"], first.buffers["rvar1"])
+
+
+def test_spec_items_with_numbers_round_trip():
+    """batchnorm, layer_norm, dropout and noise in a layer-list spec: parsed with their numbers (no
+    eval), described back as the same spec (what a checkpoint rebuilds from)."""
+    from chainrule.derive import BatchNorm, Dropout, LayerNorm, SpecError, build_model
+    from chainrule.derive.layers import GaussianNoise
+    spec = ("4 -> dense(6) -> batchnorm(momentum=0.05, eps=0.001) -> relu -> dropout(0.25) -> noise(0.5) "
+            "-> dense(5) -> layer_norm(eps=0.0001) -> dense(3) -> mse")
+    m = build_model(spec)
+    layers = [layer for _, layer in m.layers]
+    assert [type(layers[k]) for k in (1, 3, 4)] == [BatchNorm, Dropout, GaussianNoise]
+    assert (layers[1].momentum, layers[1].eps, layers[3].rate, layers[4].std, layers[6].eps) == \
+        (0.05, 0.001, 0.25, 0.5, 0.0001) and isinstance(layers[6], LayerNorm)
+    assert " -> ".join(["4"] + [v.describe() for v in layers] + ["mse"]) == spec
+    for bad, msg in [("dropout(1.0)", r"item 3: dropout rate must be a number in \[0, 1\), got 1.0"),
+                     ("noise(1e)", r"item 3: noise: argument '1e' is not a number or a name"),
+                     ("layer_norm(eps=0)", r"item 3: layer_norm: eps must be > 0, got 0")]:
+        with pytest.raises(SpecError, match=msg):
+            build_model(f"4 -> dense(3) -> {bad} -> dense(2) -> mse")

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..atomic import atomic_write
 from .callbacks import Callback, ProgressBar
-from .checkpoint import BUFFER_PREFIX, FORMAT, FORMAT_VERSION, STATE_PREFIX, inspect_checkpoint
+from .checkpoint import (BUFFER_PREFIX, CALLBACK_PREFIX, FORMAT, FORMAT_VERSION, STATE_PREFIX,
+                         inspect_checkpoint)
 from .data import one_hot, train_test_split
 from .errors import ChainruleError, CheckpointError, DataError, LabelError, ShapeError, TrainingDiverged
 from .optim import SGD, get_optimizer
@@ -153,6 +154,9 @@ class Network:
         self.has_validation = False
         self.epoch = 0                 # epochs completed (what a resumed fit continues from)
         self._rng = None               # the shuffling generator, kept across fits for exact resume
+        self._callbacks = []           # the callbacks of the current (or last) fit
+        self._callback_states = {}     # key -> (meta, arrays) of stateful callbacks, from a checkpoint
+        self.resuming = False          # True while a fit continues a run (initial_epoch > 0)
 
         cm = compiled
         self.input_name, self.target_name = cm.input_name, cm.target_name
@@ -307,6 +311,12 @@ class Network:
                                  "state": sorted(f"{p}/{s}" for p in opt.state for s in opt.state[p])}
             meta["epoch"] = int(self.epoch)
             meta["rng"] = self._rng.bit_generator.state if self._rng is not None else None
+            meta["callbacks"], meta["callback_shapes"] = {}, {}
+            for key, (cb_meta, cb_arrays) in self.callback_states().items():
+                meta["callbacks"][key] = cb_meta
+                for name, a in cb_arrays.items():
+                    arrays[f"{CALLBACK_PREFIX}{key}/{name}"] = a
+                    meta["callback_shapes"][f"{CALLBACK_PREFIX}{key}/{name}"] = list(np.shape(a))
             meta["state_shapes"] = {}
             for p, states in opt.state.items():
                 for sname, a in states.items():
@@ -393,6 +403,8 @@ class Network:
             self.optimizer.state = state
             self.optimizer.t = int(saved_opt.get("t", 0)) if same_kind else 0
             self.epoch = int(ck.meta.get("epoch", 0))
+            self._callback_states = self._read_callback_states(ck, src)
+            self._callbacks = []             # what is saved next is the loaded state
             if ck.meta.get("rng") is not None:
                 self._rng = np.random.default_rng()
                 self._rng.bit_generator.state = ck.meta["rng"]
@@ -408,6 +420,27 @@ class Network:
         self.set_params(ck.read_arrays(), source=os.fspath(path))
         self._load_buffers(ck, os.fspath(path))
         return self
+
+    def callback_states(self) -> dict:
+        """``key -> (meta, arrays)`` of the stateful callbacks (early stopping, checkpoints kept
+        when the monitor improves): those of the current fit, else those loaded from a checkpoint."""
+        live = {c.state_key(): c.state() for c in self._callbacks if c.state() is not None}
+        return live if self._callbacks else dict(self._callback_states)
+
+    def saved_callback_state(self, key):
+        """The state a resumed fit's callback continues from (None when not resuming)."""
+        return self._callback_states.get(key) if self.resuming else None
+
+    def _read_callback_states(self, ck, src) -> dict:
+        states = {k: (dict(v), {}) for k, v in (ck.meta.get("callbacks") or {}).items()
+                  if isinstance(v, dict)}
+        for name, a in ck.read_arrays(callbacks=True).items():
+            key, _, array = name[len(CALLBACK_PREFIX):].rpartition("/")
+            if key not in states:
+                raise CheckpointError(f"{src}: callback array {name} belongs to no saved callback")
+            _check_finite(a, f"callback state {name} in {src}")
+            states[key][1][array] = np.ascontiguousarray(a, dtype=self.dtype)
+        return states
 
     def _load_buffers(self, ck, src):
         """The running averages of a checkpoint, by name (``__buf__/<name>``)."""
@@ -706,8 +739,15 @@ class Network:
         rng = self._rng
         reference = None
         buffers = {"buffers": self.buffers} if self.buffer_names else {}   # custom optimisers: none
+        self.resuming = initial_epoch > 0
+        self._callbacks = callbacks
         for c in callbacks:
             c.on_train_begin()
+        # checkpoints are written after every other callback has seen the epoch, so that they hold
+        # its state (early stopping's best value and patience counter)
+        from .callbacks import ModelCheckpoint
+        at_epoch_end = ([c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+                        + [c for c in callbacks if isinstance(c, ModelCheckpoint)])
         for epoch in range(initial_epoch, epochs):
             for c in callbacks:
                 c.on_epoch_begin(epoch)
@@ -777,7 +817,7 @@ class Network:
                     record[f"update_ratio/{k}"] = step_norm / start if start > 0 else math.inf
             history.append(epoch, record)
             self.epoch = epoch + 1
-            for c in callbacks:
+            for c in at_epoch_end:
                 c.on_epoch_end(epoch, logs)
             if self.stop_training:
                 history.stopped_early = True
