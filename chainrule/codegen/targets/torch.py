@@ -1,0 +1,39 @@
+"""The PyTorch target: the array printer's hooks spelled in ``torch`` (the generated module imports
+torch; this file does not)."""
+from __future__ import annotations
+
+from .arrays import ArrayPrinter, Term
+
+
+class TorchPrinter(ArrayPrinter):
+    lib = "torch"
+    target = "torch"
+    template = "torch_module.py.j2"
+
+    def arange(self, lo, hi):
+        return f"torch.arange({lo}, {hi}, device=dev)"
+
+    def transpose(self, code, perm):
+        return f"{self.paren(code)}.permute({', '.join(map(str, perm))})"
+
+    def clamp(self, code, lo, hi):
+        return f"{self.paren(code)}.clamp({lo}, {hi})"
+
+    def to_float(self, term):
+        return f"{self.paren(term.code if isinstance(term, Term) else term)}.to(dt)"
+
+    def broadcast(self, term, axes):
+        shape = self.shape_of(axes)
+        if term.number:
+            return f"torch.full({shape}, {term.code}, dtype=dt, device=dev)"
+        return f"{self.align(term, axes)}.expand{shape}"
+
+    def reduce(self, op, code, dims):
+        d = dims[0] if len(dims) == 1 else tuple(dims)
+        return f"torch.{op}({code}, dim={d})"
+
+    def flatten_last(self, code, k):
+        return f"{self.paren(code)}.flatten(-{k})"
+
+    def argmax(self, code):
+        return f"torch.argmax({code}, dim=-1)"
