@@ -122,7 +122,7 @@ def layer_probe(layer: Layer, inputs) -> Model:
     return model
 
 
-def plan_export(declaration, printer_cls, inputs=None, grads=None) -> ExportPlan:
+def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
     model, mode = model_of(declaration, inputs)
     probe = getattr(model, "probe", None)
     sizes = {s: sp.Integer(int(v)) for s, v in model.size_values.items()}
@@ -140,9 +140,7 @@ def plan_export(declaration, printer_cls, inputs=None, grads=None) -> ExportPlan
     if not any(t.role == "input" for t in tensors):
         raise UnsupportedError(f"export: model {comment_text(model.name)!r} has no input")
     wrt = [t.name for t in tensors if t.role != "param"]
-    grads = grads if grads is not None else derive(model, wrt=wrt)
-    keep = recomputed_inside_reductions(grads)
-    composed = compose(grads, keep=keep) if keep else grads.composed
+    composed = _derived(model, wrt)
 
     taken: set = set()
     names, shapes = {}, {}
@@ -193,6 +191,21 @@ def plan_export(declaration, printer_cls, inputs=None, grads=None) -> ExportPlan
            if mode == "layer" else f"{names[result_tensor.name]}, the cost (the batch mean of the loss)")
     return ExportPlan(model, mode, label, args, forward, names[result_tensor.name], doc, saved,
                       backward, grad_codes, first, notes)
+
+
+_DERIVED: dict = {}
+
+
+def _derived(model, wrt) -> dict:
+    """The composed adjoint equations of ``model`` (w.r.t. its parameters and ``wrt``), derived once
+    per process and model: the torch and the JAX export of one declaration share the derivation."""
+    from ..cache import model_fingerprint
+    key = (model_fingerprint(model), tuple(wrt))
+    if key not in _DERIVED:
+        grads = derive(model, wrt=wrt)
+        keep = recomputed_inside_reductions(grads)
+        _DERIVED[key] = compose(grads, keep=keep) if keep else grads.composed
+    return _DERIVED[key]
 
 
 def _block(printer, eq, sizes, consts) -> str:
