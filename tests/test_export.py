@@ -289,6 +289,36 @@ def test_export_is_cached_on_disk(export_dir):
     assert Path(again.chainrule_source_path) == path and path.stat().st_mtime_ns == stamp
 
 
+def test_dropout_module_draws_masks_in_training_only(export_dir):
+    torch = pytest.importorskip("torch")
+    from chainrule.codegen.targets import to_torch
+    m = to_torch(L.Dropout(0.5), inputs=4, dtype=torch.float64, cache_dir=export_dir)
+    x = torch.rand(400, 4, dtype=torch.float64) + 1.0
+    m.eval()
+    assert torch.equal(m(x), x)                          # the mask at its mean: the identity
+    m.train()
+    out = m(x)
+    kept = out != 0
+    assert torch.allclose(out[kept], 2 * x[kept])         # inverted dropout: kept entries / (1 - p)
+    assert 0.4 < kept.double().mean().item() < 0.6
+
+
+def test_layer_penalty_is_named_in_the_module(export_dir):
+    from chainrule.codegen.targets import render_export
+    src = render_export(Dense(3, l2=0.1), "torch", inputs=4)
+    assert "# note: L2 weight decay on W1: a term of a model's cost, not of the layer's function" in src
+
+
+def test_the_core_imports_neither_torch_nor_jax():
+    code = ("import sys, chainrule, chainrule.codegen, chainrule.runtime\n"
+            "from chainrule.codegen.targets import render_export\n"
+            "render_export('perceptron', 'torch'); render_export('perceptron', 'jax')\n"
+            "print(sorted(m for m in ('torch', 'jax', 'jaxlib') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 def test_cli_codegen_target_torch(tmp_path):
     out = tmp_path / "perceptron_torch.py"
     r = subprocess.run([sys.executable, "-m", "chainrule.cli", "codegen", "perceptron", "--target", "torch",

@@ -119,6 +119,7 @@ def layer_probe(layer: Layer, inputs) -> Model:
     model.constants = dict(d.constants)
     model.constant_latex = dict(d.constant_latex)
     model.probe = g.name
+    model.dropped_penalties = [note for _, note, _ in d.penalties]
     return model
 
 
@@ -184,8 +185,12 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
         else:                                    # does not reach the result: its gradient is zero
             grad_codes.append(None)
     notes = []
-    if mode == "layer" and getattr(model, "penalties", None):
-        notes.append("penalties of the layer are not part of its function")
+    for what in getattr(model, "dropped_penalties", []):
+        notes.append(f"{comment_text(what)}: a term of a model's cost, not of the layer's function "
+                     f"(use the optimiser's weight decay, or export the whole model)")
+    for eq in getattr(model, "constraints", []):
+        notes.append(f"{comment_text(eq.note)}: a projection after each update, not part of the "
+                     f"exported function (apply it in the training loop)")
     label = comment_text(model.name)
     doc = (f"{names[result_tensor.name]} = {comment_text(result_tensor.name)}, the layer's output"
            if mode == "layer" else f"{names[result_tensor.name]}, the cost (the batch mean of the loss)")
