@@ -259,17 +259,56 @@ class ArrayPrinter(Printer):
 
     def gather(self, code, shape, idx):
         """``T[e1, e2, ..]`` with index arrays broadcast over every index they use, each clamped
-        into its axis unless its bounds already lie inside (guards discard what a clamp changed)."""
+        into its axis unless its bounds already lie inside (guards discard what a clamp changed).
+        Reads that stay inside with affine indices may become a strided view (``window``)."""
         terms = [self.int_term(e) for e in idx]
         axes = self.sort_axes([a for t in terms for a in t.axes])
-        parts = []
-        for e, t, n in zip(idx, terms, shape):
-            c = self.align(t, axes)
+        inside = []
+        for e, n in zip(idx, shape):
             lo, hi = self.interval(e)
-            if not (_le(0, lo) and _le(hi, n - 1)):
-                c = self.clamp(c, "0", self.size_code(n - 1))
-            parts.append(c)
-        return Term(f"{code}[{', '.join(parts)}]", axes)
+            inside.append(_le(0, lo) and _le(hi, n - 1))
+        if all(inside):
+            affine = self.affine_map(idx, axes)
+            if affine is not None:
+                view = self.window(code, axes, *affine)
+                if view is not None:
+                    return Term(view, axes)
+        parts = []
+        for t, n, ok in zip(terms, shape, inside):
+            c = self.align(t, axes)
+            parts.append(c if ok else self.clamp(c, "0", self.size_code(n - 1)))
+        return Term(self.index(code, shape, parts), axes)
+
+    def affine_map(self, idx, axes):
+        """``e_j = c_j + Σ_s a_js s`` with integer ``a``, ``c``: (per axis s its column a_·s, and the
+        offset of the box's first point per tensor axis), or None."""
+        cols = {s: [] for s in axes}
+        offset = []
+        for e in idx:
+            e = sp.expand(sp.sympify(e))
+            c = e
+            for s in axes:
+                a = e.coeff(s)
+                if not (a.is_Integer and not a.free_symbols):
+                    return None
+                cols[s].append(int(a))
+                c -= a * s
+            if c.free_symbols or not c.is_Integer:
+                return None
+            offset.append(int(c) + sum(cols[s][-1] * int(self.box[s][0]) if self.box[s][0].is_Integer else 0
+                                       for s in axes))
+            if any(not self.box[s][0].is_Integer for s in axes if cols[s][-1]):
+                return None
+        return [cols[s] for s in axes], offset
+
+    def window(self, code, axes, cols, offset):
+        """A view of ``code`` with axis s stepping by Σ_j a_js along tensor axis j (no copy); None
+        where the framework has no strided views (the gather is printed instead)."""
+        return None
+
+    def index(self, code, shape, parts) -> str:
+        """``code`` read at broadcast index arrays ``parts`` (one per axis)."""
+        return f"{code}[{', '.join(parts)}]"
 
     def int_term(self, e) -> Term:
         """An index expression as an integer array; a rational coefficient (a strided map solved
@@ -468,21 +507,61 @@ class ArrayPrinter(Printer):
     # -- reductions ---------------------------------------------------------------------------
     def _enter_limits(self, expr):
         """Enter a reduction's indices (a sum's outermost first, a maximum's in the order of its
-        limits, which is the order of its tie rule); returns the masks of limits that depend on an
-        index in scope (a sum whose range moves with the output index)."""
-        masks, entered = [], []
-        limits = expr.limits if isinstance(expr, MaxOver) else reversed(expr.limits)
+        limits, which is the order of its tie rule); returns (indices entered, masks, body).
+
+        A limit that moves with an index in scope (a convolution's input gradient sums over the
+        outputs that saw a pixel) gets a mask. When its window is narrower than the whole range, a
+        sum or log-sum-exp runs over the window's offset instead: ``v = lo + t``, ``0 ≤ t ≤ hi - lo``,
+        so its arrays span the window (K), not the whole axis (H). A maximum keeps its index, so
+        that its argmax stays a position of the window."""
+        masks, entered, shift = [], [], {}
+        body = expr.function
+        limits = list(expr.limits) if isinstance(expr, MaxOver) else list(reversed(expr.limits))
         for v, lo, hi in limits:
             if v in self.box:
                 raise UnsupportedError(f"export: index {v} shadows an index in scope in {expr}")
+            lo, hi = sp.sympify(lo).xreplace(shift), sp.sympify(hi).xreplace(shift)
+            moving = self.depends_on_scope(lo) or self.depends_on_scope(hi)
             clo = self.constant_bound(lo, up=False)
             chi = self.constant_bound(hi, up=True)
-            moving = self.depends_on_scope(lo) or self.depends_on_scope(hi)
+            width = self.window_width(lo, hi) if moving and not isinstance(expr, MaxOver) else None
+            if width is not None and width < chi - clo + 1:
+                t = sp.Symbol(f"{v.name}_off", integer=True)
+                while t in self.box or t in body.free_symbols:
+                    t = sp.Symbol(t.name + "_", integer=True)
+                shift[v] = lo + t
+                self.enter(t, 0, max(width - 1, 0))
+                entered.append(t)
+                masks.append(t <= hi - lo)
+                continue
             self.enter(v, clo, chi)
             entered.append(v)
             if moving:
                 masks.append(sp.And(v >= lo, v <= hi))
-        return entered, masks
+        masks = [m for m in masks if m is not sp.true]
+        return entered, masks, body.xreplace(shift) if shift else body
+
+    def window_width(self, lo, hi):
+        """The largest ``hi - lo + 1`` over the values of the indices in scope it depends on (found
+        by trying them all: image-sized boxes), or None when that is not possible here."""
+        import itertools
+        import math
+        syms = sorted((lo.free_symbols | hi.free_symbols) & set(self.box), key=str)
+        if not syms or BATCH in (lo.free_symbols | hi.free_symbols):
+            return None
+        ranges, points = [], 1
+        for v in syms:
+            a, b = self.box[v]
+            if not (a.is_Integer and b.is_Integer):
+                return None
+            ranges.append(range(int(a), int(b) + 1))
+            points *= len(ranges[-1])
+        if points > 20000:
+            return None
+        f = sp.lambdify(syms, hi - lo, modules=[{"Max": max, "Min": min, "floor": math.floor,
+                                                  "ceiling": math.ceil}, "math"])
+        widest = max(f(*pt) for pt in itertools.product(*ranges))
+        return max(int(math.floor(widest)) + 1, 0)
 
     def scope_key(self):
         return tuple((s, self.box[s]) for s in self.scope)
@@ -499,8 +578,8 @@ class ArrayPrinter(Printer):
         if key in self.memo:
             return self.memo[key]
         outer = tuple(self.scope)
-        entered, masks = self._enter_limits(expr)
-        coeff, factors = expr.function.as_coeff_mul()
+        entered, masks, body = self._enter_limits(expr)
+        coeff, factors = body.as_coeff_mul()
         terms = [self.einsum_operand(f) for f in factors]
         if masks:
             mask = self._print(sp.And(*masks))
@@ -557,8 +636,8 @@ class ArrayPrinter(Printer):
         if key in self.memo:
             return self.memo[key]
         outer = tuple(self.scope)
-        entered, masks = self._enter_limits(expr)
-        t = self._print(expr.function)
+        entered, masks, body = self._enter_limits(expr)
+        t = self._print(body)
         if masks:
             m = self._print(sp.And(*masks))
             axes, (cm, ct) = self.combine([m, t])
@@ -584,8 +663,8 @@ class ArrayPrinter(Printer):
         m, *point = expr.args
         key = ("argmax", m, self.scope_key())
         if key not in self.memo:
-            entered, masks = self._enter_limits(m)
-            t = self._print(m.function)
+            entered, masks, body = self._enter_limits(m)
+            t = self._print(body)
             if masks:
                 mk = self._print(sp.And(*masks))
                 axes, (cm, ct) = self.combine([mk, t])

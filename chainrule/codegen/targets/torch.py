@@ -35,5 +35,27 @@ class TorchPrinter(ArrayPrinter):
     def flatten_last(self, code, k):
         return f"{self.paren(code)}.flatten(-{k})"
 
+    def window(self, code, axes, cols, offset):
+        """``_window(T, sizes, steps, offset)``: ``T.as_strided`` over the read's box, its strides
+        combined from T's own at run time (im2col with no copy); PyTorch has no negative strides."""
+        if any(a < 0 for col in cols for a in col):
+            return None
+        sizes = self.shape_of(axes)
+        steps = "(" + ", ".join("(" + ", ".join(map(str, col)) + ",)" for col in cols) + ("," if len(cols) == 1 else "") + ")"
+        return f"_window({code}, {sizes}, {steps}, {tuple(offset)})"
+
+    def index(self, code, shape, parts):
+        """One gather by the flat (row-major) position: ``torch.take`` is much faster than indexing
+        with several broadcast index arrays."""
+        strides, flat = [], []
+        for k in range(len(shape)):
+            stride = 1
+            for n in shape[k + 1:]:
+                stride *= n
+            strides.append(stride)
+        for p, st in zip(parts, strides):
+            flat.append(p if st == 1 else f"{self.paren(p)} * {self.size_code(st)}")
+        return f"torch.take({code}, {' + '.join(flat)})"
+
     def argmax(self, code):
         return f"torch.argmax({code}, dim=-1)"
