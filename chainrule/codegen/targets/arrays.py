@@ -261,18 +261,20 @@ class ArrayPrinter(Printer):
         """``T[e1, e2, ..]`` with index arrays broadcast over every index they use, each clamped
         into its axis unless its bounds already lie inside (guards discard what a clamp changed).
         Reads that stay inside with affine indices may become a strided view (``window``)."""
-        terms = [self.int_term(e) for e in idx]
-        axes = self.sort_axes([a for t in terms for a in t.axes])
         inside = []
         for e, n in zip(idx, shape):
             lo, hi = self.interval(e)
             inside.append(_le(0, lo) and _le(hi, n - 1))
         if all(inside):
+            used = set().union(*[sp.sympify(e).free_symbols for e in idx]) & set(self.box)
+            axes = self.sort_axes(used)
             affine = self.affine_map(idx, axes)
             if affine is not None:
                 view = self.window(code, axes, *affine)
                 if view is not None:
                     return Term(view, axes)
+        terms = [self.int_term(e) for e in idx]
+        axes = self.sort_axes([a for t in terms for a in t.axes])
         parts = []
         for t, n, ok in zip(terms, shape, inside):
             c = self.align(t, axes)
