@@ -70,7 +70,7 @@ def main(argv=None):
         b = step(native, x, params, g)
         grads_b = [t.grad.clone() for t in [x, *params]]
         tol = 1e-5 if dt == torch.float32 else 1e-12      # relative to the largest entry (rounding)
-        for u, v in [(a, b), *zip(grads_a, grads_b)]:
+        for u, v in [(a.detach(), b.detach()), *zip(grads_a, grads_b)]:
             assert float((u - v).abs().max()) <= tol * max(1.0, float(v.abs().max())), name
         times = {"exported": [], "native": []}
         for _ in range(args.rounds):
