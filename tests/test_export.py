@@ -347,3 +347,24 @@ def test_ddp_example_matches_one_process(tmp_path):
     assert s["between_ranks"] == 0.0
     assert s["vs_single"] < 1e-9
     assert np.mean(s["losses"][-3:]) < np.mean(s["losses"][:3])
+
+
+def test_readme_three_lines_train_in_float32(export_dir):
+    """The README's export of a user's layer into a PyTorch model, in float32: the model trains."""
+    torch = pytest.importorskip("torch")
+    from chainrule.codegen.targets import to_torch
+    torch.manual_seed(0)
+    layer = to_torch(corpus.Bilinear(units=3), inputs=4, cache_dir=export_dir)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), layer, torch.nn.Linear(3, 2))
+    assert layer.W1.dtype == torch.float32 and layer.W1.shape == (4, 4, 3)
+    x, y = torch.randn(64, 6), torch.randn(64, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert layer.W1.grad is not None and layer.W1.grad.abs().sum() > 0
+    assert losses[-1] < 0.9 * losses[0]
