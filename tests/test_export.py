@@ -303,6 +303,22 @@ def test_dropout_module_draws_masks_in_training_only(export_dir):
     assert 0.4 < kept.double().mean().item() < 0.6
 
 
+def test_model_predict_equals_numba(export_dir, compiled_declared):
+    """A whole model's Module.predict (and JAX's predict): its first output, equal to Numba's."""
+    torch = pytest.importorskip("torch")
+    from chainrule.codegen.targets import export, model_of
+    decl, _ = declaration("dropout mlp")
+    model, _ = model_of(decl)
+    m = export(decl, "torch", cache_dir=export_dir).Module(seed=3, dtype=torch.float64)
+    cm = compiled_declared(("export", "dropout mlp"), lambda: model_of(declaration("dropout mlp")[0])[0])
+    x = np.random.default_rng(5).normal(size=(BATCH, 5))
+    params = {t.name: getattr(m, t.name).detach().numpy() for t in model.params}
+    ref = cm.init_params(seed=3)
+    for k in params:                             # the module's initialisation is chainrule's
+        np.testing.assert_array_equal(params[k], ref[k])
+    np.testing.assert_allclose(m.predict(torch.tensor(x)).numpy(), cm.predict(params, x), rtol=1e-12, atol=1e-12)
+
+
 def test_layer_penalty_is_named_in_the_module(export_dir):
     from chainrule.codegen.targets import render_export
     src = render_export(Dense(3, l2=0.1), "torch", inputs=4)

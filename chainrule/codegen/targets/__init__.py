@@ -84,7 +84,11 @@ def context(plan: ExportPlan, target: str) -> dict:
         result=plan.result, result_doc=plan.result_doc, args=[a.ident for a in plan.args],
         arg_list=arg_list, simplex=simplex, first=plan.first_input, forward=plan.forward,
         backward=plan.backward, saved=saved, grads=grads, params=params, noise=noise,
-        call_args=call, apply_args=apply_args,
+        call_args=call, apply_args=apply_args, predict=plan.predict, prediction=plan.prediction,
+        predict_args=[a.ident for a in plan.args if a.role != "target"],
+        predict_call=[a.ident for a in plan.args if a.role == "input"],
+        predict_apply=[a.ident if a.role != "param" else f"self.{a.ident}" for a in plan.args
+                       if a.role != "target"],
         param_doc=", ".join(f"{p['ident']} {p['shape']}" for p in params) or "none",
         function_class="Function", module_class="Module")
 

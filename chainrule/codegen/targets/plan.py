@@ -62,6 +62,8 @@ class ExportPlan:
     grads: list                      # per argument: code of its gradient
     first_input: str
     notes: list = field(default_factory=list)
+    predict: list = field(default_factory=list)   # a model's prediction (its first output), no target
+    prediction: str | None = None
 
 
 def model_of(declaration, inputs=None) -> tuple[Model, str]:
@@ -194,8 +196,16 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
     label = comment_text(model.name)
     doc = (f"{names[result_tensor.name]} = {comment_text(result_tensor.name)}, the layer's output"
            if mode == "layer" else f"{names[result_tensor.name]}, the cost (the batch mean of the loss)")
-    return ExportPlan(model, mode, label, args, forward, names[result_tensor.name], doc, saved,
+    plan = ExportPlan(model, mode, label, args, forward, names[result_tensor.name], doc, saved,
                       backward, grad_codes, first, notes)
+    if mode != "layer" and model.outputs:
+        out = model.outputs[0]
+        pred_eqs = _needed(model, [out.name])
+        targets = {a.name for a in args if a.role == "target"}
+        if not any(r in targets for e in pred_eqs for r, _ in e.reads()):
+            plan.predict = [_block(printer, eq, sizes, consts) for eq in pred_eqs]
+            plan.prediction = names[out.name]
+    return plan
 
 
 _DERIVED: dict = {}
