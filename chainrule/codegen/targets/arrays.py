@@ -27,9 +27,8 @@ from sympy.printing.printer import Printer
 
 from ...derive.errors import UnsupportedError
 from ...derive.layers import B as BATCH
-from ...derive.primitives import IsArgmax, LogSumExp, MaxOver, leaky_relu, relu, sigmoid, softplus, step
+from ...derive.primitives import MaxOver
 
-REDUCTIONS = (sp.Sum, LogSumExp, MaxOver)
 RESERVED = {"torch", "jax", "jnp", "np", "math", "ctx", "dt", "n_batch", "self", "cls", "saved",
             "grad", "params", "key", "rng", "apply", "Function", "Module", "None", "True", "False"}
 
