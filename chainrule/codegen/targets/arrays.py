@@ -429,7 +429,10 @@ class ArrayPrinter(Printer):
             if c.number:
                 out = v if c.code == "True" else out
                 continue
-            out = Term(self.where(cc, cv, co), axes)
+            if v.number and out.number:           # both branches constants: in the data's dtype
+                out = Term(self.where(cc, self.constant(cv), self.constant(co)), axes)
+            else:
+                out = Term(self.where(cc, cv, co), axes)
         return out
 
     def _print_NaN(self, expr):
@@ -714,6 +717,10 @@ class ArrayPrinter(Printer):
         return f"{self.lib}.where({cond}, {a}, {b})"
 
     def to_float(self, term) -> str:
+        raise NotImplementedError
+
+    def constant(self, code: str) -> str:
+        """A Python number as a 0-d array of the data's dtype."""
         raise NotImplementedError
 
     def broadcast(self, term: Term, axes) -> str:
