@@ -219,8 +219,52 @@ def random_point(model: Model, sizes, rng: random.Random) -> dict:
 
 
 # -- one evaluation: forward on the tape, backward sweep, derived equations ----------------------------------
-def _ordered(equations: list[Equation]) -> list[Equation]:
-    """Adjoint equations so that each comes after the adjoints it reads."""
+def _compiled_units(units, compiler, consts):
+    """Each unit (an equation, or a time loop of equations) with its equations' bodies compiled."""
+    from .recurrence import TimeLoop
+    out = []
+    for u in units:
+        eqs = u.equations if isinstance(u, TimeLoop) else [u]
+        out.append((u, [(eq, compiler.compile(eq.body.xreplace(consts))) for eq in eqs]))
+    return out
+
+
+def _element_order(units, sizes, store):
+    """(equation, compiled body, element) in an order where every element comes after the elements
+    it reads: equation by equation, and inside a time loop step by step (upward for a recurrence,
+    downward for its adjoint), every equation of the loop at each step. Each output starts empty
+    in ``store``."""
+    from .recurrence import TimeLoop
+    for u, compiled in units:
+        for eq, _ in compiled:
+            store[eq.out.name] = {}
+        if not isinstance(u, TimeLoop):
+            (eq, fn), = compiled
+            for idx in _elements(eq.out, sizes):
+                yield eq, fn, idx
+            continue
+        axis0 = u.time_axes[compiled[0][0].out.name]
+        steps = range(_shape(compiled[0][0].out, sizes)[axis0])
+        for t in (steps if u.direction > 0 else reversed(steps)):
+            for eq, fn in compiled:
+                axis = u.time_axes[eq.out.name]
+                for idx in _elements(eq.out, sizes):
+                    if idx[axis] == t:
+                        yield eq, fn, idx
+
+
+def _ordered(equations: list[Equation]) -> list:
+    """Adjoint equations as units, each after the adjoints it reads (a recurrence's adjoints, which
+    read each other at t+1, as a time loop running t downward)."""
+    from .recurrence import schedule
+    if any("time_axis" in eq.out.meta for eq in equations):
+        return schedule(_ordered_plain(equations, across_time=True))
+    return _ordered_plain(equations)
+
+
+def _ordered_plain(equations: list[Equation], across_time=False) -> list[Equation]:
+    """Adjoint equations so that each comes after the adjoints it reads (``across_time``: reads of
+    an adjoint at another time step do not order, a time loop does)."""
     by_name = {eq.out.name: eq for eq in equations}
     order, seen = [], set()
 
@@ -229,14 +273,26 @@ def _ordered(equations: list[Equation]) -> list[Equation]:
             return
         if eq.out.name in path:
             raise VerificationError(f"the adjoint equations read each other in a cycle: {' -> '.join(path)}")
-        for name, _ in eq.reads():
+        for name, idx in eq.reads():
             if name in by_name and name != eq.out.name:
+                if across_time and _across_time(eq, by_name[name], idx):
+                    continue
                 visit(by_name[name], path + (eq.out.name,))
         seen.add(eq.out.name)
         order.append(eq)
     for eq in equations:
         visit(eq)
     return order
+
+
+def _across_time(eq, source, idx) -> bool:
+    """Is this read of ``source`` by ``eq`` at another time step (t + k, k ≠ 0)?"""
+    from .recurrence import time_shift
+    a, b = eq.out.meta.get("time_axis"), source.out.meta.get("time_axis")
+    if a is None or b is None:
+        return False
+    shift = time_shift(idx[b], [eq.indices[a]])
+    return shift is not None and shift[1] != 0
 
 
 class _Evaluator:
@@ -251,9 +307,9 @@ class _Evaluator:
         fwd = Compiler(self.tape, scalars)
         # the model's named constants (regularisation strengths) at their exact decimal values
         consts = {s: sp.Rational(repr(float(v))) for s, v in getattr(model, "constants", {}).items()}
-        self.forward = [(eq, fwd.compile(eq.body.xreplace(consts))) for eq in model.equations]
+        self.forward = _compiled_units(getattr(model, "schedule", None) or model.equations, fwd, consts)
         plain = Compiler(self.base, scalars)
-        self.derived = [(eq, plain.compile(eq.body.xreplace(consts))) for eq in _ordered(derived)]
+        self.derived = _compiled_units(_ordered(derived), plain, consts)
         self.claim = plain.compile(claim.xreplace(consts)) if claim is not None else None
         self.claim_budget = CLAIM_BUDGET
 
@@ -263,35 +319,36 @@ class _Evaluator:
         env = dict(sizes)
         store = {name: {idx: tape.leaf(v) for idx, v in values.items()} for name, values in point.items()}
         ctx = Context(env, store)
-        for eq, fn in self.forward:
-            out = {}
-            for idx in _elements(eq.out, sizes):
-                env.update(zip(eq.indices, idx))
-                try:
-                    out[idx] = tape.element(fn(ctx))
-                except (EvaluationError, ZeroDivisionError) as err:
-                    raise EvaluationError(f"model {model.name}: the forward equation for {_element(eq.out.name, idx)}"
-                                          f" has no value at sizes {_named(sizes)} and a random point: {err}") from None
+        for eq, fn, idx in _element_order(self.forward, sizes, store):
+            env.update(zip(eq.indices, idx))
+            try:
+                store[eq.out.name][idx] = tape.element(fn(ctx))
+            except (EvaluationError, ZeroDivisionError) as err:
+                raise EvaluationError(f"model {model.name}: the forward equation for {_element(eq.out.name, idx)}"
+                                      f" has no value at sizes {_named(sizes)} and a random point: {err}") from None
             for i in eq.indices:
                 env.pop(i, None)
-            store[eq.out.name] = out
         cost = store[model.cost.name][()]
         tape.backward(cost)
         values = {name: {i: n.value for i, n in elems.items()} for name, elems in store.items()}
         direct = {"d_" + name: {i: n.grad for i, n in elems.items()} for name, elems in store.items()}
         derived, errors = dict(values), {}
         ctx = Context(env, derived)
-        for eq, fn in self.derived:
-            out = {}
+        for eq, fn, idx in _element_order(self.derived, sizes, derived):
+            if eq.out.name in errors:
+                continue
+            env.update(zip(eq.indices, idx))
             try:
-                for idx in _elements(eq.out, sizes):
-                    env.update(zip(eq.indices, idx))
-                    out[idx] = fn(ctx)
-                derived[eq.out.name] = out
+                derived[eq.out.name][idx] = fn(ctx)
             except (EvaluationError, ZeroDivisionError) as err:
                 errors[eq.out.name] = f"{eq.out.name}: {err}"
+                derived.pop(eq.out.name, None)
+                derived[eq.out.name + "__failed"] = {}
             for i in eq.indices:
                 env.pop(i, None)
+        for name in errors:
+            derived.pop(name, None)
+            derived.pop(name + "__failed", None)
         return values, direct, derived, errors
 
     def evaluate_claim(self, sizes, values, direct, idx, indices):
