@@ -1,5 +1,6 @@
 """Recurrences over time: declared the natural way, derived with a symbolic T into the BPTT recursion,
 verified exactly at several sizes (T included), and refused clearly where they are not causal."""
+import numpy as np
 import pytest
 import sympy as sp
 
@@ -15,12 +16,12 @@ b, t, o, i, j, q = indices("b t o i j q")
 def elman(initial="zeros"):
     """H[b,t,o] = tanh(Σ_i W x[b,t,i] + Σ_j U H[b,t-1,j] + c), a readout of the last step, squared error."""
     x = Tensor("x", (B, T, n), role="input")
-    W, U = Tensor("W", (m, n), role="param"), Tensor("U", (m, m), role="param")
-    c, V = Tensor("c", (m,), role="param"), Tensor("V", (k, m), role="param")
+    W, U = Tensor("W", (m, n), role="param", init="glorot"), Tensor("U", (m, m), role="param", init="glorot")
+    c, V = Tensor("c", (m,), role="param", init="glorot"), Tensor("V", (k, m), role="param", init="glorot")
     H = Tensor("H", (B, T, m), layer="rnn")
     extra, init = [], 0
     if initial == "param":
-        init = Tensor("h0", (m,), role="param")
+        init = Tensor("h0", (m,), role="param", init="glorot")
         extra = [init]
     recurrent(H, 1, init)
     y, z = Tensor("y", (B, k), role="target"), Tensor("z", (B, k))
@@ -96,7 +97,7 @@ def test_truncated_backpropagation_is_not_the_gradient():
 
 
 def _one_layer(shift, declare=True, initial=0):
-    U, x = Tensor("U", (m, m), role="param"), Tensor("x", (B, T, m), role="input")
+    U, x = Tensor("U", (m, m), role="param", init="glorot"), Tensor("x", (B, T, m), role="input")
     H = Tensor("H", (B, T, m), layer="rnn")
     if declare:
         recurrent(H, 1, initial)
@@ -128,3 +129,30 @@ def test_an_initial_state_of_the_wrong_shape_is_refused():
 def test_a_cycle_within_one_time_step_is_refused():
     with pytest.raises(UnsupportedError, match="cycle through H -> H"):
         _one_layer(0)
+
+
+# -- generated kernels -------------------------------------------------------------------------------------
+def _numpy_elman(p, x, h0=None):
+    """The Elman recurrence by hand (the independent reference)."""
+    h = np.zeros((x.shape[0], p["U"].shape[0])) if h0 is None else np.broadcast_to(h0, (x.shape[0], h0.shape[-1]))
+    for step in range(x.shape[1]):
+        h = np.tanh(x[:, step] @ p["W"].T + h @ p["U"].T + p["c"])
+    return h @ p["V"].T
+
+
+@pytest.mark.parametrize("initial", ["zeros", "param"])
+def test_kernels_loop_over_time_and_match_numpy_and_finite_differences(compiled_declared, initial):
+    from chainrule.codegen.verify import check_gradients
+    cm = compiled_declared(f"elman-{initial}", lambda: elman(initial))
+    src = cm.source
+    # one loop over t each way, the per-step contractions on BLAS, never an unrolled copy
+    assert "for t1 in range(5):" in src and "in range(5 - 1, -1, -1):" in src
+    assert "np.dot(t4_H_sm1" in src and "t4_H[:, t1 - 1" in src and "t4_H[:, 3" not in src
+    assert "# time loop, backward in time (backpropagation through time): d_H" in src
+    rng = np.random.default_rng(3)
+    params = cm.init_params(seed=1)
+    x, y = rng.normal(size=(6, 5, 3)), rng.normal(size=(6, 2))
+    z = cm.predict(params, x)
+    assert np.allclose(z, _numpy_elman(params, x, params.get("h0")), rtol=1e-12, atol=1e-12)
+    for check in check_gradients(None, compiled=cm, batch=4):
+        assert check.ok, str(check)

@@ -8,6 +8,7 @@ import jinja2
 import numpy as np
 
 from ..derive.errors import UnsupportedError
+from ..derive.recurrence import flatten
 from .lower import IND, Lowerer, comment_text, primitives_used, sanitise
 
 DTYPES = ("float64", "float32")
@@ -43,25 +44,13 @@ class Plan:
 
 
 def _adjoint_order(composed, model):
-    """Adjoint equations in an order valid for evaluation (each after the adjoints it reads)."""
-    eqs = {d.adjoint.name: d.equation for d in composed.values()}
-    order, state = [], {}
-
-    def visit(name):
-        if state.get(name) == "done":
-            return
-        if state.get(name) == "active":
-            raise UnsupportedError(f"codegen: adjoint equations form a cycle through {name}")
-        state[name] = "active"
-        for dep, _ in eqs[name].reads():
-            if dep in eqs:
-                visit(dep)
-        state[name] = "done"
-        order.append(eqs[name])
-
-    for name in eqs:
-        visit(name)
-    return order
+    """Adjoint equations as units in an order valid for evaluation (each after the adjoints it
+    reads at the same step; a recurrence's adjoints as a time loop running backward in time)."""
+    from ..derive.recurrence import ordered_units
+    try:
+        return ordered_units([d.equation for d in composed.values()])
+    except UnsupportedError as err:
+        raise UnsupportedError(f"codegen: {err}") from None
 
 
 def _needed(model, names):
@@ -75,7 +64,9 @@ def _needed(model, names):
         eq = model.equation_for(n)
         if eq is not None:
             stack.extend(r for r, _ in eq.reads())
-    return [e for e in model.equations if e.out.name in need]
+    from ..derive.recurrence import TimeLoop
+    return [u for u in model.schedule
+            if (set(u.names) & need if isinstance(u, TimeLoop) else u.out.name in need)]
 
 
 def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
@@ -107,12 +98,12 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
     lw = Lowerer(model, tensors, cost_adjoint="d_" + model.cost.name)
     ident = lw.ident
 
-    forward_k = lw.lower(model.equations)
-    predict_eqs = _needed(model, [model.outputs[0].name])
-    if any(r == y.name for e in predict_eqs for r, _ in e.reads()):
+    forward_k = lw.lower_units(model.schedule)
+    predict_units = _needed(model, [model.outputs[0].name])
+    if any(r == y.name for e in flatten(predict_units) for r, _ in e.reads()):
         raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on the target {y.name}")
-    predict_k = lw.lower(predict_eqs)
-    backward_k = lw.lower(_adjoint_order(composed, model))
+    predict_k = lw.lower_units(predict_units)
+    backward_k = lw.lower_units(_adjoint_order(composed, model))
 
     grad_codes, zero_lines, update = [], [], []
     for p in params:

@@ -30,7 +30,7 @@ import sympy as sp
 
 from .deltas import Bracket
 from .errors import ShapeError, SpecError, UnsupportedError
-from .tensor import Equation, Tensor, shape_str, substitute
+from .tensor import Equation, Tensor, shape_str
 
 
 class Delayed(sp.Function):
@@ -357,11 +357,38 @@ def explain_cycle(path, defined: dict) -> str:
             " (recurrences need a time index, a read at t-1 and a declared initial state)")
 
 
-def same_time_read(expr, name, t_index, axis) -> bool:
-    """Does ``expr`` read ``name`` at exactly ``t_index`` on ``axis``?"""
-    return any(str(r.base.label) == name and sp.expand(r.indices[axis] - t_index) == 0
-               for r in expr.atoms(sp.Indexed))
+def across_time(eq: Equation, source: Equation, idx) -> bool:
+    """Is this read of ``source`` by ``eq`` at another time step (t + k, k ≠ 0)?"""
+    a, b = eq.out.meta.get("time_axis"), source.out.meta.get("time_axis")
+    if a is None or b is None:
+        return False
+    shift = time_shift(idx[b], [eq.indices[a]])
+    return shift is not None and shift[1] != 0
+
+
+def ordered_units(equations) -> list:
+    """Equations given in any order (the adjoints of a model) as units of ``schedule``: each after
+    the equations it reads at the same step; reads across time are a time loop's business."""
+    by_name = {eq.out.name: eq for eq in equations}
+    order, state = [], {}
+
+    def visit(eq, path):
+        name = eq.out.name
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "active":
+            raise UnsupportedError("the equations read each other in a cycle at one time step: "
+                                   + " -> ".join(path + [name]))
+        state[name] = "active"
+        for dep, idx in eq.reads():
+            if dep in by_name and dep != name and not across_time(eq, by_name[dep], idx):
+                visit(by_name[dep], path + [name])
+        state[name] = "done"
+        order.append(eq)
+    for eq in equations:
+        visit(eq, [])
+    return schedule(order)
 
 
 __all__ = ["recurrent", "resolve", "schedule", "TimeLoop", "flatten", "infer_time_axes", "time_shift",
-           "explain_cycle", "initial_value", "substitute"]
+           "explain_cycle", "initial_value", "ordered_units", "Delayed"]

@@ -37,7 +37,7 @@ import sympy as sp
 
 from .backprop import Gradients, derive
 from .claims import check_claim_expression, grammar_help, parse_claim, parse_expression  # noqa: F401
-from .errors import ChainruleError, ShapeError, SpecError
+from .errors import ChainruleError, ShapeError, SpecError, UnsupportedError
 from .exact import DIGITS, Compiler, Context, EvaluationError, Exact, Float, Inexact, Tape, WORK_DPS
 from .graph import Model
 from .tensor import Equation
@@ -256,43 +256,11 @@ def _element_order(units, sizes, store):
 def _ordered(equations: list[Equation]) -> list:
     """Adjoint equations as units, each after the adjoints it reads (a recurrence's adjoints, which
     read each other at t+1, as a time loop running t downward)."""
-    from .recurrence import schedule
-    if any("time_axis" in eq.out.meta for eq in equations):
-        return schedule(_ordered_plain(equations, across_time=True))
-    return _ordered_plain(equations)
-
-
-def _ordered_plain(equations: list[Equation], across_time=False) -> list[Equation]:
-    """Adjoint equations so that each comes after the adjoints it reads (``across_time``: reads of
-    an adjoint at another time step do not order, a time loop does)."""
-    by_name = {eq.out.name: eq for eq in equations}
-    order, seen = [], set()
-
-    def visit(eq, path=()):
-        if eq.out.name in seen:
-            return
-        if eq.out.name in path:
-            raise VerificationError(f"the adjoint equations read each other in a cycle: {' -> '.join(path)}")
-        for name, idx in eq.reads():
-            if name in by_name and name != eq.out.name:
-                if across_time and _across_time(eq, by_name[name], idx):
-                    continue
-                visit(by_name[name], path + (eq.out.name,))
-        seen.add(eq.out.name)
-        order.append(eq)
-    for eq in equations:
-        visit(eq)
-    return order
-
-
-def _across_time(eq, source, idx) -> bool:
-    """Is this read of ``source`` by ``eq`` at another time step (t + k, k ≠ 0)?"""
-    from .recurrence import time_shift
-    a, b = eq.out.meta.get("time_axis"), source.out.meta.get("time_axis")
-    if a is None or b is None:
-        return False
-    shift = time_shift(idx[b], [eq.indices[a]])
-    return shift is not None and shift[1] != 0
+    from .recurrence import ordered_units
+    try:
+        return ordered_units(equations)
+    except UnsupportedError as err:
+        raise VerificationError(f"the adjoint equations cannot be ordered: {err}") from None
 
 
 class _Evaluator:
