@@ -90,6 +90,8 @@ class CompiledModel:
             elif init == "glorot":
                 limit = math.sqrt(6.0 / (fan_in + fan_out))
                 a = rng.uniform(-limit, limit, size=shape)
+            elif init == "normal":           # an embedding table: N(0, 1), as PyTorch's nn.Embedding
+                a = rng.normal(0.0, 1.0, size=shape)
             elif init == "he":
                 a = rng.normal(0.0, math.sqrt(2.0 / fan_in), size=shape)
             else:

@@ -150,7 +150,7 @@ class DeltaEliminator:
     def _solvable_delta(term, limits):
         summed = [lim[0] for lim in limits]
         for f in sp.Mul.make_args(term):
-            if not isinstance(f, KroneckerDelta):
+            if not isinstance(f, KroneckerDelta) or f.has(sp.Indexed):   # a token id: a condition
                 continue
             diff = sp.expand(f.args[0] - f.args[1])
             solvable = []
@@ -264,6 +264,10 @@ def _free_deltas_as_conditions(expr, notes):
     if not deltas:
         return expr
     for d in deltas:
+        if d.has(sp.Indexed):
+            notes.append(Note("{0}: the rows a token id selects receive its adjoint; the condition {1} "
+                              "is kept", d, sp.Eq(d.args[0], d.args[1], evaluate=False)))
+            continue
         notes.append(Note("{0} fixes no summation index: the condition {1} is kept", d,
                           sp.Eq(d.args[0], d.args[1], evaluate=False)))
     return expr.xreplace({d: sp.Piecewise((1, sp.Eq(d.args[0], d.args[1])), (0, True)) for d in deltas})
@@ -298,7 +302,7 @@ def eliminate_deltas(expr, ranges):
     elim = DeltaEliminator(ranges)
     out = elim(expr)
     bound = {v for s in out.atoms(sp.Sum) for v, *_ in s.limits}
-    if not any(d.free_symbols & bound for d in out.atoms(KroneckerDelta)):
+    if not any(d.free_symbols & bound and not d.has(sp.Indexed) for d in out.atoms(KroneckerDelta)):
         out = _free_deltas_as_conditions(out, elim.notes)
     out = _implied_sides_dropped(out, ranges, elim.notes)
     for br in out.atoms(Bracket):       # guards no sum could absorb stay explicit conditions

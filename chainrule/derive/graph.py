@@ -136,6 +136,9 @@ def check_equation(eq: Equation, tensors: dict[str, Tensor]):
             raise ShapeError(f"{where}{eq.out.name} reads {name} with {len(idx)} indices "
                              f"but {name} has shape {shape_str(t.shape)}")
         for axis, (e, n) in enumerate(zip(idx, t.shape)):
+            if isinstance(e, sp.Indexed):            # an embedding: a table row selected by a token id
+                check_token_index(eq, where, name, idx, axis, e, n, tensors)
+                continue
             unknown = {s for s in sp.sympify(e).free_symbols if s.is_integer and not s.is_positive} - set(ranges)
             if unknown:
                 raise ShapeError(f"{where}index {sorted(map(str, unknown))} in {name}{list(idx)} "
@@ -208,3 +211,16 @@ def _narrow(ranges, cond, negate):
     else:
         lo = sp.Max(lo, bound)
     return {**ranges, v: (lo, hi)}
+
+
+def check_token_index(eq, where, name, idx, axis, e, n, tensors):
+    """``E[x[b, t], o]``: an index that reads a tensor must read token ids (an input declared with a
+    vocabulary, ``meta["vocab"]``) whose vocabulary is the length of the axis it indexes."""
+    ids = tensors.get(str(e.base.label))
+    if ids is None or ids.meta.get("vocab") is None or ids.role != "input":
+        raise UnsupportedError(f"{where}index {e} in {name}{list(idx)} reads {e.base.label}, which is not "
+                               f"an input of token ids (declared with a vocabulary)")
+    if sp.simplify(ids.meta["vocab"] - n) != 0:
+        raise ShapeError(f"{where}{eq.out.name} reads {name}{list(idx)}: token ids {ids.name} run over a "
+                         f"vocabulary of {ids.meta['vocab']}, but axis {axis} of {name} "
+                         f"{shape_str(tensors[name].shape)} has size {n}")

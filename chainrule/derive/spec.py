@@ -10,6 +10,10 @@ Spec grammar (items separated by ``->`` or ``,`` at the top level; whitespace ig
             | conv(F, K [, stride=S] [, padding=valid|same|P] [, dilation=D] [, bias=0])
             | maxpool(K [, stride=S]) | avgpool(K [, stride=S]) | global_avgpool | flatten
             | residual(<layer> -> <layer> -> ...)      h = x + f(x)
+            | rnn(N) | lstm(N) | gru(N)   [, return_sequences=1]   over a sequence input
+            | embedding(N)                                        over a tokens input
+    input  += seq(T, N)          a sequence of T steps of N features
+            | tokens(T, V)       T token ids below V
     e.g.   64 -> dense(128) -> sigmoid -> dense(10) -> softmax_cross_entropy
            8x8 -> conv(8, 3) -> relu -> maxpool(2) -> flatten -> dense(10) -> softmax_cross_entropy
 
@@ -118,6 +122,13 @@ def input_item(shape) -> str:
 
 
 def _parse_input(item: str, text: str, max_width: int = MAX_WIDTH):
+    seq = re.fullmatch(r"(seq|tokens)\(\s*([0-9]+)\s*,\s*([0-9]+)\s*\)", item)
+    if seq:
+        from .layers import SequenceInput
+        steps, width = int(seq[2]), int(seq[3])
+        for v in (steps, width):
+            _check_width(v, f"spec {text!r}: the input size", max_width)
+        return SequenceInput(steps, width) if seq[1] == "seq" else SequenceInput(steps, vocab=width)
     m = _INPUT.match(item)
     if not m:
         raise SpecError(f"spec {text!r}: the first item must be the input width (digits 0-9), got {item!r} "
@@ -159,7 +170,7 @@ def _call(cls, pos, kw, position, name, usage):
 
 
 KNOWN = ["dense(N)", *ACTIVATIONS, "softmax", "log_softmax", "conv(F, K, ...)", "maxpool(K)", "avgpool(K)",
-         "global_avgpool", "flatten", "residual(...)"]
+         "global_avgpool", "flatten", "residual(...)", "rnn(N)", "lstm(N)", "gru(N)", "embedding(N)"]
 
 
 def _layer(item: str, position: int, max_width: int = MAX_WIDTH) -> Layer:
@@ -169,6 +180,13 @@ def _layer(item: str, position: int, max_width: int = MAX_WIDTH) -> Layer:
     if not m or (m["args"] is not None and not re.fullmatch(r"[0-9a-z_=,\s>()-]*", m["args"])):
         raise SpecError(f"item {position} {item!r} is not a layer (expected e.g. dense(128), sigmoid)")
     name, raw = m["name"], m["args"]
+    if name in ("rnn", "lstm", "gru", "embedding"):
+        from .sequence import sequence_layer
+        pos, kw = _args(raw, position, name) if raw is not None else ([], {})
+        for v in [*pos, *kw.values()]:
+            if isinstance(v, int) and not isinstance(v, bool) and v > 1:
+                _check_width(v, f"item {position}: an argument of {item}", max_width)
+        return sequence_layer(name, pos, kw, position)
     if name == "residual":
         if not raw:
             raise SpecError(f"item {position}: residual needs its layers, e.g. residual(dense(64) -> relu)")

@@ -204,6 +204,11 @@ def random_point(model: Model, sizes, rng: random.Random) -> dict:
             continue
         shape = _shape(t, sizes)
         values = {}
+        vocab = t.meta.get("vocab")
+        if vocab is not None:             # token ids: integers in the vocabulary
+            top = int(sp.sympify(vocab).xreplace({k: sp.Integer(v) for k, v in sizes.items()}))
+            point[t.name] = {idx: Fraction(rng.randrange(top)) for idx in itertools.product(*[range(n) for n in shape])}
+            continue
         for idx in itertools.product(*[range(n) for n in shape]):
             v = rng.randint(1, den - 1) if t.role == "target" else rng.choice(choices)
             values[idx] = Fraction(v, den)
