@@ -52,6 +52,7 @@ EXAMPLE_MODELS = {
                        "-> flatten -> dense(10) -> softmax_cross_entropy",
     "mnist1d-cnn": "1@40 -> conv(32, 5, padding=same) -> relu -> maxpool(2) -> conv(32, 5, padding=same) -> relu "
                    "-> maxpool(2) -> flatten -> dense(10) -> softmax_cross_entropy",
+    "mnist1d-gru": "seq(40, 1) -> gru(64) -> dense(10) -> softmax_cross_entropy",
     "residual-mlp": "64 -> dense(64) -> relu -> residual(dense(64) -> relu -> dense(64)) -> relu "
                     "-> residual(dense(64) -> relu -> dense(64)) -> relu -> dense(10) -> softmax_cross_entropy",
 }
