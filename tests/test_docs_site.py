@@ -315,3 +315,20 @@ def test_the_browser_check_catches_a_broken_formula_and_a_raw_dollar(site, tmp_p
     assert r["errors"] == 1 and r["rendered"] == r["formulas"] - 1
     assert r["dollar"] is not None and "$C$" in r["dollar"]
     assert any("KaTeX could not render" in line for line in console)
+
+
+def test_an_experiments_plot_is_copied_into_the_guide_where_it_was_run(tmp_path):
+    """`--experiments DIR`: a plot found there is copied beside the pages and shown; otherwise the
+    guide names the command that makes it."""
+    from chainrule.derive.explain import Figure, Para
+    from chainrule.docs.concepts import Guide, _figure
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "overfitting.png").write_bytes(b"\x89PNG fake plot")
+    g = Guide()
+    _figure(g, runs, "overfitting", "the curves", tmp_path / "site" / "_static" / "figures", "_static/figures/")
+    _figure(g, runs, "vanishing", "the norms", tmp_path / "site" / "_static" / "figures", "_static/figures/")
+    first, second = g.doc.blocks
+    assert isinstance(first, Figure) and first.path == "_static/figures/overfitting.png"
+    assert (tmp_path / "site" / "_static" / "figures" / "overfitting.png").read_bytes() == b"\x89PNG fake plot"
+    assert isinstance(second, Para) and "`chainrule experiment vanishing`" in second.text
