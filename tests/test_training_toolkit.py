@@ -220,3 +220,11 @@ def test_resumed_early_stopping_stops_where_a_straight_run_does(adam_cm, blobs, 
     assert es3.stopped_epoch != es.stopped_epoch
     rebuilt = Network.from_checkpoint(tmp_path / f"ck-{resume_from}.npz", compiled=adam_cm)
     assert rebuilt.param_names == straight.param_names
+
+
+def test_is_cached_tells_which_modules_the_cache_holds(adam_cm, kernel_cache_dir):
+    """What compile_in_parallel skips: a module generated for (model, dtype, optimiser), no other."""
+    from chainrule.codegen.compiled import is_cached
+    assert is_cached(adam_cm.model, optimizer="adam", cache_dir=kernel_cache_dir)
+    assert not is_cached(adam_cm.model, optimizer="rmsprop", cache_dir=kernel_cache_dir)
+    assert not is_cached(adam_cm.model, dtype="float32", optimizer="adam", cache_dir=kernel_cache_dir)

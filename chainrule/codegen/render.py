@@ -54,7 +54,9 @@ def _adjoint_order(composed, model):
 
 
 def _needed(equations, names):
-    """The equations (of a list in evaluation order) needed to compute the given tensors."""
+    """The equations (of a list in evaluation order, or of a model) needed to compute the given
+    tensors."""
+    equations = getattr(equations, "equations", equations)
     defined = {e.out.name: e for e in equations}
     need, stack = set(), list(names)
     while stack:

@@ -67,7 +67,18 @@ class ExportPlan:
 
 
 def model_of(declaration, inputs=None) -> tuple[Model, str]:
-    """(model, mode) for a declaration; ``inputs``: the input width or shape of a layer or a loss."""
+    """(model, mode) for a declaration; ``inputs``: the input width or shape of a layer or a loss.
+    A model with running averages (batch norm) is refused: the targets carry no buffers yet, and an
+    export of its training form alone would silently lose evaluation mode."""
+    model, mode = _model_of(declaration, inputs)
+    if getattr(model, "buffer_updates", None):
+        layers = sorted({eq.layer for eq in model.buffer_updates})
+        raise UnsupportedError(f"export: layer {', '.join(layers)} keeps running averages (buffers) "
+                               f"for evaluation mode, which the export targets do not carry yet")
+    return model, mode
+
+
+def _model_of(declaration, inputs=None) -> tuple[Model, str]:
     from ...derive import build_model
     if isinstance(declaration, Model):
         return declaration, "model"
@@ -125,6 +136,7 @@ def layer_probe(layer: Layer, inputs) -> Model:
                   layers=d.layer_log)
     model.constants = dict(d.constants)
     model.constant_latex = dict(d.constant_latex)
+    model.buffer_updates = list(d.buffer_updates)
     model.probe = g.name
     model.dropped_penalties = [note for _, note, _ in d.penalties]
     return model
