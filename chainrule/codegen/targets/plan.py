@@ -29,7 +29,7 @@ from ...derive.layers import B, LOSSES, Builder, Layer, Loss, sequential
 from ...derive.tensor import Equation, Tensor, index, rename_bound
 from ..lower import comment_text, pretty
 from ..printer import to_conventions
-from ..render import _adjoint_order, _needed
+from ..render import _adjoint_order
 from .arrays import identifier
 
 MODES = ("model", "loss", "layer")
@@ -123,8 +123,7 @@ def layer_probe(layer: Layer, inputs) -> Model:
     model = Model(eqs, d.tensors + [cost], cost, outputs=[out], size_values=d.size_values,
                   name=type(layer).__name__ if layer.describe() == "layer" else layer.describe(),
                   layers=d.layer_log)
-    model.constants = dict(d.constants)
-    model.constant_latex = dict(d.constant_latex)
+    d.finish(model)                  # constants, buffers and evaluation forms, as a model gets them
     model.probe = g.name
     model.dropped_penalties = [note for _, note, _ in d.penalties]
     return model
@@ -211,6 +210,22 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
             plan.predict = [_block(printer, eq, sizes, consts) for eq in pred_eqs]
             plan.prediction = names[out.name]
     return plan
+
+
+def _needed(model, names, equations=None):
+    """The equations (of ``equations``, default the model's, in evaluation order) that the given
+    tensors need."""
+    equations = model.equations if equations is None else equations
+    defined = {e.out.name: e for e in equations}
+    need, stack = set(), list(names)
+    while stack:
+        n = stack.pop()
+        if n in need:
+            continue
+        need.add(n)
+        if n in defined:
+            stack.extend(r for r, _ in defined[n].reads())
+    return [e for e in equations if e.out.name in need]
 
 
 _DERIVED: dict = {}
