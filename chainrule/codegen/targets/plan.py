@@ -64,6 +64,10 @@ class ExportPlan:
     notes: list = field(default_factory=list)
     predict: list = field(default_factory=list)   # a model's prediction (its first output), no target
     prediction: str | None = None
+    buffers: list = field(default_factory=list)   # Argument: non-trainable state (running averages)
+    running: list = field(default_factory=list)   # blocks: the buffers' new values after a step
+    running_out: list = field(default_factory=list)
+    evaluate: list = field(default_factory=list)  # blocks: the result in evaluation mode
 
 
 def model_of(declaration, inputs=None) -> tuple[Model, str]:
@@ -202,9 +206,26 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
            if mode == "layer" else f"{names[result_tensor.name]}, the cost (the batch mean of the loss)")
     plan = ExportPlan(model, mode, label, args, forward, names[result_tensor.name], doc, saved,
                       backward, grad_codes, first, notes)
+    buffers = [t for t in model.tensors.values() if t.role == "buffer"]
+    updates = list(getattr(model, "buffer_updates", []))
+    eval_eqs = model.evaluation_equations() if hasattr(model, "evaluation_equations") else model.equations
+    if buffers:
+        for t in buffers:
+            shape = tuple("n_batch" if v == B else int(v) for v in shapes[t.name])
+            plan.buffers.append(Argument(t.name, names[t.name], "buffer", shape, init=t.init or "zeros"))
+        for eq in updates:
+            names[eq.out.name] = identifier(eq.out.name, taken)
+            shapes[eq.out.name] = concrete(eq.out)
+        reads = [r for eq in updates for r, _ in eq.reads()]
+        plan.running = [_block(printer, eq, sizes, consts) for eq in _needed(model, reads)] + \
+                       [_block(printer, eq, sizes, consts) for eq in updates]
+        by_buffer = {eq.out.meta["buffer"]: names[eq.out.name] for eq in updates}
+        plan.running_out = [by_buffer.get(t.name, names[t.name]) for t in buffers]
+        plan.evaluate = [_block(printer, eq, sizes, consts)
+                         for eq in _needed(model, [result_tensor.name], equations=eval_eqs)]
     if mode != "layer" and model.outputs:
         out = model.outputs[0]
-        pred_eqs = _needed(model, [out.name])
+        pred_eqs = _needed(model, [out.name], equations=eval_eqs)
         targets = {a.name for a in args if a.role == "target"}
         if not any(r in targets for e in pred_eqs for r, _ in e.reads()):
             plan.predict = [_block(printer, eq, sizes, consts) for eq in pred_eqs]
