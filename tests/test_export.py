@@ -267,6 +267,17 @@ def test_a_layer_needs_its_input_shape():
         render_export("perceptron", "tf")
 
 
+def test_recurrences_and_lookups_are_refused_with_their_layer():
+    """What the array targets cannot print yet is refused before anything is derived or written."""
+    from chainrule.codegen.targets import render_export
+    with pytest.raises(UnsupportedError, match=r"export: layer 1:rnn\(4\): .* read themselves across time "
+                                               r"\(a recurrence\).*Numba kernels"):
+        render_export("seq(5, 3) -> rnn(4) -> dense(2) -> mse", "torch")
+    with pytest.raises(UnsupportedError, match=r"export: layer 1:embedding\(4\): e1 reads E1 at positions "
+                                               r"given by another tensor's values"):
+        render_export("tokens(5, 7) -> embedding(4) -> flatten -> dense(2) -> mse", "jax")
+
+
 def test_torch_refuses_a_target_that_breaks_its_declared_fact(export_dir):
     torch = pytest.importorskip("torch")
     from chainrule.codegen.targets import export

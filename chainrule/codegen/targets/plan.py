@@ -150,6 +150,7 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
     tensors = [t for r in roles for t in model.tensors.values() if t.role == r and t.name != probe]
     if not any(t.role == "input" for t in tensors):
         raise UnsupportedError(f"export: model {comment_text(model.name)!r} has no input")
+    _refuse_what_cannot_be_printed(model)
     wrt = [t.name for t in tensors if t.role != "param"]
     composed = _derived(model, wrt)
 
@@ -247,6 +248,27 @@ def _needed(model, names, equations=None):
         if n in defined:
             stack.extend(r for r, _ in defined[n].reads())
     return [e for e in equations if e.out.name in need]
+
+
+def _refuse_what_cannot_be_printed(model):
+    """Constructs the array printers cannot print yet, refused with the layer that declared them
+    (before anything is derived or written): a recurrence (its equations need a loop over time)
+    and a read at positions given by another tensor's values (an embedding lookup)."""
+    from ...derive.recurrence import TimeLoop, schedule
+    for unit in schedule(model.equations):
+        if isinstance(unit, TimeLoop):
+            eq = unit.equations[0]
+            raise UnsupportedError(
+                f"export: layer {comment_text(eq.layer or '?')}: {', '.join(unit.names)} read themselves "
+                f"across time (a recurrence); the PyTorch and JAX targets print whole-tensor statements "
+                f"and have no loop over time yet: train it with chainrule's Numba kernels")
+    for eq in model.equations:
+        for x in sp.sympify(eq.body).atoms(sp.Indexed):
+            if any(sp.sympify(i).atoms(sp.Indexed) for i in x.indices):
+                raise UnsupportedError(
+                    f"export: layer {comment_text(eq.layer or '?')}: {eq.out.name} reads {x.base.label} at "
+                    f"positions given by another tensor's values (an embedding lookup), which the "
+                    f"PyTorch and JAX targets do not print yet")
 
 
 _DERIVED: dict = {}
