@@ -174,8 +174,11 @@ def _numba_cache_dir() -> Path | None:
 def _codegen_fingerprint() -> str:
     """The code generator's own sources, and the primitives whose lowerings it copies into modules."""
     h = hashlib.sha256()
-    sources = sorted(_CODEGEN_DIR.rglob("*")) + [_CODEGEN_DIR.parent / "derive" / "primitives.py",
-                                                 _CODEGEN_DIR.parent / "derive" / "optimizers.py"]
+    # (and the engine's modules that shape a derived equation: a recurrence's time loops and
+    # the delta elimination, rewrites and composition that give the adjoints)
+    derive_dir = _CODEGEN_DIR.parent / "derive"
+    sources = sorted(_CODEGEN_DIR.rglob("*")) + [derive_dir / f for f in (
+        "primitives.py", "optimizers.py", "recurrence.py", "backprop.py", "deltas.py", "rewrites.py")]
     for p in sources:
         if p.suffix in (".py", ".j2") and "__pycache__" not in p.parts:
             h.update(p.name.encode())

@@ -96,6 +96,8 @@ class CompiledModel:
             elif init == "glorot":
                 limit = math.sqrt(6.0 / (fan_in + fan_out))
                 a = rng.uniform(-limit, limit, size=shape)
+            elif init == "normal":           # an embedding table: N(0, 1), as PyTorch's nn.Embedding
+                a = rng.normal(0.0, 1.0, size=shape)
             elif init == "he":
                 a = rng.normal(0.0, math.sqrt(2.0 / fan_in), size=shape)
             else:
@@ -168,10 +170,9 @@ class CompiledModel:
             raise ShapeError(f"{what} {tensor.name} has shape {a.shape}, expected {shape}")
         if a.ndim and a.shape[0] == 0:
             raise ShapeError(f"{what} {tensor.name} is an empty batch")
-        if facts:
-            for fact in self.facts:
-                if fact.tensor.name == tensor.name:
-                    fact.check(a, data_dtype=data_dtype)
+        for fact in self.facts:
+            if (facts or fact.always) and fact.tensor.name == tensor.name:
+                fact.check(a, data_dtype=data_dtype)
         return a
 
     def _inputs(self, x, facts=False) -> list:

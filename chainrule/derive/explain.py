@@ -308,6 +308,7 @@ def explain_model(model: Model, grads: Gradients | None = None, title: str | Non
         doc.add(Para("Result:"), Display(w.equation(d.equation)), *w.patterns(d.equation),
                 *w.contributions(d), *w.matrix_blocks(d.equation))
 
+    doc.add(*_through_time(model, grads, w))
     doc.add(Heading(1, "The backward recursion"))
     doc.add(Para("Inserting the adjoints of the activations and of the loss into the layers below gives "
                  "the recursion for $\\delta^{(l)}$ and the parameter gradients:"))
@@ -330,6 +331,59 @@ def explain_model(model: Model, grads: Gradients | None = None, title: str | Non
     _running_averages(doc, model, w)
     doc.matrix_forms = w.forms
     return doc
+
+
+def _through_time(model: Model, grads: Gradients, w: Writer) -> list:
+    """For a model with recurrences: what backpropagation through time is, said of this model's own
+    derived equations (which tensors recur, what each adjoint reads at t+1, which sums run over t)."""
+    from .recurrence import Delayed, TimeLoop, ordered_units, time_shift
+    loops = [u for u in model.schedule if isinstance(u, TimeLoop)]
+    if not loops:
+        return []
+    blocks = [Heading(1, "Through time")]
+    for loop in loops:
+        names = ", ".join(f"${e.out.latex}$" for e in loop.equations)
+        starts = []
+        for e in loop.equations:
+            for d in e.body.atoms(Delayed):
+                t = model.tensors[str(d.args[1].base.label)]
+                init = d.args[0]
+                starts.append(f"${t.latex}$ starts from "
+                              + ("$0$" if init == 0 else f"${w.tex(init)}$"))
+        blocks.append(Para(
+            f"The equations of {names} read their own past ({'; '.join(sorted(set(starts)))} before the "
+            f"first step), so the forward pass runs them one time step at a time, $t = 0, 1, \dots$; the "
+            f"sequence length stays a symbol in every formula below."))
+    backward = [u for u in ordered_units([d.equation for d in grads.composed.values()]) if isinstance(u, TimeLoop)]
+    for loop in backward:
+        for e in loop.equations:
+            t_index = e.indices[loop.time_axes[e.out.name]]
+            ahead = {}
+            for r in e.body.atoms(sp.Indexed):
+                shifts = [time_shift(i, [t_index]) for i in r.indices]
+                if any(sh is not None and sh[1] > 0 for sh in shifts):
+                    ahead.setdefault(str(r.base.label), w.tex(r))
+            if not ahead:                  # computed within the step from adjoints that do
+                continue
+            reads = ", ".join(f"${tex}$" for _, tex in sorted(ahead.items()))
+            blocks.append(Para(
+                f"Backpropagation through time: the adjoint ${e.out.latex}$ at step ${w.tex(t_index)}$ receives "
+                f"what the layers above send at that step and, through the recurrence, what the next step "
+                f"${w.tex(t_index + 1)}$ sends back (it reads {reads} there; at the last step nothing comes "
+                f"from the future). So it is computed backward in time, from the last step to the first:"))
+            blocks.append(Display(w.equation(e)))
+    time_sizes = {model.tensors[e.out.name].shape[loop.time_axes[e.out.name]] for loop in loops
+                  for e in loop.equations}
+    summed = [d for d in grads.composed.values() if d.tensor.role == "param"
+              and any(any(sp.sympify(hi).free_symbols & set().union(*[sp.sympify(n).free_symbols for n in time_sizes])
+                          for _, _, hi in s.limits) for s in d.equation.body.atoms(sp.Sum))]
+    if summed:
+        blocks.append(Para("The weights are shared by every step, so each weight's gradient is a sum over "
+                           "the steps (" + ", ".join(f"${w.tex(d.equation.lhs)}$" for d in summed) + "). "
+                           "A product of many such backward steps shrinks or grows geometrically with the "
+                           "distance in time: the vanishing (or exploding) gradient of recurrent networks, "
+                           "which an LSTM's cell, updated by a sum rather than a matrix product, avoids."))
+    return blocks
 
 
 def in_evaluation(model: Model, body):

@@ -600,6 +600,33 @@ def _check_width(n, what):
 
 
 # -- assembling a model --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SequenceInput:
+    """A sequential model's input that runs over time: ``steps`` steps of ``features`` numbers
+    (``seq(T, N)`` in a spec: x is (B, T, N)), or, with ``vocab``, ``steps`` token ids below ``vocab``
+    (``tokens(T, V)``: x is (B, T), read through an embedding)."""
+
+    steps: int
+    features: int = 0
+    vocab: int | None = None
+
+    def __post_init__(self):
+        _check_width(self.steps, "a sequence input: the number of steps")
+        if self.vocab is not None:
+            _check_width(self.vocab, "a token input: the vocabulary")
+        else:
+            _check_width(self.features, "a sequence input: the number of features")
+
+    def declare(self, d: Builder) -> Tensor:
+        T = d.size("T", self.steps)
+        if self.vocab is not None:
+            return d.tensor("x", (B, T), role="input", latex="x",
+                            meta={"time_axis": 1, "vocab": d.size("V", self.vocab)})
+        return d.tensor("x", (B, T, d.size("n", self.features)), role="input", latex="x",
+                        meta={"time_axis": 1})
+
+
+
 def sequential(n_inputs, layers, loss: Loss | str, name="model") -> Model:
     """A layer list -> Model: input x (B × n_0, or B × C × H × W for an input shape such as (1, 8, 8)),
     the layers, the per-example loss and the batch-mean cost."""
@@ -607,10 +634,12 @@ def sequential(n_inputs, layers, loss: Loss | str, name="model") -> Model:
         if loss not in LOSSES:
             raise SpecError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
         loss = LOSSES[loss]()
-    if not isinstance(n_inputs, (tuple, list)):
+    if not isinstance(n_inputs, (tuple, list, SequenceInput)):
         _check_width(n_inputs, "sequential: the number of inputs")
     d = Builder()
-    if isinstance(n_inputs, (tuple, list)):
+    if isinstance(n_inputs, SequenceInput):
+        x = n_inputs.declare(d)
+    elif isinstance(n_inputs, (tuple, list)):
         if not 2 <= len(n_inputs) <= 3 or not all(isinstance(v, int) and v >= 1 for v in n_inputs):
             raise SpecError(f"input shape {tuple(n_inputs)}: expected (channels, width) or "
                             f"(channels, height, width) of positive integers")

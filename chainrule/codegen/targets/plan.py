@@ -108,7 +108,11 @@ def layer_probe(layer: Layer, inputs) -> Model:
         raise UnsupportedError(f"export: layer {layer.describe()} defines no equation (it returns its "
                                f"input unchanged): there is nothing to export")
     d.layer = "upstream"
-    g = d.tensor("g", out.shape, role="target", latex=r"\bar{g}")
+    taken = {t.name for t in d.tensors}
+    name = next(n for n in ("grad", "grad_out", "grad_probe") + tuple(f"grad{k}" for k in range(99))
+                if n not in taken)
+    g = Tensor(name, out.shape, role="target", latex=r"\bar{g}", layer="upstream")
+    d.tensors.append(g)
     idx = tuple(index(f"q{k}") for k in range(out.rank))
     body = g[idx] * out[idx]
     for v, n in reversed(list(zip(idx, out.shape))):
@@ -117,7 +121,8 @@ def layer_probe(layer: Layer, inputs) -> Model:
     eqs = d.equations + [Equation(cost, (), body, layer="upstream",
                                   note="the probe cost: the incoming gradient g times the output")]
     model = Model(eqs, d.tensors + [cost], cost, outputs=[out], size_values=d.size_values,
-                  name=f"layer-{layer.describe()}", layers=d.layer_log)
+                  name=type(layer).__name__ if layer.describe() == "layer" else layer.describe(),
+                  layers=d.layer_log)
     model.constants = dict(d.constants)
     model.constant_latex = dict(d.constant_latex)
     model.probe = g.name
