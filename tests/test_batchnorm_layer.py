@@ -259,15 +259,3 @@ def test_spec_items_with_numbers_round_trip():
                      ("layer_norm(eps=0)", r"item 3: layer_norm: eps must be > 0, got 0")]:
         with pytest.raises(SpecError, match=msg):
             build_model(f"4 -> dense(3) -> {bad} -> dense(2) -> mse")
-
-
-def test_export_refuses_running_averages():
-    """The PyTorch/JAX export carries no buffers yet: a batch-norm model or layer is refused by
-    name instead of exported in its training form only."""
-    from chainrule.codegen.targets import render_export
-    from chainrule.derive import BatchNorm, UnsupportedError
-    msg = r"export: layer .*batchnorm.* keeps running averages \(buffers\) for evaluation mode"
-    with pytest.raises(UnsupportedError, match=msg):
-        render_export("4 -> dense(3) -> batchnorm -> dense(2) -> mse", "torch")
-    with pytest.raises(UnsupportedError, match=msg):
-        render_export(BatchNorm(), "jax", inputs=5)

@@ -54,9 +54,7 @@ def _adjoint_order(composed, model):
 
 
 def _needed(equations, names):
-    """The equations (of a list in evaluation order, or of a model) needed to compute the given
-    tensors."""
-    equations = getattr(equations, "equations", equations)
+    """The equations (of a list in evaluation order) needed to compute the given tensors."""
     defined = {e.out.name: e for e in equations}
     need, stack = set(), list(names)
     while stack:
