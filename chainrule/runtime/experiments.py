@@ -4,7 +4,7 @@ Each returns a result dict (the numbers), writes its PNG plot(s) and a Markdown 
 ``out_dir``. The networks are small (the matrix products run on one BLAS thread, faster than two
 at these sizes), and the modules an experiment needs are first compiled into the kernel cache by
 worker processes side by side (Numba compiles one function at a time per process, and compiling is
-most of a cold run: 50-55 s of CPU time for either experiment, against 8-12 s once cached), after
+most of a cold run: 50-70 s of CPU time for either experiment, against 8-12 s once cached), after
 which the experiment loads them from the cache.
 """
 from __future__ import annotations
