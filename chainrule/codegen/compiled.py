@@ -26,9 +26,10 @@ class CompiledModel:
     """
 
     def __init__(self, model, module, path: Path, source: str, dtype: str, cache_hit: bool,
-                 key: str | None = None, render=None, optimizer="sgd"):
+                 key: str | None = None, render=None, optimizer="sgd", input_grads=False):
         from ..derive.optimizers import get_rule
         self.model = model
+        self.has_input_grads = bool(input_grads)
         self.rule = get_rule(optimizer)
         self.optimizer = self.rule.name
         self.state_names = list(self.rule.state)
@@ -189,6 +190,21 @@ class CompiledModel:
     def predict(self, params, x) -> np.ndarray:
         return self._call("predict", *self._params(params), *self._inputs(x))
 
+    def outputs(self, params, x) -> dict:
+        """Every declared output in evaluation mode (noise at its mean): ``{name: array}`` (a VAE's
+        reconstruction, μ and log σ²; an autoencoder's reconstruction and code)."""
+        values = self._call("outputs", *self._params(params), *self._inputs(x))
+        return dict(zip(self.output_names, (np.asarray(v) for v in values)))
+
+    def input_grads(self, params, x, y, seed=-1):
+        """(cost, ``{input name: dC/d input}``): the derived adjoints of the inputs, for pulling a
+        gradient back through this model (compile with ``input_grads=True``)."""
+        if not self.has_input_grads:
+            raise UnsupportedError(f"model {self.model.name}: compile_model(..., input_grads=True) "
+                                   f"generates the input gradients; this module was compiled without")
+        cost, grads = self._call("input_grads", *self._params(params), *self._xy(x, y, facts=True), int(seed))
+        return float(cost), dict(zip(self.input_names, grads))
+
     def forward(self, params, x, y, seed=-1):
         """(cost, first output). ``seed`` >= 0: training mode (dropout masks and noise drawn from
         that seed); < 0 (the default): evaluation mode (they take their mean)."""
@@ -248,13 +264,17 @@ class CompiledModel:
                                 *self._xy(x, y, facts=True), hp))
 
 
-def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd") -> CompiledModel:
+def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
+                  input_grads=False) -> CompiledModel:
     """Generate (or load from the cache) the kernels of ``model`` in ``dtype``, with the update of
     ``optimizer`` (a name or an ``UpdateRule``) fused into ``train_step``.
 
     ``cache_dir`` (default: ``$CHAINRULE_CACHE_DIR`` or ``~/.cache/chainrule/kernels``) must be a
     private directory (see :mod:`chainrule.codegen.cache`); when it cannot be written the kernels
-    are compiled in memory with one :class:`~chainrule.codegen.cache.KernelCacheWarning`."""
+    are compiled in memory with one :class:`~chainrule.codegen.cache.KernelCacheWarning`.
+
+    ``input_grads=True`` also generates ``input_grads``: the cost's derived gradient with respect to
+    every input (to pull a gradient back through this model into another one)."""
     import sympy as sp
 
     from ..derive.optimizers import get_rule
@@ -263,10 +283,10 @@ def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd") -> Co
     from ..derive.optimizers import RULES
     # the default (SGD) keeps the plain key; any other rule's declaration is part of it
     extra = "" if rule is RULES["sgd"] else rule.name + "".join(t + sp.srepr(b) for t, b in rule.assignments)
-    key = cache_key(model, dtype, extra)
+    key = cache_key(model, dtype, extra + ("+input_grads" if input_grads else ""))
 
     def render(cache=True):
-        return render_plan(plan_model(model, dtype, optimizer=rule), cache=cache)
+        return render_plan(plan_model(model, dtype, optimizer=rule, input_grads=input_grads), cache=cache)
     module, path, source, hit = load_or_generate(key, render, cache_dir)
     return CompiledModel(model, module, path, source, dtype, hit, key=key, render=render,
-                         optimizer=rule)
+                         optimizer=rule, input_grads=input_grads)

@@ -40,6 +40,7 @@ class Plan:
     optimizer: str = "sgd"
     state_names: list = None
     hyper_names: list = None
+    input_grads: bool = False
 
 
 def _adjoint_order(composed, model):
@@ -78,7 +79,20 @@ def _needed(model, names):
     return [e for e in model.equations if e.out.name in need]
 
 
-def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
+def _adjoints_needed(equations, names):
+    """The adjoint equations (in the given evaluation order) that the adjoints ``names`` read."""
+    by_name = {e.out.name: e for e in equations}
+    need, stack = set(), list(names)
+    while stack:
+        n = stack.pop()
+        if n in need or n not in by_name:
+            continue
+        need.add(n)
+        stack.extend(r for r, _ in by_name[n].reads())
+    return [e for e in equations if e.out.name in need]
+
+
+def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=False) -> Plan:
     from ..derive import derive
     from ..derive.optimizers import get_rule
     dtype = check_dtype(dtype)
@@ -104,6 +118,9 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
     for name, d in composed.items():
         tensors[d.adjoint.name] = d.adjoint
         adjoints[name] = d.adjoint.name
+    composed_in = _input_adjoints(model, inputs) if input_grads else {}
+    for d in composed_in.values():
+        tensors.setdefault(d.adjoint.name, d.adjoint)
     lw = Lowerer(model, tensors, cost_adjoint="d_" + model.cost.name)
     ident = lw.ident
 
@@ -113,6 +130,12 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
         raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on the target {y.name}")
     predict_k = lw.lower(predict_eqs)
     backward_k = lw.lower(_adjoint_order(composed, model))
+    outputs_k = lw.lower(_needed(model, [t.name for t in model.outputs]))
+    if any(r == y.name for e in _needed(model, [t.name for t in model.outputs]) for r, _ in e.reads()):
+        raise UnsupportedError(f"codegen: an output of {comment_text(model.name)!r} depends on the target {y.name}")
+    input_adjoints = [composed_in[t.name].adjoint.name for t in inputs] if input_grads else []
+    input_backward_k = lw.lower(_adjoints_needed(_adjoint_order(composed_in, model), input_adjoints)) \
+        if input_grads else []
 
     grad_codes, zero_lines, update = [], [], []
     for p in params:
@@ -170,6 +193,12 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
         forward=["\n".join(k.lines) for k in forward_k],
         predict=["\n".join(k.lines) for k in predict_k],
         backward=["\n".join(k.lines) for k in backward_k] + zero_lines,
+        outputs_body=["\n".join(k.lines) for k in outputs_k],
+        outputs=[ident(t.name) for t in model.outputs],
+        outputs_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}" for t in model.outputs),
+        input_grads=input_grads,
+        input_backward=["\n".join(k.lines) for k in input_backward_k],
+        input_adjoints=[ident(n) for n in input_adjoints],
         update=update, cost=ident(model.cost.name), output=ident(out.name), grads=grad_codes,
         optimizer=rule.name, optimizer_title=rule.title, states=state_args,
         noise_train=noise_train, noise_eval=noise_eval,
@@ -177,7 +206,23 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
         train_args=", ".join([ident(p.name) for p in params] + state_args + [ident(t.name) for t in inputs] + [ident(y.name)]))
     return Plan([p.name for p in params], x.name, y.name, [t.name for t in model.outputs],
                 model.cost.name, forward_k, predict_k, backward_k, context,
-                optimizer=rule.name, state_names=[s for s in rule.state], hyper_names=hyper)
+                optimizer=rule.name, state_names=[s for s in rule.state], hyper_names=hyper,
+                input_grads=input_grads)
+
+
+def _input_adjoints(model, inputs):
+    """The composed adjoints of a derivation that also reaches the inputs (``derive(..., wrt=)``):
+    what a caller needs to pull a gradient back through this model (a GAN's generator is trained
+    through the discriminator's input gradient)."""
+    from ..derive import derive
+    from ..derive.backprop import compose, recomputed_inside_reductions
+    grads = derive(model, wrt=[t.name for t in inputs])
+    missing = [t.name for t in inputs if t.name not in grads.derivations]
+    if missing:
+        raise UnsupportedError(f"codegen: the cost of {comment_text(model.name)!r} does not depend on "
+                               f"the inputs {missing}, so they have no gradient")
+    keep = recomputed_inside_reductions(grads)
+    return compose(grads, keep=keep) if keep else grads.composed
 
 
 def _lower_update(rule, params, param_codes, lw_main):
@@ -243,6 +288,6 @@ def render_plan(plan: Plan, cache: bool = True) -> str:
     return _ENV.get_template("module.py.j2").render(**plan.context, njit_cache=bool(cache))
 
 
-def render_module(model, dtype="float64", optimizer="sgd") -> str:
+def render_module(model, dtype="float64", optimizer="sgd", input_grads=False) -> str:
     """The generated module's source (what ``chainrule codegen`` prints)."""
-    return render_plan(plan_model(model, dtype, optimizer=optimizer))
+    return render_plan(plan_model(model, dtype, optimizer=optimizer, input_grads=input_grads))

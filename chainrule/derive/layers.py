@@ -456,6 +456,37 @@ class Loss:
         return y, loss, outputs
 
 
+@dataclass
+class Term:
+    """A per-example term of the cost over one or more of the model's tensors, with no target:
+    ℓ_b = Σ_k fn(T1[b, k], T2[b, k], ...) (a VAE's KL term reads the mean and the log-variance).
+
+    In a functional model each term is one output's loss; the cost sums the terms of every output,
+    and the engine differentiates the sum like any equation (each tensor's adjoint gets one
+    contribution per term that reads it)."""
+
+    name: str
+    fn: Callable                        # (*reads) -> summand over k
+    label: str = ""
+    latex: str = r"\ell"
+
+    def build(self, d: Builder, *tensors: Tensor):
+        first = tensors[0]
+        for t in tensors:
+            if t.rank != 2:
+                raise ShapeError(f"layer {d.layer} ({self.name}) reads (batch, features) tensors, got "
+                                 f"{t.name} {shape_str(t.shape)}")
+            d.unify_sizes(first.shape, t.shape)
+            if tuple(t.shape) != tuple(first.shape):
+                raise ShapeError(f"layer {d.layer} ({self.name}) reads tensors of one shape, got "
+                                 f"{first.name} {shape_str(first.shape)} and {t.name} {shape_str(t.shape)}")
+        loss = d.tensor("l", (B,), role="loss", latex=self.latex)
+        b, k = index("b"), index("k")
+        body = sp.Sum(self.fn(*(t[b, k] for t in tensors)), (k, 0, first.shape[1] - 1))
+        d.define(loss, (b,), body, note=f"{self.label or self.name}, per example")
+        return loss, list(tensors)
+
+
 def _softmax_of(z, b, k, n):
     m = index("m")
     return sp.exp(z[b, k] - LogSumExp(z[b, m], (m, 0, n - 1)))
