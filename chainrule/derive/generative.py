@@ -199,3 +199,125 @@ def vae(n_in=64, hidden=(128,), latent=2, activation="relu", name="vae"):
     logits = Dense(n_in)(h)
     return functional_model(x, [logits, (mu, logvar)], ["bce_logits", GaussianKL()],
                             weights=[1, 1 / n_in], name=name)
+
+
+
+def vae_decoder(n_in=64, hidden=(128,), latent=2, activation="relu", name="vae-decoder"):
+    """The VAE's decoder alone (z -> Bernoulli logits), to decode z ~ N(0, I): its layers are the
+    last layers of ``vae(...)`` with the same sizes, in the same order."""
+    from .functional import Input, functional_model
+    from .layers import Dense
+    z = Input(latent, name="z")
+    h = z
+    for w in reversed(hidden):
+        h = _act(activation)(Dense(w)(h))
+    return functional_model(z, Dense(n_in)(h), "bce_logits", name=name)
+
+# -- diffusion (DDPM) ---------------------------------------------------------------------------------
+ALPHA = sp.Symbol("alpha_t", positive=True)           # α_t = 1 - β_t
+ABAR_PREV = sp.Symbol(r"\bar{\alpha}_{t-1}", positive=True)
+ABAR = sp.Symbol(r"\bar{\alpha}_t", positive=True)
+X0, XT, XPREV, EPS = sp.symbols(r"x_0 x_t x_{t-1} varepsilon", real=True)
+
+
+@lru_cache(maxsize=None)
+def diffusion_marginal() -> Derivation:
+    """q(x_t | x_0) = N(√ᾱ_t x_0, (1 - ᾱ_t) I), by induction on the declared step
+    x_t = √α_t x_{t-1} + √(1 - α_t) ε_t: if x_{t-1} | x_0 has mean √ᾱ_{t-1} x_0 and variance
+    1 - ᾱ_{t-1}, the step (a scaled Gaussian plus independent Gaussian noise) gives mean and
+    variance that SymPy simplifies to the same form at t, with ᾱ_t = α_t ᾱ_{t-1}."""
+    mean_prev, var_prev = sp.sqrt(ABAR_PREV) * X0, 1 - ABAR_PREV
+    scale, noise_var = sp.sqrt(ALPHA), 1 - ALPHA              # the declared one-step recursion
+    mean_t = scale * mean_prev                                # E[a X + b ε] = a E[X]
+    var_t = sp.expand(scale ** 2 * var_prev + noise_var)      # Var[a X + b ε] = a² Var X + b², ε independent
+    claimed_mean, claimed_var = sp.sqrt(ABAR) * X0, 1 - ABAR
+    step = {ABAR: ALPHA * ABAR_PREV}
+    holds = (sp.simplify(mean_t - claimed_mean.xreplace(step)) == 0
+             and sp.simplify(var_t - claimed_var.xreplace(step)) == 0)
+    if not holds:                                             # a wrong claim is an error, never printed
+        raise AssertionError("the induction step of q(x_t | x_0) does not close")
+    steps = [("the declared forward step, ε_t ~ N(0, I) independent of x_{t-1}", XT,
+              scale * XPREV + sp.sqrt(noise_var) * EPS),
+             ("induction hypothesis: the mean of x_{t-1} given x_0", sp.Symbol(r"E[x_{t-1} \mid x_0]"), mean_prev),
+             ("induction hypothesis: its variance", sp.Symbol(r"\mathrm{Var}[x_{t-1} \mid x_0]"), var_prev),
+             ("the mean of the step (ε has mean 0)", sp.Symbol(r"E[x_t \mid x_0]"), mean_t),
+             ("the variance of the step (independent terms add their variances)",
+              sp.Symbol(r"\mathrm{Var}[x_t \mid x_0]"), var_t),
+             ("with ᾱ_t = α_t ᾱ_{t-1}: the hypothesis at t (base case t = 0: ᾱ_0 = 1, x_0 itself)",
+              sp.Symbol(r"\mathrm{Var}[x_t \mid x_0]"), claimed_var)]
+    return Derivation(claimed_mean + sp.sqrt(claimed_var) * EPS, steps,
+                      {"mean": claimed_mean, "var": claimed_var})
+
+
+@lru_cache(maxsize=None)
+def diffusion_posterior() -> Derivation:
+    """The mean and variance of q(x_{t-1} | x_t, x_0), by completing the square in x_{t-1} of
+    log q(x_t | x_{t-1}) + log q(x_{t-1} | x_0); then the mean with x_0 written through the noise,
+    x_0 = (x_t - √(1 - ᾱ_t) ε) / √ᾱ_t: the form the sampling loop uses with the predicted ε."""
+    log_density = (-(XT - sp.sqrt(ALPHA) * XPREV) ** 2 / (2 * (1 - ALPHA))
+                   - (XPREV - sp.sqrt(ABAR_PREV) * X0) ** 2 / (2 * (1 - ABAR_PREV)))
+    poly = sp.Poly(sp.expand(log_density), XPREV)
+    quad, lin = poly.coeff_monomial(XPREV ** 2), poly.coeff_monomial(XPREV)
+    var = sp.factor(sp.simplify(-1 / (2 * quad)))
+    mean = sp.simplify(-lin / (2 * quad))
+    abar = ALPHA * ABAR_PREV
+    mean_eps = sp.simplify(mean.xreplace({X0: (XT - sp.sqrt(1 - abar) * EPS) / sp.sqrt(abar)}))
+    textbook = (XT - (1 - ALPHA) / sp.sqrt(1 - abar) * EPS) / sp.sqrt(ALPHA)
+    if sp.simplify(mean_eps - textbook) != 0:
+        raise AssertionError("the posterior mean does not reduce to the ε form")
+    steps = [("the log-density of x_{t-1} given x_t and x_0 (Bayes, up to a constant)",
+              sp.Symbol(r"\log q(x_{t-1} \mid x_t, x_0)"), log_density),
+             ("a quadratic in x_{t-1}: the variance is -1 / (2 × its x_{t-1}² coefficient)",
+              sp.Symbol(r"\tilde{\beta}_t"), var),
+             ("the mean is -(x_{t-1} coefficient) / (2 × the x_{t-1}² coefficient)",
+              sp.Symbol(r"\tilde{\mu}_t"), mean),
+             ("x_0 through the noise, x_0 = (x_t - √(1-ᾱ_t) ε)/√ᾱ_t, with ᾱ_t = α_t ᾱ_{t-1}",
+              sp.Symbol(r"\tilde{\mu}_t"), textbook)]
+    return Derivation(textbook, steps, {"var": var, "mean": mean, "mean_eps": textbook})
+
+
+def diffusion_schedule(betas):
+    """(α, ᾱ, √ᾱ, √(1-ᾱ), the ε-form posterior mean coefficients, posterior variance) per step, each
+    a NumPy evaluation of the derived closed forms (lambdified, not retyped)."""
+    import numpy as np
+    betas = np.asarray(betas, dtype=np.float64)
+    alphas = 1.0 - betas
+    abar = np.cumprod(alphas)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    m, p = diffusion_marginal().symbols, diffusion_posterior()
+    coef = lambda expr, *syms: sp.lambdify(syms, expr, "numpy")     # noqa: E731
+    mean_x = coef(sp.diff(p.result, XT), ALPHA, ABAR_PREV)
+    mean_eps = coef(sp.diff(p.result, EPS), ALPHA, ABAR_PREV)
+    var = coef(p.symbols["var"], ALPHA, ABAR_PREV)
+    return {"alpha": alphas, "abar": abar,
+            "signal": coef(sp.diff(m["mean"], X0), ABAR)(abar) * np.ones_like(abar),
+            "noise": coef(sp.sqrt(m["var"]), ABAR)(abar) * np.ones_like(abar),
+            "mean_x": mean_x(alphas, abar_prev), "mean_eps": mean_eps(alphas, abar_prev),
+            "var": np.where(abar_prev < 1.0, var(alphas, abar_prev), 0.0)}
+
+
+def diffusion_explanation() -> list:
+    blocks = [Heading(1, "The forward process in closed form"),
+              Para("The forward process adds Gaussian noise in $T$ small steps with variances $\\beta_t$; "
+                   "write $\\alpha_t = 1 - \\beta_t$ and $\\bar\\alpha_t = \\prod_{s \\le t} \\alpha_s$. "
+                   "By induction (each equality below checked by SymPy):")]
+    for k, (why, lhs, rhs) in enumerate(diffusion_marginal().steps, 1):
+        blocks += [Para(f"Step {k}, {why}:"), Display(f"{sp.latex(lhs)} = {sp.latex(rhs)}")]
+    blocks += [Para("So $x_t$ is drawn in one go from $x_0$, without simulating the chain:"),
+               Display(f"x_t = {sp.latex(diffusion_marginal().result)}, \\qquad "
+                       f"\\varepsilon \\sim \\mathcal{{N}}(0, I)"),
+               Heading(1, "The ε-prediction loss"),
+               Para("The network $\\varepsilon_\\theta(x_t, t)$ sees $x_t$ and $t$ and predicts the noise that "
+                    "was added. The simplified objective of Ho et al. (2020) is the mean squared error "
+                    "between the two (the per-example loss below, with the target $y = \\varepsilon$); its "
+                    "gradients are derived in the sections that follow, like any model's."),
+               Heading(1, "Sampling: the reverse step"),
+               Para("The reverse step needs the Gaussian $q(x_{t-1} \\mid x_t, x_0)$; the engine completes "
+                    "the square:")]
+    for k, (why, lhs, rhs) in enumerate(diffusion_posterior().steps, 1):
+        blocks += [Para(f"Step {k}, {why}:"), Display(f"{sp.latex(lhs)} = {sp.latex(rhs)}")]
+    blocks += [Para("Sampling starts from $x_T \\sim \\mathcal{N}(0, I)$ and, for $t = T, \\dots, 1$, draws "
+                    "$x_{t-1} = \\tilde\\mu_t(x_t, \\varepsilon_\\theta(x_t, t)) + \\sqrt{\\tilde\\beta_t}\\, z$ with "
+                    "$z \\sim \\mathcal{N}(0, I)$ ($z = 0$ at the last step). The loop uses these "
+                    "coefficients, evaluated from the expressions above.")]
+    return blocks

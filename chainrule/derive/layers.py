@@ -521,6 +521,10 @@ LOSSES = {
     "cross_entropy": lambda: Loss("cross_entropy", lambda p, y: -y * sp.log(p), simplex=True,
                                   label="categorical cross-entropy"),
     "softmax_cross_entropy": SoftmaxCrossEntropy,
+    # ℓ_b = Σ_k g_bk ŷ_bk with the target g an upstream gradient times B: ∂C/∂ŷ_bk = g_bk / B, so
+    # the parameters' gradient is the vector-Jacobian product that pulls g back through the model
+    # (a GAN's generator, given the discriminator's derived input gradient)
+    "pullback": lambda: Loss("pullback", lambda p, g: g * p, label="pullback of an upstream gradient"),
     "nll": lambda: Loss("nll", lambda s, y: -y * s, simplex=True,
                         prediction=lambda s, b, k, n: sp.exp(s[b, k]),
                         label="negative log-likelihood"),

@@ -178,7 +178,8 @@ class Network:
         if rule not in self._modules:
             from chainrule.codegen import compile_model
             self._modules[rule] = compile_model(self.model, dtype=self.dtype.name, optimizer=rule,
-                                                cache_dir=self.compiled.module_path.parent)
+                                                cache_dir=self.compiled.module_path.parent,
+                                                input_grads=getattr(self.compiled, "has_input_grads", False))
         self.compiled = self._modules[rule]
 
     # -- description ---------------------------------------------------------------------------
