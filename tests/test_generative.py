@@ -136,6 +136,18 @@ def test_outputs_reports_every_head_in_evaluation_mode(small_vae_compiled):
     assert np.allclose(out["z3"], h @ params["W3"].T + params["b3"])
 
 
+def test_the_vae_decoder_is_the_vae_s_last_layers(small_vae, small_vae_compiled, kernel_cache_dir):
+    from chainrule.codegen import compile_model
+    from chainrule.derive.generative import vae_decoder
+    from chainrule.runtime.generative import vae_decoder_params
+    decoder = vae_decoder(n_in=5, hidden=(4,), latent=3)
+    dec = compile_model(decoder, cache_dir=kernel_cache_dir)
+    params = small_vae_compiled.init_params(seed=3)
+    x = np.random.default_rng(0).random((4, 5))
+    out = small_vae_compiled.outputs(params, x)
+    assert np.allclose(dec.predict(vae_decoder_params(params, decoder), out["z2"]), out["p5"])
+
+
 def test_a_module_without_input_gradients_says_how_to_get_them(compiled_declared):
     cm = compiled_declared("ae-tiny", lambda: autoencoder(n_in=5, hidden=(3,), latent=2, name="ae-tiny"))
     with pytest.raises(Exception, match="input_grads=True"):

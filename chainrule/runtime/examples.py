@@ -20,6 +20,7 @@ class Example:
     batch_size: int = 32
     target: float = 0.0     # the test accuracy the full run is meant to reach
     about: str = ""
+    runner: str = ""        # a generative example: the name of its loop in runtime.generative.RUNNERS
 
 
 EXAMPLES = {
@@ -29,6 +30,20 @@ EXAMPLES = {
                            about="a 1-D CNN on MNIST-1D (4000 train / 1000 test, generated locally)"),
     "residual-mlp": Example("residual-mlp", "digits", epochs=40, lr=0.1, target=0.96,
                             about="an MLP with two residual blocks on scikit-learn's digits"),
+    # generative models: their own training loops (runtime/generative.py); ``epochs`` counts epochs,
+    # or alternating steps for the GANs
+    "autoencoder": Example("autoencoder", "digits", epochs=60, lr=3e-3, runner="autoencoder",
+                           about="an autoencoder with a 2-d code against PCA"),
+    "denoising-autoencoder": Example("denoising-autoencoder", "digits", epochs=40, lr=3e-3,
+                                     runner="denoising", about="a denoising autoencoder"),
+    "vae": Example("vae", "digits", epochs=150, lr=2e-3, runner="vae",
+                   about="a variational autoencoder with a 2-d latent space"),
+    "gan-ring": Example("gan-ring", "ring", epochs=4000, lr=1e-3, runner="gan-ring",
+                        about="a GAN on a ring of 8 Gaussians (steps)"),
+    "gan-digits": Example("gan-digits", "digits", epochs=6000, lr=5e-4, runner="gan-digits",
+                          about="a GAN on the 8x8 digits (steps)"),
+    "ddpm": Example("ddpm", "moons", epochs=300, lr=1e-3, runner="ddpm",
+                    about="a DDPM on two moons"),
 }
 
 
@@ -59,6 +74,8 @@ def run_example(name: str, out_dir: str | None = None, epochs: int | None = None
     out = stream if stream is not None else sys.stdout
     out_dir = out_dir or os.path.join("chainrule-examples", name)
     epochs = ex.epochs if epochs is None else int(epochs)
+    if ex.runner:
+        return _run_generative(name, ex, out_dir, epochs, progress, seed, dtype, out)
     t0 = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     model = build_model(ex.model)
@@ -83,6 +100,21 @@ def run_example(name: str, out_dir: str | None = None, epochs: int | None = None
           f"on first use)", file=out)
     return {"test_accuracy": result["accuracy"], "seconds": t_end - t0,
             "train_seconds": t_trained - t_ready, "derivation": doc_path, "network": net}
+
+
+def _run_generative(name, ex, out_dir, epochs, progress, seed, dtype, out):
+    from .generative import RUNNERS
+    t0 = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    runner = RUNNERS[ex.runner]
+    count = "steps" if ex.runner.startswith("gan") else "epochs"
+    result = runner(out_dir, **{count: epochs}, progress=progress, seed=seed, dtype=dtype, stream=out)
+    for key in ("reconstructions", "latent", "denoised", "samples", "derivation"):
+        if key in result:
+            print(f"{key + ':':<16} {result[key]}", file=out)
+    print(f"time: {time.perf_counter() - t0:.1f}s (derivation, code generation, Numba's compilation on "
+          f"first use and training)", file=out)
+    return result
 
 
 def script_main(name: str, argv=None):
