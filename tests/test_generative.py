@@ -53,7 +53,7 @@ def test_the_kl_closed_form_matches_its_definition_by_quadrature(mu, sigma):
 
 def test_the_kl_explanation_prints_the_derived_steps():
     tex = "\n".join(getattr(b, "tex", getattr(b, "text", "")) for b in kl_explanation())
-    assert r"E[z^2] = \mu^{2} + \sigma^{2}" in tex
+    assert r"E{\left(z^{2} \right)} = \mu^{2} + \sigma^{2}" in tex
     assert r"\frac{\mu^{2}}{2}" in tex
 
 

@@ -52,7 +52,8 @@ def gaussian_kl() -> Derivation:
     log_ratio = sp.expand(sp.expand_log(sp.log(q), force=True) - sp.expand_log(sp.log(p), force=True))
     poly = sp.Poly(log_ratio, Z)
     moments = {k: sp.simplify(sp.integrate(Z ** k * q, (Z, -sp.oo, sp.oo))) for k in range(poly.degree() + 1)}
-    expectation = sp.Add(*[c * sp.Symbol(f"E[z^{k}]") for (k,), c in poly.terms()])
+    E = sp.Function("E")                                      # the expectation under q, unevaluated
+    expectation = sp.Add(*[c * E(Z ** k) for (k,), c in poly.terms()])
     result = sp.expand(sp.Add(*[c * moments[k] for (k,), c in poly.terms()]))
     steps = [("definition: the expected log-ratio of the two densities under q", kl,
               sp.Integral(sp.Symbol("q(z)") * (sp.Symbol(r"\log q(z)") - sp.Symbol(r"\log p(z)")), (Z, -sp.oo, sp.oo))),
@@ -60,7 +61,7 @@ def gaussian_kl() -> Derivation:
               log_ratio),
              ("linearity of the expectation", kl, expectation),
              ("the moments of q, integrated by SymPy: " + ", ".join(
-                 f"$E[z^{k}] = {sp.latex(m)}$" for k, m in moments.items()), kl, result)]
+                 f"${sp.latex(E(Z ** k))} = {sp.latex(m)}$" for k, m in moments.items()), kl, result)]
     return Derivation(result, steps, {"moments": moments})
 
 
