@@ -204,6 +204,9 @@ def cmd_docs(args) -> int:
     for name in RULES:
         _write(explain_optimizer(name).to_markdown(), str(out / "optimizers" / f"{name}.md"))
     _write(explain_decoupled_decay().to_markdown(), str(out / "optimizers" / "adamw-vs-l2.md"))
+    from .derive.generative import generative_documents
+    for name, doc in generative_documents().items():
+        _write(doc.to_markdown(), str(out / "generative" / f"{name}.md"))
     return 0
 
 

@@ -181,3 +181,13 @@ def test_the_gan_generator_losses_are_derived_from_the_declared_bce():
     D = sp.Symbol("D", positive=True)
     assert sp.simplify(grad_mm + D) == 0 and at0_mm == 0          # vanishes where D(G(z)) -> 0
     assert sp.simplify(grad_ns - (D - 1)) == 0 and at0_ns == -1   # keeps magnitude 1 there
+
+
+def test_the_generative_documents_print_the_derived_closed_forms():
+    from chainrule.derive.generative import diffusion_marginal, diffusion_posterior, generative_documents
+    docs = {k: v.to_markdown() for k, v in generative_documents().items()}
+    assert set(docs) == {"vae", "gan", "diffusion"}
+    assert sp.latex(diffusion_marginal().result) in docs["diffusion"]
+    assert sp.latex(diffusion_posterior().symbols["var"]) in docs["diffusion"]
+    assert r"\left.\frac{\partial \ell_G}{\partial s}\right|_{D = 0} = -1" in docs["gan"]
+    assert "The reparameterisation trick" in docs["vae"]

@@ -322,3 +322,20 @@ def diffusion_explanation() -> list:
                     "$z \\sim \\mathcal{N}(0, I)$ ($z = 0$ at the last step). The loop uses these "
                     "coefficients, evaluated from the expressions above.")]
     return blocks
+
+
+def generative_documents() -> dict:
+    """The generative models' math as documents (``chainrule docs`` writes them): the VAE's KL term
+    and reparameterisation, the GAN generator losses, the DDPM's closed forms."""
+    from .explain import Explanation
+    docs = {}
+    doc = Explanation("The variational autoencoder: the KL term and the reparameterisation trick")
+    doc.add(*kl_explanation(), *reparameterisation_explanation(vae()))
+    docs["vae"] = doc
+    doc = Explanation("The GAN: minimax and non-saturating generator losses")
+    doc.add(*gan_explanation())
+    docs["gan"] = doc
+    doc = Explanation("The DDPM: the forward process in closed form, the loss and the reverse step")
+    doc.add(*diffusion_explanation())
+    docs["diffusion"] = doc
+    return docs

@@ -28,6 +28,7 @@ def one_blas_thread(fn):
 
     @functools.wraps(fn)
     def run(*args, **kw):
+        import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS the kernels call, so it is limited too)
         from threadpoolctl import threadpool_limits
         with threadpool_limits(1):
             return fn(*args, **kw)
