@@ -111,3 +111,19 @@ def test_full_generative_examples_meet_their_goals(tmp_path):
     assert r["two_sample_accuracy"] < 0.6
     r = run_example("vae", out_dir=str(tmp_path / "vae"), progress=False, stream=io.StringIO())
     assert r["neg_elbo"] < 0.40
+
+
+def test_the_one_graph_derivation_shows_the_generator_gradient_through_the_discriminator():
+    from chainrule.derive import derive
+    joint = gen.gan_through_discriminator(3, 2, (4,), (5,))
+    composed = derive(joint).composed
+    g_out = "z2"                                     # the generator's output layer (dense, level 2)
+    reads = {r for r, _ in composed[g_out].equation.reads()}
+    assert "W3" in reads                             # the discriminator's first weights carry δ back into G
+    assert {"W1", "W2"} <= set(composed)             # and the generator's parameters get gradients
+
+
+def test_every_generative_example_has_a_loop():
+    from chainrule.runtime.examples import EXAMPLES
+    runners = {ex.runner for ex in EXAMPLES.values() if ex.runner}
+    assert runners == set(gen.RUNNERS)
