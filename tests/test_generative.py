@@ -191,3 +191,41 @@ def test_the_generative_documents_print_the_derived_closed_forms():
     assert sp.latex(diffusion_posterior().symbols["var"]) in docs["diffusion"]
     assert r"\left.\frac{\partial \ell_G}{\partial s}\right|_{D = 0} = -1" in docs["gan"]
     assert "The reparameterisation trick" in docs["vae"]
+
+
+def test_a_model_with_two_targets_trains_through_its_compiled_module(compiled_declared):
+    """Two heads, two losses with their own targets (a class and a regression value), one cost."""
+    from chainrule.runtime import Network
+    from chainrule.derive import UnsupportedError
+
+    def build():
+        x = Input(4, name="x")
+        h = Activation("tanh", ACTIVATIONS["tanh"])(Dense(6)(x))
+        return functional_model(x, [Dense(3)(h), Dense(1)(h)], ["softmax_cross_entropy", "mse"],
+                                weights=[1, 0.5], name="two-heads")
+    cm = compiled_declared("two-heads", build)
+    assert cm.target_names == ["y3", "y3_2"]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4))
+    labels = np.eye(3)[(x[:, 0] > 0).astype(int) + (x[:, 1] > 0)]
+    value = (x[:, 2] * x[:, 3])[:, None]
+    params = cm.init_params(seed=0)
+    # the gradient of the combined cost against finite differences, on a few parameters
+    _, grads = cm.loss_and_grads(params, x[:5], [labels[:5], value[:5]])
+    for name in ("W1", "W2", "W3"):                  # the shared layer and each head
+        k = (0, 2)
+        p_plus = {n: a.copy() for n, a in params.items()}
+        p_minus = {n: a.copy() for n, a in params.items()}
+        p_plus[name][k] += 1e-6
+        p_minus[name][k] -= 1e-6
+        num = (cm.cost(p_plus, x[:5], {"y3": labels[:5], "y3_2": value[:5]})
+               - cm.cost(p_minus, x[:5], {"y3": labels[:5], "y3_2": value[:5]})) / 2e-6
+        assert grads[name][k] == pytest.approx(num, rel=1e-6, abs=1e-9)
+    first = cm.cost(params, x, [labels, value])
+    for step in range(1, 201):
+        cm.train_step(params, x, [labels, value], lr=0.2, step=step)
+    assert cm.cost(params, x, [labels, value]) < 0.6 * first
+    with pytest.raises(Exception, match="takes 2 targets"):
+        cm.cost(params, x, labels)
+    with pytest.raises(UnsupportedError, match="one target"):
+        Network(cm.model, compiled=cm)

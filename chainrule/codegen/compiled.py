@@ -49,13 +49,15 @@ class CompiledModel:
         self.input_name = inputs[0].name
         self.input_names = [t.name for t in inputs]       # every input, in the kernels' argument order
         self.target_name = targets[0].name
+        self.target_names = [t.name for t in targets]     # every target (one per loss), in kernel order
         self._x = inputs[0]
         self._xs = inputs
         self._y = targets[0]
+        self._ys = targets
         self.output_names = [t.name for t in model.outputs]
-        self._dims = {t.name: self._batch_shape(model, t) for t in (*self._xs, self._y)}
+        self._dims = {t.name: self._batch_shape(model, t) for t in (*self._xs, *self._ys)}
         # facts declared on the arguments, which the derived gradient may rely on
-        self.facts = declared_facts(model, names={*self.input_names, self.target_name})
+        self.facts = declared_facts(model, names={*self.input_names, *self.target_names})
 
     @staticmethod
     def _batch_shape(model, t):
@@ -161,14 +163,32 @@ class CompiledModel:
                                  f"{xs[0].shape[0]}")
         return xs
 
+    def _targets(self, y, facts=False) -> list:
+        """The targets as arrays in kernel order: one array for a one-target model; a list, a tuple or
+        a dict by name for a model with several (one per loss)."""
+        if len(self._ys) == 1:
+            if isinstance(y, dict):
+                y = y.get(self._y.name, y)
+            return [self._array(y, self._y, "target", facts)]
+        if isinstance(y, dict):
+            missing = [t.name for t in self._ys if t.name not in y]
+            if missing:
+                raise ShapeError(f"missing targets {missing}; the model takes {self.target_names}")
+            y = [y[t.name] for t in self._ys]
+        if not isinstance(y, (list, tuple)) or len(y) != len(self._ys):
+            raise ShapeError(f"the model takes {len(self._ys)} targets {self.target_names} (one per loss): "
+                             f"give a list or a dict of arrays")
+        return [self._array(a, t, "target", facts) for a, t in zip(y, self._ys)]
+
     def _xy(self, x, y, facts=False):
         """Checked arrays; ``facts``: also every fact declared on them (before a gradient)."""
         xs = self._inputs(x, facts)
-        y = self._array(y, self._y, "target", facts)
-        if xs[0].shape[0] != y.shape[0]:
-            raise ShapeError(f"input {self._x.name} has {xs[0].shape[0]} rows but target "
-                             f"{self._y.name} has {y.shape[0]}")
-        return (*xs, y)
+        ys = self._targets(y, facts)
+        for a, t in zip(ys, self._ys):
+            if xs[0].shape[0] != a.shape[0]:
+                raise ShapeError(f"input {self._x.name} has {xs[0].shape[0]} rows but target "
+                                 f"{t.name} has {a.shape[0]}")
+        return (*xs, *ys)
 
     # -- kernels ------------------------------------------------------------------------------
     def _call(self, fn: str, *args):

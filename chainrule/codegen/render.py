@@ -103,10 +103,11 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
     composed = compose(grads, keep=keep) if keep else grads.composed
     inputs = [t for t in model.inputs if t.role == "input"]
     targets = [t for t in model.inputs if t.role == "target"]
-    if not inputs or len(targets) != 1:
+    if not inputs or not targets:
         raise UnsupportedError(f"codegen: models with {len(inputs)} inputs and {len(targets)} targets "
-                               "are not supported yet (one or more inputs, exactly one target)")
+                               "are not supported yet (one or more inputs, one or more targets)")
     x, y = inputs[0], targets[0]
+    target_names = {t.name for t in targets}
     if not model.outputs:
         raise UnsupportedError("codegen: the model declares no output for predict")
     params = model.params
@@ -126,13 +127,15 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
 
     forward_k = lw.lower(model.equations)
     predict_eqs = _needed(model, [model.outputs[0].name])
-    if any(r == y.name for e in predict_eqs for r, _ in e.reads()):
-        raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on the target {y.name}")
+    if any(r in target_names for e in predict_eqs for r, _ in e.reads()):
+        raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on a target "
+                               f"({', '.join(sorted(target_names))})")
     predict_k = lw.lower(predict_eqs)
     backward_k = lw.lower(_adjoint_order(composed, model))
     outputs_k = lw.lower(_needed(model, [t.name for t in model.outputs]))
-    if any(r == y.name for e in _needed(model, [t.name for t in model.outputs]) for r, _ in e.reads()):
-        raise UnsupportedError(f"codegen: an output of {comment_text(model.name)!r} depends on the target {y.name}")
+    if any(r in target_names for e in _needed(model, [t.name for t in model.outputs]) for r, _ in e.reads()):
+        raise UnsupportedError(f"codegen: an output of {comment_text(model.name)!r} depends on a target "
+                               f"({', '.join(sorted(target_names))})")
     input_adjoints = [composed_in[t.name].adjoint.name for t in inputs] if input_grads else []
     input_backward_k = lw.lower(_adjoints_needed(_adjoint_order(composed_in, model), input_adjoints)) \
         if input_grads else []
@@ -187,8 +190,8 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
     context = dict(
         model_label=sanitise(model.name), dtype=dtype, tiny=tiny, primitives=prims,
         params=[ident(p.name) for p in params], x=", ".join(ident(t.name) for t in inputs),
-        x_first=ident(x.name), y=ident(y.name),
-        arg_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}" for t in [*params, *inputs, y]),
+        x_first=ident(x.name), y=", ".join(ident(t.name) for t in targets),
+        arg_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}" for t in [*params, *inputs, *targets]),
         output_doc=f"{ident(out.name)} = {comment_text(out.name)}",
         forward=["\n".join(k.lines) for k in forward_k],
         predict=["\n".join(k.lines) for k in predict_k],
@@ -203,7 +206,7 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
         optimizer=rule.name, optimizer_title=rule.title, states=state_args,
         noise_train=noise_train, noise_eval=noise_eval,
         hyper=[(k, f"u_hp_{h}") for k, h in enumerate(hyper)],
-        train_args=", ".join([ident(p.name) for p in params] + state_args + [ident(t.name) for t in inputs] + [ident(y.name)]))
+        train_args=", ".join([ident(p.name) for p in params] + state_args + [ident(t.name) for t in inputs] + [ident(t.name) for t in targets]))
     return Plan([p.name for p in params], x.name, y.name, [t.name for t in model.outputs],
                 model.cost.name, forward_k, predict_k, backward_k, context,
                 optimizer=rule.name, state_names=[s for s in rule.state], hyper_names=hyper,

@@ -423,13 +423,14 @@ def run_gan_ring(out_dir, steps=4000, progress=True, seed=0, dtype="float64", st
 
 
 @one_blas_thread
-def run_gan_digits(out_dir, steps=6000, progress=True, seed=0, dtype="float64", stream=None, batch=64,
-                   document=True) -> dict:
-    """A GAN on the 8×8 digits: a grid of samples."""
+def run_gan_digits(out_dir, steps=8000, progress=True, seed=0, dtype="float64", stream=None, batch=64,
+                   document=True, z_dim=32, g_hidden=(256,), d_hidden=(256,), lr=2e-4) -> dict:
+    """A GAN on the 8×8 digits: a grid of samples. (Measured, seed 0: with these settings a 5-NN
+    classifier reads the samples as every digit, 24 to 50 of 360 each, and the two-sample accuracy is
+    0.695; with z 16, G (128, 128), D (64,) the generator collapsed onto 1s and 8s, accuracy 1.0.)"""
     t0 = time.perf_counter()
-    z_dim, g_hidden, d_hidden = 16, (128, 128), (128,)
     gen, disc = gan_models(64, z_dim, g_hidden, d_hidden, output="sigmoid")
-    gan = GAN(gen, disc, z_dim, lr_g=5e-4, lr_d=5e-4, seed=seed, dtype=dtype)
+    gan = GAN(gen, disc, z_dim, lr_g=lr, lr_d=lr, seed=seed, dtype=dtype)
     x_tr, x_te, y_tr, y_te = _digits_split(dtype)
     rng = np.random.default_rng(seed + 10)
     _say(stream, f"GAN on the digits: G {gan.G.n_params()} parameters, D {gan.D.n_params()}; {steps} steps of batch {batch}")

@@ -155,6 +155,13 @@ class Network:
         self._rng = None               # the shuffling generator, kept across fits for exact resume
 
         cm = compiled
+        if len(getattr(cm, "target_names", [cm.target_name])) > 1:
+            from chainrule.derive import UnsupportedError
+            raise UnsupportedError(
+                f"Network trains a model with one target; {model.name!r} has {len(cm.target_names)} "
+                f"({', '.join(cm.target_names)}, one per loss): train it with its compiled module "
+                f"(compile_model(model).train_step(params, x, [y1, y2, ...])), or give the other heads a "
+                f"Term or None instead of a loss with a target")
         self.input_name, self.target_name = cm.input_name, cm.target_name
         self.input_shape = model.concrete_shape(model.tensors[cm.input_name], B=1)[1:]   # per example
         self.n_inputs = int(np.prod(self.input_shape))
