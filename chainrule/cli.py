@@ -191,6 +191,10 @@ def _verify_epilog() -> str:
 def cmd_codegen(args) -> int:
     from .codegen import render_module
     from .derive import build_model
+    if args.target != "numba":          # PyTorch / JAX: the forward and the derived backward
+        from .codegen.targets import render_export
+        _write(render_export(build_model(args.model), args.target), args.output)
+        return 0
     _write(render_module(build_model(args.model), dtype=args.dtype, optimizer=args.optimizer), args.output)
     return 0
 
@@ -292,9 +296,13 @@ def main(argv=None) -> int:
     p.add_argument("--symbolic-only", action="store_true", help="skip the finite-difference check")
     p.set_defaults(fn=cmd_verify)
 
-    p = sub.add_parser("codegen", help="print or write a model's generated Numba module",
+    p = sub.add_parser("codegen", help="print or write a model's generated module (Numba kernels, or a "
+                       "PyTorch / JAX export with the derived backward)",
                        epilog=_model_help(), formatter_class=fmt)
     p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--target", choices=("numba", "torch", "jax"), default="numba",
+                   help="numba: the training kernels (default); torch: an autograd.Function and nn.Module; "
+                        "jax: a custom_vjp function (torch/jax need not be installed to generate)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     p.add_argument("--optimizer", default="sgd", help="the update fused into train_step (default: sgd)")
     p.add_argument("-o", "--output")

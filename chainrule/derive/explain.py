@@ -291,8 +291,44 @@ def explain_model(model: Model, grads: Gradients | None = None, title: str | Non
                          f"gradient): after each optimiser step, a row of ${param.latex}$ whose norm "
                          f"exceeds the bound is rescaled onto it, and any other row is left alone:"),
                     Display(f"{w.tex(param[eq.indices])} \\leftarrow {w.tex(eq.body)}"))
+    _running_averages(doc, model, w)
     doc.matrix_forms = w.forms
     return doc
+
+
+def in_evaluation(model: Model, body):
+    """``body`` with every read of a tensor that has an evaluation form (batch norm's statistics)
+    replaced by that form, at the read's indices: the formula evaluation mode computes."""
+    for name, ev in getattr(model, "eval_equations", {}).items():
+        base = model.tensors[name].base
+        body = body.replace(lambda e, b=base: isinstance(e, sp.Indexed) and e.base == b,
+                            lambda e, ev=ev: ev.body.xreplace(dict(zip(ev.indices, e.indices))))
+    return body
+
+
+def _running_averages(doc, model: Model, w: Writer):
+    """The declared running averages and the evaluation-mode forward equations they feed."""
+    updates, evals = getattr(model, "buffer_updates", []), getattr(model, "eval_equations", {})
+    if not updates:
+        return
+    doc.add(Heading(1, "Running averages, and evaluation mode"))
+    doc.add(Para("Some tensors are non-trainable state (buffers): they get no gradient. After each "
+                 "training step each is updated from that step's forward pass, as declared:"))
+    for eq in updates:
+        buf = model.tensors[eq.out.meta["buffer"]]
+        values = [f"${w.tex(c)} = {v:g}$" for c, v in model.constants.items() if eq.body.has(c)]
+        doc.add(Para(f"{eq.note[0].upper()}{eq.note[1:]} (layer {eq.layer.replace(':', ' (', 1)}), "
+                     f"starting at {0 if buf.init == 'zeros' else 1}"
+                     + (f"; {', '.join(values)}" if values else "") + "):"),
+                Display(f"{w.tex(buf[eq.indices])} \\leftarrow {w.tex(eq.body)}"))
+    doc.add(Para("In evaluation (prediction, validation) the batch statistics are replaced by these "
+                 "averages, so one example's output does not depend on the others in its batch:"),
+            Display(r", \quad ".join(f"{w.tex(ev.lhs)} \\to {w.tex(ev.body)}" for ev in evals.values())))
+    for eq in model.equations:
+        if eq.out.name in evals or not any(r in evals for r, _ in eq.reads()):
+            continue
+        doc.add(Para(f"so layer {eq.layer.replace(':', ' (', 1)}) computes, in evaluation,"),
+                Display(w.equation(eq, in_evaluation(model, eq.body))))
 
 
 def derivation_markdown(model: Model) -> str:

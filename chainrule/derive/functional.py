@@ -223,12 +223,8 @@ def functional_model(inputs, outputs, losses, name="model", weights=None):
         body = body + sp.Add(*[p for p, _, _ in d.penalties])
         note += ", plus " + ", ".join(n for _, n, _ in d.penalties)
     d.equations.append(Equation(cost, (), body, layer="cost", note=note))
-    model = Model(d.equations, d.tensors, cost, loss=per_example[0], outputs=predictions,
-                  size_values=d.size_values, name=name, layers=d.layer_log)
-    model.constants = dict(d.constants)
-    model.constraints = list(d.constraints)
-    model.constant_latex = dict(d.constant_latex)
-    return model
+    return d.finish(Model(d.equations, d.tensors, cost, loss=per_example[0], outputs=predictions,
+                          size_values=d.size_values, name=name, layers=d.layer_log))
 
 
 def _as_loss(loss, k):
