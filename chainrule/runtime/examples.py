@@ -39,9 +39,9 @@ EXAMPLES = {
     "vae": Example("vae", "digits", epochs=150, lr=2e-3, runner="vae",
                    about="a variational autoencoder with a 2-d latent space"),
     "gan-ring": Example("gan-ring", "ring", epochs=4000, lr=1e-3, runner="gan-ring",
-                        about="a GAN on a ring of 8 Gaussians (steps)"),
+                        about="a GAN on a ring of 8 Gaussians (--epochs counts alternating steps)"),
     "gan-digits": Example("gan-digits", "digits", epochs=8000, lr=2e-4, runner="gan-digits",
-                          about="a GAN on the 8x8 digits (steps)"),
+                          about="a GAN on the 8x8 digits (--epochs counts alternating steps)"),
     "ddpm": Example("ddpm", "moons", epochs=300, lr=1e-3, runner="ddpm",
                     about="a DDPM on two moons"),
 }

@@ -159,8 +159,7 @@ def _network(model, lr, seed, dtype, input_grads=False, beta1=None):
 def _document(path, model, title, extra=()):
     from chainrule.derive import explain_model
     doc = explain_model(model, title=title)
-    head = [b for b in extra]
-    doc.blocks = doc.blocks[:2] + head + doc.blocks[2:]
+    doc.blocks = doc.blocks[:2] + list(extra) + doc.blocks[2:]     # after the layers and the notation
     atomic_write_text(path, doc.to_markdown())
     return path
 
