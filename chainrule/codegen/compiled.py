@@ -99,6 +99,8 @@ class CompiledModel:
             elif init == "glorot":
                 limit = math.sqrt(6.0 / (fan_in + fan_out))
                 a = rng.uniform(-limit, limit, size=shape)
+            elif init == "normal":           # an embedding table: N(0, 1), as PyTorch's nn.Embedding
+                a = rng.normal(0.0, 1.0, size=shape)
             elif init == "he":
                 a = rng.normal(0.0, math.sqrt(2.0 / fan_in), size=shape)
             else:
@@ -171,10 +173,9 @@ class CompiledModel:
             raise ShapeError(f"{what} {tensor.name} has shape {a.shape}, expected {shape}")
         if a.ndim and a.shape[0] == 0:
             raise ShapeError(f"{what} {tensor.name} is an empty batch")
-        if facts:
-            for fact in self.facts:
-                if fact.tensor.name == tensor.name:
-                    fact.check(a, data_dtype=data_dtype)
+        for fact in self.facts:
+            if (facts or fact.always) and fact.tensor.name == tensor.name:
+                fact.check(a, data_dtype=data_dtype)
         return a
 
     def _inputs(self, x, facts=False) -> list:
@@ -344,6 +345,25 @@ class CompiledModel:
                                 *self._buffers(buffers, inplace=True), *xy, hp))
 
 
+def module_key(model, dtype="float64", optimizer="sgd", input_grads=False) -> str:
+    """The cache key of a model's module: the model, the dtype, the fused optimiser's rule and
+    whether it generates the input gradients."""
+    import sympy as sp
+
+    from ..derive.optimizers import RULES, get_rule
+    rule = get_rule(optimizer)
+    # the default (SGD) keeps the plain key; any other rule's declaration is part of it
+    extra = "" if rule is RULES["sgd"] else rule.name + "".join(t + sp.srepr(b) for t, b in rule.assignments)
+    return cache_key(model, check_dtype(dtype), extra + ("+input_grads" if input_grads else ""))
+
+
+def is_cached(model, dtype="float64", optimizer="sgd", cache_dir=None) -> bool:
+    """True when the kernel cache holds this model's module (generated and verified; Numba's
+    compiled code for it may or may not be there yet)."""
+    from .cache import cached_source
+    return cached_source(module_key(model, dtype, optimizer), cache_dir) is not None
+
+
 def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
                   input_grads=False) -> CompiledModel:
     """Generate (or load from the cache) the kernels of ``model`` in ``dtype``, with the update of
@@ -355,15 +375,10 @@ def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
 
     ``input_grads=True`` also generates ``input_grads``: the cost's derived gradient with respect to
     every input (to pull a gradient back through this model into another one)."""
-    import sympy as sp
-
     from ..derive.optimizers import get_rule
     dtype = check_dtype(dtype)
     rule = get_rule(optimizer)
-    from ..derive.optimizers import RULES
-    # the default (SGD) keeps the plain key; any other rule's declaration is part of it
-    extra = "" if rule is RULES["sgd"] else rule.name + "".join(t + sp.srepr(b) for t, b in rule.assignments)
-    key = cache_key(model, dtype, extra + ("+input_grads" if input_grads else ""))
+    key = module_key(model, dtype, rule, input_grads)
 
     def render(cache=True):
         return render_plan(plan_model(model, dtype, optimizer=rule, input_grads=input_grads), cache=cache)

@@ -8,6 +8,7 @@ import jinja2
 import numpy as np
 
 from ..derive.errors import UnsupportedError
+from ..derive.recurrence import flatten
 from .lower import IND, Lowerer, comment_text, primitives_used, sanitise
 
 DTYPES = ("float64", "float32")
@@ -44,25 +45,13 @@ class Plan:
 
 
 def _adjoint_order(composed, model):
-    """Adjoint equations in an order valid for evaluation (each after the adjoints it reads)."""
-    eqs = {d.adjoint.name: d.equation for d in composed.values()}
-    order, state = [], {}
-
-    def visit(name):
-        if state.get(name) == "done":
-            return
-        if state.get(name) == "active":
-            raise UnsupportedError(f"codegen: adjoint equations form a cycle through {name}")
-        state[name] = "active"
-        for dep, _ in eqs[name].reads():
-            if dep in eqs:
-                visit(dep)
-        state[name] = "done"
-        order.append(eqs[name])
-
-    for name in eqs:
-        visit(name)
-    return order
+    """Adjoint equations as units in an order valid for evaluation (each after the adjoints it
+    reads at the same step; a recurrence's adjoints as a time loop running backward in time)."""
+    from ..derive.recurrence import ordered_units
+    try:
+        return ordered_units([d.equation for d in composed.values()])
+    except UnsupportedError as err:
+        raise UnsupportedError(f"codegen: {err}") from None
 
 
 def _needed(equations, names):
@@ -77,6 +66,14 @@ def _needed(equations, names):
         if n in defined:
             stack.extend(r for r, _ in defined[n].reads())
     return [e for e in equations if e.out.name in need]
+
+
+def _needed_units(model, names):
+    """The units of ``model.schedule`` (equations and time loops) needed to compute the given tensors."""
+    from ..derive.recurrence import TimeLoop
+    need = {e.out.name for e in _needed(model.equations, names)}
+    return [u for u in model.schedule
+            if (set(u.names) & need if isinstance(u, TimeLoop) else u.out.name in need)]
 
 
 def _lower_two_modes(lw, equations, eval_equations) -> list:
@@ -118,9 +115,11 @@ def _lower_buffer_updates(model, tensors, lw) -> list:
     return lines
 
 
-def _adjoints_needed(equations, names):
-    """The adjoint equations (in the given evaluation order) that the adjoints ``names`` read."""
-    by_name = {e.out.name: e for e in equations}
+def _adjoints_needed(units, names):
+    """The adjoint units (equations or time loops, in the given evaluation order) that the adjoints
+    ``names`` read: a time loop is kept whole when it defines any of them."""
+    from ..derive.recurrence import flatten
+    by_name = {e.out.name: e for e in flatten(units)}
     need, stack = set(), list(names)
     while stack:
         n = stack.pop()
@@ -128,7 +127,7 @@ def _adjoints_needed(equations, names):
             continue
         need.add(n)
         stack.extend(r for r, _ in by_name[n].reads())
-    return [e for e in equations if e.out.name in need]
+    return [u for u in units if set(getattr(u, "names", None) or [u.out.name]) & need]
 
 
 def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=False) -> Plan:
@@ -165,26 +164,42 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
     ident = lw.ident
 
     eval_eqs = getattr(model, "eval_equations", {})
-    forward_k = lw.lower(model.equations)           # training mode: what loss_and_grads differentiates
-    forward_modes = _lower_two_modes(lw, model.equations, eval_eqs) if eval_eqs else \
-        ["\n".join(k.lines) for k in forward_k]
-    predict_eqs = _needed(model.evaluation_equations() if eval_eqs else model.equations,
-                          [model.outputs[0].name])
-    if any(r in target_names for e in predict_eqs for r, _ in e.reads()):
-        raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on a target "
-                               f"({', '.join(sorted(target_names))})")
-    predict_k = lw.lower(predict_eqs)
+    from ..derive.recurrence import TimeLoop
+    recurrent = any(isinstance(u, TimeLoop) for u in model.schedule)
+    if recurrent:
+        if eval_eqs:
+            raise UnsupportedError("codegen: a recurrent model with evaluation-mode equations (batch "
+                                   "norm's running averages) is not supported yet")
+        # time loops: each recurrence (and its adjoint) as one loop over t
+        forward_k = lw.lower_units(model.schedule)
+        forward_modes = ["\n".join(k.lines) for k in forward_k]
+        predict_units = _needed_units(model, [model.outputs[0].name])
+        if any(r in target_names for e in flatten(predict_units) for r, _ in e.reads()):
+            raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on a target "
+                                   f"({', '.join(sorted(target_names))})")
+        predict_k = lw.lower_units(predict_units)
+    else:
+        forward_k = lw.lower(model.equations)           # training mode: what loss_and_grads differentiates
+        forward_modes = _lower_two_modes(lw, model.equations, eval_eqs) if eval_eqs else \
+            ["\n".join(k.lines) for k in forward_k]
+        predict_eqs = _needed(model.evaluation_equations() if eval_eqs else model.equations,
+                              [model.outputs[0].name])
+        if any(r in target_names for e in predict_eqs for r, _ in e.reads()):
+            raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on a target "
+                                   f"({', '.join(sorted(target_names))})")
+        predict_k = lw.lower(predict_eqs)
     buffer_update = _lower_buffer_updates(model, tensors, lw)
     buffers = [ident(t.name) for t in model.buffers]
-    backward_k = lw.lower(_adjoint_order(composed, model))
-    outputs_eqs = _needed(model.evaluation_equations() if eval_eqs else model.equations,
-                          [t.name for t in model.outputs])
-    outputs_k = lw.lower(outputs_eqs)
-    if any(r in target_names for e in outputs_eqs for r, _ in e.reads()):
+    backward_k = lw.lower_units(_adjoint_order(composed, model))
+    outputs_units = (_needed_units(model, [t.name for t in model.outputs]) if recurrent else
+                     _needed(model.evaluation_equations() if eval_eqs else model.equations,
+                             [t.name for t in model.outputs]))
+    outputs_k = lw.lower_units(outputs_units)
+    if any(r in target_names for e in flatten(outputs_units) for r, _ in e.reads()):
         raise UnsupportedError(f"codegen: an output of {comment_text(model.name)!r} depends on a target "
                                f"({', '.join(sorted(target_names))})")
     input_adjoints = [composed_in[t.name].adjoint.name for t in inputs] if input_grads else []
-    input_backward_k = lw.lower(_adjoints_needed(_adjoint_order(composed_in, model), input_adjoints)) \
+    input_backward_k = lw.lower_units(_adjoints_needed(_adjoint_order(composed_in, model), input_adjoints)) \
         if input_grads else []
 
     grad_codes, zero_lines, update = [], [], []

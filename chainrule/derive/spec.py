@@ -11,6 +11,10 @@ Spec grammar (items separated by ``->`` or ``,`` at the top level; whitespace ig
             | maxpool(K [, stride=S]) | avgpool(K [, stride=S]) | global_avgpool | flatten
             | residual(<layer> -> <layer> -> ...)      h = x + f(x)
             | batchnorm [(momentum=M, eps=E)] | layer_norm [(eps=E)] | dropout(P) | noise(S)
+            | rnn(N) | lstm(N) | gru(N)   [, return_sequences=1]   over a sequence input
+            | embedding(N)                                        over a tokens input
+    input  += seq(T, N)          a sequence of T steps of N features
+            | tokens(T, V)       T token ids below V
     e.g.   64 -> dense(128) -> sigmoid -> dense(10) -> softmax_cross_entropy
            8x8 -> conv(8, 3) -> relu -> maxpool(2) -> flatten -> dense(10) -> softmax_cross_entropy
 
@@ -49,6 +53,7 @@ EXAMPLE_MODELS = {
                        "-> flatten -> dense(10) -> softmax_cross_entropy",
     "mnist1d-cnn": "1@40 -> conv(32, 5, padding=same) -> relu -> maxpool(2) -> conv(32, 5, padding=same) -> relu "
                    "-> maxpool(2) -> flatten -> dense(10) -> softmax_cross_entropy",
+    "mnist1d-gru": "seq(40, 1) -> gru(64) -> dense(10) -> softmax_cross_entropy",
     "residual-mlp": "64 -> dense(64) -> relu -> residual(dense(64) -> relu -> dense(64)) -> relu "
                     "-> residual(dense(64) -> relu -> dense(64)) -> relu -> dense(10) -> softmax_cross_entropy",
 }
@@ -120,6 +125,13 @@ def input_item(shape) -> str:
 
 
 def _parse_input(item: str, text: str, max_width: int = MAX_WIDTH):
+    seq = re.fullmatch(r"(seq|tokens)\(\s*([0-9]+)\s*,\s*([0-9]+)\s*\)", item)
+    if seq:
+        from .layers import SequenceInput
+        steps, width = int(seq[2]), int(seq[3])
+        for v in (steps, width):
+            _check_width(v, f"spec {text!r}: the input size", max_width)
+        return SequenceInput(steps, width) if seq[1] == "seq" else SequenceInput(steps, vocab=width)
     m = _INPUT.match(item)
     if not m:
         raise SpecError(f"spec {text!r}: the first item must be the input width (digits 0-9), got {item!r} "
@@ -162,7 +174,8 @@ def _call(cls, pos, kw, position, name, usage):
 
 
 KNOWN = ["dense(N)", *ACTIVATIONS, "softmax", "log_softmax", "conv(F, K, ...)", "maxpool(K)", "avgpool(K)",
-         "global_avgpool", "flatten", "residual(...)", "batchnorm", "layer_norm", "dropout(P)", "noise(S)"]
+         "global_avgpool", "flatten", "residual(...)", "batchnorm", "layer_norm", "dropout(P)", "noise(S)",
+         "rnn(N)", "lstm(N)", "gru(N)", "embedding(N)"]
 
 # layers whose arguments are numbers (rates, strengths): name -> (class, usage)
 _NUMERIC = {"batchnorm": ("BatchNorm", "batchnorm(momentum=0.1, eps=1e-5)"),
@@ -178,6 +191,13 @@ def _layer(item: str, position: int, max_width: int = MAX_WIDTH) -> Layer:
     if not m or (m["args"] is not None and not re.fullmatch(r"[0-9a-z_=,.\s>()-]*", m["args"])):
         raise SpecError(f"item {position} {item!r} is not a layer (expected e.g. dense(128), sigmoid)")
     name, raw = m["name"], m["args"]
+    if name in ("rnn", "lstm", "gru", "embedding"):
+        from .sequence import sequence_layer
+        pos, kw = _args(raw, position, name) if raw is not None else ([], {})
+        for v in [*pos, *kw.values()]:
+            if isinstance(v, int) and not isinstance(v, bool) and v > 1:
+                _check_width(v, f"item {position}: an argument of {item}", max_width)
+        return sequence_layer(name, pos, kw, position)
     if name == "residual":
         if not raw:
             raise SpecError(f"item {position}: residual needs its layers, e.g. residual(dense(64) -> relu)")
