@@ -104,15 +104,21 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
     for name, d in composed.items():
         tensors[d.adjoint.name] = d.adjoint
         adjoints[name] = d.adjoint.name
-    lw = Lowerer(model, tensors, cost_adjoint="d_" + model.cost.name)
+    lw = Lowerer(model, tensors, cost_adjoint="d_" + model.cost.name, dtype=dtype)
     ident = lw.ident
 
-    forward_k = lw.lower(model.equations)
-    predict_eqs = _needed(model, [model.outputs[0].name])
+    out = model.outputs[0]
+    # what each function returns (or its next part reads) stays an array; the rest may be a
+    # scalar local of a fused loop
+    forward_k = lw.lower(model.equations, keep={model.cost.name, out.name})
+    predict_eqs = _needed(model, [out.name])
     if any(r == y.name for e in predict_eqs for r, _ in e.reads()):
-        raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on the target {y.name}")
-    predict_k = lw.lower(predict_eqs)
-    backward_k = lw.lower(_adjoint_order(composed, model))
+        raise UnsupportedError(f"codegen: output {out.name} depends on the target {y.name}")
+    predict_k = lw.lower(predict_eqs, keep={out.name})
+    backward_eqs = _adjoint_order(composed, model)
+    backward_k = lw.lower(backward_eqs, keep=set(adjoints.values()))
+    read_by_backward = {r for e in backward_eqs for r, _ in e.reads()}
+    train_k = lw.lower(model.equations, keep={model.cost.name} | read_by_backward)
 
     grad_codes, zero_lines, update = [], [], []
     for p in params:
@@ -133,7 +139,8 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
     update, state_args, update_eqs = _lower_update(rule, params, [ident(p.name) for p in params], lw)
     for eq in getattr(model, "constraints", []):
         # a projection after the update: lowered like every equation, written into the parameter
-        proj = Lowerer(model, {eq.out.name: eq.out, eq.out.meta["param"]: model.tensors[eq.out.meta["param"]]})
+        proj = Lowerer(model, {eq.out.name: eq.out, eq.out.meta["param"]: model.tensors[eq.out.meta["param"]]},
+                       dtype=dtype)
         proj.names[eq.out.meta["param"]] = ident(eq.out.meta["param"])
         proj.names[eq.out.name] = ident(eq.out.meta["param"])
         proj.preallocated.add(eq.out.name)
@@ -160,7 +167,6 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
         [e.body for e in model.equations] + [e.body for e in (d.equation for d in composed.values())]
         + update_eqs)]
     tiny = repr(float(np.finfo(np.dtype(dtype)).tiny))
-    out = model.outputs[0]
     context = dict(
         model_label=sanitise(model.name), dtype=dtype, tiny=tiny, primitives=prims,
         params=[ident(p.name) for p in params], x=", ".join(ident(t.name) for t in inputs),
@@ -168,6 +174,7 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
         arg_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}" for t in [*params, *inputs, y]),
         output_doc=f"{ident(out.name)} = {comment_text(out.name)}",
         forward=["\n".join(k.lines) for k in forward_k],
+        forward_train=["\n".join(k.lines) for k in train_k],
         predict=["\n".join(k.lines) for k in predict_k],
         backward=["\n".join(k.lines) for k in backward_k] + zero_lines,
         update=update, cost=ident(model.cost.name), output=ident(out.name), grads=grad_codes,
@@ -204,7 +211,7 @@ def _lower_update(rule, params, param_codes, lw_main):
         tensors, names = {}, {}
         for name, t in rule._all_tensors.items():
             tensors[name] = Tensor(name, (n_k,), role=t.role, latex=t.latex)
-        lw = Lowerer(SimpleNamespace(size_values={n_k: numel}), tensors)
+        lw = Lowerer(SimpleNamespace(size_values={n_k: numel}), tensors, dtype=lw_main.dtype)
         names["theta"] = f"u_p{k}"
         names["g"] = f"u_g{k}"
         for st in rule.state:
