@@ -557,10 +557,10 @@ class Lowerer:
             v = acc + "_v"
             update = [f"{v} = {value}",       # one pass, max-shifted: never exp of a large number
                       f"if {v} > {mx}:",
-                      f"{IND}{sm} = {sm} * math.exp({mx} - {v}) + 1.0",
+                      f"{IND}{sm} = {sm} * _exp({mx} - {v}) + 1.0",
                       f"{IND}{mx} = {v}",
                       "else:",
-                      f"{IND}{sm} += math.exp({v} - {mx})"]
+                      f"{IND}{sm} += _exp({v} - {mx})"]
         elif isinstance(r, MaxOver):
             lines.append(f"{acc} = -np.inf")
             update = [f"{acc}_v = {value}", f"if {acc}_v > {acc}:", f"{IND}{acc} = {acc}_v"]

@@ -132,7 +132,7 @@ class KernelPrinter(PythonCodePrinter):
 
     # -- functions ------------------------------------------------------------------------
     def _print_exp(self, expr):
-        return "math.exp(%s)" % self._print(expr.args[0])
+        return "_exp(%s)" % self._print(expr.args[0])   # the module's vectorisable exp
 
     def _print_log(self, expr):
         # clipped log: log(max(x, tiny)), so log(0) of a saturated probability stays finite

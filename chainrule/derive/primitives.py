@@ -50,7 +50,7 @@ def sigmoid(x):
     # 1/(1+e) is sigma(|x|), and sigma(x) = e/(1+e) below 0 (a select, not a jump: the loop
     # calling it stays straight-line code)
     x = DT(x)
-    e = math.exp(-abs(x))
+    e = _exp(-abs(x))
     r = DT(1.0) / (DT(1.0) + e)
     return r if x >= DT(0.0) else e * r
 '''
@@ -69,7 +69,7 @@ class softplus(Primitive):
 def softplus(x):
     # log(1 + e^x) = max(x, 0) + log1p(e^{-|x|}): never exp of a positive number; in DT
     x = DT(x)
-    return max(x, DT(0.0)) + math.log1p(math.exp(-abs(x)))
+    return max(x, DT(0.0)) + math.log1p(_exp(-abs(x)))
 '''
 
     def fdiff(self, argindex=1):

@@ -682,11 +682,12 @@ class Network:
             for step in range(steps):
                 lo = step * batch_size
                 xb, yb = xe[lo:lo + batch_size], ye[lo:lo + batch_size]
+                # the declared facts were checked on every row by _prepare: not again per step
                 if self.compiled.has_noise:      # this step's dropout masks / noise, seeded
                     cost = self.optimizer.step(self.compiled, self.params, xb, yb,
-                                               seed=int(rng.integers(2 ** 31)))
+                                               seed=int(rng.integers(2 ** 31)), facts_checked=True)
                 else:
-                    cost = self.optimizer.step(self.compiled, self.params, xb, yb)
+                    cost = self.optimizer.step(self.compiled, self.params, xb, yb, facts_checked=True)
                 if reference is None and math.isfinite(cost):
                     reference = max(abs(cost), 1.0)
                 exploded = (divergence_factor is not None and reference is not None
