@@ -46,6 +46,10 @@ def _parse(argv):
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--only", choices=("mlp", "cnn"), help="run only the MLP or the CNN rows")
     ap.add_argument("--min-ms", type=float, default=3.0, help="each timing sample lasts at least this long")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time; cpu: this process's CPU time (on a machine shared with "
+                         "other work, it does not count the time the process waits for a core; "
+                         "meaningful with --threads 1 only)")
     return ap.parse_args(argv)
 
 
@@ -286,6 +290,7 @@ def candidates(kind, cm, init, x, y, labels, convs):
 
 
 def time_rounds(fns, rounds, min_s):
+    clock = time.process_time if ARGS.clock == "cpu" else time.perf_counter
     inner = {}
     for name, fn in fns.items():            # steps per sample: long enough to be timed well
         t0, k = time.perf_counter(), 0
@@ -298,10 +303,10 @@ def time_rounds(fns, rounds, min_s):
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:     # rotate who goes first
             fn, k = fns[name], inner[name]
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(k):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / k * 1e3)
+            samples[name].append((clock() - t0) / k * 1e3)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -386,7 +391,7 @@ def report(rows, dtype):
     for _, _, med, _, _ in rows:
         names += [n for n in med if n not in names]
     others = [n for n in names if n != "chainrule"]
-    print(f"\nSGD training step, {dtype}, median ms/step over {ARGS.rounds} alternating rounds; "
+    print(f"\nSGD training step, {dtype}, median {ARGS.clock}-clock ms/step over {ARGS.rounds} alternating rounds; "
           "(ratio) = other / chainrule, above 1: chainrule is faster")
     print(machine())
     head = f"| {'workload':<62} | batch | {'chainrule':>9} | " + " | ".join(f"{n:>20}" for n in others) + " |"
