@@ -538,12 +538,26 @@ class Network:
             total += float(c) * len(xb)
         return total / len(xs)
 
-    def _metrics(self, xs, ys, want_loss=True):
+    def _metrics(self, xs, ys, want_loss=True, batch_size=4096):
         out = {}
+        if not hasattr(self.compiled, "forward"):
+            if want_loss:
+                out["loss"] = self._cost(xs, ys)
+            if self.is_classifier:
+                out["accuracy"] = self._accuracy(self.predict(xs), ys)
+            return out
+        # one pass of the compiled forward gives both the cost and the output (so a training run
+        # compiles and runs forward, not forward and predict)
+        total, preds = 0.0, []
+        for i in range(0, len(xs), batch_size):
+            xb, yb = xs[i:i + batch_size], ys[i:i + batch_size]
+            c, p = self.compiled.forward(self.params, xb, yb)
+            total += float(c) * len(xb)
+            preds.append(np.asarray(p))
         if want_loss:
-            out["loss"] = self._cost(xs, ys)
+            out["loss"] = total / len(xs)
         if self.is_classifier:
-            out["accuracy"] = self._accuracy(self.predict(xs), ys)
+            out["accuracy"] = self._accuracy(np.concatenate(preds) if len(preds) > 1 else preds[0], ys)
         return out
 
     def evaluate(self, x, y) -> dict:
@@ -721,7 +735,7 @@ class Network:
                     raise err
             logs = {"loss": total / n}
             if self.is_classifier:
-                logs["accuracy"] = self._accuracy(self.predict(xs), ys)
+                logs["accuracy"] = self._metrics(xs, ys, want_loss=False)["accuracy"]
             if validation is not None:
                 logs.update({f"val_{k}": v for k, v in self._metrics(*validation).items()})
             logs["lr"] = self.optimizer.lr
