@@ -174,8 +174,11 @@ def _numba_cache_dir() -> Path | None:
 def _codegen_fingerprint() -> str:
     """The code generator's own sources, and the primitives whose lowerings it copies into modules."""
     h = hashlib.sha256()
-    sources = sorted(_CODEGEN_DIR.rglob("*")) + [_CODEGEN_DIR.parent / "derive" / "primitives.py",
-                                                 _CODEGEN_DIR.parent / "derive" / "optimizers.py"]
+    # (and the engine's modules that shape a derived equation: a recurrence's time loops and
+    # the delta elimination, rewrites and composition that give the adjoints)
+    derive_dir = _CODEGEN_DIR.parent / "derive"
+    sources = sorted(_CODEGEN_DIR.rglob("*")) + [derive_dir / f for f in (
+        "primitives.py", "optimizers.py", "recurrence.py", "backprop.py", "deltas.py", "rewrites.py")]
     for p in sources:
         if p.suffix in (".py", ".j2") and "__pycache__" not in p.parts:
             h.update(p.name.encode())
@@ -196,6 +199,9 @@ def model_fingerprint(model) -> str:
         # named constants (regularisation strengths) and declared projections (max-norm)
         repr(sorted((str(k), float(v)) for k, v in getattr(model, "constants", {}).items())),
         repr([sp.srepr(e.body) for e in getattr(model, "constraints", [])]),
+        # running averages (buffers) and the evaluation forms of the tensors they replace
+        repr([(e.out.name, sp.srepr(e.body)) for e in getattr(model, "buffer_updates", [])]),
+        repr(sorted((k, sp.srepr(e.body)) for k, e in getattr(model, "eval_equations", {}).items())),
     ]
     for eq in model.equations:
         parts.append(eq.out.name + sp.srepr(sp.Tuple(*eq.indices)) + sp.srepr(eq.body))
@@ -323,6 +329,14 @@ def fall_back_in_memory(err: OSError, key, render, directory):
         return None
     _warn_once(directory, f"Numba could not write its cache: {err.strerror or err}")
     return load_in_memory(key, render)
+
+
+def cached_source(key: str, cache_dir=None) -> str | None:
+    """The verified source cached for ``key``, or None (missing, damaged, unwritable directory)."""
+    cache_dir, unwritable = prepare_cache_dir(cache_dir)
+    if unwritable is not None:
+        return None
+    return read_verified(cache_dir / f"chainrule_{key[:32]}.py", key)
 
 
 def load_or_generate(key: str, render, cache_dir=None):

@@ -29,6 +29,8 @@ from ..derive.errors import UnsupportedError
 from ..derive.layers import B as BATCH
 from ..derive.deltas import eliminate_deltas
 from ..derive.primitives import IsArgmax, LogSumExp, MaxOver, Primitive
+from ..derive.recurrence import Delayed, TimeLoop, time_shift
+from ..derive.tensor import Equation, Tensor
 from .printer import print_expr, to_conventions
 
 REDUCTIONS = (sp.Sum, LogSumExp, MaxOver)
@@ -116,6 +118,7 @@ class Lowerer:
         self.cost_adjoint = cost_adjoint
         self._counter = 0
         self.preallocated: set = set()        # outputs written into existing arrays (in place)
+        self.outer_bound: set = set()         # indices bound around every kernel (a time loop's step)
         self.loop_vars = [sp.Symbol(f"i{k}", integer=True) for k in range(8)]
         for v in self.loop_vars:
             self.names[v] = str(v)
@@ -162,6 +165,8 @@ class Lowerer:
         gather form: the engine's delta elimination, with the branch folded outward so that a read
         outside the tensor is never evaluated."""
         body = sp.sympify(eq.body)
+        if body.has(Delayed):              # outside a time loop: the read, or the initial state before t = 0
+            body = body.replace(lambda e: isinstance(e, Delayed), lambda e: e.as_piecewise())
         if body.has(sp.KroneckerDelta):
             body, _ = eliminate_deltas(body, eq.ranges())
         body = to_conventions(body.xreplace(self.sizes))
@@ -250,6 +255,53 @@ class Lowerer:
             return None
         return A, Bm, k, coeff
 
+    def materialise_operands(self, body, loop_vars, info):
+        """``Σ F(..) · G[..]`` where ``F`` is a product of several factors that read one and the same
+        index tuple (a gate's adjoint times its derivative, ``(1 - r) r δ_r``) and ``G`` one other
+        read: ``F`` is computed once into a temporary array (an elementwise loop), so that the sum
+        becomes a two-operand contraction that ``np.dot`` or an im2col GEMM computes. Done only
+        where the contraction then matches."""
+        for s in sorted(body.atoms(sp.Sum), key=sp.default_sort_key):
+            if not isinstance(s, sp.Sum) or any(isinstance(a, REDUCTIONS) for a in sp.preorder_traversal(s.function)
+                                                if a is not s.function):
+                continue
+            factors = [f for f in sp.Mul.make_args(s.function) if not f.is_number]
+            coeff = sp.Mul(*[f for f in sp.Mul.make_args(s.function) if f.is_number])
+            reads = [f for f in factors if isinstance(f, sp.Indexed)]
+            for G in reads:
+                rest = [f for f in factors if f is not G]
+                if len(rest) < 2:
+                    continue
+                idx = {tuple(r.indices) for f in rest for r in sp.sympify(f).atoms(sp.Indexed)}
+                if len(idx) != 1:
+                    continue
+                own, = idx
+                if not all(isinstance(v, sp.Symbol) for v in own) or len(set(own)) != len(own):
+                    continue
+                if set().union(*[sp.sympify(f).free_symbols for f in rest]) & set(self.sizes):
+                    continue
+                first = next(r for f in rest for r in sp.sympify(f).atoms(sp.Indexed))
+                shape = self.tensors[str(first.base.label)].shape
+                tmp = self.fresh("operand")
+                t = Tensor(tmp, shape, role="hidden")
+                self.tensors[tmp], self.names[tmp] = t, tmp
+                candidate = sp.Sum(coeff * t[own] * G, *s.limits)
+                if self.match_dot(candidate, loop_vars) is None and \
+                        self.match_gemm(candidate, loop_vars, info["shape"]) is None:
+                    del self.tensors[tmp]
+                    continue
+                value = sp.Mul(*rest).xreplace({v: sp.Symbol(f"_m{k}", integer=True) for k, v in enumerate(own)})
+                fresh = tuple(sp.Symbol(f"_m{k}", integer=True) for k in range(len(own)))
+                saved = self.outer_bound
+                kernels = self.lower([Equation(t, fresh, value, note="an operand of a contraction")])
+                self.outer_bound = saved
+                lines = [f"# the operand {tmp}[{', '.join(map(str, own))}] = {comment_text(sp.sstr(sp.Mul(*rest)))}, "
+                         f"computed once for the contraction"] + [ln for k in kernels for ln in k.lines]
+                info["pre"].append((lines, tmp, str(G.base.label)))
+                body = body.xreplace({s: candidate})
+                break
+        return body
+
     def dot_code(self, A, Bm, k, loop_vars):
         """Code for ``T[free] = Σ_k A B`` and the order of T's indices (out-index order)."""
         fa = [i for i in A.indices if i != k]
@@ -334,7 +386,8 @@ class Lowerer:
         waste = 1.0
         for v in ks:
             lo, hi = (_rounded(b, up=u) for b, u in zip(limits[v], (True, False)))
-            dep = sorted((sp.sympify(lo).free_symbols | sp.sympify(hi).free_symbols) - set(self.sizes), key=str)
+            dep = sorted((sp.sympify(lo).free_symbols | sp.sympify(hi).free_symbols) - set(self.sizes) - {BATCH},
+                         key=str)
             if not dep:
                 width = hi - lo + 1
             else:
@@ -410,6 +463,7 @@ class Lowerer:
                 return info
         # extract contractions into np.dot temporaries
         if eq.out.rank > 0:
+            body = self.materialise_operands(body, loop_vars, info)
             for s in sorted(body.atoms(sp.Sum), key=sp.default_sort_key):
                 m = self.match_dot(s, loop_vars)
                 if m is None:
@@ -705,6 +759,139 @@ class Lowerer:
                    for other, idx in reads.get(name, [])):
                 out.add(name)
         return out
+    def lower_units(self, units) -> list[Kernel]:
+        """Lower a schedule (equations and time loops, ``derive.recurrence.schedule``): consecutive
+        equations as ``lower`` does, each time loop as one loop over t."""
+        kernels, run = [], []
+        for u in units:
+            if isinstance(u, TimeLoop):
+                kernels += self.lower(run)
+                run = []
+                kernels.append(self.time_loop_kernel(u))
+            else:
+                run.append(u)
+        return kernels + self.lower(run)
+
+    # -- time loops ---------------------------------------------------------------------------
+    def time_loop_kernel(self, loop: TimeLoop) -> Kernel:
+        """A recurrence (or its adjoint) as one loop over t, never unrolled. Each step computes
+        every equation of the loop on one time slice: a read at ``t + c`` of a sequence becomes a
+        read of a contiguous copy of that slice (the declared initial state, or zeros, where
+        ``t + c`` is outside the sequence), so the per-step contractions are ``np.dot`` on 2-D
+        arrays; each result is stored into its full sequence for the steps and the adjoints after."""
+        ts = sp.Symbol(self.fresh("t"), integer=True)
+        self.names[ts] = str(ts)
+        first = loop.equations[0]
+        length = self.concrete_shape(first.out)[loop.time_axes[first.out.name]]
+        steps = (f"range({self.pe(length)})" if loop.direction > 0
+                 else f"range({self.pe(length)} - 1, -1, -1)")
+        what = "forward in time (a recurrence)" if loop.direction > 0 else \
+            "backward in time (backpropagation through time)"
+        lines = [f"# time loop, {what}: " + "; ".join(comment_text(e.out.name) for e in loop.equations)]
+        lines += [f"# {pretty(e)}" for e in loop.equations]
+        for e in loop.equations:
+            if e.out.name not in self.preallocated:
+                lines.append(f"{self.ident(e.out.name)} = np.empty({self.shape_code(e.out)}, dtype=DT)")
+        slices, produced, step_eqs, stores = {}, {}, [], []
+        for e in loop.equations:
+            axis = loop.time_axes[e.out.name]
+            body = self._sliced(substitute_index(e.body, e.indices[axis], ts), ts, slices, produced)
+            out = self._slice_tensor(e.out, axis, "now")
+            step_eqs.append(Equation(out, e.indices[:axis] + e.indices[axis + 1:], body, layer=e.layer,
+                                     note=e.note))
+            produced[e.out.name] = out
+            sel = ", ".join(str(ts) if k == axis else ":" for k in range(e.out.rank))
+            stores.append((e.out.name, f"{self.ident(e.out.name)}[{sel}] = {self.ident(out.name)}"
+                                       f"  # store {comment_text(e.out.name)} at step {ts}"))
+        self.outer_bound = self.outer_bound | {ts}
+        try:
+            kernels = self.lower(step_eqs)
+        finally:
+            self.outer_bound = self.outer_bound - {ts}
+        body = []
+        for (name, c, init), (t, axis, sl) in slices.items():
+            body += self._slice_lines(t, axis, sl, ts, c, init, length)
+        done = set()
+        for kern in kernels:
+            body += kern.lines
+            for name, line in stores:
+                if name not in done and self.ident(produced[name].name) and \
+                        produced[name].name in kern.outputs:
+                    body.append(line)
+                    done.add(name)
+        lines.append(f"for {ts} in {steps}:")
+        lines += [IND + ln for ln in body]
+        return Kernel("time_loop", [pretty(e) for e in loop.equations], [e.out.name for e in loop.equations],
+                      lines)
+
+    def _slice_tensor(self, t, axis, tag) -> Tensor:
+        name = f"{t.name}__{tag}"
+        if name not in self.tensors:
+            s = Tensor(name, t.shape[:axis] + t.shape[axis + 1:], role="hidden", layer=t.layer)
+            self.tensors[name] = s
+            self.names[name] = f"{self.ident(t.name)}_{sanitise(tag)}"
+        return self.tensors[name]
+
+    def _sliced(self, body, ts, slices, produced):
+        """``body`` at one step: every read of a sequence at ``ts + c`` (and every delayed read of
+        a recurrence) replaced by a read of its time slice."""
+        def time_axis(read):
+            hits = [k for k, e in enumerate(read.indices) if ts in sp.sympify(e).free_symbols]
+            if len(hits) != 1 or time_shift(read.indices[hits[0]], [ts]) is None:
+                return None
+            return hits[0]
+
+        def slice_read(read, init):
+            name = str(read.base.label)
+            axis = time_axis(read)
+            if axis is None:
+                return None
+            c = time_shift(read.indices[axis], [ts])[1]
+            rest = read.indices[:axis] + read.indices[axis + 1:]
+            if c == 0 and name in produced:           # computed earlier in this step
+                return produced[name][tuple(rest)]
+            t = self.tensors[name]
+            tag = ("now" if c == 0 else (f"m{-c}" if c < 0 else f"p{c}")) + ("i" if init != 0 else "")
+            key = (name, c, init)
+            if key not in slices:
+                sl = self._slice_tensor(t, axis, "s" + tag)
+                slices[key] = (t, axis, sl)
+            return slices[key][2][tuple(rest)]
+
+        def delayed(e):
+            initial, read, _ = e.args
+            # the initial state, written in the read's own indices (the time entry aside)
+            axis = time_axis(read)
+            rest = [v for k, v in enumerate(read.indices) if k != axis]
+            fresh = tuple(sp.Symbol(f"_s{k}", integer=True) for k in range(len(rest)))
+            init = initial.xreplace(dict(zip(rest, fresh))) if all(isinstance(v, sp.Symbol) for v in rest) else initial
+            out = slice_read(read, init if initial != 0 else 0)
+            if out is None:
+                raise UnsupportedError(f"codegen: delayed read {read} in a time loop has no time slice")
+            return out
+        body = body.replace(lambda e: isinstance(e, Delayed), delayed)
+        return body.replace(lambda e: isinstance(e, sp.Indexed) and str(e.base.label) in self.tensors
+                            and slice_read(e, 0) is not None, lambda e: slice_read(e, 0))
+
+    def _slice_lines(self, t, axis, sl, ts, c, init, length):
+        """Set the slice variable ``sl`` to ``t`` at step ``ts + c``: a contiguous copy inside the
+        sequence, the initial state (or zeros) outside it."""
+        name = self.ident(sl.name)
+        sel = ", ".join(self.pe(ts + c) if k == axis else ":" for k in range(t.rank))
+        copy = f"{name} = np.ascontiguousarray({self.ident(t.name)}[{sel}])"
+        if c == 0:
+            return [f"# {comment_text(t.name)} at step {ts}", copy]
+        cond = f"{self.pe(ts + c)} >= 0" if c < 0 else f"{self.pe(ts + c)} <= {self.pe(length - 1)}"
+        lines = [f"# {comment_text(t.name)} at step {ts}{'+' if c > 0 else ''}{c if c else ''}"
+                 f"{' (the initial state before the start)' if init != 0 else ' (zeros outside the sequence)'}",
+                 f"if {cond}:", IND + copy, "else:"]
+        if init == 0:
+            lines.append(IND + f"{name} = np.zeros({self.shape_code(sl)}, dtype=DT)")
+        else:
+            fresh = tuple(sp.Symbol(f"_s{k}", integer=True) for k in range(sl.rank))
+            kern = self.lower([Equation(sl, fresh, init, note="initial state")])
+            lines += [IND + ln for k in kern for ln in k.lines]
+        return lines
 
     def can_fuse(self, group, info) -> bool:
         if info["shape"] != group[0]["shape"]:
@@ -749,7 +936,7 @@ class Lowerer:
                     lines.append(f"{code}  # contraction in {comment_text(g['out'])}")
             if g["out"] in alias:
                 lines.append(f"{self.ident(g['out'])} = {alias[g['out']]}  # written in place")
-        blocks = [_Block(set(loop_vars[:d])) for d in range(len(loop_vars) + 1)]
+        blocks = [_Block(set(loop_vars[:d]) | self.outer_bound) for d in range(len(loop_vars) + 1)]
         stmts = []
         point = {}                                  # reads of loop locals -> the local
         for g in group:
@@ -777,7 +964,7 @@ class Lowerer:
                  f"{name} = np.zeros({self.shape_code(self.tensors[info['out']])}, dtype=DT)"]
         limits = list(body.limits)
         red_vars = [v for v, _, _ in limits]
-        blocks = [_Block(set(red_vars) | set(loop_vars))]
+        blocks = [_Block(set(red_vars) | set(loop_vars) | self.outer_bound)]
         value = self.emit_expr(body.function, blocks)
         target = "%s[%s]" % (name, ", ".join(str(v) for v in loop_vars))
         nested = blocks[0].lines + [f"{target} += {value}"]
@@ -789,7 +976,7 @@ class Lowerer:
         return Kernel("accumulate", [info["text"]], [info["out"]], lines)
 
     def scalar_kernel(self, info) -> Kernel:
-        blocks = [_Block(set())]
+        blocks = [_Block(set(self.outer_bound))]
         value = self.emit_expr(info["body"], blocks)
         lines = [f"# {info['text']}"]
         for code, _, _ in info["pre"]:
@@ -797,6 +984,11 @@ class Lowerer:
         lines += blocks[0].lines
         lines.append(f"{self.ident(info['out'])} = {value}")
         return Kernel("scalar", [info["text"]], [info["out"]], lines)
+
+
+def substitute_index(expr, old, new):
+    from ..derive.tensor import substitute
+    return substitute(expr, {old: new})
 
 
 def _affine(e, syms) -> bool:

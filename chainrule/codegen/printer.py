@@ -71,6 +71,8 @@ class KernelPrinter(PythonCodePrinter):
     def _print_index(self, e):
         """An index with a rational coefficient (a strided map solved for its index, guarded by a
         divisibility test) is an exact quotient: printed with integer division, never ``/``."""
+        if isinstance(e, sp.Indexed):            # a token id (stored as a float): an integer index
+            return "int(%s)" % self._print(e)
         num, den = sp.fraction(sp.together(sp.sympify(e)))
         if den == 1:
             return self._print(e)

@@ -8,6 +8,7 @@ import jinja2
 import numpy as np
 
 from ..derive.errors import UnsupportedError
+from ..derive.recurrence import flatten
 from .lower import IND, Lowerer, comment_text, primitives_used, sanitise
 
 DTYPES = ("float64", "float32")
@@ -43,39 +44,74 @@ class Plan:
 
 
 def _adjoint_order(composed, model):
-    """Adjoint equations in an order valid for evaluation (each after the adjoints it reads)."""
-    eqs = {d.adjoint.name: d.equation for d in composed.values()}
-    order, state = [], {}
-
-    def visit(name):
-        if state.get(name) == "done":
-            return
-        if state.get(name) == "active":
-            raise UnsupportedError(f"codegen: adjoint equations form a cycle through {name}")
-        state[name] = "active"
-        for dep, _ in eqs[name].reads():
-            if dep in eqs:
-                visit(dep)
-        state[name] = "done"
-        order.append(eqs[name])
-
-    for name in eqs:
-        visit(name)
-    return order
+    """Adjoint equations as units in an order valid for evaluation (each after the adjoints it
+    reads at the same step; a recurrence's adjoints as a time loop running backward in time)."""
+    from ..derive.recurrence import ordered_units
+    try:
+        return ordered_units([d.equation for d in composed.values()])
+    except UnsupportedError as err:
+        raise UnsupportedError(f"codegen: {err}") from None
 
 
-def _needed(model, names):
-    """Forward equations needed to compute the given tensors, in model order."""
+def _needed(equations, names):
+    """The equations (of a list in evaluation order) needed to compute the given tensors."""
+    defined = {e.out.name: e for e in equations}
     need, stack = set(), list(names)
     while stack:
         n = stack.pop()
         if n in need:
             continue
         need.add(n)
-        eq = model.equation_for(n)
-        if eq is not None:
-            stack.extend(r for r, _ in eq.reads())
-    return [e for e in model.equations if e.out.name in need]
+        if n in defined:
+            stack.extend(r for r, _ in defined[n].reads())
+    return [e for e in equations if e.out.name in need]
+
+
+def _needed_units(model, names):
+    """The units of ``model.schedule`` (equations and time loops) needed to compute the given tensors."""
+    from ..derive.recurrence import TimeLoop
+    need = {e.out.name for e in _needed(model.equations, names)}
+    return [u for u in model.schedule
+            if (set(u.names) & need if isinstance(u, TimeLoop) else u.out.name in need)]
+
+
+def _lower_two_modes(lw, equations, eval_equations) -> list:
+    """The forward equations, where a tensor with an evaluation form (batch norm's statistics) is
+    computed in a branch: its training equation when ``u_seed >= 0``, its evaluation equation
+    (the running average) otherwise. Without such tensors, the plain lowering of the equations."""
+    blocks, group = [], []
+
+    def flush():
+        blocks.extend("\n".join(k.lines) for k in lw.lower(group))
+        group.clear()
+    for eq in equations:
+        if eq.out.name not in eval_equations:
+            group.append(eq)
+            continue
+        flush()
+        train = "\n".join(ln for k in lw.lower([eq]) for ln in k.lines)
+        evaluation = "\n".join(ln for k in lw.lower([eval_equations[eq.out.name]]) for ln in k.lines)
+        blocks.append(f"if u_seed >= 0:  # training: {comment_text(eq.note)}\n"
+                      + textwrap.indent(train, IND)
+                      + f"\nelse:  # {comment_text(eval_equations[eq.out.name].note)}\n"
+                      + textwrap.indent(evaluation, IND))
+    flush()
+    return blocks
+
+
+def _lower_buffer_updates(model, tensors, lw) -> list:
+    """The declared running-average updates, written in place into their buffers after a training
+    step's forward pass (they read its batch statistics), lowered like every equation."""
+    lines = []
+    for eq in getattr(model, "buffer_updates", []):
+        buf = eq.out.meta["buffer"]
+        upd = Lowerer(model, {**tensors, eq.out.name: eq.out})   # same identifiers as ``lw``
+        upd.names.update(lw.names)
+        upd.names[eq.out.name] = lw.ident(buf)
+        upd.preallocated.add(eq.out.name)
+        lines.append("\n".join([f"# {comment_text(eq.note)} (declared running average, in place)"]
+                                + [ln for k in upd.lower([eq]) for ln in k.lines]))
+    return lines
 
 
 def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
@@ -108,17 +144,36 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
     ident = lw.ident
 
     out = model.outputs[0]
-    # what each function returns (or its next part reads) stays an array; the rest may be a
-    # scalar local of a fused loop
-    forward_k = lw.lower(model.equations, keep={model.cost.name, out.name})
-    predict_eqs = _needed(model, [out.name])
-    if any(r == y.name for e in predict_eqs for r, _ in e.reads()):
-        raise UnsupportedError(f"codegen: output {out.name} depends on the target {y.name}")
-    predict_k = lw.lower(predict_eqs, keep={out.name})
-    backward_eqs = _adjoint_order(composed, model)
-    backward_k = lw.lower(backward_eqs, keep=set(adjoints.values()))
-    read_by_backward = {r for e in backward_eqs for r, _ in e.reads()}
-    train_k = lw.lower(model.equations, keep={model.cost.name} | read_by_backward)
+    eval_eqs = getattr(model, "eval_equations", {})
+    from ..derive.recurrence import TimeLoop
+    if any(isinstance(u, TimeLoop) for u in model.schedule):
+        if eval_eqs:
+            raise UnsupportedError("codegen: a recurrent model with evaluation-mode equations (batch "
+                                   "norm's running averages) is not supported yet")
+        # time loops: each recurrence (and its adjoint) as one loop over t
+        forward_k = lw.lower_units(model.schedule)
+        forward_modes = ["\n".join(k.lines) for k in forward_k]
+        predict_units = _needed_units(model, [model.outputs[0].name])
+        if any(r == y.name for e in flatten(predict_units) for r, _ in e.reads()):
+            raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on the target {y.name}")
+        predict_k = lw.lower_units(predict_units)
+    else:
+        # what the training forward's later code reads (the backward pass, the running-average
+        # updates) or returns stays an array; the rest may be a scalar local of a fused loop
+        read_later = {r for e in flatten(_adjoint_order(composed, model)) for r, _ in e.reads()}
+        read_later |= {r for e in model.buffer_updates for r, _ in e.reads()}
+        forward_k = lw.lower(model.equations,       # training mode: what loss_and_grads differentiates
+                             keep={model.cost.name, out.name} | read_later)
+        forward_modes = _lower_two_modes(lw, model.equations, eval_eqs) if eval_eqs else \
+            ["\n".join(k.lines) for k in forward_k]
+        predict_eqs = _needed(model.evaluation_equations() if eval_eqs else model.equations,
+                              [model.outputs[0].name])
+        if any(r == y.name for e in predict_eqs for r, _ in e.reads()):
+            raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on the target {y.name}")
+        predict_k = lw.lower(predict_eqs, keep={out.name})
+    buffer_update = _lower_buffer_updates(model, tensors, lw)
+    buffers = [ident(t.name) for t in model.buffers]
+    backward_k = lw.lower_units(_adjoint_order(composed, model))
 
     grad_codes, zero_lines, update = [], [], []
     for p in params:
@@ -164,24 +219,27 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
             raise UnsupportedError(f"codegen: random tensor {t.name} has unknown distribution {dist!r}")
 
     prims = [textwrap.dedent(c.lowering).strip() for c in primitives_used(
-        [e.body for e in model.equations] + [e.body for e in (d.equation for d in composed.values())]
+        [e.body for e in model.equations] + [e.body for e in model.buffer_updates]
+        + [e.body for e in eval_eqs.values()] + [e.body for e in (d.equation for d in composed.values())]
         + update_eqs)]
     tiny = repr(float(np.finfo(np.dtype(dtype)).tiny))
     context = dict(
         model_label=sanitise(model.name), dtype=dtype, tiny=tiny, primitives=prims,
         params=[ident(p.name) for p in params], x=", ".join(ident(t.name) for t in inputs),
         x_first=ident(x.name), y=ident(y.name),
-        arg_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}" for t in [*params, *inputs, y]),
+        arg_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}"
+                          for t in [*params, *model.buffers, *inputs, y]),
         output_doc=f"{ident(out.name)} = {comment_text(out.name)}",
-        forward=["\n".join(k.lines) for k in forward_k],
-        forward_train=["\n".join(k.lines) for k in train_k],
+        forward=forward_modes, forward_train=["\n".join(k.lines) for k in forward_k], buffers=buffers, buffer_update=buffer_update,
+        arguments=[ident(p.name) for p in params] + buffers,
         predict=["\n".join(k.lines) for k in predict_k],
         backward=["\n".join(k.lines) for k in backward_k] + zero_lines,
         update=update, cost=ident(model.cost.name), output=ident(out.name), grads=grad_codes,
         optimizer=rule.name, optimizer_title=rule.title, states=state_args,
         noise_train=noise_train, noise_eval=noise_eval,
         hyper=[(k, f"u_hp_{h}") for k, h in enumerate(hyper)],
-        train_args=", ".join([ident(p.name) for p in params] + state_args + [ident(t.name) for t in inputs] + [ident(y.name)]))
+        train_args=", ".join([ident(p.name) for p in params] + state_args + buffers
+                             + [ident(t.name) for t in inputs] + [ident(y.name)]))
     return Plan([p.name for p in params], x.name, y.name, [t.name for t in model.outputs],
                 model.cost.name, forward_k, predict_k, backward_k, context,
                 optimizer=rule.name, state_names=[s for s in rule.state], hyper_names=hyper)

@@ -28,8 +28,10 @@ COST_SEED = sp.S.One        # dC/dC
 
 def adjoint_of(t: Tensor) -> Tensor:
     latex = t.grad_latex or rf"\frac{{\partial C}}{{\partial {t.latex}}}"
-    return Tensor("d_" + t.name, t.shape, role="adjoint", latex=latex, layer=t.layer,
-                  meta={"of": t.name, "custom_latex": t.grad_latex is not None})
+    meta = {"of": t.name, "custom_latex": t.grad_latex is not None}
+    if "time_axis" in t.meta:                 # a sequence's adjoint runs over the same time axis
+        meta["time_axis"] = t.meta["time_axis"]
+    return Tensor("d_" + t.name, t.shape, role="adjoint", latex=latex, layer=t.layer, meta=meta)
 
 
 @dataclass
@@ -75,13 +77,17 @@ def _needs_adjoint(model: Model, wrt) -> list[str]:
     """Tensors on a path from a parameter (or a requested input) to the cost, in reverse order."""
     sources = {p.name for p in model.params} | set(wrt)
     reach = set(sources)
-    for eq in model.equations:                                   # topological: forward reachability
-        if any(r in reach for r, _ in eq.reads()):
-            reach.add(eq.out.name)
     useful = {model.cost.name}
-    for eq in reversed(model.equations):                         # backward: feeds the cost
-        if eq.out.name in useful:
-            useful |= {r for r, _ in eq.reads()}
+    for _ in range(2 if not getattr(model, "schedule", None) else len(model.equations) + 1):
+        before = (len(reach), len(useful))       # repeated: a recurrence reaches itself across time
+        for eq in model.equations:                               # forward reachability
+            if any(r in reach for r, _ in eq.reads()):
+                reach.add(eq.out.name)
+        for eq in reversed(model.equations):                     # backward: feeds the cost
+            if eq.out.name in useful:
+                useful |= {r for r, _ in eq.reads()}
+        if (len(reach), len(useful)) == before:
+            break
     order = [eq.out.name for eq in reversed(model.equations)]
     order += [t for t in sorted(sources) if t not in order]
     return [n for n in order if n in reach and n in useful]
@@ -137,26 +143,28 @@ def derive(model: Model, wrt=()) -> Gradients:
 def _derive(model: Model, wrt=()) -> Gradients:
     names = _needs_adjoint(model, wrt)
     derivations: dict[str, AdjointDerivation] = {}
+    # a recurrence reads its own adjoint (at t+1): every adjoint is named before any is derived
+    adjoints = {n: adjoint_of(model.tensors[n]) for n in names if n != model.cost.name}
     for name in names:
         if name == model.cost.name:
             continue
         t = model.tensors[name]
-        derivations[name] = _derive_one(model, t, derivations)
+        derivations[name] = _derive_one(model, t, adjoints)
     kept = {n for n in derivations
             if model.tensors[n].role in ("param", "input") or model.tensors[n].grad_latex}
     return Gradients(model, derivations, kept)
 
 
-def _upstream(model, out: Tensor, derivations, idx):
+def _upstream(model, out: Tensor, adjoints, idx):
     """The adjoint read dOut[idx] (the seed 1 for the cost)."""
     if out.name == model.cost.name:
         return COST_SEED
-    return derivations[out.name].adjoint[idx]
+    return adjoints[out.name][idx]
 
 
-def _derive_one(model: Model, t: Tensor, derivations) -> AdjointDerivation:
-    adj = adjoint_of(t)
-    consumers = [e for e in model.consumers(t.name) if e.out.name == model.cost.name or e.out.name in derivations]
+def _derive_one(model: Model, t: Tensor, adjoints) -> AdjointDerivation:
+    adj = adjoints[t.name]
+    consumers = [e for e in model.consumers(t.name) if e.out.name == model.cost.name or e.out.name in adjoints]
     j = _target_indices(t, model)
     fresh = tuple(index(f"_t{k}") for k in range(t.rank))       # clash-free during elimination
     target_read = t[fresh] if t.rank else t.read()
@@ -165,7 +173,7 @@ def _derive_one(model: Model, t: Tensor, derivations) -> AdjointDerivation:
     chain, partials = [], []
     for eq in consumers:
         limits = [(i, lo, hi) for i, (lo, hi) in eq.ranges().items()]
-        up = _upstream(model, eq.out, derivations, eq.indices)
+        up = _upstream(model, eq.out, adjoints, eq.indices)
         local = sp.diff(eq.body, target_read)
         wrap = (lambda e, lim=limits: sp.Sum(e, *lim) if lim else e)
         chain.append(wrap(up * sp.Derivative(eq.lhs, target_read, evaluate=False)))
@@ -246,14 +254,17 @@ def compose(grads: Gradients, keep=frozenset()) -> dict[str, AdjointDerivation]:
     derivs = grads.derivations
     readers = {n: [m for m in derivs if derivs[n].adjoint.name in {r for r, _ in derivs[m].equation.reads()}]
                for n in derivs}
-    inline = {n for n in derivs if n not in grads.kept and n not in keep and len(readers[n]) == 1}
+    # (an adjoint that reads itself, across time, is never inlined: that would not terminate)
+    inline = {n for n in derivs if n not in grads.kept and n not in keep and len(readers[n]) == 1
+              and readers[n] != [n]}
     out = {}
     for name, d in derivs.items():
         if name in inline:
             continue
         expr, steps = d.equation.body, []
         for _ in range(len(derivs)):
-            hits = [m for m in inline if derivs[m].adjoint.name in {r for r, _ in reads(expr)}]
+            # in derivation order, not set order: the same steps and the same printed form every run
+            hits = [m for m in derivs if m in inline and derivs[m].adjoint.name in {r for r, _ in reads(expr)}]
             if not hits:
                 break
             before = expr

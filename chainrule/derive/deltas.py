@@ -48,7 +48,8 @@ class Bracket(sp.Function):
 
     def as_piecewise(self):
         e, lo, hi = self.args
-        return sp.Piecewise((1, sp.And(e >= lo, e <= hi)), (0, True))
+        sides = ([] if lo == -sp.oo else [e >= lo]) + ([] if hi == sp.oo else [e <= hi])
+        return sp.Piecewise((1, sp.And(*sides)), (0, True))
 
 
 class Divides(sp.Function):
@@ -90,6 +91,9 @@ class DeltaEliminator:
             inner = {**ranges, **{v: (lo, hi) for v, lo, hi in limits}}
             summand = self._walk(expr.function, inner)
             return sp.Add(*[self._sum_term(t, limits, ranges) for t in split_terms(summand)])
+        if isinstance(expr, sp.Piecewise) and _index_branches(expr, ranges) is not None:
+            # a branch on an index (a recurrence's initial state): a sum of bracketed terms
+            return self._walk(_index_branches(expr, ranges), ranges)
         if isinstance(expr, (LogSumExp, sp.Piecewise)):
             raise UnsupportedError(f"a Kronecker delta inside {type(expr).__name__} (write the definition "
                                    f"with Min/Max/Abs or a primitive instead): {expr}")
@@ -120,10 +124,18 @@ class DeltaEliminator:
                 rest = sp.Mul(*[f for f in sp.Mul.make_args(term) if f is not br])
                 term, limits = self._guard(rest, *br.args, limits, outer)
         const, dep = [], []
+        limits = [(v, sp.simplify(lo), sp.simplify(hi)) for v, lo, hi in limits]
         bound = {lim[0] for lim in limits}
         for f in sp.Mul.make_args(term):
             (dep if f.free_symbols & bound else const).append(f)
         result = sp.Mul(*const)
+        for var, lo, hi in list(limits):         # a sum over one point (t = 0 only) is its term there
+            if sp.simplify(hi - lo) == 0 and var in sp.Mul(*dep).free_symbols:
+                dep = [substitute(f, {var: lo}) for f in dep]
+                limits = [lim for lim in limits if lim[0] != var]
+                self.notes.append(Note("the sum over {0} has one term, at {1}", var, sp.Eq(var, lo, evaluate=False)))
+                const += [f for f in dep if not (f.free_symbols & {v for v, *_ in limits})]
+                dep = [f for f in dep if f.free_symbols & {v for v, *_ in limits}]
         used = [lim for lim in limits if lim[0] in sp.Mul(*dep).free_symbols]
         for var, lo, hi in limits:
             if (var, lo, hi) not in used:          # a summation index no factor uses: count it
@@ -138,7 +150,7 @@ class DeltaEliminator:
     def _solvable_delta(term, limits):
         summed = [lim[0] for lim in limits]
         for f in sp.Mul.make_args(term):
-            if not isinstance(f, KroneckerDelta):
+            if not isinstance(f, KroneckerDelta) or f.has(sp.Indexed):   # a token id: a condition
                 continue
             diff = sp.expand(f.args[0] - f.args[1])
             solvable = []
@@ -209,10 +221,90 @@ def fold_guards(expr):
     return expr
 
 
+def _index_condition_bracket(cond, ranges):
+    """A comparison of one index with sizes (``t < 1``) as an Iverson bracket over its range, or None."""
+    rel = (sp.StrictLessThan, sp.LessThan, sp.StrictGreaterThan, sp.GreaterThan)
+    if not isinstance(cond, rel):
+        return None
+    diff = sp.expand(cond.lhs - cond.rhs)
+    var = [v for v in diff.free_symbols if v in ranges and diff.coeff(v) in (1, -1)]
+    if len(var) != 1 or (diff.free_symbols - {var[0]}) & set(ranges):
+        return None
+    v = var[0]
+    sign = diff.coeff(v)
+    bound = -sp.expand(diff - sign * v) if sign == 1 else sp.expand(diff - sign * v)
+    op = {sp.StrictLessThan: "<", sp.LessThan: "<=", sp.StrictGreaterThan: ">", sp.GreaterThan: ">="}[type(cond)]
+    if sign == -1:
+        op = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}[op]
+    lo, hi = ranges[v]
+    if op == "<":
+        return Bracket(v, lo, bound - 1)
+    if op == "<=":
+        return Bracket(v, lo, bound)
+    if op == ">":
+        return Bracket(v, bound + 1, hi)
+    return Bracket(v, bound, hi)
+
+
+def _index_branches(pw, ranges):
+    """``{A if c; B otherwise}`` with ``c`` a comparison of one index -> ``[c] A + [not c] B``, or None."""
+    if len(pw.args) != 2 or pw.args[1].cond != sp.true:
+        return None
+    (a, cond), (b, _) = pw.args
+    yes, no = _index_condition_bracket(cond, ranges), _index_condition_bracket(cond.negated, ranges)
+    if yes is None or no is None:
+        return None
+    return yes * a + no * b
+
+
+def _free_deltas_as_conditions(expr, notes):
+    """A delta between a free index and a fixed one (a read of the last time step, ``H[b, T-1, o]``)
+    fixes no summation index: it is the condition that the two are equal, kept as a branch."""
+    deltas = [d for d in expr.atoms(KroneckerDelta)]
+    if not deltas:
+        return expr
+    for d in deltas:
+        if d.has(sp.Indexed):
+            notes.append(Note("{0}: the rows a token id selects receive its adjoint; the condition {1} "
+                              "is kept", d, sp.Eq(d.args[0], d.args[1], evaluate=False)))
+            continue
+        notes.append(Note("{0} fixes no summation index: the condition {1} is kept", d,
+                          sp.Eq(d.args[0], d.args[1], evaluate=False)))
+    return expr.xreplace({d: sp.Piecewise((1, sp.Eq(d.args[0], d.args[1])), (0, True)) for d in deltas})
+
+
+def _implied_sides_dropped(expr, ranges, notes):
+    """A bracket's side that the free indices' ranges imply is dropped (a bracket implied on both
+    sides is 1): ``[0 ≤ t ≤ ∞]`` for an index ``t`` of a time axis says nothing."""
+    repl = {}
+    for br in expr.atoms(Bracket):
+        e, lo, hi = br.args
+        ints = {v for v in e.free_symbols if v.is_integer and not v.is_positive}
+        if not ints <= set(ranges):
+            continue
+        bounds = affine_bounds(e, ranges)
+        if bounds is None:
+            continue
+        lo_ok = lo == -sp.oo or provably_nonneg(bounds[0] - lo)
+        hi_ok = hi == sp.oo or provably_nonneg(hi - bounds[1])
+        if lo_ok and hi_ok:
+            repl[br] = sp.S.One
+            notes.append(Note("the range guard {0} holds for every index in range: dropped", br))
+        elif lo_ok and lo != -sp.oo:
+            repl[br] = Bracket(e, -sp.oo, hi)
+        elif hi_ok and hi != sp.oo:
+            repl[br] = Bracket(e, lo, sp.oo)
+    return expr.xreplace(repl) if repl else expr
+
+
 def eliminate_deltas(expr, ranges):
     """Return (gather-form expression, notes)."""
     elim = DeltaEliminator(ranges)
     out = elim(expr)
+    bound = {v for s in out.atoms(sp.Sum) for v, *_ in s.limits}
+    if not any(d.free_symbols & bound and not d.has(sp.Indexed) for d in out.atoms(KroneckerDelta)):
+        out = _free_deltas_as_conditions(out, elim.notes)
+    out = _implied_sides_dropped(out, ranges, elim.notes)
     for br in out.atoms(Bracket):       # guards no sum could absorb stay explicit conditions
         elim.notes.append(Note("the range guard {0} is kept as a condition", br))
     out = fold_guards(out.replace(lambda e: isinstance(e, GUARDS), lambda e: e.as_piecewise()))

@@ -324,6 +324,14 @@ def _reads_values(e) -> bool:
     return e.has(sp.Indexed) or any(not s.is_integer for s in e.free_symbols)
 
 
+def _index_value(k):
+    """An index as an int: a token id read from a tensor is a value (a tape node, a Fraction)."""
+    k = value_of(k)
+    if isinstance(k, Fraction) and k.denominator == 1:
+        return int(k.numerator)
+    return k
+
+
 def _index_cmp(a, b) -> int:
     a, b = value_of(a), value_of(b)
     return 0 if a == b else (-1 if a < b else 1)
@@ -460,7 +468,7 @@ class Compiler:
         fs = [self.ints.compile(i) for i in e.indices]
 
         def read(ctx):
-            key = tuple(f(ctx) for f in fs)
+            key = tuple(_index_value(f(ctx)) for f in fs)
             try:
                 return ctx.store[name][key]
             except KeyError:

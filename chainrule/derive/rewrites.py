@@ -54,21 +54,34 @@ def rewrite(rule: str, why: str):
 
 # -- helpers ------------------------------------------------------------------------------------
 def _match_forward(expr, eq):
-    """If ``expr`` is ``eq.body`` at some indices, return the read of ``eq.out`` at those indices."""
+    """If ``expr`` is ``eq.body`` at some indices, return the read of ``eq.out`` at those indices.
+
+    Each output index is found from the reads: where the body reads ``v + c`` (``v`` an output index,
+    ``c`` a constant: a recurrence's ``t - 1``) and ``expr`` reads ``e`` at the same place of the same
+    tensor, ``v`` is ``e - c``; the candidates are tried until the body at them is ``expr``."""
+    import itertools
+    from .recurrence import time_shift
     body = eq.body
     if expr.func != body.func or len(expr.args) != len(body.args):
         return None
-    own = set(eq.indices)
+    own = list(eq.indices)
+    options = {v: [] for v in own}
+    cands = list(expr.atoms(sp.Indexed))
     for read in body.atoms(sp.Indexed):
-        positions = [k for k, e in enumerate(read.indices) if e in own]
-        for cand in expr.atoms(sp.Indexed):
-            if cand.base != read.base:
+        for cand in cands:
+            if cand.base != read.base or len(cand.indices) != len(read.indices):
                 continue
-            mapping = {read.indices[k]: cand.indices[k] for k in positions}
-            if set(mapping) != own:
-                continue
-            if body.xreplace(mapping) == expr:
-                return eq.out[tuple(mapping[i] for i in eq.indices)]
+            for e, c in zip(read.indices, cand.indices):
+                shift = time_shift(e, own)
+                if shift is not None and sp.expand(c - shift[1]) not in options[shift[0]]:
+                    options[shift[0]].append(sp.expand(c - shift[1]))
+    if any(not opts for opts in options.values()):
+        return None
+    combos = itertools.product(*[options[v] for v in own])
+    for values in itertools.islice(combos, 64):
+        mapping = dict(zip(own, values))
+        if body.xreplace(mapping) == expr:
+            return eq.out[tuple(mapping[i] for i in own)]
     return None
 
 
@@ -329,3 +342,34 @@ def simplify_recorded(expr, model, steps: list, rules=None, max_rounds=6):
         if not changed:
             break
     return expr
+
+
+@rewrite("initial state", "before t = 0 a recurrence holds its declared initial state: the first "
+         "terms of a sum over t read it, the others read the sequence itself")
+def split_at_the_initial_state(expr, model):
+    """Σ_{t=0}^{T-1} f(h_{t-k}) = Σ_{t=0}^{k-1} f(h_init) + Σ_{t=k}^{T-1} f(h_{t-k}): where the state is
+    0 the first part vanishes (a weight gradient sums from t = k), and the rest reads the sequence
+    plainly (a contraction the code generator lowers to one matrix product)."""
+    from .recurrence import Delayed, time_shift
+
+    def split(e):
+        if not isinstance(e, sp.Sum):
+            return None
+        for d in e.function.atoms(Delayed):
+            for pos, (v, lo, hi) in enumerate(e.limits):
+                shift = time_shift(d.args[2], [v])
+                if shift is None or shift[1] >= 0 or lo != 0:
+                    continue
+                k = -shift[1]
+                initial, read, _ = d.args
+                head = e.function.xreplace({d: initial})
+                tail = e.function.xreplace({d: read})
+                rest = [lim for lim in e.limits if lim[0] != v]
+                parts = [sp.Sum(tail, *rest[:pos], (v, k, hi), *rest[pos:])]
+                if head != 0:
+                    first = sp.Add(*[head.xreplace({v: sp.Integer(s)}) for s in range(k)])
+                    parts.insert(0, sp.Sum(first, *rest) if rest else first)
+                return sp.Add(*parts)
+        return None
+
+    return expr.replace(lambda e: split(e) is not None, split)

@@ -37,7 +37,7 @@ import sympy as sp
 
 from .backprop import Gradients, derive
 from .claims import check_claim_expression, grammar_help, parse_claim, parse_expression  # noqa: F401
-from .errors import ChainruleError, ShapeError, SpecError
+from .errors import ChainruleError, ShapeError, SpecError, UnsupportedError
 from .exact import DIGITS, Compiler, Context, EvaluationError, Exact, Float, Inexact, Tape, WORK_DPS
 from .graph import Model
 from .tensor import Equation
@@ -204,6 +204,11 @@ def random_point(model: Model, sizes, rng: random.Random) -> dict:
             continue
         shape = _shape(t, sizes)
         values = {}
+        vocab = t.meta.get("vocab")
+        if vocab is not None:             # token ids: integers in the vocabulary
+            top = int(sp.sympify(vocab).xreplace({k: sp.Integer(v) for k, v in sizes.items()}))
+            point[t.name] = {idx: Fraction(rng.randrange(top)) for idx in itertools.product(*[range(n) for n in shape])}
+            continue
         for idx in itertools.product(*[range(n) for n in shape]):
             v = rng.randint(1, den - 1) if t.role == "target" else rng.choice(choices)
             values[idx] = Fraction(v, den)
@@ -219,24 +224,48 @@ def random_point(model: Model, sizes, rng: random.Random) -> dict:
 
 
 # -- one evaluation: forward on the tape, backward sweep, derived equations ----------------------------------
-def _ordered(equations: list[Equation]) -> list[Equation]:
-    """Adjoint equations so that each comes after the adjoints it reads."""
-    by_name = {eq.out.name: eq for eq in equations}
-    order, seen = [], set()
+def _compiled_units(units, compiler, consts):
+    """Each unit (an equation, or a time loop of equations) with its equations' bodies compiled."""
+    from .recurrence import TimeLoop
+    out = []
+    for u in units:
+        eqs = u.equations if isinstance(u, TimeLoop) else [u]
+        out.append((u, [(eq, compiler.compile(eq.body.xreplace(consts))) for eq in eqs]))
+    return out
 
-    def visit(eq, path=()):
-        if eq.out.name in seen:
-            return
-        if eq.out.name in path:
-            raise VerificationError(f"the adjoint equations read each other in a cycle: {' -> '.join(path)}")
-        for name, _ in eq.reads():
-            if name in by_name and name != eq.out.name:
-                visit(by_name[name], path + (eq.out.name,))
-        seen.add(eq.out.name)
-        order.append(eq)
-    for eq in equations:
-        visit(eq)
-    return order
+
+def _element_order(units, sizes, store):
+    """(equation, compiled body, element) in an order where every element comes after the elements
+    it reads: equation by equation, and inside a time loop step by step (upward for a recurrence,
+    downward for its adjoint), every equation of the loop at each step. Each output starts empty
+    in ``store``."""
+    from .recurrence import TimeLoop
+    for u, compiled in units:
+        for eq, _ in compiled:
+            store[eq.out.name] = {}
+        if not isinstance(u, TimeLoop):
+            (eq, fn), = compiled
+            for idx in _elements(eq.out, sizes):
+                yield eq, fn, idx
+            continue
+        axis0 = u.time_axes[compiled[0][0].out.name]
+        steps = range(_shape(compiled[0][0].out, sizes)[axis0])
+        for t in (steps if u.direction > 0 else reversed(steps)):
+            for eq, fn in compiled:
+                axis = u.time_axes[eq.out.name]
+                for idx in _elements(eq.out, sizes):
+                    if idx[axis] == t:
+                        yield eq, fn, idx
+
+
+def _ordered(equations: list[Equation]) -> list:
+    """Adjoint equations as units, each after the adjoints it reads (a recurrence's adjoints, which
+    read each other at t+1, as a time loop running t downward)."""
+    from .recurrence import ordered_units
+    try:
+        return ordered_units(equations)
+    except UnsupportedError as err:
+        raise VerificationError(f"the adjoint equations cannot be ordered: {err}") from None
 
 
 class _Evaluator:
@@ -251,9 +280,9 @@ class _Evaluator:
         fwd = Compiler(self.tape, scalars)
         # the model's named constants (regularisation strengths) at their exact decimal values
         consts = {s: sp.Rational(repr(float(v))) for s, v in getattr(model, "constants", {}).items()}
-        self.forward = [(eq, fwd.compile(eq.body.xreplace(consts))) for eq in model.equations]
+        self.forward = _compiled_units(getattr(model, "schedule", None) or model.equations, fwd, consts)
         plain = Compiler(self.base, scalars)
-        self.derived = [(eq, plain.compile(eq.body.xreplace(consts))) for eq in _ordered(derived)]
+        self.derived = _compiled_units(_ordered(derived), plain, consts)
         self.claim = plain.compile(claim.xreplace(consts)) if claim is not None else None
         self.claim_budget = CLAIM_BUDGET
 
@@ -263,35 +292,36 @@ class _Evaluator:
         env = dict(sizes)
         store = {name: {idx: tape.leaf(v) for idx, v in values.items()} for name, values in point.items()}
         ctx = Context(env, store)
-        for eq, fn in self.forward:
-            out = {}
-            for idx in _elements(eq.out, sizes):
-                env.update(zip(eq.indices, idx))
-                try:
-                    out[idx] = tape.element(fn(ctx))
-                except (EvaluationError, ZeroDivisionError) as err:
-                    raise EvaluationError(f"model {model.name}: the forward equation for {_element(eq.out.name, idx)}"
-                                          f" has no value at sizes {_named(sizes)} and a random point: {err}") from None
+        for eq, fn, idx in _element_order(self.forward, sizes, store):
+            env.update(zip(eq.indices, idx))
+            try:
+                store[eq.out.name][idx] = tape.element(fn(ctx))
+            except (EvaluationError, ZeroDivisionError) as err:
+                raise EvaluationError(f"model {model.name}: the forward equation for {_element(eq.out.name, idx)}"
+                                      f" has no value at sizes {_named(sizes)} and a random point: {err}") from None
             for i in eq.indices:
                 env.pop(i, None)
-            store[eq.out.name] = out
         cost = store[model.cost.name][()]
         tape.backward(cost)
         values = {name: {i: n.value for i, n in elems.items()} for name, elems in store.items()}
         direct = {"d_" + name: {i: n.grad for i, n in elems.items()} for name, elems in store.items()}
         derived, errors = dict(values), {}
         ctx = Context(env, derived)
-        for eq, fn in self.derived:
-            out = {}
+        for eq, fn, idx in _element_order(self.derived, sizes, derived):
+            if eq.out.name in errors:
+                continue
+            env.update(zip(eq.indices, idx))
             try:
-                for idx in _elements(eq.out, sizes):
-                    env.update(zip(eq.indices, idx))
-                    out[idx] = fn(ctx)
-                derived[eq.out.name] = out
+                derived[eq.out.name][idx] = fn(ctx)
             except (EvaluationError, ZeroDivisionError) as err:
                 errors[eq.out.name] = f"{eq.out.name}: {err}"
+                derived.pop(eq.out.name, None)
+                derived[eq.out.name + "__failed"] = {}
             for i in eq.indices:
                 env.pop(i, None)
+        for name in errors:
+            derived.pop(name, None)
+            derived.pop(name + "__failed", None)
         return values, direct, derived, errors
 
     def evaluate_claim(self, sizes, values, direct, idx, indices):

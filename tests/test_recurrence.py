@@ -1,0 +1,172 @@
+"""Recurrences over time: declared the natural way, derived with a symbolic T into the BPTT recursion,
+verified exactly at several sizes (T included), and refused clearly where they are not causal."""
+import numpy as np
+import pytest
+import sympy as sp
+
+from chainrule.derive import Equation, Model, Tensor, derive, indices, size
+from chainrule.derive.errors import ShapeError, UnsupportedError
+from chainrule.derive.recurrence import Delayed, TimeLoop, recurrent
+from chainrule.derive.verify import check_claim, verify_model
+
+B, T, n, m, k = (size(s) for s in "B T n m k".split())
+b, t, o, i, j, q = indices("b t o i j q")
+
+
+def elman(initial="zeros"):
+    """H[b,t,o] = tanh(Σ_i W x[b,t,i] + Σ_j U H[b,t-1,j] + c), a readout of the last step, squared error."""
+    x = Tensor("x", (B, T, n), role="input")
+    W, U = Tensor("W", (m, n), role="param", init="glorot"), Tensor("U", (m, m), role="param", init="glorot")
+    c, V = Tensor("c", (m,), role="param", init="glorot"), Tensor("V", (k, m), role="param", init="glorot")
+    H = Tensor("H", (B, T, m), layer="rnn")
+    extra, init = [], 0
+    if initial == "param":
+        init = Tensor("h0", (m,), role="param", init="glorot")
+        extra = [init]
+    recurrent(H, 1, init)
+    y, z = Tensor("y", (B, k), role="target"), Tensor("z", (B, k))
+    loss, C = Tensor("l", (B,), role="loss"), Tensor("C", (), role="cost")
+    eqs = [Equation(H, (b, t, o), sp.tanh(sp.Sum(W[o, i] * x[b, t, i], (i, 0, n - 1))
+                                          + sp.Sum(U[o, j] * H[b, t - 1, j], (j, 0, m - 1)) + c[o]), layer="rnn"),
+           Equation(z, (b, q), sp.Sum(V[q, o] * H[b, T - 1, o], (o, 0, m - 1)), layer="out"),
+           Equation(loss, (b,), sp.Sum((z[b, q] - y[b, q]) ** 2, (q, 0, k - 1)), layer="loss"),
+           Equation(C, (), sp.Sum(loss[b], (b, 0, B - 1)) / B, layer="cost")]
+    return Model(eqs, [x, W, U, c, H, V, y, z, loss, C, *extra], C, loss=loss, outputs=[z],
+                 size_values={n: 3, m: 4, k: 2, T: 5}, name="elman")
+
+
+def test_the_natural_recurrence_is_a_time_loop_with_its_initial_state():
+    model = elman()
+    loop = model.schedule[0]
+    assert isinstance(loop, TimeLoop) and loop.direction == 1 and loop.names == ["H"]
+    delayed, = model.equations[0].body.atoms(Delayed)
+    initial, read, when = delayed.args
+    assert initial == 0 and str(read.base.label) == "H" and when == t - 1
+
+
+def test_bptt_is_derived_with_a_symbolic_sequence_length():
+    model = elman()
+    grads = derive(model)
+    H = model.tensors["H"]
+    dH, dz = grads.composed["H"].adjoint, grads.adjoints["z"]
+    V, U = model.tensors["V"], model.tensors["U"]
+    o2 = sp.Symbol("o'", integer=True)
+    # δ_t receives the output's contribution at t = T-1 and h_{t+1}'s through the recurrence
+    expected = (sp.Piecewise((sp.Sum(V[q, o] * dz[b, q], (q, 0, k - 1)), sp.Eq(t, T - 1)), (0, True))
+                + sp.Piecewise((sp.Sum((1 - H[b, t + 1, o2] ** 2) * U[o2, o] * dH[b, t + 1, o2], (o2, 0, m - 1)),
+                                T >= t + 2), (0, True)))
+    eq = grads.composed["H"].equation
+    assert eq.body == expected
+    assert T in eq.body.free_symbols                        # the length stays a symbol
+    # each weight's gradient sums over every time step
+    dU = grads.composed["U"].equation.body
+    assert isinstance(dU, sp.Sum) and [lim[0] for lim in dU.limits] == [b, t]
+    assert dU.limits[1][1:] == (1, T - 1) and not dU.has(Delayed)     # h_{-1} = 0: the t = 0 term vanishes
+    dW = grads.composed["W"].equation.body
+    assert dW == sp.Sum((1 - H[b, t, o] ** 2) * dH[b, t, o] * model.tensors["x"][b, t, i], (b, 0, B - 1), (t, 0, T - 1))
+
+
+def test_the_adjoint_runs_backward_in_time():
+    from chainrule.derive.recurrence import schedule
+    grads = derive(elman())
+    units = schedule([d.equation for d in grads.composed.values()])
+    loops = [u for u in units if isinstance(u, TimeLoop)]
+    assert len(loops) == 1 and loops[0].direction == -1 and loops[0].names == ["d_H"]
+
+
+@pytest.mark.parametrize("initial", ["zeros", "param"])
+def test_bptt_verifies_exactly_at_several_sizes_including_T(initial):
+    checks = verify_model(elman(initial), sizes=[{"B": 3, "T": 4, "k": 5, "m": 6, "n": 7},
+                                                  {"B": 4, "T": 5, "k": 3, "m": 7, "n": 6}], points=1)
+    names = {c.name.split("dC/d")[1] for c in checks}
+    assert names == ({"U", "V", "W", "c"} | ({"h0"} if initial == "param" else set()))
+    for c in checks:
+        assert c and c.checked > 0, str(c)
+        assert {s["T"] for s in c.sizes} == {4, 5}
+
+
+def test_truncated_backpropagation_is_not_the_gradient():
+    """The claim that stops at one step (δ only from the output at T-1) is refuted with a counterexample."""
+    model = elman()
+    H, x, V = (model.tensors[s] for s in "H x V".split())
+    dz = sp.IndexedBase("d_z", real=True)
+    one_step = sp.Sum((1 - H[b, T - 1, o] ** 2) * x[b, T - 1, i] * sp.Sum(V[q, o] * dz[b, q], (q, 0, k - 1)),
+                      (b, 0, B - 1))
+    check = check_claim(model, "W", one_step, points=1)
+    assert not check and "counterexample" in str(check)
+
+
+def _one_layer(shift, declare=True, initial=0):
+    U, x = Tensor("U", (m, m), role="param", init="glorot"), Tensor("x", (B, T, m), role="input")
+    H = Tensor("H", (B, T, m), layer="rnn")
+    if declare:
+        recurrent(H, 1, initial)
+    C = Tensor("C", (), role="cost")
+    eqs = [Equation(H, (b, t, o), sp.tanh(x[b, t, o] + sp.Sum(U[o, j] * H[b, t + shift, j], (j, 0, m - 1))),
+                    layer="rnn"),
+           Equation(C, (), sp.Sum(H[b, T - 1, o], (b, 0, B - 1), (o, 0, m - 1)))]
+    return Model(eqs, [U, x, H, C], C)
+
+
+def test_a_read_of_the_future_is_refused():
+    with pytest.raises(UnsupportedError, match=r"layer rnn: H reads H\[b, t \+ 1, j\] at t\+1, the future, "
+                                               r"in a causal recurrence"):
+        _one_layer(+1)
+
+
+def test_a_recurrence_without_an_initial_state_is_refused():
+    with pytest.raises(UnsupportedError, match=r"layer rnn: H reads H\[b, t - 1, j\] at t-1, a recurrence, "
+                                               r"but H \(B, T, m\) declares no initial state"):
+        _one_layer(-1, declare=False)
+
+
+def test_an_initial_state_of_the_wrong_shape_is_refused():
+    with pytest.raises(ShapeError, match=r"layer rnn: the initial state h0 \(B, T, m\) of H \(B, T, m\) must "
+                                         r"have the shape of one time step \(B, m\)"):
+        _one_layer(-1, initial=Tensor("h0", (B, T, m), role="input"))
+
+
+def test_a_cycle_within_one_time_step_is_refused():
+    with pytest.raises(UnsupportedError, match="cycle through H -> H"):
+        _one_layer(0)
+
+
+# -- generated kernels -------------------------------------------------------------------------------------
+def _numpy_elman(p, x, h0=None):
+    """The Elman recurrence by hand (the independent reference)."""
+    h = np.zeros((x.shape[0], p["U"].shape[0])) if h0 is None else np.broadcast_to(h0, (x.shape[0], h0.shape[-1]))
+    for step in range(x.shape[1]):
+        h = np.tanh(x[:, step] @ p["W"].T + h @ p["U"].T + p["c"])
+    return h @ p["V"].T
+
+
+@pytest.mark.parametrize("initial", ["zeros", "param"])
+def test_kernels_loop_over_time_and_match_numpy_and_finite_differences(compiled_declared, initial):
+    from chainrule.codegen.verify import check_gradients
+    cm = compiled_declared(f"elman-{initial}", lambda: elman(initial))
+    src = cm.source
+    # one loop over t each way, the per-step contractions on BLAS, never an unrolled copy
+    assert "for t1 in range(5):" in src and "in range(5 - 1, -1, -1):" in src
+    assert "np.dot(t4_H_sm1" in src and "t4_H[:, t1 - 1" in src and "t4_H[:, 3" not in src
+    assert "# time loop, backward in time (backpropagation through time): d_H" in src
+    rng = np.random.default_rng(3)
+    params = cm.init_params(seed=1)
+    x, y = rng.normal(size=(6, 5, 3)), rng.normal(size=(6, 2))
+    z = cm.predict(params, x)
+    assert np.allclose(z, _numpy_elman(params, x, params.get("h0")), rtol=1e-12, atol=1e-12)
+    for check in check_gradients(None, compiled=cm, batch=4):
+        assert check.ok, str(check)
+
+
+def test_the_explanation_says_backpropagation_through_time():
+    from chainrule.derive import build_model, explain_model
+    md = explain_model(build_model("seq(5, 3) -> rnn(4) -> dense(2) -> mse")).to_markdown()
+    part = md[md.index("# Through time"):md.index("# The backward recursion")]
+    assert "read their own past ($h^{(1)}$ starts from $0$ before the first step)" in part
+    assert ("Backpropagation through time: the adjoint $\\delta^{(1)}$ at step $t$ receives what the layers "
+            "above send at that step and, through the recurrence, what the next step $t + 1$ sends back") in part
+    assert "${\\delta^{(1)}_{b,t + 1,o'}}$" in part                        # δ_{t+1}, read through U^T
+    assert "each weight's gradient is a sum over the steps" in part
+    # the weight gradient starts at t = 1: h_{-1} = 0 (a recorded step)
+    assert "*initial state*: before t = 0 a recurrence holds its declared initial state" in md
+    assert "1 \\leq t \\leq T_{0} - 1" in md
