@@ -41,7 +41,8 @@ def test_sigmoid_lowering_is_stable_and_in_the_module_dtype(compiled_model, dtyp
     with mpmath.workdps(30):
         ref = np.array([float(1 / (1 + mpmath.exp(-mpmath.mpf(float(v))))) for v in xs])
     eps = np.finfo(dtype).eps
-    assert np.all(np.abs(got - ref) <= 2 * eps * np.maximum(ref, np.finfo(dtype).tiny)), got
+    # exp (<= 1 ulp), 1 + e, the reciprocal and e * r: within 4 units of rounding, relative
+    assert np.all(np.abs(got - ref) <= 4 * eps * np.maximum(ref, np.finfo(dtype).tiny)), got
     # computed in the module's dtype, not widened: Numba typed its result as such
     assert {str(sig.return_type) for sig in cm.module.sigmoid.nopython_signatures} == {dtype}
 
@@ -106,7 +107,7 @@ def test_facts_checked_skips_only_the_fact_check(compiled_model):
     with pytest.raises(ShapeError, match=r"input x has shape \(5, 63\)"):
         cm.train_step(p, x[:, :63], y, lr=0.1, facts_checked=True)
     with pytest.raises(TypeError, match="W1 in place"):
-        cm.train_step({**p, "W1": p["W1"].astype(np.float32)}, x, y, lr=0.1)
+        cm.train_step({**p, "W1": p["W1"].astype(np.float32)}, x, np.eye(10)[[1, 2, 3, 4, 5]], lr=0.1)
 
 
 def test_digits_read_from_the_installed_file_equal_scikit_learns_loader():
