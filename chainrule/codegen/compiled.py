@@ -35,6 +35,9 @@ class CompiledModel:
         self.state_names = list(self.rule.state)
         self.hyper_names = ["t", "clip", "seed"] + [h.name for h in self.rule.hyperparameters]
         self.has_noise = any(t.role == "noise" for t in model.tensors.values())
+        self._hyper_template = None
+        self._hyper_template = self.hyper_vector(step=0, clip=0.0, seed=0)
+        self._eta_index = self.hyper_names.index("eta") if "eta" in self.hyper_names else None
         self.module = module
         self.module_path = Path(path)
         self._key, self._render = key, render
@@ -43,6 +46,8 @@ class CompiledModel:
         self.cache_hit = cache_hit
         self.param_names = [p.name for p in model.params]
         self.param_shapes = {p.name: model.concrete_shape(p) for p in model.params}
+        self._shapes_in_order = [self.param_shapes[n] for n in self.param_names]
+        self._np_dtype = np.dtype(dtype)
         self._inits = {p.name: p.init for p in model.params}
         # buffers: non-trainable state (batch norm's running averages), updated by a training step
         self.buffer_names = [t.name for t in model.buffers]
@@ -144,7 +149,28 @@ class CompiledModel:
                                  f"batches of 2 or more examples in training (evaluation takes any)")
 
     # -- argument checking --------------------------------------------------------------------
+    def _params_fast(self, params):
+        """The parameters for an in-place kernel when every one is already a writeable
+        C-contiguous array of the right dtype and shape (the common case, checked by plain
+        attribute reads: a few µs in all), else None (then ``_params`` says what is wrong)."""
+        dt = self._np_dtype
+        try:
+            out = [params[n] for n in self.param_names]
+        except (KeyError, TypeError):
+            return None
+        for a, shape in zip(out, self._shapes_in_order):
+            if type(a) is not np.ndarray or a.shape != shape or a.dtype != dt:
+                return None
+            flags = a.flags
+            if not (flags.c_contiguous and flags.writeable):
+                return None
+        return out
+
     def _params(self, params, inplace=False) -> list:
+        if inplace:
+            fast = self._params_fast(params)
+            if fast is not None:
+                return fast
         missing = [n for n in self.param_names if n not in params]
         if missing:
             raise ShapeError(f"missing parameters {missing}; expected {self.param_names}")
@@ -166,7 +192,8 @@ class CompiledModel:
 
     def _array(self, a, tensor, what, facts=False) -> np.ndarray:
         data_dtype = getattr(a, "dtype", None)
-        a = np.ascontiguousarray(a, dtype=self.dtype)
+        if type(a) is not np.ndarray or data_dtype != self._np_dtype or not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a, dtype=self.dtype)
         dims = self._dims[tensor.name]
         if a.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, a.shape)):
             shape = "(" + ", ".join("B" if d is None else str(d) for d in dims) + ")"
@@ -279,15 +306,16 @@ class CompiledModel:
     def cost(self, params, x, y, seed=-1, buffers=None) -> float:
         return self.forward(params, x, y, seed, buffers)[0]
 
-    def loss_and_grads(self, params, x, y, seed=-1, buffers=None):
+    def loss_and_grads(self, params, x, y, seed=-1, buffers=None, facts_checked=False):
         """(cost, gradients) of the training form of the cost (batch statistics); ``seed`` as in
         :meth:`forward`. With ``seed`` >= 0 it is a training step: ``buffers`` (required then, if
-        the model has any) get their running averages updated in place."""
+        the model has any) get their running averages updated in place. ``facts_checked``: as in
+        :meth:`train_step`."""
         training = int(seed) >= 0 and bool(self.buffer_names)
         if training and buffers is None:
             raise TypeError("a training step (seed >= 0) of a model with running averages updates "
                             "its buffers: pass buffers= (init_buffers())")
-        xy = self._xy(x, y, facts=True)
+        xy = self._xy(x, y, facts=not facts_checked)
         if training:
             self._check_training_batch(xy[0].shape[0])
         cost, grads = self._call("loss_and_grads", *self._params(params),
@@ -302,6 +330,13 @@ class CompiledModel:
     def hyper_vector(self, lr=None, step=1, clip=0.0, seed=0, **hyper) -> np.ndarray:
         """The ``hp`` argument of the generated ``train_step``: the step t, the clipping norm and
         the rule's hyperparameters (its declared defaults unless given, e.g. ``beta1=0.8``)."""
+        if not hyper and self._hyper_template is not None:
+            # the common call (no hyperparameter overrides): fill a copy of the defaults
+            hp = self._hyper_template.copy()
+            hp[0], hp[1], hp[2] = step, clip, seed
+            if lr is not None:
+                hp[self._eta_index] = lr
+            return hp
         from ..derive.optimizers import HYPER_NAMES
         values = {h.name: float(v) for h, v in self.rule.defaults.items()}
         if lr is not None:
@@ -316,11 +351,14 @@ class CompiledModel:
         return np.array([values[n] for n in self.hyper_names], dtype=np.float64)
 
     def train_step(self, params, x, y, lr=None, state=None, step=1, clip=0.0, hp=None, seed=0,
-                   buffers=None, **hyper) -> float:
+                   buffers=None, facts_checked=False, **hyper) -> float:
         """One fused step: forward, backward and the optimiser's update, in place (parameters and
         ``state`` from :meth:`init_state`; ``step`` is t, 1 at the first update; ``seed`` (>= 0)
         seeds the step's dropout masks and noise; ``buffers`` (from :meth:`init_buffers`, needed
-        when the model has running averages) are updated in place)."""
+        when the model has running averages) are updated in place). ``facts_checked=True``: the
+        caller has already checked the facts declared on ``x`` and ``y`` (``Network.fit`` checks
+        the whole data set once, not every minibatch again); shapes and dtypes are checked in any
+        case."""
         if self.buffer_names and buffers is None:
             raise TypeError("train_step of a model with running averages updates its buffers: "
                             "pass buffers= (init_buffers())")
@@ -338,7 +376,7 @@ class CompiledModel:
                 states.append(a)
         if hp is None:
             hp = self.hyper_vector(lr, step, clip, seed, **hyper)
-        xy = self._xy(x, y, facts=True)
+        xy = self._xy(x, y, facts=not facts_checked)
         if self.buffer_names and hp[2] >= 0:
             self._check_training_batch(xy[0].shape[0])
         return float(self._call("train_step", *self._params(params, inplace=True), *states,

@@ -94,8 +94,12 @@ class _Block:
 class Lowerer:
     """Turns a model's equations (forward and composed adjoints) into kernels."""
 
-    def __init__(self, model, tensors: dict, *, cost_adjoint: str | None = None):
+    def __init__(self, model, tensors: dict, *, cost_adjoint: str | None = None,
+                 dtype: str = "float64"):
         self.model = model
+        self.dtype = dtype
+        # a float32 module computes its values in float32 (see KernelPrinter's ``cast``)
+        self.value_cast = "DT" if dtype == "float32" else None
         self.tensors = tensors                # name -> Tensor (forward and adjoint)
         self.names: dict = {}                 # tensor name / Symbol -> identifier
         for k, name in enumerate(tensors):
@@ -138,7 +142,12 @@ class Lowerer:
         return tuple(out)
 
     def pe(self, expr) -> str:
+        """An index, bound or size (integers)."""
         return print_expr(expr, self.names)
+
+    def pv(self, expr) -> str:
+        """A value, computed in the module's dtype."""
+        return print_expr(expr, self.names, cast=self.value_cast)
 
     def range_code(self, lo, hi) -> str:
         """``range(lo, hi + 1)`` over the integers between two bounds. A bound with a rational
@@ -419,11 +428,11 @@ class Lowerer:
                 else f"{self.names[v]} <= {pe(_rounded(b, up=False))}" for v, side, b in m["guards"])
             lines += [IND * depth + f"# zero outside the summation limits: {comment_text(cond)}",
                       IND * depth + f"if {cond}:",
-                      IND * (depth + 1) + f"{target} = {pe(G)}",
+                      IND * (depth + 1) + f"{target} = {self.pv(G)}",
                       IND * depth + "else:",
                       IND * (depth + 1) + f"{target} = 0.0"]
         else:
-            lines.append(IND * depth + f"{target} = {pe(G)}")
+            lines.append(IND * depth + f"{target} = {self.pv(G)}")
         pname = self.ident(str(P.base.label))
         perm = [list(P.indices).index(v) for v in ks + fp]
         ptxt = comment_text(sp.sstr(P))
@@ -480,6 +489,8 @@ class Lowerer:
                 body = body.xreplace({s: coeff * read})
                 info["pre"].append((f"{tmp} = {code}", str(A.base.label), str(Bm.base.label)))
                 info["dot_reads"] |= {str(A.base.label), str(Bm.base.label)}
+                if order == loop_vars:          # a fresh array of the output's shape
+                    info.setdefault("whole_dots", []).append(tmp)
         info["body"] = body
         if eq.out.rank == 0:
             info["kind"] = "scalar"
@@ -521,7 +532,7 @@ class Lowerer:
         for r in outermost_reductions(expr):
             repl[r] = sp.Symbol(self.emit_reduction(r, blocks), real=True)
             self.names[repl[r]] = str(repl[r])
-        return self.pe(expr.xreplace(repl))
+        return self.pv(expr.xreplace(repl))
 
     @staticmethod
     def loop_order(r):
@@ -600,10 +611,10 @@ class Lowerer:
             v = acc + "_v"
             update = [f"{v} = {value}",       # one pass, max-shifted: never exp of a large number
                       f"if {v} > {mx}:",
-                      f"{IND}{sm} = {sm} * math.exp({mx} - {v}) + 1.0",
+                      f"{IND}{sm} = {sm} * _exp({mx} - {v}) + 1.0",
                       f"{IND}{mx} = {v}",
                       "else:",
-                      f"{IND}{sm} += math.exp({v} - {mx})"]
+                      f"{IND}{sm} += _exp({v} - {mx})"]
         elif isinstance(r, MaxOver):
             lines.append(f"{acc} = -np.inf")
             update = [f"{acc}_v = {value}", f"if {acc}_v > {acc}:", f"{IND}{acc} = {acc}_v"]
@@ -625,8 +636,20 @@ class Lowerer:
         return acc
 
     # -- kernels ------------------------------------------------------------------------------
-    def lower(self, equations) -> list[Kernel]:
-        """Lower equations (in evaluation order) to kernels, fusing elementwise chains."""
+    def lower(self, equations, keep=None) -> list[Kernel]:
+        """Lower equations (in evaluation order) to kernels, fusing elementwise chains.
+
+        ``keep``: the tensors needed after these kernels (returned, or read by later code); when
+        given, an output of a fused loop that nothing else reads is a scalar local of the loop,
+        never an array. ``None`` keeps every output as an array."""
+        equations = self.share_reductions(list(equations))
+        self.scalars = set()
+        if keep is not None:
+            self.scalars = self.loop_locals(equations, set(keep))
+        self.readers = {}
+        for eq in equations:
+            for name, _ in eq.reads():
+                self.readers.setdefault(name, set()).add(eq.out.name)
         infos = [self.classify(eq) for eq in equations]
         kernels: list[Kernel] = []
         group: list[dict] = []
@@ -654,6 +677,88 @@ class Lowerer:
         flush()
         return kernels
 
+    def share_reductions(self, equations):
+        """Common subexpressions across equations: a sum or log-sum-exp that several equations
+        compute over the same values (the log-sum-exp of the logits, in the loss and in the
+        probabilities) becomes an array of its own, computed once before its first use and read
+        by every equation that needs it. (Within one equation, ``_Block.cache`` already computes
+        a repeated reduction once.)"""
+        found: dict = {}                  # key -> [(equation position, reduction, free indices)]
+        for pos, eq in enumerate(equations):
+            body = sp.sympify(eq.body)
+            if body.has(sp.KroneckerDelta) or eq.out.rank == 0:
+                continue
+            seen = set()
+            for r in sp.preorder_traversal(body):
+                if not isinstance(r, (sp.Sum, LogSumExp)):
+                    continue
+                key, free = self._reduction_key(r, eq)
+                if key is not None and key not in seen:
+                    seen.add(key)
+                    found.setdefault(key, []).append((pos, r, free))
+        shared = {k: uses for k, uses in found.items() if len(uses) > 1}
+        if not shared:
+            return equations
+        from ..derive.tensor import Equation, Tensor
+        before: dict = {}                 # position -> new equations to insert before it
+        replace: dict = {}                # position -> {reduction: read of the shared array}
+        for key, uses in shared.items():
+            pos0, r0, free0 = uses[0]
+            eq0 = equations[pos0]
+            name = self.fresh("cse")
+            shape = tuple(eq0.out.shape[list(eq0.indices).index(i)] for i in free0)
+            t = Tensor(name, shape, role="hidden")
+            self.tensors[name] = t
+            self.names[name] = name
+            if not free0:
+                self.names[t.symbol] = name
+            before.setdefault(pos0, []).append(Equation(t, free0, r0, layer=eq0.layer,
+                                                        note="computed once, read by several equations"))
+            for pos, r, free in uses:
+                replace.setdefault(pos, {})[r] = t[tuple(free)] if free else t.symbol
+        out = []
+        for pos, eq in enumerate(equations):
+            out += before.get(pos, [])
+            if pos in replace:
+                eq = type(eq)(eq.out, eq.indices, sp.sympify(eq.body).xreplace(replace[pos]),
+                              layer=eq.layer, note=eq.note)
+            out.append(eq)
+        return out
+
+    def _reduction_key(self, r, eq):
+        """A key equal for two reductions that compute the same values (bound indices renamed
+        in order, free output indices by position and extent), or None when the reduction reads an
+        index bound around it (it cannot be computed on its own)."""
+        free = [i for i in eq.indices if i in r.free_symbols]
+        ints = {x for x in r.free_symbols if x.is_integer} - set(self.sizes) - {BATCH}
+        if not ints <= set(eq.indices):
+            return None, None
+        bound = []
+        for node in sp.preorder_traversal(r):
+            if isinstance(node, REDUCTIONS):
+                bound += [v for v, _, _ in node.limits if v not in bound]
+        rename = {v: sp.Symbol(f"·b{k}", integer=True) for k, v in enumerate(bound)}
+        rename.update({v: sp.Symbol(f"·f{k}", integer=True) for k, v in enumerate(free)})
+        extents = tuple(sp.srepr(eq.out.shape[list(eq.indices).index(i)]) for i in free)
+        return (sp.srepr(r.xreplace(rename)), extents), free
+
+    def loop_locals(self, equations, keep: set) -> set:
+        """Outputs read by nothing but the next equations, pointwise (at their own indices), and
+        not kept: candidates to be a scalar local of a fused loop instead of an array
+        (``loop_kernel`` decides, once the fused groups are known)."""
+        reads: dict = {}
+        for eq in equations:
+            for name, idx in eq.reads():
+                reads.setdefault(name, []).append((eq, tuple(idx)))
+        out = set()
+        for eq in equations:
+            name = eq.out.name
+            if name in keep or eq.out.rank == 0 or name in self.preallocated:
+                continue
+            if all(tuple(idx) == tuple(other.indices) and other.out.shape == eq.out.shape
+                   for other, idx in reads.get(name, [])):
+                out.add(name)
+        return out
     def lower_units(self, units) -> list[Kernel]:
         """Lower a schedule (equations and time loops, ``derive.recurrence.schedule``): consecutive
         equations as ``lower`` does, each time loop as one loop over t."""
@@ -810,8 +915,17 @@ class Lowerer:
         loop_vars = group[0]["loop_vars"]
         shape = group[0]["shape"]
         lines = [f"# {g['text']}" for g in group]
+        outs = {g["out"] for g in group}
+        local = {g["out"] for g in group
+                 if g["out"] in self.scalars and self.readers.get(g["out"], set()) <= outs}
+        alias = {}
         for g in group:
-            if g["out"] in self.preallocated:
+            if g["out"] in self.preallocated or g["out"] in local:
+                continue
+            if g.get("whole_dots"):
+                # the output overwrites its own np.dot temporary (read at the same element just
+                # before): one array fewer
+                alias[g["out"]] = g["whole_dots"][0]
                 continue
             lines.append(f"{self.ident(g['out'])} = np.empty({self.shape_code(self.tensors[g['out']])}, dtype=DT)")
         for g in group:
@@ -820,10 +934,19 @@ class Lowerer:
                     lines += [f"# contraction in {comment_text(g['out'])}: {g['text']}"] + code
                 else:
                     lines.append(f"{code}  # contraction in {comment_text(g['out'])}")
+            if g["out"] in alias:
+                lines.append(f"{self.ident(g['out'])} = {alias[g['out']]}  # written in place")
         blocks = [_Block(set(loop_vars[:d]) | self.outer_bound) for d in range(len(loop_vars) + 1)]
         stmts = []
+        point = {}                                  # reads of loop locals -> the local
         for g in group:
-            value = self.emit_expr(g["body"], blocks)
+            value = self.emit_expr(g["body"].xreplace(point), blocks)
+            if g["out"] in local:                   # read only here, pointwise: no array
+                sym = sp.Symbol(self.ident(g["out"]), real=True)
+                self.names[sym] = str(sym)
+                point[self.tensors[g["out"]].base[tuple(loop_vars)]] = sym
+                stmts += [f"# {g['text']} (a local: nothing else reads it)", f"{sym} = {value}"]
+                continue
             target = "%s[%s]" % (self.ident(g["out"]), ", ".join(str(v) for v in loop_vars))
             stmts += [f"# {g['text']}", f"{target} = {value}"]
         lines += blocks[0].lines

@@ -160,9 +160,10 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
     composed_in = _input_adjoints(model, inputs) if input_grads else {}
     for d in composed_in.values():
         tensors.setdefault(d.adjoint.name, d.adjoint)
-    lw = Lowerer(model, tensors, cost_adjoint="d_" + model.cost.name)
+    lw = Lowerer(model, tensors, cost_adjoint="d_" + model.cost.name, dtype=dtype)
     ident = lw.ident
 
+    out = model.outputs[0]
     eval_eqs = getattr(model, "eval_equations", {})
     from ..derive.recurrence import TimeLoop
     recurrent = any(isinstance(u, TimeLoop) for u in model.schedule)
@@ -179,7 +180,14 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
                                    f"({', '.join(sorted(target_names))})")
         predict_k = lw.lower_units(predict_units)
     else:
-        forward_k = lw.lower(model.equations)           # training mode: what loss_and_grads differentiates
+        # what the training forward's later code reads (the backward pass, the running-average
+        # updates) or returns stays an array; the rest may be a scalar local of a fused loop
+        read_later = {r for e in flatten(_adjoint_order(composed, model)) for r, _ in e.reads()}
+        read_later |= {r for e in flatten(_adjoint_order(composed_in, model)) for r, _ in e.reads()} \
+            if input_grads else set()
+        read_later |= {r for e in model.buffer_updates for r, _ in e.reads()}
+        forward_k = lw.lower(model.equations,       # training mode: what loss_and_grads differentiates
+                             keep={model.cost.name} | {t.name for t in model.outputs} | read_later)
         forward_modes = _lower_two_modes(lw, model.equations, eval_eqs) if eval_eqs else \
             ["\n".join(k.lines) for k in forward_k]
         predict_eqs = _needed(model.evaluation_equations() if eval_eqs else model.equations,
@@ -187,7 +195,7 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
         if any(r in target_names for e in predict_eqs for r, _ in e.reads()):
             raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on a target "
                                    f"({', '.join(sorted(target_names))})")
-        predict_k = lw.lower(predict_eqs)
+        predict_k = lw.lower(predict_eqs, keep={out.name})
     buffer_update = _lower_buffer_updates(model, tensors, lw)
     buffers = [ident(t.name) for t in model.buffers]
     backward_k = lw.lower_units(_adjoint_order(composed, model))
@@ -221,7 +229,8 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
     update, state_args, update_eqs = _lower_update(rule, params, [ident(p.name) for p in params], lw)
     for eq in getattr(model, "constraints", []):
         # a projection after the update: lowered like every equation, written into the parameter
-        proj = Lowerer(model, {eq.out.name: eq.out, eq.out.meta["param"]: model.tensors[eq.out.meta["param"]]})
+        proj = Lowerer(model, {eq.out.name: eq.out, eq.out.meta["param"]: model.tensors[eq.out.meta["param"]]},
+                       dtype=dtype)
         proj.names[eq.out.meta["param"]] = ident(eq.out.meta["param"])
         proj.names[eq.out.name] = ident(eq.out.meta["param"])
         proj.preallocated.add(eq.out.name)
@@ -249,7 +258,6 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
         + [e.body for e in eval_eqs.values()] + [e.body for e in (d.equation for d in composed.values())]
         + update_eqs)]
     tiny = repr(float(np.finfo(np.dtype(dtype)).tiny))
-    out = model.outputs[0]
     context = dict(
         model_label=sanitise(model.name), dtype=dtype, tiny=tiny, primitives=prims,
         params=[ident(p.name) for p in params], x=", ".join(ident(t.name) for t in inputs),
@@ -318,7 +326,7 @@ def _lower_update(rule, params, param_codes, lw_main):
         tensors, names = {}, {}
         for name, t in rule._all_tensors.items():
             tensors[name] = Tensor(name, (n_k,), role=t.role, latex=t.latex)
-        lw = Lowerer(SimpleNamespace(size_values={n_k: numel}), tensors)
+        lw = Lowerer(SimpleNamespace(size_values={n_k: numel}), tensors, dtype=lw_main.dtype)
         names["theta"] = f"u_p{k}"
         names["g"] = f"u_g{k}"
         for st in rule.state:

@@ -622,12 +622,26 @@ class Network:
             total += float(c) * len(xb)
         return total / len(xs)
 
-    def _metrics(self, xs, ys, want_loss=True):
+    def _metrics(self, xs, ys, want_loss=True, batch_size=4096):
         out = {}
+        if not hasattr(self.compiled, "forward"):
+            if want_loss:
+                out["loss"] = self._cost(xs, ys)
+            if self.is_classifier:
+                out["accuracy"] = self._accuracy(self.predict(xs), ys)
+            return out
+        # one pass of the compiled forward gives both the cost and the output (so a training run
+        # compiles and runs forward, not forward and predict)
+        total, preds = 0.0, []
+        for i in range(0, len(xs), batch_size):
+            xb, yb = xs[i:i + batch_size], ys[i:i + batch_size]
+            c, p = self.compiled.forward(self.params, xb, yb)
+            total += float(c) * len(xb)
+            preds.append(np.asarray(p))
         if want_loss:
-            out["loss"] = self._cost(xs, ys)
+            out["loss"] = total / len(xs)
         if self.is_classifier:
-            out["accuracy"] = self._accuracy(self.predict(xs), ys)
+            out["accuracy"] = self._accuracy(np.concatenate(preds) if len(preds) > 1 else preds[0], ys)
         return out
 
     def evaluate(self, x, y) -> dict:
@@ -774,11 +788,12 @@ class Network:
             for step in range(steps):
                 lo = step * batch_size
                 xb, yb = xe[lo:lo + batch_size], ye[lo:lo + batch_size]
+                # the declared facts were checked on every row by _prepare: not again per step
                 if self.compiled.has_noise:      # this step's dropout masks / noise, seeded
                     cost = self.optimizer.step(self.compiled, self.params, xb, yb,
-                                               seed=int(rng.integers(2 ** 31)), **buffers)
+                                               seed=int(rng.integers(2 ** 31)), facts_checked=True, **buffers)
                 else:
-                    cost = self.optimizer.step(self.compiled, self.params, xb, yb, **buffers)
+                    cost = self.optimizer.step(self.compiled, self.params, xb, yb, facts_checked=True, **buffers)
                 if reference is None and math.isfinite(cost):
                     reference = max(abs(cost), 1.0)
                 exploded = (divergence_factor is not None and reference is not None
@@ -814,7 +829,7 @@ class Network:
                     raise err
             logs = {"loss": total / n}
             if self.is_classifier:
-                logs["accuracy"] = self._accuracy(self.predict(xs), ys)
+                logs["accuracy"] = self._metrics(xs, ys, want_loss=False)["accuracy"]
             if validation is not None:
                 logs.update({f"val_{k}": v for k, v in self._metrics(*validation).items()})
             logs["lr"] = self.optimizer.lr
