@@ -123,3 +123,29 @@ class NextTokenCrossEntropy(Loss):
         d.define(p, (b, t, k), sp.exp(logp), note="predicted next-token probabilities")
         return y, loss, [p]
 
+
+
+def transformer_block(width: int, heads: int, hidden: int | None = None) -> list:
+    """One pre-norm transformer block (GPT-2's order) as two residual branches:
+    x + attention(LN(x)), then x + W₂ GELU(W₁ LN(x) + b₁) + b₂."""
+    from .functional import Residual
+    from .layers import Activation, Dense, LayerNorm
+    return [Residual([LayerNorm(), CausalSelfAttention(heads)]),
+            Residual([LayerNorm(), Dense(hidden or 4 * width), Activation("gelu", gelu), Dense(width)])]
+
+
+def gpt(vocab: int, context: int, width: int = 64, heads: int = 4, layers: int = 2, hidden=None, name="gpt"):
+    """A small GPT: token and position embeddings, ``layers`` transformer blocks, a final layer norm,
+    a projection to the vocabulary, and the next-token cross-entropy. Input: (batch, context) token
+    ids; target: the one-hot next token at every position."""
+    from .layers import Dense, LayerNorm, SequenceInput, sequential
+    from .sequence import Embedding
+    _check_width(width, "gpt: width")
+    _check_width(heads, "gpt: heads")
+    if width % heads:
+        raise ShapeError(f"gpt: {heads} heads do not divide the model width {width}")
+    stack = [Embedding(width), PositionEmbedding()]
+    for _ in range(layers):
+        stack += transformer_block(width, heads, hidden)
+    stack += [LayerNorm(), Dense(vocab)]
+    return sequential(SequenceInput(context, vocab=vocab), stack, NextTokenCrossEntropy(), name=name)
