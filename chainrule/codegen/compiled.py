@@ -130,10 +130,9 @@ class CompiledModel:
             raise ShapeError(f"{what} {tensor.name} has shape {a.shape}, expected {shape}")
         if a.ndim and a.shape[0] == 0:
             raise ShapeError(f"{what} {tensor.name} is an empty batch")
-        if facts:
-            for fact in self.facts:
-                if fact.tensor.name == tensor.name:
-                    fact.check(a, data_dtype=data_dtype)
+        for fact in self.facts:
+            if (facts or fact.always) and fact.tensor.name == tensor.name:
+                fact.check(a, data_dtype=data_dtype)
         return a
 
     def _inputs(self, x, facts=False) -> list:

@@ -44,6 +44,7 @@ class Fact:
     """A fact declared on tensor ``tensor``; ``check`` raises ``error`` when an array breaks it."""
 
     tensor: object                      # chainrule.derive.Tensor
+    always = False                      # checked before every kernel, not only before gradients
 
     @property
     def declared_by(self) -> str:
@@ -105,9 +106,34 @@ class SimplexFact(Fact):
             f"{tol:.1e}); {count} row{'s' if count > 1 else ''} break{'' if count > 1 else 's'} it")
 
 
-# Tensor attribute -> the fact it declares (add a fact kind here, never in a caller)
+@dataclass(frozen=True, eq=False)
+class TokenFact(Fact):
+    """Every entry is an integer token id in ``[0, vocab)``: it selects a row of a table (an
+    embedding), and an id outside would read outside the table. Checked before every kernel."""
+
+    vocab: int = 0
+    always = True
+
+    def statement(self) -> str:
+        return f"every {self.tensor.name}[b, t] is an integer in [0, {self.vocab})"
+
+    def check(self, arr, *, what="", error=FactError, data_dtype=None):
+        arr = np.asarray(arr)
+        bad = ~((arr >= 0) & (arr < self.vocab) & (arr == np.floor(arr)))
+        if not bad.any():
+            return
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        prefix = f"{what}: " if what else ""
+        raise error(f"{prefix}{self.tensor.role} {self.tensor.name} {arr.shape} holds token id "
+                    f"{arr[where]!r} at {list(where)}, outside the vocabulary [0, {self.vocab}) of the "
+                    f"embedding that reads it ({self.declared_by}); {int(bad.sum())} entr"
+                    f"{'ies are' if bad.sum() > 1 else 'y is'} outside")
+
+
+# Tensor attribute (or ``meta`` key) -> the fact it declares (add a fact kind here, never in a caller)
 FACT_KINDS = {
     "simplex_axis": lambda t, axis: SimplexFact(t, axis=axis),
+    "vocab": lambda t, vocab: TokenFact(t, vocab=int(vocab)),
 }
 
 
@@ -119,6 +145,10 @@ def declared_facts(model, names=None) -> list[Fact]:
             continue
         for attr, make in FACT_KINDS.items():
             value = getattr(t, attr, None)
+            if value is None:
+                value = t.meta.get(attr)
+                if attr == "vocab" and value is not None:      # a size symbol: its value
+                    value = value.subs(model.size_values)
             if value is not None:
                 out.append(make(t, value))
     return out

@@ -28,7 +28,11 @@ def sample_batch(cm: CompiledModel, batch=5, seed=0):
 def sample_batch_one(cm: CompiledModel, batch, rng):
     x_dims = [batch if d is None else d for d in cm._dims[cm.input_name]]
     y_dims = [batch if d is None else d for d in cm._dims[cm.target_name]]
-    x = rng.normal(size=x_dims)
+    vocab = cm._x.meta.get("vocab")
+    if vocab is not None:                     # token ids: integers in the vocabulary
+        x = rng.integers(0, int(vocab.subs(cm.model.size_values)), size=x_dims).astype(float)
+    else:
+        x = rng.normal(size=x_dims)
     if cm._y.simplex_axis is not None:
         axis = cm._y.simplex_axis
         k = y_dims[axis]

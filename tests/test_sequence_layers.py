@@ -1,0 +1,112 @@
+"""The sequence layers against independent references: PyTorch's nn.LSTM / nn.GRU (where installed),
+NumPy by hand, and finite differences; their errors, as the user sees them."""
+import numpy as np
+import pytest
+
+from chainrule.derive import build_model
+from chainrule.derive.errors import ShapeError
+
+GRU_SPEC = "seq(5, 3) -> gru(4) -> dense(2) -> mse"
+LSTM_SPEC = "seq(5, 3) -> lstm(4) -> dense(2) -> mse"
+
+
+def _sigmoid(u):
+    return 1 / (1 + np.exp(-u))
+
+
+def numpy_gru(p, x):
+    """PyTorch's GRU equations, by hand."""
+    h = np.zeros((x.shape[0], p["Ur1"].shape[0]))
+    for t in range(x.shape[1]):
+        xt = x[:, t]
+        r = _sigmoid(xt @ p["Wr1"].T + h @ p["Ur1"].T + p["br1"])
+        z = _sigmoid(xt @ p["Wz1"].T + h @ p["Uz1"].T + p["bz1"])
+        n = np.tanh(xt @ p["Wn1"].T + p["bn1"] + r * (h @ p["Un1"].T + p["bhn1"]))
+        h = (1 - z) * n + z * h
+    return h @ p["W2"].T + p["b2"]
+
+
+def numpy_lstm(p, x):
+    h = np.zeros((x.shape[0], p["Ui1"].shape[0]))
+    c = np.zeros_like(h)
+    for t in range(x.shape[1]):
+        xt = x[:, t]
+        gate = {g: xt @ p[f"W{g}1"].T + h @ p[f"U{g}1"].T + p[f"b{g}1"] for g in "ifgo"}
+        c = _sigmoid(gate["f"]) * c + _sigmoid(gate["i"]) * np.tanh(gate["g"])
+        h = _sigmoid(gate["o"]) * np.tanh(c)
+    return h @ p["W2"].T + p["b2"]
+
+
+def _params(cm, seed=1):
+    rng = np.random.default_rng(seed)
+    params = cm.init_params(seed)
+    for k in params:                      # nonzero biases: every term of the equations matters
+        params[k] = params[k] + 0.3 * rng.normal(size=params[k].shape)
+    return params
+
+
+def _torch_reference(kind, p, x, y):
+    """(prediction, gradients by name) from PyTorch autograd, with chainrule's parameters loaded."""
+    torch = pytest.importorskip("torch")
+    torch.set_default_dtype(torch.float64)
+    m = p["W2"].shape[1]
+    cell = (torch.nn.GRU if kind == "gru" else torch.nn.LSTM)(3, m, batch_first=True)
+    gates = "rzn" if kind == "gru" else "ifgo"
+    with torch.no_grad():
+        cell.weight_ih_l0.copy_(torch.tensor(np.concatenate([p[f"W{g}1"] for g in gates])))
+        cell.weight_hh_l0.copy_(torch.tensor(np.concatenate([p[f"U{g}1"] for g in gates])))
+        cell.bias_ih_l0.copy_(torch.tensor(np.concatenate([p[f"b{g}1"] for g in gates])))
+        hh = [np.zeros(m) for _ in gates]
+        if kind == "gru":
+            hh[2] = p["bhn1"]                 # the reset gate scales the candidate's recurrent bias
+        cell.bias_hh_l0.copy_(torch.tensor(np.concatenate(hh)))
+    W2 = torch.tensor(p["W2"], requires_grad=True)
+    b2 = torch.tensor(p["b2"], requires_grad=True)
+    out, _ = cell(torch.tensor(x))
+    pred = out[:, -1] @ W2.T + b2
+    cost = ((pred - torch.tensor(y)) ** 2).mean(dim=1).mean()
+    cost.backward()
+    grads = {"W2": W2.grad.numpy(), "b2": b2.grad.numpy()}
+    for name, blocks in (("weight_ih_l0", "W"), ("weight_hh_l0", "U"), ("bias_ih_l0", "b")):
+        for g, block in zip(gates, np.split(getattr(cell, name).grad.numpy(), len(gates))):
+            grads[f"{blocks}{g}1"] = block
+    if kind == "gru":
+        grads["bhn1"] = np.split(cell.bias_hh_l0.grad.numpy(), 3)[2]
+    return pred.detach().numpy(), grads
+
+
+@pytest.mark.parametrize("kind", ["gru", pytest.param("lstm", marks=pytest.mark.slow)])
+def test_gated_layers_match_numpy_and_pytorch(compiled_model, kind):
+    """The declared GRU and LSTM: predictions against NumPy by hand, gradients against PyTorch autograd."""
+    cm = compiled_model(GRU_SPEC if kind == "gru" else LSTM_SPEC)
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(6, 5, 3)), rng.normal(size=(6, 2))
+    p = _params(cm)
+    pred = cm.predict(p, x)
+    reference = numpy_gru if kind == "gru" else numpy_lstm
+    assert np.allclose(pred, reference(p, x), rtol=1e-12, atol=1e-12)
+    cost, grads = cm.loss_and_grads(p, x, y)
+    torch_pred, torch_grads = _torch_reference(kind, p, x, y)
+    assert np.allclose(pred, torch_pred, rtol=1e-10, atol=1e-12)
+    assert set(torch_grads) == set(grads)
+    for name, g in torch_grads.items():
+        assert np.allclose(grads[name], g, rtol=1e-9, atol=1e-12), name
+
+
+def test_the_rnn_spec_stacks_and_reaches_finite_differences(compiled_model):
+    from chainrule.codegen.verify import check_gradients
+    cm = compiled_model("tokens(5, 7) -> embedding(3) -> rnn(4, return_sequences=1) -> rnn(4) -> dense(2) -> mse")
+    for check in check_gradients(None, compiled=cm, batch=4):
+        assert check.ok, str(check)
+
+
+def test_a_recurrent_layer_on_a_flat_input_is_refused():
+    with pytest.raises(ShapeError, match=r"layer 1:gru\(4\) \(gru\) expects a \(batch, time, features\) sequence, "
+                                         r"got x \(B, n_0\): give the input as seq\(T, N\)"):
+        build_model("3 -> gru(4) -> dense(2) -> mse")
+
+
+def test_an_embedding_needs_token_ids():
+    with pytest.raises(ShapeError, match=r"layer 1:embedding\(4\) \(embedding\) expects \(batch, time\) token ids, "
+                                         r"got x \(B, T_0, n_0\): give the input as tokens\(T, V\)"):
+        build_model("seq(5, 3) -> embedding(4) -> rnn(4) -> dense(2) -> mse")
