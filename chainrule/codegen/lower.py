@@ -702,7 +702,7 @@ class Lowerer:
                 code, _ = self.batched_code(info["plan"], name, target=name)
                 kernels.append(Kernel("batched", [info["text"]], [info["out"]],
                                       [f"# {info['text']}", "# one matrix product per batch element "
-                                       f"({', '.join(str(v) for v in info['plan']['batch'])})",
+                                       f"({', '.join(str(info['eq'].indices[info['loop_vars'].index(v)]) for v in info['plan']['batch'])})",
                                        f"{name} = np.empty({self.shape_code(self.tensors[info['out']])}, dtype=DT)"]
                                       + code))
             elif info["kind"] == "accumulate":

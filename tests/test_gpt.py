@@ -1,0 +1,140 @@
+"""Causal multi-head self-attention and the GPT built from it: the derived adjoints in textbook form,
+the causal mask's exactly-zero gradient, exact verification, the generated kernels against finite
+differences and against PyTorch autograd, and a short training run whose loss falls."""
+import numpy as np
+import pytest
+import sympy as sp
+
+from corpus import causal_attention
+from chainrule.derive import derive
+from chainrule.derive.errors import ShapeError
+from chainrule.derive.numeric import IndexEvaluator
+from chainrule.derive.tensor import index
+from chainrule.derive.verify import verify_model
+
+b, h, t, u, e = (index(n) for n in "b h t u e".split())
+t_, u_ = index("t'"), index("u'")
+
+
+@pytest.fixture(scope="module")
+def attention():
+    model = causal_attention()
+    return model, derive(model, wrt=["x"])
+
+
+def _tensors(model, grads):
+    ts = {n: model.tensors[n + "1"] for n in "Q K V S A O".split()}
+    ds = {n: grads.derivations[n + "1"].adjoint for n in "Q K V S A O".split()}
+    return ts, ds
+
+
+def test_attention_adjoints_are_the_textbook_steps(attention):
+    """dA = dO Vᵀ, dS = A ⊙ (dA − rowsum(A ⊙ dA)), dV = Aᵀ dO, dQ = dS K/√E, dK = dSᵀ Q/√E, per
+    batch element and head, exactly as SymPy expressions (heads an index, not copies)."""
+    model, grads = attention
+    ts, ds = _tensors(model, grads)
+    A, Q, K, V = ts["A"], ts["Q"], ts["K"], ts["V"]
+    T, E = A.shape[3], Q.shape[3]
+    got = {n: grads.derivations[n + "1"].equation.body for n in "A S V Q K".split()}
+    dA, dO, dS = ds["A"], ds["O"], ds["S"]
+    assert got["A"] == sp.Sum(V[b, h, u, e] * dO[b, h, t, e], (e, 0, E - 1))
+    assert got["S"] == A[b, h, t, u] * (dA[b, h, t, u] - sp.Sum(A[b, h, t, u_] * dA[b, h, t, u_], (u_, 0, T - 1)))
+    assert got["V"] == sp.Sum(A[b, h, t_, t] * dO[b, h, t_, e], (t_, 0, T - 1))
+    assert got["Q"] == sp.Sum(K[b, h, u, e] * dS[b, h, t, u], (u, 0, T - 1)) / sp.sqrt(E)
+    assert got["K"] == sp.Sum(Q[b, h, t_, e] * dS[b, h, t_, t], (t_, 0, T - 1)) / sp.sqrt(E)
+    rules = [s.rule for s in grads.derivations["S1"].steps]
+    assert "masked forward result" in rules
+
+
+def test_masked_scores_get_exactly_zero_gradient(attention):
+    """Evaluate the declared A and the derived dS at random S and random upstream dA: dS[t, u] is
+    exactly 0 for every u > t (the mask's bracket is a factor of A), and nonzero for u ≤ t (except
+    t = u = 0, a softmax over one element)."""
+    model, grads = attention
+    ts, ds = _tensors(model, grads)
+    sizes = {s: v for s, v in model.size_values.items()}
+    B_, H_, T_ = 3, int(ts["A"].shape[1].subs(sizes)), int(ts["A"].shape[2].subs(sizes))
+    from chainrule.derive.layers import B
+    rng = np.random.default_rng(0)
+    env = {"S1": rng.normal(size=(B_, H_, T_, T_)), "d_A1": rng.normal(size=(B_, H_, T_, T_))}
+    ev = IndexEvaluator(env, {**sizes, B: B_})
+    A_eq = next(q for q in model.equations if q.out.name == "A1")
+    env["A1"] = np.array([[[[ev.value(A_eq.body, dict(zip(A_eq.indices, (i, j, k, m))))
+                             for m in range(T_)] for k in range(T_)] for j in range(H_)] for i in range(B_)])
+    dS_eq = grads.derivations["S1"].equation
+    dS = np.array([[[[ev.value(dS_eq.body, dict(zip(dS_eq.indices, (i, j, k, m))))
+                      for m in range(T_)] for k in range(T_)] for j in range(H_)] for i in range(B_)])
+    future = np.triu(np.ones((T_, T_), dtype=bool), k=1)
+    assert T_ == 4 and future.sum() == 6
+    assert np.all(dS[..., future] == 0.0)
+    past = ~future
+    past[0, 0] = False          # the first row attends to itself only: A = 1 there and dS = dA - dA = 0
+    assert np.all(dS[..., past] != 0.0) and np.all(dS[..., 0, 0] == 0.0)
+    np.testing.assert_allclose(env["A1"].sum(axis=3), 1.0, rtol=1e-12)      # rows sum to one
+    assert np.all(env["A1"][..., future] == 0.0)
+
+
+def test_multihead_attention_verifies_exactly_at_sizes_not_two(attention):
+    model, grads = attention
+    sizes = [{"B": 1, "T_0": 4, "n_0": 3, "H_1": 5, "E_1": 1},
+             {"B": 3, "T_0": 3, "n_0": 1, "H_1": 4, "E_1": 5}]
+    checks = verify_model(model, grads, sizes=sizes, points=1)
+    assert {c.name.split("dC/d")[1] for c in checks} == {"Wq1", "Wk1", "Wv1", "Wo1", "bo1", "x"}
+    assert all(checks), [str(c) for c in checks if not c]
+    assert all(c.checked > 0 for c in checks)
+
+
+def test_heads_must_divide_the_width():
+    from corpus import causal_attention as build
+    with pytest.raises(ShapeError, match="4 heads do not divide the model width 6 of x"):
+        build(T=3, D=6, H=4)
+
+
+# -- kernels ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def attention_kernels(compiled_declared):
+    return compiled_declared("causal-attention", causal_attention)
+
+
+def test_attention_contractions_are_one_blas_call_per_batch_and_head(attention_kernels):
+    src = attention_kernels.source
+    for out in ("S1", "O1", "d_A1", "d_V1", "d_Q1", "d_K1"):
+        head = f"# {out}[b,h,"
+        start = src.index(head, src.index("def loss_and_grads"))
+        lines = src[start:start + 800].splitlines()[:8]
+        assert any("one matrix product per batch element (b, h)" in ln for ln in lines), (out, lines)
+        assert any("np.dot(" in ln for ln in lines), (out, lines)
+
+
+@pytest.mark.slow
+def test_attention_kernels_match_finite_differences(attention_kernels):
+    from chainrule.codegen.verify import check_gradients
+    checks = check_gradients(attention_kernels.model, compiled=attention_kernels, batch=3)
+    assert len(checks) == 5 and all(c.ok for c in checks), [str(c) for c in checks]
+
+
+@pytest.mark.slow
+def test_attention_kernels_match_pytorch(attention_kernels):
+    """The same attention in PyTorch (masked_fill of the future with -inf, softmax, the usual
+    reshape of heads), float64: forward and every parameter gradient."""
+    torch = pytest.importorskip("torch")
+    cm = attention_kernels
+    rng = np.random.default_rng(3)
+    params = {k: v + 0.1 * rng.normal(size=v.shape) for k, v in cm.init_params(1).items()}
+    x = rng.normal(size=(5, 4, 6))
+    y = rng.normal(size=(5, 4, 6))
+    cost, grads = cm.loss_and_grads(params, x, y)
+    P = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    X = torch.tensor(x)
+    q, k, v = (torch.einsum("btc,che->bhte", X, P[n]) for n in ("Wq1", "Wk1", "Wv1"))
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    future = torch.triu(torch.ones(4, 4, dtype=torch.bool), diagonal=1)
+    a = torch.softmax(s.masked_fill(future, float("-inf")), dim=-1)
+    o = torch.einsum("bhtu,bhue->bhte", a, v)
+    out = torch.einsum("bhte,heo->bto", o, P["Wo1"]) + P["bo1"]
+    ref = ((out - torch.tensor(y)) ** 2).sum() / 5
+    ref.backward()
+    np.testing.assert_allclose(cm.predict(params, x), out.detach().numpy(), rtol=1e-10, atol=1e-12)
+    assert cost == pytest.approx(ref.item(), rel=1e-10)
+    for name in params:
+        np.testing.assert_allclose(grads[name], P[name].grad.numpy(), rtol=1e-8, atol=1e-10, err_msg=name)
