@@ -138,3 +138,73 @@ def test_attention_kernels_match_pytorch(attention_kernels):
     assert cost == pytest.approx(ref.item(), rel=1e-10)
     for name in params:
         np.testing.assert_allclose(grads[name], P[name].grad.numpy(), rtol=1e-8, atol=1e-10, err_msg=name)
+
+
+def test_the_explanation_names_the_softmax_jacobian_and_the_causal_limit(attention):
+    from chainrule.derive.patterns import describe
+    model, grads = attention
+    tensors = {**model.tensors, **{a.name: a for a in grads.adjoints.values()}}
+    said = describe(grads.derivations["S1"].equation, tensors, lambda e: f"${sp.latex(e)}$")
+    assert len(said) == 1 and "Jacobian-vector product" in said[0]
+    assert "every weight of a row shares one normaliser" in said[0]
+    A = next(q for q in model.equations if q.out.name == "A1")
+    assert r"\operatorname{LSE}_{v=0}^{t}" in sp.latex(A.body) and r"\left[0 \le u \le t\right]" in sp.latex(A.body)
+
+
+# -- the GPT ----------------------------------------------------------------------------------------
+def test_gpt_declares_heads_that_divide_the_width():
+    from chainrule.derive.attention import gpt
+    with pytest.raises(ShapeError, match="gpt: 3 heads do not divide the model width 8"):
+        gpt(5, 4, width=8, heads=3)
+
+
+def test_char_windows_are_next_token_one_hots():
+    from chainrule.runtime.text import CharCodec, load_pydoc_text, windows
+    text = load_pydoc_text()
+    codec = CharCodec.of(text)
+    assert codec.vocab > 90 and codec.decode(codec.encode(text[:500])) == text[:500]
+    ids = codec.encode(text[:1000])
+    x, y = windows(ids, [3, 100], 7, codec.vocab)
+    assert x.shape == (2, 7) and y.shape == (2, 7, codec.vocab)
+    assert np.array_equal(x[1], ids[100:107]) and np.array_equal(y[1].argmax(axis=1), ids[101:108])
+    assert np.all(y.sum(axis=2) == 1.0)
+    with pytest.raises(ShapeError, match="outside the vocabulary"):
+        codec.encode("\x00")
+
+
+def test_char_gpt_is_a_named_example():
+    from chainrule.runtime.examples import EXAMPLES
+    assert EXAMPLES["char-gpt"].data == "pydoc"
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt(compiled_declared):
+    from chainrule.derive.attention import gpt
+    return compiled_declared("tiny-gpt", lambda: gpt(5, 4, width=6, heads=3, layers=1))
+
+
+@pytest.mark.slow
+def test_gpt_kernels_match_finite_differences(tiny_gpt):
+    """Every parameter of a one-block GPT (embeddings, layer norms, attention, GELU feed-forward,
+    the output projection) against central differences of the generated cost."""
+    from chainrule.codegen.verify import check_gradients
+    checks = check_gradients(tiny_gpt.model, compiled=tiny_gpt, batch=3)
+    assert len(checks) == 19 and all(c.ok for c in checks), [str(c) for c in checks if not c.ok]
+
+
+@pytest.mark.slow
+def test_gpt_training_loss_falls(tiny_gpt):
+    """Adam on a repeating token pattern: the loss falls well below log(5) (uniform guessing)."""
+    cm = tiny_gpt
+    params = cm.init_params(0)
+    from chainrule.codegen import compile_model
+    adam = compile_model(cm.model, optimizer="adam", cache_dir=cm.module_path.parent)
+    state = adam.init_state()
+    ids = np.array([0, 1, 2, 3, 4, 2, 1] * 20)
+    from chainrule.runtime.text import windows
+    rng = np.random.default_rng(0)
+    losses = []
+    for step in range(1, 151):
+        x, y = windows(ids, rng.integers(0, len(ids) - 6, size=8), 4, 5)
+        losses.append(adam.train_step(params, x, y, lr=0.01, state=state, step=step))
+    assert losses[0] > 1.4 and np.mean(losses[-10:]) < 0.6 * losses[0], (losses[0], losses[-10:])
