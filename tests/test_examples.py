@@ -41,3 +41,23 @@ def test_full_example_runs_reach_their_targets(tmp_path, name):
         pytest.importorskip("mnist1d")
     result = _run(name, tmp_path, epochs=None)
     assert result["test_accuracy"] >= EXAMPLES[name].target
+
+
+@pytest.mark.slow
+def test_the_gru_on_mnist1d_learns_in_a_short_run(tmp_path):
+    pytest.importorskip("mnist1d")
+    result = _run("mnist1d-gru", tmp_path, epochs=4)
+    assert result["test_accuracy"] > 0.6
+
+
+@pytest.mark.slow
+def test_the_character_model_loss_falls(capsys):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parent.parent / "examples" / "char_lm.py"
+    spec = importlib.util.spec_from_file_location("char_lm", path)
+    char_lm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(char_lm)
+    losses = char_lm.main(["--epochs", "3", "--examples", "4000", "--hidden", "32", "--window", "16"])
+    assert losses[-1] < losses[0] < 4.6                       # below log(95): it learned something
+    assert "sample:" in capsys.readouterr().out

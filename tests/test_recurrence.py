@@ -61,7 +61,7 @@ def test_bptt_is_derived_with_a_symbolic_sequence_length():
     # each weight's gradient sums over every time step
     dU = grads.composed["U"].equation.body
     assert isinstance(dU, sp.Sum) and [lim[0] for lim in dU.limits] == [b, t]
-    assert dU.limits[1][1:] == (0, T - 1)
+    assert dU.limits[1][1:] == (1, T - 1) and not dU.has(Delayed)     # h_{-1} = 0: the t = 0 term vanishes
     dW = grads.composed["W"].equation.body
     assert dW == sp.Sum((1 - H[b, t, o] ** 2) * dH[b, t, o] * model.tensors["x"][b, t, i], (b, 0, B - 1), (t, 0, T - 1))
 
@@ -156,3 +156,17 @@ def test_kernels_loop_over_time_and_match_numpy_and_finite_differences(compiled_
     assert np.allclose(z, _numpy_elman(params, x, params.get("h0")), rtol=1e-12, atol=1e-12)
     for check in check_gradients(None, compiled=cm, batch=4):
         assert check.ok, str(check)
+
+
+def test_the_explanation_says_backpropagation_through_time():
+    from chainrule.derive import build_model, explain_model
+    md = explain_model(build_model("seq(5, 3) -> rnn(4) -> dense(2) -> mse")).to_markdown()
+    part = md[md.index("# Through time"):md.index("# The backward recursion")]
+    assert "read their own past ($h^{(1)}$ starts from $0$ before the first step)" in part
+    assert ("Backpropagation through time: the adjoint $\\delta^{(1)}$ at step $t$ receives what the layers "
+            "above send at that step and, through the recurrence, what the next step $t + 1$ sends back") in part
+    assert "${\\delta^{(1)}_{b,t + 1,o'}}$" in part                        # δ_{t+1}, read through U^T
+    assert "each weight's gradient is a sum over the steps" in part
+    # the weight gradient starts at t = 1: h_{-1} = 0 (a recorded step)
+    assert "*initial state*: before t = 0 a recurrence holds its declared initial state" in md
+    assert "1 \\leq t \\leq T_{0} - 1" in md

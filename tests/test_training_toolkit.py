@@ -182,3 +182,41 @@ def test_early_stopping_restores_the_best_epoch_and_says_which(adam_cm, blobs):
     assert h.restored_epoch == h.best_epoch and h.best_epoch < h.epochs[-1]    # it did go back
     for k in net.param_names:
         np.testing.assert_array_equal(net.params[k], snapshots[h.best_epoch][k])
+
+
+def test_resumed_early_stopping_stops_where_a_straight_run_does(adam_cm, blobs, tmp_path):
+    """Early stopping's best value, patience counter and best weights are in the checkpoints that
+    ModelCheckpoint writes during a run: resumed from epoch 4, the run stops at the same epoch, with
+    the same best epoch and the same restored weights, bit for bit. Without that state (a fresh
+    EarlyStopping that forgot the best so far) the resumed run does not stop where it should."""
+    from chainrule.runtime import EarlyStopping, ModelCheckpoint, Network
+    x, y = blobs
+
+    def fit(net, **kw):
+        es = EarlyStopping("val_loss", patience=3, min_delta=0.002)
+        h = net.fit(x, y, epochs=40, batch_size=8, validation_split=0.3, progress=False,
+                    callbacks=[ModelCheckpoint(tmp_path / "ck-{epoch}.npz"), es], **kw)
+        return h, es
+    straight = _net(adam_cm)
+    h, es = fit(straight)
+    assert es.stopped_epoch is not None and 4 < es.best_epoch < es.stopped_epoch < 39
+    resume_from = es.best_epoch + 2                       # mid-patience: the counter matters
+    saved = {k: np.load(tmp_path / f"ck-{resume_from}.npz")[k] for k in straight.param_names}
+    resumed = _net(adam_cm)
+    resumed.load(tmp_path / f"ck-{resume_from}.npz")
+    assert resumed.callback_states()["EarlyStopping.val_loss"][0]["wait"] == 1
+    h2, es2 = fit(resumed, initial_epoch=resume_from)
+    assert (es2.stopped_epoch, es2.best_epoch, h2.restored_epoch) == (es.stopped_epoch, es.best_epoch,
+                                                                       h.restored_epoch)
+    assert h2.epochs == h.epochs[resume_from:]
+    for k in straight.param_names:
+        np.testing.assert_array_equal(resumed.params[k], straight.params[k])
+        assert not np.array_equal(saved[k], straight.params[k])        # the best weights came back
+    # the same resume without the saved state: a fresh counter waits longer
+    forgetful = _net(adam_cm)
+    forgetful.load(tmp_path / f"ck-{resume_from}.npz")
+    forgetful._callback_states = {}
+    _, es3 = fit(forgetful, initial_epoch=resume_from)
+    assert es3.stopped_epoch != es.stopped_epoch
+    rebuilt = Network.from_checkpoint(tmp_path / f"ck-{resume_from}.npz", compiled=adam_cm)
+    assert rebuilt.param_names == straight.param_names

@@ -3,6 +3,9 @@
     cm = compile_model(model, dtype="float64")
     params = cm.init_params(seed=0)
     cost = cm.train_step(params, x, y, lr=0.1)      # forward + backward + SGD, one njit call
+
+Other targets print the same equations for tensor frameworks (``codegen.targets``: PyTorch, JAX);
+their modules are generated without importing torch or jax.
 """
 from __future__ import annotations
 

@@ -199,6 +199,9 @@ def model_fingerprint(model) -> str:
         # named constants (regularisation strengths) and declared projections (max-norm)
         repr(sorted((str(k), float(v)) for k, v in getattr(model, "constants", {}).items())),
         repr([sp.srepr(e.body) for e in getattr(model, "constraints", [])]),
+        # running averages (buffers) and the evaluation forms of the tensors they replace
+        repr([(e.out.name, sp.srepr(e.body)) for e in getattr(model, "buffer_updates", [])]),
+        repr(sorted((k, sp.srepr(e.body)) for k, e in getattr(model, "eval_equations", {}).items())),
     ]
     for eq in model.equations:
         parts.append(eq.out.name + sp.srepr(sp.Tuple(*eq.indices)) + sp.srepr(eq.body))

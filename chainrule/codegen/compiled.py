@@ -43,6 +43,12 @@ class CompiledModel:
         self.param_names = [p.name for p in model.params]
         self.param_shapes = {p.name: model.concrete_shape(p) for p in model.params}
         self._inits = {p.name: p.init for p in model.params}
+        # buffers: non-trainable state (batch norm's running averages), updated by a training step
+        self.buffer_names = [t.name for t in model.buffers]
+        self.buffer_shapes = {t.name: model.concrete_shape(t) for t in model.buffers}
+        self._buffer_inits = {t.name: t.init for t in model.buffers}
+        self._batch_counts = [(eq.layer, eq.out.meta["count"]) for eq in model.buffer_updates
+                              if "count" in eq.out.meta]
         inputs = [t for t in model.inputs if t.role == "input"]
         targets = [t for t in model.inputs if t.role == "target"]
         self.input_name = inputs[0].name
@@ -99,6 +105,40 @@ class CompiledModel:
                                        "(known: glorot, he, zeros, ones)")
             out[name] = _c_array(a, self.dtype)
         return out
+
+    def init_buffers(self) -> dict:
+        """The buffers' initial values (running means 0, running variances 1, as declared)."""
+        fill = {"zeros": 0.0, "ones": 1.0}
+        return {n: np.full(self.buffer_shapes[n], fill[self._buffer_inits[n]], dtype=self.dtype)
+                for n in self.buffer_names}
+
+    def _buffers(self, buffers, inplace=False) -> list:
+        """The buffers in kernel order; None: fresh initial values (nothing to update)."""
+        if buffers is None:
+            buffers = self.init_buffers()
+        out = []
+        for name in self.buffer_names:
+            if name not in buffers:
+                raise ShapeError(f"missing buffer {name}; expected {self.buffer_names}")
+            a, shape = buffers[name], self.buffer_shapes[name]
+            if tuple(np.shape(a)) != shape:
+                raise ShapeError(f"buffer {name} has shape {tuple(np.shape(a))}, expected {shape}")
+            if inplace and (not isinstance(a, np.ndarray) or a.dtype != np.dtype(self.dtype)
+                            or not a.flags.c_contiguous or not a.flags.writeable):
+                raise TypeError(f"a training step updates buffer {name} in place: it must be a "
+                                f"writeable C-contiguous {self.dtype} ndarray (use init_buffers)")
+            out.append(a if inplace else _c_array(a, self.dtype))
+        return out
+
+    def _check_training_batch(self, n_batch):
+        """The unbiased variance of a running average needs two values per feature."""
+        from ..derive.layers import B
+        for layer, count in self._batch_counts:
+            m = int(count.subs({**self.model.size_values, B: n_batch}))
+            if m < 2:
+                raise ShapeError(f"layer {layer}: a training batch of {n_batch} example(s) gives {m} "
+                                 f"value per feature, and the batch variance needs at least 2: use "
+                                 f"batches of 2 or more examples in training (evaluation takes any)")
 
     # -- argument checking --------------------------------------------------------------------
     def _params(self, params, inplace=False) -> list:
@@ -187,22 +227,34 @@ class CompiledModel:
             self.module_path, self.cache_hit = Path(label), False
             return getattr(self.module, fn)(*args)
 
-    def predict(self, params, x) -> np.ndarray:
-        return self._call("predict", *self._params(params), *self._inputs(x))
+    def predict(self, params, x, buffers=None) -> np.ndarray:
+        """The output in evaluation mode (``buffers``: the running averages; None: initial ones)."""
+        return self._call("predict", *self._params(params), *self._buffers(buffers), *self._inputs(x))
 
-    def forward(self, params, x, y, seed=-1):
+    def forward(self, params, x, y, seed=-1, buffers=None):
         """(cost, first output). ``seed`` >= 0: training mode (dropout masks and noise drawn from
-        that seed); < 0 (the default): evaluation mode (they take their mean)."""
-        cost, out = self._call("forward", *self._params(params), *self._xy(x, y), int(seed))
+        that seed, batch statistics); < 0 (the default): evaluation mode (masks and noise take
+        their mean, normalisation reads the running averages in ``buffers``)."""
+        cost, out = self._call("forward", *self._params(params), *self._buffers(buffers),
+                               *self._xy(x, y), int(seed))
         return float(cost), out
 
-    def cost(self, params, x, y, seed=-1) -> float:
-        return self.forward(params, x, y, seed)[0]
+    def cost(self, params, x, y, seed=-1, buffers=None) -> float:
+        return self.forward(params, x, y, seed, buffers)[0]
 
-    def loss_and_grads(self, params, x, y, seed=-1):
-        """(cost, gradients); ``seed`` as in :meth:`forward` (the masks of a training step)."""
-        cost, grads = self._call("loss_and_grads", *self._params(params), *self._xy(x, y, facts=True),
-                                 int(seed))
+    def loss_and_grads(self, params, x, y, seed=-1, buffers=None):
+        """(cost, gradients) of the training form of the cost (batch statistics); ``seed`` as in
+        :meth:`forward`. With ``seed`` >= 0 it is a training step: ``buffers`` (required then, if
+        the model has any) get their running averages updated in place."""
+        training = int(seed) >= 0 and bool(self.buffer_names)
+        if training and buffers is None:
+            raise TypeError("a training step (seed >= 0) of a model with running averages updates "
+                            "its buffers: pass buffers= (init_buffers())")
+        xy = self._xy(x, y, facts=True)
+        if training:
+            self._check_training_batch(xy[0].shape[0])
+        cost, grads = self._call("loss_and_grads", *self._params(params),
+                                 *self._buffers(buffers, inplace=training), *xy, int(seed))
         return float(cost), dict(zip(self.param_names, grads))
 
     def init_state(self) -> dict:
@@ -227,10 +279,14 @@ class CompiledModel:
         return np.array([values[n] for n in self.hyper_names], dtype=np.float64)
 
     def train_step(self, params, x, y, lr=None, state=None, step=1, clip=0.0, hp=None, seed=0,
-                   **hyper) -> float:
+                   buffers=None, **hyper) -> float:
         """One fused step: forward, backward and the optimiser's update, in place (parameters and
         ``state`` from :meth:`init_state`; ``step`` is t, 1 at the first update; ``seed`` (>= 0)
-        seeds the step's dropout masks and noise)."""
+        seeds the step's dropout masks and noise; ``buffers`` (from :meth:`init_buffers`, needed
+        when the model has running averages) are updated in place)."""
+        if self.buffer_names and buffers is None:
+            raise TypeError("train_step of a model with running averages updates its buffers: "
+                            "pass buffers= (init_buffers())")
         if self.state_names and state is None:
             raise TypeError(f"train_step with optimizer {self.optimizer} needs its state "
                             f"(init_state())")
@@ -245,8 +301,11 @@ class CompiledModel:
                 states.append(a)
         if hp is None:
             hp = self.hyper_vector(lr, step, clip, seed, **hyper)
+        xy = self._xy(x, y, facts=True)
+        if self.buffer_names and hp[2] >= 0:
+            self._check_training_batch(xy[0].shape[0])
         return float(self._call("train_step", *self._params(params, inplace=True), *states,
-                                *self._xy(x, y, facts=True), hp))
+                                *self._buffers(buffers, inplace=True), *xy, hp))
 
 
 def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd") -> CompiledModel:

@@ -248,6 +248,53 @@ class Lowerer:
             return None
         return A, Bm, k, coeff
 
+    def materialise_operands(self, body, loop_vars, info):
+        """``Σ F(..) · G[..]`` where ``F`` is a product of several factors that read one and the same
+        index tuple (a gate's adjoint times its derivative, ``(1 - r) r δ_r``) and ``G`` one other
+        read: ``F`` is computed once into a temporary array (an elementwise loop), so that the sum
+        becomes a two-operand contraction that ``np.dot`` or an im2col GEMM computes. Done only
+        where the contraction then matches."""
+        for s in sorted(body.atoms(sp.Sum), key=sp.default_sort_key):
+            if not isinstance(s, sp.Sum) or any(isinstance(a, REDUCTIONS) for a in sp.preorder_traversal(s.function)
+                                                if a is not s.function):
+                continue
+            factors = [f for f in sp.Mul.make_args(s.function) if not f.is_number]
+            coeff = sp.Mul(*[f for f in sp.Mul.make_args(s.function) if f.is_number])
+            reads = [f for f in factors if isinstance(f, sp.Indexed)]
+            for G in reads:
+                rest = [f for f in factors if f is not G]
+                if len(rest) < 2:
+                    continue
+                idx = {tuple(r.indices) for f in rest for r in sp.sympify(f).atoms(sp.Indexed)}
+                if len(idx) != 1:
+                    continue
+                own, = idx
+                if not all(isinstance(v, sp.Symbol) for v in own) or len(set(own)) != len(own):
+                    continue
+                if set().union(*[sp.sympify(f).free_symbols for f in rest]) & set(self.sizes):
+                    continue
+                first = next(r for f in rest for r in sp.sympify(f).atoms(sp.Indexed))
+                shape = self.tensors[str(first.base.label)].shape
+                tmp = self.fresh("operand")
+                t = Tensor(tmp, shape, role="hidden")
+                self.tensors[tmp], self.names[tmp] = t, tmp
+                candidate = sp.Sum(coeff * t[own] * G, *s.limits)
+                if self.match_dot(candidate, loop_vars) is None and \
+                        self.match_gemm(candidate, loop_vars, info["shape"]) is None:
+                    del self.tensors[tmp]
+                    continue
+                value = sp.Mul(*rest).xreplace({v: sp.Symbol(f"_m{k}", integer=True) for k, v in enumerate(own)})
+                fresh = tuple(sp.Symbol(f"_m{k}", integer=True) for k in range(len(own)))
+                saved = self.outer_bound
+                kernels = self.lower([Equation(t, fresh, value, note="an operand of a contraction")])
+                self.outer_bound = saved
+                lines = [f"# the operand {tmp}[{', '.join(map(str, own))}] = {comment_text(sp.sstr(sp.Mul(*rest)))}, "
+                         f"computed once for the contraction"] + [ln for k in kernels for ln in k.lines]
+                info["pre"].append((lines, tmp, str(G.base.label)))
+                body = body.xreplace({s: candidate})
+                break
+        return body
+
     def dot_code(self, A, Bm, k, loop_vars):
         """Code for ``T[free] = Σ_k A B`` and the order of T's indices (out-index order)."""
         fa = [i for i in A.indices if i != k]
@@ -412,7 +459,8 @@ class Lowerer:
         waste = 1.0
         for v in ks:
             lo, hi = (_rounded(b, up=u) for b, u in zip(limits[v], (True, False)))
-            dep = sorted((sp.sympify(lo).free_symbols | sp.sympify(hi).free_symbols) - set(self.sizes), key=str)
+            dep = sorted((sp.sympify(lo).free_symbols | sp.sympify(hi).free_symbols) - set(self.sizes) - {BATCH},
+                         key=str)
             if not dep:
                 width = hi - lo + 1
             else:
@@ -495,6 +543,7 @@ class Lowerer:
                 return info
         # extract contractions into np.dot temporaries
         if eq.out.rank > 0:
+            body = self.materialise_operands(body, loop_vars, info)
             for s in sorted(body.atoms(sp.Sum), key=sp.default_sort_key):
                 m = self.match_dot(s, loop_vars)
                 bm = self.match_batched(s, loop_vars) if m is None else None

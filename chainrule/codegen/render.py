@@ -53,20 +53,65 @@ def _adjoint_order(composed, model):
         raise UnsupportedError(f"codegen: {err}") from None
 
 
-def _needed(model, names):
-    """Forward equations needed to compute the given tensors, in model order."""
+def _needed(equations, names):
+    """The equations (of a list in evaluation order) needed to compute the given tensors."""
+    defined = {e.out.name: e for e in equations}
     need, stack = set(), list(names)
     while stack:
         n = stack.pop()
         if n in need:
             continue
         need.add(n)
-        eq = model.equation_for(n)
-        if eq is not None:
-            stack.extend(r for r, _ in eq.reads())
+        if n in defined:
+            stack.extend(r for r, _ in defined[n].reads())
+    return [e for e in equations if e.out.name in need]
+
+
+def _needed_units(model, names):
+    """The units of ``model.schedule`` (equations and time loops) needed to compute the given tensors."""
     from ..derive.recurrence import TimeLoop
+    need = {e.out.name for e in _needed(model.equations, names)}
     return [u for u in model.schedule
             if (set(u.names) & need if isinstance(u, TimeLoop) else u.out.name in need)]
+
+
+def _lower_two_modes(lw, equations, eval_equations) -> list:
+    """The forward equations, where a tensor with an evaluation form (batch norm's statistics) is
+    computed in a branch: its training equation when ``u_seed >= 0``, its evaluation equation
+    (the running average) otherwise. Without such tensors, the plain lowering of the equations."""
+    blocks, group = [], []
+
+    def flush():
+        blocks.extend("\n".join(k.lines) for k in lw.lower(group))
+        group.clear()
+    for eq in equations:
+        if eq.out.name not in eval_equations:
+            group.append(eq)
+            continue
+        flush()
+        train = "\n".join(ln for k in lw.lower([eq]) for ln in k.lines)
+        evaluation = "\n".join(ln for k in lw.lower([eval_equations[eq.out.name]]) for ln in k.lines)
+        blocks.append(f"if u_seed >= 0:  # training: {comment_text(eq.note)}\n"
+                      + textwrap.indent(train, IND)
+                      + f"\nelse:  # {comment_text(eval_equations[eq.out.name].note)}\n"
+                      + textwrap.indent(evaluation, IND))
+    flush()
+    return blocks
+
+
+def _lower_buffer_updates(model, tensors, lw) -> list:
+    """The declared running-average updates, written in place into their buffers after a training
+    step's forward pass (they read its batch statistics), lowered like every equation."""
+    lines = []
+    for eq in getattr(model, "buffer_updates", []):
+        buf = eq.out.meta["buffer"]
+        upd = Lowerer(model, {**tensors, eq.out.name: eq.out})   # same identifiers as ``lw``
+        upd.names.update(lw.names)
+        upd.names[eq.out.name] = lw.ident(buf)
+        upd.preallocated.add(eq.out.name)
+        lines.append("\n".join([f"# {comment_text(eq.note)} (declared running average, in place)"]
+                                + [ln for k in upd.lower([eq]) for ln in k.lines]))
+    return lines
 
 
 def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
@@ -98,11 +143,30 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
     lw = Lowerer(model, tensors, cost_adjoint="d_" + model.cost.name)
     ident = lw.ident
 
-    forward_k = lw.lower_units(model.schedule)
-    predict_units = _needed(model, [model.outputs[0].name])
-    if any(r == y.name for e in flatten(predict_units) for r, _ in e.reads()):
-        raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on the target {y.name}")
-    predict_k = lw.lower_units(predict_units)
+    eval_eqs = getattr(model, "eval_equations", {})
+    from ..derive.recurrence import TimeLoop
+    if any(isinstance(u, TimeLoop) for u in model.schedule):
+        if eval_eqs:
+            raise UnsupportedError("codegen: a recurrent model with evaluation-mode equations (batch "
+                                   "norm's running averages) is not supported yet")
+        # time loops: each recurrence (and its adjoint) as one loop over t
+        forward_k = lw.lower_units(model.schedule)
+        forward_modes = ["\n".join(k.lines) for k in forward_k]
+        predict_units = _needed_units(model, [model.outputs[0].name])
+        if any(r == y.name for e in flatten(predict_units) for r, _ in e.reads()):
+            raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on the target {y.name}")
+        predict_k = lw.lower_units(predict_units)
+    else:
+        forward_k = lw.lower(model.equations)           # training mode: what loss_and_grads differentiates
+        forward_modes = _lower_two_modes(lw, model.equations, eval_eqs) if eval_eqs else \
+            ["\n".join(k.lines) for k in forward_k]
+        predict_eqs = _needed(model.evaluation_equations() if eval_eqs else model.equations,
+                              [model.outputs[0].name])
+        if any(r == y.name for e in predict_eqs for r, _ in e.reads()):
+            raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on the target {y.name}")
+        predict_k = lw.lower(predict_eqs)
+    buffer_update = _lower_buffer_updates(model, tensors, lw)
+    buffers = [ident(t.name) for t in model.buffers]
     backward_k = lw.lower_units(_adjoint_order(composed, model))
 
     grad_codes, zero_lines, update = [], [], []
@@ -148,7 +212,8 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
             raise UnsupportedError(f"codegen: random tensor {t.name} has unknown distribution {dist!r}")
 
     prims = [textwrap.dedent(c.lowering).strip() for c in primitives_used(
-        [e.body for e in model.equations] + [e.body for e in (d.equation for d in composed.values())]
+        [e.body for e in model.equations] + [e.body for e in model.buffer_updates]
+        + [e.body for e in eval_eqs.values()] + [e.body for e in (d.equation for d in composed.values())]
         + update_eqs)]
     tiny = repr(float(np.finfo(np.dtype(dtype)).tiny))
     out = model.outputs[0]
@@ -156,16 +221,19 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
         model_label=sanitise(model.name), dtype=dtype, tiny=tiny, primitives=prims,
         params=[ident(p.name) for p in params], x=", ".join(ident(t.name) for t in inputs),
         x_first=ident(x.name), y=ident(y.name),
-        arg_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}" for t in [*params, *inputs, y]),
+        arg_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}"
+                          for t in [*params, *model.buffers, *inputs, y]),
         output_doc=f"{ident(out.name)} = {comment_text(out.name)}",
-        forward=["\n".join(k.lines) for k in forward_k],
+        forward=forward_modes, forward_train=["\n".join(k.lines) for k in forward_k], buffers=buffers, buffer_update=buffer_update,
+        arguments=[ident(p.name) for p in params] + buffers,
         predict=["\n".join(k.lines) for k in predict_k],
         backward=["\n".join(k.lines) for k in backward_k] + zero_lines,
         update=update, cost=ident(model.cost.name), output=ident(out.name), grads=grad_codes,
         optimizer=rule.name, optimizer_title=rule.title, states=state_args,
         noise_train=noise_train, noise_eval=noise_eval,
         hyper=[(k, f"u_hp_{h}") for k, h in enumerate(hyper)],
-        train_args=", ".join([ident(p.name) for p in params] + state_args + [ident(t.name) for t in inputs] + [ident(y.name)]))
+        train_args=", ".join([ident(p.name) for p in params] + state_args + buffers
+                             + [ident(t.name) for t in inputs] + [ident(y.name)]))
     return Plan([p.name for p in params], x.name, y.name, [t.name for t in model.outputs],
                 model.cost.name, forward_k, predict_k, backward_k, context,
                 optimizer=rule.name, state_names=[s for s in rule.state], hyper_names=hyper)

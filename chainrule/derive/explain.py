@@ -36,6 +36,21 @@ class Para:
 @dataclass
 class Display:
     tex: str               # one display equation
+    ref: str | None = None  # the tensor it defines (forward) or the adjoint it gives: an anchor for links
+
+
+@dataclass
+class Code:
+    """A runnable snippet (Python), shown as is."""
+    text: str
+    language: str = "python"
+
+
+@dataclass
+class Figure:
+    """An image file (a plot an experiment wrote), with its caption."""
+    path: str
+    caption: str
 
 
 @dataclass
@@ -91,6 +106,12 @@ class MarkdownPrinter:
     def _Bullets(self, b):
         return [f"- {item}" for item in b.items]
 
+    def _Code(self, b):
+        return [f"```{b.language}", b.text.rstrip("\n"), "```"]
+
+    def _Figure(self, b):
+        return [f"![{b.caption}]({b.path})"]
+
 
 _LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                   "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
@@ -119,13 +140,19 @@ _UNICODE_MATH = {"→": r"$\to$", "←": r"$\leftarrow$", "≤": r"$\le$", "≥"
                  "–": "--", "—": "---", "’": "'", "‘": "`", "√": r"$\surd$", "∑": r"$\sum$", "ᵀ": r"$^\top$"}
 
 
+_SCRIPTS = {**{c: f"$^{{{k}}}$" for k, c in enumerate("⁰¹²³⁴⁵⁶⁷⁸⁹")},
+            **{c: f"$_{{{k}}}$" for k, c in enumerate("₀₁₂₃₄₅₆₇₈₉")}}
+_UNICODE_MATH.update(_SCRIPTS)
+
+
 def _greek(c: str) -> str | None:
     """Greek letters in prose (σ, δ, Σ) as pdflatex math: σ -> $\\sigma$."""
     import unicodedata
     name = unicodedata.name(c, "")
     for prefix, case in (("GREEK SMALL LETTER ", str.lower), ("GREEK CAPITAL LETTER ", str.capitalize)):
         if name.startswith(prefix):
-            return rf"$\{case(name[len(prefix):])}$"
+            letter = name[len(prefix):].replace("LAMDA", "LAMBDA")     # Unicode spells λ "lamda"
+            return rf"$\{case(letter)}$"
     return None
 
 
@@ -155,6 +182,13 @@ class LatexDocPrinter:
 
     def _Bullets(self, b):
         return [r"\begin{itemize}"] + [r"\item " + latex_text(i) for i in b.items] + [r"\end{itemize}"]
+
+    def _Code(self, b):
+        return [r"\begin{verbatim}", b.text.rstrip("\n"), r"\end{verbatim}"]
+
+    def _Figure(self, b):      # needs graphicx (the book's preamble loads it)
+        return [r"\begin{center}", rf"\includegraphics[width=0.8\linewidth]{{{b.path}}}",
+                r"\par " + latex_text(b.caption), r"\end{center}"]
 
 
 # -- writing explanations ---------------------------------------------------------------------------
@@ -254,15 +288,15 @@ def explain_model(model: Model, grads: Gradients | None = None, title: str | Non
         if eq.out.role in ("loss", "cost"):
             continue
         doc.add(Para(f"Layer {eq.layer.replace(':', ' (', 1)}): {eq.note}; ${eq.out.latex}$ has shape ${w.shape(eq.out)}$."),
-                Display(w.equation(eq)), *w.matrix_blocks(eq))
+                Display(w.equation(eq), ref=eq.out.name), *w.matrix_blocks(eq))
 
     doc.add(Heading(1, "Loss and cost"))
     for eq in model.equations:
         if eq.out.role == "loss":
-            doc.add(Para(f"The loss is per example ({eq.note}):"), Display(w.equation(eq)))
+            doc.add(Para(f"The loss is per example ({eq.note}):"), Display(w.equation(eq), ref=eq.out.name))
         if eq.out.role == "cost":
             doc.add(Para("The cost averages the per-example losses over the batch; "
-                         "gradient descent minimises the cost:"), Display(w.equation(eq)))
+                         "gradient descent minimises the cost:"), Display(w.equation(eq), ref=eq.out.name))
 
     doc.add(Heading(1, "Backward pass, one tensor at a time"))
     doc.add(Para("For each tensor read by an equation, the chain rule sums the upstream adjoint times "
@@ -274,12 +308,15 @@ def explain_model(model: Model, grads: Gradients | None = None, title: str | Non
         doc.add(Para("Result:"), Display(w.equation(d.equation)), *w.patterns(d.equation),
                 *w.contributions(d), *w.matrix_blocks(d.equation))
 
+    doc.add(*_through_time(model, grads, w))
     doc.add(Heading(1, "The backward recursion"))
     doc.add(Para("Inserting the adjoints of the activations and of the loss into the layers below gives "
                  "the recursion for $\\delta^{(l)}$ and the parameter gradients:"))
     for name, d in grads.composed.items():
         doc.add(Heading(2, f"${w.tex(d.equation.lhs)}$"))
-        doc.add(*w.steps(d) if d.steps else [Display(w.equation(d.equation))])   # last step = result
+        result = w.steps(d) if d.steps else [Display(w.equation(d.equation))]   # last step = result
+        result[-1].ref = d.equation.out.name          # what the kernels compute: linked to their code
+        doc.add(*result)
         doc.add(*w.patterns(d.equation))
         doc.add(*w.matrix_blocks(d.equation), *w.matrix_blocks(d.equation, per_example=True))
     constraints = getattr(model, "constraints", [])
@@ -291,8 +328,97 @@ def explain_model(model: Model, grads: Gradients | None = None, title: str | Non
                          f"gradient): after each optimiser step, a row of ${param.latex}$ whose norm "
                          f"exceeds the bound is rescaled onto it, and any other row is left alone:"),
                     Display(f"{w.tex(param[eq.indices])} \\leftarrow {w.tex(eq.body)}"))
+    _running_averages(doc, model, w)
     doc.matrix_forms = w.forms
     return doc
+
+
+def _through_time(model: Model, grads: Gradients, w: Writer) -> list:
+    """For a model with recurrences: what backpropagation through time is, said of this model's own
+    derived equations (which tensors recur, what each adjoint reads at t+1, which sums run over t)."""
+    from .recurrence import Delayed, TimeLoop, ordered_units, time_shift
+    loops = [u for u in model.schedule if isinstance(u, TimeLoop)]
+    if not loops:
+        return []
+    blocks = [Heading(1, "Through time")]
+    for loop in loops:
+        names = ", ".join(f"${e.out.latex}$" for e in loop.equations)
+        starts = []
+        for e in loop.equations:
+            for d in e.body.atoms(Delayed):
+                t = model.tensors[str(d.args[1].base.label)]
+                init = d.args[0]
+                starts.append(f"${t.latex}$ starts from "
+                              + ("$0$" if init == 0 else f"${w.tex(init)}$"))
+        blocks.append(Para(
+            f"The equations of {names} read their own past ({'; '.join(sorted(set(starts)))} before the "
+            f"first step), so the forward pass runs them one time step at a time, $t = 0, 1, \dots$; the "
+            f"sequence length stays a symbol in every formula below."))
+    backward = [u for u in ordered_units([d.equation for d in grads.composed.values()]) if isinstance(u, TimeLoop)]
+    for loop in backward:
+        for e in loop.equations:
+            t_index = e.indices[loop.time_axes[e.out.name]]
+            ahead = {}
+            for r in e.body.atoms(sp.Indexed):
+                shifts = [time_shift(i, [t_index]) for i in r.indices]
+                if any(sh is not None and sh[1] > 0 for sh in shifts):
+                    ahead.setdefault(str(r.base.label), w.tex(r))
+            if not ahead:                  # computed within the step from adjoints that do
+                continue
+            reads = ", ".join(f"${tex}$" for _, tex in sorted(ahead.items()))
+            blocks.append(Para(
+                f"Backpropagation through time: the adjoint ${e.out.latex}$ at step ${w.tex(t_index)}$ receives "
+                f"what the layers above send at that step and, through the recurrence, what the next step "
+                f"${w.tex(t_index + 1)}$ sends back (it reads {reads} there; at the last step nothing comes "
+                f"from the future). So it is computed backward in time, from the last step to the first:"))
+            blocks.append(Display(w.equation(e)))
+    time_sizes = {model.tensors[e.out.name].shape[loop.time_axes[e.out.name]] for loop in loops
+                  for e in loop.equations}
+    summed = [d for d in grads.composed.values() if d.tensor.role == "param"
+              and any(any(sp.sympify(hi).free_symbols & set().union(*[sp.sympify(n).free_symbols for n in time_sizes])
+                          for _, _, hi in s.limits) for s in d.equation.body.atoms(sp.Sum))]
+    if summed:
+        blocks.append(Para("The weights are shared by every step, so each weight's gradient is a sum over "
+                           "the steps (" + ", ".join(f"${w.tex(d.equation.lhs)}$" for d in summed) + "). "
+                           "A product of many such backward steps shrinks or grows geometrically with the "
+                           "distance in time: the vanishing (or exploding) gradient of recurrent networks, "
+                           "which an LSTM's cell, updated by a sum rather than a matrix product, avoids."))
+    return blocks
+
+
+def in_evaluation(model: Model, body):
+    """``body`` with every read of a tensor that has an evaluation form (batch norm's statistics)
+    replaced by that form, at the read's indices: the formula evaluation mode computes."""
+    for name, ev in getattr(model, "eval_equations", {}).items():
+        base = model.tensors[name].base
+        body = body.replace(lambda e, b=base: isinstance(e, sp.Indexed) and e.base == b,
+                            lambda e, ev=ev: ev.body.xreplace(dict(zip(ev.indices, e.indices))))
+    return body
+
+
+def _running_averages(doc, model: Model, w: Writer):
+    """The declared running averages and the evaluation-mode forward equations they feed."""
+    updates, evals = getattr(model, "buffer_updates", []), getattr(model, "eval_equations", {})
+    if not updates:
+        return
+    doc.add(Heading(1, "Running averages, and evaluation mode"))
+    doc.add(Para("Some tensors are non-trainable state (buffers): they get no gradient. After each "
+                 "training step each is updated from that step's forward pass, as declared:"))
+    for eq in updates:
+        buf = model.tensors[eq.out.meta["buffer"]]
+        values = [f"${w.tex(c)} = {v:g}$" for c, v in model.constants.items() if eq.body.has(c)]
+        doc.add(Para(f"{eq.note[0].upper()}{eq.note[1:]} (layer {eq.layer.replace(':', ' (', 1)}), "
+                     f"starting at {0 if buf.init == 'zeros' else 1}"
+                     + (f"; {', '.join(values)}" if values else "") + "):"),
+                Display(f"{w.tex(buf[eq.indices])} \\leftarrow {w.tex(eq.body)}"))
+    doc.add(Para("In evaluation (prediction, validation) the batch statistics are replaced by these "
+                 "averages, so one example's output does not depend on the others in its batch:"),
+            Display(r", \quad ".join(f"{w.tex(ev.lhs)} \\to {w.tex(ev.body)}" for ev in evals.values())))
+    for eq in model.equations:
+        if eq.out.name in evals or not any(r in evals for r, _ in eq.reads()):
+            continue
+        doc.add(Para(f"so layer {eq.layer.replace(':', ' (', 1)}) computes, in evaluation,"),
+                Display(w.equation(eq, in_evaluation(model, eq.body))))
 
 
 def derivation_markdown(model: Model) -> str:

@@ -22,6 +22,8 @@ def _elementwise(t):
 class Residual(Layer):
     """``h = x + f(x)``, ``f`` a list of layers that keeps the shape of ``x``."""
 
+    doc_example = "5 -> dense(4) -> residual(dense(4) -> relu -> dense(4)) -> dense(3) -> mse"
+
     def __init__(self, layers):
         self.layers = list(layers)
         self.name = "residual"
@@ -194,8 +196,8 @@ def functional_model(inputs, outputs, losses, name="model"):
     d.equations.append(Equation(cost, (), sp.Sum(total, (b, 0, B - 1)) / B, layer="cost",
                                 note="cost: the mean over the batch of the per-example losses"
                                      + (" (summed over the outputs)" if len(per_example) > 1 else "")))
-    return Model(d.equations, d.tensors, cost, loss=per_example[0], outputs=predictions,
-                 size_values=d.size_values, name=name, layers=d.layer_log)
+    return d.finish(Model(d.equations, d.tensors, cost, loss=per_example[0], outputs=predictions,
+                          size_values=d.size_values, name=name, layers=d.layer_log))
 
 
 def _add(d, args):

@@ -41,6 +41,8 @@ class Model:
         self.constants: dict = {}        # named constants (regularisation strengths): symbol -> value
         self.constant_latex: dict = {}
         self.constraints: list = []      # projections of parameters after each update (max-norm)
+        self.buffer_updates: list = []   # running averages: a buffer's new value after a training step
+        self.eval_equations: dict = {}   # tensor name -> its equation in evaluation mode (batch norm)
         # a recurrence's reads before t = 0 give its declared initial state (recurrence.py)
         equations = resolve(list(equations), self.tensors)
         ordered = self._topological(equations)
@@ -87,6 +89,15 @@ class Model:
     @property
     def params(self) -> list[Tensor]:
         return [t for t in self.tensors.values() if t.role == "param"]
+
+    @property
+    def buffers(self) -> list[Tensor]:
+        """Non-trainable state (running averages), in declaration order."""
+        return [t for t in self.tensors.values() if t.role == "buffer"]
+
+    def evaluation_equations(self) -> list[Equation]:
+        """The equations of evaluation mode: those with a declared evaluation form replaced by it."""
+        return [self.eval_equations.get(e.out.name, e) for e in self.equations]
 
     @property
     def inputs(self) -> list[Tensor]:

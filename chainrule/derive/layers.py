@@ -11,7 +11,7 @@ from typing import Callable
 import sympy as sp
 
 from .errors import ShapeError, SpecError
-from .graph import Model
+from .graph import Model, check_equation
 from .primitives import LogSumExp, leaky_relu, relu, sigmoid, softplus
 from .tensor import Equation, Tensor, index, shape_str, size
 
@@ -35,6 +35,8 @@ class Builder:
         self.constant_latex: dict = {}
         self.penalties: list = []      # rank-0 cost terms (regularisers), added to the cost
         self.constraints: list = []    # projections applied to parameters after each update
+        self.buffer_updates: list = []  # running averages: new buffer values after a training step
+        self.eval_equations: dict = {}  # tensor name -> its equation in evaluation mode
 
     def constant(self, base: str, value, latex: str) -> sp.Symbol:
         """A named positive constant of the model (e.g. a regularisation strength λ^(l))."""
@@ -46,6 +48,33 @@ class Builder:
     def penalty(self, body, note: str):
         """Add ``body`` (a scalar expression over tensors) to the cost, as a regularisation term."""
         self.penalties.append((body, note, self.layer))
+
+    def buffer(self, base: str, shape, init="zeros", latex=None) -> Tensor:
+        """Non-trainable state of the layer (a running average): no gradient, saved in checkpoints."""
+        return self.tensor(base, shape, role="buffer", init=init, latex=latex)
+
+    def running_update(self, buf: Tensor, idx, body, note: str, **meta):
+        """Declare ``buf[idx] <- body`` after each training step (``body`` may read the step's
+        forward tensors, e.g. the batch statistics): lowered like every equation, no gradient."""
+        out = Tensor(f"{buf.name}__new", buf.shape, role="hidden", latex=buf.latex, layer=self.layer,
+                     meta={"buffer": buf.name, **meta})
+        self.buffer_updates.append(Equation(out, tuple(idx), body, layer=self.layer, note=note))
+
+    def in_evaluation(self, t: Tensor, idx, body, note: str):
+        """In evaluation mode ``t`` is defined by ``t[idx] = body`` instead of its training equation
+        (batch statistics replaced by running averages); the derivation uses the training equation."""
+        self.eval_equations[t.name] = Equation(t, tuple(idx), body, layer=self.layer, note=note)
+
+    def finish(self, model: Model) -> Model:
+        """Attach what the layers declared besides the equations (constants, constraints, buffers)."""
+        model.constants = dict(self.constants)
+        model.constraints = list(self.constraints)
+        model.constant_latex = dict(self.constant_latex)
+        model.buffer_updates = list(self.buffer_updates)
+        model.eval_equations = dict(self.eval_equations)
+        for eq in [*model.buffer_updates, *model.eval_equations.values()]:
+            check_equation(eq, {**model.tensors, eq.out.name: eq.out})
+        return model
 
     # names
     def _name(self, base: str) -> tuple[str, str]:
@@ -129,6 +158,9 @@ class Layer:
 
     name = "layer"
     has_params = False
+    # the smallest model that shows the layer at work, for its documentation page (chainrule.docs):
+    # a layer-list spec, or a function of no arguments returning a Model (for layers a spec cannot name)
+    doc_example = None
 
     def build(self, d: Builder, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -153,6 +185,7 @@ class Dense(Layer):
     max_norm: float | None = None   # after each update, rows of W projected onto ‖W_o‖ ≤ max_norm
     name = "dense"
     has_params = True
+    doc_example = "5 -> dense(4) -> sigmoid -> dense(3) -> mse"
 
     def __post_init__(self):
         if not isinstance(self.units, sp.Expr):   # a size symbol: the width of another tensor (residual)
@@ -252,6 +285,7 @@ class Residual(Layer):
 
     has_params = True
     name = "residual"
+    doc_example = staticmethod(lambda: sequential(5, [Dense(4), Residual("relu"), Dense(3)], "mse"))
 
     def __init__(self, activation: str = "relu", init: str = "he"):
         if activation not in ACTIVATIONS:
@@ -280,6 +314,7 @@ class LayerNorm(Layer):
 
     has_params = True
     name = "layer_norm"
+    doc_example = staticmethod(lambda: sequential(5, [Dense(4), LayerNorm(), Dense(3)], "mse"))
 
     def __init__(self, eps: float = 1e-5):
         if check_strength("layer_norm: eps", eps) == 0:
@@ -311,7 +346,62 @@ class LayerNorm(Layer):
                         note="normalise, then scale and shift")
 
     def describe(self):
-        return "layer_norm"
+        return "layer_norm" if self.eps == 1e-5 else f"layer_norm(eps={self.eps:g})"
+
+
+class BatchNorm(Layer):
+    """Batch normalisation (Ioffe & Szegedy 2015). In training, each feature (each channel of a
+    convolutional input) is normalised by its mean μ and variance σ² over the batch (and the
+    positions), then scaled by γ and shifted by β; running averages of μ and of the unbiased
+    variance are kept (buffers, updated after every training step with ``momentum``, as in
+    PyTorch), and evaluation normalises by them instead."""
+
+    has_params = True
+    name = "batchnorm"
+
+    def __init__(self, momentum: float = 0.1, eps: float = 1e-5):
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:
+            raise ValueError(f"batchnorm: momentum must be a number in (0, 1], got {momentum!r}")
+        if check_strength("batchnorm: eps", eps) == 0:
+            raise ValueError(f"batchnorm: eps must be > 0, got {eps!r}")
+        self.momentum, self.eps = float(momentum), float(eps)
+
+    def build(self, d, x):
+        if not 2 <= x.rank <= 4:
+            raise ShapeError(f"layer {d.layer} (batchnorm) expects a (batch, features) or (batch, "
+                             f"channels, ...) input, got {x.name} {shape_str(x.shape)}")
+        n, lvl = x.shape[1], d.level
+        xi = elementwise_indices(x)                 # (b, i) or (b, i, h[, w]): i is the feature
+        c = xi[1]
+        over = (xi[0], *xi[2:])                     # the statistics run over batch and positions
+        limits = [(v, 0, size - 1) for v, size in zip(over, (x.shape[0], *x.shape[2:]))]
+        count = sp.Mul(*(x.shape[0], *x.shape[2:]))
+        g, s = d.param("gamma", (n,), init="ones"), d.param("beta", (n,), init="zeros")
+        g.latex, s.latex = rf"\gamma^{{({lvl})}}", rf"\beta^{{({lvl})}}"
+        eps = d.constant("epsilon", self.eps, r"\epsilon")
+        mom = d.constant("momentum", self.momentum, rf"\alpha^{{({lvl})}}")
+        mu = d.tensor("mu", (n,), latex=rf"\mu^{{({lvl})}}")
+        var = d.tensor("v", (n,), latex=rf"\sigma^{{2({lvl})}}")
+        y = d.tensor("y", x.shape)
+        d.define(mu, (c,), sp.Sum(x[xi], *limits) / count, note="mean of each feature over the batch")
+        d.define(var, (c,), sp.Sum((x[xi] - mu[c]) ** 2, *limits) / count,
+                 note="variance of each feature over the batch")
+        d.define(y, xi, g[c] * (x[xi] - mu[c]) / sp.sqrt(var[c] + eps) + s[c],
+                 note="normalise by the batch statistics, then scale and shift")
+        run_mu = d.buffer("rmean", (n,), "zeros", latex=rf"\hat\mu^{{({lvl})}}")
+        run_var = d.buffer("rvar", (n,), "ones", latex=rf"\hat\sigma^{{2({lvl})}}")
+        d.running_update(run_mu, (c,), (1 - mom) * run_mu[c] + mom * mu[c],
+                         note="running average of the batch mean")
+        d.running_update(run_var, (c,), (1 - mom) * run_var[c] + mom * count / (count - 1) * var[c],
+                         note="running average of the unbiased batch variance", count=count)
+        d.in_evaluation(mu, (c,), run_mu[c], note="evaluation: the running mean")
+        d.in_evaluation(var, (c,), run_var[c], note="evaluation: the running variance")
+        return y
+
+    def describe(self):
+        args = [f"{k}={getattr(self, k):g}" for k, v in (("momentum", 0.1), ("eps", 1e-5))
+                if getattr(self, k) != v]
+        return "batchnorm" + (f"({', '.join(args)})" if args else "")
 
 
 class Dropout(Layer):
@@ -319,6 +409,7 @@ class Dropout(Layer):
     (from a seeded generator); in evaluation m is its mean 1 - p, so the layer is the identity."""
 
     name = "dropout"
+    doc_example = staticmethod(lambda: sequential(5, [Dense(4), Dropout(0.25), Dense(3)], "mse"))
 
     def __init__(self, rate: float):
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
@@ -342,6 +433,7 @@ class GaussianNoise(Layer):
     """Additive noise a = x + σ ε, ε ~ N(0, 1) drawn at every training step; 0 in evaluation."""
 
     name = "noise"
+    doc_example = staticmethod(lambda: sequential(5, [GaussianNoise(0.1), Dense(3)], "mse"))
 
     def __init__(self, std: float):
         check_strength("noise: std", std)
@@ -376,6 +468,8 @@ class ActivityRegularization(Layer):
     """The identity, adding to the cost the batch mean of λ₂/2 Σ a² and λ₁ Σ |a| over its input."""
 
     name = "activity"
+    doc_example = staticmethod(lambda: sequential(5, [Dense(4), ActivityRegularization(l2=0.01, l1=0.001), Dense(3)],
+                                                  "mse"))
 
     def __init__(self, l2=0.0, l1=0.0):
         self.l2 = check_strength("activity: l2", l2)
@@ -431,6 +525,7 @@ class Softmax(Layer):
     """p_bk = exp(z_bk - LSE_m z_bm): softmax over the last axis, in its stable form."""
 
     name = "softmax"
+    doc_example = "5 -> dense(4) -> softmax -> cross_entropy"
 
     def build(self, d, x):
         p = d.tensor("p", x.shape)
@@ -442,6 +537,7 @@ class LogSoftmax(Layer):
     """s_bk = z_bk - LSE_m z_bm."""
 
     name = "log_softmax"
+    doc_example = "5 -> dense(4) -> log_softmax -> nll"
 
     def build(self, d, x):
         s = d.tensor("s", x.shape)
@@ -599,7 +695,4 @@ def sequential(n_inputs, layers, loss: Loss | str, name="model") -> Model:
     d.equations.append(Equation(cost, (), body, layer="cost", note=note))
     model = Model(d.equations, d.tensors, cost, loss=per_example, outputs=outputs,
                   size_values=d.size_values, name=name, layers=d.layer_log)
-    model.constants = dict(d.constants)
-    model.constraints = list(d.constraints)
-    model.constant_latex = dict(d.constant_latex)
-    return model
+    return d.finish(model)

@@ -484,3 +484,34 @@ def simplify_recorded(expr, model, steps: list, rules=None, max_rounds=6):
         if not changed:
             break
     return expr
+
+
+@rewrite("initial state", "before t = 0 a recurrence holds its declared initial state: the first "
+         "terms of a sum over t read it, the others read the sequence itself")
+def split_at_the_initial_state(expr, model):
+    """Σ_{t=0}^{T-1} f(h_{t-k}) = Σ_{t=0}^{k-1} f(h_init) + Σ_{t=k}^{T-1} f(h_{t-k}): where the state is
+    0 the first part vanishes (a weight gradient sums from t = k), and the rest reads the sequence
+    plainly (a contraction the code generator lowers to one matrix product)."""
+    from .recurrence import Delayed, time_shift
+
+    def split(e):
+        if not isinstance(e, sp.Sum):
+            return None
+        for d in e.function.atoms(Delayed):
+            for pos, (v, lo, hi) in enumerate(e.limits):
+                shift = time_shift(d.args[2], [v])
+                if shift is None or shift[1] >= 0 or lo != 0:
+                    continue
+                k = -shift[1]
+                initial, read, _ = d.args
+                head = e.function.xreplace({d: initial})
+                tail = e.function.xreplace({d: read})
+                rest = [lim for lim in e.limits if lim[0] != v]
+                parts = [sp.Sum(tail, *rest[:pos], (v, k, hi), *rest[pos:])]
+                if head != 0:
+                    first = sp.Add(*[head.xreplace({v: sp.Integer(s)}) for s in range(k)])
+                    parts.insert(0, sp.Sum(first, *rest) if rest else first)
+                return sp.Add(*parts)
+        return None
+
+    return expr.replace(lambda e: split(e) is not None, split)

@@ -35,11 +35,22 @@ class _Recurrent(Layer):
     has_params = True
     kind = "rnn"
 
-    def __init__(self, units: int, return_sequences: bool = False, learn_initial: bool = False):
+    def __init__(self, units: int, return_sequences: bool = False, learn_initial: bool = False,
+                 probe: bool = False):
         _check_width(units, f"{self.kind}: units")
         self.units = units
         self.return_sequences = bool(return_sequences)
         self.learn_initial = bool(learn_initial)
+        # a diagnostic: a zero parameter P[t, o] added to every state, whose gradient is the adjoint
+        # of the state h_t summed over the batch (‖∂C/∂h_t‖ through time, for one example at a time)
+        self.probe = bool(probe)
+
+    def _probed(self, d, body, b, t, o, T, m):
+        if not self.probe:
+            return body
+        P = d.param("P", (T, m), init="zeros")
+        P.latex = rf"P^{{({d.level})}}"
+        return body + P[t, o]
 
     def describe(self):
         extra = ", return_sequences=1" if self.return_sequences else ""
@@ -93,7 +104,7 @@ class RNN(_Recurrent):
         d.define(z, (b, t, o), sp.Sum(W[o, i] * x[b, t, i], (i, 0, n - 1))
                  + sp.Sum(U[o, j] * h[b, t - 1, j], (j, 0, m - 1)) + c[o],
                  note="the input and the previous state, mapped and added")
-        d.define(h, (b, t, o), sp.tanh(z[b, t, o]), note="the new state")
+        d.define(h, (b, t, o), self._probed(d, sp.tanh(z[b, t, o]), b, t, o, T, m), note="the new state")
         return self._output(d, h, T, m)
 
 
@@ -116,7 +127,8 @@ class LSTM(_Recurrent):
         b, t, k = index("b"), index("t"), index("k")
         d.define(cell, (b, t, k), gf[b, t, k] * cell[b, t - 1, k] + gi[b, t, k] * gg[b, t, k],
                  note="the cell: what the forget gate keeps plus what the input gate writes")
-        d.define(h, (b, t, k), go[b, t, k] * sp.tanh(cell[b, t, k]), note="the new state")
+        d.define(h, (b, t, k), self._probed(d, go[b, t, k] * sp.tanh(cell[b, t, k]), b, t, k, T, m),
+                 note="the new state")
         return self._output(d, h, T, m)
 
 
@@ -143,7 +155,8 @@ class GRU(_Recurrent):
                                           + r[b, t, o] * (sp.Sum(Un[o, j] * h[b, t - 1, j], (j, 0, m - 1))
                                                           + bhn[o])),
                  note="the candidate state, its recurrent part scaled by the reset gate")
-        d.define(h, (b, t, o), (1 - z[b, t, o]) * cand[b, t, o] + z[b, t, o] * h[b, t - 1, o],
+        d.define(h, (b, t, o), self._probed(d, (1 - z[b, t, o]) * cand[b, t, o] + z[b, t, o] * h[b, t - 1, o],
+                                            b, t, o, T, m),
                  note="the new state: between the candidate and the previous state, by the update gate")
         return self._output(d, h, T, m)
 

@@ -10,6 +10,7 @@ Spec grammar (items separated by ``->`` or ``,`` at the top level; whitespace ig
             | conv(F, K [, stride=S] [, padding=valid|same|P] [, dilation=D] [, bias=0])
             | maxpool(K [, stride=S]) | avgpool(K [, stride=S]) | global_avgpool | flatten
             | residual(<layer> -> <layer> -> ...)      h = x + f(x)
+            | batchnorm [(momentum=M, eps=E)] | layer_norm [(eps=E)] | dropout(P) | noise(S)
             | rnn(N) | lstm(N) | gru(N)   [, return_sequences=1]   over a sequence input
             | embedding(N)                                        over a tokens input
     input  += seq(T, N)          a sequence of T steps of N features
@@ -52,6 +53,7 @@ EXAMPLE_MODELS = {
                        "-> flatten -> dense(10) -> softmax_cross_entropy",
     "mnist1d-cnn": "1@40 -> conv(32, 5, padding=same) -> relu -> maxpool(2) -> conv(32, 5, padding=same) -> relu "
                    "-> maxpool(2) -> flatten -> dense(10) -> softmax_cross_entropy",
+    "mnist1d-gru": "seq(40, 1) -> gru(64) -> dense(10) -> softmax_cross_entropy",
     "residual-mlp": "64 -> dense(64) -> relu -> residual(dense(64) -> relu -> dense(64)) -> relu "
                     "-> residual(dense(64) -> relu -> dense(64)) -> relu -> dense(10) -> softmax_cross_entropy",
 }
@@ -62,6 +64,7 @@ _INPUT = re.compile(r"^(?:(?P<n>[0-9]+)|(?P<c1>[0-9]+)@(?P<l>[0-9]+)|(?:(?P<c>[0
 MAX_WIDTH = 100_000
 MAX_PARAMS = 100_000_000
 _WIDTH = re.compile(r"[0-9]+")       # ASCII digits only ("²".isdigit() is True, int("²") fails)
+_DECIMAL = re.compile(r"[0-9]+\.[0-9]*(?:e-?[0-9]+)?|[0-9]+e-?[0-9]+")   # 0.1, 1e-5, 1.5e-3
 
 
 def _limit(value, env: str, default: int) -> int:
@@ -150,9 +153,10 @@ def _args(text: str, position: int, name: str):
     for a in split_top(text, (",",)):
         key, _, val = a.rpartition("=")
         key, val = key.strip(), val.strip()
-        if not re.fullmatch(r"[0-9]+|[a-z_]+", val) or (key and not re.fullmatch(r"[a-z_]+", key)):
+        if not (re.fullmatch(r"[0-9]+|[a-z_]+", val) or _DECIMAL.fullmatch(val)) \
+                or (key and not re.fullmatch(r"[a-z_]+", key)):
             raise SpecError(f"item {position}: {name}: argument {a!r} is not a number or a name")
-        value = int(val) if _WIDTH.fullmatch(val) else val
+        value = int(val) if _WIDTH.fullmatch(val) else float(val) if _DECIMAL.fullmatch(val) else val
         if key:
             kw[key] = value
         elif kw:
@@ -170,14 +174,21 @@ def _call(cls, pos, kw, position, name, usage):
 
 
 KNOWN = ["dense(N)", *ACTIVATIONS, "softmax", "log_softmax", "conv(F, K, ...)", "maxpool(K)", "avgpool(K)",
-         "global_avgpool", "flatten", "residual(...)", "rnn(N)", "lstm(N)", "gru(N)", "embedding(N)"]
+         "global_avgpool", "flatten", "residual(...)", "batchnorm", "layer_norm", "dropout(P)", "noise(S)",
+         "rnn(N)", "lstm(N)", "gru(N)", "embedding(N)"]
+
+# layers whose arguments are numbers (rates, strengths): name -> (class, usage)
+_NUMERIC = {"batchnorm": ("BatchNorm", "batchnorm(momentum=0.1, eps=1e-5)"),
+            "layer_norm": ("LayerNorm", "layer_norm(eps=1e-5)"),
+            "dropout": ("Dropout", "dropout(P), 0 <= P < 1"),
+            "noise": ("GaussianNoise", "noise(S), S >= 0 the standard deviation")}
 
 
 def _layer(item: str, position: int, max_width: int = MAX_WIDTH) -> Layer:
     from .conv import AvgPool, Conv, Flatten, GlobalAvgPool, MaxPool
     from .functional import Residual
     m = _NAME.match(item)
-    if not m or (m["args"] is not None and not re.fullmatch(r"[0-9a-z_=,\s>()-]*", m["args"])):
+    if not m or (m["args"] is not None and not re.fullmatch(r"[0-9a-z_=,.\s>()-]*", m["args"])):
         raise SpecError(f"item {position} {item!r} is not a layer (expected e.g. dense(128), sigmoid)")
     name, raw = m["name"], m["args"]
     if name in ("rnn", "lstm", "gru", "embedding"):
@@ -211,6 +222,15 @@ def _layer(item: str, position: int, max_width: int = MAX_WIDTH) -> Layer:
                       "maxpool": (MaxPool, "maxpool(K, stride=K)"),
                       "avgpool": (AvgPool, "avgpool(K, stride=K)")}[base]
         return _call(cls, pos, {**kw, "dims": dims}, position, name, usage)
+    if name in _NUMERIC:
+        from . import layers
+        cls, usage = _NUMERIC[name]
+        try:
+            return _call(getattr(layers, cls), pos, kw, position, name, usage)
+        except SpecError:
+            raise
+        except ValueError as e:
+            raise SpecError(f"item {position}: {e}") from None
     if pos or kw:
         raise SpecError(f"item {position}: {name} takes no arguments")
     if name in ACTIVATIONS:

@@ -14,7 +14,7 @@ from sympy.concrete.expr_with_intlimits import ExprWithIntLimits
 
 from .errors import ShapeError, UnsupportedError
 
-ROLES = ("input", "target", "param", "hidden", "loss", "cost", "adjoint", "noise")
+ROLES = ("input", "target", "param", "hidden", "loss", "cost", "adjoint", "noise", "buffer")
 
 
 def size(name: str) -> sp.Symbol:
@@ -127,6 +127,8 @@ class Tensor:
     init: str | None = None          # parameters: "glorot", "he", "zeros"
     # role "noise": a random tensor drawn afresh at every training step (meta["dist"] says how:
     # "bernoulli" with meta["keep"], or "normal"), replaced by its mean in evaluation
+    # role "buffer": non-trainable state kept between steps (batch norm's running averages),
+    # updated by the model's declared ``buffer_updates`` and read by its ``eval_equations``
     grad_latex: str | None = None    # how its adjoint is written (e.g. δ for pre-activations)
     simplex_axis: int | None = None  # declared fact: sums to one over this axis (probability target)
     meta: dict = field(default_factory=dict)

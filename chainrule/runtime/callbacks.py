@@ -40,6 +40,14 @@ class Callback:
     def on_train_end(self, logs=None):
         pass
 
+    # state kept in checkpoints, so that a resumed fit continues where a straight one would be
+    def state_key(self) -> str:
+        return type(self).__name__
+
+    def state(self):
+        """None, or ``(meta, arrays)``: a JSON-able dict and named arrays saved by Network.save."""
+        return None
+
 
 def _mode_for(monitor, mode):
     if mode not in ("auto", "min", "max"):
@@ -79,6 +87,40 @@ class EarlyStopping(Callback):
         _check_monitor(self.monitor, self.network, "EarlyStopping")
         self.best = math.inf if self.mode == "min" else -math.inf
         self.best_epoch, self.best_params, self.wait, self.stopped_epoch = None, None, 0, None
+        self.best_buffers = {}
+        saved = self.network.saved_callback_state(self.state_key())
+        if saved is not None:             # a resumed run: the best so far and the patience used
+            self._restore(*saved)
+
+    def state_key(self):
+        return f"EarlyStopping.{self.monitor}"
+
+    def state(self):
+        """The best value, its epoch, the patience counter and the best weights (and buffers)."""
+        if self.best_epoch is None:
+            return None
+        meta = {"best": float(self.best), "best_epoch": int(self.best_epoch), "wait": int(self.wait),
+                "mode": self.mode, "min_delta": self.min_delta}
+        arrays = {}
+        if self.best_params is not None:
+            arrays.update({f"param.{k}": v for k, v in self.best_params.items()})
+            arrays.update({f"buffer.{k}": v for k, v in self.best_buffers.items()})
+        return meta, arrays
+
+    def _restore(self, meta, arrays):
+        src = f"the checkpoint's {self.state_key()} state"
+        if meta.get("mode") != self.mode or meta.get("min_delta") != self.min_delta:
+            raise ChainruleError(f"{src} was saved with mode={meta.get('mode')!r}, min_delta="
+                                 f"{meta.get('min_delta')!r}; this EarlyStopping has mode={self.mode!r}, "
+                                 f"min_delta={self.min_delta!r}")
+        best, epoch, wait = meta.get("best"), meta.get("best_epoch"), meta.get("wait")
+        if not (isinstance(best, float) and math.isfinite(best)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, wait)):
+            raise ChainruleError(f"{src} is malformed: best={best!r}, best_epoch={epoch!r}, wait={wait!r}")
+        self.best, self.best_epoch, self.wait = best, epoch, wait
+        if self.restore_best and arrays:
+            self.best_params = {k[6:]: v for k, v in arrays.items() if k.startswith("param.")}
+            self.best_buffers = {k[7:]: v for k, v in arrays.items() if k.startswith("buffer.")}
 
     def on_epoch_end(self, epoch, logs):
         value = logs[self.monitor]
@@ -86,6 +128,7 @@ class EarlyStopping(Callback):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best:
                 self.best_params = self.network.get_params()
+                self.best_buffers = self.network.get_buffers()      # running averages go with them
         else:
             self.wait += 1
             if self.wait >= self.patience:
@@ -98,6 +141,7 @@ class EarlyStopping(Callback):
             history.best_epoch = self.best_epoch
         if self.restore_best and self.best_params is not None:
             self.network.set_params(self.best_params, source=f"the best epoch ({self.best_epoch + 1})")
+            self.network.set_buffers(self.best_buffers, source=f"the best epoch ({self.best_epoch + 1})")
             if history is not None:
                 history.restored_epoch = self.best_epoch     # the parameters are those of this epoch
 
@@ -117,6 +161,9 @@ class ModelCheckpoint(Callback):
         if self.save_best_only:
             _check_monitor(self.monitor, self.network, "ModelCheckpoint")
         self.best = math.inf if self.mode == "min" else -math.inf
+        saved = self.network.saved_callback_state(self.state_key()) if self.save_best_only else None
+        if saved is not None and isinstance(saved[0].get("best"), float):
+            self.best = saved[0]["best"]          # a resumed run saves only what beats the best so far
         # fail now, not after the first epoch: the path's fields and its directory
         history = getattr(self.network, "history", None)
         fields = list(history.history) if history is not None else []
@@ -129,6 +176,14 @@ class ModelCheckpoint(Callback):
         why = probe_writable(os.path.dirname(os.path.abspath(path)))
         if why is not None:
             raise ChainruleError(f"ModelCheckpoint cannot save to {path}: {why}")
+
+    def state_key(self):
+        return f"ModelCheckpoint.{self.monitor}"
+
+    def state(self):
+        if not self.save_best_only or not math.isfinite(self.best):
+            return None
+        return {"best": float(self.best)}, {}
 
     def on_epoch_end(self, epoch, logs):
         if self.save_best_only:

@@ -50,16 +50,20 @@ class Checkpoint:
     members: dict                       # name -> Member (parameters only)
     meta: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)   # name -> Member: the optimiser's state arrays
+    buffers: dict = field(default_factory=dict)  # name -> Member: running averages (batch norm)
+    callbacks: dict = field(default_factory=dict)  # name -> Member: early stopping's best weights
 
     @property
     def shapes(self) -> dict:
         return {k: m.shape for k, m in self.members.items()}
 
-    def read_arrays(self, state=False) -> dict:
+    def read_arrays(self, state=False, buffers=False, callbacks=False) -> dict:
         """The arrays (allocated now, after validation); each one's size is already known.
-        ``state``: the optimiser's state arrays instead of the parameters."""
+        ``state``: the optimiser's state arrays instead of the parameters; ``buffers``: the
+        running averages; ``callbacks``: the callbacks' arrays (early stopping's best weights)."""
         out = {}
-        members = self.state if state else self.members
+        members = (self.state if state else self.buffers if buffers
+                   else self.callbacks if callbacks else self.members)
         try:
             with zipfile.ZipFile(self.path) as zf:
                 for name, m in members.items():
@@ -74,6 +78,8 @@ class Checkpoint:
 
 
 STATE_PREFIX = "__opt__/"
+BUFFER_PREFIX = "__buf__/"
+CALLBACK_PREFIX = "__cb__/"
 
 
 def _header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str):
@@ -137,7 +143,8 @@ def inspect_checkpoint(path) -> Checkpoint:
                                       f"floating-point arrays")
             members[name] = m
     if meta:
-        declared = {**meta["param_shapes"], **meta["state_shapes"]}
+        declared = {**meta["param_shapes"], **meta["state_shapes"], **meta["buffer_shapes"],
+                    **meta["callback_shapes"]}
         undeclared = sorted(set(members) - set(declared))
         absent = sorted(set(declared) - set(members))
         problems = []
@@ -152,7 +159,9 @@ def inspect_checkpoint(path) -> Checkpoint:
         if problems:
             raise CheckpointError(f"{path} is inconsistent: " + "; ".join(problems))
     state = {k: members.pop(k) for k in list(members) if k.startswith(STATE_PREFIX)}
-    return Checkpoint(path, members, meta, state)
+    buffers = {k: members.pop(k) for k in list(members) if k.startswith(BUFFER_PREFIX)}
+    callbacks = {k: members.pop(k) for k in list(members) if k.startswith(CALLBACK_PREFIX)}
+    return Checkpoint(path, members, meta, state, buffers, callbacks)
 
 
 def _parse_meta(text: str, path: str) -> dict:
@@ -194,16 +203,23 @@ def _parse_meta(text: str, path: str) -> dict:
     if set(shapes) != set(names):
         raise bad(f"'param_names' {names} and 'param_shapes' {sorted(shapes)} name different parameters")
     meta["param_shapes"] = shapes
-    # training state (optional): the optimiser's state arrays, named "__opt__/<param>/<state>"
-    states = meta.get("state_shapes", {})
-    if not isinstance(states, dict):
-        raise bad("'state_shapes' should be a JSON object")
-    checked = {}
-    for name, shape in states.items():
-        if (not isinstance(name, str) or not name.startswith(STATE_PREFIX) or not isinstance(shape, list)
-                or len(shape) > MAX_RANK
-                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
-            raise bad(f"optimizer state entry {str(name)[:40]!r}: {json.dumps(shape)[:80]}")
-        checked[name] = tuple(shape)
-    meta["state_shapes"] = checked
+    if not isinstance(meta.get("callbacks", {}), dict) or not all(
+            isinstance(v, dict) for v in meta.get("callbacks", {}).values()):
+        raise bad("'callbacks' should be a JSON object of objects")
+    # training state (optional): the optimiser's state arrays, named "__opt__/<param>/<state>";
+    # running averages (optional): "__buf__/<buffer>"; callbacks' arrays: "__cb__/<key>/<name>"
+    for key, prefix, what in (("state_shapes", STATE_PREFIX, "optimizer state"),
+                              ("buffer_shapes", BUFFER_PREFIX, "buffer"),
+                              ("callback_shapes", CALLBACK_PREFIX, "callback state")):
+        entries = meta.get(key, {})
+        if not isinstance(entries, dict):
+            raise bad(f"{key!r} should be a JSON object")
+        checked = {}
+        for name, shape in entries.items():
+            if (not isinstance(name, str) or not name.startswith(prefix) or not isinstance(shape, list)
+                    or len(shape) > MAX_RANK
+                    or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+                raise bad(f"{what} entry {str(name)[:40]!r}: {json.dumps(shape)[:80]}")
+            checked[name] = tuple(shape)
+        meta[key] = checked
     return meta

@@ -20,6 +20,8 @@ class Example:
     batch_size: int = 32
     target: float = 0.0     # the test accuracy the full run is meant to reach
     about: str = ""
+    optimizer: str = "sgd"  # a name in chainrule.runtime.optim.OPTIMIZERS
+    clipnorm: float | None = None   # gradient clipping by global norm (recurrent networks)
 
 
 EXAMPLES = {
@@ -27,6 +29,9 @@ EXAMPLES = {
                           about="a CNN on scikit-learn's 8x8 digits (80/20 split, seed 0)"),
     "mnist1d-cnn": Example("mnist1d-cnn", "mnist1d", epochs=30, lr=0.2, target=0.94,
                            about="a 1-D CNN on MNIST-1D (4000 train / 1000 test, generated locally)"),
+    "mnist1d-gru": Example("mnist1d-gru", "mnist1d-seq", epochs=25, lr=0.005, target=0.90, optimizer="adam",
+                           clipnorm=1.0, about="a GRU reading MNIST-1D one value at a time (40 steps; 4000 train "
+                           "/ 1000 test, generated locally)"),
     "residual-mlp": Example("residual-mlp", "digits", epochs=40, lr=0.1, target=0.96,
                             about="an MLP with two residual blocks on scikit-learn's digits"),
     # a language model: "epochs" counts Adam steps of one batch each, "target" is a validation loss
@@ -42,11 +47,13 @@ def load_example_data(name: str, dtype="float64"):
     if name == "digits":
         x, y = load_digits(dtype=dtype)
         return train_test_split(x, y, test_size=0.2, seed=0)
-    if name == "mnist1d":
+    if name in ("mnist1d", "mnist1d-seq"):
         x_tr, y_tr = load_mnist1d(dtype=dtype, split="train")
         x_te, y_te = load_mnist1d(dtype=dtype, split="test")
+        if name == "mnist1d-seq":            # a sequence of 40 steps of one value: (N, 40, 1)
+            x_tr, x_te = x_tr[:, :, None].copy(), x_te[:, :, None].copy()
         return x_tr, x_te, y_tr, y_te
-    raise ValueError(f"unknown data set {name!r}: digits or mnist1d")
+    raise ValueError(f"unknown data set {name!r}: digits, mnist1d or mnist1d-seq")
 
 
 def run_example(name: str, out_dir: str | None = None, epochs: int | None = None, progress=True,
@@ -72,9 +79,14 @@ def run_example(name: str, out_dir: str | None = None, epochs: int | None = None
     atomic_write_text(doc_path, explain_model(model, title=f"Backpropagation in the example `{name}`")
                       .to_markdown())
     t_derived = time.perf_counter()
-    cm = compile_model(model, dtype=dtype)
+    from .optim import get_optimizer
+    optimizer = get_optimizer(ex.optimizer, ex.lr)
+    if ex.clipnorm:
+        optimizer.clipnorm = ex.clipnorm
+    # the kernels with the optimiser's update fused into train_step (compiled once)
+    cm = compile_model(model, dtype=dtype, optimizer=getattr(optimizer, "rule", None) or "sgd")
     atomic_write_text(os.path.join(out_dir, f"{name.replace('-', '_')}_model.py"), cm.source)
-    net = Network(model, dtype=dtype, seed=seed, compiled=cm)
+    net = Network(model, dtype=dtype, seed=seed, compiled=cm, optimizer=optimizer)
     x_tr, x_te, y_tr, y_te = load_example_data(ex.data, dtype=dtype)
     t_ready = time.perf_counter()
     print(f"{name}: {ex.about}; {net.n_params()} parameters; {epochs} epochs", file=out)

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..atomic import atomic_write
 from .callbacks import Callback, ProgressBar
-from .checkpoint import FORMAT, FORMAT_VERSION, STATE_PREFIX, inspect_checkpoint
+from .checkpoint import (BUFFER_PREFIX, CALLBACK_PREFIX, FORMAT, FORMAT_VERSION, STATE_PREFIX,
+                         inspect_checkpoint)
 from .data import one_hot, train_test_split
 from .errors import ChainruleError, CheckpointError, DataError, LabelError, ShapeError, TrainingDiverged
 from .optim import SGD, get_optimizer
@@ -153,6 +154,9 @@ class Network:
         self.has_validation = False
         self.epoch = 0                 # epochs completed (what a resumed fit continues from)
         self._rng = None               # the shuffling generator, kept across fits for exact resume
+        self._callbacks = []           # the callbacks of the current (or last) fit
+        self._callback_states = {}     # key -> (meta, arrays) of stateful callbacks, from a checkpoint
+        self.resuming = False          # True while a fit continues a run (initial_epoch > 0)
 
         cm = compiled
         self.input_name, self.target_name = cm.input_name, cm.target_name
@@ -169,6 +173,9 @@ class Network:
         self._facts = declared_facts(model, names={cm.input_name, cm.target_name})
         self.params = cm.init_params(seed=seed)
         self._check_params(self.params, "init_params")
+        # non-trainable state (batch norm's running averages): updated by training steps, read in
+        # evaluation, saved with the parameters
+        self.buffers = cm.init_buffers()
 
     def _ensure_compiled(self):
         """The compiled module whose ``train_step`` fuses the optimiser's declared update."""
@@ -244,6 +251,26 @@ class Network:
         """A copy of the parameters."""
         return {k: self.params[k].copy() for k in self.param_names}
 
+    @property
+    def buffer_names(self):
+        return list(self.compiled.buffer_names)
+
+    def get_buffers(self) -> dict:
+        """A copy of the buffers (running averages)."""
+        return {k: self.buffers[k].copy() for k in self.buffer_names}
+
+    def set_buffers(self, buffers: dict, source="set_buffers"):
+        """Copy ``buffers`` into the network's running averages (checks names and shapes)."""
+        expected = {k: tuple(self.compiled.buffer_shapes[k]) for k in self.buffer_names}
+        got = {k: tuple(np.shape(v)) for k, v in buffers.items()}
+        if got != expected:
+            raise CheckpointError(f"buffers from {source} do not fit network {self.model.name!r}: "
+                                  f"it has {expected}, {source} has {got}")
+        for k in self.buffer_names:
+            v = np.asarray(buffers[k])
+            _check_finite(v, f"buffer {k} from {source}")
+            np.copyto(self.buffers[k], v.astype(self.dtype, copy=False))
+
     def set_params(self, params: dict, source="set_params"):
         """Copy ``params`` into the network's arrays (checks names and shapes)."""
         self._check_params(params, source)
@@ -272,6 +299,11 @@ class Network:
                 "param_shapes": {k: list(s) for k, s in self.param_shapes.items()},
                 "task": self.task, "loss": self.loss_name, "architecture": self.architecture}
         arrays = {k: self.params[k] for k in self.param_names}
+        # the running averages are part of the model in evaluation: always saved
+        meta["buffer_shapes"] = {}
+        for k in self.buffer_names:
+            arrays[f"{BUFFER_PREFIX}{k}"] = self.buffers[k]
+            meta["buffer_shapes"][f"{BUFFER_PREFIX}{k}"] = list(self.buffers[k].shape)
         if training_state:
             opt = self.optimizer
             meta["optimizer"] = {"class": type(opt).__name__, "config": opt.config(),
@@ -279,6 +311,12 @@ class Network:
                                  "state": sorted(f"{p}/{s}" for p in opt.state for s in opt.state[p])}
             meta["epoch"] = int(self.epoch)
             meta["rng"] = self._rng.bit_generator.state if self._rng is not None else None
+            meta["callbacks"], meta["callback_shapes"] = {}, {}
+            for key, (cb_meta, cb_arrays) in self.callback_states().items():
+                meta["callbacks"][key] = cb_meta
+                for name, a in cb_arrays.items():
+                    arrays[f"{CALLBACK_PREFIX}{key}/{name}"] = a
+                    meta["callback_shapes"][f"{CALLBACK_PREFIX}{key}/{name}"] = list(np.shape(a))
             meta["state_shapes"] = {}
             for p, states in opt.state.items():
                 for sname, a in states.items():
@@ -354,6 +392,7 @@ class Network:
                     raise CheckpointError(f"{src}: optimizer state {key} has shape {m.shape}, the "
                                           f"parameter has {self.param_shapes[pname]}")
         self.set_params(ck.read_arrays(), source=src)
+        self._load_buffers(ck, src)
         if saved_opt is not None:
             state = {}
             if same_kind:
@@ -364,19 +403,50 @@ class Network:
             self.optimizer.state = state
             self.optimizer.t = int(saved_opt.get("t", 0)) if same_kind else 0
             self.epoch = int(ck.meta.get("epoch", 0))
+            self._callback_states = self._read_callback_states(ck, src)
+            self._callbacks = []             # what is saved next is the loaded state
             if ck.meta.get("rng") is not None:
                 self._rng = np.random.default_rng()
                 self._rng.bit_generator.state = ck.meta["rng"]
         return self
 
     def load_params(self, path, check_architecture=True):
-        """Load only the parameters of a file saved by :meth:`save` (no optimiser state)."""
+        """Load only the parameters (and the running averages the model evaluates with) of a file
+        saved by :meth:`save` (no optimiser state)."""
         ck = inspect_checkpoint(path)
         self._check_shapes(ck.shapes, os.fspath(path))
         if check_architecture:
             self._check_architecture(ck, os.fspath(path))
         self.set_params(ck.read_arrays(), source=os.fspath(path))
+        self._load_buffers(ck, os.fspath(path))
         return self
+
+    def callback_states(self) -> dict:
+        """``key -> (meta, arrays)`` of the stateful callbacks (early stopping, checkpoints kept
+        when the monitor improves): those of the current fit, else those loaded from a checkpoint."""
+        live = {c.state_key(): c.state() for c in self._callbacks if c.state() is not None}
+        return live if self._callbacks else dict(self._callback_states)
+
+    def saved_callback_state(self, key):
+        """The state a resumed fit's callback continues from (None when not resuming)."""
+        return self._callback_states.get(key) if self.resuming else None
+
+    def _read_callback_states(self, ck, src) -> dict:
+        states = {k: (dict(v), {}) for k, v in (ck.meta.get("callbacks") or {}).items()
+                  if isinstance(v, dict)}
+        for name, a in ck.read_arrays(callbacks=True).items():
+            key, _, array = name[len(CALLBACK_PREFIX):].rpartition("/")
+            if key not in states:
+                raise CheckpointError(f"{src}: callback array {name} belongs to no saved callback")
+            _check_finite(a, f"callback state {name} in {src}")
+            states[key][1][array] = np.ascontiguousarray(a, dtype=self.dtype)
+        return states
+
+    def _load_buffers(self, ck, src):
+        """The running averages of a checkpoint, by name (``__buf__/<name>``)."""
+        buffers = {k[len(BUFFER_PREFIX):]: a for k, a in ck.read_arrays(buffers=True).items()}
+        if buffers or self.buffer_names:
+            self.set_buffers(buffers, source=src)
 
     @classmethod
     def from_checkpoint(cls, path, compiled=None, **kw):
@@ -408,6 +478,7 @@ class Network:
         net = cls(model, dtype=meta["dtype"], compiled=compiled, **kw)
         net._check_architecture(ck, src)
         net.set_params(ck.read_arrays(), source=src)
+        net._load_buffers(ck, src)
         return net
 
     # -- data checks -----------------------------------------------------------------------------
@@ -507,8 +578,9 @@ class Network:
         batch_size = _whole(batch_size, "batch_size", 1, who="predict")
         xs = self._prepare_x(x)
         if len(xs) <= batch_size:
-            return np.asarray(self.compiled.predict(self.params, xs))
-        return np.concatenate([np.asarray(self.compiled.predict(self.params, xs[i:i + batch_size]))
+            return np.asarray(self.compiled.predict(self.params, xs, buffers=self.buffers))
+        return np.concatenate([np.asarray(self.compiled.predict(self.params, xs[i:i + batch_size],
+                                                                buffers=self.buffers))
                                for i in range(0, len(xs), batch_size)])
 
     def predict_classes(self, x):
@@ -532,7 +604,7 @@ class Network:
         for i in range(0, len(xs), batch_size):
             xb, yb = xs[i:i + batch_size], ys[i:i + batch_size]
             if hasattr(self.compiled, "cost"):
-                c = self.compiled.cost(self.params, xb, yb)
+                c = self.compiled.cost(self.params, xb, yb, buffers=self.buffers)
             else:
                 c, _ = self.compiled.loss_and_grads(self.params, xb, yb)
             total += float(c) * len(xb)
@@ -666,13 +738,21 @@ class Network:
                              f"{self.epoch} epochs (from its checkpoint or last fit)")
         rng = self._rng
         reference = None
+        buffers = {"buffers": self.buffers} if self.buffer_names else {}   # custom optimisers: none
+        self.resuming = initial_epoch > 0
+        self._callbacks = callbacks
         for c in callbacks:
             c.on_train_begin()
+        # checkpoints are written after every other callback has seen the epoch, so that they hold
+        # its state (early stopping's best value and patience counter)
+        from .callbacks import ModelCheckpoint
+        at_epoch_end = ([c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+                        + [c for c in callbacks if isinstance(c, ModelCheckpoint)])
         for epoch in range(initial_epoch, epochs):
             for c in callbacks:
                 c.on_epoch_begin(epoch)
             t0 = time.perf_counter()
-            last_good = self.get_params()
+            last_good, last_buffers = self.get_params(), self.get_buffers()
             if shuffle:
                 perm = rng.permutation(n)
                 xe, ye = xs[perm], ys[perm]
@@ -684,15 +764,16 @@ class Network:
                 xb, yb = xe[lo:lo + batch_size], ye[lo:lo + batch_size]
                 if self.compiled.has_noise:      # this step's dropout masks / noise, seeded
                     cost = self.optimizer.step(self.compiled, self.params, xb, yb,
-                                               seed=int(rng.integers(2 ** 31)))
+                                               seed=int(rng.integers(2 ** 31)), **buffers)
                 else:
-                    cost = self.optimizer.step(self.compiled, self.params, xb, yb)
+                    cost = self.optimizer.step(self.compiled, self.params, xb, yb, **buffers)
                 if reference is None and math.isfinite(cost):
                     reference = max(abs(cost), 1.0)
                 exploded = (divergence_factor is not None and reference is not None
                             and cost > divergence_factor * reference)
                 if not math.isfinite(cost) or exploded:
                     self.set_params(last_good, source="the last good parameters")
+                    self.set_buffers(last_buffers, source="the last good buffers")
                     # (the kernels follow IEEE arithmetic: an overflow or a division by zero in
                     # the forward or backward pass arrives here as an inf/NaN cost)
                     why = (f"the cost became {cost} (an overflow or a division by zero in the "
@@ -712,6 +793,7 @@ class Network:
             for k in self.param_names:
                 if not np.all(np.isfinite(self.params[k])):
                     self.set_params(last_good, source="the last good parameters")
+                    self.set_buffers(last_buffers, source="the last good buffers")
                     err = TrainingDiverged(
                         f"training diverged in epoch {epoch + 1}: parameter {k} became non-finite; "
                         f"parameters restored to those at the start of epoch {epoch + 1}",
@@ -735,7 +817,7 @@ class Network:
                     record[f"update_ratio/{k}"] = step_norm / start if start > 0 else math.inf
             history.append(epoch, record)
             self.epoch = epoch + 1
-            for c in callbacks:
+            for c in at_epoch_end:
                 c.on_epoch_end(epoch, logs)
             if self.stop_training:
                 history.stopped_early = True

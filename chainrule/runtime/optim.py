@@ -60,8 +60,9 @@ class Optimizer:
         self.state = {}
         self.t = 0
 
-    def step(self, cm, params: dict, x, y, seed=0) -> float:
-        cost, grads = cm.loss_and_grads(params, x, y, seed)
+    def step(self, cm, params: dict, x, y, seed=0, buffers=None) -> float:
+        """``buffers``: the model's running averages, updated in place by the training step."""
+        cost, grads = cm.loss_and_grads(params, x, y, seed, buffers=buffers)
         self.update(params, grads)
         return float(cost)
 
@@ -107,21 +108,22 @@ class DeclaredOptimizer(Optimizer):
                                                                    low_open=True, owner=owner)
         self.name = rule.name
 
-    def step(self, cm, params, x, y, seed=0):
+    def step(self, cm, params, x, y, seed=0, buffers=None):
         if not self.fused:
-            return self._unfused_step(cm, params, x, y, seed)
+            return self._unfused_step(cm, params, x, y, seed, buffers)
         if cm.optimizer != self.rule:
             raise ValueError(f"the compiled module fuses the {cm.optimizer} update, not {self.rule}")
         if not self.state and cm.state_names:
             self.state = cm.init_state()
         self.t += 1
         return float(cm.train_step(params, x, y, lr=self.lr, state=self.state, step=self.t,
-                                   clip=self.clipnorm or 0.0, seed=seed, **self.hyper))
+                                   clip=self.clipnorm or 0.0, seed=seed, buffers=buffers,
+                                   **self.hyper))
 
-    def _unfused_step(self, cm, params, x, y, seed):
+    def _unfused_step(self, cm, params, x, y, seed, buffers=None):
         """``loss_and_grads`` and the declared update evaluated by NumPy (lambdified from the same
         equations): no ``train_step`` to compile, for quick experiments on big graphs."""
-        cost, grads = cm.loss_and_grads(params, x, y, seed)
+        cost, grads = cm.loss_and_grads(params, x, y, seed, buffers=buffers)
         if self.clipnorm:
             norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads.values()))
             if norm > self.clipnorm:

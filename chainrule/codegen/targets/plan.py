@@ -1,0 +1,248 @@
+"""What an exported function computes: a declaration -> a model -> forward and derived adjoint
+equations -> array statements printed by a target's printer.
+
+Three kinds of declaration, one path:
+
+* a **model** (a ``Model``, a built-in name or a layer-list spec): the function of its parameters,
+  inputs and targets (and random tensors) that returns the cost; its backward is the derived
+  gradient of the cost, times the incoming gradient of the cost;
+* a **loss** (a ``Loss`` or a loss name, with the width of its prediction): the same, for the model
+  made of that loss alone (prediction and target in, batch-mean loss out);
+* a **layer** (any ``Layer``: a built-in, an ``Activation``, a user's own, with its input shape): the
+  function of its input and parameters that returns the layer's output. Its backward is a
+  vector-Jacobian product: chainrule derives it as the gradient of the cost ``C = Σ g ⊙ out`` over a
+  probe tensor ``g``, which *is* the incoming gradient of the output. (Penalties a layer adds to a
+  model's cost, such as a dense layer's ``l2``, are not part of the layer's function.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+from sympy import KroneckerDelta
+
+from ...derive.backprop import compose, derive, recomputed_inside_reductions
+from ...derive.deltas import eliminate_deltas
+from ...derive.errors import UnsupportedError
+from ...derive.graph import Model
+from ...derive.layers import B, LOSSES, Builder, Layer, Loss, sequential
+from ...derive.tensor import Equation, Tensor, index, rename_bound
+from ..lower import comment_text, pretty
+from ..printer import to_conventions
+from ..render import _adjoint_order, _needed
+from .arrays import identifier
+
+MODES = ("model", "loss", "layer")
+
+
+@dataclass
+class Argument:
+    """One argument of the exported function."""
+
+    name: str            # the chainrule tensor name
+    ident: str           # its identifier in the generated code
+    role: str            # input | target | noise | param
+    shape: tuple         # concrete, with "n_batch" for the batch axis
+    init: str | None = None
+    meta: dict = field(default_factory=dict)
+    simplex_axis: int | None = None
+
+
+@dataclass
+class ExportPlan:
+    model: Model
+    mode: str
+    label: str
+    args: list                       # Argument, in the function's order: inputs, targets, noise, params
+    forward: list                    # blocks of lines (each starts with the equation's comment)
+    result: str                      # the identifier returned
+    result_doc: str
+    saved: list                      # identifiers the backward pass reads
+    backward: list
+    grads: list                      # per argument: code of its gradient
+    first_input: str
+    notes: list = field(default_factory=list)
+    predict: list = field(default_factory=list)   # a model's prediction (its first output), no target
+    prediction: str | None = None
+
+
+def model_of(declaration, inputs=None) -> tuple[Model, str]:
+    """(model, mode) for a declaration; ``inputs``: the input width or shape of a layer or a loss."""
+    from ...derive import build_model
+    if isinstance(declaration, Model):
+        return declaration, "model"
+    if isinstance(declaration, str) and declaration.strip() in LOSSES:
+        declaration = LOSSES[declaration.strip()]()
+    if isinstance(declaration, str):
+        return build_model(declaration), "model"
+    if isinstance(declaration, Loss):
+        if inputs is None:
+            raise UnsupportedError(f"export: loss {declaration.name} needs the width of its prediction "
+                                   f"(inputs=N)")
+        return sequential(inputs, [], declaration, name=f"loss-{declaration.name}"), "loss"
+    if isinstance(declaration, Layer):
+        if inputs is None:
+            raise UnsupportedError(f"export: layer {declaration.describe()} needs its input shape "
+                                   f"(inputs=N for (batch, N), or (C, H, W) / (C, L))")
+        return layer_probe(declaration, inputs), "layer"
+    raise UnsupportedError(f"export: cannot export a {type(declaration).__name__}: give a Model, a "
+                           f"model name or spec, a Layer or a Loss")
+
+
+def layer_probe(layer: Layer, inputs) -> Model:
+    """The layer applied to an input, and the cost ``C = Σ g ⊙ out`` over a probe ``g`` of the
+    output's shape: the derived gradient of C is the layer's vector-Jacobian product at ``g``."""
+    d = Builder()
+    shape = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    names = {1: ("n",), 2: ("C", "L"), 3: ("C", "H", "W")}.get(len(shape))
+    if names is None or not all(isinstance(v, int) and v >= 1 for v in shape):
+        raise UnsupportedError(f"export: input shape {inputs!r} of layer {layer.describe()}: give N, "
+                               f"(C, L) or (C, H, W) positive integers")
+    dims = tuple(d.size(n, v) for n, v in zip(names, shape))
+    x = d.tensor("x", (B, *dims), role="input", latex="x")
+    if layer.has_params:
+        d.level += 1
+    d.layer = f"1:{layer.describe()}"
+    out = layer.build(d, x)
+    if out is x:
+        raise UnsupportedError(f"export: layer {layer.describe()} defines no equation (it returns its "
+                               f"input unchanged): there is nothing to export")
+    d.layer = "upstream"
+    taken = {t.name for t in d.tensors}
+    name = next(n for n in ("grad", "grad_out", "grad_probe") + tuple(f"grad{k}" for k in range(99))
+                if n not in taken)
+    g = Tensor(name, out.shape, role="target", latex=r"\bar{g}", layer="upstream")
+    d.tensors.append(g)
+    idx = tuple(index(f"q{k}") for k in range(out.rank))
+    body = g[idx] * out[idx]
+    for v, n in reversed(list(zip(idx, out.shape))):
+        body = sp.Sum(body, (v, 0, n - 1))
+    cost = Tensor("C", (), role="cost", latex="C", layer="upstream")
+    eqs = d.equations + [Equation(cost, (), body, layer="upstream",
+                                  note="the probe cost: the incoming gradient g times the output")]
+    model = Model(eqs, d.tensors + [cost], cost, outputs=[out], size_values=d.size_values,
+                  name=type(layer).__name__ if layer.describe() == "layer" else layer.describe(),
+                  layers=d.layer_log)
+    model.constants = dict(d.constants)
+    model.constant_latex = dict(d.constant_latex)
+    model.probe = g.name
+    model.dropped_penalties = [note for _, note, _ in d.penalties]
+    return model
+
+
+def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
+    model, mode = model_of(declaration, inputs)
+    probe = getattr(model, "probe", None)
+    sizes = {s: sp.Integer(int(v)) for s, v in model.size_values.items()}
+    consts = {s: sp.Float(v) for s, v in getattr(model, "constants", {}).items()}
+
+    def concrete(t):
+        shape = tuple(sp.sympify(s).xreplace(sizes) for s in t.shape)
+        bad = [s for s in shape if s.free_symbols - {B}]
+        if bad:
+            raise UnsupportedError(f"export: tensor {t.name} has size {bad[0]} with no value")
+        return shape
+
+    roles = ("input", "target", "noise", "param")
+    tensors = [t for r in roles for t in model.tensors.values() if t.role == r and t.name != probe]
+    if not any(t.role == "input" for t in tensors):
+        raise UnsupportedError(f"export: model {comment_text(model.name)!r} has no input")
+    wrt = [t.name for t in tensors if t.role != "param"]
+    composed = _derived(model, wrt)
+
+    taken: set = set()
+    names, shapes = {}, {}
+    for t in list(model.tensors.values()) + [d.adjoint for d in composed.values()]:
+        if t.name == probe:
+            continue
+        names[t.name] = identifier(t.name, taken)
+        if t.rank == 0:
+            names[t.symbol] = names[t.name]
+        shapes[t.name] = concrete(t)
+    if probe is not None:                          # the probe is the incoming gradient
+        names[probe] = "grad"
+        shapes[probe] = concrete(model.tensors[probe])
+
+    args = []
+    for t in tensors:
+        shape = tuple("n_batch" if s == B else int(s) for s in shapes[t.name])
+        args.append(Argument(t.name, names[t.name], t.role, shape, init=t.init, meta=dict(t.meta),
+                             simplex_axis=t.simplex_axis))
+    first = next(a.ident for a in args if a.role == "input")
+
+    result_tensor = model.outputs[0] if mode == "layer" else model.cost
+    bwd_eqs = _adjoint_order(composed, model)
+    read = {r for e in bwd_eqs for r, _ in e.reads()}
+    # the forward pass computes the result and every forward tensor the backward pass reads
+    fwd_eqs = _needed(model, [result_tensor.name] + [n for n in read if model.equation_for(n) is not None
+                                                      and model.tensors[n].role != "cost"])
+    printer = printer_cls(names, shapes)
+    printer.taken = taken              # temporaries never take a tensor's name
+    forward = [_block(printer, eq, sizes, consts) for eq in fwd_eqs]
+    backward = [_block(printer, eq, sizes, consts) for eq in bwd_eqs]
+
+    computed = {e.out.name for e in fwd_eqs}
+    saved = [first] + [names[n] for n in model.tensors if n in read and n != probe and names[n] != first
+                       and (n in computed or n in {a.name for a in args})]
+    scale = "" if mode == "layer" else "grad * "
+    grad_codes = []
+    for a in args:
+        if a.name in composed:
+            grad_codes.append(scale + names[composed[a.name].adjoint.name])
+        else:                                    # does not reach the result: its gradient is zero
+            grad_codes.append(None)
+    notes = []
+    for what in getattr(model, "dropped_penalties", []):
+        notes.append(f"{comment_text(what)}: a term of a model's cost, not of the layer's function "
+                     f"(use the optimiser's weight decay, or export the whole model)")
+    for eq in getattr(model, "constraints", []):
+        notes.append(f"{comment_text(eq.note)}: a projection after each update, not part of the "
+                     f"exported function (apply it in the training loop)")
+    label = comment_text(model.name)
+    doc = (f"{names[result_tensor.name]} = {comment_text(result_tensor.name)}, the layer's output"
+           if mode == "layer" else f"{names[result_tensor.name]}, the cost (the batch mean of the loss)")
+    plan = ExportPlan(model, mode, label, args, forward, names[result_tensor.name], doc, saved,
+                      backward, grad_codes, first, notes)
+    if mode != "layer" and model.outputs:
+        out = model.outputs[0]
+        pred_eqs = _needed(model, [out.name])
+        targets = {a.name for a in args if a.role == "target"}
+        if not any(r in targets for e in pred_eqs for r, _ in e.reads()):
+            plan.predict = [_block(printer, eq, sizes, consts) for eq in pred_eqs]
+            plan.prediction = names[out.name]
+    return plan
+
+
+_DERIVED: dict = {}
+
+
+def _derived(model, wrt) -> dict:
+    """The composed adjoint equations of ``model`` (w.r.t. its parameters and ``wrt``), derived once
+    per process and model: the torch and the JAX export of one declaration share the derivation."""
+    from ..cache import model_fingerprint
+    key = (model_fingerprint(model), tuple(wrt))
+    if key not in _DERIVED:
+        grads = derive(model, wrt=wrt)
+        keep = recomputed_inside_reductions(grads)
+        _DERIVED[key] = compose(grads, keep=keep) if keep else grads.composed
+    return _DERIVED[key]
+
+
+def _block(printer, eq, sizes, consts) -> str:
+    """The lines computing one equation, after a comment naming it."""
+    body = sp.sympify(eq.body)
+    if body.has(KroneckerDelta):          # zero padding: the engine's gather form, guarded reads
+        body, _ = eliminate_deltas(body, eq.ranges())
+    body = to_conventions(body.xreplace(sizes).xreplace(consts))
+    body = rename_bound(body, set(eq.indices))
+    out = printer.names[eq.out.name]
+    shape = printer.shapes[eq.out.name]
+    for i, n in zip(eq.indices, shape):
+        printer.enter(i, 0, n - 1)
+    try:
+        lines = printer.statement(out, eq.indices, body)
+    finally:
+        for i in eq.indices:
+            printer.leave(i)
+    note = f" ({comment_text(eq.note)})" if eq.note else ""
+    return "\n".join([f"# {pretty(eq)}{note}"] + lines)

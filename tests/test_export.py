@@ -1,0 +1,384 @@
+"""The PyTorch and JAX exports: the derived backward, verified inside each framework.
+
+For every built-in layer and loss, and for user layers (swish, a bilinear layer, attention, the
+corpus models): ``torch.autograd.gradcheck`` in float64 on the exported ``Function`` (the derived
+backward against PyTorch's finite differences of the exported forward), and
+``jax.test_util.check_grads`` on the exported ``custom_vjp`` function; outputs and gradients equal
+the Numba kernels' on the same inputs. Sizes differ from each other and from 2 (batch 5).
+torch and jax are optional extras: these tests skip where they are missing.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chainrule.derive import Activation, Dense, build_model, sigmoid
+from chainrule.derive import conv as conv_layers
+from chainrule.derive import layers as L
+from chainrule.derive.errors import UnsupportedError
+from chainrule.derive.functional import Residual as Block
+
+import corpus
+
+BATCH = 5
+ROLES = ("input", "target", "noise", "param")
+
+
+def _swish():
+    return Activation("swish", lambda z: z * sigmoid(z))
+
+
+# name -> (declaration factory, inputs): built-in layers, every built-in loss, user layers, models
+LAYERS = {
+    "dense": (lambda: Dense(4), 3),
+    **{f"activation {n}": ((lambda n=n: Activation(n, L.ACTIVATIONS[n])), 4) for n in L.ACTIVATIONS},
+    "softmax": (L.Softmax, 4),
+    "log_softmax": (L.LogSoftmax, 4),
+    "residual": (L.Residual, 3),
+    "layer_norm": (L.LayerNorm, 4),
+    "dropout": (lambda: L.Dropout(0.3), 4),
+    "gaussian noise": (lambda: L.GaussianNoise(0.5), 4),
+    "conv1d": (lambda: conv_layers.Conv1D(2, 3), (3, 7)),
+    "conv2d stride 2 padding 1": (lambda: conv_layers.Conv2D(3, 3, stride=2, padding=1), (1, 7, 7)),
+    "conv2d same": (lambda: conv_layers.Conv2D(2, 3, padding="same"), (1, 5, 5)),
+    "conv2d dilation 2": (lambda: conv_layers.Conv2D(2, 3, dilation=2), (3, 6, 6)),
+    "maxpool": (lambda: conv_layers.MaxPool(2), (3, 6, 4)),
+    "avgpool stride 1": (lambda: conv_layers.AvgPool(2, stride=1), (3, 5, 4)),
+    "global_avgpool": (conv_layers.GlobalAvgPool, (3, 4, 5)),
+    "residual block": (lambda: Block([Dense(3), Activation("relu", L.ACTIVATIONS["relu"]), Dense(3)]), 3),
+    # user layers, declared and nothing else
+    "swish": (_swish, 4),
+    "bilinear": (lambda: corpus.Bilinear(units=3), 4),
+}
+LOSSES = {f"loss {n}": (L.LOSSES[n], 3) for n in L.LOSSES}
+MODELS = {
+    "attention": (corpus.attention, None),
+    "rnn step": (corpus.rnn_step, None),
+    "cnn": (lambda: build_model("7x7 -> conv(3, 3, padding=1, stride=2) -> relu -> maxpool(2) -> flatten "
+                                "-> dense(4) -> softmax_cross_entropy"), None),
+    "swish + huber": (lambda: corpus.corpus()["swish + huber (README)"], None),
+    "batch norm": (lambda: corpus.corpus()["batch norm"], None),
+    "temperature (a scalar parameter)": (lambda: corpus.corpus()["scalar parameter"], None),
+    "dropout mlp": (lambda: L.sequential(5, [Dense(4), L.Dropout(0.25), Dense(3)], "mse", name="drop"), None),
+    "flatten + dense": (lambda: L.sequential((3, 4, 5), [conv_layers.Flatten(), Dense(3)], "mse", name="flat"), None),
+    "l2 weight decay": (lambda: L.sequential(3, [Dense(4, l2=0.01), _swish(), Dense(3)], "mae", name="l2"), None),
+}
+DECLARATIONS = {**LAYERS, **LOSSES, **MODELS}
+# the default run checks one declaration of each construct the printer lowers (a contraction, a
+# moving-limit sum, a gather with stride and padding, a maximum's argmax, a log-sum-exp, a batch
+# statistic, random tensors, user layers); the rest run with -m slow (CI runs them too)
+DEFAULT = ("dense", "softmax", "layer_norm", "dropout", "conv2d stride 2 padding 1", "maxpool",
+           "loss softmax_cross_entropy", "loss bce", "swish", "bilinear", "attention")
+
+
+def sweep(names):
+    return [n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+def declaration(name):
+    make, inputs = DECLARATIONS[name]
+    return make(), inputs
+
+
+def arguments(model):
+    """The exported function's arguments in order (the probe of a layer is the incoming gradient)."""
+    probe = getattr(model, "probe", None)
+    return [t for r in ROLES for t in model.tensors.values() if t.role == r and t.name != probe]
+
+
+def values(model, rng, name=""):
+    """Arrays for every argument, and for a layer the incoming gradient: float64, batch 5, away from
+    the kinks (a ReLU at 0, ties in a maximum) with probability 1; probabilities where declared."""
+    out = {}
+    for t in list(model.tensors.values()):
+        if t.role not in ROLES or t.role == "cost":
+            continue
+        shape = model.concrete_shape(t, B=BATCH)
+        if t.role == "noise":
+            a = (rng.random(shape) < t.meta.get("keep", 0.5)).astype(float) if t.meta["dist"] == "bernoulli" \
+                else rng.normal(size=shape)
+        elif t.simplex_axis is not None:
+            a = rng.random(shape) + 0.1
+            a /= a.sum(axis=t.simplex_axis, keepdims=True)
+        elif name in ("loss bce", "loss cross_entropy") and t.role == "input":
+            a = rng.uniform(0.1, 0.9, size=shape)       # a predicted probability
+        else:
+            a = rng.normal(size=shape)
+        out[t.name] = a
+    return out
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("exports")
+
+
+# -- PyTorch ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sweep(DECLARATIONS))
+def test_torch_gradcheck(name, export_dir):
+    torch = pytest.importorskip("torch")
+    from chainrule.codegen.targets import export, model_of
+    decl, inputs = declaration(name)
+    model, mode = model_of(decl, inputs)
+    mod = export(decl, "torch", inputs=inputs, cache_dir=export_dir)
+    vals = values(model, np.random.default_rng(7), name)
+    args = [torch.tensor(vals[t.name], requires_grad=t.role != "noise" and t.simplex_axis is None)
+            for t in arguments(model)]
+    assert torch.autograd.gradcheck(mod.Function.apply, args, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_torch_backward_is_the_derived_one(export_dir):
+    """The module's source holds the derived adjoint equations (commented) and calls no autograd of
+    its own forward: the gradient that trains is the one chainrule printed."""
+    from chainrule.codegen.targets import render_export
+    src = render_export(corpus.Bilinear(units=3), "torch", inputs=4)
+    assert "class Function(torch.autograd.Function)" in src
+    assert "once_differentiable" in src
+    assert "# d_W1[i,j,k] = " in src and "torch.einsum(" in src
+    assert "torch.autograd.grad" not in src and ".backward(" not in src
+    compile(src, "export", "exec")
+
+
+# -- agreement with the Numba kernels ------------------------------------------------------------
+NUMBA_DEFAULT = ("bilinear", "dropout mlp")
+
+
+def _agree_with_numba(name, export_dir, compiled_declared):
+    torch = pytest.importorskip("torch")
+    from chainrule.codegen.targets import export, model_of
+    decl, inputs = declaration(name)
+    model, mode = model_of(decl, inputs)
+    mod = export(decl, "torch", inputs=inputs, cache_dir=export_dir)
+    cm = compiled_declared(("export", name), lambda: model_of(declaration(name)[0], inputs)[0])
+    vals = values(model, np.random.default_rng(11), name)
+    for t in model.tensors.values():            # Numba evaluates random tensors at their mean
+        if t.role == "noise":
+            vals[t.name] = np.full(model.concrete_shape(t, B=BATCH), t.meta.get("keep", 0.0))
+    args = [torch.tensor(vals[t.name], requires_grad=t.role == "param") for t in arguments(model)]
+    params = {t.name: vals[t.name] for t in model.params}
+    xs = [vals[t.name] for t in model.tensors.values() if t.role == "input"]
+    target = next(t.name for t in model.tensors.values() if t.role == "target")
+    x_arg = xs[0] if len(xs) == 1 else xs
+    out = mod.Function.apply(*args)
+    ps = [a for a, t in zip(args, arguments(model)) if t.role == "param"]
+    if mode == "layer":             # Numba's cost is Σ g·out over the probe g: the VJP at g
+        g = torch.tensor(vals[target])
+        cost, numba_out = cm.forward(params, x_arg, vals[target])
+        np.testing.assert_allclose(out.detach().numpy(), numba_out, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad(out, ps, grad_outputs=g)
+    else:
+        cost, _ = cm.forward(params, x_arg, vals[target])
+        np.testing.assert_allclose(out.item(), cost, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad(out, ps)
+    _, numba_grads = cm.loss_and_grads(params, x_arg, vals[target])
+    compared = 0
+    for t, gr in zip(model.params, grads):
+        np.testing.assert_allclose(gr.numpy(), numba_grads[t.name], rtol=1e-10, atol=1e-12,
+                                   err_msg=f"{name}: d{t.name}")
+        compared += gr.numel()
+    assert compared > 0
+
+
+@pytest.mark.parametrize("name", NUMBA_DEFAULT)
+def test_torch_equals_numba(name, export_dir, compiled_declared):
+    _agree_with_numba(name, export_dir, compiled_declared)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in DECLARATIONS if n not in NUMBA_DEFAULT])
+def test_torch_equals_numba_everywhere(name, export_dir, compiled_declared):
+    from chainrule.codegen.targets import model_of
+    if not model_of(*declaration(name))[0].params:
+        pytest.skip("no parameters: Numba compiles models with parameters only")
+    _agree_with_numba(name, export_dir, compiled_declared)
+
+
+# -- JAX -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def jax64():
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    yield jax
+    jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.parametrize("name", sweep(DECLARATIONS))
+def test_jax_check_grads(name, export_dir, jax64):
+    from jax.test_util import check_grads
+    import jax.numpy as jnp
+    from chainrule.codegen.targets import export, model_of
+    decl, inputs = declaration(name)
+    model, mode = model_of(decl, inputs)
+    mod = export(decl, "jax", inputs=inputs, cache_dir=export_dir)
+    vals = values(model, np.random.default_rng(7), name)
+    ts = arguments(model)
+    fixed = {k: jnp.asarray(vals[t.name]) for k, t in enumerate(ts) if t.role == "noise"}
+    free = [k for k, t in enumerate(ts) if t.role != "noise"]
+
+    def f(*xs):
+        full = dict(fixed)
+        full.update(zip(free, xs))
+        return mod.apply(*[full[k] for k in range(len(ts))])
+    check_grads(jax64.jit(f), [jnp.asarray(vals[ts[k].name]) for k in free], order=1, modes=("rev",),
+                eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["conv2d stride 2 padding 1", "attention", "loss bce", "dropout"])
+def test_jax_equals_torch(name, export_dir, jax64):
+    torch = pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+    from chainrule.codegen.targets import export, model_of
+    decl, inputs = declaration(name)
+    model, mode = model_of(decl, inputs)
+    tm = export(decl, "torch", inputs=inputs, cache_dir=export_dir)
+    jm = export(decl, "jax", inputs=inputs, cache_dir=export_dir)
+    vals = values(model, np.random.default_rng(3), name)
+    ts = arguments(model)
+    targs = [torch.tensor(vals[t.name], requires_grad=True) for t in ts]
+    out = tm.Function.apply(*targs)
+    cot = np.random.default_rng(4).normal(size=tuple(out.shape))
+    tg = torch.autograd.grad(out, targs, grad_outputs=torch.tensor(cot))
+    jout, vjp = jax.vjp(jax.jit(jm.apply), *[jnp.asarray(vals[t.name]) for t in ts])
+    jg = vjp(jnp.asarray(cot))
+    np.testing.assert_allclose(np.asarray(jout), out.detach().numpy(), rtol=1e-12, atol=1e-12)
+    for t, a, b in zip(ts, tg, jg):
+        np.testing.assert_allclose(np.asarray(b), a.numpy(), rtol=1e-10, atol=1e-12, err_msg=t.name)
+
+
+# -- errors, cache and the command line -------------------------------------------------------------
+def test_a_layer_needs_its_input_shape():
+    from chainrule.codegen.targets import render_export
+    with pytest.raises(UnsupportedError, match=r"layer dense\(4\) needs its input shape"):
+        render_export(Dense(4), "torch")
+    with pytest.raises(UnsupportedError, match="layer flatten defines no equation"):
+        render_export(conv_layers.Flatten(), "torch", inputs=(3, 4, 5))
+    with pytest.raises(UnsupportedError, match="unknown target 'tf'; known: numba, torch, jax"):
+        render_export("perceptron", "tf")
+
+
+def test_torch_refuses_a_target_that_breaks_its_declared_fact(export_dir):
+    torch = pytest.importorskip("torch")
+    from chainrule.codegen.targets import export
+    mod = export("3 -> dense(4) -> softmax_cross_entropy", "torch", cache_dir=export_dir)
+    m = mod.Module(seed=0, dtype=torch.float64)
+    x = torch.ones(5, 3, dtype=torch.float64)
+    y = torch.zeros(5, 4, dtype=torch.float64)
+    y[:, 1] = 1.0
+    y[3] = 0.0                                  # a masked row: the derived p - y would be wrong
+    with pytest.raises(ValueError, match="target y1 breaks the fact sum over axis 1 of y1 = 1.*row 3"):
+        m(x, y)
+    with pytest.raises(ValueError, match=r"input x has shape \(5, 4\), expected \(B, 3\)"):
+        m(torch.ones(5, 4, dtype=torch.float64), y)
+
+
+def test_export_is_cached_on_disk(export_dir):
+    pytest.importorskip("torch")
+    from chainrule.codegen.targets import export
+    first = export(_swish(), "torch", inputs=4, cache_dir=export_dir)
+    path = Path(first.chainrule_source_path)
+    assert path.is_file() and path.parent == Path(export_dir)
+    stamp = path.stat().st_mtime_ns
+    again = export(_swish(), "torch", inputs=4, cache_dir=export_dir)
+    assert Path(again.chainrule_source_path) == path and path.stat().st_mtime_ns == stamp
+
+
+def test_dropout_module_draws_masks_in_training_only(export_dir):
+    torch = pytest.importorskip("torch")
+    from chainrule.codegen.targets import to_torch
+    m = to_torch(L.Dropout(0.5), inputs=4, dtype=torch.float64, cache_dir=export_dir)
+    x = torch.rand(400, 4, dtype=torch.float64) + 1.0
+    m.eval()
+    assert torch.equal(m(x), x)                          # the mask at its mean: the identity
+    m.train()
+    out = m(x)
+    kept = out != 0
+    assert torch.allclose(out[kept], 2 * x[kept])         # inverted dropout: kept entries / (1 - p)
+    assert 0.4 < kept.double().mean().item() < 0.6
+
+
+def test_model_predict_equals_numba(export_dir, compiled_declared):
+    """A whole model's Module.predict (and JAX's predict): its first output, equal to Numba's."""
+    torch = pytest.importorskip("torch")
+    from chainrule.codegen.targets import export, model_of
+    decl, _ = declaration("dropout mlp")
+    model, _ = model_of(decl)
+    m = export(decl, "torch", cache_dir=export_dir).Module(seed=3, dtype=torch.float64)
+    cm = compiled_declared(("export", "dropout mlp"), lambda: model_of(declaration("dropout mlp")[0])[0])
+    x = np.random.default_rng(5).normal(size=(BATCH, 5))
+    params = {t.name: getattr(m, t.name).detach().numpy() for t in model.params}
+    ref = cm.init_params(seed=3)
+    for k in params:                             # the module's initialisation is chainrule's
+        np.testing.assert_array_equal(params[k], ref[k])
+    np.testing.assert_allclose(m.predict(torch.tensor(x)).numpy(), cm.predict(params, x), rtol=1e-12, atol=1e-12)
+
+
+def test_layer_penalty_is_named_in_the_module(export_dir):
+    from chainrule.codegen.targets import render_export
+    src = render_export(Dense(3, l2=0.1), "torch", inputs=4)
+    assert "# note: L2 weight decay on W1: a term of a model's cost, not of the layer's function" in src
+
+
+def test_the_core_imports_neither_torch_nor_jax():
+    code = ("import sys, chainrule, chainrule.codegen, chainrule.runtime\n"
+            "from chainrule.codegen.targets import render_export\n"
+            "render_export('perceptron', 'torch'); render_export('perceptron', 'jax')\n"
+            "print(sorted(m for m in ('torch', 'jax', 'jaxlib') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_cli_codegen_target_torch(tmp_path):
+    out = tmp_path / "perceptron_torch.py"
+    r = subprocess.run([sys.executable, "-m", "chainrule.cli", "codegen", "perceptron", "--target", "torch",
+                        "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    src = out.read_text()
+    assert "torch.autograd.Function" in src and "# d_W1[o,i] = " in src
+    compile(src, str(out), "exec")
+
+
+@pytest.mark.slow
+def test_ddp_example_matches_one_process(tmp_path):
+    """examples/ddp_export.py, briefly: 2 gloo processes train a model holding an exported chainrule
+    layer; both ranks end with identical parameters, equal to a one-process run on the same global
+    batches (float64, to rounding), and the loss falls."""
+    pytest.importorskip("torch")
+    import json
+    import os
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CHAINRULE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, str(root / "examples" / "ddp_export.py"), "--steps", "12",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads((tmp_path / "out" / "ddp_summary.json").read_text())
+    assert s["world"] == 2 and len(s["losses"]) == 12
+    assert s["between_ranks"] == 0.0
+    assert s["vs_single"] < 1e-9
+    assert np.mean(s["losses"][-3:]) < np.mean(s["losses"][:3])
+
+
+def test_readme_three_lines_train_in_float32(export_dir):
+    """The README's export of a user's layer into a PyTorch model, in float32: the model trains."""
+    torch = pytest.importorskip("torch")
+    from chainrule.codegen.targets import to_torch
+    torch.manual_seed(0)
+    layer = to_torch(corpus.Bilinear(units=3), inputs=4, cache_dir=export_dir)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), layer, torch.nn.Linear(3, 2))
+    assert layer.W1.dtype == torch.float32 and layer.W1.shape == (4, 4, 3)
+    x, y = torch.randn(64, 6), torch.randn(64, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert layer.W1.grad is not None and layer.W1.grad.abs().sum() > 0
+    assert losses[-1] < 0.9 * losses[0]
