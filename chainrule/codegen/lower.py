@@ -948,11 +948,18 @@ class Lowerer:
                  f"{name} = np.zeros({self.shape_code(self.tensors[info['out']])}, dtype=DT)"]
         limits = list(body.limits)
         red_vars = [v for v, _, _ in limits]
+        function, at = _scatter(body.function, loop_vars)
         blocks = [_Block(set(red_vars) | set(loop_vars) | self.outer_bound)]
-        value = self.emit_expr(body.function, blocks)
-        target = "%s[%s]" % (name, ", ".join(str(v) for v in loop_vars))
+        value = self.emit_expr(function, blocks)
+        target = (self.pe(self.tensors[info["out"]].base[tuple(at.get(v, v) for v in loop_vars)]) if at
+                  else "%s[%s]" % (name, ", ".join(str(v) for v in loop_vars)))
         nested = blocks[0].lines + [f"{target} += {value}"]
+        if at:       # an output index fixed by the term's condition: written there, not looped over
+            nested = [f"# scatter: the condition {comment_text(', '.join(f'{v} = {e}' for v, e in at.items()))} "
+                      f"picks the one entry each term adds to"] + nested
         for d in range(len(loop_vars), 0, -1):
+            if loop_vars[d - 1] in at:
+                continue
             nested = [f"for {loop_vars[d - 1]} in range({self.pe(shape[d - 1])}):"] + [IND + ln for ln in nested]
         for v, lo, hi in limits:                 # reduction loops outermost
             nested = [f"for {self.names[v]} in {self.range_code(lo, hi)}:"] + [IND + ln for ln in nested]
@@ -1016,6 +1023,20 @@ def outermost_reductions(expr) -> list:
         if not isinstance(e, sp.Indexed):
             stack.extend(reversed(e.args))
     return out
+
+
+def _scatter(function, loop_vars):
+    """``Piecewise((f, Eq(j, e)), (0, True))`` with ``j`` an output index that ``f`` and ``e`` do not
+    read (an embedding's gradient ``Σ_{b,t} [j = x[b, t]] δ[b, t, o]``) -> (f, {j: e}): each term
+    adds to one entry, so the kernel scatters into ``out[e]`` instead of testing every ``j``."""
+    if isinstance(function, sp.Piecewise) and len(function.args) == 2 and function.args[1].expr == 0 \
+            and isinstance(function.args[0].cond, sp.Eq):
+        f, cond = function.args[0]
+        for j, e in ((cond.lhs, cond.rhs), (cond.rhs, cond.lhs)):
+            if j in loop_vars and j not in f.free_symbols and j not in sp.sympify(e).free_symbols \
+                    and not (set(sp.sympify(e).free_symbols) & set(loop_vars)):
+                return f, {j: e}
+    return function, {}
 
 
 def _coefficient(body):
