@@ -150,9 +150,11 @@ def test_graph_svg_has_one_node_per_tensor_and_equation_and_an_edge_per_read(sit
                {eq.out.name for eq in model.equations}
         assert svg.count('<g class="node') == len(used) + len(model.equations), name
         reads = sum(len({r for r, _ in eq.reads() if r in model.tensors}) for eq in model.equations)
-        assert svg.count('class="edge"') == reads + len(model.equations), name
+        assert svg.count('class="edge') == reads + len(model.equations), name
         nodes, edges = graph_nodes(model)
-        assert len(edges) == svg.count('class="edge"')
+        assert len(edges) == svg.count('class="edge')
+        # a residual connection skips rows: drawn apart (never hidden behind the nodes it skips)
+        assert svg.count('class="edge skip"') == (2 if name == "residual-mlp" else 0), name
         for eq in model.equations:                 # every equation node links to its equation
             assert f'href="#eq-{eq.out.name}"' in svg
 

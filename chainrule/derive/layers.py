@@ -358,6 +358,7 @@ class BatchNorm(Layer):
 
     has_params = True
     name = "batchnorm"
+    doc_example = "5 -> dense(4) -> batchnorm -> relu -> dense(3) -> mse"
 
     def __init__(self, momentum: float = 0.1, eps: float = 1e-5):
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:

@@ -13,6 +13,7 @@ from ..derive.tensor import shape_str
 from .html import anchor
 
 ROW, COL, PAD = 64, 150, 20          # pixels between rows, between columns, around the drawing
+LEFT = 60                            # room on the left for edges that skip rows (residual connections)
 NODE_W, NODE_H = 132, 34
 
 _ROLE_CLASS = {"param": "param", "input": "input", "target": "input", "noise": "noise",
@@ -46,13 +47,18 @@ def graph_nodes(model: Model):
     order = {name: k for k, name in enumerate(model.tensors)}   # declaration order: the same drawing every run
     for eq in model.equations:
         key = f"e:{eq.out.name}"
-        layer = eq.layer.split(":", 1)[-1] if eq.layer else ""
-        nodes[key] = Node(key, "=", layer[:22], "equation", f"#{anchor(eq.out.name)}",
+        nodes[key] = Node(key, "=", _layer_label(eq.layer), "equation", f"#{anchor(eq.out.name)}",
                           f"{eq.out.name}: {eq.note}" if eq.note else eq.out.name)
         for name in sorted({r for r, _ in eq.reads() if r in model.tensors}, key=order.__getitem__):
             edges.append((tensor_node(name), key))
         edges.append((key, tensor_node(eq.out.name)))
     return nodes, edges
+
+
+def _layer_label(layer: str) -> str:
+    """'3:residual(...).2:relu' -> 'relu'; a long name is cut at its arguments: 'residual(…)'."""
+    label = layer.rsplit(":", 1)[-1] if layer else ""
+    return label if len(label) <= 22 else label.split("(", 1)[0] + "(…)"
 
 
 def _layout(nodes: dict, edges: list):
@@ -75,23 +81,34 @@ def _layout(nodes: dict, edges: list):
 
 
 def _xy(node: Node) -> tuple[float, float]:
-    return PAD + node.col * COL + NODE_W / 2, PAD + node.row * ROW + NODE_H / 2
+    return LEFT + node.col * COL + NODE_W / 2, PAD + node.row * ROW + NODE_H / 2
+
+
+def _edge(a: Node, b: Node) -> str:
+    """From the bottom of ``a`` to the top of ``b``; an edge that skips rows leaves ``a``'s left side
+    and bows out to the left, so that it never runs hidden behind the nodes between them."""
+    (x1, y1), (x2, y2) = _xy(a), _xy(b)
+    if b.row - a.row > 1:
+        x1, x2 = x1 - NODE_W / 2, x2 - NODE_W / 2
+        bow = min(x1, x2) - LEFT + 8
+        d = f"M{x1:.0f},{y1:.0f} C{bow:.0f},{y1:.0f} {bow:.0f},{y2:.0f} {x2:.0f},{y2:.0f}"
+        return f'<path class="edge skip" d="{d}" marker-end="url(#arrow)"/>'
+    y1, y2 = y1 + NODE_H / 2, y2 - NODE_H / 2
+    mid = (y1 + y2) / 2
+    return (f'<path class="edge" d="M{x1:.0f},{y1:.0f} C{x1:.0f},{mid:.0f} {x2:.0f},{mid:.0f} '
+            f'{x2:.0f},{y2:.0f}" marker-end="url(#arrow)"/>')
 
 
 def model_svg(model: Model) -> str:
     nodes, edges = graph_nodes(model)
     cols, rows = _layout(nodes, edges)
-    width, height = 2 * PAD + (cols - 1) * COL + NODE_W, 2 * PAD + (rows - 1) * ROW + NODE_H
+    width, height = LEFT + PAD + (cols - 1) * COL + NODE_W, 2 * PAD + (rows - 1) * ROW + NODE_H
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="graph" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="computation graph of {escape(model.name)}">',
              '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
              'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#667"/></marker></defs>']
     for a, b in edges:
-        (x1, y1), (x2, y2) = _xy(nodes[a]), _xy(nodes[b])
-        y1, y2 = y1 + NODE_H / 2, y2 - NODE_H / 2
-        mid = (y1 + y2) / 2
-        parts.append(f'<path class="edge" d="M{x1:.0f},{y1:.0f} C{x1:.0f},{mid:.0f} {x2:.0f},{mid:.0f} '
-                     f'{x2:.0f},{y2:.0f}" marker-end="url(#arrow)"/>')
+        parts.append(_edge(nodes[a], nodes[b]))
     for node in nodes.values():
         x, y = _xy(node)
         shape = (f'<rect x="{x - NODE_W / 2:.0f}" y="{y - NODE_H / 2:.0f}" width="{NODE_W}" height="{NODE_H}" '
