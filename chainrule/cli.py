@@ -35,6 +35,18 @@ def _writable_dir(path: Path, option: str):
         raise UsageError(f"{option} {path}: cannot write there: {why}")
 
 
+def _docs_preflight(args):
+    if args.pdf:
+        import shutil
+        if args.model:
+            raise UsageError("--pdf builds the whole book: run it without MODEL arguments")
+        if shutil.which("pdflatex") is None:
+            raise UsageError("--pdf needs pdflatex (Debian: apt-get install texlive-latex-recommended "
+                             "texlive-fonts-recommended)")
+    if args.experiments and not Path(args.experiments).is_dir():
+        raise UsageError(f"--experiments {args.experiments} is not a directory")
+
+
 def _writable_file(path: str, option: str):
     p = Path(path)
     if p.is_dir():
@@ -56,6 +68,7 @@ def _preflight(args):
     elif cmd == "demo":
         _writable_dir(Path(args.out), "--out")
     elif cmd == "docs":
+        _docs_preflight(args)
         _writable_dir(Path(args.out), "--out")
     if cmd == "demo" or (cmd == "verify" and not args.claim and not args.symbolic_only):
         from .codegen.cache import prepare_cache_dir
@@ -200,14 +213,17 @@ def cmd_codegen(args) -> int:
 
 
 def cmd_docs(args) -> int:
-    from .derive import BUILTIN_MODELS, build_model, explain_model
-    out = Path(args.out)
-    for name in BUILTIN_MODELS:
-        _write(explain_model(build_model(name)).to_markdown(), str(out / f"{name}.md"))
-    from .derive.optimizers import RULES, explain_decoupled_decay, explain_optimizer
-    for name in RULES:
-        _write(explain_optimizer(name).to_markdown(), str(out / "optimizers" / f"{name}.md"))
-    _write(explain_decoupled_decay().to_markdown(), str(out / "optimizers" / "adamw-vs-l2.md"))
+    """The offline site (and with --pdf the book); with MODEL arguments, their pages added to it."""
+    from .docs import build_site, build_user_pages
+    say = (lambda *a: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
+    if args.model:
+        build_user_pages(args.model, args.out, log=say)
+    else:
+        build_site(args.out, experiments=args.experiments, pdf=args.pdf, log=say)
+    index = Path(args.out) / "index.html"
+    print(f"site: {index.resolve().as_uri()}")
+    if args.pdf and not args.model:
+        print(f"book: {Path(args.out) / 'book.pdf'}")
     return 0
 
 
@@ -336,8 +352,13 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output")
     p.set_defaults(fn=cmd_optimizer)
 
-    p = sub.add_parser("docs", help="regenerate the derivation pages of every built-in model and optimiser")
-    p.add_argument("--out", default="docs/derivations")
+    p = sub.add_parser("docs", help="build the offline documentation site (and the PDF book with --pdf)",
+                       epilog=_model_help(), formatter_class=fmt)
+    p.add_argument("model", nargs="*", help="your models (built-in names or specs): their pages are added to the site")
+    p.add_argument("--out", default="docs/site", help="the site's folder (default: ./docs/site)")
+    p.add_argument("--pdf", action="store_true", help="also typeset book.pdf with pdflatex")
+    p.add_argument("--experiments", metavar="DIR", help="include the plots `chainrule experiment` wrote into DIR")
+    p.add_argument("--quiet", action="store_true", help="do not list the pages written")
     p.set_defaults(fn=cmd_docs)
 
     args = parser.parse_args(argv)

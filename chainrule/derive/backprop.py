@@ -245,7 +245,8 @@ def compose(grads: Gradients, keep=frozenset()) -> dict[str, AdjointDerivation]:
             continue
         expr, steps = d.equation.body, []
         for _ in range(len(derivs)):
-            hits = [m for m in inline if derivs[m].adjoint.name in {r for r, _ in reads(expr)}]
+            # in derivation order, not set order: the same steps and the same printed form every run
+            hits = [m for m in derivs if m in inline and derivs[m].adjoint.name in {r for r, _ in reads(expr)}]
             if not hits:
                 break
             before = expr

@@ -76,6 +76,7 @@ class Conv(Layer):
     """
 
     has_params = True
+    doc_example = "6x6 -> conv(2, 3) -> relu -> flatten -> dense(3) -> softmax_cross_entropy"
 
     def __init__(self, filters: int, kernel, *, dims: int | None = None, stride=1, padding="valid", dilation=1,
                  bias: bool = True, in_channels: int | None = None, init: str = "he"):
@@ -192,6 +193,8 @@ class _Pool(Layer):
 class AvgPool(_Pool):
     """``y[b, c, h, w] = (1/k²) Σ_p Σ_q x[b, c, s h + p, s w + q]``: the mean over each window."""
 
+    doc_example = "7x7 -> conv(2, 2) -> avgpool(2) -> flatten -> dense(3) -> mse"
+
     kind, what = "avgpool", "mean"
 
     def reduce(self, read, limits, K):
@@ -201,6 +204,8 @@ class AvgPool(_Pool):
 class MaxPool(_Pool):
     """``y[b, c, h, w] = max_{p,q} x[b, c, s h + p, s w + q]``: the largest value in each window
     (ties: the first position in row-major order, as PyTorch; see ``MaxOver``)."""
+
+    doc_example = "7x7 -> conv(2, 2) -> maxpool(2) -> flatten -> dense(3) -> mse"
 
     kind, what = "maxpool", "maximum"
 
@@ -212,6 +217,7 @@ class GlobalAvgPool(Layer):
     """``g[b, c] = (1/HW) Σ_h Σ_w x[b, c, h, w]``: one feature per channel."""
 
     name = "global_avgpool"
+    doc_example = "6x6 -> conv(3, 3) -> global_avgpool -> dense(2) -> mse"
 
     def build(self, d, x):
         if x.rank < 3:
@@ -232,6 +238,7 @@ class Flatten(Layer):
     same map as a dense layer on the flattened vector, with the same gradients."""
 
     name = "flatten"
+    doc_example = "5x5 -> conv(2, 3) -> flatten -> dense(3) -> mse"
 
     def build(self, d, x):
         if x.rank < 2:

@@ -36,6 +36,21 @@ class Para:
 @dataclass
 class Display:
     tex: str               # one display equation
+    ref: str | None = None  # the tensor it defines (forward) or the adjoint it gives: an anchor for links
+
+
+@dataclass
+class Code:
+    """A runnable snippet (Python), shown as is."""
+    text: str
+    language: str = "python"
+
+
+@dataclass
+class Figure:
+    """An image file (a plot an experiment wrote), with its caption."""
+    path: str
+    caption: str
 
 
 @dataclass
@@ -91,6 +106,12 @@ class MarkdownPrinter:
     def _Bullets(self, b):
         return [f"- {item}" for item in b.items]
 
+    def _Code(self, b):
+        return [f"```{b.language}", b.text.rstrip("\n"), "```"]
+
+    def _Figure(self, b):
+        return [f"![{b.caption}]({b.path})"]
+
 
 _LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                   "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
@@ -119,13 +140,19 @@ _UNICODE_MATH = {"→": r"$\to$", "←": r"$\leftarrow$", "≤": r"$\le$", "≥"
                  "–": "--", "—": "---", "’": "'", "‘": "`", "√": r"$\surd$", "∑": r"$\sum$", "ᵀ": r"$^\top$"}
 
 
+_SCRIPTS = {**{c: f"$^{{{k}}}$" for k, c in enumerate("⁰¹²³⁴⁵⁶⁷⁸⁹")},
+            **{c: f"$_{{{k}}}$" for k, c in enumerate("₀₁₂₃₄₅₆₇₈₉")}}
+_UNICODE_MATH.update(_SCRIPTS)
+
+
 def _greek(c: str) -> str | None:
     """Greek letters in prose (σ, δ, Σ) as pdflatex math: σ -> $\\sigma$."""
     import unicodedata
     name = unicodedata.name(c, "")
     for prefix, case in (("GREEK SMALL LETTER ", str.lower), ("GREEK CAPITAL LETTER ", str.capitalize)):
         if name.startswith(prefix):
-            return rf"$\{case(name[len(prefix):])}$"
+            letter = name[len(prefix):].replace("LAMDA", "LAMBDA")     # Unicode spells λ "lamda"
+            return rf"$\{case(letter)}$"
     return None
 
 
@@ -155,6 +182,13 @@ class LatexDocPrinter:
 
     def _Bullets(self, b):
         return [r"\begin{itemize}"] + [r"\item " + latex_text(i) for i in b.items] + [r"\end{itemize}"]
+
+    def _Code(self, b):
+        return [r"\begin{verbatim}", b.text.rstrip("\n"), r"\end{verbatim}"]
+
+    def _Figure(self, b):      # needs graphicx (the book's preamble loads it)
+        return [r"\begin{center}", rf"\includegraphics[width=0.8\linewidth]{{{b.path}}}",
+                r"\par " + latex_text(b.caption), r"\end{center}"]
 
 
 # -- writing explanations ---------------------------------------------------------------------------
@@ -254,15 +288,15 @@ def explain_model(model: Model, grads: Gradients | None = None, title: str | Non
         if eq.out.role in ("loss", "cost"):
             continue
         doc.add(Para(f"Layer {eq.layer.replace(':', ' (', 1)}): {eq.note}; ${eq.out.latex}$ has shape ${w.shape(eq.out)}$."),
-                Display(w.equation(eq)), *w.matrix_blocks(eq))
+                Display(w.equation(eq), ref=eq.out.name), *w.matrix_blocks(eq))
 
     doc.add(Heading(1, "Loss and cost"))
     for eq in model.equations:
         if eq.out.role == "loss":
-            doc.add(Para(f"The loss is per example ({eq.note}):"), Display(w.equation(eq)))
+            doc.add(Para(f"The loss is per example ({eq.note}):"), Display(w.equation(eq), ref=eq.out.name))
         if eq.out.role == "cost":
             doc.add(Para("The cost averages the per-example losses over the batch; "
-                         "gradient descent minimises the cost:"), Display(w.equation(eq)))
+                         "gradient descent minimises the cost:"), Display(w.equation(eq), ref=eq.out.name))
 
     doc.add(Heading(1, "Backward pass, one tensor at a time"))
     doc.add(Para("For each tensor read by an equation, the chain rule sums the upstream adjoint times "
@@ -280,7 +314,9 @@ def explain_model(model: Model, grads: Gradients | None = None, title: str | Non
                  "the recursion for $\\delta^{(l)}$ and the parameter gradients:"))
     for name, d in grads.composed.items():
         doc.add(Heading(2, f"${w.tex(d.equation.lhs)}$"))
-        doc.add(*w.steps(d) if d.steps else [Display(w.equation(d.equation))])   # last step = result
+        result = w.steps(d) if d.steps else [Display(w.equation(d.equation))]   # last step = result
+        result[-1].ref = d.equation.out.name          # what the kernels compute: linked to their code
+        doc.add(*result)
         doc.add(*w.patterns(d.equation))
         doc.add(*w.matrix_blocks(d.equation), *w.matrix_blocks(d.equation, per_example=True))
     constraints = getattr(model, "constraints", [])

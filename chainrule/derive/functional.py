@@ -22,6 +22,8 @@ def _elementwise(t):
 class Residual(Layer):
     """``h = x + f(x)``, ``f`` a list of layers that keeps the shape of ``x``."""
 
+    doc_example = "5 -> dense(4) -> residual(dense(4) -> relu -> dense(4)) -> dense(3) -> mse"
+
     def __init__(self, layers):
         self.layers = list(layers)
         self.name = "residual"

@@ -158,6 +158,9 @@ class Layer:
 
     name = "layer"
     has_params = False
+    # the smallest model that shows the layer at work, for its documentation page (chainrule.docs):
+    # a layer-list spec, or a function of no arguments returning a Model (for layers a spec cannot name)
+    doc_example = None
 
     def build(self, d: Builder, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -182,6 +185,7 @@ class Dense(Layer):
     max_norm: float | None = None   # after each update, rows of W projected onto ‖W_o‖ ≤ max_norm
     name = "dense"
     has_params = True
+    doc_example = "5 -> dense(4) -> sigmoid -> dense(3) -> mse"
 
     def __post_init__(self):
         if not isinstance(self.units, sp.Expr):   # a size symbol: the width of another tensor (residual)
@@ -264,6 +268,7 @@ class Residual(Layer):
 
     has_params = True
     name = "residual"
+    doc_example = staticmethod(lambda: sequential(5, [Dense(4), Residual("relu"), Dense(3)], "mse"))
 
     def __init__(self, activation: str = "relu", init: str = "he"):
         if activation not in ACTIVATIONS:
@@ -292,6 +297,7 @@ class LayerNorm(Layer):
 
     has_params = True
     name = "layer_norm"
+    doc_example = staticmethod(lambda: sequential(5, [Dense(4), LayerNorm(), Dense(3)], "mse"))
 
     def __init__(self, eps: float = 1e-5):
         if check_strength("layer_norm: eps", eps) == 0:
@@ -328,6 +334,7 @@ class BatchNorm(Layer):
 
     has_params = True
     name = "batchnorm"
+    doc_example = "5 -> dense(4) -> batchnorm -> relu -> dense(3) -> mse"
 
     def __init__(self, momentum: float = 0.1, eps: float = 1e-5):
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:
@@ -379,6 +386,7 @@ class Dropout(Layer):
     (from a seeded generator); in evaluation m is its mean 1 - p, so the layer is the identity."""
 
     name = "dropout"
+    doc_example = staticmethod(lambda: sequential(5, [Dense(4), Dropout(0.25), Dense(3)], "mse"))
 
     def __init__(self, rate: float):
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
@@ -402,6 +410,7 @@ class GaussianNoise(Layer):
     """Additive noise a = x + σ ε, ε ~ N(0, 1) drawn at every training step; 0 in evaluation."""
 
     name = "noise"
+    doc_example = staticmethod(lambda: sequential(5, [GaussianNoise(0.1), Dense(3)], "mse"))
 
     def __init__(self, std: float):
         check_strength("noise: std", std)
@@ -436,6 +445,8 @@ class ActivityRegularization(Layer):
     """The identity, adding to the cost the batch mean of λ₂/2 Σ a² and λ₁ Σ |a| over its input."""
 
     name = "activity"
+    doc_example = staticmethod(lambda: sequential(5, [Dense(4), ActivityRegularization(l2=0.01, l1=0.001), Dense(3)],
+                                                  "mse"))
 
     def __init__(self, l2=0.0, l1=0.0):
         self.l2 = check_strength("activity: l2", l2)
@@ -489,6 +500,7 @@ class Softmax(Layer):
     """p_bk = exp(z_bk - LSE_m z_bm): softmax over the last axis, in its stable form."""
 
     name = "softmax"
+    doc_example = "5 -> dense(4) -> softmax -> cross_entropy"
 
     def build(self, d, x):
         p = d.tensor("p", x.shape)
@@ -500,6 +512,7 @@ class LogSoftmax(Layer):
     """s_bk = z_bk - LSE_m z_bm."""
 
     name = "log_softmax"
+    doc_example = "5 -> dense(4) -> log_softmax -> nll"
 
     def build(self, d, x):
         s = d.tensor("s", x.shape)

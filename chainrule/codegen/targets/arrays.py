@@ -27,9 +27,8 @@ from sympy.printing.printer import Printer
 
 from ...derive.errors import UnsupportedError
 from ...derive.layers import B as BATCH
-from ...derive.primitives import IsArgmax, LogSumExp, MaxOver, leaky_relu, relu, sigmoid, softplus, step
+from ...derive.primitives import MaxOver
 
-REDUCTIONS = (sp.Sum, LogSumExp, MaxOver)
 RESERVED = {"torch", "jax", "jnp", "np", "math", "ctx", "dt", "n_batch", "self", "cls", "saved",
             "grad", "params", "key", "rng", "apply", "Function", "Module", "None", "True", "False"}
 
@@ -430,7 +429,10 @@ class ArrayPrinter(Printer):
             if c.number:
                 out = v if c.code == "True" else out
                 continue
-            out = Term(self.where(cc, cv, co), axes)
+            if v.number and out.number:           # both branches constants: in the data's dtype
+                out = Term(self.where(cc, self.constant(cv), self.constant(co)), axes)
+            else:
+                out = Term(self.where(cc, cv, co), axes)
         return out
 
     def _print_NaN(self, expr):
@@ -715,6 +717,10 @@ class ArrayPrinter(Printer):
         return f"{self.lib}.where({cond}, {a}, {b})"
 
     def to_float(self, term) -> str:
+        raise NotImplementedError
+
+    def constant(self, code: str) -> str:
+        """A Python number as a 0-d array of the data's dtype."""
         raise NotImplementedError
 
     def broadcast(self, term: Term, axes) -> str:

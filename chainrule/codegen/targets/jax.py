@@ -22,6 +22,9 @@ class JaxPrinter(ArrayPrinter):
     def to_float(self, term):
         return f"{self.paren(term.code if isinstance(term, Term) else term)}.astype(dt)"
 
+    def constant(self, code):
+        return f"jnp.asarray({code}, dtype=dt)"
+
     def broadcast(self, term, axes):
         shape = self.shape_of(axes)
         if term.number:

@@ -22,6 +22,9 @@ class TorchPrinter(ArrayPrinter):
     def to_float(self, term):
         return f"{self.paren(term.code if isinstance(term, Term) else term)}.to(dt)"
 
+    def constant(self, code):
+        return f"torch.tensor({code}, dtype=dt, device=dev)"
+
     def broadcast(self, term, axes):
         shape = self.shape_of(axes)
         if term.number:
