@@ -107,7 +107,7 @@ def main(argv=None):
             value = loss_fn(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y))
             value.backward()
             opt.step()
-            return float(value)
+            return float(value.detach())
         ref = torch_step(*data[0])
         print(f"PyTorch eager: first step cost {ref:.6f} (chainrule {first:.6f}, "
               f"relative difference {abs(ref - first) / abs(ref):.1e})")
