@@ -129,8 +129,8 @@ class TokenFact(Fact):
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         prefix = f"{what}: " if what else ""
         raise error(f"{prefix}{self.tensor.role} {self.tensor.name} {arr.shape} holds token id "
-                    f"{arr[where]!r} at {list(where)}, outside the vocabulary [0, {self.vocab}) of the "
-                    f"embedding that reads it ({self.declared_by}); {int(bad.sum())} entr"
+                    f"{arr[where].item():g} at {list(where)}, outside the vocabulary [0, {self.vocab}) of "
+                    f"the embedding that reads it; {int(bad.sum())} entr"
                     f"{'ies are' if bad.sum() > 1 else 'y is'} outside")
 
 

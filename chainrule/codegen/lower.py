@@ -27,7 +27,7 @@ import sympy as sp
 
 from ..derive.errors import UnsupportedError
 from ..derive.layers import B as BATCH
-from ..derive.deltas import eliminate_deltas
+from ..derive.deltas import GUARDS, eliminate_deltas, fold_guards
 from ..derive.primitives import IsArgmax, LogSumExp, MaxOver, Primitive
 from ..derive.recurrence import Delayed, TimeLoop, time_shift
 from ..derive.tensor import Equation, Tensor
@@ -169,6 +169,8 @@ class Lowerer:
             body = body.replace(lambda e: isinstance(e, Delayed), lambda e: e.as_piecewise())
         if body.has(sp.KroneckerDelta):
             body, _ = eliminate_deltas(body, eq.ranges())
+        if body.has(*GUARDS):              # a declared mask ([u ≤ t] · exp(...)): a branch, not a product
+            body = fold_guards(body.replace(lambda e: isinstance(e, GUARDS), lambda e: e.as_piecewise()))
         body = to_conventions(body.xreplace(self.sizes))
         if self.cost_adjoint is not None:
             body = body.xreplace({sp.Symbol(self.cost_adjoint, real=True): sp.S.One})
@@ -320,6 +322,86 @@ class Lowerer:
         b = view(Bm, k_first=True)                # B as (k, free)
         return f"np.dot({a}, {b})", tuple(fa + fb)
 
+    def match_batched(self, s, loop_vars):
+        """``Σ_k A[β.., α.., k..] B[β.., k.., γ..]`` with plain indices over full ranges, where the
+        *batch* indices β are read by both operands and are output indices (attention's
+        ``S[b,h,t,u] = Σ_e Q[b,h,t,e] K[b,h,u,e]``) -> a plan for one ``np.dot`` per batch element,
+        or None. (A contraction with no batch index is ``match_dot``'s or ``match_gemm``'s.)"""
+        if not isinstance(s, sp.Sum):
+            return None
+        ks = [v for v, _, _ in s.limits]
+        split = _two_reads(s.function)
+        if split is None or len(set(ks)) != len(ks):
+            return None
+        coeff, (A, Bm) = split
+        size = {}
+        for t in (A, Bm):
+            name = str(t.base.label)
+            if name not in self.tensors or not all(isinstance(i, sp.Symbol) for i in t.indices) \
+                    or len(set(t.indices)) != len(t.indices) or not set(ks) <= set(t.indices):
+                return None
+            for i, n in zip(t.indices, self.concrete_shape(self.tensors[name])):
+                size.setdefault(i, n)
+        for v, lo, hi in s.limits:
+            if lo != 0 or sp.simplify(hi - (size[v] - 1)) != 0:
+                return None
+        batch = [v for v in loop_vars if v in A.indices and v in Bm.indices and v not in ks]
+        fa = [i for i in A.indices if i not in ks and i not in batch]
+        fb = [i for i in Bm.indices if i not in ks and i not in batch]
+        if not batch or not set(fa + fb) <= set(loop_vars) or set(fa) & set(fb) or not (fa and fb):
+            return None
+        if loop_vars.index(fa[0]) > loop_vars.index(fb[0]):
+            A, Bm, fa, fb = Bm, A, fb, fa
+        return dict(A=A, B=Bm, ks=ks, batch=batch, fa=fa, fb=fb, size=size, coeff=coeff)
+
+    def batched_code(self, m, tmp, target=None) -> tuple[list, tuple]:
+        """Lines computing ``tmp[β.., α.., γ..] = Σ_k A B`` (see ``match_batched``) by one ``np.dot``
+        per batch element on 2-D views (a transposed view where an operand reads (k, free), a
+        contiguous copy only where its axes are interleaved), and tmp's index order. With ``target``
+        (an output whose index order is that one), the products go straight into it, times the
+        coefficient."""
+        pe, size, batch, ks = self.pe, m["size"], m["batch"], m["ks"]
+        prod = lambda vs: " * ".join(f"({pe(size[v])})" for v in vs) or "1"
+        names = {str(v): self.names[v] for v in batch}
+        lines, views = [], []
+        for t, free, free_first in ((m["A"], m["fa"], True), (m["B"], m["fb"], False)):
+            ident = self.ident(str(t.base.label))
+            idx = list(t.indices)
+            rest = [i for i in idx if i not in batch]
+            if idx[:len(batch)] == batch and rest in (free + ks, ks + free):
+                base = ident
+                natural_free_first = rest == free + ks
+            else:                          # interleaved axes: one contiguous, reordered copy
+                base = f"{tmp}_{'a' if free_first else 'b'}"
+                order = batch + (free + ks if free_first else ks + free)
+                lines.append(f"{base} = np.ascontiguousarray({ident}.transpose(({', '.join(str(idx.index(v)) for v in order)},)))")
+                natural_free_first = free_first
+            sl = f"{base}[{', '.join(names[str(v)] for v in batch)}]"
+            if natural_free_first:
+                shape2 = f"({prod(free)}, {prod(ks)})"
+            else:
+                shape2 = f"({prod(ks)}, {prod(free)})"
+            view = f"{sl}.reshape({shape2})"
+            if natural_free_first != free_first:
+                view += ".T"
+            views.append(view)
+        order = tuple(batch + m["fa"] + m["fb"])
+        out_dims = [pe(size[v]) for v in m["fa"] + m["fb"]]
+        dest = target or tmp
+        if target is None:
+            lines.append(f"{tmp} = np.empty(({', '.join(pe(size[v]) for v in order)},), dtype=DT)")
+        header = [f"for {names[str(v)]} in range({pe(size[v])}):" for v in batch]
+        value = f"np.dot({views[0]}, {views[1]})"
+        if len(m["fa"]) + len(m["fb"]) != 2:
+            value += f".reshape(({', '.join(out_dims)},))"
+        if target is not None and m["coeff"] != 1:
+            value = f"{pe(m['coeff'])} * {value}"
+        stmt = f"{dest}[{', '.join(names[str(v)] for v in batch)}] = {value}"
+        for depth, h in enumerate(header):
+            lines.append(IND * depth + h)
+        lines.append(IND * len(header) + stmt)
+        return lines, order
+
     def match_gemm(self, s, loop_vars, shape):
         """``Σ_{k1..km} P[..] G[..]`` over several indices with full constant ranges, where ``P``
         reads every summation index as a plain index (the rest of its indices output indices) and
@@ -461,11 +543,28 @@ class Lowerer:
                 info.update(kind="dot", code=code,
                             dot_reads={str(m[0].base.label), str(m[1].base.label)})
                 return info
+        # the whole body a batched contraction (per batch element and head): one np.dot each
+        bm = self.match_batched(body / _coefficient(body), loop_vars) if eq.out.rank > 0 else None
+        if bm is not None:
+            bm["coeff"] = bm["coeff"] * _coefficient(body)
+            if tuple(bm["batch"] + bm["fa"] + bm["fb"]) == loop_vars:
+                info.update(kind="batched", plan=bm, dot_reads={str(bm["A"].base.label), str(bm["B"].base.label)})
+                return info
         # extract contractions into np.dot temporaries
         if eq.out.rank > 0:
             body = self.materialise_operands(body, loop_vars, info)
             for s in sorted(body.atoms(sp.Sum), key=sp.default_sort_key):
                 m = self.match_dot(s, loop_vars)
+                bm = self.match_batched(s, loop_vars) if m is None else None
+                if bm is not None:
+                    tmp = self.fresh("bmm")
+                    self.names[tmp] = tmp
+                    code, order = self.batched_code(bm, tmp)
+                    body = body.xreplace({s: bm["coeff"] * sp.IndexedBase(tmp)[order]})
+                    a, b_ = str(bm["A"].base.label), str(bm["B"].base.label)
+                    info["pre"].append(([f"# batched contraction: {comment_text(sp.sstr(s))}"] + code, a, b_))
+                    info["dot_reads"] |= {a, b_}
+                    continue
                 if m is None:
                     g = self.match_gemm(s, loop_vars, info["shape"])
                     if g is None:
@@ -670,6 +769,14 @@ class Lowerer:
                 name = self.ident(info["out"])
                 kernels.append(Kernel("dot", [info["text"]], [info["out"]],
                                       [f"# {info['text']}", f"{name} = {info['code']}"]))
+            elif info["kind"] == "batched":
+                name = self.ident(info["out"])
+                code, _ = self.batched_code(info["plan"], name, target=name)
+                kernels.append(Kernel("batched", [info["text"]], [info["out"]],
+                                      [f"# {info['text']}", "# one matrix product per batch element "
+                                       f"({', '.join(str(info['eq'].indices[info['loop_vars'].index(v)]) for v in info['plan']['batch'])})",
+                                       f"{name} = np.empty({self.shape_code(self.tensors[info['out']])}, dtype=DT)"]
+                                      + code))
             elif info["kind"] == "accumulate":
                 kernels.append(self.accumulate_kernel(info))
             else:
@@ -964,11 +1071,18 @@ class Lowerer:
                  f"{name} = np.zeros({self.shape_code(self.tensors[info['out']])}, dtype=DT)"]
         limits = list(body.limits)
         red_vars = [v for v, _, _ in limits]
+        function, at = _scatter(body.function, loop_vars)
         blocks = [_Block(set(red_vars) | set(loop_vars) | self.outer_bound)]
-        value = self.emit_expr(body.function, blocks)
-        target = "%s[%s]" % (name, ", ".join(str(v) for v in loop_vars))
+        value = self.emit_expr(function, blocks)
+        target = (self.pe(self.tensors[info["out"]].base[tuple(at.get(v, v) for v in loop_vars)]) if at
+                  else "%s[%s]" % (name, ", ".join(str(v) for v in loop_vars)))
         nested = blocks[0].lines + [f"{target} += {value}"]
+        if at:       # an output index fixed by the term's condition: written there, not looped over
+            nested = [f"# scatter: the condition {comment_text(', '.join(f'{v} = {e}' for v, e in at.items()))} "
+                      f"picks the one entry each term adds to"] + nested
         for d in range(len(loop_vars), 0, -1):
+            if loop_vars[d - 1] in at:
+                continue
             nested = [f"for {loop_vars[d - 1]} in range({self.pe(shape[d - 1])}):"] + [IND + ln for ln in nested]
         for v, lo, hi in limits:                 # reduction loops outermost
             nested = [f"for {self.names[v]} in {self.range_code(lo, hi)}:"] + [IND + ln for ln in nested]
@@ -1032,6 +1146,28 @@ def outermost_reductions(expr) -> list:
         if not isinstance(e, sp.Indexed):
             stack.extend(reversed(e.args))
     return out
+
+
+def _scatter(function, loop_vars):
+    """``Piecewise((f, Eq(j, e)), (0, True))`` with ``j`` an output index that ``f`` and ``e`` do not
+    read (an embedding's gradient ``Σ_{b,t} [j = x[b, t]] δ[b, t, o]``) -> (f, {j: e}): each term
+    adds to one entry, so the kernel scatters into ``out[e]`` instead of testing every ``j``."""
+    if isinstance(function, sp.Piecewise) and len(function.args) == 2 and function.args[1].expr == 0 \
+            and isinstance(function.args[0].cond, sp.Eq):
+        f, cond = function.args[0]
+        for j, e in ((cond.lhs, cond.rhs), (cond.rhs, cond.lhs)):
+            if j in loop_vars and j not in f.free_symbols and j not in sp.sympify(e).free_symbols \
+                    and not (set(sp.sympify(e).free_symbols) & set(loop_vars)):
+                return f, {j: e}
+    return function, {}
+
+
+def _coefficient(body):
+    """The numeric factor of a product (``1/√E`` of scaled scores), 1 for anything else."""
+    if body.is_Mul:
+        c = sp.Mul(*[f for f in body.args if f.is_number])
+        return c if c != 0 else sp.S.One
+    return sp.S.One
 
 
 def _two_reads(product):

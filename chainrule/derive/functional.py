@@ -39,7 +39,8 @@ class Residual(Layer):
         # the branch's last dense layer returns to the input's width: the same size symbol, so that the
         # sum is well defined at every size (verification varies sizes), not only at the declared one
         last = max((k for k, layer in enumerate(layers) if isinstance(layer, Dense)), default=None)
-        width = sp.sympify(x.shape[-1]).xreplace(d.size_values) if x.rank == 2 else None
+        by_features = x.rank == 2 or (x.rank == 3 and x.meta.get("time_axis") == 1)   # (.., features)
+        width = sp.sympify(x.shape[-1]).xreplace(d.size_values) if by_features else None
         if last is not None and width is not None and width == layers[last].units:
             layers[last] = Dense(x.shape[-1], init=layers[last].init)
         for k, layer in enumerate(layers, 1):
@@ -51,7 +52,7 @@ class Residual(Layer):
         if tuple(h.shape) != tuple(x.shape):
             raise ShapeError(f"layer {outer}: the residual branch maps {x.name} {shape_str(x.shape)} to "
                              f"{h.name} {shape_str(h.shape)}; x + f(x) needs the same shape")
-        r = d.tensor("r", x.shape)
+        r = d.tensor("r", x.shape, meta=dict(x.meta))
         idx = _elementwise(x)
         return d.define(r, idx, x[idx] + h[idx], note="residual connection: the input plus the branch")
 

@@ -176,7 +176,11 @@ class LogSumExp(ExprWithIntLimits):
 
     def _latex(self, printer, exp=None):
         (var, lo, hi), = self.limits
-        return with_power(rf"\operatorname{{LSE}}_{{{printer._print(var)}}}"
+        sub = printer._print(var)
+        if any(s.is_integer and not s.is_positive for s in sp.sympify(hi).free_symbols):
+            # a limit that is an index (the causal softmax's v ≤ t) is part of the meaning: shown
+            sub = rf"{sub}={printer._print(lo)}}}^{{{printer._print(hi)}"
+        return with_power(rf"\operatorname{{LSE}}_{{{sub}}}"
                 rf"\left({printer._print(self.function)}\right)", exp)
 
     def _sympystr(self, printer):

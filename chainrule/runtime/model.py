@@ -219,7 +219,15 @@ class Network:
         if not self.model.layers:
             return None
         from chainrule.derive.spec import input_item
-        items = [input_item(self.input_shape)] + [layer.describe() for _, layer in self.model.layers]
+        x = self.model.tensors[self.input_name]
+        if "time_axis" in x.meta:             # a sequence: seq(T, N), or token ids: tokens(T, V)
+            vocab = x.meta.get("vocab")
+            shape = self.input_shape
+            first = (f"tokens({shape[0]}, {int(vocab.subs(self.model.size_values))})" if vocab is not None
+                     else f"seq({shape[0]}, {shape[1]})")
+        else:
+            first = input_item(self.input_shape)
+        items = [first] + [layer.describe() for _, layer in self.model.layers]
         return " -> ".join(items + [self.loss_name])
 
     def n_params(self) -> int:
