@@ -121,7 +121,8 @@ def make_torch_step(torch, params, dtype, convs):
         loss = -(y * torch.log_softmax(logits, dim=1)).sum() / x.shape[0]
         loss.backward()
         opt.step()
-        return float(loss)
+        return loss.item()
+    step.params = tp                 # the updated parameters, for the first-step check of bench.py
     return step
 
 

@@ -324,7 +324,7 @@ def main(argv=None) -> int:
     from .runtime.examples import EXAMPLES
     p = sub.add_parser("train", help="train a named example, or a model on a built-in data set (plots with --plots)",
                        epilog="examples (their own data, recipe and accuracy target):\n"
-                       + "\n".join(f"  {k:<14} {v.about} (target {v.target})" for k, v in EXAMPLES.items())
+                       + "\n".join(f"  {k:<22} {v.about}" + (f" (target {v.target})" if v.target else "") for k, v in EXAMPLES.items())
                        + "\n\n" + _model_help(), formatter_class=fmt)
     p.add_argument("model", help="an example name, a built-in model name or a layer-list spec")
     p.add_argument("--data", default="digits", help="digits, iris, wine, breast_cancer, moons, spirals, xor, sine")

@@ -205,3 +205,17 @@ def corpus() -> dict:
         "rnn step": rnn_step(),
     })
     return models
+
+
+def causal_attention(T=4, D=6, H=3) -> Model:
+    """Causal multi-head self-attention (chainrule.derive.attention) on a (B, T, D) sequence, squared
+    error against a target of the same shape."""
+    from chainrule.derive.attention import CausalSelfAttention
+    d = Builder()
+    T_, D_ = d.size("T", T), d.size("n", D)
+    x = d.tensor("x", (B, T_, D_), role="input", latex="X", meta={"time_axis": 1})
+    d.level, d.layer = 1, "1:causal_attention"
+    y = CausalSelfAttention(H).build(d, x)
+    d.layer = "cost"
+    cost = _cost_of(d, y)
+    return Model(d.equations, d.tensors, cost, outputs=[y], size_values=d.size_values, name="causal-attention")

@@ -76,7 +76,7 @@ def test_every_registry_entry_has_a_page_linked_from_the_index(site):
     index = parse(site / "index.html")
     entries = catalog.everything()
     kinds = {e.kind for e in entries}
-    assert kinds == {"model", "layer", "loss", "optimizer"}
+    assert kinds == {"model", "layer", "loss", "optimizer", "generative"}
     for e in entries:
         assert (site / e.path).is_file(), e.path
         assert e.path in index.links, f"the index does not link {e.path}"

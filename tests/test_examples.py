@@ -35,9 +35,9 @@ def test_a_short_digits_cnn_run_learns(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["digits-cnn", "mnist1d-cnn", "residual-mlp"])
+@pytest.mark.parametrize("name", ["digits-cnn", "mnist1d-cnn", "residual-mlp", "mnist1d-gru"])
 def test_full_example_runs_reach_their_targets(tmp_path, name):
-    if EXAMPLES[name].data == "mnist1d":
+    if EXAMPLES[name].data.startswith("mnist1d"):
         pytest.importorskip("mnist1d")
     result = _run(name, tmp_path, epochs=None)
     assert result["test_accuracy"] >= EXAMPLES[name].target

@@ -140,7 +140,7 @@ def _numpy_elman(p, x, h0=None):
     return h @ p["V"].T
 
 
-@pytest.mark.parametrize("initial", ["zeros", "param"])
+@pytest.mark.parametrize("initial", ["zeros", pytest.param("param", marks=pytest.mark.slow)])
 def test_kernels_loop_over_time_and_match_numpy_and_finite_differences(compiled_declared, initial):
     from chainrule.codegen.verify import check_gradients
     cm = compiled_declared(f"elman-{initial}", lambda: elman(initial))

@@ -95,9 +95,20 @@ def test_gated_layers_match_numpy_and_pytorch(compiled_model, kind):
 
 def test_the_rnn_spec_stacks_and_reaches_finite_differences(compiled_model):
     from chainrule.codegen.verify import check_gradients
+    from chainrule.codegen.facts import FactError
     cm = compiled_model("tokens(5, 7) -> embedding(3) -> rnn(4, return_sequences=1) -> rnn(4) -> dense(2) -> mse")
     for check in check_gradients(None, compiled=cm, batch=4):
         assert check.ok, str(check)
+    params = cm.init_params(0)
+    ids = np.array([[0, 1, 2, 3, 4], [6, 5, 7, 1, 0]])
+    # a token id outside the vocabulary never reaches the kernels (it would read outside the table)
+    with pytest.raises(FactError, match=r"input x \(2, 5\) holds token id 7 at \[1, 2\], outside the "
+                                        r"vocabulary \[0, 7\) of the embedding that reads it; 1 entry is outside"):
+        cm.predict(params, ids)
+    # a sequence of the wrong rank: named with the shape expected
+    with pytest.raises(ShapeError, match=r"input x has shape \(2, 5, 1\), expected \(B, 5\)"):
+        cm.predict(params, ids[:, :, None])
+    assert cm.predict(params, np.clip(ids, 0, 6)).shape == (2, 2)
 
 
 def test_a_recurrent_layer_on_a_flat_input_is_refused():

@@ -375,3 +375,44 @@ def load_or_generate(key: str, render, cache_dir=None):
                 pass
         raise
     return module, path, source, hit
+
+
+# -- derived documents ------------------------------------------------------------------------------
+def _derive_fingerprint() -> str:
+    """The derivation engine's own sources: a change to any of them may change a derivation."""
+    h = hashlib.sha256()
+    for p in sorted((_CODEGEN_DIR.parent / "derive").rglob("*.py")):
+        if "__pycache__" not in p.parts:
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def cached_text(model, kind: str, make, cache_dir=None) -> str:
+    """The text ``make()`` derives for ``model`` (``kind``: e.g. "derivation.md"), derived once and
+    then read from the cache directory, keyed like the kernels: by the model's fingerprint, the
+    chainrule version and the derivation engine's sources, with the same verified header (a
+    damaged or foreign file is derived again). An unwritable directory only costs the saving."""
+    try:
+        from importlib.metadata import version
+        cr_version = version("chainrule")
+    except Exception:
+        cr_version = "dev"
+    h = hashlib.sha256()
+    for p in ["chainrule-doc-v1", kind, cr_version, _derive_fingerprint(), model_fingerprint(model)]:
+        h.update(p.encode())
+        h.update(b"\0")
+    key = h.hexdigest()
+    cache_dir, unwritable = prepare_cache_dir(cache_dir)
+    path = cache_dir / f"doc_{key[:32]}_{''.join(c if c.isalnum() else '_' for c in kind)[:24]}"
+    text = None if unwritable else read_verified(path, key)
+    if text is not None:
+        return text
+    text = make()
+    if unwritable is None:
+        try:
+            atomic_write_text(path, with_header(text, key), mode=0o600)
+        except OSError as e:
+            if e.errno not in _UNWRITABLE:
+                raise
+    return text

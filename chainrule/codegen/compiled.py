@@ -26,14 +26,18 @@ class CompiledModel:
     """
 
     def __init__(self, model, module, path: Path, source: str, dtype: str, cache_hit: bool,
-                 key: str | None = None, render=None, optimizer="sgd"):
+                 key: str | None = None, render=None, optimizer="sgd", input_grads=False):
         from ..derive.optimizers import get_rule
         self.model = model
+        self.has_input_grads = bool(input_grads)
         self.rule = get_rule(optimizer)
         self.optimizer = self.rule.name
         self.state_names = list(self.rule.state)
         self.hyper_names = ["t", "clip", "seed"] + [h.name for h in self.rule.hyperparameters]
         self.has_noise = any(t.role == "noise" for t in model.tensors.values())
+        self._hyper_template = None
+        self._hyper_template = self.hyper_vector(step=0, clip=0.0, seed=0)
+        self._eta_index = self.hyper_names.index("eta") if "eta" in self.hyper_names else None
         self.module = module
         self.module_path = Path(path)
         self._key, self._render = key, render
@@ -42,6 +46,8 @@ class CompiledModel:
         self.cache_hit = cache_hit
         self.param_names = [p.name for p in model.params]
         self.param_shapes = {p.name: model.concrete_shape(p) for p in model.params}
+        self._shapes_in_order = [self.param_shapes[n] for n in self.param_names]
+        self._np_dtype = np.dtype(dtype)
         self._inits = {p.name: p.init for p in model.params}
         # buffers: non-trainable state (batch norm's running averages), updated by a training step
         self.buffer_names = [t.name for t in model.buffers]
@@ -54,13 +60,15 @@ class CompiledModel:
         self.input_name = inputs[0].name
         self.input_names = [t.name for t in inputs]       # every input, in the kernels' argument order
         self.target_name = targets[0].name
+        self.target_names = [t.name for t in targets]     # every target (one per loss), in kernel order
         self._x = inputs[0]
         self._xs = inputs
         self._y = targets[0]
+        self._ys = targets
         self.output_names = [t.name for t in model.outputs]
-        self._dims = {t.name: self._batch_shape(model, t) for t in (*self._xs, self._y)}
+        self._dims = {t.name: self._batch_shape(model, t) for t in (*self._xs, *self._ys)}
         # facts declared on the arguments, which the derived gradient may rely on
-        self.facts = declared_facts(model, names={*self.input_names, self.target_name})
+        self.facts = declared_facts(model, names={*self.input_names, *self.target_names})
 
     @staticmethod
     def _batch_shape(model, t):
@@ -141,7 +149,28 @@ class CompiledModel:
                                  f"batches of 2 or more examples in training (evaluation takes any)")
 
     # -- argument checking --------------------------------------------------------------------
+    def _params_fast(self, params):
+        """The parameters for an in-place kernel when every one is already a writeable
+        C-contiguous array of the right dtype and shape (the common case, checked by plain
+        attribute reads: a few µs in all), else None (then ``_params`` says what is wrong)."""
+        dt = self._np_dtype
+        try:
+            out = [params[n] for n in self.param_names]
+        except (KeyError, TypeError):
+            return None
+        for a, shape in zip(out, self._shapes_in_order):
+            if type(a) is not np.ndarray or a.shape != shape or a.dtype != dt:
+                return None
+            flags = a.flags
+            if not (flags.c_contiguous and flags.writeable):
+                return None
+        return out
+
     def _params(self, params, inplace=False) -> list:
+        if inplace:
+            fast = self._params_fast(params)
+            if fast is not None:
+                return fast
         missing = [n for n in self.param_names if n not in params]
         if missing:
             raise ShapeError(f"missing parameters {missing}; expected {self.param_names}")
@@ -163,7 +192,8 @@ class CompiledModel:
 
     def _array(self, a, tensor, what, facts=False) -> np.ndarray:
         data_dtype = getattr(a, "dtype", None)
-        a = np.ascontiguousarray(a, dtype=self.dtype)
+        if type(a) is not np.ndarray or data_dtype != self._np_dtype or not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a, dtype=self.dtype)
         dims = self._dims[tensor.name]
         if a.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, a.shape)):
             shape = "(" + ", ".join("B" if d is None else str(d) for d in dims) + ")"
@@ -201,14 +231,32 @@ class CompiledModel:
                                  f"{xs[0].shape[0]}")
         return xs
 
+    def _targets(self, y, facts=False) -> list:
+        """The targets as arrays in kernel order: one array for a one-target model; a list, a tuple or
+        a dict by name for a model with several (one per loss)."""
+        if len(self._ys) == 1:
+            if isinstance(y, dict):
+                y = y.get(self._y.name, y)
+            return [self._array(y, self._y, "target", facts)]
+        if isinstance(y, dict):
+            missing = [t.name for t in self._ys if t.name not in y]
+            if missing:
+                raise ShapeError(f"missing targets {missing}; the model takes {self.target_names}")
+            y = [y[t.name] for t in self._ys]
+        if not isinstance(y, (list, tuple)) or len(y) != len(self._ys):
+            raise ShapeError(f"the model takes {len(self._ys)} targets {self.target_names} (one per loss): "
+                             f"give a list or a dict of arrays")
+        return [self._array(a, t, "target", facts) for a, t in zip(y, self._ys)]
+
     def _xy(self, x, y, facts=False):
         """Checked arrays; ``facts``: also every fact declared on them (before a gradient)."""
         xs = self._inputs(x, facts)
-        y = self._array(y, self._y, "target", facts)
-        if xs[0].shape[0] != y.shape[0]:
-            raise ShapeError(f"input {self._x.name} has {xs[0].shape[0]} rows but target "
-                             f"{self._y.name} has {y.shape[0]}")
-        return (*xs, y)
+        ys = self._targets(y, facts)
+        for a, t in zip(ys, self._ys):
+            if xs[0].shape[0] != a.shape[0]:
+                raise ShapeError(f"input {self._x.name} has {xs[0].shape[0]} rows but target "
+                                 f"{t.name} has {a.shape[0]}")
+        return (*xs, *ys)
 
     # -- kernels ------------------------------------------------------------------------------
     def _call(self, fn: str, *args):
@@ -231,6 +279,22 @@ class CompiledModel:
         """The output in evaluation mode (``buffers``: the running averages; None: initial ones)."""
         return self._call("predict", *self._params(params), *self._buffers(buffers), *self._inputs(x))
 
+    def outputs(self, params, x, buffers=None) -> dict:
+        """Every declared output in evaluation mode (noise at its mean): ``{name: array}`` (a VAE's
+        reconstruction, μ and log σ²; an autoencoder's reconstruction and code)."""
+        values = self._call("outputs", *self._params(params), *self._buffers(buffers), *self._inputs(x))
+        return dict(zip(self.output_names, (np.asarray(v) for v in values)))
+
+    def input_grads(self, params, x, y, seed=-1, buffers=None):
+        """(cost, ``{input name: dC/d input}``): the derived adjoints of the inputs, for pulling a
+        gradient back through this model (compile with ``input_grads=True``)."""
+        if not self.has_input_grads:
+            raise UnsupportedError(f"model {self.model.name}: compile_model(..., input_grads=True) "
+                                   f"generates the input gradients; this module was compiled without")
+        cost, grads = self._call("input_grads", *self._params(params), *self._buffers(buffers),
+                                 *self._xy(x, y, facts=True), int(seed))
+        return float(cost), dict(zip(self.input_names, grads))
+
     def forward(self, params, x, y, seed=-1, buffers=None):
         """(cost, first output). ``seed`` >= 0: training mode (dropout masks and noise drawn from
         that seed, batch statistics); < 0 (the default): evaluation mode (masks and noise take
@@ -242,15 +306,16 @@ class CompiledModel:
     def cost(self, params, x, y, seed=-1, buffers=None) -> float:
         return self.forward(params, x, y, seed, buffers)[0]
 
-    def loss_and_grads(self, params, x, y, seed=-1, buffers=None):
+    def loss_and_grads(self, params, x, y, seed=-1, buffers=None, facts_checked=False):
         """(cost, gradients) of the training form of the cost (batch statistics); ``seed`` as in
         :meth:`forward`. With ``seed`` >= 0 it is a training step: ``buffers`` (required then, if
-        the model has any) get their running averages updated in place."""
+        the model has any) get their running averages updated in place. ``facts_checked``: as in
+        :meth:`train_step`."""
         training = int(seed) >= 0 and bool(self.buffer_names)
         if training and buffers is None:
             raise TypeError("a training step (seed >= 0) of a model with running averages updates "
                             "its buffers: pass buffers= (init_buffers())")
-        xy = self._xy(x, y, facts=True)
+        xy = self._xy(x, y, facts=not facts_checked)
         if training:
             self._check_training_batch(xy[0].shape[0])
         cost, grads = self._call("loss_and_grads", *self._params(params),
@@ -265,6 +330,13 @@ class CompiledModel:
     def hyper_vector(self, lr=None, step=1, clip=0.0, seed=0, **hyper) -> np.ndarray:
         """The ``hp`` argument of the generated ``train_step``: the step t, the clipping norm and
         the rule's hyperparameters (its declared defaults unless given, e.g. ``beta1=0.8``)."""
+        if not hyper and self._hyper_template is not None:
+            # the common call (no hyperparameter overrides): fill a copy of the defaults
+            hp = self._hyper_template.copy()
+            hp[0], hp[1], hp[2] = step, clip, seed
+            if lr is not None:
+                hp[self._eta_index] = lr
+            return hp
         from ..derive.optimizers import HYPER_NAMES
         values = {h.name: float(v) for h, v in self.rule.defaults.items()}
         if lr is not None:
@@ -279,11 +351,14 @@ class CompiledModel:
         return np.array([values[n] for n in self.hyper_names], dtype=np.float64)
 
     def train_step(self, params, x, y, lr=None, state=None, step=1, clip=0.0, hp=None, seed=0,
-                   buffers=None, **hyper) -> float:
+                   buffers=None, facts_checked=False, **hyper) -> float:
         """One fused step: forward, backward and the optimiser's update, in place (parameters and
         ``state`` from :meth:`init_state`; ``step`` is t, 1 at the first update; ``seed`` (>= 0)
         seeds the step's dropout masks and noise; ``buffers`` (from :meth:`init_buffers`, needed
-        when the model has running averages) are updated in place)."""
+        when the model has running averages) are updated in place). ``facts_checked=True``: the
+        caller has already checked the facts declared on ``x`` and ``y`` (``Network.fit`` checks
+        the whole data set once, not every minibatch again); shapes and dtypes are checked in any
+        case."""
         if self.buffer_names and buffers is None:
             raise TypeError("train_step of a model with running averages updates its buffers: "
                             "pass buffers= (init_buffers())")
@@ -301,22 +376,23 @@ class CompiledModel:
                 states.append(a)
         if hp is None:
             hp = self.hyper_vector(lr, step, clip, seed, **hyper)
-        xy = self._xy(x, y, facts=True)
+        xy = self._xy(x, y, facts=not facts_checked)
         if self.buffer_names and hp[2] >= 0:
             self._check_training_batch(xy[0].shape[0])
         return float(self._call("train_step", *self._params(params, inplace=True), *states,
                                 *self._buffers(buffers, inplace=True), *xy, hp))
 
 
-def module_key(model, dtype="float64", optimizer="sgd") -> str:
-    """The cache key of a model's module: the model, the dtype and the fused optimiser's rule."""
+def module_key(model, dtype="float64", optimizer="sgd", input_grads=False) -> str:
+    """The cache key of a model's module: the model, the dtype, the fused optimiser's rule and
+    whether it generates the input gradients."""
     import sympy as sp
 
     from ..derive.optimizers import RULES, get_rule
     rule = get_rule(optimizer)
     # the default (SGD) keeps the plain key; any other rule's declaration is part of it
     extra = "" if rule is RULES["sgd"] else rule.name + "".join(t + sp.srepr(b) for t, b in rule.assignments)
-    return cache_key(model, check_dtype(dtype), extra)
+    return cache_key(model, check_dtype(dtype), extra + ("+input_grads" if input_grads else ""))
 
 
 def is_cached(model, dtype="float64", optimizer="sgd", cache_dir=None) -> bool:
@@ -326,20 +402,24 @@ def is_cached(model, dtype="float64", optimizer="sgd", cache_dir=None) -> bool:
     return cached_source(module_key(model, dtype, optimizer), cache_dir) is not None
 
 
-def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd") -> CompiledModel:
+def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
+                  input_grads=False) -> CompiledModel:
     """Generate (or load from the cache) the kernels of ``model`` in ``dtype``, with the update of
     ``optimizer`` (a name or an ``UpdateRule``) fused into ``train_step``.
 
     ``cache_dir`` (default: ``$CHAINRULE_CACHE_DIR`` or ``~/.cache/chainrule/kernels``) must be a
     private directory (see :mod:`chainrule.codegen.cache`); when it cannot be written the kernels
-    are compiled in memory with one :class:`~chainrule.codegen.cache.KernelCacheWarning`."""
+    are compiled in memory with one :class:`~chainrule.codegen.cache.KernelCacheWarning`.
+
+    ``input_grads=True`` also generates ``input_grads``: the cost's derived gradient with respect to
+    every input (to pull a gradient back through this model into another one)."""
     from ..derive.optimizers import get_rule
     dtype = check_dtype(dtype)
     rule = get_rule(optimizer)
-    key = module_key(model, dtype, rule)
+    key = module_key(model, dtype, rule, input_grads)
 
     def render(cache=True):
-        return render_plan(plan_model(model, dtype, optimizer=rule), cache=cache)
+        return render_plan(plan_model(model, dtype, optimizer=rule, input_grads=input_grads), cache=cache)
     module, path, source, hit = load_or_generate(key, render, cache_dir)
     return CompiledModel(model, module, path, source, dtype, hit, key=key, render=render,
-                         optimizer=rule)
+                         optimizer=rule, input_grads=input_grads)

@@ -24,6 +24,7 @@ from ..derive.layers import B
 __all__ = ["FactError", "Fact", "SimplexFact", "declared_facts", "FACT_KINDS"]
 
 ROW_SHOWN = 12          # entries of an offending row shown in the message
+_TOLERANCES: dict = {}  # (array dtype, data dtype, summed length) -> tolerance
 
 
 class FactError(ChainruleError, ValueError):
@@ -87,10 +88,13 @@ class SimplexFact(Fact):
         axis = self.axis % arr.ndim
         sums = arr.sum(axis=axis, dtype=np.float64)
         sums -= 1.0
-        tol = self.tolerance(arr, data_dtype)
-        if np.abs(sums).max(initial=0.0) <= tol:          # the fast path (a NaN fails it)
+        key = (arr.dtype, data_dtype, arr.shape[axis])
+        tol = _TOLERANCES.get(key)
+        if tol is None:                  # np.finfo is slow next to a minibatch: once per shape
+            tol = _TOLERANCES[key] = self.tolerance(arr, data_dtype)
+        if np.abs(sums, out=sums).max(initial=0.0) <= tol:   # the fast path (a NaN fails it)
             return
-        sums += 1.0
+        sums = arr.sum(axis=axis, dtype=np.float64)          # (the fast path overwrote them)
         bad = ~(np.abs(sums - 1.0) <= tol)                 # NaN rows break it too
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         row = arr[where[:axis] + (slice(None),) + where[axis:]]
@@ -125,8 +129,8 @@ class TokenFact(Fact):
         where = tuple(int(i) for i in np.argwhere(bad)[0])
         prefix = f"{what}: " if what else ""
         raise error(f"{prefix}{self.tensor.role} {self.tensor.name} {arr.shape} holds token id "
-                    f"{arr[where]!r} at {list(where)}, outside the vocabulary [0, {self.vocab}) of the "
-                    f"embedding that reads it ({self.declared_by}); {int(bad.sum())} entr"
+                    f"{arr[where].item():g} at {list(where)}, outside the vocabulary [0, {self.vocab}) of "
+                    f"the embedding that reads it; {int(bad.sum())} entr"
                     f"{'ies are' if bad.sum() > 1 else 'y is'} outside")
 
 

@@ -27,7 +27,7 @@ import sympy as sp
 
 from ..derive.errors import UnsupportedError
 from ..derive.layers import B as BATCH
-from ..derive.deltas import eliminate_deltas
+from ..derive.deltas import GUARDS, eliminate_deltas, fold_guards
 from ..derive.primitives import IsArgmax, LogSumExp, MaxOver, Primitive
 from ..derive.recurrence import Delayed, TimeLoop, time_shift
 from ..derive.tensor import Equation, Tensor
@@ -94,8 +94,12 @@ class _Block:
 class Lowerer:
     """Turns a model's equations (forward and composed adjoints) into kernels."""
 
-    def __init__(self, model, tensors: dict, *, cost_adjoint: str | None = None):
+    def __init__(self, model, tensors: dict, *, cost_adjoint: str | None = None,
+                 dtype: str = "float64"):
         self.model = model
+        self.dtype = dtype
+        # a float32 module computes its values in float32 (see KernelPrinter's ``cast``)
+        self.value_cast = "DT" if dtype == "float32" else None
         self.tensors = tensors                # name -> Tensor (forward and adjoint)
         self.names: dict = {}                 # tensor name / Symbol -> identifier
         for k, name in enumerate(tensors):
@@ -138,7 +142,12 @@ class Lowerer:
         return tuple(out)
 
     def pe(self, expr) -> str:
+        """An index, bound or size (integers)."""
         return print_expr(expr, self.names)
+
+    def pv(self, expr) -> str:
+        """A value, computed in the module's dtype."""
+        return print_expr(expr, self.names, cast=self.value_cast)
 
     def range_code(self, lo, hi) -> str:
         """``range(lo, hi + 1)`` over the integers between two bounds. A bound with a rational
@@ -160,6 +169,8 @@ class Lowerer:
             body = body.replace(lambda e: isinstance(e, Delayed), lambda e: e.as_piecewise())
         if body.has(sp.KroneckerDelta):
             body, _ = eliminate_deltas(body, eq.ranges())
+        if body.has(*GUARDS):              # a declared mask ([u ≤ t] · exp(...)): a branch, not a product
+            body = fold_guards(body.replace(lambda e: isinstance(e, GUARDS), lambda e: e.as_piecewise()))
         body = to_conventions(body.xreplace(self.sizes))
         if self.cost_adjoint is not None:
             body = body.xreplace({sp.Symbol(self.cost_adjoint, real=True): sp.S.One})
@@ -311,6 +322,86 @@ class Lowerer:
         b = view(Bm, k_first=True)                # B as (k, free)
         return f"np.dot({a}, {b})", tuple(fa + fb)
 
+    def match_batched(self, s, loop_vars):
+        """``Σ_k A[β.., α.., k..] B[β.., k.., γ..]`` with plain indices over full ranges, where the
+        *batch* indices β are read by both operands and are output indices (attention's
+        ``S[b,h,t,u] = Σ_e Q[b,h,t,e] K[b,h,u,e]``) -> a plan for one ``np.dot`` per batch element,
+        or None. (A contraction with no batch index is ``match_dot``'s or ``match_gemm``'s.)"""
+        if not isinstance(s, sp.Sum):
+            return None
+        ks = [v for v, _, _ in s.limits]
+        split = _two_reads(s.function)
+        if split is None or len(set(ks)) != len(ks):
+            return None
+        coeff, (A, Bm) = split
+        size = {}
+        for t in (A, Bm):
+            name = str(t.base.label)
+            if name not in self.tensors or not all(isinstance(i, sp.Symbol) for i in t.indices) \
+                    or len(set(t.indices)) != len(t.indices) or not set(ks) <= set(t.indices):
+                return None
+            for i, n in zip(t.indices, self.concrete_shape(self.tensors[name])):
+                size.setdefault(i, n)
+        for v, lo, hi in s.limits:
+            if lo != 0 or sp.simplify(hi - (size[v] - 1)) != 0:
+                return None
+        batch = [v for v in loop_vars if v in A.indices and v in Bm.indices and v not in ks]
+        fa = [i for i in A.indices if i not in ks and i not in batch]
+        fb = [i for i in Bm.indices if i not in ks and i not in batch]
+        if not batch or not set(fa + fb) <= set(loop_vars) or set(fa) & set(fb) or not (fa and fb):
+            return None
+        if loop_vars.index(fa[0]) > loop_vars.index(fb[0]):
+            A, Bm, fa, fb = Bm, A, fb, fa
+        return dict(A=A, B=Bm, ks=ks, batch=batch, fa=fa, fb=fb, size=size, coeff=coeff)
+
+    def batched_code(self, m, tmp, target=None) -> tuple[list, tuple]:
+        """Lines computing ``tmp[β.., α.., γ..] = Σ_k A B`` (see ``match_batched``) by one ``np.dot``
+        per batch element on 2-D views (a transposed view where an operand reads (k, free), a
+        contiguous copy only where its axes are interleaved), and tmp's index order. With ``target``
+        (an output whose index order is that one), the products go straight into it, times the
+        coefficient."""
+        pe, size, batch, ks = self.pe, m["size"], m["batch"], m["ks"]
+        prod = lambda vs: " * ".join(f"({pe(size[v])})" for v in vs) or "1"
+        names = {str(v): self.names[v] for v in batch}
+        lines, views = [], []
+        for t, free, free_first in ((m["A"], m["fa"], True), (m["B"], m["fb"], False)):
+            ident = self.ident(str(t.base.label))
+            idx = list(t.indices)
+            rest = [i for i in idx if i not in batch]
+            if idx[:len(batch)] == batch and rest in (free + ks, ks + free):
+                base = ident
+                natural_free_first = rest == free + ks
+            else:                          # interleaved axes: one contiguous, reordered copy
+                base = f"{tmp}_{'a' if free_first else 'b'}"
+                order = batch + (free + ks if free_first else ks + free)
+                lines.append(f"{base} = np.ascontiguousarray({ident}.transpose(({', '.join(str(idx.index(v)) for v in order)},)))")
+                natural_free_first = free_first
+            sl = f"{base}[{', '.join(names[str(v)] for v in batch)}]"
+            if natural_free_first:
+                shape2 = f"({prod(free)}, {prod(ks)})"
+            else:
+                shape2 = f"({prod(ks)}, {prod(free)})"
+            view = f"{sl}.reshape({shape2})"
+            if natural_free_first != free_first:
+                view += ".T"
+            views.append(view)
+        order = tuple(batch + m["fa"] + m["fb"])
+        out_dims = [pe(size[v]) for v in m["fa"] + m["fb"]]
+        dest = target or tmp
+        if target is None:
+            lines.append(f"{tmp} = np.empty(({', '.join(pe(size[v]) for v in order)},), dtype=DT)")
+        header = [f"for {names[str(v)]} in range({pe(size[v])}):" for v in batch]
+        value = f"np.dot({views[0]}, {views[1]})"
+        if len(m["fa"]) + len(m["fb"]) != 2:
+            value += f".reshape(({', '.join(out_dims)},))"
+        if target is not None and m["coeff"] != 1:
+            value = f"{pe(m['coeff'])} * {value}"
+        stmt = f"{dest}[{', '.join(names[str(v)] for v in batch)}] = {value}"
+        for depth, h in enumerate(header):
+            lines.append(IND * depth + h)
+        lines.append(IND * len(header) + stmt)
+        return lines, order
+
     def match_gemm(self, s, loop_vars, shape):
         """``Σ_{k1..km} P[..] G[..]`` over several indices with full constant ranges, where ``P``
         reads every summation index as a plain index (the rest of its indices output indices) and
@@ -419,11 +510,11 @@ class Lowerer:
                 else f"{self.names[v]} <= {pe(_rounded(b, up=False))}" for v, side, b in m["guards"])
             lines += [IND * depth + f"# zero outside the summation limits: {comment_text(cond)}",
                       IND * depth + f"if {cond}:",
-                      IND * (depth + 1) + f"{target} = {pe(G)}",
+                      IND * (depth + 1) + f"{target} = {self.pv(G)}",
                       IND * depth + "else:",
                       IND * (depth + 1) + f"{target} = 0.0"]
         else:
-            lines.append(IND * depth + f"{target} = {pe(G)}")
+            lines.append(IND * depth + f"{target} = {self.pv(G)}")
         pname = self.ident(str(P.base.label))
         perm = [list(P.indices).index(v) for v in ks + fp]
         ptxt = comment_text(sp.sstr(P))
@@ -452,11 +543,28 @@ class Lowerer:
                 info.update(kind="dot", code=code,
                             dot_reads={str(m[0].base.label), str(m[1].base.label)})
                 return info
+        # the whole body a batched contraction (per batch element and head): one np.dot each
+        bm = self.match_batched(body / _coefficient(body), loop_vars) if eq.out.rank > 0 else None
+        if bm is not None:
+            bm["coeff"] = bm["coeff"] * _coefficient(body)
+            if tuple(bm["batch"] + bm["fa"] + bm["fb"]) == loop_vars:
+                info.update(kind="batched", plan=bm, dot_reads={str(bm["A"].base.label), str(bm["B"].base.label)})
+                return info
         # extract contractions into np.dot temporaries
         if eq.out.rank > 0:
             body = self.materialise_operands(body, loop_vars, info)
             for s in sorted(body.atoms(sp.Sum), key=sp.default_sort_key):
                 m = self.match_dot(s, loop_vars)
+                bm = self.match_batched(s, loop_vars) if m is None else None
+                if bm is not None:
+                    tmp = self.fresh("bmm")
+                    self.names[tmp] = tmp
+                    code, order = self.batched_code(bm, tmp)
+                    body = body.xreplace({s: bm["coeff"] * sp.IndexedBase(tmp)[order]})
+                    a, b_ = str(bm["A"].base.label), str(bm["B"].base.label)
+                    info["pre"].append(([f"# batched contraction: {comment_text(sp.sstr(s))}"] + code, a, b_))
+                    info["dot_reads"] |= {a, b_}
+                    continue
                 if m is None:
                     g = self.match_gemm(s, loop_vars, info["shape"])
                     if g is None:
@@ -480,6 +588,8 @@ class Lowerer:
                 body = body.xreplace({s: coeff * read})
                 info["pre"].append((f"{tmp} = {code}", str(A.base.label), str(Bm.base.label)))
                 info["dot_reads"] |= {str(A.base.label), str(Bm.base.label)}
+                if order == loop_vars:          # a fresh array of the output's shape
+                    info.setdefault("whole_dots", []).append(tmp)
         info["body"] = body
         if eq.out.rank == 0:
             info["kind"] = "scalar"
@@ -521,7 +631,7 @@ class Lowerer:
         for r in outermost_reductions(expr):
             repl[r] = sp.Symbol(self.emit_reduction(r, blocks), real=True)
             self.names[repl[r]] = str(repl[r])
-        return self.pe(expr.xreplace(repl))
+        return self.pv(expr.xreplace(repl))
 
     @staticmethod
     def loop_order(r):
@@ -600,10 +710,10 @@ class Lowerer:
             v = acc + "_v"
             update = [f"{v} = {value}",       # one pass, max-shifted: never exp of a large number
                       f"if {v} > {mx}:",
-                      f"{IND}{sm} = {sm} * math.exp({mx} - {v}) + 1.0",
+                      f"{IND}{sm} = {sm} * _exp({mx} - {v}) + 1.0",
                       f"{IND}{mx} = {v}",
                       "else:",
-                      f"{IND}{sm} += math.exp({v} - {mx})"]
+                      f"{IND}{sm} += _exp({v} - {mx})"]
         elif isinstance(r, MaxOver):
             lines.append(f"{acc} = -np.inf")
             update = [f"{acc}_v = {value}", f"if {acc}_v > {acc}:", f"{IND}{acc} = {acc}_v"]
@@ -625,8 +735,20 @@ class Lowerer:
         return acc
 
     # -- kernels ------------------------------------------------------------------------------
-    def lower(self, equations) -> list[Kernel]:
-        """Lower equations (in evaluation order) to kernels, fusing elementwise chains."""
+    def lower(self, equations, keep=None) -> list[Kernel]:
+        """Lower equations (in evaluation order) to kernels, fusing elementwise chains.
+
+        ``keep``: the tensors needed after these kernels (returned, or read by later code); when
+        given, an output of a fused loop that nothing else reads is a scalar local of the loop,
+        never an array. ``None`` keeps every output as an array."""
+        equations = self.share_reductions(list(equations))
+        self.scalars = set()
+        if keep is not None:
+            self.scalars = self.loop_locals(equations, set(keep))
+        self.readers = {}
+        for eq in equations:
+            for name, _ in eq.reads():
+                self.readers.setdefault(name, set()).add(eq.out.name)
         infos = [self.classify(eq) for eq in equations]
         kernels: list[Kernel] = []
         group: list[dict] = []
@@ -647,6 +769,14 @@ class Lowerer:
                 name = self.ident(info["out"])
                 kernels.append(Kernel("dot", [info["text"]], [info["out"]],
                                       [f"# {info['text']}", f"{name} = {info['code']}"]))
+            elif info["kind"] == "batched":
+                name = self.ident(info["out"])
+                code, _ = self.batched_code(info["plan"], name, target=name)
+                kernels.append(Kernel("batched", [info["text"]], [info["out"]],
+                                      [f"# {info['text']}", "# one matrix product per batch element "
+                                       f"({', '.join(str(info['eq'].indices[info['loop_vars'].index(v)]) for v in info['plan']['batch'])})",
+                                       f"{name} = np.empty({self.shape_code(self.tensors[info['out']])}, dtype=DT)"]
+                                      + code))
             elif info["kind"] == "accumulate":
                 kernels.append(self.accumulate_kernel(info))
             else:
@@ -654,6 +784,88 @@ class Lowerer:
         flush()
         return kernels
 
+    def share_reductions(self, equations):
+        """Common subexpressions across equations: a sum or log-sum-exp that several equations
+        compute over the same values (the log-sum-exp of the logits, in the loss and in the
+        probabilities) becomes an array of its own, computed once before its first use and read
+        by every equation that needs it. (Within one equation, ``_Block.cache`` already computes
+        a repeated reduction once.)"""
+        found: dict = {}                  # key -> [(equation position, reduction, free indices)]
+        for pos, eq in enumerate(equations):
+            body = sp.sympify(eq.body)
+            if body.has(sp.KroneckerDelta) or eq.out.rank == 0:
+                continue
+            seen = set()
+            for r in sp.preorder_traversal(body):
+                if not isinstance(r, (sp.Sum, LogSumExp)):
+                    continue
+                key, free = self._reduction_key(r, eq)
+                if key is not None and key not in seen:
+                    seen.add(key)
+                    found.setdefault(key, []).append((pos, r, free))
+        shared = {k: uses for k, uses in found.items() if len(uses) > 1}
+        if not shared:
+            return equations
+        from ..derive.tensor import Equation, Tensor
+        before: dict = {}                 # position -> new equations to insert before it
+        replace: dict = {}                # position -> {reduction: read of the shared array}
+        for key, uses in shared.items():
+            pos0, r0, free0 = uses[0]
+            eq0 = equations[pos0]
+            name = self.fresh("cse")
+            shape = tuple(eq0.out.shape[list(eq0.indices).index(i)] for i in free0)
+            t = Tensor(name, shape, role="hidden")
+            self.tensors[name] = t
+            self.names[name] = name
+            if not free0:
+                self.names[t.symbol] = name
+            before.setdefault(pos0, []).append(Equation(t, free0, r0, layer=eq0.layer,
+                                                        note="computed once, read by several equations"))
+            for pos, r, free in uses:
+                replace.setdefault(pos, {})[r] = t[tuple(free)] if free else t.symbol
+        out = []
+        for pos, eq in enumerate(equations):
+            out += before.get(pos, [])
+            if pos in replace:
+                eq = type(eq)(eq.out, eq.indices, sp.sympify(eq.body).xreplace(replace[pos]),
+                              layer=eq.layer, note=eq.note)
+            out.append(eq)
+        return out
+
+    def _reduction_key(self, r, eq):
+        """A key equal for two reductions that compute the same values (bound indices renamed
+        in order, free output indices by position and extent), or None when the reduction reads an
+        index bound around it (it cannot be computed on its own)."""
+        free = [i for i in eq.indices if i in r.free_symbols]
+        ints = {x for x in r.free_symbols if x.is_integer} - set(self.sizes) - {BATCH}
+        if not ints <= set(eq.indices):
+            return None, None
+        bound = []
+        for node in sp.preorder_traversal(r):
+            if isinstance(node, REDUCTIONS):
+                bound += [v for v, _, _ in node.limits if v not in bound]
+        rename = {v: sp.Symbol(f"·b{k}", integer=True) for k, v in enumerate(bound)}
+        rename.update({v: sp.Symbol(f"·f{k}", integer=True) for k, v in enumerate(free)})
+        extents = tuple(sp.srepr(eq.out.shape[list(eq.indices).index(i)]) for i in free)
+        return (sp.srepr(r.xreplace(rename)), extents), free
+
+    def loop_locals(self, equations, keep: set) -> set:
+        """Outputs read by nothing but the next equations, pointwise (at their own indices), and
+        not kept: candidates to be a scalar local of a fused loop instead of an array
+        (``loop_kernel`` decides, once the fused groups are known)."""
+        reads: dict = {}
+        for eq in equations:
+            for name, idx in eq.reads():
+                reads.setdefault(name, []).append((eq, tuple(idx)))
+        out = set()
+        for eq in equations:
+            name = eq.out.name
+            if name in keep or eq.out.rank == 0 or name in self.preallocated:
+                continue
+            if all(tuple(idx) == tuple(other.indices) and other.out.shape == eq.out.shape
+                   for other, idx in reads.get(name, [])):
+                out.add(name)
+        return out
     def lower_units(self, units) -> list[Kernel]:
         """Lower a schedule (equations and time loops, ``derive.recurrence.schedule``): consecutive
         equations as ``lower`` does, each time loop as one loop over t."""
@@ -810,8 +1022,17 @@ class Lowerer:
         loop_vars = group[0]["loop_vars"]
         shape = group[0]["shape"]
         lines = [f"# {g['text']}" for g in group]
+        outs = {g["out"] for g in group}
+        local = {g["out"] for g in group
+                 if g["out"] in self.scalars and self.readers.get(g["out"], set()) <= outs}
+        alias = {}
         for g in group:
-            if g["out"] in self.preallocated:
+            if g["out"] in self.preallocated or g["out"] in local:
+                continue
+            if g.get("whole_dots"):
+                # the output overwrites its own np.dot temporary (read at the same element just
+                # before): one array fewer
+                alias[g["out"]] = g["whole_dots"][0]
                 continue
             lines.append(f"{self.ident(g['out'])} = np.empty({self.shape_code(self.tensors[g['out']])}, dtype=DT)")
         for g in group:
@@ -820,10 +1041,19 @@ class Lowerer:
                     lines += [f"# contraction in {comment_text(g['out'])}: {g['text']}"] + code
                 else:
                     lines.append(f"{code}  # contraction in {comment_text(g['out'])}")
+            if g["out"] in alias:
+                lines.append(f"{self.ident(g['out'])} = {alias[g['out']]}  # written in place")
         blocks = [_Block(set(loop_vars[:d]) | self.outer_bound) for d in range(len(loop_vars) + 1)]
         stmts = []
+        point = {}                                  # reads of loop locals -> the local
         for g in group:
-            value = self.emit_expr(g["body"], blocks)
+            value = self.emit_expr(g["body"].xreplace(point), blocks)
+            if g["out"] in local:                   # read only here, pointwise: no array
+                sym = sp.Symbol(self.ident(g["out"]), real=True)
+                self.names[sym] = str(sym)
+                point[self.tensors[g["out"]].base[tuple(loop_vars)]] = sym
+                stmts += [f"# {g['text']} (a local: nothing else reads it)", f"{sym} = {value}"]
+                continue
             target = "%s[%s]" % (self.ident(g["out"]), ", ".join(str(v) for v in loop_vars))
             stmts += [f"# {g['text']}", f"{target} = {value}"]
         lines += blocks[0].lines
@@ -841,11 +1071,18 @@ class Lowerer:
                  f"{name} = np.zeros({self.shape_code(self.tensors[info['out']])}, dtype=DT)"]
         limits = list(body.limits)
         red_vars = [v for v, _, _ in limits]
+        function, at = _scatter(body.function, loop_vars)
         blocks = [_Block(set(red_vars) | set(loop_vars) | self.outer_bound)]
-        value = self.emit_expr(body.function, blocks)
-        target = "%s[%s]" % (name, ", ".join(str(v) for v in loop_vars))
+        value = self.emit_expr(function, blocks)
+        target = (self.pe(self.tensors[info["out"]].base[tuple(at.get(v, v) for v in loop_vars)]) if at
+                  else "%s[%s]" % (name, ", ".join(str(v) for v in loop_vars)))
         nested = blocks[0].lines + [f"{target} += {value}"]
+        if at:       # an output index fixed by the term's condition: written there, not looped over
+            nested = [f"# scatter: the condition {comment_text(', '.join(f'{v} = {e}' for v, e in at.items()))} "
+                      f"picks the one entry each term adds to"] + nested
         for d in range(len(loop_vars), 0, -1):
+            if loop_vars[d - 1] in at:
+                continue
             nested = [f"for {loop_vars[d - 1]} in range({self.pe(shape[d - 1])}):"] + [IND + ln for ln in nested]
         for v, lo, hi in limits:                 # reduction loops outermost
             nested = [f"for {self.names[v]} in {self.range_code(lo, hi)}:"] + [IND + ln for ln in nested]
@@ -909,6 +1146,28 @@ def outermost_reductions(expr) -> list:
         if not isinstance(e, sp.Indexed):
             stack.extend(reversed(e.args))
     return out
+
+
+def _scatter(function, loop_vars):
+    """``Piecewise((f, Eq(j, e)), (0, True))`` with ``j`` an output index that ``f`` and ``e`` do not
+    read (an embedding's gradient ``Σ_{b,t} [j = x[b, t]] δ[b, t, o]``) -> (f, {j: e}): each term
+    adds to one entry, so the kernel scatters into ``out[e]`` instead of testing every ``j``."""
+    if isinstance(function, sp.Piecewise) and len(function.args) == 2 and function.args[1].expr == 0 \
+            and isinstance(function.args[0].cond, sp.Eq):
+        f, cond = function.args[0]
+        for j, e in ((cond.lhs, cond.rhs), (cond.rhs, cond.lhs)):
+            if j in loop_vars and j not in f.free_symbols and j not in sp.sympify(e).free_symbols \
+                    and not (set(sp.sympify(e).free_symbols) & set(loop_vars)):
+                return f, {j: e}
+    return function, {}
+
+
+def _coefficient(body):
+    """The numeric factor of a product (``1/√E`` of scaled scores), 1 for anything else."""
+    if body.is_Mul:
+        c = sp.Mul(*[f for f in body.args if f.is_number])
+        return c if c != 0 else sp.S.One
+    return sp.S.One
 
 
 def _two_reads(product):

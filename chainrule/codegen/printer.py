@@ -26,9 +26,25 @@ class KernelPrinter(PythonCodePrinter):
 
     printmethod = "_kernelcode"
 
-    def __init__(self, names: dict, settings=None):
+    def __init__(self, names: dict, settings=None, cast: str | None = None):
         super().__init__(settings or {"fully_qualified_modules": True})
         self.names = names            # str (tensor name) or Symbol -> identifier
+        # ``cast="DT"`` (a float32 module): numbers and integer symbols used as *values* print as
+        # ``DT(...)``, since Numba widens float32 op int64 (or a float64 literal) to float64, and
+        # the whole loop would then run in double precision. Indices, bounds, exponents and
+        # comparisons stay integers (``_plain`` > 0 while they are printed).
+        self.cast = cast
+        self._plain = 0
+
+    def _value(self, text: str) -> str:
+        return f"{self.cast}({text})" if self.cast and not self._plain else text
+
+    def _print_plain(self, expr) -> str:
+        self._plain += 1
+        try:
+            return self._print(expr)
+        finally:
+            self._plain -= 1
 
     # -- leaves ---------------------------------------------------------------------------
     def _lookup(self, key):
@@ -37,17 +53,20 @@ class KernelPrinter(PythonCodePrinter):
         raise UnsupportedError(f"codegen: no value for {key} (not a tensor, index or size of the model)")
 
     def _print_Symbol(self, expr):
-        if expr in self.names:
-            return self.names[expr]
-        if expr.name in self.names:
-            return self.names[expr.name]
+        name = self.names.get(expr, self.names.get(expr.name))
+        if name is not None:
+            return self._value(name) if expr.is_integer else name
         raise UnsupportedError(f"codegen: symbol {expr} is neither a tensor, an index nor a known size")
 
     _print_Dummy = _print_Symbol
 
     def _print_Indexed(self, expr):
         base = self._lookup(str(expr.base.label))
-        return "%s[%s]" % (base, ", ".join(self._print_index(i) for i in expr.indices))
+        self._plain += 1
+        try:
+            return "%s[%s]" % (base, ", ".join(self._print_index(i) for i in expr.indices))
+        finally:
+            self._plain -= 1
 
     def _print_index(self, e):
         """An index with a rational coefficient (a strided map solved for its index, guarded by a
@@ -78,22 +97,34 @@ class KernelPrinter(PythonCodePrinter):
         return "((%s) %% (%s))" % (self._print_index(a), self._print_index(m))
 
     def _print_Integer(self, expr):
-        return str(int(expr))
+        return self._value(str(int(expr)))
 
     def _print_Rational(self, expr):
-        return _float_literal(expr)
+        return self._value(_float_literal(expr))
 
     def _print_Half(self, expr):
-        return "0.5"
+        return self._value("0.5")
 
     def _print_Float(self, expr):
-        return _float_literal(expr)
+        return self._value(_float_literal(expr))
 
     def _print_Infinity(self, expr):
-        return "np.inf"
+        return self._value("np.inf")
 
     def _print_NegativeInfinity(self, expr):
-        return "-np.inf"
+        return self._value("-np.inf")
+
+    def _print_Pow(self, expr, rational=False):
+        base, exp = expr.args
+        if self.cast and not self._plain and exp.is_Integer:
+            # an integer power stays a product (never a float pow); 1/x divides a DT one
+            b = self.parenthesize(base, sp.printing.precedence.PRECEDENCE["Pow"])
+            if exp == -1:
+                return f"{self._value('1')}/{b}"
+            if exp < 0:
+                return f"{self._value('1')}/{b}**{-int(exp)}"
+            return f"{b}**{int(exp)}"
+        return super()._print_Pow(expr, rational=rational)
 
     def _print_Exp1(self, expr):
         return "math.e"
@@ -103,7 +134,7 @@ class KernelPrinter(PythonCodePrinter):
 
     # -- functions ------------------------------------------------------------------------
     def _print_exp(self, expr):
-        return "math.exp(%s)" % self._print(expr.args[0])
+        return "_exp(%s)" % self._print(expr.args[0])   # the module's vectorisable exp
 
     def _print_log(self, expr):
         # clipped log: log(max(x, tiny)), so log(0) of a saturated probability stays finite
@@ -153,7 +184,7 @@ class KernelPrinter(PythonCodePrinter):
         return "(" + "".join(parts) + ")"
 
     def _print_Relational(self, expr):
-        return "(%s %s %s)" % (self._print(expr.lhs), expr.rel_op, self._print(expr.rhs))
+        return "(%s %s %s)" % (self._print_plain(expr.lhs), expr.rel_op, self._print_plain(expr.rhs))
 
     def _print_Sum(self, expr):
         raise UnsupportedError("codegen internal error: a Sum reached the scalar printer unhoisted")
@@ -208,7 +239,7 @@ SUPPORTED_FUNCTIONS = (sp.exp, sp.log, sp.tanh, sp.sin, sp.cos, sp.Abs, sp.sign,
                        sp.Piecewise, sp.Mod, sp.floor, sp.ceiling, Primitive)
 
 
-def print_expr(expr, names) -> str:
+def print_expr(expr, names, cast: str | None = None) -> str:
     expr = to_conventions(expr)
     if isinstance(expr, (sp.Sum, LogSumExp)):
         raise UnsupportedError("codegen internal error: unhoisted reduction")
@@ -218,4 +249,4 @@ def print_expr(expr, names) -> str:
                 f"codegen: function {type(node).__name__} has no lowering (in {node}); supported: "
                 "exp, log, tanh, sin, cos, Abs, sign, Max, Min, Heaviside (as step), Piecewise and "
                 "chainrule primitives")
-    return KernelPrinter(names).doprint(expr)
+    return KernelPrinter(names, cast=cast).doprint(expr)

@@ -41,6 +41,7 @@ class Plan:
     optimizer: str = "sgd"
     state_names: list = None
     hyper_names: list = None
+    input_grads: bool = False
 
 
 def _adjoint_order(composed, model):
@@ -114,7 +115,22 @@ def _lower_buffer_updates(model, tensors, lw) -> list:
     return lines
 
 
-def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
+def _adjoints_needed(units, names):
+    """The adjoint units (equations or time loops, in the given evaluation order) that the adjoints
+    ``names`` read: a time loop is kept whole when it defines any of them."""
+    from ..derive.recurrence import flatten
+    by_name = {e.out.name: e for e in flatten(units)}
+    need, stack = set(), list(names)
+    while stack:
+        n = stack.pop()
+        if n in need or n not in by_name:
+            continue
+        need.add(n)
+        stack.extend(r for r, _ in by_name[n].reads())
+    return [u for u in units if set(getattr(u, "names", None) or [u.out.name]) & need]
+
+
+def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=False) -> Plan:
     from ..derive import derive
     from ..derive.optimizers import get_rule
     dtype = check_dtype(dtype)
@@ -125,10 +141,11 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
     composed = compose(grads, keep=keep) if keep else grads.composed
     inputs = [t for t in model.inputs if t.role == "input"]
     targets = [t for t in model.inputs if t.role == "target"]
-    if not inputs or len(targets) != 1:
+    if not inputs or not targets:
         raise UnsupportedError(f"codegen: models with {len(inputs)} inputs and {len(targets)} targets "
-                               "are not supported yet (one or more inputs, exactly one target)")
+                               "are not supported yet (one or more inputs, one or more targets)")
     x, y = inputs[0], targets[0]
+    target_names = {t.name for t in targets}
     if not model.outputs:
         raise UnsupportedError("codegen: the model declares no output for predict")
     params = model.params
@@ -140,12 +157,17 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
     for name, d in composed.items():
         tensors[d.adjoint.name] = d.adjoint
         adjoints[name] = d.adjoint.name
-    lw = Lowerer(model, tensors, cost_adjoint="d_" + model.cost.name)
+    composed_in = _input_adjoints(model, inputs) if input_grads else {}
+    for d in composed_in.values():
+        tensors.setdefault(d.adjoint.name, d.adjoint)
+    lw = Lowerer(model, tensors, cost_adjoint="d_" + model.cost.name, dtype=dtype)
     ident = lw.ident
 
+    out = model.outputs[0]
     eval_eqs = getattr(model, "eval_equations", {})
     from ..derive.recurrence import TimeLoop
-    if any(isinstance(u, TimeLoop) for u in model.schedule):
+    recurrent = any(isinstance(u, TimeLoop) for u in model.schedule)
+    if recurrent:
         if eval_eqs:
             raise UnsupportedError("codegen: a recurrent model with evaluation-mode equations (batch "
                                    "norm's running averages) is not supported yet")
@@ -153,21 +175,40 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
         forward_k = lw.lower_units(model.schedule)
         forward_modes = ["\n".join(k.lines) for k in forward_k]
         predict_units = _needed_units(model, [model.outputs[0].name])
-        if any(r == y.name for e in flatten(predict_units) for r, _ in e.reads()):
-            raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on the target {y.name}")
+        if any(r in target_names for e in flatten(predict_units) for r, _ in e.reads()):
+            raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on a target "
+                                   f"({', '.join(sorted(target_names))})")
         predict_k = lw.lower_units(predict_units)
     else:
-        forward_k = lw.lower(model.equations)           # training mode: what loss_and_grads differentiates
+        # what the training forward's later code reads (the backward pass, the running-average
+        # updates) or returns stays an array; the rest may be a scalar local of a fused loop
+        read_later = {r for e in flatten(_adjoint_order(composed, model)) for r, _ in e.reads()}
+        read_later |= {r for e in flatten(_adjoint_order(composed_in, model)) for r, _ in e.reads()} \
+            if input_grads else set()
+        read_later |= {r for e in model.buffer_updates for r, _ in e.reads()}
+        forward_k = lw.lower(model.equations,       # training mode: what loss_and_grads differentiates
+                             keep={model.cost.name} | {t.name for t in model.outputs} | read_later)
         forward_modes = _lower_two_modes(lw, model.equations, eval_eqs) if eval_eqs else \
             ["\n".join(k.lines) for k in forward_k]
         predict_eqs = _needed(model.evaluation_equations() if eval_eqs else model.equations,
                               [model.outputs[0].name])
-        if any(r == y.name for e in predict_eqs for r, _ in e.reads()):
-            raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on the target {y.name}")
-        predict_k = lw.lower(predict_eqs)
+        if any(r in target_names for e in predict_eqs for r, _ in e.reads()):
+            raise UnsupportedError(f"codegen: output {model.outputs[0].name} depends on a target "
+                                   f"({', '.join(sorted(target_names))})")
+        predict_k = lw.lower(predict_eqs, keep={out.name})
     buffer_update = _lower_buffer_updates(model, tensors, lw)
     buffers = [ident(t.name) for t in model.buffers]
     backward_k = lw.lower_units(_adjoint_order(composed, model))
+    outputs_units = (_needed_units(model, [t.name for t in model.outputs]) if recurrent else
+                     _needed(model.evaluation_equations() if eval_eqs else model.equations,
+                             [t.name for t in model.outputs]))
+    outputs_k = lw.lower_units(outputs_units)
+    if any(r in target_names for e in flatten(outputs_units) for r, _ in e.reads()):
+        raise UnsupportedError(f"codegen: an output of {comment_text(model.name)!r} depends on a target "
+                               f"({', '.join(sorted(target_names))})")
+    input_adjoints = [composed_in[t.name].adjoint.name for t in inputs] if input_grads else []
+    input_backward_k = lw.lower_units(_adjoints_needed(_adjoint_order(composed_in, model), input_adjoints)) \
+        if input_grads else []
 
     grad_codes, zero_lines, update = [], [], []
     for p in params:
@@ -188,7 +229,8 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
     update, state_args, update_eqs = _lower_update(rule, params, [ident(p.name) for p in params], lw)
     for eq in getattr(model, "constraints", []):
         # a projection after the update: lowered like every equation, written into the parameter
-        proj = Lowerer(model, {eq.out.name: eq.out, eq.out.meta["param"]: model.tensors[eq.out.meta["param"]]})
+        proj = Lowerer(model, {eq.out.name: eq.out, eq.out.meta["param"]: model.tensors[eq.out.meta["param"]]},
+                       dtype=dtype)
         proj.names[eq.out.meta["param"]] = ident(eq.out.meta["param"])
         proj.names[eq.out.name] = ident(eq.out.meta["param"])
         proj.preallocated.add(eq.out.name)
@@ -216,27 +258,48 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd") -> Plan:
         + [e.body for e in eval_eqs.values()] + [e.body for e in (d.equation for d in composed.values())]
         + update_eqs)]
     tiny = repr(float(np.finfo(np.dtype(dtype)).tiny))
-    out = model.outputs[0]
     context = dict(
         model_label=sanitise(model.name), dtype=dtype, tiny=tiny, primitives=prims,
         params=[ident(p.name) for p in params], x=", ".join(ident(t.name) for t in inputs),
-        x_first=ident(x.name), y=ident(y.name),
+        x_first=ident(x.name), y=", ".join(ident(t.name) for t in targets),
         arg_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}"
-                          for t in [*params, *model.buffers, *inputs, y]),
+                          for t in [*params, *model.buffers, *inputs, *targets]),
         output_doc=f"{ident(out.name)} = {comment_text(out.name)}",
         forward=forward_modes, forward_train=["\n".join(k.lines) for k in forward_k], buffers=buffers, buffer_update=buffer_update,
         arguments=[ident(p.name) for p in params] + buffers,
         predict=["\n".join(k.lines) for k in predict_k],
         backward=["\n".join(k.lines) for k in backward_k] + zero_lines,
+        outputs_body=["\n".join(k.lines) for k in outputs_k],
+        outputs=[ident(t.name) for t in model.outputs],
+        outputs_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}" for t in model.outputs),
+        input_grads=input_grads,
+        input_backward=["\n".join(k.lines) for k in input_backward_k],
+        input_adjoints=[ident(n) for n in input_adjoints],
         update=update, cost=ident(model.cost.name), output=ident(out.name), grads=grad_codes,
         optimizer=rule.name, optimizer_title=rule.title, states=state_args,
         noise_train=noise_train, noise_eval=noise_eval,
         hyper=[(k, f"u_hp_{h}") for k, h in enumerate(hyper)],
         train_args=", ".join([ident(p.name) for p in params] + state_args + buffers
-                             + [ident(t.name) for t in inputs] + [ident(y.name)]))
+                             + [ident(t.name) for t in inputs] + [ident(t.name) for t in targets]))
     return Plan([p.name for p in params], x.name, y.name, [t.name for t in model.outputs],
                 model.cost.name, forward_k, predict_k, backward_k, context,
-                optimizer=rule.name, state_names=[s for s in rule.state], hyper_names=hyper)
+                optimizer=rule.name, state_names=[s for s in rule.state], hyper_names=hyper,
+                input_grads=input_grads)
+
+
+def _input_adjoints(model, inputs):
+    """The composed adjoints of a derivation that also reaches the inputs (``derive(..., wrt=)``):
+    what a caller needs to pull a gradient back through this model (a GAN's generator is trained
+    through the discriminator's input gradient)."""
+    from ..derive import derive
+    from ..derive.backprop import compose, recomputed_inside_reductions
+    grads = derive(model, wrt=[t.name for t in inputs])
+    missing = [t.name for t in inputs if t.name not in grads.derivations]
+    if missing:
+        raise UnsupportedError(f"codegen: the cost of {comment_text(model.name)!r} does not depend on "
+                               f"the inputs {missing}, so they have no gradient")
+    keep = recomputed_inside_reductions(grads)
+    return compose(grads, keep=keep) if keep else grads.composed
 
 
 def _lower_update(rule, params, param_codes, lw_main):
@@ -263,7 +326,7 @@ def _lower_update(rule, params, param_codes, lw_main):
         tensors, names = {}, {}
         for name, t in rule._all_tensors.items():
             tensors[name] = Tensor(name, (n_k,), role=t.role, latex=t.latex)
-        lw = Lowerer(SimpleNamespace(size_values={n_k: numel}), tensors)
+        lw = Lowerer(SimpleNamespace(size_values={n_k: numel}), tensors, dtype=lw_main.dtype)
         names["theta"] = f"u_p{k}"
         names["g"] = f"u_g{k}"
         for st in rule.state:
@@ -302,6 +365,6 @@ def render_plan(plan: Plan, cache: bool = True) -> str:
     return _ENV.get_template("module.py.j2").render(**plan.context, njit_cache=bool(cache))
 
 
-def render_module(model, dtype="float64", optimizer="sgd") -> str:
+def render_module(model, dtype="float64", optimizer="sgd", input_grads=False) -> str:
     """The generated module's source (what ``chainrule codegen`` prints)."""
-    return render_plan(plan_model(model, dtype, optimizer=optimizer))
+    return render_plan(plan_model(model, dtype, optimizer=optimizer, input_grads=input_grads))

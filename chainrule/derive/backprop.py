@@ -122,7 +122,25 @@ def _bound(expr) -> set:
 
 
 def derive(model: Model, wrt=()) -> Gradients:
-    """Derive the adjoint of every tensor between the parameters (and ``wrt``) and the cost."""
+    """Derive the adjoint of every tensor between the parameters (and ``wrt``) and the cost.
+
+    Derived once per model: the explanation and the code generator ask for the same derivation,
+    and get the same object (recomputed if the model's equations were replaced meanwhile)."""
+    # equations compare by identity (the key holds them, so an id is never reused meanwhile)
+    key = (tuple(model.equations), model.cost.name, tuple(p.name for p in model.params),
+           tuple(str(w) for w in wrt))
+    memo = getattr(model, "_derived", None)
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    grads = _derive(model, wrt)
+    try:
+        model._derived = (key, grads)
+    except AttributeError:                 # a model type without a __dict__: derive every time
+        pass
+    return grads
+
+
+def _derive(model: Model, wrt=()) -> Gradients:
     names = _needs_adjoint(model, wrt)
     derivations: dict[str, AdjointDerivation] = {}
     # a recurrence reads its own adjoint (at t+1): every adjoint is named before any is derived

@@ -39,7 +39,8 @@ class Residual(Layer):
         # the branch's last dense layer returns to the input's width: the same size symbol, so that the
         # sum is well defined at every size (verification varies sizes), not only at the declared one
         last = max((k for k, layer in enumerate(layers) if isinstance(layer, Dense)), default=None)
-        width = sp.sympify(x.shape[-1]).xreplace(d.size_values) if x.rank == 2 else None
+        by_features = x.rank == 2 or (x.rank == 3 and x.meta.get("time_axis") == 1)   # (.., features)
+        width = sp.sympify(x.shape[-1]).xreplace(d.size_values) if by_features else None
         if last is not None and width is not None and width == layers[last].units:
             layers[last] = Dense(x.shape[-1], init=layers[last].init)
         for k, layer in enumerate(layers, 1):
@@ -51,7 +52,7 @@ class Residual(Layer):
         if tuple(h.shape) != tuple(x.shape):
             raise ShapeError(f"layer {outer}: the residual branch maps {x.name} {shape_str(x.shape)} to "
                              f"{h.name} {shape_str(h.shape)}; x + f(x) needs the same shape")
-        r = d.tensor("r", x.shape)
+        r = d.tensor("r", x.shape, meta=dict(x.meta))
         idx = _elementwise(x)
         return d.define(r, idx, x[idx] + h[idx], note="residual connection: the input plus the branch")
 
@@ -60,8 +61,8 @@ class Residual(Layer):
 class Node:
     """A tensor in a functional model before it is built: an input, or an operation on nodes."""
 
-    def __init__(self, op, args=(), name=None):
-        self.op, self.args, self.name = op, tuple(args), name
+    def __init__(self, op, args=(), name=None, **options):
+        self.op, self.args, self.name, self.options = op, tuple(args), name, options
 
     def __add__(self, other):
         return add(self, other)
@@ -93,10 +94,19 @@ def add(*nodes: Node) -> Node:
 
 
 def concat(*nodes: Node) -> Node:
-    """Concatenation of (batch, features) tensors along the feature axis."""
+    """Concatenation along axis 1: the features of (batch, features) tensors, the channels of
+    (batch, channels, length) or (batch, channels, height, width) ones (the other axes must agree)."""
     if len(nodes) < 2:
         raise ShapeError("concat needs at least two tensors")
     return Node("concat", nodes)
+
+
+def gaussian_sample(mu: Node, logvar: Node) -> Node:
+    """The reparameterisation trick: ``z = μ + exp(½ log σ²) ⊙ ε`` with ``ε ~ N(0, 1)`` a noise tensor
+    drawn at every training step (its mean 0 in evaluation, so ``z = μ``). The randomness sits in ε,
+    outside the parameters' path, so the engine differentiates z with respect to μ and log σ² like
+    any other equation."""
+    return Node("sample", (mu, logvar))
 
 
 def apply_layer(layer, inputs) -> Node:
@@ -106,13 +116,20 @@ def apply_layer(layer, inputs) -> Node:
     return Node(layer, inputs)
 
 
-def functional_model(inputs, outputs, losses, name="model"):
-    """A Model from a functional graph: ``inputs`` (Input nodes), ``outputs`` (nodes) and one loss per
-    output (a name such as "softmax_cross_entropy" or a ``Loss``). The cost is the batch mean of the
-    sum of the per-example losses. A layer object applied more than once shares its parameters: each
-    application reads the same tensors, so its gradient sums the uses."""
+def functional_model(inputs, outputs, losses, name="model", weights=None):
+    """A Model from a functional graph: ``inputs`` (Input nodes), ``outputs`` and one loss per output.
+
+    A loss is a name such as "softmax_cross_entropy" or a ``Loss`` (it declares a target for its
+    output), a ``Term`` (a per-example term over one or more of the model's tensors, with no target:
+    a VAE's KL term reads μ and log σ², given as the tuple ``(mu, logvar)``), or ``None`` (an output
+    that predictions report, such as a latent code, with no term in the cost). ``weights`` (one per
+    loss, default 1) scale the terms; a weight other than 1 is a named constant of the model.
+
+    The cost is the batch mean of the weighted sum of the per-example losses, plus the layers'
+    penalties. A layer object applied more than once shares its parameters: each application reads
+    the same tensors, so its gradient sums the uses."""
     from .graph import Model
-    from .layers import B, LOSSES, Builder, Loss
+    from .layers import B, Builder, Term
     from .errors import SpecError
     from .tensor import Equation, Tensor, index
     inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
@@ -120,6 +137,9 @@ def functional_model(inputs, outputs, losses, name="model"):
     losses = list(losses) if isinstance(losses, (list, tuple)) else [losses]
     if len(losses) != len(outputs):
         raise SpecError(f"{len(outputs)} outputs need {len(outputs)} losses, got {len(losses)}")
+    weights = [1] * len(losses) if weights is None else list(weights)
+    if len(weights) != len(losses):
+        raise SpecError(f"{len(losses)} losses need {len(losses)} weights, got {len(weights)}")
     d = Builder()
     built: dict[int, Tensor] = {}
     names = [n.name for n in inputs]
@@ -147,9 +167,9 @@ def functional_model(inputs, outputs, losses, name="model"):
         step[0] += 1
         if node.op == "input":
             raise SpecError(f"input {node.name} is used but not listed in inputs")
-        if node.op in ("add", "concat"):
+        if isinstance(node.op, str) and node.op in NODE_OPS:
             d.layer = f"{step[0]}:{node.op}"
-            out = _add(d, args) if node.op == "add" else _concat(d, args)
+            out = NODE_OPS[node.op](d, args, **node.options)
         else:
             layer = node.op
             first = id(layer) not in levels
@@ -173,30 +193,62 @@ def functional_model(inputs, outputs, losses, name="model"):
         built[id(node)] = out
         return out
 
-    outs = [build(o) for o in outputs]
-    per_example, predictions = [], []
+    outs = [tuple(build(o) for o in out) if isinstance(out, tuple) else build(out) for out in outputs]
+    per_example, predictions, scaled = [], [], []
     d.level = max(levels.values(), default=0)
-    for k, (out, loss) in enumerate(zip(outs, losses), 1):
-        if isinstance(loss, str):
-            if loss not in LOSSES:
-                raise SpecError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
-            loss = LOSSES[loss]()
-        if not isinstance(loss, Loss):
-            raise SpecError(f"output {k}: {loss!r} is not a loss")
+    for k, (out, loss, weight) in enumerate(zip(outs, losses, weights), 1):
+        if loss is None:                       # reported by predictions, no term in the cost
+            predictions += list(out) if isinstance(out, tuple) else [out]
+            continue
+        loss = _as_loss(loss, k)
         d.layer = f"loss{k}:{loss.name}"
-        y, per, outs_k = loss.build(d, out)
+        if isinstance(loss, Term):
+            per, outs_k = loss.build(d, *(out if isinstance(out, tuple) else (out,)))
+        elif isinstance(out, tuple):
+            raise SpecError(f"output {k}: loss {loss.name} takes one tensor, got {len(out)}")
+        else:
+            _, per, outs_k = loss.build(d, out)
         per_example.append(per)
         predictions += outs_k
+        scaled.append(_weight(d, weight, k, loss.name))
+    if not per_example:
+        raise SpecError("every output has loss None: the cost needs at least one loss")
     d.layer = "cost"
     cost = Tensor("C", (), role="cost", latex="C", layer="cost")
     d.tensors.append(cost)
     b = index("b")
-    total = sp.Add(*[p[b] for p in per_example])
-    d.equations.append(Equation(cost, (), sp.Sum(total, (b, 0, B - 1)) / B, layer="cost",
-                                note="cost: the mean over the batch of the per-example losses"
-                                     + (" (summed over the outputs)" if len(per_example) > 1 else "")))
+    total = sp.Add(*[w * p[b] for w, p in zip(scaled, per_example)])
+    body = sp.Sum(total, (b, 0, B - 1)) / B
+    note = "cost: the mean over the batch of the per-example losses"
+    if len(per_example) > 1:
+        note += " (summed over the outputs" + (", weighted" if any(w != 1 for w in scaled) else "") + ")"
+    if d.penalties:
+        body = body + sp.Add(*[p for p, _, _ in d.penalties])
+        note += ", plus " + ", ".join(n for _, n, _ in d.penalties)
+    d.equations.append(Equation(cost, (), body, layer="cost", note=note))
     return d.finish(Model(d.equations, d.tensors, cost, loss=per_example[0], outputs=predictions,
                           size_values=d.size_values, name=name, layers=d.layer_log))
+
+
+def _as_loss(loss, k):
+    from .errors import SpecError
+    from .layers import LOSSES, Loss, Term
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            raise SpecError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+        loss = LOSSES[loss]()
+    if not isinstance(loss, (Loss, Term)):
+        raise SpecError(f"output {k}: {loss!r} is not a loss")
+    return loss
+
+
+def _weight(d, weight, k, name):
+    """1, or the weight as a named constant of the model (shown as w_k in the derivation)."""
+    from .layers import check_strength
+    value = check_strength(f"loss {k} ({name}): weight", weight)
+    if value == 1:
+        return sp.S.One
+    return d.constant("w", value, rf"w_{{{k}}}")
 
 
 def _add(d, args):
@@ -218,16 +270,45 @@ def _add(d, args):
 
 def _concat(d, args):
     from .tensor import index
+    first = args[0]
     for t in args:
-        if t.rank != 2:
-            raise ShapeError(f"layer {d.layer}: concat joins (batch, features) tensors, got {t.name} "
-                             f"{shape_str(t.shape)}")
-    b, i = index("b"), index("i")
+        if t.rank < 2 or t.rank != first.rank:
+            raise ShapeError(f"layer {d.layer}: concat joins tensors of one rank (>= 2) along axis 1, "
+                             f"got {', '.join(f'{a.name} {shape_str(a.shape)}' for a in args)}")
+        d.unify_sizes(first.shape[2:], t.shape[2:])     # the axes after 1 must be one size
+        if tuple(t.shape[2:]) != tuple(first.shape[2:]):
+            raise ShapeError(f"layer {d.layer}: concat along axis 1 needs equal other axes, got "
+                             f"{first.name} {shape_str(first.shape)} and {t.name} {shape_str(t.shape)}")
+    idx = _elementwise(first)
+    b, i, rest = idx[0], index("i"), idx[2:]
     offset, terms = sp.S.Zero, []
     for k, t in enumerate(args):
         j = index(f"j{k}")                   # one summation index per part: each has its own range
-        terms.append(sp.Sum(t[b, j] * sp.KroneckerDelta(i, j + offset), (j, 0, t.shape[1] - 1)))
+        terms.append(sp.Sum(t[(b, j, *rest)] * sp.KroneckerDelta(i, j + offset), (j, 0, t.shape[1] - 1)))
         offset += t.shape[1]
-    c = d.tensor("c", (args[0].shape[0], offset))
-    return d.define(c, (b, i), sp.Add(*terms),
-                    note="concatenation of " + ", ".join(t.name for t in args) + " along the features")
+    c = d.tensor("c", (first.shape[0], offset, *first.shape[2:]))
+    axis = "features" if first.rank == 2 else "channels"
+    return d.define(c, (b, i, *rest), sp.Add(*terms),
+                    note="concatenation of " + ", ".join(t.name for t in args) + f" along the {axis}")
+
+
+def _sample(d, args):
+    """z = μ + exp(½ log σ²) ε, ε ~ N(0, 1): see ``gaussian_sample``."""
+    mu, logvar = args
+    if mu.rank != logvar.rank:
+        raise ShapeError(f"layer {d.layer}: the mean {mu.name} {shape_str(mu.shape)} and the log-variance "
+                         f"{logvar.name} {shape_str(logvar.shape)} need one shape")
+    d.unify_sizes(mu.shape, logvar.shape)
+    if tuple(mu.shape) != tuple(logvar.shape):
+        raise ShapeError(f"layer {d.layer}: the mean {mu.name} {shape_str(mu.shape)} and the log-variance "
+                         f"{logvar.name} {shape_str(logvar.shape)} need one shape")
+    mu.latex, logvar.latex = r"\mu", r"\log\sigma^{2}"     # what they now mean, in the derivation
+    idx = _elementwise(mu)
+    eps = d.tensor("eps", mu.shape, role="noise", meta={"dist": "normal"}, latex=r"\varepsilon")
+    z = d.tensor("zs", mu.shape, latex="z")
+    return d.define(z, idx, mu[idx] + sp.exp(logvar[idx] / 2) * eps[idx],
+                    note="reparameterised sample: the mean plus the standard deviation times "
+                         "standard normal noise")
+
+
+NODE_OPS = {"add": _add, "concat": _concat, "sample": _sample}

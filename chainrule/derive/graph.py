@@ -157,12 +157,26 @@ def check_equation(eq: Equation, tensors: dict[str, Tensor]):
             bounds = affine_bounds(e, ranges)
             if bounds is None:
                 raise UnsupportedError(f"{where}index expression {e} in {name}{list(idx)} is not affine")
-            lo, hi = bounds
+            lo, hi = _outer_bounds(bounds, ranges)
             if not (provably_nonneg(lo) and provably_nonneg(n - 1 - hi)):
                 raise ShapeError(
                     f"{where}{eq.out.name}{list(eq.indices)} {shape_str(eq.out.shape)} reads "
                     f"{name}{list(idx)}: index {e} runs over [{lo}, {hi}] but axis {axis} of "
                     f"{name} {shape_str(t.shape)} has size {n}")
+
+
+def _outer_bounds(bounds, ranges, depth=4):
+    """Bounds free of indices: a limit that is itself an index (``Σ_{v=0}^{t}``: the causal softmax's
+    normaliser) is replaced by that index's own bound, from the inside out."""
+    lo, hi = bounds
+    for _ in range(depth):
+        if not ((sp.sympify(lo).free_symbols | sp.sympify(hi).free_symbols) & set(ranges)):
+            break
+        lo_b, hi_b = affine_bounds(lo, ranges), affine_bounds(hi, ranges)
+        if lo_b is None or hi_b is None:
+            break
+        lo, hi = lo_b[0], hi_b[1]
+    return lo, hi
 
 
 def _reads_with_ranges(body, ranges):

@@ -197,6 +197,8 @@ class Dense(Layer):
             raise ValueError(f"dense({self.units}): max_norm must be > 0, got {self.max_norm!r}")
 
     def build(self, d, x):
+        if x.rank == 3 and x.meta.get("time_axis") == 1:
+            return self._build_steps(d, x)
         if x.rank > 2:
             return self._build_flat(d, x)
         if x.rank != 2:
@@ -213,6 +215,21 @@ class Dense(Layer):
             max_norm_constraint(d, W, self.max_norm)
         return d.define(z, (b, o), sp.Sum(W[o, i] * x[b, i], (i, 0, n_in - 1)) + c[o],
                         note="affine map (the perceptron's weighted sum)")
+
+    def _build_steps(self, d, x):
+        """A dense layer on a sequence (batch, time, features) maps every position with the same
+        weights: z_bto = Σ_i W_oi x_bti + b_o (a transformer's position-wise projections)."""
+        n_in = x.shape[2]
+        n_out = self.units if isinstance(self.units, sp.Expr) else d.size("n", self.units)
+        W = d.param("W", (n_out, n_in), init=self.init)
+        c = d.param("b", (n_out,), init="zeros")
+        z = d.tensor("z", (B, x.shape[1], n_out), grad_latex=rf"\delta^{{({d.level})}}", meta={"time_axis": 1})
+        b, t, o, i = index("b"), index("t"), index("o"), index("i")
+        weight_penalties(d, W, (o, i), self.l2, self.l1)
+        if self.max_norm is not None:
+            max_norm_constraint(d, W, self.max_norm)
+        return d.define(z, (b, t, o), sp.Sum(W[o, i] * x[b, t, i], (i, 0, n_in - 1)) + c[o],
+                        note="affine map of every position (the same weights at each step)")
 
     def _build_flat(self, d, x):
         """A dense layer on a flattened (batch, channel, ...) tensor contracts every non-batch axis."""
@@ -305,20 +322,27 @@ class LayerNorm(Layer):
         self.eps = float(eps)
 
     def build(self, d, x):
-        if x.rank != 2:
-            raise ShapeError(f"layer {d.layer} (layer_norm) expects a (batch, features) input, "
-                             f"got {x.name} {shape_str(x.shape)}")
-        n = x.shape[1]
+        steps = x.rank == 3 and x.meta.get("time_axis") == 1      # a sequence: per position
+        if x.rank != 2 and not steps:
+            raise ShapeError(f"layer {d.layer} (layer_norm) expects a (batch, features) or (batch, time, "
+                             f"features) input, got {x.name} {shape_str(x.shape)}")
+        n = x.shape[-1]
         g, s = d.param("gamma", (n,), init="ones"), d.param("beta", (n,), init="zeros")
         g.latex, s.latex = rf"\gamma^{{({d.level})}}", rf"\beta^{{({d.level})}}"
         eps = d.constant("epsilon", self.eps, r"\epsilon")
-        mu, var = d.tensor("mu", (B,), latex=rf"\mu^{{({d.level})}}"), d.tensor("v", (B,), latex=rf"\sigma^{{2({d.level})}}")
-        y = d.tensor("y", x.shape)
-        b, i = index("b"), index("i")
-        d.define(mu, (b,), sp.Sum(x[b, i], (i, 0, n - 1)) / n, note="mean over the features")
-        d.define(var, (b,), sp.Sum((x[b, i] - mu[b]) ** 2, (i, 0, n - 1)) / n,
+        rows = x.shape[:-1]                 # (B,) or (B, T): one mean and variance per row
+        mu = d.tensor("mu", rows, latex=rf"\mu^{{({d.level})}}")
+        var = d.tensor("v", rows, latex=rf"\sigma^{{2({d.level})}}")
+        y = d.tensor("y", x.shape, meta=dict(x.meta))
+        row = (index("b"), index("t")) if steps else (index("b"),)
+        return self._declare(d, x, row, index("i"), n, mu, var, y, g, s, eps)
+
+    @staticmethod
+    def _declare(d, x, row, i, n, mu, var, y, g, s, eps):
+        d.define(mu, row, sp.Sum(x[(*row, i)], (i, 0, n - 1)) / n, note="mean over the features")
+        d.define(var, row, sp.Sum((x[(*row, i)] - mu[row]) ** 2, (i, 0, n - 1)) / n,
                  note="variance over the features")
-        return d.define(y, (b, i), g[i] * (x[b, i] - mu[b]) / sp.sqrt(var[b] + eps) + s[i],
+        return d.define(y, (*row, i), g[i] * (x[(*row, i)] - mu[row]) / sp.sqrt(var[row] + eps) + s[i],
                         note="normalise, then scale and shift")
 
     def describe(self):
@@ -476,6 +500,8 @@ class Activation(Layer):
         a = d.tensor("a", x.shape)
         if x.meta.get("flattened"):          # an activation after a flatten keeps it flat for dense
             a.meta["flattened"] = True
+        if x.meta.get("time_axis") is not None:     # and one over a sequence keeps its time axis
+            a.meta["time_axis"] = x.meta["time_axis"]
         idx = elementwise_indices(x)
         return d.define(a, idx, self.fn(x[idx]), note=f"{self.name} activation, elementwise")
 
@@ -553,6 +579,37 @@ class Loss:
         return y, loss, outputs
 
 
+@dataclass
+class Term:
+    """A per-example term of the cost over one or more of the model's tensors, with no target:
+    ℓ_b = Σ_k fn(T1[b, k], T2[b, k], ...) (a VAE's KL term reads the mean and the log-variance).
+
+    In a functional model each term is one output's loss; the cost sums the terms of every output,
+    and the engine differentiates the sum like any equation (each tensor's adjoint gets one
+    contribution per term that reads it)."""
+
+    name: str
+    fn: Callable                        # (*reads) -> summand over k
+    label: str = ""
+    latex: str = r"\ell"
+
+    def build(self, d: Builder, *tensors: Tensor):
+        first = tensors[0]
+        for t in tensors:
+            if t.rank != 2:
+                raise ShapeError(f"layer {d.layer} ({self.name}) reads (batch, features) tensors, got "
+                                 f"{t.name} {shape_str(t.shape)}")
+            d.unify_sizes(first.shape, t.shape)
+            if tuple(t.shape) != tuple(first.shape):
+                raise ShapeError(f"layer {d.layer} ({self.name}) reads tensors of one shape, got "
+                                 f"{first.name} {shape_str(first.shape)} and {t.name} {shape_str(t.shape)}")
+        loss = d.tensor("l", (B,), role="loss", latex=self.latex)
+        b, k = index("b"), index("k")
+        body = sp.Sum(self.fn(*(t[b, k] for t in tensors)), (k, 0, first.shape[1] - 1))
+        d.define(loss, (b,), body, note=f"{self.label or self.name}, per example")
+        return loss, list(tensors)
+
+
 def _softmax_of(z, b, k, n):
     m = index("m")
     return sp.exp(z[b, k] - LogSumExp(z[b, m], (m, 0, n - 1)))
@@ -587,6 +644,10 @@ LOSSES = {
     "cross_entropy": lambda: Loss("cross_entropy", lambda p, y: -y * sp.log(p), simplex=True,
                                   label="categorical cross-entropy"),
     "softmax_cross_entropy": SoftmaxCrossEntropy,
+    # ℓ_b = Σ_k g_bk ŷ_bk with the target g an upstream gradient times B: ∂C/∂ŷ_bk = g_bk / B, so
+    # the parameters' gradient is the vector-Jacobian product that pulls g back through the model
+    # (a GAN's generator, given the discriminator's derived input gradient)
+    "pullback": lambda: Loss("pullback", lambda p, g: g * p, label="pullback of an upstream gradient"),
     "nll": lambda: Loss("nll", lambda s, y: -y * s, simplex=True,
                         prediction=lambda s, b, k, n: sp.exp(s[b, k]),
                         label="negative log-likelihood"),

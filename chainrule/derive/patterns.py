@@ -85,9 +85,42 @@ def describe(eq, tensors: dict, inline) -> list[str]:
         out.append(f"Each position receives the share {inline(coeff)} of the adjoint of every window that "
                    f"covers it: the adjoint is spread evenly over the window (average pooling's "
                    f"{inline(coeff)} = 1/window size).")
+    jvp = _softmax_jvp(body, tensors)
+    if jvp is not None:
+        A, G = jvp
+        out.append(f"This is the softmax's Jacobian-vector product {inline(A)} ⊙ ({inline(G)} − rowsum("
+                   f"{inline(A)} ⊙ {inline(G)})). The row sum appears because every weight of a row shares "
+                   f"one normaliser, the log-sum-exp of the row's scores: raising one score raises its own "
+                   f"weight and lowers every other weight of the row. So each score's gradient is its weight "
+                   f"times its own upstream gradient minus the weighted mean of the row's upstream gradients.")
     for a in body.atoms(IsArgmax):
         out.append(f"The bracket {inline(a)} routes the adjoint to the position of the maximum of each "
                    f"window and nothing to the other positions (ties: the first maximal position, "
                    f"row-major, as PyTorch).")
         break
     return out
+
+
+def _softmax_jvp(body, tensors):
+    """``A[i..] · (G[i..] − Σ_{k'} A[..k'] G[..k'])`` (A a forward tensor, G an adjoint, the sum over
+    one index of a row, in its last position) -> (A read, G read), else None."""
+    if not body.is_Mul or len(body.args) != 2:
+        return None
+    for A, rest in (body.args, body.args[::-1]):
+        if not (isinstance(A, sp.Indexed) and rest.is_Add and len(rest.args) == 2):
+            continue
+        G = next((a for a in rest.args if isinstance(a, sp.Indexed)), None)
+        row = next((a for a in rest.args if a is not G), None)
+        if G is None or tuple(G.indices) != tuple(A.indices):
+            continue
+        g = tensors.get(str(G.base.label))
+        if g is None or g.role != "adjoint":
+            continue
+        neg, s = row.as_coeff_Mul()
+        if neg != -1 or not isinstance(s, sp.Sum) or len(s.limits) != 1:
+            continue
+        k = s.limits[0][0]
+        last = A.indices[-1]
+        if s.function == (A * G).xreplace({last: k}) or sp.expand(s.function - (A * G).xreplace({last: k})) == 0:
+            return A, G
+    return None

@@ -5,8 +5,10 @@ Each primitive carries three things together, so that nothing about it is writte
 * its derivative (``fdiff``, used by SymPy's ``diff``),
 * its LaTeX form (``_latex``, used by every printer), and
 * a numerically stable lowering (``lowering``: the source of a scalar Python function that the
-  code generator copies into generated modules verbatim), plus ``definition()``: the plain SymPy
-  formula, used only by verification when it expands a model to scalars.
+  code generator copies into generated modules verbatim; it computes in the module's dtype ``DT``,
+  so a float32 module never widens to float64, and without branches where a select will do),
+  plus ``definition()``: the plain SymPy formula, used only by verification when it expands a
+  model to scalars.
 
 With ``sigmoid``, ``softplus`` and ``LogSumExp`` as primitives, softmax is ``exp(z_k - LSE(z))``,
 log-softmax is ``z_k - LSE(z)`` and BCE on logits is ``softplus(z) - y z``; their derivatives come
@@ -44,11 +46,13 @@ class sigmoid(Primitive):
     latex_name = r"\sigma"
     lowering = '''
 def sigmoid(x):
-    # never exp of a large positive number: both branches are overflow-free
-    if x >= 0.0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
+    # branch-free and overflow-free, in the module's dtype DT: e = exp(-|x|) is in (0, 1], so
+    # 1/(1+e) is sigma(|x|), and sigma(x) = e/(1+e) below 0 (a select, not a jump: the loop
+    # calling it stays straight-line code)
+    x = DT(x)
+    e = _exp(-abs(x))
+    r = DT(1.0) / (DT(1.0) + e)
+    return r if x >= DT(0.0) else e * r
 '''
 
     def fdiff(self, argindex=1):
@@ -63,8 +67,9 @@ class softplus(Primitive):
     latex_name = r"\operatorname{softplus}"
     lowering = '''
 def softplus(x):
-    # log(1 + e^x) = max(x, 0) + log1p(e^{-|x|})
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+    # log(1 + e^x) = max(x, 0) + log1p(e^{-|x|}): never exp of a positive number; in DT
+    x = DT(x)
+    return max(x, DT(0.0)) + math.log1p(_exp(-abs(x)))
 '''
 
     def fdiff(self, argindex=1):
@@ -80,7 +85,7 @@ class step(Primitive):
     latex_name = "step"
     lowering = '''
 def step(x):
-    return 1.0 if x > 0.0 else 0.0
+    return DT(1.0) if x > 0.0 else DT(0.0)
 '''
 
     def _latex_plain(self, printer):
@@ -98,7 +103,8 @@ class relu(Primitive):
     latex_name = r"\operatorname{ReLU}"
     lowering = '''
 def relu(x):
-    return x if x > 0.0 else 0.0
+    x = DT(x)
+    return x if x > DT(0.0) else DT(0.0)
 '''
 
     def fdiff(self, argindex=1):
@@ -115,7 +121,8 @@ class leaky_relu(Primitive):
     nargs = 2
     lowering = '''
 def leaky_relu(x, alpha):
-    return x if x > 0.0 else alpha * x
+    x = DT(x)
+    return x if x > DT(0.0) else DT(alpha) * x
 '''
 
     def _latex_plain(self, printer):
@@ -169,7 +176,11 @@ class LogSumExp(ExprWithIntLimits):
 
     def _latex(self, printer, exp=None):
         (var, lo, hi), = self.limits
-        return with_power(rf"\operatorname{{LSE}}_{{{printer._print(var)}}}"
+        sub = printer._print(var)
+        if any(s.is_integer and not s.is_positive for s in sp.sympify(hi).free_symbols):
+            # a limit that is an index (the causal softmax's v ≤ t) is part of the meaning: shown
+            sub = rf"{sub}={printer._print(lo)}}}^{{{printer._print(hi)}"
+        return with_power(rf"\operatorname{{LSE}}_{{{sub}}}"
                 rf"\left({printer._print(self.function)}\right)", exp)
 
     def _sympystr(self, printer):

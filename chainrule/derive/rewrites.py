@@ -114,6 +114,148 @@ def forward_results(expr, model):
     return out
 
 
+def _masked_equations(model):
+    """Forward equations ``M = [lo ≤ x ≤ hi] · value`` (a masked value, e.g. causal attention weights):
+    (equation, bracket, value)."""
+    from .deltas import Bracket
+    out = []
+    for eq in model.equations:
+        factors = sp.Mul.make_args(eq.body)
+        brackets = [f for f in factors if isinstance(f, Bracket)]
+        if len(brackets) == 1 and eq.out.role != "cost":
+            value = sp.Mul(*[f for f in factors if f is not brackets[0]])
+            out.append((eq, brackets[0], value))
+    return out
+
+
+def _nonneg_given(expr, facts: dict, depth=0) -> bool:
+    """``expr ≥ 0`` follows from ``facts`` (index -> (lower bounds, upper bounds)) and from every index
+    running from 0 upward (as all of the engine's indices do). ``expr`` affine in the indices."""
+    expr = sp.expand(expr)
+    for var in sorted(expr.free_symbols & set(facts), key=str):
+        coeff = expr.coeff(var)
+        if not coeff.is_number or depth > 4:
+            return False
+        lows, highs = facts[var]
+        options = lows if coeff > 0 else highs
+        if not options and coeff > 0:
+            options = [sp.S.Zero]                # every index runs from 0
+        return any(_nonneg_given(expr.subs(var, bound), facts, depth + 1) for bound in options)
+    rest = expr.subs({s: 0 for s in expr.free_symbols if s.is_integer and not s.is_positive}) \
+        if all(expr.coeff(s).is_nonnegative for s in expr.free_symbols if s.is_integer and not s.is_positive) \
+        else expr
+    return bool(sp.simplify(rest).is_nonnegative)
+
+
+def _bounds_of(limit_lo, limit_hi):
+    split = lambda e, kind: list(e.args) if isinstance(e, kind) else [e]
+    return split(sp.sympify(limit_lo), sp.Max), split(sp.sympify(limit_hi), sp.Min)
+
+
+def _condition_facts(cond, facts):
+    """Facts added by a branch condition ``a ≤ b`` (or ``b ≥ a``) on one index with coefficient ±1."""
+    if not isinstance(cond, (sp.LessThan, sp.GreaterThan, sp.StrictLessThan, sp.StrictGreaterThan)):
+        return facts
+    small, big = (cond.lhs, cond.rhs) if isinstance(cond, (sp.LessThan, sp.StrictLessThan)) else (cond.rhs, cond.lhs)
+    gap = 0 if isinstance(cond, (sp.LessThan, sp.GreaterThan)) else 1
+    out = {k: (list(lo), list(hi)) for k, (lo, hi) in facts.items()}
+    for side, other, upper in ((small, big, True), (big, small, False)):
+        if isinstance(side, sp.Symbol) and side.is_integer:
+            lo, hi = out.setdefault(side, ([], []))
+            (hi if upper else lo).append(other - gap if upper else other + gap)
+    return out
+
+
+def _cond_as_nonneg(cond):
+    """``a ≤ b`` -> ``b - a`` (≥ 0); None for other conditions."""
+    if isinstance(cond, (sp.LessThan, sp.GreaterThan)):
+        small, big = (cond.lhs, cond.rhs) if isinstance(cond, sp.LessThan) else (cond.rhs, cond.lhs)
+        return big - small
+    return None
+
+
+@rewrite("masked forward result",
+         "a value the forward pass computed under a mask is that masked value wherever the mask holds; "
+         "a guard that the mask implies adds nothing, since the masked value is zero outside it")
+def masked_results(expr, model):
+    """Where the forward pass computed ``M = [lo ≤ x ≤ hi] · value`` (causal attention weights
+    A = [u ≤ t] exp(S - LSE)), ``value`` at indices where the bracket provably holds (inside a
+    ``Σ_{u'=0}^{t}``, or in the branch ``t ≥ u`` of a guard) is the read of ``M``; and a guard
+    ``Piecewise((M·X, cond), (0, True))`` whose condition the bracket implies is just ``M·X``."""
+    masked = _masked_equations(model)
+    if not masked:
+        return expr
+    used = []
+
+    def replace_values(e, facts):
+        for eq, bracket, value in masked:
+            hit = _match_forward(e, Equation(eq.out, eq.indices, value))
+            if hit is None:
+                continue
+            at = bracket.xreplace(dict(zip(eq.indices, hit.indices)))
+            x, lo, hi = at.args
+            if _nonneg_given(x - lo, facts) and _nonneg_given(hi - x, facts):
+                used.append(eq)
+                return hit
+        if isinstance(e, sp.Sum):
+            inner = facts
+            for var, lo, hi in e.limits:
+                inner = {**inner, var: _bounds_of(lo, hi)}
+            return _whole_rows(sp.Sum(replace_values(e.function, inner), *e.limits))
+        if isinstance(e, sp.Piecewise) and len(e.args) == 2 and e.args[1].expr == 0:
+            (value_, cond), _ = e.args
+            inside = replace_values(value_, _condition_facts(cond, facts))
+            if _implied_by_mask(inside, cond):
+                return inside
+            return sp.Piecewise((inside, cond), (0, True))
+        if not e.args or isinstance(e, (sp.Indexed, LogSumExp)):
+            return e
+        args = [replace_values(a, facts) for a in e.args]
+        return e.func(*args) if any(a is not b for a, b in zip(args, e.args)) else e
+
+    def _implied_by_mask(value_, cond) -> bool:
+        """``value_`` is a product with a masked read whose bracket implies ``cond``."""
+        gap = _cond_as_nonneg(cond)
+        if gap is None:
+            return False
+        for f in sp.Mul.make_args(value_):
+            for eq, bracket, _ in masked:
+                if isinstance(f, sp.Indexed) and f.base == eq.out.base:
+                    x, lo, hi = bracket.xreplace(dict(zip(eq.indices, f.indices))).args
+                    if _nonneg_given(gap, {x: ([lo], [hi])}):
+                        return True
+        return False
+
+    def _whole_rows(e):
+        """``Σ_{u'=0}^{min(t, T-1)} M[t, u'] f`` with ``M = [u' ≤ t] ...`` is the sum over the whole row
+        ``u' < T``: the terms it adds are zero (the row sum of a matrix form)."""
+        if len(e.limits) != 1:
+            return e
+        var, lo, hi = e.limits[0]
+        if lo != 0:
+            return e
+        for f in sp.Mul.make_args(e.function):
+            for eq, bracket, _ in masked:
+                if not (isinstance(f, sp.Indexed) and f.base == eq.out.base and var in f.indices):
+                    continue
+                axis = list(f.indices).index(var)
+                end = eq.out.shape[axis] - 1
+                x, blo, bhi = bracket.xreplace(dict(zip(eq.indices, f.indices))).args
+                his = list(hi.args) if isinstance(hi, sp.Min) else [hi]
+                if x == var and blo == 0 and hi != end and all(sp.simplify(a - bhi) == 0 or sp.simplify(a - end) == 0
+                                                               for a in his):
+                    return sp.Sum(e.function, (var, 0, end))
+        return e
+
+    out = replace_values(expr, {})
+    if out == expr:
+        return expr
+    unique = list({id(eq): eq for eq in used}.values())
+    return out, [Note("the forward pass computed " + ", ".join("{%d}" % k for k in range(len(unique)))
+                      + ", which is zero wherever its bracket fails",
+                      *[sp.Eq(eq.lhs, eq.body, evaluate=False) for eq in unique], fixed=True)]
+
+
 @rewrite("factor out of sums", "a factor that does not depend on the summation index moves out of the sum")
 def factor_out_of_sums(expr, model):
     def query(e):

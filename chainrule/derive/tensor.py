@@ -48,7 +48,15 @@ def affine_bounds(expr, ranges):
         vlo, vhi = ranges[var]
         lo = lo.subs(var, vlo if c.is_nonnegative else vhi)
         hi = hi.subs(var, vhi if c.is_nonnegative else vlo)
-    return sp.simplify(lo), sp.simplify(hi)
+    return _simplest(lo), _simplest(hi)
+
+
+def _simplest(e):
+    """A bound in its simplest form: a polynomial in the sizes is already canonical once expanded
+    (``simplify`` would return the same, 100 times slower: it was most of building a model);
+    anything with a function in it (floor, Max, ...) is simplified."""
+    e = sp.expand(e)
+    return e if e.is_polynomial() and not e.has(sp.Function) else sp.simplify(e)
 
 
 def provably_nonneg(e) -> bool:

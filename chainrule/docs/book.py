@@ -41,7 +41,8 @@ def book_latex(entries, experiments=None, figure_dir: Path | None = None, docs: 
     guide = docs.get("concepts") or concepts_doc(experiments=experiments, figure_dir=figure_dir or Path("figures"),
                                                  figure_prefix="figures/")
     parts += [rf"\chapter{{{latex_text(guide.title)}}}", printer.render(guide, standalone=False)]
-    for kind, title in (("model", "Models"), ("layer", "Layers"), ("loss", "Losses"), ("optimizer", "Optimisers")):
+    for kind, title in (("model", "Models"), ("layer", "Layers"), ("loss", "Losses"), ("optimizer", "Optimisers"),
+                        ("generative", "Generative models")):
         chosen = [e for e in entries if e.kind == kind]
         if not chosen:
             continue

@@ -3,7 +3,8 @@
 - models: ``BUILTIN_MODELS`` and ``EXAMPLE_MODELS`` (``derive/spec.py``);
 - layers: every subclass of ``Layer`` in ``chainrule.derive`` (its ``doc_example`` is the model its
   page derives), and one page per entry of ``ACTIVATIONS``;
-- losses: ``LOSSES``; optimisers: ``optimizers.RULES``.
+- losses: ``LOSSES``; optimisers: ``optimizers.RULES``;
+- the generative models' math: ``derive.generative.generative_documents()``.
 
 A layer, loss or optimiser another module declares appears here as soon as it is in its registry.
 """
@@ -20,7 +21,8 @@ from ..derive import ACTIVATIONS, BUILTIN_MODELS, EXAMPLE_MODELS, LOSSES, build_
 from ..derive.layers import Activation, Layer
 
 
-FOLDERS = {"model": "models", "layer": "layers", "loss": "losses", "optimizer": "optimizers"}
+FOLDERS = {"model": "models", "layer": "layers", "loss": "losses", "optimizer": "optimizers",
+           "generative": "generative"}
 
 
 @dataclass
@@ -131,5 +133,11 @@ def _named(model, name):
     return model
 
 
+def generative() -> list[Entry]:
+    from ..derive.generative import generative_documents
+    return [Entry("generative", name, doc.title, "Derived by SymPy from the declarations, each step checked.")
+            for name, doc in generative_documents().items()]
+
+
 def everything() -> list[Entry]:
-    return [*models(), *layers(), *losses(), *optimizers()]
+    return [*models(), *layers(), *losses(), *optimizers(), *generative()]

@@ -24,7 +24,7 @@ from .kernel import linked_source
 
 ASSETS = Path(__file__).parent / "assets"
 KINDS = (("models", "Models", "model"), ("layers", "Layers", "layer"), ("losses", "Losses", "loss"),
-         ("optimizers", "Optimisers", "optimizer"))
+         ("optimizers", "Optimisers", "optimizer"), ("generative", "Generative models", "generative"))
 
 _ENV = jinja2.Environment(loader=jinja2.PackageLoader("chainrule.docs", "templates"),
                           undefined=jinja2.StrictUndefined, autoescape=True, keep_trailing_newline=True)
@@ -63,6 +63,9 @@ def entry_doc(entry: Entry, model=None):
     from ..derive.optimizers import explain_decoupled_decay, explain_optimizer
     if entry.kind == "optimizer":
         return explain_decoupled_decay() if entry.slug == "adamw-vs-l2" else explain_optimizer(entry.slug)
+    if entry.kind == "generative":
+        from ..derive.generative import generative_documents
+        return generative_documents()[entry.slug]
     if entry.make_model is None:
         doc = Explanation(entry.title)
         doc.add(Para("This layer declares no `doc_example`, so no model shows it at work here yet: set the "
@@ -73,7 +76,7 @@ def entry_doc(entry: Entry, model=None):
 
 def entry_page(entry: Entry, docs: dict | None = None) -> str:
     """The entry's page; its Explanation is kept in ``docs`` (by path) for the book."""
-    model = entry.make_model() if entry.kind != "optimizer" and entry.make_model else None
+    model = entry.make_model() if entry.kind not in ("optimizer", "generative") and entry.make_model else None
     doc = entry_doc(entry, model)
     if docs is not None:
         docs[entry.path] = doc

@@ -49,8 +49,33 @@ def standardize(x, mean=None, std=None):
 
 
 # -- scikit-learn's bundled sets (no download) -------------------------------------------------
+def _sklearn_data_file(name):
+    """The path of a data file bundled with the installed scikit-learn, found without importing
+    scikit-learn (its import, through SciPy's statistics, takes longer than training the demo),
+    or None."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("sklearn")
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(root, "datasets", "data", name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def load_digits(dtype="float64"):
-    """8×8 handwritten digits: 1797 examples, 64 features scaled to [0, 1], 10 classes."""
+    """8×8 handwritten digits: 1797 examples, 64 features scaled to [0, 1], 10 classes.
+
+    Read from the CSV file that scikit-learn installs (what ``sklearn.datasets.load_digits``
+    reads), with scikit-learn's own loader as the fallback."""
+    path = _sklearn_data_file("digits.csv.gz")
+    if path is not None:
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.float64)
+        if table.shape == (1797, 65):
+            return _as(table[:, :64] / 16.0, dtype), table[:, 64].astype(np.int64)
     from sklearn.datasets import load_digits as _ld
     d = _ld()
     return _as(d.data / 16.0, dtype), d.target.astype(np.int64)

@@ -22,6 +22,7 @@ class Example:
     about: str = ""
     optimizer: str = "sgd"  # a name in chainrule.runtime.optim.OPTIMIZERS
     clipnorm: float | None = None   # gradient clipping by global norm (recurrent networks)
+    runner: str = ""        # a generative example: the name of its loop in runtime.generative.RUNNERS
 
 
 EXAMPLES = {
@@ -34,6 +35,24 @@ EXAMPLES = {
                            "/ 1000 test, generated locally)"),
     "residual-mlp": Example("residual-mlp", "digits", epochs=40, lr=0.1, target=0.96,
                             about="an MLP with two residual blocks on scikit-learn's digits"),
+    # generative models: their own training loops (runtime/generative.py); ``epochs`` counts epochs,
+    # or alternating steps for the GANs
+    "autoencoder": Example("autoencoder", "digits", epochs=60, lr=3e-3, runner="autoencoder",
+                           about="an autoencoder with a 2-d code against PCA"),
+    "denoising-autoencoder": Example("denoising-autoencoder", "digits", epochs=40, lr=3e-3,
+                                     runner="denoising", about="a denoising autoencoder"),
+    "vae": Example("vae", "digits", epochs=150, lr=2e-3, runner="vae",
+                   about="a variational autoencoder with a 2-d latent space"),
+    "gan-ring": Example("gan-ring", "ring", epochs=4000, lr=1e-3, runner="gan-ring",
+                        about="a GAN on a ring of 8 Gaussians (--epochs counts alternating steps)"),
+    "gan-digits": Example("gan-digits", "digits", epochs=8000, lr=2e-4, runner="gan-digits",
+                          about="a GAN on the 8x8 digits (--epochs counts alternating steps)"),
+    "ddpm": Example("ddpm", "moons", epochs=300, lr=1e-3, runner="ddpm",
+                    about="a DDPM on two moons"),
+    # a language model: "epochs" counts Adam steps of one batch each, "target" is a validation loss
+    "char-gpt": Example("gpt", "pydoc", epochs=1500, lr=3e-3, batch_size=16, target=2.0,
+                        about="a 2-layer, 4-head GPT (width 64, context 64) on the characters of the "
+                              "standard library's pydoc_data.topics (90/10 split)"),
 }
 
 
@@ -66,6 +85,10 @@ def run_example(name: str, out_dir: str | None = None, epochs: int | None = None
     out = stream if stream is not None else sys.stdout
     out_dir = out_dir or os.path.join("chainrule-examples", name)
     epochs = ex.epochs if epochs is None else int(epochs)
+    if ex.runner:
+        return _run_generative(name, ex, out_dir, epochs, progress, seed, dtype, out)
+    if ex.data == "pydoc":
+        return _run_text_example(name, ex, out_dir, epochs, seed, out)
     t0 = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     model = build_model(ex.model)
@@ -95,6 +118,42 @@ def run_example(name: str, out_dir: str | None = None, epochs: int | None = None
           f"on first use)", file=out)
     return {"test_accuracy": result["accuracy"], "seconds": t_end - t0,
             "train_seconds": t_trained - t_ready, "derivation": doc_path, "network": net}
+
+
+def _run_generative(name, ex, out_dir, epochs, progress, seed, dtype, out):
+    from .generative import RUNNERS
+    t0 = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    runner = RUNNERS[ex.runner]
+    count = "steps" if ex.runner.startswith("gan") else "epochs"
+    result = runner(out_dir, **{count: epochs}, progress=progress, seed=seed, dtype=dtype, stream=out)
+    for key in ("reconstructions", "latent", "denoised", "samples", "derivation"):
+        if key in result:
+            print(f"{key + ':':<16} {result[key]}", file=out)
+    print(f"time: {time.perf_counter() - t0:.1f}s (derivation, code generation, Numba's compilation on "
+          f"first use and training)", file=out)
+    return result
+
+
+def _run_text_example(name, ex, out_dir, steps, seed, out) -> dict:
+    """A character-level GPT on pydoc_data.topics: the validation loss as it falls, a sample of text,
+    the loss curve (PNG) and the attention layer's derivation (Markdown)."""
+    from chainrule.derive import explain_model
+    from chainrule.derive.attention import gpt
+
+    from .text import train_char_gpt
+    t0 = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    doc_path = os.path.join(out_dir, "derivation.md")
+    small = gpt(5, 4, width=6, heads=3, layers=1, name="gpt (the same declarations at small sizes)")
+    atomic_write_text(doc_path, explain_model(small, title=f"Backpropagation in the example `{name}`")
+                      .to_markdown())
+    result = train_char_gpt(steps=steps, batch=ex.batch_size, lr=ex.lr, seed=seed, stream=out,
+                            eval_every=max(1, steps // 10), plot_path=os.path.join(out_dir, "loss.png"))
+    print(f"validation loss: {result['val_loss']:.4f} (target {ex.target})", file=out)
+    print(f"derivation:      {doc_path}", file=out)
+    print(f"time: {time.perf_counter() - t0:.1f}s", file=out)
+    return {**result, "derivation": doc_path, "seconds": time.perf_counter() - t0}
 
 
 def script_main(name: str, argv=None):

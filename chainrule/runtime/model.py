@@ -163,6 +163,13 @@ class Network:
         self.resuming = False          # True while a fit continues a run (initial_epoch > 0)
 
         cm = compiled
+        if len(getattr(cm, "target_names", [cm.target_name])) > 1:
+            from chainrule.derive import UnsupportedError
+            raise UnsupportedError(
+                f"Network trains a model with one target; {model.name!r} has {len(cm.target_names)} "
+                f"({', '.join(cm.target_names)}, one per loss): train it with its compiled module "
+                f"(compile_model(model).train_step(params, x, [y1, y2, ...])), or give the other heads a "
+                f"Term or None instead of a loss with a target")
         self.input_name, self.target_name = cm.input_name, cm.target_name
         self.input_shape = model.concrete_shape(model.tensors[cm.input_name], B=1)[1:]   # per example
         self.n_inputs = int(np.prod(self.input_shape))
@@ -189,7 +196,8 @@ class Network:
         if rule not in self._modules:
             from chainrule.codegen import compile_model
             self._modules[rule] = compile_model(self.model, dtype=self.dtype.name, optimizer=rule,
-                                                cache_dir=self.compiled.module_path.parent)
+                                                cache_dir=self.compiled.module_path.parent,
+                                                input_grads=getattr(self.compiled, "has_input_grads", False))
         self.compiled = self._modules[rule]
 
     # -- description ---------------------------------------------------------------------------
@@ -211,7 +219,15 @@ class Network:
         if not self.model.layers:
             return None
         from chainrule.derive.spec import input_item
-        items = [input_item(self.input_shape)] + [layer.describe() for _, layer in self.model.layers]
+        x = self.model.tensors[self.input_name]
+        if "time_axis" in x.meta:             # a sequence: seq(T, N), or token ids: tokens(T, V)
+            vocab = x.meta.get("vocab")
+            shape = self.input_shape
+            first = (f"tokens({shape[0]}, {int(vocab.subs(self.model.size_values))})" if vocab is not None
+                     else f"seq({shape[0]}, {shape[1]})")
+        else:
+            first = input_item(self.input_shape)
+        items = [first] + [layer.describe() for _, layer in self.model.layers]
         return " -> ".join(items + [self.loss_name])
 
     def n_params(self) -> int:
@@ -614,12 +630,26 @@ class Network:
             total += float(c) * len(xb)
         return total / len(xs)
 
-    def _metrics(self, xs, ys, want_loss=True):
+    def _metrics(self, xs, ys, want_loss=True, batch_size=4096):
         out = {}
+        if not hasattr(self.compiled, "forward"):
+            if want_loss:
+                out["loss"] = self._cost(xs, ys)
+            if self.is_classifier:
+                out["accuracy"] = self._accuracy(self.predict(xs), ys)
+            return out
+        # one pass of the compiled forward gives both the cost and the output (so a training run
+        # compiles and runs forward, not forward and predict)
+        total, preds = 0.0, []
+        for i in range(0, len(xs), batch_size):
+            xb, yb = xs[i:i + batch_size], ys[i:i + batch_size]
+            c, p = self.compiled.forward(self.params, xb, yb)
+            total += float(c) * len(xb)
+            preds.append(np.asarray(p))
         if want_loss:
-            out["loss"] = self._cost(xs, ys)
+            out["loss"] = total / len(xs)
         if self.is_classifier:
-            out["accuracy"] = self._accuracy(self.predict(xs), ys)
+            out["accuracy"] = self._accuracy(np.concatenate(preds) if len(preds) > 1 else preds[0], ys)
         return out
 
     def evaluate(self, x, y) -> dict:
@@ -766,11 +796,12 @@ class Network:
             for step in range(steps):
                 lo = step * batch_size
                 xb, yb = xe[lo:lo + batch_size], ye[lo:lo + batch_size]
+                # the declared facts were checked on every row by _prepare: not again per step
                 if self.compiled.has_noise:      # this step's dropout masks / noise, seeded
                     cost = self.optimizer.step(self.compiled, self.params, xb, yb,
-                                               seed=int(rng.integers(2 ** 31)), **buffers)
+                                               seed=int(rng.integers(2 ** 31)), facts_checked=True, **buffers)
                 else:
-                    cost = self.optimizer.step(self.compiled, self.params, xb, yb, **buffers)
+                    cost = self.optimizer.step(self.compiled, self.params, xb, yb, facts_checked=True, **buffers)
                 if reference is None and math.isfinite(cost):
                     reference = max(abs(cost), 1.0)
                 exploded = (divergence_factor is not None and reference is not None
@@ -806,7 +837,7 @@ class Network:
                     raise err
             logs = {"loss": total / n}
             if self.is_classifier:
-                logs["accuracy"] = self._accuracy(self.predict(xs), ys)
+                logs["accuracy"] = self._metrics(xs, ys, want_loss=False)["accuracy"]
             if validation is not None:
                 logs.update({f"val_{k}": v for k, v in self._metrics(*validation).items()})
             logs["lr"] = self.optimizer.lr

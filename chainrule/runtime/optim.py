@@ -60,9 +60,11 @@ class Optimizer:
         self.state = {}
         self.t = 0
 
-    def step(self, cm, params: dict, x, y, seed=0, buffers=None) -> float:
-        """``buffers``: the model's running averages, updated in place by the training step."""
-        cost, grads = cm.loss_and_grads(params, x, y, seed, buffers=buffers)
+    def step(self, cm, params: dict, x, y, seed=0, buffers=None, facts_checked=False) -> float:
+        """``buffers``: the model's running averages, updated in place by the training step;
+        ``facts_checked``: the caller has checked the facts declared on ``x`` and ``y`` already
+        (see ``CompiledModel.train_step``)."""
+        cost, grads = cm.loss_and_grads(params, x, y, seed, buffers=buffers, facts_checked=facts_checked)
         self.update(params, grads)
         return float(cost)
 
@@ -108,9 +110,9 @@ class DeclaredOptimizer(Optimizer):
                                                                    low_open=True, owner=owner)
         self.name = rule.name
 
-    def step(self, cm, params, x, y, seed=0, buffers=None):
+    def step(self, cm, params, x, y, seed=0, buffers=None, facts_checked=False):
         if not self.fused:
-            return self._unfused_step(cm, params, x, y, seed, buffers)
+            return self._unfused_step(cm, params, x, y, seed, buffers, facts_checked)
         if cm.optimizer != self.rule:
             raise ValueError(f"the compiled module fuses the {cm.optimizer} update, not {self.rule}")
         if not self.state and cm.state_names:
@@ -118,12 +120,12 @@ class DeclaredOptimizer(Optimizer):
         self.t += 1
         return float(cm.train_step(params, x, y, lr=self.lr, state=self.state, step=self.t,
                                    clip=self.clipnorm or 0.0, seed=seed, buffers=buffers,
-                                   **self.hyper))
+                                   facts_checked=facts_checked, **self.hyper))
 
-    def _unfused_step(self, cm, params, x, y, seed, buffers=None):
+    def _unfused_step(self, cm, params, x, y, seed, buffers=None, facts_checked=False):
         """``loss_and_grads`` and the declared update evaluated by NumPy (lambdified from the same
         equations): no ``train_step`` to compile, for quick experiments on big graphs."""
-        cost, grads = cm.loss_and_grads(params, x, y, seed, buffers=buffers)
+        cost, grads = cm.loss_and_grads(params, x, y, seed, buffers=buffers, facts_checked=facts_checked)
         if self.clipnorm:
             norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads.values()))
             if norm > self.clipnorm:

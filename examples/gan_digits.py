@@ -1,0 +1,13 @@
+"""The `gan-digits` example: derive, explain, generate, train; prints its measure, writes its plots and derivation.
+
+    python examples/gan_digits.py [--epochs N] [--out DIR]        (the same as: chainrule train gan-digits)
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from chainrule.runtime.examples import script_main  # noqa: E402
+
+if __name__ == "__main__":
+    script_main("gan-digits")

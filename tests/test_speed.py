@@ -1,0 +1,147 @@
+"""What the speed work (issue 10) changed, checked for behaviour (timings live in benchmarks/):
+the generated exp, the primitives in the module's dtype, one log-sum-exp, the wrapper's fast path,
+the digits read without scikit-learn's loader, and the derivation derived once."""
+import gzip
+
+import mpmath
+import numpy as np
+import pytest
+
+from chainrule.codegen.cache import cached_text
+from chainrule.derive import build_model
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_generated_exp_is_within_one_ulp_and_keeps_the_special_values(compiled_model, dtype):
+    """The module's branch-free exp against float64 NumPy (float32 module) or 50-digit mpmath
+    (float64 module) over its whole normal range, plus inf, -inf, NaN, overflow and underflow."""
+    cm = compiled_model("demo", dtype)
+    exp = cm.module._exp
+    rng = np.random.default_rng(3)
+    lo, hi = (-708.39, 709.78) if dtype == "float64" else (-87.33, 88.72)
+    xs = np.concatenate([rng.uniform(lo, hi, 3000), rng.normal(0.0, 3.0, 3000), [lo, hi, 0.0, 1.0]]).astype(dtype)
+    got = np.array([exp(v) for v in xs], dtype=np.float64)
+    if dtype == "float32":
+        ref = np.exp(xs.astype(np.float64))
+    else:
+        with mpmath.workdps(50):
+            ref = np.array([float(mpmath.exp(mpmath.mpf(float(v)))) for v in xs])
+    ulps = np.abs(got - ref) / np.spacing(np.abs(ref).astype(dtype)).astype(np.float64)
+    assert ulps.max() <= 1.0, (xs[ulps.argmax()], ulps.max())
+    t = np.dtype(dtype).type
+    assert exp(t(-np.inf)) == 0.0 and exp(t(np.inf)) == np.inf and np.isnan(exp(t(np.nan)))
+    assert exp(t(hi + 5)) == np.inf and exp(t(lo - 5)) == 0.0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sigmoid_lowering_is_stable_and_in_the_module_dtype(compiled_model, dtype):
+    cm = compiled_model("demo", dtype)
+    xs = np.array([-800.0, -30.0, -1.5, -1e-3, 0.0, 2e-3, 1.25, 40.0, 800.0], dtype=dtype)
+    got = np.array([cm.module.sigmoid(np.dtype(dtype).type(v)) for v in xs])
+    with mpmath.workdps(30):
+        ref = np.array([float(1 / (1 + mpmath.exp(-mpmath.mpf(float(v))))) for v in xs])
+    eps = np.finfo(dtype).eps
+    # exp (<= 1 ulp), 1 + e, the reciprocal and e * r: within 4 units of rounding, relative
+    assert np.all(np.abs(got - ref) <= 4 * eps * np.maximum(ref, np.finfo(dtype).tiny)), got
+    # computed in the module's dtype, not widened: Numba typed its result as such
+    assert {str(sig.return_type) for sig in cm.module.sigmoid.nopython_signatures} == {dtype}
+
+
+def test_float32_module_prints_values_in_float32_and_the_log_sum_exp_once(compiled_model):
+    src = compiled_model("demo", "float32").source
+    lag = src[src.index("def loss_and_grads"):src.index("def train_step")]
+    assert lag.count("_max = -np.inf") == 1          # the log-sum-exp: one loop, read twice
+    assert "cse" in lag and "/DT(n_batch)" in lag and "(DT(1) - " in lag
+    assert "math.exp(" not in src
+    src64 = compiled_model("demo", "float64").source
+    assert "DT(1)" not in src64 and "/n_batch" in src64
+
+
+def test_fused_loop_keeps_an_intermediate_nothing_else_reads_as_a_local(compiled_model):
+    """z1 is read only by a1 = σ(z1), pointwise: in loss_and_grads it is a scalar, no array."""
+    src = compiled_model("demo").source
+    lag = src[src.index("def loss_and_grads"):src.index("def train_step")]
+    assert "t3_z1 = np.empty" not in lag and "t3_z1 = " in lag
+    fwd = src[src.index("def forward"):src.index("def predict")]
+    assert "t10_p2 = np.empty" in fwd                 # returned by forward: stays an array
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_train_step_matches_numpy_by_hand_in_both_dtypes(compiled_model, dtype):
+    """One SGD step of the demo MLP against a NumPy step written by hand (batch 37)."""
+    cm = compiled_model("demo", dtype)
+    rng = np.random.default_rng(5)
+    x = rng.random((37, 64)).astype(dtype)
+    y = np.eye(10, dtype=dtype)[rng.integers(0, 10, 37)]
+    p = cm.init_params(seed=2)
+    ref = {k: v.astype(np.float64) for k, v in p.items()}
+    cost = cm.train_step(p, x, y, lr=0.3)
+    z1 = x @ ref["W1"].T + ref["b1"]
+    a1 = 1 / (1 + np.exp(-z1))
+    z2 = a1 @ ref["W2"].T + ref["b2"]
+    lse = np.log(np.exp(z2 - z2.max(1, keepdims=True)).sum(1)) + z2.max(1)
+    want = -(y * (z2 - lse[:, None])).sum() / 37
+    d2 = (np.exp(z2 - lse[:, None]) - y) / 37
+    d1 = (d2 @ ref["W2"]) * a1 * (1 - a1)
+    new = {"W1": ref["W1"] - 0.3 * d1.T @ x, "b1": ref["b1"] - 0.3 * d1.sum(0),
+           "W2": ref["W2"] - 0.3 * d2.T @ a1, "b2": ref["b2"] - 0.3 * d2.sum(0)}
+    tol = 2e-6 if dtype == "float32" else 1e-12
+    assert abs(cost - want) < tol * 10
+    for k in new:
+        np.testing.assert_allclose(p[k], new[k], atol=tol, rtol=0)
+
+
+def test_facts_checked_skips_only_the_fact_check(compiled_model):
+    """``facts_checked=True`` (Network.fit, after checking the whole data set) skips the per-step
+    fact check; shapes are still checked, and without it a broken target row is refused."""
+    from chainrule.codegen.facts import FactError
+    from chainrule.derive.errors import ShapeError
+    cm = compiled_model("demo")
+    p = cm.init_params(seed=0)
+    x = np.full((5, 64), 0.5)
+    y = np.eye(10)[[1, 2, 3, 4, 5]]
+    y[3] = 0.0                                       # a row that sums to 0, not 1
+    with pytest.raises(FactError, match="row 3"):
+        cm.train_step(p, x, y, lr=0.1)
+    assert np.isfinite(cm.train_step(p, x, y, lr=0.1, facts_checked=True))
+    with pytest.raises(ShapeError, match=r"input x has shape \(5, 63\)"):
+        cm.train_step(p, x[:, :63], y, lr=0.1, facts_checked=True)
+    with pytest.raises(TypeError, match="W1 in place"):
+        cm.train_step({**p, "W1": p["W1"].astype(np.float32)}, x, np.eye(10)[[1, 2, 3, 4, 5]], lr=0.1)
+
+
+def test_digits_read_from_the_installed_file_equal_scikit_learns_loader():
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    from chainrule.runtime.data import _sklearn_data_file, load_digits
+    path = _sklearn_data_file("digits.csv.gz")
+    assert path is not None and gzip.open(path).read(10)
+    x, y = load_digits()
+    d = sklearn_datasets.load_digits()
+    assert x.shape == (1797, 64) and np.array_equal(x, d.data / 16.0) and np.array_equal(y, d.target)
+
+
+def test_derivation_document_is_derived_once_then_read_from_the_cache(tmp_path):
+    model = build_model("5 -> dense(3) -> tanh -> dense(4) -> softmax_cross_entropy")
+    calls = []
+
+    def make():
+        calls.append(1)
+        return "# the derivation\n$z = W x$\n"
+    first = cached_text(model, "derivation.md", make, cache_dir=tmp_path / "c")
+    again = cached_text(build_model("5 -> dense(3) -> tanh -> dense(4) -> softmax_cross_entropy"),
+                        "derivation.md", make, cache_dir=tmp_path / "c")
+    assert first == again == make() and len(calls) == 2          # derived once (+ the call here)
+    other = build_model("5 -> dense(3) -> sigmoid -> dense(4) -> softmax_cross_entropy")
+    cached_text(other, "derivation.md", make, cache_dir=tmp_path / "c")
+    assert len(calls) == 3                                        # another model: derived
+    for f in (tmp_path / "c").iterdir():
+        if f.name.startswith("doc_"):
+            f.write_text(f.read_text() + "tampered")            # damaged: derived again
+    cached_text(model, "derivation.md", make, cache_dir=tmp_path / "c")
+    assert len(calls) == 4
+
+
+def test_derive_is_computed_once_per_model():
+    from chainrule.derive import derive
+    model = build_model("demo")
+    assert derive(model) is derive(model)
