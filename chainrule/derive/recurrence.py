@@ -144,7 +144,8 @@ def _lags(eq: Equation, defined: dict, time_axis):
     a tensor without a time axis)."""
     out = []
     t_out = _time_index(eq, time_axis)
-    for r in eq.body.atoms(sp.Indexed):
+    for r in sorted(eq.body.atoms(sp.Indexed), key=sp.default_sort_key):     # (a set: sorted, for
+        # one order of the equations within a step in every process, whatever the hash seed)
         name = str(r.base.label)
         if name not in defined:
             continue
@@ -307,7 +308,7 @@ def infer_time_axes(equations, tensors: dict):
         for eq in equations:
             if "time_axis" in eq.out.meta:
                 continue
-            for r in eq.body.atoms(sp.Indexed):
+            for r in sorted(eq.body.atoms(sp.Indexed), key=sp.default_sort_key):
                 t = tensors.get(str(r.base.label))
                 if t is None or "time_axis" not in t.meta:
                     continue
