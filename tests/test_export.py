@@ -40,6 +40,8 @@ LAYERS = {
     "log_softmax": (L.LogSoftmax, 4),
     "residual": (L.Residual, 3),
     "layer_norm": (L.LayerNorm, 4),
+    "batchnorm": (L.BatchNorm, 4),
+    "batchnorm 2d": (lambda: L.BatchNorm(momentum=0.2), (3, 4, 5)),
     "dropout": (lambda: L.Dropout(0.3), 4),
     "gaussian noise": (lambda: L.GaussianNoise(0.5), 4),
     "conv1d": (lambda: conv_layers.Conv1D(2, 3), (3, 7)),
@@ -62,6 +64,7 @@ MODELS = {
                                 "-> dense(4) -> softmax_cross_entropy"), None),
     "swish + huber": (lambda: corpus.corpus()["swish + huber (README)"], None),
     "batch norm": (lambda: corpus.corpus()["batch norm"], None),
+    "batchnorm mlp": (lambda: L.sequential(3, [Dense(4), L.BatchNorm(), _swish(), Dense(3)], "mse", name="bn"), None),
     "temperature (a scalar parameter)": (lambda: corpus.corpus()["scalar parameter"], None),
     "dropout mlp": (lambda: L.sequential(5, [Dense(4), L.Dropout(0.25), Dense(3)], "mse", name="drop"), None),
     "flatten + dense": (lambda: L.sequential((3, 4, 5), [conv_layers.Flatten(), Dense(3)], "mse", name="flat"), None),
@@ -165,16 +168,19 @@ def _agree_with_numba(name, export_dir, compiled_declared):
     x_arg = xs[0] if len(xs) == 1 else xs
     out = mod.Function.apply(*args)
     ps = [a for a, t in zip(args, arguments(model)) if t.role == "param"]
+    # the Function is the training form; with running averages Numba's training mode is seed >= 0
+    # (its masks would be random then: no model here has both)
+    mode_kw = (lambda: dict(seed=0, buffers=cm.init_buffers())) if cm.buffer_names else (lambda: {})
     if mode == "layer":             # Numba's cost is Σ g·out over the probe g: the VJP at g
         g = torch.tensor(vals[target])
-        cost, numba_out = cm.forward(params, x_arg, vals[target])
+        cost, numba_out = cm.forward(params, x_arg, vals[target], **mode_kw())
         np.testing.assert_allclose(out.detach().numpy(), numba_out, rtol=1e-12, atol=1e-12)
         grads = torch.autograd.grad(out, ps, grad_outputs=g)
     else:
-        cost, _ = cm.forward(params, x_arg, vals[target])
+        cost, _ = cm.forward(params, x_arg, vals[target], **mode_kw())
         np.testing.assert_allclose(out.item(), cost, rtol=1e-12, atol=1e-12)
         grads = torch.autograd.grad(out, ps)
-    _, numba_grads = cm.loss_and_grads(params, x_arg, vals[target])
+    _, numba_grads = cm.loss_and_grads(params, x_arg, vals[target], **mode_kw())
     compared = 0
     for t, gr in zip(model.params, grads):
         np.testing.assert_allclose(gr.numpy(), numba_grads[t.name], rtol=1e-10, atol=1e-12,
@@ -261,6 +267,17 @@ def test_a_layer_needs_its_input_shape():
         render_export("perceptron", "tf")
 
 
+def test_recurrences_and_lookups_are_refused_with_their_layer():
+    """What the array targets cannot print yet is refused before anything is derived or written."""
+    from chainrule.codegen.targets import render_export
+    with pytest.raises(UnsupportedError, match=r"export: layer 1:rnn\(4\): .* read themselves across time "
+                                               r"\(a recurrence\).*Numba kernels"):
+        render_export("seq(5, 3) -> rnn(4) -> dense(2) -> mse", "torch")
+    with pytest.raises(UnsupportedError, match=r"export: layer 1:embedding\(4\): e1 reads E1 at positions "
+                                               r"given by another tensor's values"):
+        render_export("tokens(5, 7) -> embedding(4) -> flatten -> dense(2) -> mse", "jax")
+
+
 def test_torch_refuses_a_target_that_breaks_its_declared_fact(export_dir):
     torch = pytest.importorskip("torch")
     from chainrule.codegen.targets import export
@@ -315,6 +332,29 @@ def test_model_predict_equals_numba(export_dir, compiled_declared):
     for k in params:                             # the module's initialisation is chainrule's
         np.testing.assert_array_equal(params[k], ref[k])
     np.testing.assert_allclose(m.predict(torch.tensor(x)).numpy(), cm.predict(params, x), rtol=1e-12, atol=1e-12)
+
+
+def test_batchnorm_module_running_averages_and_evaluation(export_dir):
+    """The built-in batch norm layer: training mode normalises by the batch (the Function, derived
+    backward) and updates the declared running averages; evaluation mode uses them. Checked against
+    NumPy written here."""
+    torch = pytest.importorskip("torch")
+    from chainrule.codegen.targets import to_torch
+    m = to_torch(L.BatchNorm(momentum=0.2), inputs=(3, 4, 5), dtype=torch.float64, cache_dir=export_dir)
+    x = np.random.default_rng(2).normal(1.0, 2.0, size=(BATCH, 3, 4, 5))
+    m.train()
+    out = m(torch.tensor(x)).detach().numpy()
+    mu, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+    np.testing.assert_allclose(out, (x - mu[None, :, None, None]) / np.sqrt(var[None, :, None, None] + 1e-5),
+                               rtol=1e-12, atol=1e-12)
+    count = BATCH * 4 * 5
+    np.testing.assert_allclose(m.rmean1.numpy(), 0.2 * mu, rtol=1e-12)
+    np.testing.assert_allclose(m.rvar1.numpy(), 0.8 + 0.2 * var * count / (count - 1), rtol=1e-12)
+    m.eval()
+    ev = m(torch.tensor(x)).numpy()
+    rm, rv = m.rmean1.numpy(), m.rvar1.numpy()
+    np.testing.assert_allclose(ev, (x - rm[None, :, None, None]) / np.sqrt(rv[None, :, None, None] + 1e-5),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_layer_penalty_is_named_in_the_module(export_dir):

@@ -160,7 +160,7 @@ def test_cli_experiments(tmp_path, capsys):
     from chainrule.cli import main
     assert main(["experiment", "overfitting", "--out", str(tmp_path), "--epochs", "600"]) == 0
     report = (tmp_path / "overfitting.md").read_text()
-    assert "| 128 units + L2 |" in report and (tmp_path / "overfitting.png").stat().st_size > 1000
+    assert "| 64 units + L2 |" in report and (tmp_path / "overfitting.png").stat().st_size > 1000
     assert main(["experiment", "vanishing", "--out", str(tmp_path), "--epochs", "3"]) == 0
     report = (tmp_path / "vanishing.md").read_text()
     assert "equals $\\frac{1}{4}$" in report and (tmp_path / "vanishing.png").stat().st_size > 1000

@@ -308,6 +308,24 @@ class CompiledModel:
                                 *self._buffers(buffers, inplace=True), *xy, hp))
 
 
+def module_key(model, dtype="float64", optimizer="sgd") -> str:
+    """The cache key of a model's module: the model, the dtype and the fused optimiser's rule."""
+    import sympy as sp
+
+    from ..derive.optimizers import RULES, get_rule
+    rule = get_rule(optimizer)
+    # the default (SGD) keeps the plain key; any other rule's declaration is part of it
+    extra = "" if rule is RULES["sgd"] else rule.name + "".join(t + sp.srepr(b) for t, b in rule.assignments)
+    return cache_key(model, check_dtype(dtype), extra)
+
+
+def is_cached(model, dtype="float64", optimizer="sgd", cache_dir=None) -> bool:
+    """True when the kernel cache holds this model's module (generated and verified; Numba's
+    compiled code for it may or may not be there yet)."""
+    from .cache import cached_source
+    return cached_source(module_key(model, dtype, optimizer), cache_dir) is not None
+
+
 def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd") -> CompiledModel:
     """Generate (or load from the cache) the kernels of ``model`` in ``dtype``, with the update of
     ``optimizer`` (a name or an ``UpdateRule``) fused into ``train_step``.
@@ -315,15 +333,10 @@ def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd") -> Co
     ``cache_dir`` (default: ``$CHAINRULE_CACHE_DIR`` or ``~/.cache/chainrule/kernels``) must be a
     private directory (see :mod:`chainrule.codegen.cache`); when it cannot be written the kernels
     are compiled in memory with one :class:`~chainrule.codegen.cache.KernelCacheWarning`."""
-    import sympy as sp
-
     from ..derive.optimizers import get_rule
     dtype = check_dtype(dtype)
     rule = get_rule(optimizer)
-    from ..derive.optimizers import RULES
-    # the default (SGD) keeps the plain key; any other rule's declaration is part of it
-    extra = "" if rule is RULES["sgd"] else rule.name + "".join(t + sp.srepr(b) for t, b in rule.assignments)
-    key = cache_key(model, dtype, extra)
+    key = module_key(model, dtype, rule)
 
     def render(cache=True):
         return render_plan(plan_model(model, dtype, optimizer=rule), cache=cache)

@@ -1,11 +1,17 @@
 """The seed's experiments, runnable: ``chainrule experiment overfitting`` and ``... vanishing``.
 
 Each returns a result dict (the numbers), writes its PNG plot(s) and a Markdown report into
-``out_dir``, and is small enough to run in well under a minute once its kernels are cached.
+``out_dir``, and runs in well under a minute even with an empty kernel cache: the networks are
+small (the matrix products run on one BLAS thread, faster than two at these sizes), and the
+modules an experiment needs are first compiled into the kernel cache by worker processes, one per
+core (Numba compiles one function at a time per process, and compilation is most of a cold run),
+after which the experiment loads them from the cache.
 """
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +31,99 @@ def _sine_task(seed=0):
     return x, y, xv, yv
 
 
-def overfitting(out_dir="chainrule-experiments", epochs=1500, seed=0, log=print) -> dict:
-    """Capacity from under- to overfitting on a small regression task (train vs validation MSE),
-    then L2 weight decay, dropout and early stopping on the largest model."""
-    from chainrule.derive import ACTIVATIONS, Activation, Dense, sequential
-    from chainrule.derive.layers import Dropout
+# -- the models (top-level builders: worker processes rebuild them from their arguments) ----------
+def _tanh_net(width, depth=1, l2=0.0, dropout=0.0):
+    """1 -> depth x (dense(width) -> tanh [-> dropout]) -> dense(1), MSE; ``l2`` on every layer."""
+    from chainrule.derive import ACTIVATIONS, Activation, Dense, Dropout, sequential
+    tanh = Activation("tanh", ACTIVATIONS["tanh"])
+    layers = []
+    for _ in range(depth):
+        layers += [Dense(width, l2=l2), tanh] + ([Dropout(dropout)] if dropout else [])
+    return sequential(1, layers + [Dense(1, l2=l2)], "mse", name="overfit")
 
+
+def _deep_net(kind, depth, width):
+    """``depth`` hidden layers of ``width`` on 2-D spirals (3 classes): sigmoid or ReLU layers, or
+    residual blocks h + relu(W h + c) after a first tanh layer."""
+    from chainrule.derive import ACTIVATIONS, Activation, Dense, sequential
+    from chainrule.derive.functional import Residual
+    if kind == "residual":
+        relu = Activation("relu", ACTIVATIONS["relu"])
+        hidden = [Dense(width), Activation("tanh", ACTIVATIONS["tanh"])]
+        hidden += [Residual([Dense(width, init="he"), relu]) for _ in range(depth)]
+    else:
+        act = Activation(kind, ACTIVATIONS[kind])
+        hidden = [layer for _ in range(depth)
+                  for layer in (Dense(width, init="he" if kind == "relu" else "glorot"), act)]
+    return sequential(2, hidden + [Dense(3)], "softmax_cross_entropy", name=f"deep-{kind}")
+
+
+_BUILDERS = {"tanh_net": _tanh_net, "deep_net": _deep_net}
+
+
+@contextmanager
+def _one_blas_thread():
+    """Matrix products of a few hundred rows run faster on one BLAS thread than split over two
+    (and a run is then bitwise reproducible, see ``Network.fit``)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:                  # pragma: no cover - a scikit-learn dependency
+        yield
+        return
+    import scipy.linalg.cython_blas  # noqa: F401  (Numba's np.dot calls it: loaded before the limit)
+    with threadpool_limits(1, user_api="blas"):
+        yield
+
+
+def _warm(job):
+    """Worker: build a model, generate its module and call the kernels ``job`` names once, so that
+    Numba compiles them into the kernel cache."""
+    builder, kwargs, optimizer, calls = job
+    from chainrule.codegen import compile_model
+    from chainrule.codegen.verify import sample_batch
+    cm = compile_model(_BUILDERS[builder](**kwargs), optimizer=optimizer)
+    p, buffers = cm.init_params(), cm.init_buffers()
+    x, y = sample_batch(cm, batch=3)
+    run = {"forward": lambda: cm.forward(p, x, y, buffers=buffers),
+           "predict": lambda: cm.predict(p, x, buffers=buffers),
+           "loss_and_grads": lambda: cm.loss_and_grads(p, x, y),
+           "train_step": lambda: cm.train_step(p, x, y, state=cm.init_state(), buffers=buffers)}
+    for name in calls:
+        run[name]()
+    return builder, kwargs
+
+
+def compile_in_parallel(jobs, log=print) -> int:
+    """Compile the modules of ``jobs`` (``(builder, kwargs, optimizer, kernels)``, the longest
+    first) that the kernel cache lacks, in worker processes; returns how many were compiled. One
+    worker per job up to one more than the cores: the last jobs then share the cores instead of
+    running one after another while a core waits. A module already cached is skipped; nothing is
+    done when the cache cannot be written (kernels compiled in memory belong to one process) or
+    there is one job or one core."""
+    from chainrule.codegen.cache import prepare_cache_dir
+    from chainrule.codegen.compiled import is_cached
+    if prepare_cache_dir()[1] is not None:
+        return 0
+    todo = [j for j in jobs if not is_cached(_BUILDERS[j[0]](**j[1]), optimizer=j[2])]
+    cores = os.cpu_count() or 1
+    workers = min(len(todo), cores + 1)
+    if workers < 2 or cores < 2:
+        return 0
+    import concurrent.futures
+    import multiprocessing
+    t0 = time.perf_counter()
+    # spawn: a fresh interpreter per worker (forking a process that has loaded Numba and OpenBLAS
+    # risks a deadlock)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_warm, todo))
+    log(f"(compiled {len(todo)} modules in {workers} processes: {time.perf_counter() - t0:.1f} s)")
+    return len(todo)
+
+
+def overfitting(out_dir="chainrule-experiments", epochs=1500, seed=0, log=print, width=64) -> dict:
+    """Capacity from under- to overfitting on a small regression task (train vs validation MSE),
+    then L2 weight decay, dropout and early stopping on the largest model (two tanh layers of
+    ``width``). Five modules: the early-stopping run reuses the largest model's."""
     from .callbacks import EarlyStopping
     from .model import Network
     from .optim import Adam
@@ -38,28 +131,30 @@ def overfitting(out_dir="chainrule-experiments", epochs=1500, seed=0, log=print)
 
     t0 = time.perf_counter()
     x, y, xv, yv = _sine_task(seed)
-    tanh = Activation("tanh", ACTIVATIONS["tanh"])
-    big = 128
+    big = {"width": width, "depth": 2}
     settings = [
-        ("1 unit", [Dense(1), tanh, Dense(1)], {}),
-        ("4 units", [Dense(4), tanh, Dense(1)], {}),
-        (f"{big} units", [Dense(big), tanh, Dense(big), tanh, Dense(1)], {}),
-        (f"{big} units + L2", [Dense(big, l2=3e-3), tanh, Dense(big, l2=3e-3), tanh, Dense(1, l2=3e-3)], {}),
-        (f"{big} units + dropout", [Dense(big), tanh, Dropout(0.1), Dense(big), tanh, Dropout(0.1), Dense(1)], {}),
-        (f"{big} units + early stopping", [Dense(big), tanh, Dense(big), tanh, Dense(1)], {"early": True}),
+        ("1 unit", {"width": 1}, {}),
+        ("4 units", {"width": 4}, {}),
+        (f"{width} units", big, {}),
+        (f"{width} units + L2", {**big, "l2": 3e-3}, {}),
+        (f"{width} units + dropout", {**big, "dropout": 0.1}, {}),
+        (f"{width} units + early stopping", big, {"early": True}),
     ]
+    jobs = [("tanh_net", kw, "adam", ["train_step", "forward"]) for kw in
+            reversed({repr(kw): kw for _, kw, _ in settings}.values())]     # the largest first
     rows, histories = [], {}
-    for label, layers, opts in settings:
-        model = sequential(1, layers, "mse", name="overfit")
-        net = Network(model, seed=seed, optimizer=Adam(0.01))
-        callbacks = [EarlyStopping("val_loss", patience=300)] if opts.get("early") else []
-        h = net.fit(x, y, epochs=epochs, batch_size=len(x), validation_data=(xv, yv),
-                    progress=False, diagnostics=False, callbacks=callbacks)
-        train, val = net.evaluate(x, y)["loss"], net.evaluate(xv, yv)["loss"]
-        rows.append({"setting": label, "train_mse": train, "val_mse": val, "gap": val - train,
-                     "epochs": len(h)})
-        histories[label] = h
-        log(f"{label:<30} train MSE {train:.4f}   validation MSE {val:.4f}   ({len(h)} epochs)")
+    with _one_blas_thread():
+        compile_in_parallel(jobs, log)
+        for label, kw, opts in settings:
+            net = Network(_tanh_net(**kw), seed=seed, optimizer=Adam(0.01))
+            callbacks = [EarlyStopping("val_loss", patience=epochs // 5)] if opts.get("early") else []
+            h = net.fit(x, y, epochs=epochs, batch_size=len(x), validation_data=(xv, yv),
+                        progress=False, diagnostics=False, callbacks=callbacks)
+            train, val = net.evaluate(x, y)["loss"], net.evaluate(xv, yv)["loss"]
+            rows.append({"setting": label, "train_mse": train, "val_mse": val, "gap": val - train,
+                         "epochs": len(h)})
+            histories[label] = h
+            log(f"{label:<30} train MSE {train:.4f}   validation MSE {val:.4f}   ({len(h)} epochs)")
     out = Path(out_dir)
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -96,48 +191,33 @@ def overfitting(out_dir="chainrule-experiments", epochs=1500, seed=0, log=print)
 def vanishing(out_dir="chainrule-experiments", depth=10, width=16, epochs=30, seed=0,
               log=print) -> dict:
     """A deep sigmoid network vs the same with ReLU vs with residual blocks: per-layer gradient
-    norms at initialisation and after training, and where σ' ≤ 1/4 enters the derived recursion."""
+    norms at initialisation and after training, and where σ' ≤ 1/4 enters the derived recursion.
+    Adam runs unfused (loss_and_grads and the declared update in NumPy): no train_step to compile
+    for these deep modules, whose training takes a fraction of a second."""
     import sympy as sp
 
     from chainrule.derive import ACTIVATIONS, Activation, Dense, derive, sequential
-    from chainrule.derive.layers import Residual
     from chainrule.derive.printing import latex
 
     from .data import make_spirals
-    from .model import Network
-    from .optim import Adam
     from .plots import plot_gradient_profile
 
     t0 = time.perf_counter()
     x, y = make_spirals(n=300, classes=3, seed=seed)
-
-    def deep(kind):
-        if kind == "residual":
-            hidden = [Residual("relu") for _ in range(depth)]
-        else:
-            act = Activation(kind, ACTIVATIONS[kind])
-            hidden = [layer for _ in range(depth) for layer in (Dense(width, init="he" if kind == "relu" else "glorot"), act)]
-        first = [Dense(width), Activation("tanh", ACTIVATIONS["tanh"])] if kind == "residual" else []
-        return sequential(2, first + hidden + [Dense(3)], "softmax_cross_entropy", name=f"deep-{kind}")
-
+    kinds = ("sigmoid", "relu", "residual")
+    jobs = [("deep_net", {"kind": k, "depth": depth, "width": width}, "sgd", ["loss_and_grads", "predict"])
+            for k in kinds]
     results, series = {}, {}
-    for kind in ("sigmoid", "relu", "residual"):
-        model = deep(kind)
-        net = Network(model, seed=seed, optimizer=Adam(0.01, fused=False))
-        weights = [k for k in net.param_names if k.startswith("W")][:-1]      # the hidden layers
-        if kind == "residual":
-            weights = weights[1:]
-        init = net.gradient_norms(x, y)
-        h = net.fit(x, y, epochs=epochs, batch_size=32, progress=False, diagnostics=False)
-        after = net.gradient_norms(x, y)
-        acc = net.evaluate(x, y)["accuracy"]
-        results[kind] = {"init": [init[k] for k in weights], "trained": [after[k] for k in weights],
-                         "accuracy": acc, "final_loss": h["loss"][-1]}
-        series[f"{kind}, at initialisation"] = results[kind]["init"]
-        series[f"{kind}, after {epochs} epochs"] = results[kind]["trained"]
-        log(f"{kind:<9} ‖∂C/∂W‖ layer 1 / layer {len(weights)} at init: "
-            f"{results[kind]['init'][0]:.2e} / {results[kind]['init'][-1]:.2e}; after training: "
-            f"{results[kind]['trained'][0]:.2e} / {results[kind]['trained'][-1]:.2e}; accuracy {acc:.3f}")
+    with _one_blas_thread():
+        compile_in_parallel(jobs, log)
+        for kind in kinds:
+            results[kind] = _gradient_profile(_deep_net(kind, depth, width), kind, x, y, epochs, seed)
+            init, trained = results[kind]["init"], results[kind]["trained"]
+            series[f"{kind}, at initialisation"] = init
+            series[f"{kind}, after {epochs} epochs"] = trained
+            log(f"{kind:<9} ‖∂C/∂W‖ layer 1 / layer {len(init)} at init: {init[0]:.2e} / {init[-1]:.2e}; "
+                f"after training: {trained[0]:.2e} / {trained[-1]:.2e}; "
+                f"accuracy {results[kind]['accuracy']:.3f}")
     out = Path(out_dir)
     plot = plot_gradient_profile(series, out / "vanishing.png",
                                  title=f"{depth} hidden layers: gradient norm per layer")
@@ -178,3 +258,19 @@ def vanishing(out_dir="chainrule-experiments", depth=10, width=16, epochs=30, se
     atomic_write_text(out / "vanishing.md", "\n".join(report))
     return {"results": results, "plot": plot, "report": str(out / "vanishing.md"),
             "sigma_prime_max": top, "seconds": time.perf_counter() - t0}
+
+
+def _gradient_profile(model, kind, x, y, epochs, seed) -> dict:
+    """‖∂C/∂W‖ of each hidden layer at initialisation and after training (unfused Adam), the
+    training accuracy and the last epoch's loss."""
+    from .model import Network
+    from .optim import Adam
+    net = Network(model, seed=seed, optimizer=Adam(0.01, fused=False))
+    weights = [k for k in net.param_names if k.startswith("W")][:-1]      # the hidden layers
+    if kind == "residual":
+        weights = weights[1:]                       # after the first (tanh) layer: the blocks
+    init = net.gradient_norms(x, y)
+    h = net.fit(x, y, epochs=epochs, batch_size=32, progress=False, diagnostics=False)
+    after = net.gradient_norms(x, y)
+    return {"init": [init[k] for k in weights], "trained": [after[k] for k in weights],
+            "accuracy": float(np.mean(net.predict_classes(x) == y)), "final_loss": h["loss"][-1]}

@@ -140,15 +140,19 @@ class Network:
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.optimizer = get_optimizer(optimizer if optimizer is not None else SGD(0.1))
         if compiled is None:
+            # one module, generated for the optimiser whose update train_step fuses (not first the
+            # default SGD's and then this one's: each costs a derivation and a rendering)
             from chainrule.codegen import compile_model
-            compiled = compile_model(model, dtype=self.dtype.name)
+            rule = getattr(self.optimizer, "rule", None)
+            fused = rule is not None and getattr(self.optimizer, "fused", True)
+            compiled = compile_model(model, dtype=self.dtype.name, optimizer=rule if fused else "sgd")
         elif np.dtype(compiled.dtype) != self.dtype:
             raise ValueError(f"compiled module is {compiled.dtype} but the network is {self.dtype}")
         self.compiled = compiled
         self._modules = {compiled.optimizer: compiled}
         self.seed = seed
-        self.optimizer = get_optimizer(optimizer if optimizer is not None else SGD(0.1))
         self._ensure_compiled()
         self.stop_training = False
         self.has_validation = False

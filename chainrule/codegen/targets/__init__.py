@@ -85,10 +85,17 @@ def context(plan: ExportPlan, target: str) -> dict:
         arg_list=arg_list, simplex=simplex, first=plan.first_input, forward=plan.forward,
         backward=plan.backward, saved=saved, grads=grads, params=params, noise=noise,
         call_args=call, apply_args=apply_args, predict=plan.predict, prediction=plan.prediction,
-        predict_args=[a.ident for a in plan.args if a.role != "target"],
+        predict_args=[a.ident for a in plan.args if a.role != "target"] + [b.ident for b in plan.buffers],
         predict_call=[a.ident for a in plan.args if a.role == "input"],
         predict_apply=[a.ident if a.role != "param" else f"self.{a.ident}" for a in plan.args
-                       if a.role != "target"],
+                       if a.role != "target"] + [f"self.{b.ident}" for b in plan.buffers],
+        buffers=[dict(ident=b.ident, shape=_shape_code(b.shape), init=b.init) for b in plan.buffers],
+        running=plan.running, running_out=plan.running_out, evaluate=plan.evaluate,
+        running_args=[a.ident for a in plan.args if a.role != "target"] + [b.ident for b in plan.buffers],
+        running_apply=[a.ident if a.role != "param" else f"self.{a.ident}" for a in plan.args
+                       if a.role != "target"] + [f"self.{b.ident}" for b in plan.buffers],
+        eval_args=[a.ident for a in plan.args] + [b.ident for b in plan.buffers],
+        eval_apply=apply_args + [f"self.{b.ident}" for b in plan.buffers],
         param_doc=", ".join(f"{p['ident']} {p['shape']}" for p in params) or "none",
         function_class="Function", module_class="Module")
 

@@ -29,7 +29,7 @@ from ...derive.layers import B, LOSSES, Builder, Layer, Loss, sequential
 from ...derive.tensor import Equation, Tensor, index, rename_bound
 from ..lower import comment_text, pretty
 from ..printer import to_conventions
-from ..render import _adjoint_order, _needed
+from ..render import _adjoint_order
 from .arrays import identifier
 
 MODES = ("model", "loss", "layer")
@@ -64,6 +64,10 @@ class ExportPlan:
     notes: list = field(default_factory=list)
     predict: list = field(default_factory=list)   # a model's prediction (its first output), no target
     prediction: str | None = None
+    buffers: list = field(default_factory=list)   # Argument: non-trainable state (running averages)
+    running: list = field(default_factory=list)   # blocks: the buffers' new values after a step
+    running_out: list = field(default_factory=list)
+    evaluate: list = field(default_factory=list)  # blocks: the result in evaluation mode
 
 
 def model_of(declaration, inputs=None) -> tuple[Model, str]:
@@ -123,8 +127,7 @@ def layer_probe(layer: Layer, inputs) -> Model:
     model = Model(eqs, d.tensors + [cost], cost, outputs=[out], size_values=d.size_values,
                   name=type(layer).__name__ if layer.describe() == "layer" else layer.describe(),
                   layers=d.layer_log)
-    model.constants = dict(d.constants)
-    model.constant_latex = dict(d.constant_latex)
+    d.finish(model)                  # constants, buffers and evaluation forms, as a model gets them
     model.probe = g.name
     model.dropped_penalties = [note for _, note, _ in d.penalties]
     return model
@@ -147,6 +150,7 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
     tensors = [t for r in roles for t in model.tensors.values() if t.role == r and t.name != probe]
     if not any(t.role == "input" for t in tensors):
         raise UnsupportedError(f"export: model {comment_text(model.name)!r} has no input")
+    _refuse_what_cannot_be_printed(model)
     wrt = [t.name for t in tensors if t.role != "param"]
     composed = _derived(model, wrt)
 
@@ -203,14 +207,68 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
            if mode == "layer" else f"{names[result_tensor.name]}, the cost (the batch mean of the loss)")
     plan = ExportPlan(model, mode, label, args, forward, names[result_tensor.name], doc, saved,
                       backward, grad_codes, first, notes)
+    buffers = [t for t in model.tensors.values() if t.role == "buffer"]
+    updates = list(getattr(model, "buffer_updates", []))
+    eval_eqs = model.evaluation_equations() if hasattr(model, "evaluation_equations") else model.equations
+    if buffers:
+        for t in buffers:
+            shape = tuple("n_batch" if v == B else int(v) for v in shapes[t.name])
+            plan.buffers.append(Argument(t.name, names[t.name], "buffer", shape, init=t.init or "zeros"))
+        for eq in updates:
+            names[eq.out.name] = identifier(eq.out.name, taken)
+            shapes[eq.out.name] = concrete(eq.out)
+        reads = [r for eq in updates for r, _ in eq.reads()]
+        plan.running = [_block(printer, eq, sizes, consts) for eq in _needed(model, reads)] + \
+                       [_block(printer, eq, sizes, consts) for eq in updates]
+        by_buffer = {eq.out.meta["buffer"]: names[eq.out.name] for eq in updates}
+        plan.running_out = [by_buffer.get(t.name, names[t.name]) for t in buffers]
+        plan.evaluate = [_block(printer, eq, sizes, consts)
+                         for eq in _needed(model, [result_tensor.name], equations=eval_eqs)]
     if mode != "layer" and model.outputs:
         out = model.outputs[0]
-        pred_eqs = _needed(model, [out.name])
+        pred_eqs = _needed(model, [out.name], equations=eval_eqs)
         targets = {a.name for a in args if a.role == "target"}
         if not any(r in targets for e in pred_eqs for r, _ in e.reads()):
             plan.predict = [_block(printer, eq, sizes, consts) for eq in pred_eqs]
             plan.prediction = names[out.name]
     return plan
+
+
+def _needed(model, names, equations=None):
+    """The equations (of ``equations``, default the model's, in evaluation order) that the given
+    tensors need."""
+    equations = model.equations if equations is None else equations
+    defined = {e.out.name: e for e in equations}
+    need, stack = set(), list(names)
+    while stack:
+        n = stack.pop()
+        if n in need:
+            continue
+        need.add(n)
+        if n in defined:
+            stack.extend(r for r, _ in defined[n].reads())
+    return [e for e in equations if e.out.name in need]
+
+
+def _refuse_what_cannot_be_printed(model):
+    """Constructs the array printers cannot print yet, refused with the layer that declared them
+    (before anything is derived or written): a recurrence (its equations need a loop over time)
+    and a read at positions given by another tensor's values (an embedding lookup)."""
+    from ...derive.recurrence import TimeLoop, schedule
+    for unit in schedule(model.equations):
+        if isinstance(unit, TimeLoop):
+            eq = unit.equations[0]
+            raise UnsupportedError(
+                f"export: layer {comment_text(eq.layer or '?')}: {', '.join(unit.names)} read themselves "
+                f"across time (a recurrence); the PyTorch and JAX targets print whole-tensor statements "
+                f"and have no loop over time yet: train it with chainrule's Numba kernels")
+    for eq in model.equations:
+        for x in sp.sympify(eq.body).atoms(sp.Indexed):
+            if any(sp.sympify(i).atoms(sp.Indexed) for i in x.indices):
+                raise UnsupportedError(
+                    f"export: layer {comment_text(eq.layer or '?')}: {eq.out.name} reads {x.base.label} at "
+                    f"positions given by another tensor's values (an embedding lookup), which the "
+                    f"PyTorch and JAX targets do not print yet")
 
 
 _DERIVED: dict = {}
