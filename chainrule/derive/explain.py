@@ -352,7 +352,7 @@ def _through_time(model: Model, grads: Gradients, w: Writer) -> list:
                               + ("$0$" if init == 0 else f"${w.tex(init)}$"))
         blocks.append(Para(
             f"The equations of {names} read their own past ({'; '.join(sorted(set(starts)))} before the "
-            f"first step), so the forward pass runs them one time step at a time, $t = 0, 1, \dots$; the "
+            f"first step), so the forward pass runs them one time step at a time, $t = 0, 1, \\dots$; the "
             f"sequence length stays a symbol in every formula below."))
     backward = [u for u in ordered_units([d.equation for d in grads.composed.values()]) if isinstance(u, TimeLoop)]
     for loop in backward:
