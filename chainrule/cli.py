@@ -219,7 +219,7 @@ def cmd_docs(args) -> int:
     if args.model:
         build_user_pages(args.model, args.out, log=say)
     else:
-        build_site(args.out, experiments=args.experiments, pdf=args.pdf, log=say)
+        build_site(args.out, experiments=args.experiments, pdf=args.pdf, log=say, jobs=args.jobs)
     index = Path(args.out) / "index.html"
     print(f"site: {index.resolve().as_uri()}")
     if args.pdf and not args.model:
@@ -358,6 +358,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/site", help="the site's folder (default: ./docs/site)")
     p.add_argument("--pdf", action="store_true", help="also typeset book.pdf with pdflatex")
     p.add_argument("--experiments", metavar="DIR", help="include the plots `chainrule experiment` wrote into DIR")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="derive the pages in N processes (default: the CPUs available, at most 4)")
     p.add_argument("--quiet", action="store_true", help="do not list the pages written")
     p.set_defaults(fn=cmd_docs)
 

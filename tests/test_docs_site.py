@@ -196,8 +196,9 @@ def test_concepts_guide_follows_the_course_order_with_derived_math(site):
     tex = " ".join(parse(site / "concepts.html").tex)
     assert r"\frac{1}{4}" in tex                   # the peak of σ' = a(1 - a), found by SymPy
     assert "p_{bo} - {y^{(1)}_{bo}}" in tex           # softmax + cross-entropy: p - y
+    assert "t + 1" in tex                              # the RNN's adjoint reads the next step (BPTT)
     from chainrule.docs.concepts import SNIPPETS
-    assert html.count('<pre class="snippet">') == len(SNIPPETS) == 9
+    assert html.count('<pre class="snippet">') == len(SNIPPETS) == 10
 
 
 def test_concepts_snippets_run(capsys):

@@ -359,7 +359,7 @@ def _through_time(model: Model, grads: Gradients, w: Writer) -> list:
         for e in loop.equations:
             t_index = e.indices[loop.time_axes[e.out.name]]
             ahead = {}
-            for r in e.body.atoms(sp.Indexed):
+            for r in sorted(e.body.atoms(sp.Indexed), key=sp.default_sort_key):   # not set order: same text every run
                 shifts = [time_shift(i, [t_index]) for i in r.indices]
                 if any(sh is not None and sh[1] > 0 for sh in shifts):
                     ahead.setdefault(str(r.base.label), w.tex(r))

@@ -92,7 +92,7 @@ class RNN(_Recurrent):
 
     kind = "rnn"
     name = "rnn"
-    doc_example = "seq(4, 2) -> rnn(3) -> dense(2) -> mse"
+    doc_example = "seq(4, 3) -> rnn(5) -> dense(2) -> mse"
 
     def build(self, d, x):
         T, n = _sequence_input(d, x, self.kind)
@@ -115,7 +115,7 @@ class LSTM(_Recurrent):
 
     kind = "lstm"
     name = "lstm"
-    doc_example = "seq(4, 2) -> lstm(3) -> dense(2) -> mse"
+    doc_example = "seq(4, 3) -> lstm(5) -> dense(2) -> mse"
 
     def build(self, d, x):
         T, n = _sequence_input(d, x, self.kind)
@@ -140,7 +140,7 @@ class GRU(_Recurrent):
 
     kind = "gru"
     name = "gru"
-    doc_example = "seq(4, 2) -> gru(3) -> dense(2) -> mse"
+    doc_example = "seq(4, 3) -> gru(5) -> dense(2) -> mse"
 
     def build(self, d, x):
         T, n = _sequence_input(d, x, self.kind)
@@ -169,7 +169,7 @@ class Embedding(Layer):
 
     has_params = True
     name = "embedding"
-    doc_example = "tokens(4, 5) -> embedding(3) -> rnn(3) -> dense(2) -> mse"
+    doc_example = "tokens(4, 7) -> embedding(3) -> rnn(5) -> dense(2) -> softmax_cross_entropy"
 
     def __init__(self, units: int):
         _check_width(units, "embedding: units")

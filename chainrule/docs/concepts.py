@@ -64,6 +64,10 @@ print(derive(build_model(spec)).composed["z1"].equation)   # one sigmoid' per la
 from chainrule.derive import build_model, derive, explain_model
 model = build_model("6x6 -> conv(2, 3) -> relu -> maxpool(2) -> flatten -> dense(3) -> softmax_cross_entropy")
 print(derive(model, wrt=["x"]).composed["x"].equation)     # the input gradient: a full correlation''',
+    "rnn": '''\
+from chainrule.derive import build_model, derive
+grads = derive(build_model("seq(4, 3) -> rnn(5) -> dense(2) -> mse"))
+print(grads.composed["z1"].equation)       # reads d_z1 at t + 1: backpropagation through time''',
 }
 
 
@@ -269,27 +273,30 @@ def concepts_doc(experiments=None, figure_dir="figures", figure_prefix="figures/
     return g.doc
 
 
+RNN_SPEC = "seq(4, 3) -> rnn(5) -> dense(2) -> mse"
+
+
 def _recurrent_section(g: Guide):
-    """Recurrent layers, from the layer registry: their page's model where one is declared."""
+    """Recurrent networks: Elman's layer derived here; every recurrent layer of the registry listed."""
     from . import catalog
     rnns = [e for e in catalog.layers() if any(k in e.slug for k in ("rnn", "lstm", "gru"))]
     g.add(Heading(1, "10. Recurrent networks"))
-    if not rnns:
+    if not any(e.slug == "rnn" for e in rnns):
         g.add(Para("chainrule has no recurrent layer built in yet; when one is declared, its derivation "
                    "(backpropagation through time: the adjoint runs backward over $t$) appears here."))
         return
-    g.add(Para("A recurrent layer reads its own previous state at $t-1$; its adjoint runs backward in "
-               "time (backpropagation through time). The declared layers:"),
-          Bullets([f"{e.title} (its page: `layers/{e.slug}.html`): {e.about}" for e in rnns]))
-    for e in rnns:
-        if e.make_model is None:
-            continue
-        model = e.make_model()
-        model_, grads, w = g.model(model)
-        g.add(Heading(2, e.title))
-        for eq in model.equations:
-            if eq.layer and any(k in eq.layer for k in ("rnn", "lstm", "gru")):
-                g.add(Display(w.equation(eq)))
-        for name, d in grads.composed.items():
-            if model.tensors.get(name) is not None and model.tensors[name].role == "param":
-                g.add(Display(w.equation(d.equation)))
+    model, grads, w = g.model(RNN_SPEC)
+    g.add(Para("A recurrent layer reads its own previous state at $t-1$. Elman's layer, declared as two "
+               "equations over the time index $t$:"))
+    for eq in model.equations:
+        if "rnn(" in eq.layer and eq.out.rank == 3:      # its state equations, over (b, t, o)
+            g.add(Display(w.equation(eq)))
+    g.add(Para("Its adjoint reads the adjoint at $t+1$: it runs backward in time (backpropagation "
+               "through time), and the output's error enters at the last step only:"))
+    g.adjoint(RNN_SPEC, "z1")
+    g.add(Para("The recurrent weights collect one term per step, each pairing the adjoint at $t$ with "
+               "the state at $t-1$:"))
+    g.adjoint(RNN_SPEC, "U1")
+    g.add(Para("Each recurrent layer has its page: " + ", ".join(f"{e.title} (`layers/{e.slug}.html`)" for e in rnns)
+               + "."))
+    g.snippet("rnn")

@@ -9,6 +9,7 @@ for staleness by rebuilding it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
 from pathlib import Path
 import shutil
 
@@ -121,19 +122,48 @@ def _index(out: Path, entries: list[Entry], book: bool) -> str:
                    sections=sections, book=book)
 
 
-def build_site(out, experiments: str | Path | None = None, pdf: bool = False, log=print,
-               docs: dict | None = None) -> list[Path]:
-    """Every page (models, layers, losses, optimisers, the concepts guide, the index) into ``out``.
-    ``docs``, when given, receives every page's Explanation by path (what the book typesets)."""
+def _render_entry(position: int):
+    """(page, Explanation) of the catalog's entry at ``position``: what a worker process computes."""
+    docs = {}
+    entry = catalog.everything()[position]
+    return entry_page(entry, docs), docs[entry.path]
+
+
+def _render_all(entries, jobs: int | None, guide_args: dict):
+    """Every entry's (page, Explanation), in order, and the concepts guide. They are independent, so
+    with ``jobs`` > 1 they are derived in that many processes (spawned: fresh interpreters, no forked
+    locks); a worker re-reads the catalog and renders one entry by its position."""
     from .concepts import concepts_doc
+    jobs = min(len(entries), jobs if jobs is not None else min(4, len(os.sched_getaffinity(0))
+                                                              if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    if jobs <= 1 or [e.path for e in entries] != [e.path for e in catalog.everything()]:
+        docs = {}
+        pages = [(entry_page(e, docs), docs[e.path]) for e in entries]
+        return pages, concepts_doc(**guide_args)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        guide = pool.submit(concepts_doc, **guide_args)
+        pages = list(pool.map(_render_entry, range(len(entries))))
+        return pages, guide.result()
+
+
+def build_site(out, experiments: str | Path | None = None, pdf: bool = False, log=print,
+               docs: dict | None = None, jobs: int | None = None) -> list[Path]:
+    """Every page (models, layers, losses, optimisers, the concepts guide, the index) into ``out``.
+    ``docs``, when given, receives every page's Explanation by path (what the book typesets);
+    ``jobs`` processes derive the pages (default: the CPUs, at most 4)."""
     out = Path(out)
     written = copy_assets(out)
     entries = catalog.everything()
     docs = {} if docs is None else docs
-    for e in entries:
-        written.append(_write(out / e.path, entry_page(e, docs)))
+    guide_args = dict(experiments=experiments, figure_dir=out / "_static" / "figures", figure_prefix="_static/figures/")
+    log(f"deriving {len(entries)} pages and the concepts guide")
+    pages, guide = _render_all(entries, jobs, guide_args)
+    for e, (html, doc) in zip(entries, pages):
+        written.append(_write(out / e.path, html))
+        docs[e.path] = doc
         log(f"  {e.path}")
-    guide = concepts_doc(experiments=experiments, figure_dir=out / "_static" / "figures", figure_prefix="_static/figures/")
     written.append(_write(out / "concepts.html", text_page(guide, root="", collapsible=False)))
     if experiments is None:          # no figures: the book can typeset this very guide
         docs["concepts"] = guide
