@@ -42,6 +42,7 @@ class PositionEmbedding(Layer):
 
     has_params = True
     name = "position_embedding"
+    doc_example = staticmethod(lambda: _small_model([PositionEmbedding()]))
 
     def build(self, d, x):
         T, D = _sequence(d, x, self.name)
@@ -59,6 +60,7 @@ class CausalSelfAttention(Layer):
 
     has_params = True
     name = "causal_attention"
+    doc_example = staticmethod(lambda: _small_model([CausalSelfAttention(2)]))
 
     def __init__(self, heads: int):
         _check_width(heads, "causal_attention: heads")
@@ -132,6 +134,15 @@ def transformer_block(width: int, heads: int, hidden: int | None = None) -> list
     from .layers import Activation, Dense, LayerNorm
     return [Residual([LayerNorm(), CausalSelfAttention(heads)]),
             Residual([LayerNorm(), Dense(hidden or 4 * width), Activation("gelu", gelu), Dense(width)])]
+
+
+def _small_model(layers, vocab=5, context=3, width=4):
+    """The model a layer's documentation page derives: token embedding, the layer, a projection to the
+    vocabulary, next-token cross-entropy, at small sizes."""
+    from .layers import Dense, SequenceInput, sequential
+    from .sequence import Embedding
+    return sequential(SequenceInput(context, vocab=vocab), [Embedding(width), *layers, Dense(vocab)],
+                      NextTokenCrossEntropy(), name=f"{layers[0].name} example")
 
 
 def gpt(vocab: int, context: int, width: int = 64, heads: int = 4, layers: int = 2, hidden=None, name="gpt"):
