@@ -29,7 +29,7 @@ from ...derive.layers import B, LOSSES, Builder, Layer, Loss, sequential
 from ...derive.tensor import Equation, Tensor, index, rename_bound
 from ..lower import comment_text, pretty
 from ..printer import to_conventions
-from ..render import _adjoint_order
+from ..render import _adjoint_order, _needed as needed_equations
 from .arrays import identifier
 
 MODES = ("model", "loss", "layer")
@@ -236,18 +236,8 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
 
 def _needed(model, names, equations=None):
     """The equations (of ``equations``, default the model's, in evaluation order) that the given
-    tensors need."""
-    equations = model.equations if equations is None else equations
-    defined = {e.out.name: e for e in equations}
-    need, stack = set(), list(names)
-    while stack:
-        n = stack.pop()
-        if n in need:
-            continue
-        need.add(n)
-        if n in defined:
-            stack.extend(r for r, _ in defined[n].reads())
-    return [e for e in equations if e.out.name in need]
+    tensors need: the Numba lowering's own selection."""
+    return needed_equations(model.equations if equations is None else equations, names)
 
 
 def _refuse_what_cannot_be_printed(model):
