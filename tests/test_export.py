@@ -18,6 +18,8 @@ import pytest
 
 from chainrule.derive import Activation, Dense, build_model, sigmoid
 from chainrule.derive import conv as conv_layers
+from chainrule.derive.attention import CausalSelfAttention, NextTokenCrossEntropy, PositionEmbedding
+from chainrule.derive.sequence import Embedding
 from chainrule.derive import layers as L
 from chainrule.derive.errors import UnsupportedError
 from chainrule.derive.functional import Residual as Block
@@ -69,13 +71,20 @@ MODELS = {
     "dropout mlp": (lambda: L.sequential(5, [Dense(4), L.Dropout(0.25), Dense(3)], "mse", name="drop"), None),
     "flatten + dense": (lambda: L.sequential((3, 4, 5), [conv_layers.Flatten(), Dense(3)], "mse", name="flat"), None),
     "l2 weight decay": (lambda: L.sequential(3, [Dense(4, l2=0.01), _swish(), Dense(3)], "mae", name="l2"), None),
+    # token ids in: an embedding's gather and its derived one-hot scatter; a causal mask
+    "embedding lm": (lambda: L.sequential(L.SequenceInput(4, vocab=6), [Embedding(3), Dense(6)],
+                                          NextTokenCrossEntropy(), name="embedding lm"), None),
+    "position embedding": (PositionEmbedding.doc_example, None),
+    "causal attention": (CausalSelfAttention.doc_example, None),
 }
 DECLARATIONS = {**LAYERS, **LOSSES, **MODELS}
 # the default run checks one declaration of each construct the printer lowers (a contraction, a
 # moving-limit sum, a gather with stride and padding, a maximum's argmax, a log-sum-exp, a batch
-# statistic, random tensors, user layers); the rest run with -m slow (CI runs them too)
+# statistic, random tensors, user layers, token ids with a causal mask); the rest run with -m slow
+# (CI runs them too)
 DEFAULT = ("dense", "softmax", "layer_norm", "dropout", "conv2d stride 2 padding 1", "maxpool",
-           "loss softmax_cross_entropy", "loss bce", "swish", "bilinear", "attention")
+           "loss softmax_cross_entropy", "loss bce", "swish", "bilinear", "attention",
+           "causal attention")
 
 
 def sweep(names):
@@ -93,9 +102,19 @@ def arguments(model):
     return [t for r in ROLES for t in model.tensors.values() if t.role == r and t.name != probe]
 
 
+def is_integer(t):
+    """Token ids (an embedding's input): integer tensors, with no gradient."""
+    return "vocab" in t.meta
+
+
+def differentiable(t):
+    return t.role != "noise" and t.simplex_axis is None and not is_integer(t)
+
+
 def values(model, rng, name=""):
     """Arrays for every argument, and for a layer the incoming gradient: float64, batch 5, away from
-    the kinks (a ReLU at 0, ties in a maximum) with probability 1; probabilities where declared."""
+    the kinks (a ReLU at 0, ties in a maximum) with probability 1; probabilities where declared;
+    token ids drawn from the whole vocabulary (int64)."""
     out = {}
     for t in list(model.tensors.values()):
         if t.role not in ROLES or t.role == "cost":
@@ -104,6 +123,9 @@ def values(model, rng, name=""):
         if t.role == "noise":
             a = (rng.random(shape) < t.meta.get("keep", 0.5)).astype(float) if t.meta["dist"] == "bernoulli" \
                 else rng.normal(size=shape)
+        elif is_integer(t):
+            vocab = int(model.size_values.get(t.meta["vocab"], t.meta["vocab"]))
+            a = rng.integers(0, vocab, size=shape)
         elif t.simplex_axis is not None:
             a = rng.random(shape) + 0.1
             a /= a.sum(axis=t.simplex_axis, keepdims=True)
@@ -129,8 +151,7 @@ def test_torch_gradcheck(name, export_dir):
     model, mode = model_of(decl, inputs)
     mod = export(decl, "torch", inputs=inputs, cache_dir=export_dir)
     vals = values(model, np.random.default_rng(7), name)
-    args = [torch.tensor(vals[t.name], requires_grad=t.role != "noise" and t.simplex_axis is None)
-            for t in arguments(model)]
+    args = [torch.tensor(vals[t.name], requires_grad=differentiable(t)) for t in arguments(model)]
     assert torch.autograd.gradcheck(mod.Function.apply, args, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
@@ -147,7 +168,7 @@ def test_torch_backward_is_the_derived_one(export_dir):
 
 
 # -- agreement with the Numba kernels ------------------------------------------------------------
-NUMBA_DEFAULT = ("bilinear", "dropout mlp")
+NUMBA_DEFAULT = ("bilinear", "dropout mlp", "embedding lm")
 
 
 def _agree_with_numba(name, export_dir, compiled_declared):
@@ -222,8 +243,8 @@ def test_jax_check_grads(name, export_dir, jax64):
     mod = export(decl, "jax", inputs=inputs, cache_dir=export_dir)
     vals = values(model, np.random.default_rng(7), name)
     ts = arguments(model)
-    fixed = {k: jnp.asarray(vals[t.name]) for k, t in enumerate(ts) if t.role == "noise"}
-    free = [k for k, t in enumerate(ts) if t.role != "noise"]
+    fixed = {k: jnp.asarray(vals[t.name]) for k, t in enumerate(ts) if t.role == "noise" or is_integer(t)}
+    free = [k for k in range(len(ts)) if k not in fixed]
 
     def f(*xs):
         full = dict(fixed)
@@ -233,7 +254,8 @@ def test_jax_check_grads(name, export_dir, jax64):
                 eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["conv2d stride 2 padding 1", "attention", "loss bce", "dropout"])
+@pytest.mark.parametrize("name", ["conv2d stride 2 padding 1", "attention", "loss bce", "dropout",
+                                  "causal attention"])
 def test_jax_equals_torch(name, export_dir, jax64):
     torch = pytest.importorskip("torch")
     import jax
@@ -245,15 +267,18 @@ def test_jax_equals_torch(name, export_dir, jax64):
     jm = export(decl, "jax", inputs=inputs, cache_dir=export_dir)
     vals = values(model, np.random.default_rng(3), name)
     ts = arguments(model)
-    targs = [torch.tensor(vals[t.name], requires_grad=True) for t in ts]
+    targs = [torch.tensor(vals[t.name], requires_grad=not is_integer(t)) for t in ts]
     out = tm.Function.apply(*targs)
     cot = np.random.default_rng(4).normal(size=tuple(out.shape))
-    tg = torch.autograd.grad(out, targs, grad_outputs=torch.tensor(cot))
+    floats = [k for k, t in enumerate(ts) if not is_integer(t)]
+    tg = torch.autograd.grad(out, [targs[k] for k in floats], grad_outputs=torch.tensor(cot))
     jout, vjp = jax.vjp(jax.jit(jm.apply), *[jnp.asarray(vals[t.name]) for t in ts])
     jg = vjp(jnp.asarray(cot))
     np.testing.assert_allclose(np.asarray(jout), out.detach().numpy(), rtol=1e-12, atol=1e-12)
-    for t, a, b in zip(ts, tg, jg):
-        np.testing.assert_allclose(np.asarray(b), a.numpy(), rtol=1e-10, atol=1e-12, err_msg=t.name)
+    for k, a in zip(floats, tg):
+        np.testing.assert_allclose(np.asarray(jg[k]), a.numpy(), rtol=1e-10, atol=1e-12, err_msg=ts[k].name)
+    for k in set(range(len(ts))) - set(floats):        # token ids: no gradient (JAX's float0 zeros)
+        assert jg[k].dtype == jax.dtypes.float0 and jg[k].shape == vals[ts[k].name].shape
 
 
 # -- errors, cache and the command line -------------------------------------------------------------
@@ -267,15 +292,36 @@ def test_a_layer_needs_its_input_shape():
         render_export("perceptron", "tf")
 
 
-def test_recurrences_and_lookups_are_refused_with_their_layer():
+def test_recurrences_are_refused_with_their_layer():
     """What the array targets cannot print yet is refused before anything is derived or written."""
     from chainrule.codegen.targets import render_export
     with pytest.raises(UnsupportedError, match=r"export: layer 1:rnn\(4\): .* read themselves across time "
                                                r"\(a recurrence\).*Numba kernels"):
         render_export("seq(5, 3) -> rnn(4) -> dense(2) -> mse", "torch")
-    with pytest.raises(UnsupportedError, match=r"export: layer 1:embedding\(4\): e1 reads E1 at positions "
-                                               r"given by another tensor's values"):
-        render_export("tokens(5, 7) -> embedding(4) -> flatten -> dense(2) -> mse", "jax")
+
+
+def test_embedding_prints_a_gather_and_the_derived_one_hot_scatter(export_dir):
+    """Token ids are read as integers (a clamped gather of the table's rows) and get no gradient; the
+    table's gradient is the derived ``Σ_bt [j0 = x[b, t]] d_e[b, t, j1]``, printed as one einsum of
+    a one-hot with d_e in both targets (not an autograd of the gather)."""
+    torch = pytest.importorskip("torch")
+    from chainrule.codegen.targets import export, render_export
+    decl = DECLARATIONS["embedding lm"][0]()
+    src = render_export(decl, "torch")
+    assert "e1 = torch.take(E1, (x[:, :, None].clamp(0, 5)) * 3 + " in src
+    assert "# d_E1[j0,j1] = Σ_b,t[Piecewise((d_e1[b, t, j1], Eq(j0, x[b, t])), (0, True))]" in src
+    assert "d_E1 = torch.einsum('atb,btc->ac', (ix_j0_" in src and ".to(dt), d_e1)" in src
+    assert "d_x" not in src and "dt, dev = y2.dtype, x.device" in src
+    jsrc = render_export(decl, "jax")
+    assert "e1 = E1[jnp.clip(x[:, :, None], 0, 5), " in jsrc
+    assert "np.zeros(x.shape, dtype=jax.dtypes.float0)" in jsrc
+    module = export(decl, "torch", cache_dir=export_dir).Module(seed=0, dtype=torch.float64)
+    x = torch.tensor([[0, 5, 5, 1], [2, 3, 4, 1]])
+    y = torch.nn.functional.one_hot(torch.tensor([[5, 5, 1, 0], [3, 4, 1, 2]]), 6).double()
+    module(x, y).backward()
+    unused = torch.ones(6, dtype=torch.bool)
+    unused[x.flatten()] = False                      # rows no token selected receive no gradient
+    assert torch.all(module.E1.grad[unused] == 0) and torch.all(module.E1.grad[~unused].abs().sum(1) > 0)
 
 
 def test_torch_refuses_a_target_that_breaks_its_declared_fact(export_dir):

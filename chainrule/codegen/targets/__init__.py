@@ -51,7 +51,10 @@ def _noise(a, target: str) -> dict:
 
 
 def context(plan: ExportPlan, target: str) -> dict:
-    zero = {"torch": lambda a: "None", "jax": lambda a: f"jnp.zeros_like({a.ident})"}[target]
+    # no gradient: None in torch; zeros in JAX, of dtype float0 for an integer argument (token ids)
+    zero = {"torch": lambda a: "None",
+            "jax": lambda a: (f"np.zeros({a.ident}.shape, dtype=jax.dtypes.float0)" if a.ident in plan.integer
+                              else f"jnp.zeros_like({a.ident})")}[target]
     saved = list(plan.saved)
     grads = []
     for a, g in zip(plan.args, plan.grads):
@@ -82,7 +85,7 @@ def context(plan: ExportPlan, target: str) -> dict:
         arg_doc=", ".join(f"{a.ident} = {comment_text(a.name)} ({a.role}, {_shape_code(a.shape)})"
                           for a in plan.args),
         result=plan.result, result_doc=plan.result_doc, args=[a.ident for a in plan.args],
-        arg_list=arg_list, simplex=simplex, first=plan.first_input, forward=plan.forward,
+        arg_list=arg_list, simplex=simplex, first=plan.first_input, float_first=plan.float_first, forward=plan.forward,
         backward=plan.backward, saved=saved, grads=grads, params=params, noise=noise,
         call_args=call, apply_args=apply_args, predict=plan.predict, prediction=plan.prediction,
         predict_args=[a.ident for a in plan.args if a.role != "target"] + [b.ident for b in plan.buffers],

@@ -78,6 +78,7 @@ class ArrayPrinter(Printer):
         self.index_code: dict = {}  # index symbol -> variable holding arange(lo, hi + 1)
         self.memo: dict = {}
         self.taken: set = set()
+        self.integer: set = set()   # identifiers of tensors holding integers (token ids)
         self._counter = 0
 
     # -- statements -------------------------------------------------------------------------
@@ -228,10 +229,10 @@ class ArrayPrinter(Printer):
         if name not in self.names:
             raise UnsupportedError(f"export: no value for tensor {name}")
         code, shape, idx = self.names[name], self.shapes[name], list(expr.indices)
-        plain = self.plain_view(code, shape, idx)
-        if plain is not None:
-            return plain
-        return self.gather(code, shape, idx)
+        term = self.plain_view(code, shape, idx) or self.gather(code, shape, idx)
+        if code in self.integer:                     # token ids: an index array
+            return Term(term.code, term.axes, kind="int")
+        return term
 
     def plain_view(self, code, shape, idx):
         """``T[i, j]`` with distinct in-scope indices whose boxes lie inside the axes: a slice and a
@@ -262,6 +263,9 @@ class ArrayPrinter(Printer):
         Reads that stay inside with affine indices may become a strided view (``window``)."""
         inside = []
         for e, n in zip(idx, shape):
+            if sp.sympify(e).atoms(sp.Indexed):      # a token id: clamped into the table's rows
+                inside.append(False)
+                continue
             lo, hi = self.interval(e)
             inside.append(_le(0, lo) and _le(hi, n - 1))
         if all(inside):
@@ -584,6 +588,7 @@ class ArrayPrinter(Printer):
         outer = tuple(self.scope)
         entered, masks, body = self._enter_limits(expr)
         coeff, factors = body.as_coeff_mul()
+        factors = [g for f in factors for g in _one_hot_factors(f)]
         terms = [self.einsum_operand(f) for f in factors]
         if masks:
             mask = self._print(sp.And(*masks))
@@ -785,6 +790,17 @@ class _IntCode(Printer):
 
     def _print_Rational(self, expr):
         raise UnsupportedError(f"export: size {expr} is not whole")
+
+
+def _one_hot_factors(f) -> list:
+    """``Piecewise((v, cond), (0, True))`` under a sum as the two factors ``[cond]`` and ``v``: an
+    embedding's derived adjoint ``Σ_bt [j = x[b, t]] d_e[b, t, o]`` becomes one einsum of a one-hot
+    with ``d_e`` (the rows a token selected receive its gradient); other factors are kept whole."""
+    if isinstance(f, sp.Piecewise) and len(f.args) == 2 and f.args[1].cond == sp.true \
+            and f.args[1].expr == 0:
+        value, cond = f.args[0]
+        return [cond, *sp.Mul.make_args(value)]
+    return [f]
 
 
 def _le(a, b) -> bool:

@@ -62,6 +62,8 @@ class ExportPlan:
     grads: list                      # per argument: code of its gradient
     first_input: str
     notes: list = field(default_factory=list)
+    float_first: str = ""                         # a float argument: the data's dtype
+    integer: list = field(default_factory=list)   # identifiers of integer arguments (token ids)
     predict: list = field(default_factory=list)   # a model's prediction (its first output), no target
     prediction: str | None = None
     buffers: list = field(default_factory=list)   # Argument: non-trainable state (running averages)
@@ -151,7 +153,8 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
     if not any(t.role == "input" for t in tensors):
         raise UnsupportedError(f"export: model {comment_text(model.name)!r} has no input")
     _refuse_what_cannot_be_printed(model)
-    wrt = [t.name for t in tensors if t.role != "param"]
+    integer = index_tensors(model)       # token ids: integer tensors with no gradient
+    wrt = [t.name for t in tensors if t.role != "param" and t.name not in integer]
     composed = _derived(model, wrt)
 
     taken: set = set()
@@ -173,6 +176,8 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
         args.append(Argument(t.name, names[t.name], t.role, shape, init=t.init, meta=dict(t.meta),
                              simplex_axis=t.simplex_axis))
     first = next(a.ident for a in args if a.role == "input")
+    # the data's dtype comes from a float argument (token ids are integers)
+    float_first = next(a.ident for a in args if a.name not in integer)
 
     result_tensor = model.outputs[0] if mode == "layer" else model.cost
     bwd_eqs = _adjoint_order(composed, model)
@@ -181,12 +186,13 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
     fwd_eqs = _needed(model, [result_tensor.name] + [n for n in read if model.equation_for(n) is not None
                                                       and model.tensors[n].role != "cost"])
     printer = printer_cls(names, shapes)
+    printer.integer = {names[n] for n in integer}
     printer.taken = taken              # temporaries never take a tensor's name
     forward = [_block(printer, eq, sizes, consts) for eq in fwd_eqs]
     backward = [_block(printer, eq, sizes, consts) for eq in bwd_eqs]
 
     computed = {e.out.name for e in fwd_eqs}
-    saved = [first] + [names[n] for n in model.tensors if n in read and n != probe and names[n] != first
+    saved = list(dict.fromkeys([first, float_first])) + [names[n] for n in model.tensors if n in read and n != probe and names[n] not in (first, float_first)
                        and (n in computed or n in {a.name for a in args})]
     scale = "" if mode == "layer" else "grad * "
     grad_codes = []
@@ -206,7 +212,8 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
     doc = (f"{names[result_tensor.name]} = {comment_text(result_tensor.name)}, the layer's output"
            if mode == "layer" else f"{names[result_tensor.name]}, the cost (the batch mean of the loss)")
     plan = ExportPlan(model, mode, label, args, forward, names[result_tensor.name], doc, saved,
-                      backward, grad_codes, first, notes)
+                      backward, grad_codes, first, notes, float_first=float_first,
+                      integer=[a.ident for a in args if a.name in integer])
     buffers = [t for t in model.tensors.values() if t.role == "buffer"]
     updates = list(getattr(model, "buffer_updates", []))
     eval_eqs = model.evaluation_equations() if hasattr(model, "evaluation_equations") else model.equations
@@ -234,6 +241,17 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
     return plan
 
 
+def index_tensors(model) -> set:
+    """Names of the tensors whose values are positions in another tensor (token ids, read as
+    ``E[x[b, t], o]``): they hold integers and have no gradient."""
+    out = set()
+    for eq in model.equations:
+        for x in sp.sympify(eq.body).atoms(sp.Indexed):
+            for i in x.indices:
+                out |= {str(y.base.label) for y in sp.sympify(i).atoms(sp.Indexed)}
+    return out
+
+
 def _needed(model, names, equations=None):
     """The equations (of ``equations``, default the model's, in evaluation order) that the given
     tensors need: the Numba lowering's own selection."""
@@ -242,8 +260,7 @@ def _needed(model, names, equations=None):
 
 def _refuse_what_cannot_be_printed(model):
     """Constructs the array printers cannot print yet, refused with the layer that declared them
-    (before anything is derived or written): a recurrence (its equations need a loop over time)
-    and a read at positions given by another tensor's values (an embedding lookup)."""
+    (before anything is derived or written): a recurrence (its equations need a loop over time)."""
     from ...derive.recurrence import TimeLoop, schedule
     for unit in schedule(model.equations):
         if isinstance(unit, TimeLoop):
@@ -252,13 +269,6 @@ def _refuse_what_cannot_be_printed(model):
                 f"export: layer {comment_text(eq.layer or '?')}: {', '.join(unit.names)} read themselves "
                 f"across time (a recurrence); the PyTorch and JAX targets print whole-tensor statements "
                 f"and have no loop over time yet: train it with chainrule's Numba kernels")
-    for eq in model.equations:
-        for x in sp.sympify(eq.body).atoms(sp.Indexed):
-            if any(sp.sympify(i).atoms(sp.Indexed) for i in x.indices):
-                raise UnsupportedError(
-                    f"export: layer {comment_text(eq.layer or '?')}: {eq.out.name} reads {x.base.label} at "
-                    f"positions given by another tensor's values (an embedding lookup), which the "
-                    f"PyTorch and JAX targets do not print yet")
 
 
 _DERIVED: dict = {}
