@@ -18,7 +18,7 @@ import pytest
 
 from chainrule.derive import Activation, Dense, build_model, sigmoid
 from chainrule.derive import conv as conv_layers
-from chainrule.derive.attention import CausalSelfAttention, NextTokenCrossEntropy, PositionEmbedding
+from chainrule.derive.attention import CausalSelfAttention, NextTokenCrossEntropy, PositionEmbedding, gpt
 from chainrule.derive.sequence import Embedding
 from chainrule.derive import layers as L
 from chainrule.derive.errors import UnsupportedError
@@ -76,6 +76,7 @@ MODELS = {
                                           NextTokenCrossEntropy(), name="embedding lm"), None),
     "position embedding": (PositionEmbedding.doc_example, None),
     "causal attention": (CausalSelfAttention.doc_example, None),
+    "gpt (one block)": (lambda: gpt(vocab=7, context=4, width=15, heads=3, layers=1), None),
 }
 DECLARATIONS = {**LAYERS, **LOSSES, **MODELS}
 # the default run checks one declaration of each construct the printer lowers (a contraction, a
