@@ -585,6 +585,10 @@ class ArrayPrinter(Printer):
         key = ("sum", expr, self.scope_key())
         if key in self.memo:
             return self.memo[key]
+        scattered = self.scatter_sum(expr)
+        if scattered is not None:
+            self.memo[key] = scattered
+            return scattered
         outer = tuple(self.scope)
         entered, masks, body = self._enter_limits(expr)
         coeff, factors = body.as_coeff_mul()
@@ -619,6 +623,69 @@ class ArrayPrinter(Printer):
         term = Term(name, tuple(a for a in outer if a in out_axes))
         self.memo[key] = term
         return term
+
+    def scatter_sum(self, expr):
+        """``Σ_bt [j = x[b, t]] v[b, t, o]`` (an embedding's derived adjoint: token ids ``x`` over all
+        of the summed indices, ``j`` an output index no other factor reads) as a scatter-add of the
+        rows ``v[b, t, :]`` into row ``x[b, t]``: no one-hot of the vocabulary's size. None when the
+        sum is not of that form, or the target has no scatter (the one-hot einsum is printed)."""
+        coeff, factors = sp.sympify(expr.function).as_coeff_mul()
+        factors = [g for f in factors for g in _one_hot_factors(f)]
+        limits = [v for v, _, _ in expr.limits]
+        for k, f in enumerate(factors):
+            if not isinstance(f, sp.Eq):
+                continue
+            for row, ids in ((f.lhs, f.rhs), (f.rhs, f.lhs)):
+                if not (row in self.box and isinstance(ids, sp.Indexed) and self.names.get(str(ids.base.label)) in self.integer):
+                    continue
+                if sorted(map(str, ids.indices)) != sorted(map(str, limits)) or len(set(ids.indices)) != len(limits):
+                    continue
+                rest = factors[:k] + factors[k + 1:]
+                if any(row in sp.sympify(g).free_symbols for g in rest):
+                    continue
+                shape = self.shapes[str(ids.base.label)]
+                if any(not (sp.sympify(lo) == 0 and sp.sympify(hi - (n - 1)) == 0)
+                       for (v, lo, hi) in expr.limits for i, n in zip(ids.indices, shape) if i == v):
+                    continue                         # a partial range: the one-hot einsum masks it
+                return self._scatter(coeff * sp.Mul(*rest), row, ids, expr.limits)
+        return None
+
+    def _scatter(self, value, row, ids, limits):
+        idx = list(ids.indices)                      # entered in the order the token ids are laid out
+        for v in idx:
+            lo, hi = next((lo, hi) for w, lo, hi in limits if w == v)
+            self.enter(v, lo, hi)
+        try:
+            t = self.einsum_operand(value)           # a plain read keeps its own axis order
+            outer = tuple(a for a in self.sort_axes(t.axes) if a not in idx)
+            want = tuple(idx) + outer                # laid out as the token ids, then the row
+            if t.number or set(t.axes) != set(want):
+                full = outer + tuple(idx)
+                t = Term(self.broadcast(t, full), full)
+            values = t.code
+            if t.axes != want:
+                values = self.transpose(values, [t.axes.index(a) for a in want])
+            ids_code = self._print(ids)
+            rows = self.size_code(self.extent(row))
+            top = self.size_code(self.extent(row) - 1)
+            code = self.scatter_add(rows, self.clamp(ids_code.code, "0", top), values,
+                                    [self.size_code(self.extent(a)) for a in outer])
+        finally:
+            self._leave_all(idx)
+        if code is None:
+            return None
+        axes = (row,) + outer
+        name = self.emit("s", code, f"scatter-add into the rows selected by {ids}")
+        order = self.sort_axes(axes)
+        if order != axes:
+            name = self.emit("s", self.transpose(name, [axes.index(a) for a in order]))
+        return Term(name, order)
+
+    def scatter_add(self, rows, ids, values, sizes):
+        """Zeros of shape ``(rows, *sizes)`` plus each slice ``values[p, ...]`` added to row
+        ``ids[p]``, over every position p of ``ids`` (``values`` is laid out as ``ids`` then
+        ``sizes``); None where the target has no scatter."""
+        return None
 
     def einsum_operand(self, f) -> Term:
         """A factor of a summed product; a plain read keeps its own axis order (einsum's subscripts

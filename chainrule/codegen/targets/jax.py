@@ -39,5 +39,10 @@ class JaxPrinter(ArrayPrinter):
     def flatten_last(self, code, k):
         return f"{self.paren(code)}.reshape({self.paren(code)}.shape[:-{k}] + (-1,))"
 
+    def scatter_add(self, rows, ids, values, sizes):
+        shape = ", ".join([rows, *sizes])
+        return (f"jnp.zeros(({shape}{',' if not sizes else ''}), dtype=dt).at[{self.paren(ids)}.reshape(-1)]"
+                f".add({self.paren(values)}.reshape(({', '.join(['-1', *sizes])}{',' if not sizes else ''})))")
+
     def argmax(self, code):
         return f"jnp.argmax({code}, axis=-1)"

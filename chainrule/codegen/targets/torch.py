@@ -60,5 +60,10 @@ class TorchPrinter(ArrayPrinter):
             flat.append(p if st == 1 else f"{self.paren(p)} * {self.size_code(st)}")
         return f"torch.take({code}, {' + '.join(flat)})"
 
+    def scatter_add(self, rows, ids, values, sizes):
+        shape = ", ".join([rows, *sizes])
+        return (f"torch.zeros(({shape}{',' if not sizes else ''}), dtype=dt, device=dev).index_add_("
+                f"0, {self.paren(ids)}.reshape(-1), {self.paren(values)}.reshape({', '.join(['-1', *sizes])}))")
+
     def argmax(self, code):
         return f"torch.argmax({code}, dim=-1)"
