@@ -121,3 +121,14 @@ def test_an_embedding_needs_token_ids():
     with pytest.raises(ShapeError, match=r"layer 1:embedding\(4\) \(embedding\) expects \(batch, time\) token ids, "
                                          r"got x \(B, T_0, n_0\): give the input as tokens\(T, V\)"):
         build_model("seq(5, 3) -> embedding(4) -> rnn(4) -> dense(2) -> mse")
+
+
+def test_a_flattened_sequence_feeds_one_dense_layer_over_every_position():
+    """flatten, then dense: one affine map of all T x n values (not the per-position dense a sequence
+    gets without flatten), exactly verified."""
+    from chainrule.derive.verify import verify_model
+    model = build_model("seq(5, 3) -> flatten -> dense(4) -> mse")
+    z = model.tensors["z1"]
+    assert z.rank == 2 and model.tensors["W1"].rank == 3          # W1[o, t, i]: every position's weights
+    results = verify_model(model)
+    assert all(results) and all(r.checked > 0 for r in results)

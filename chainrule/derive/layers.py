@@ -197,8 +197,8 @@ class Dense(Layer):
             raise ValueError(f"dense({self.units}): max_norm must be > 0, got {self.max_norm!r}")
 
     def build(self, d, x):
-        if x.rank == 3 and x.meta.get("time_axis") == 1:
-            return self._build_steps(d, x)
+        if x.rank == 3 and x.meta.get("time_axis") == 1 and not x.meta.get("flattened"):
+            return self._build_steps(d, x)      # a sequence: the same map at every position
         if x.rank > 2:
             return self._build_flat(d, x)
         if x.rank != 2:
