@@ -174,13 +174,15 @@ class Tensor:
 
 
 def reads_of(expr: sp.Expr) -> list[tuple[str, tuple]]:
-    """Every tensor read in ``expr`` as (tensor name, index expressions), rank-0 reads included."""
+    """Every tensor read in ``expr`` as (tensor name, index expressions), rank-0 reads included, in a
+    fixed order (SymPy's atoms are a set, whose order changes with the hash seed: what is derived and
+    printed from these reads must not)."""
     indexed = expr.atoms(sp.Indexed)
     labels = {r.base.label for r in indexed}
     out = [(str(r.base.label), tuple(r.indices)) for r in indexed]
     out += [(s.name, ()) for s in expr.free_symbols - labels
             if isinstance(s, sp.Symbol) and not s.is_integer and s.is_real]
-    return out
+    return sorted(out, key=lambda read: (read[0], [sp.default_sort_key(i) for i in read[1]]))
 
 
 @dataclass(eq=False)
