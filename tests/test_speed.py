@@ -11,11 +11,27 @@ from chainrule.codegen.cache import cached_text
 from chainrule.derive import build_model
 
 
+@pytest.fixture(scope="module")
+def demo_module(tmp_path_factory):
+    """The demo's modules compiled in a cache of their own. Through the session's shared cache, after
+    tests/test_codegen.py had run both demo modules, _exp overflowed just below the top of its range
+    (inf at 709.50 in float64, 88.685 in float32) in the full run only; not reproduced in a script,
+    cause not found yet (issue 10)."""
+    from chainrule.codegen import compile_model
+    memo, cache = {}, tmp_path_factory.mktemp("speed-kernels")
+
+    def get(dtype):
+        if dtype not in memo:
+            memo[dtype] = compile_model(build_model("demo"), dtype=dtype, cache_dir=cache)
+        return memo[dtype]
+    return get
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_generated_exp_is_within_one_ulp_and_keeps_the_special_values(compiled_model, dtype):
+def test_generated_exp_is_within_one_ulp_and_keeps_the_special_values(demo_module, dtype):
     """The module's branch-free exp against float64 NumPy (float32 module) or 50-digit mpmath
     (float64 module) over its whole normal range, plus inf, -inf, NaN, overflow and underflow."""
-    cm = compiled_model("demo", dtype)
+    cm = demo_module(dtype)
     exp = cm.module._exp
     rng = np.random.default_rng(3)
     lo, hi = (-708.39, 709.78) if dtype == "float64" else (-87.33, 88.72)
@@ -34,8 +50,8 @@ def test_generated_exp_is_within_one_ulp_and_keeps_the_special_values(compiled_m
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_sigmoid_lowering_is_stable_and_in_the_module_dtype(compiled_model, dtype):
-    cm = compiled_model("demo", dtype)
+def test_sigmoid_lowering_is_stable_and_in_the_module_dtype(demo_module, dtype):
+    cm = demo_module(dtype)
     xs = np.array([-800.0, -30.0, -1.5, -1e-3, 0.0, 2e-3, 1.25, 40.0, 800.0], dtype=dtype)
     got = np.array([cm.module.sigmoid(np.dtype(dtype).type(v)) for v in xs])
     with mpmath.workdps(30):
