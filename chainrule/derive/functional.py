@@ -295,10 +295,8 @@ def _concat(d, args):
 def _sample(d, args):
     """z = μ + exp(½ log σ²) ε, ε ~ N(0, 1): see ``gaussian_sample``."""
     mu, logvar = args
-    if mu.rank != logvar.rank:
-        raise ShapeError(f"layer {d.layer}: the mean {mu.name} {shape_str(mu.shape)} and the log-variance "
-                         f"{logvar.name} {shape_str(logvar.shape)} need one shape")
-    d.unify_sizes(mu.shape, logvar.shape)
+    if mu.rank == logvar.rank:
+        d.unify_sizes(mu.shape, logvar.shape)
     if tuple(mu.shape) != tuple(logvar.shape):
         raise ShapeError(f"layer {d.layer}: the mean {mu.name} {shape_str(mu.shape)} and the log-variance "
                          f"{logvar.name} {shape_str(logvar.shape)} need one shape")

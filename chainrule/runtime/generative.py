@@ -91,11 +91,16 @@ def mode_coverage(samples, centres, std, radius_in_std=3.0, share=0.2) -> dict:
             "high_quality": float(hit.mean()), "needed": needed}
 
 
-def pca_test_error(x_train, x_test, components) -> float:
-    """Mean squared reconstruction error on ``x_test`` of scikit-learn's PCA fitted on ``x_train``."""
+def pca_reconstruction(x_train, x_test, components) -> np.ndarray:
+    """``x_test`` through scikit-learn's PCA fitted on ``x_train`` (the baseline at equal code size)."""
     from sklearn.decomposition import PCA
     pca = PCA(components).fit(x_train)
-    return float(np.mean((pca.inverse_transform(pca.transform(x_test)) - x_test) ** 2))
+    return pca.inverse_transform(pca.transform(x_test))
+
+
+def pca_test_error(x_train, x_test, components) -> float:
+    """Mean squared reconstruction error on ``x_test`` of PCA fitted on ``x_train``."""
+    return float(np.mean((pca_reconstruction(x_train, x_test, components) - x_test) ** 2))
 
 
 # -- plots ------------------------------------------------------------------------------------------
@@ -190,11 +195,9 @@ def run_autoencoder(out_dir, epochs=60, progress=True, seed=0, dtype="float64", 
     out = net.compiled.outputs(net.params, x_te)
     recon, code = out[model.outputs[0].name], out[model.outputs[1].name]
     ae = float(np.mean((recon - x_te) ** 2))
-    pca = pca_test_error(x_tr, x_te, latent)
-    from sklearn.decomposition import PCA
-    p = PCA(latent).fit(x_tr)
-    pca_recon = p.inverse_transform(p.transform(x_te[:10]))
-    paths = {"reconstructions": image_rows([x_te[:10], recon[:10], np.clip(pca_recon, 0, 1)],
+    pca_recon = pca_reconstruction(x_tr, x_te, latent)        # one fit: the error and the picture
+    pca = float(np.mean((pca_recon - x_te) ** 2))
+    paths = {"reconstructions": image_rows([x_te[:10], recon[:10], np.clip(pca_recon[:10], 0, 1)],
                                            os.path.join(out_dir, "reconstructions.png"),
                                            ["test digits", f"autoencoder ({latent}-d code)", f"PCA ({latent} components)"])}
     if latent == 2:
