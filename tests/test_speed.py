@@ -13,10 +13,8 @@ from chainrule.derive import build_model
 
 @pytest.fixture(scope="module")
 def demo_module(tmp_path_factory):
-    """The demo's modules compiled in a cache of their own. Through the session's shared cache, after
-    tests/test_codegen.py had run both demo modules, _exp overflowed just below the top of its range
-    (inf at 709.50 in float64, 88.685 in float32) in the full run only; not reproduced in a script,
-    cause not found yet (issue 10)."""
+    """The demo's modules compiled in a cache of their own, so that the test below decides which
+    function Numba compiles first."""
     from chainrule.codegen import compile_model
     memo, cache = {}, tmp_path_factory.mktemp("speed-kernels")
 
@@ -47,6 +45,23 @@ def test_generated_exp_is_within_one_ulp_and_keeps_the_special_values(demo_modul
     t = np.dtype(dtype).type
     assert exp(t(-np.inf)) == 0.0 and exp(t(np.inf)) == np.inf and np.isnan(exp(t(np.nan)))
     assert exp(t(hi + 5)) == np.inf and exp(t(lo - 5)) == 0.0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_generated_exp_keeps_its_exact_arithmetic_when_a_fastmath_kernel_compiles_it_first(tmp_path, dtype):
+    """Numba compiles a function that leaves ``fastmath`` unset with the flags of the kernel whose
+    compilation reaches it first: reached from ``predict`` (reassoc, contract, ...), _exp computed
+    p * (2^h * 2^(n-h)) and overflowed to inf just below the top of its range (709.5 in float64,
+    88.685 in float32). Here a kernel runs before _exp is ever called directly, in a fresh cache."""
+    from chainrule.codegen import compile_model
+    cm = compile_model(build_model("demo"), dtype=dtype, cache_dir=tmp_path)
+    params = cm.init_params(seed=1)
+    x = np.random.default_rng(0).random((5, 64))
+    assert np.isfinite(cm.predict(params, x)).all()          # compiles predict, sigmoid and _exp
+    t = np.dtype(dtype).type
+    for v in ((709.5, 709.78) if dtype == "float64" else (88.685, 88.72)):
+        got = cm.module._exp(t(v))
+        assert np.isfinite(got) and abs(float(got) / np.exp(np.float64(t(v))) - 1) < 2 * np.finfo(dtype).eps, (v, got)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
