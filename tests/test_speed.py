@@ -176,3 +176,54 @@ def test_derive_is_computed_once_per_model():
     from chainrule.derive import derive
     model = build_model("demo")
     assert derive(model) is derive(model)
+
+
+def test_a_worker_compiles_forward_into_the_cache_while_fit_compiles_train_step(tmp_path):
+    """On a cold start ``Network.fit`` has a worker process compile ``forward`` (the epoch metrics)
+    into Numba's cache; this process then loads it from there (a cache hit, no compilation of its
+    own), and the worker compiled it for exactly the argument types the wrapper passes."""
+    from chainrule.codegen import compile_model
+    from chainrule.codegen.background import available_cpus
+    from chainrule.runtime import Network
+    if available_cpus() < 2:
+        pytest.skip("one CPU: no worker is started")
+    model = build_model("6 -> dense(5) -> tanh -> dense(3) -> softmax_cross_entropy")
+    cm = compile_model(model, cache_dir=tmp_path)
+    rng = np.random.default_rng(1)
+    x, labels = rng.normal(size=(40, 6)), rng.integers(0, 3, 40)
+    net = Network(model, compiled=cm, seed=0)
+    net.fit(x, labels, epochs=2, batch_size=16, progress=False)
+    forward = cm.module.forward
+    assert sum(forward.stats.cache_hits.values()) == 1 and not sum(forward.stats.cache_misses.values())
+    assert cm._background is None                    # waited for, and not started twice
+    # a cached module (the next process): no worker
+    again = compile_model(model, cache_dir=tmp_path)
+    assert again.cache_hit and not again.compile_in_background(["forward"])
+
+
+def test_training_limits_blas_to_one_thread_for_small_products(compiled_model):
+    """``fit`` runs the demo at batch 32 (largest product 8192 × 32 multiply-adds) on one BLAS
+    thread and restores the limit afterwards; a large product is left to BLAS."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from chainrule.runtime import Callback, Network
+    from chainrule.runtime.threads import training_blas_threads
+    shapes = [(128, 64), (128,), (10, 128), (10,)]
+    assert training_blas_threads(shapes, 32) == 1 and training_blas_threads(shapes, 511) == 1
+    assert training_blas_threads(shapes, 512) is None                 # 8192 * 512 = 2^22
+    assert training_blas_threads(shapes, 32, requested=3) == 3
+    assert training_blas_threads(shapes, 32, requested=None) is None
+
+    seen = []
+
+    class Threads(Callback):
+        def on_batch_end(self, step, steps, cost):
+            seen.append({i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info()
+                         if i["user_api"] == "blas"})
+    before = {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+    net = Network("demo", compiled=compiled_model("demo"))
+    rng = np.random.default_rng(0)
+    net.fit(rng.random((64, 64)), rng.integers(0, 10, 64), epochs=1, batch_size=32, progress=False,
+            callbacks=[Threads()])
+    assert len(seen) == 2 and all(set(s.values()) == {1} for s in seen)
+    after = {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+    assert {k: after[k] for k in before} == before
