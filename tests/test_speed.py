@@ -208,8 +208,8 @@ def test_training_limits_blas_to_one_thread_for_small_products(compiled_model):
     from chainrule.runtime import Callback, Network
     from chainrule.runtime.threads import training_blas_threads
     shapes = [(128, 64), (128,), (10, 128), (10,)]
-    assert training_blas_threads(shapes, 32) == 1 and training_blas_threads(shapes, 511) == 1
-    assert training_blas_threads(shapes, 512) is None                 # 8192 * 512 = 2^22
+    assert training_blas_threads(shapes, 32) == 1 and training_blas_threads(shapes, 2047) == 1
+    assert training_blas_threads(shapes, 2048) is None                # 8192 * 2048 = 2^24
     assert training_blas_threads(shapes, 32, requested=3) == 3
     assert training_blas_threads(shapes, 32, requested=None) is None
 

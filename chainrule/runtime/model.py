@@ -696,7 +696,7 @@ class Network:
         and Numba are imported.
 
         ``blas_threads``: the BLAS thread limit while training; ``"auto"`` (the default) is one
-        thread when the step's largest product (largest parameter × batch) has fewer than 2²²
+        thread when the step's largest product (largest parameter × batch) has fewer than 2²⁴
         multiply-adds, where a second thread costs more than it saves, and BLAS's own choice
         otherwise (:mod:`chainrule.runtime.threads`); a number sets it, None leaves BLAS alone.
 
