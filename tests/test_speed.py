@@ -227,3 +227,19 @@ def test_training_limits_blas_to_one_thread_for_small_products(compiled_model):
     assert len(seen) == 2 and all(set(s.values()) == {1} for s in seen)
     after = {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
     assert {k: after[k] for k in before} == before
+
+
+def test_loading_a_cached_module_imports_neither_jinja_nor_the_lowering(tmp_path):
+    """A second run loads its module from the cache: the code generator (Jinja, the lowering and
+    the renderer, 0.1-0.2 s of imports) is imported only to generate one."""
+    import subprocess
+    import sys
+    from chainrule.codegen import compile_model
+    spec = "6 -> dense(5) -> tanh -> dense(3) -> softmax_cross_entropy"
+    assert not compile_model(build_model(spec), cache_dir=tmp_path).cache_hit      # generated here
+    code = ("import sys; from chainrule.derive import build_model; from chainrule.codegen import compile_model; "
+            f"cm = compile_model(build_model({spec!r}), cache_dir={str(tmp_path)!r}); "
+            "print(cm.cache_hit, sorted(m for m in ('jinja2', 'chainrule.codegen.render', "
+            "'chainrule.codegen.lower') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[0] == "True []", out

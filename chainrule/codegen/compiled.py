@@ -9,7 +9,7 @@ import numpy as np
 from ..derive.errors import ShapeError, UnsupportedError
 from .cache import cache_key, fall_back_in_memory, load_or_generate
 from .facts import declared_facts
-from .render import check_dtype, render_plan, plan_model
+from .dtypes import check_dtype
 
 
 def _c_array(a, dtype) -> np.ndarray:
@@ -438,6 +438,8 @@ def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
     key = module_key(model, dtype, rule, input_grads)
 
     def render(cache=True):
+        # imported here: loading a cached module needs neither Jinja nor the lowering
+        from .render import plan_model, render_plan
         return render_plan(plan_model(model, dtype, optimizer=rule, input_grads=input_grads), cache=cache)
     module, path, source, hit = load_or_generate(key, render, cache_dir)
     return CompiledModel(model, module, path, source, dtype, hit, key=key, render=render,
