@@ -79,6 +79,7 @@ class ArrayPrinter(Printer):
         self.memo: dict = {}
         self.taken: set = set()
         self.integer: set = set()   # identifiers of tensors holding integers (token ids)
+        self.loop_vars: dict = {}   # the time loop's variable (a Dummy) -> its identifier
         self._counter = 0
 
     # -- statements -------------------------------------------------------------------------
@@ -208,6 +209,8 @@ class ArrayPrinter(Printer):
         raise UnsupportedError(f"export: cannot lower {type(expr).__name__} ({expr}) to array code")
 
     def _print_Symbol(self, expr):
+        if expr in self.loop_vars:                   # a time loop's t: a scalar at each step
+            return Term(self.loop_vars[expr], kind="int", number=True)
         if expr in self.box:                         # an index: the values of its axis
             if expr not in self.index_code:
                 lo, hi = self.box[expr]
@@ -420,7 +423,8 @@ class ArrayPrinter(Printer):
     def _logic(self, args, op):
         terms = [self._print(a) for a in args]
         axes, codes = self.combine(terms)
-        return Term(f" {op} ".join(self.paren(c) for c in codes), axes, kind="bool")
+        return Term(f" {op} ".join(self.paren(c) for c in codes), axes, kind="bool",
+                    number=all(t.number for t in terms))
 
     def _print_Piecewise(self, expr):
         pieces = list(expr.args)
@@ -430,8 +434,12 @@ class ArrayPrinter(Printer):
         for value, cond in reversed(pieces[:-1]):
             v, c = self._print(value), self._print(cond)
             axes, (cc, cv, co) = self.combine([c, v, out])
-            if c.number:
+            if c.code in ("True", "False"):
                 out = v if c.code == "True" else out
+                continue
+            if c.number:                          # a scalar condition (on a time loop's t)
+                out = Term(self.conditional(c.code, v, out, axes), axes,
+                           number=v.number and out.number)
                 continue
             if v.number and out.number:           # both branches constants: in the data's dtype
                 out = Term(self.where(cc, self.constant(cv), self.constant(co)), axes)
@@ -776,6 +784,33 @@ class ArrayPrinter(Printer):
         return Term(" & ".join(self.paren(c) for c in codes), axes, kind="bool")
 
     # -- framework hooks (subclasses) ------------------------------------------------------------
+    def shape_code_of(self, shape) -> str:
+        """A concrete shape (ints, the batch size) as a tuple's code."""
+        dims = [self.size_code(n) for n in shape]
+        return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+    def conditional(self, cond: str, a: Term, b: Term, axes) -> str:
+        """``a`` where the scalar condition ``cond`` holds, else ``b`` (laid out over ``axes``)."""
+        raise NotImplementedError
+
+    def step_slice(self, seq: str, axis: int, rank: int, at: str, length: int) -> str:
+        """``seq`` at time ``at`` (inside the sequence) along ``axis``: its time slice."""
+        raise NotImplementedError
+
+    def slice_or_initial(self, name, seq, axis, rank, at, inside, length, init_lines, shape) -> list:
+        """Lines setting ``name`` to ``seq`` at time ``at`` where ``inside`` holds, else to the
+        initial state (``init_lines`` set ``name`` to it), or zeros of ``shape`` when there are none."""
+        raise NotImplementedError
+
+    def store(self, seq: str, axis: int, rank: int, t: str, value: str) -> str:
+        """The line writing one step's ``value`` into its sequence at time ``t``."""
+        raise NotImplementedError
+
+    def time_loop(self, t: str, length: int, direction: int, sequences, body) -> list:
+        """The loop over ``t`` (upward for direction 1, downward for -1) running ``body`` (lines),
+        which reads and stores the ``sequences`` ((identifier, shape code) pairs) it computes."""
+        raise NotImplementedError
+
     def arange(self, lo: str, hi: str) -> str:
         raise NotImplementedError
 

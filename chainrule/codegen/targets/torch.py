@@ -67,3 +67,28 @@ class TorchPrinter(ArrayPrinter):
 
     def argmax(self, code):
         return f"torch.argmax({code}, dim=-1)"
+
+    # -- time loops: a Python loop over t of tensor operations ------------------------------------
+    def conditional(self, cond, a, b, axes):
+        if a.number and b.number:
+            return f"({a.code} if {cond} else {b.code})"
+        ca = self.align(a, axes) if not a.number else self.broadcast(a, axes)
+        cb = self.align(b, axes) if not b.number else self.broadcast(b, axes)
+        return f"({ca} if {cond} else {cb})"
+
+    def step_slice(self, seq, axis, rank, at, length):
+        return f"{seq}[{', '.join(at if k == axis else ':' for k in range(rank))}]"
+
+    def slice_or_initial(self, name, seq, axis, rank, at, inside, length, init_lines, shape):
+        view = self.step_slice(seq, axis, rank, at, length)
+        if not init_lines:
+            return [f"{name} = {view} if {inside} else torch.zeros({shape}, dtype=dt, device=dev)"]
+        return [f"if {inside}:", f"    {name} = {view}", "else:"] + [f"    {ln}" for ln in init_lines]
+
+    def store(self, seq, axis, rank, t, value):
+        return f"{seq}[{', '.join(t if k == axis else ':' for k in range(rank))}] = {value}"
+
+    def time_loop(self, t, length, direction, sequences, body):
+        lines = [f"{ident} = torch.empty({shape}, dtype=dt, device=dev)" for ident, shape in sequences]
+        steps = f"range({length})" if direction > 0 else f"range({length - 1}, -1, -1)"
+        return lines + [f"for {t} in {steps}:"] + [f"    {ln}" for ln in body]
