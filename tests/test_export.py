@@ -346,21 +346,21 @@ def test_a_recurrent_model_with_running_averages_is_refused():
 
 
 def test_embedding_prints_a_gather_and_the_derived_scatter(export_dir):
-    """Token ids are read as integers (a clamped gather of the table's rows) and get no gradient; the
-    table's gradient is the derived ``Σ_bt [j0 = x[b, t]] d_e[b, t, j1]``, printed as a scatter-add
-    of the rows of d_e into the rows the tokens select (not an autograd of the gather)."""
+    """Token ids are read as integers (a gather of the table's rows, the ids checked on entry) and get
+    no gradient; the table's gradient is the derived ``Σ_bt [j0 = x[b, t]] d_e[b, t, j1]``, printed
+    as a scatter-add of the rows of d_e into the rows the tokens select (not an autograd of the gather)."""
     torch = pytest.importorskip("torch")
     from chainrule.codegen.targets import export, render_export
     decl = DECLARATIONS["embedding lm"][0]()
     src = render_export(decl, "torch")
-    assert "e1 = torch.take(E1, (x[:, :, None].clamp(0, 5)) * 3 + " in src
+    assert "e1 = torch.take(E1, x[:, :, None] * 3 + " in src and "x.clamp" not in src
     assert "# d_E1[j0,j1] = Σ_b,t[Piecewise((d_e1[b, t, j1], Eq(j0, x[b, t])), (0, True))]" in src
-    assert ("d_E1 = torch.zeros((6, 3), dtype=dt, device=dev).index_add_(0, (x.clamp(0, 5)).reshape(-1), "
+    assert ("d_E1 = torch.zeros((6, 3), dtype=dt, device=dev).index_add_(0, x.reshape(-1), "
             "d_e1.reshape(-1, 3))") in src
     assert "d_x" not in src and "dt, dev = y2.dtype, x.device" in src
     jsrc = render_export(decl, "jax")
-    assert "e1 = E1[jnp.clip(x[:, :, None], 0, 5), " in jsrc
-    assert "d_E1 = jnp.zeros((6, 3), dtype=dt).at[(jnp.clip(x, 0, 5)).reshape(-1)].add(d_e1.reshape((-1, 3)))" in jsrc
+    assert "e1 = E1[x[:, :, None], " in jsrc and "clip(x" not in jsrc
+    assert "d_E1 = jnp.zeros((6, 3), dtype=dt).at[x.reshape(-1)].add(d_e1.reshape((-1, 3)))" in jsrc
     assert "np.zeros(x.shape, dtype=jax.dtypes.float0)" in jsrc
     module = export(decl, "torch", cache_dir=export_dir).Module(seed=0, dtype=torch.float64)
     x = torch.tensor([[0, 5, 5, 1], [2, 3, 4, 1]])
@@ -369,6 +369,53 @@ def test_embedding_prints_a_gather_and_the_derived_scatter(export_dir):
     unused = torch.ones(6, dtype=torch.bool)
     unused[x.flatten()] = False                      # rows no token selected receive no gradient
     assert torch.all(module.E1.grad[unused] == 0) and torch.all(module.E1.grad[~unused].abs().sum(1) > 0)
+
+
+IDS_ERROR = (r"embedding lm: layer 1:embedding\(3\): token ids x \(B, 4\) select rows of E1 \(6, 3\): the ids "
+             r"of shape \(2, 4\) hold {value} at \({at}\); each must be in 0..5")
+
+
+def test_torch_refuses_token_ids_outside_the_table(export_dir):
+    """An id outside the embedding's table is an error naming the layer, the ids, the table and
+    the shapes (checked eagerly on entry), never clamped; so is a float tensor of ids."""
+    torch = pytest.importorskip("torch")
+    from chainrule.codegen.targets import export
+    m = export(DECLARATIONS["embedding lm"][0](), "torch", cache_dir=export_dir).Module(seed=0, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.tensor([[5, 5, 1, 0], [3, 4, 1, 2]]), 6).double()
+    for bad, value, at in ((6, 6, "1, 2"), (-1, -1, "1, 2")):
+        x = torch.tensor([[0, 5, 5, 1], [2, 3, bad, 1]])
+        with pytest.raises(ValueError, match=IDS_ERROR.format(value=value, at=at)):
+            m(x, y)
+        with pytest.raises(ValueError, match=IDS_ERROR.format(value=value, at=at)):
+            m.predict(x)
+    with pytest.raises(TypeError, match=r"token ids x \(B, 4\) select rows of E1 \(6, 3\): they have dtype "
+                                        r"torch.float64; give integers"):
+        m(torch.zeros(2, 4, dtype=torch.float64), y)
+
+
+def test_jax_refuses_token_ids_outside_the_table(export_dir, jax64):
+    """Concrete ids are checked eagerly (ValueError); traced ids (under jit) when the computation runs,
+    on the host: the same message inside JAX's runtime error. Ids in range give no error."""
+    import jax
+    import jax.numpy as jnp
+    from chainrule.codegen.targets import export
+    mod = export(DECLARATIONS["embedding lm"][0](), "jax", cache_dir=export_dir)
+    p = mod.init_params(seed=0, dtype=jnp.float64)
+    y = jax.nn.one_hot(jnp.array([[5, 5, 1, 0], [3, 4, 1, 2]]), 6, dtype=jnp.float64)
+    bad = jnp.array([[0, 5, 5, 1], [2, 3, 9, 1]])
+    good = jnp.array([[0, 5, 5, 1], [2, 3, 4, 1]])
+    with pytest.raises(ValueError, match=IDS_ERROR.format(value=9, at="1, 2")):
+        mod.apply(bad, y, p["E1"], p["W2"], p["b2"])
+    loss = jax.jit(mod.apply)
+    assert np.isfinite(float(loss(good, y, p["E1"], p["W2"], p["b2"])))
+    with pytest.raises(Exception, match=IDS_ERROR.format(value=9, at="1, 2")) as err:
+        jax.block_until_ready(loss(bad, y, p["E1"], p["W2"], p["b2"]))
+    assert "ValueError" in str(err.value)
+    grad = jax.jit(jax.grad(mod.apply, argnums=2))
+    with pytest.raises(Exception, match=IDS_ERROR.format(value=9, at="1, 2")):
+        jax.block_until_ready(grad(bad, y, p["E1"], p["W2"], p["b2"]))
+    with pytest.raises(TypeError, match="they have dtype float64; give integers"):
+        mod.apply(jnp.zeros((2, 4)), y, p["E1"], p["W2"], p["b2"])
 
 
 def test_torch_refuses_a_target_that_breaks_its_declared_fact(export_dir):

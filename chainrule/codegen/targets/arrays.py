@@ -266,8 +266,10 @@ class ArrayPrinter(Printer):
         Reads that stay inside with affine indices may become a strided view (``window``)."""
         inside = []
         for e, n in zip(idx, shape):
-            if sp.sympify(e).atoms(sp.Indexed):      # a token id: clamped into the table's rows
-                inside.append(False)
+            if sp.sympify(e).atoms(sp.Indexed):
+                # a plain read of token ids is checked on entry (``plan.id_checks``: an id outside
+                # the table is an error); any other index computed from them is clamped
+                inside.append(isinstance(e, sp.Indexed) and self.names.get(str(e.base.label)) in self.integer)
                 continue
             lo, hi = self.interval(e)
             inside.append(_le(0, lo) and _le(hi, n - 1))
@@ -675,8 +677,8 @@ class ArrayPrinter(Printer):
                 values = self.transpose(values, [t.axes.index(a) for a in want])
             ids_code = self._print(ids)
             rows = self.size_code(self.extent(row))
-            top = self.size_code(self.extent(row) - 1)
-            code = self.scatter_add(rows, self.clamp(ids_code.code, "0", top), values,
+            # the token ids were checked on entry: every id is a row of the table
+            code = self.scatter_add(rows, ids_code.code, values,
                                     [self.size_code(self.extent(a)) for a in outer])
         finally:
             self._leave_all(idx)

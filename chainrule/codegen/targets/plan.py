@@ -66,6 +66,7 @@ class ExportPlan:
     notes: list = field(default_factory=list)
     float_first: str = ""                         # a float argument: the data's dtype
     integer: list = field(default_factory=list)   # identifiers of integer arguments (token ids)
+    id_checks: list = field(default_factory=list)  # IdCheck: the ranges token ids must lie in
     predict: list = field(default_factory=list)   # a model's prediction (its first output), no target
     prediction: str | None = None
     buffers: list = field(default_factory=list)   # Argument: non-trainable state (running averages)
@@ -218,7 +219,8 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
            if mode == "layer" else f"{names[result_tensor.name]}, the cost (the batch mean of the loss)")
     plan = ExportPlan(model, mode, label, args, forward, names[result_tensor.name], doc, saved,
                       backward, grad_codes, first, notes, float_first=float_first,
-                      integer=[a.ident for a in args if a.name in integer])
+                      integer=[a.ident for a in args if a.name in integer],
+                      id_checks=id_checks(model, names, shapes))
     buffers = [t for t in model.tensors.values() if t.role == "buffer"]
     updates = list(getattr(model, "buffer_updates", []))
     # evaluation mode: the equations with their evaluation forms (none in a recurrent model: refused)
@@ -245,6 +247,42 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
             plan.predict = [_block(printer, eq, sizes, consts) for eq in pred_eqs]
             plan.prediction = names[out.name]
     return plan
+
+
+@dataclass
+class IdCheck:
+    """Token ids ``ident`` select positions ``0 <= id < rows`` of axis ``axis`` of ``table``: checked
+    on entry (a clear error, never a silent clamp)."""
+
+    ident: str
+    label: str          # the ids' name
+    shape: str          # the ids' declared shape, e.g. (B, 4)
+    rows: int
+    layer: str
+    table: str          # the table's name and shape, e.g. E1 (6, 3)
+
+
+def id_checks(model, names, shapes) -> list:
+    """The checks the token ids of ``model`` need: for each read ``E[.., x[b, t], ..]`` whose index is
+    a plain read of an integer tensor, the range of the axis it selects (once per ids and range)."""
+    integer = index_tensors(model)
+    out, seen = [], set()
+    for eq in model.equations:
+        for read in sorted(sp.sympify(eq.body).atoms(sp.Indexed), key=sp.default_sort_key):
+            table = str(read.base.label)
+            for axis, e in enumerate(read.indices):
+                if not (isinstance(e, sp.Indexed) and str(e.base.label) in integer):
+                    continue
+                ids = str(e.base.label)
+                rows = int(shapes[table][axis])
+                if (ids, rows) in seen:
+                    continue
+                seen.add((ids, rows))
+                dims = ", ".join("B" if d == B else str(d) for d in shapes[ids])
+                tdims = ", ".join("B" if d == B else str(d) for d in shapes[table])
+                out.append(IdCheck(names[ids], comment_text(ids), f"({dims}{',' if len(shapes[ids]) == 1 else ''})",
+                                   rows, comment_text(eq.layer or "?"), f"{comment_text(table)} ({tdims})"))
+    return out
 
 
 def index_tensors(model) -> set:
