@@ -7,6 +7,7 @@ every matrix form from ``matrix.py``'s patterns, every justification from the st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 import re
 
 import sympy as sp
@@ -186,8 +187,8 @@ class LatexDocPrinter:
     def _Code(self, b):
         return [r"\begin{verbatim}", b.text.rstrip("\n"), r"\end{verbatim}"]
 
-    def _Figure(self, b):      # needs graphicx (the book's preamble loads it)
-        return [r"\begin{center}", rf"\includegraphics[width=0.8\linewidth]{{{b.path}}}",
+    def _Figure(self, b):      # needs graphicx; the file is looked up on the \graphicspath (the book's: figures/)
+        return [r"\begin{center}", rf"\includegraphics[width=0.8\linewidth]{{{PurePosixPath(b.path).name}}}",
                 r"\par " + latex_text(b.caption), r"\end{center}"]
 
 

@@ -18,6 +18,7 @@ from ..derive.errors import ChainruleError
 PREAMBLE = r"""\documentclass[11pt]{report}
 \usepackage[T1]{fontenc}
 \usepackage{amsmath,amssymb,bm,graphicx}
+\graphicspath{{figures/}}
 \usepackage[margin=2cm]{geometry}
 \allowdisplaybreaks
 \setcounter{tocdepth}{1}
@@ -33,7 +34,8 @@ class BookError(ChainruleError):
 
 def book_latex(entries, experiments=None, figure_dir: Path | None = None, docs: dict | None = None) -> str:
     """The whole book as one LaTeX document (pdflatex-ready; figures are read from ``figures/``
-    beside it). ``docs`` holds Explanations already derived (the site's), by entry path."""
+    beside it, by file name). ``docs`` holds Explanations already derived (the site's), by entry path
+    and "concepts" for the guide; what is missing is derived here."""
     from .concepts import concepts_doc
     from .site import entry_doc
     printer, docs = LatexDocPrinter(), docs or {}
@@ -55,6 +57,15 @@ def book_latex(entries, experiments=None, figure_dir: Path | None = None, docs: 
     return "\n".join(parts)
 
 
+def _copy_plots(experiments, figure_dir: Path):
+    """The experiments' plots beside the book, where its figures (named by file) are looked up."""
+    if experiments is None:
+        return
+    figure_dir.mkdir(exist_ok=True)
+    for png in Path(experiments).glob("*.png"):
+        shutil.copyfile(png, figure_dir / png.name)
+
+
 def build_book(pdf_path, entries, experiments=None, log=print, docs: dict | None = None) -> Path:
     """Typeset the book into ``pdf_path`` (written atomically: a failed run leaves no partial file)."""
     exe = shutil.which("pdflatex")
@@ -66,6 +77,7 @@ def build_book(pdf_path, entries, experiments=None, log=print, docs: dict | None
         tmp = Path(tmp)
         tex = tmp / "book.tex"
         tex.write_text(book_latex(entries, experiments, figure_dir=tmp / "figures", docs=docs), encoding="utf-8")
+        _copy_plots(experiments, tmp / "figures")
         for run in (1, 2):                       # the second run fills in the table of contents
             log(f"  pdflatex, pass {run}")
             proc = subprocess.run([exe, "-interaction=nonstopmode", "-halt-on-error", tex.name], cwd=tmp,

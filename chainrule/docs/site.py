@@ -165,8 +165,7 @@ def build_site(out, experiments: str | Path | None = None, pdf: bool = False, lo
         docs[e.path] = doc
         log(f"  {e.path}")
     written.append(_write(out / "concepts.html", text_page(guide, root="", collapsible=False)))
-    if experiments is None:          # no figures: the book can typeset this very guide
-        docs["concepts"] = guide
+    docs["concepts"] = guide         # the book typesets it too (its figures looked up by file name)
     if pdf:
         from .book import build_book
         written.append(build_book(out / "book.pdf", entries, experiments=experiments, log=log, docs=docs))
