@@ -1,6 +1,10 @@
 """The documentation site (`chainrule docs`): built once per module from the registries, compared with
 the committed copy, its links and anchors resolved, its formulas traced to the engine, its kernels
-linked to their equations both ways, and opened in headless Chromium from file:// with no network."""
+linked to their equations both ways, and opened in headless Chromium from file:// with no network.
+
+Building the whole site derives every page (minutes on two cores), so the tests that need it (the
+`site` fixture) are marked slow and run in CI (`.ci/run`); the default run rebuilds the demo model's
+page alone against the committed copy and opens the committed pages in Chromium."""
 from __future__ import annotations
 
 import filecmp
@@ -73,6 +77,7 @@ def pages(site: Path) -> list[Path]:
     return sorted(site.rglob("*.html"))
 
 
+@pytest.mark.slow
 def test_every_registry_entry_has_a_page_linked_from_the_index(site):
     index = parse(site / "index.html")
     entries = catalog.everything()
@@ -98,6 +103,7 @@ def test_every_layer_class_declares_the_model_its_page_shows():
     assert {"dense", "conv", "maxpool", "avgpool", "flatten", "dropout", "layer_norm", "softmax"} <= titles
 
 
+@pytest.mark.slow
 def test_links_and_anchors_resolve_and_nothing_is_fetched_from_the_network(site):
     checked = 0
     for page in pages(site):
@@ -123,6 +129,7 @@ def test_the_bundled_katex_is_the_version_the_latex_checks_pin():
     assert f'version:"{pinned}"' in js.replace(" ", "") or f'"{pinned}"' in js
 
 
+@pytest.mark.slow
 def test_model_page_formulas_are_the_engines(site):
     """The demo page shows the derived equations exactly as the engine prints them (nothing pasted)."""
     from chainrule.derive import build_model, derive
@@ -140,6 +147,7 @@ def test_model_page_formulas_are_the_engines(site):
     assert r"\frac{p_{bo} - {y^{(2)}_{bo}}}{B}" in "".join(shown)      # δ² = (p - y)/B, derived
 
 
+@pytest.mark.slow
 def test_graph_svg_has_one_node_per_tensor_and_equation_and_an_edge_per_read(site):
     from chainrule.derive import build_model
     from chainrule.docs.graph_svg import graph_nodes
@@ -160,6 +168,7 @@ def test_graph_svg_has_one_node_per_tensor_and_equation_and_an_edge_per_read(sit
             assert f'href="#eq-{eq.out.name}"' in svg
 
 
+@pytest.mark.slow
 def test_kernel_statements_link_to_their_equations_and_back(site):
     from html import unescape
     from chainrule.codegen import render_module
@@ -179,6 +188,7 @@ def test_kernel_statements_link_to_their_equations_and_back(site):
         assert unescape(statement.group(2)).strip().startswith(f"# {name}"), statement.group(2)
 
 
+@pytest.mark.slow
 def test_adjoint_derivations_are_collapsible_with_their_steps_and_justifications(site):
     html = (site / "models" / "demo.html").read_text()
     blocks = re.findall(r'<details class="derivation">(.*?)</details>', html, re.S)
@@ -188,6 +198,7 @@ def test_adjoint_derivations_are_collapsible_with_their_steps_and_justifications
     assert "In matrix form, shape" in html and "The backward recursion" in html
 
 
+@pytest.mark.slow
 def test_concepts_guide_follows_the_course_order_with_derived_math(site):
     html = (site / "concepts.html").read_text()
     order = ["The perceptron", "Loss versus cost", "Gradient descent", "Backpropagation", "Activations",
@@ -202,6 +213,7 @@ def test_concepts_guide_follows_the_course_order_with_derived_math(site):
     assert html.count('<pre class="snippet">') == len(SNIPPETS) == 10
 
 
+@pytest.mark.slow
 def test_concepts_guide_shows_the_committed_experiments_plots(site):
     """Built with --experiments docs/experiments: each experiment's plot is copied beside the pages,
     byte for byte, and shown in the guide, after the section it illustrates."""
@@ -232,6 +244,7 @@ def test_concepts_training_snippet_runs(capsys):
     assert len(capsys.readouterr().out.splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_committed_site_is_current(site):
     """docs/site is what `chainrule docs` builds from this checkout; rebuild it when this fails."""
     ours = {p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file()}
@@ -244,6 +257,7 @@ def test_committed_site_is_current(site):
     assert stale == [], f"{hint} (stale: {stale[:10]})"
 
 
+@pytest.mark.slow
 def test_user_model_page_is_added_to_an_existing_site(site, tmp_path, capsys):
     out = tmp_path / "site"
     shutil.copytree(site, out)
@@ -270,6 +284,7 @@ def test_pdf_needs_pdflatex_and_says_so(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.latex
+@pytest.mark.slow
 def test_book_compiles_with_pdflatex(site, tmp_path):
     """The whole book (the concepts guide, then every page's derivation, as the site derived them):
     pdflatex compiles it with no error and no dropped glyph (build_book raises on either)."""
@@ -303,34 +318,61 @@ def test_cli_builds_the_site_and_the_book(tmp_path):
 
 # -- in a real browser ------------------------------------------------------------------------------
 @pytest.mark.browser
+@pytest.mark.slow
 def test_every_page_renders_in_headless_chromium_offline(site, tmp_path):
     """Every page loads from file:// with the network off: each formula rendered by KaTeX, no error
     node, no `$` left in the text, a graph on every model page, nothing on the console."""
-    from browser_tools import check_pages, need_chromium, screenshot
+    from browser_tools import screenshot
+    _check_in_chromium(site, [p.relative_to(site).as_posix() for p in pages(site)], tmp_path / "profile")
+    shot = Path(os.environ.get("CHAINRULE_SCREENSHOT_DIR", tmp_path)) / "demo-model-page.png"
+    screenshot(site / "models" / "demo.html", shot, tmp_path / "profile2")
+    assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 20_000
+
+
+def _check_in_chromium(root: Path, chosen: list[str], profile: Path):
+    """Open ``chosen`` pages of the site at ``root`` in headless Chromium, offline: each loads, every
+    formula is rendered by KaTeX with no error node, no `$` is left in the text, each model, layer and
+    loss page has its graph, and nothing reaches the console."""
+    from browser_tools import check_pages, need_chromium
     need_chromium()
-    all_pages = [p.relative_to(site).as_posix() for p in pages(site)]
-    report, console = check_pages(site, all_pages, tmp_path / "profile")
+    report, console = check_pages(root, chosen, profile)
     assert console == []
-    assert set(report) == set(all_pages)
+    assert set(report) == set(chosen)
     for page, r in report.items():
         assert r["loaded"], page
         assert r["formulas"] > 0 and r["rendered"] == r["formulas"] and r["errors"] == 0, (page, r)
         assert r["dollar"] is None, (page, r["dollar"])
         if page.startswith(("models/", "layers/", "losses/")):
             assert r["svg"] == 1, page
-    shot = Path(os.environ.get("CHAINRULE_SCREENSHOT_DIR", tmp_path)) / "demo-model-page.png"
-    screenshot(site / "models" / "demo.html", shot, tmp_path / "profile2")
-    assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 20_000
 
 
 @pytest.mark.browser
-def test_the_browser_check_catches_a_broken_formula_and_a_raw_dollar(site, tmp_path):
+def test_the_committed_pages_of_each_kind_render_in_headless_chromium(tmp_path):
+    """The default run's browser check: the committed index, concepts guide and one page of each kind
+    (the full sweep over a freshly built site is the slow test above)."""
+    _check_in_chromium(COMMITTED, ["index.html", "concepts.html", "models/demo.html", "layers/conv.html",
+                                   "layers/lstm.html", "layers/causal-attention.html", "losses/mse.html",
+                                   "optimizers/adam.html", "generative/vae.html"], tmp_path / "profile")
+
+
+def test_the_demo_page_is_current():
+    """The default run's staleness check: the demo model's page, rebuilt, is the committed one (every
+    page is rebuilt and compared by the slow `test_committed_site_is_current`)."""
+    from chainrule.docs.site import entry_page
+    demo = next(e for e in catalog.models() if e.path == "models/demo.html")
+    assert entry_page(demo) == (COMMITTED / demo.path).read_text(encoding="utf-8"), (
+        "docs/site is stale: run `chainrule docs --experiments docs/experiments` at the repository's root "
+        "and commit docs/site")
+
+
+@pytest.mark.browser
+def test_the_browser_check_catches_a_broken_formula_and_a_raw_dollar(tmp_path):
     """The check can fail: a page with a formula KaTeX rejects and an unrendered `$` is reported."""
     from browser_tools import check_pages, need_chromium
     need_chromium()
     bad = tmp_path / "bad"
-    shutil.copytree(site / "_static", bad / "_static")
-    html = (site / "index.html").read_text()
+    shutil.copytree(COMMITTED / "_static", bad / "_static")
+    html = (COMMITTED / "index.html").read_text()
     html = html.replace("<main>", '<main><p>cost $C$ <span class="tex">\\frac{1}{</span></p>', 1)
     (bad / "index.html").write_text(html)
     report, console = check_pages(bad, ["index.html"], tmp_path / "profile")
