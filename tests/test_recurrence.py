@@ -258,3 +258,40 @@ def test_the_explanation_says_backpropagation_through_time():
     # the weight gradient starts at t = 1: h_{-1} = 0 (a recorded step)
     assert "*initial state*: before t = 0 a recurrence holds its declared initial state" in md
     assert "1 \\leq t \\leq T_{0} - 1" in md
+
+
+def test_the_bptt_recursion_in_matrix_form_with_shapes():
+    """The explanation's matrix forms of one step (column vectors per example): the forward step
+    reads h_{t-1}, δ_t = (1 - h_t²) ⊙ ([T ≥ t+2] Uᵀ δ_{t+1} + [t = T-1] W⁽²⁾ᵀ δ⁽²⁾), and ∂C/∂U =
+    Σ_{t=1}^{T-1} Δ_tᵀ H_{t-1} over the batch. Each is checked against its index form here at sizes
+    the engine did not use, at every step t (both branches of each bracket)."""
+    from chainrule.derive import build_model, explain_model
+    from chainrule.derive.matrix import check_sizes, random_env
+    model = build_model("seq(5, 3) -> rnn(4) -> dense(2) -> mse")
+    doc = explain_model(model)
+    forms = {f.lhs: f for f in doc.matrix_forms}
+    step = forms[r"z^{(1)}_{t}"]
+    assert step.rhs == r"b^{(1)} + U^{(1)} h^{(1)}_{t - 1} + W^{(1)} x_{t}" and step.shape == "n_{1}"
+    assert r"before the first step, $h^{(1)}_{t - 1}$ is the initial state $0$" in step.notes
+    delta = forms[r"\delta^{(1)}_{t}"]
+    assert delta.rhs == (r"\left(1 - \left(h^{(1)}_{t}\right)^{\circ 2}\right) \odot \left(\left[T_{0} \geq t + 2\right] "
+                         r"\left(U^{(1)\top} \delta^{(1)}_{t + 1}\right) + \left[t = T_{0} - 1\right] "
+                         r"\left(W^{(2)\top} \delta^{(2)}\right)\right)")
+    dU = forms[r"\frac{\partial C}{\partial U^{(1)}}"]
+    assert dU.rhs == r"\sum_{t=1}^{T_{0} - 1} {\Delta^{(1)}_{t}}^{\top} H^{(1)}_{t - 1}" and dU.shape == r"n_{1} \times n_{1}"
+    md = doc.to_markdown()
+    assert "For each example and step $t$ (column vectors), shape $n_{1}$:" in md
+    grads = derive(model)
+    tensors = {**model.tensors, **{a.name: a for a in grads.adjoints.values()}}
+    rng = np.random.default_rng(9)
+    compared = 0
+    for form in (step, delta, dU):
+        for sizes in check_sizes(form.eq, tensors, count=4)[2:]:
+            env = random_env(form.eq, tensors, sizes, rng)
+            T_value = sizes[model.tensors["x"].shape[1]]
+            for t_value in range(T_value if form.fixed else 1):
+                fixed = {i: (t_value if str(i) == "t" else 1) for i in form.fixed}
+                got, want = form.evaluate(env, sizes, fixed), form.reference(env, sizes, fixed)
+                np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+                compared += want.size
+    assert compared > 100
