@@ -106,7 +106,8 @@ def test_the_rnn_spec_stacks_and_reaches_finite_differences(compiled_model):
                                         r"vocabulary \[0, 7\) of the embedding that reads it; 1 entry is outside"):
         cm.predict(params, ids)
     # a sequence of the wrong rank: named with the shape expected
-    with pytest.raises(ShapeError, match=r"input x has shape \(2, 5, 1\), expected \(B, 5\)"):
+    with pytest.raises(ShapeError, match=r"input x has shape \(2, 5, 1\), expected \(B, 5\) \(read by layer "
+                                         r"1:embedding\(3\)\)"):
         cm.predict(params, ids[:, :, None])
     assert cm.predict(params, np.clip(ids, 0, 6)).shape == (2, 2)
 

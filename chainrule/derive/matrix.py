@@ -513,8 +513,18 @@ class Lifter:
         elif len(rest) == 2:
             out = self.contraction(k, *[self.lift(f) for f in rest], order)
         else:
-            raise NoMatrixForm("a sum of a product of more than two factors")
+            out = self.contraction(k, *self.two_operands(rest), order)
         return self.scaled(sp.Mul(*scalars), out)
+
+    def two_operands(self, factors) -> list:
+        """Factors of a sum's product grouped by the indices they read into two operands, each the
+        elementwise product of its group (``Σ_k (1 - h_k²) δ_k U_kj``: ``(1 - h²) ⊙ δ`` and ``U``)."""
+        groups: dict = {}
+        for f in factors:
+            groups.setdefault(frozenset(self.lift(f).idx), []).append(f)
+        if len(groups) != 2:
+            raise NoMatrixForm("a sum of a product of more than two operands")
+        return [self.lift(sp.Mul(*g)) for g in groups.values()]
 
     def contraction(self, k, a: Mat, b: Mat, order) -> Mat:
         if k not in a.idx or k not in b.idx:
