@@ -282,6 +282,9 @@ def test_book_compiles_with_pdflatex(site, tmp_path):
     pdf = build_book(tmp_path / "book.pdf", entries, experiments=EXPERIMENTS, log=lambda *a: None, docs=DOCS)
     assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 500_000
     tex = book_latex(entries, docs=DOCS)
+    models = sum(e.kind == "model" for e in entries)           # each model chapter ends with its kernels
+    assert tex.count("The generated kernels") == tex.count("def train_step(") == models
+    assert r"{Σ}{{$\Sigma$}}1" in tex                     # the comments' Σ typeset, not dropped
     for name in ("overfitting", "vanishing", "vanishing_through_time"):     # the experiments' plots
         assert rf"\includegraphics[width=0.8\linewidth]{{{name}.png}}" in tex
     assert tex.count(r"\chapter{") == len(entries) + 1
@@ -352,3 +355,15 @@ def test_an_experiments_plot_is_copied_into_the_guide_where_it_was_run(tmp_path)
     assert isinstance(first, Figure) and first.path == "_static/figures/overfitting.png"
     assert (tmp_path / "site" / "_static" / "figures" / "overfitting.png").read_bytes() == b"\x89PNG fake plot"
     assert isinstance(second, Para) and "`chainrule experiment vanishing`" in second.text
+
+
+def test_code_in_latex_wraps_and_typesets_every_non_ascii_character():
+    """Code goes to a listing whose `literate` rules cover each non-ASCII character: Greek and math
+    signs as prose prints them, anything else as its code point (visible, never silently dropped)."""
+    from chainrule.derive.explain import Code, Explanation, LatexDocPrinter
+    doc = Explanation("t")
+    doc.add(Code("x = 1  # z[b] = Σ_i W[i] δ[i] ≥ 0 ☃\n"))
+    tex = LatexDocPrinter().render(doc, standalone=False)
+    assert tex.startswith(r"\begin{lstlisting}[literate=")
+    for rule in (r"{Σ}{{$\Sigma$}}1", r"{δ}{{$\delta$}}1", r"{≥}{{$\ge$}}1", r"{☃}{{[U+2603]}}1"):
+        assert rule in tex
