@@ -979,7 +979,11 @@ class Lowerer:
                         continue
                     tmp = self.fresh("gemm")
                     self.names[tmp] = tmp
-                    code, order = self.gemm_batched_code(g, tmp, loop_vars) or self.gemm_code(g, tmp)
+                    # an operand read in place needs no gather: one GEMM over all of it beats a
+                    # product per batch element; a gathered one (a convolution's window) goes per element
+                    in_place = self.operand_as_matrix(g) is not None
+                    code, order = ((not in_place and self.gemm_batched_code(g, tmp, loop_vars))
+                                   or self.gemm_code(g, tmp))
                     body = body.xreplace({s: g["coeff"] * sp.IndexedBase(tmp)[order]})
                     a, b = str(g["P"].base.label), str(g["G"].base.label)
                     info["pre"].append((code, a, b))
