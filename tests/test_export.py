@@ -84,6 +84,7 @@ MODELS = {
     "causal attention": (CausalSelfAttention.doc_example, None),
     "gpt (one block)": (lambda: gpt(vocab=7, context=4, width=15, heads=3, layers=1), None),
     "gru model": ("seq(6, 3) -> gru(4) -> dense(8) -> mse", None),
+    "elman from a given state (an input)": (corpus.elman_from_a_given_state, None),
     "gru classifier": (lambda: build_model("seq(6, 3) -> gru(4) -> dense(7) -> softmax_cross_entropy"), None),
     "token lstm": (lambda: build_model("tokens(4, 6) -> embedding(3) -> lstm(7) -> dense(8) -> softmax_cross_entropy"),
                    None),
