@@ -67,6 +67,12 @@ class CompiledModel:
         self._ys = targets
         self.output_names = [t.name for t in model.outputs]
         self._dims = {t.name: self._batch_shape(model, t) for t in (*self._xs, *self._ys)}
+        # the layer that first reads each input or target: named when its array has the wrong shape
+        self._reader = {}
+        for eq in model.equations:
+            for name, _ in eq.reads():
+                if eq.layer:
+                    self._reader.setdefault(name, eq.layer)
         # facts declared on the arguments, which the derived gradient may rely on
         self.facts = declared_facts(model, names={*self.input_names, *self.target_names})
         self._background = None       # a worker compiling kernels into Numba's cache (background.py)
@@ -198,7 +204,8 @@ class CompiledModel:
         dims = self._dims[tensor.name]
         if a.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, a.shape)):
             shape = "(" + ", ".join("B" if d is None else str(d) for d in dims) + ")"
-            raise ShapeError(f"{what} {tensor.name} has shape {a.shape}, expected {shape}")
+            reader = f" (read by layer {self._reader[tensor.name]})" if tensor.name in self._reader else ""
+            raise ShapeError(f"{what} {tensor.name} has shape {a.shape}, expected {shape}{reader}")
         if a.ndim and a.shape[0] == 0:
             raise ShapeError(f"{what} {tensor.name} is an empty batch")
         for fact in self.facts:
@@ -264,13 +271,13 @@ class CompiledModel:
         """Start compiling ``kernels`` (names, e.g. ``["forward"]``) in a worker process, into
         Numba's on-disk cache, while this process compiles something else (see
         :mod:`chainrule.codegen.background`); the first call of one of them waits for the worker.
-        Done only for a module just generated into a writable cache, with two CPUs or more;
+        Done only for a module just generated into a writable cache, when a core is idle;
         returns whether a worker was started."""
-        from .background import BackgroundCompile, argument_types, available_cpus
-        if self.in_memory or self.cache_hit or self._background is not None or available_cpus() < 2:
+        from . import background
+        if self.in_memory or self.cache_hit or self._background is not None or not background.idle_core():
             return False
-        self._background = BackgroundCompile(self.module_path, self.module.__name__,
-                                             {k: argument_types(self, k) for k in kernels})
+        self._background = background.BackgroundCompile(
+            self.module_path, self.module.__name__, {k: background.argument_types(self, k) for k in kernels})
         return True
 
     def _call(self, fn: str, *args):

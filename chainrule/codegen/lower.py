@@ -501,14 +501,24 @@ class Lowerer:
         cdims = [pe(size[v]) for v in fg + ks]
         prod = lambda vs: " * ".join(f"({pe(size[v])})" for v in vs) or "1"
         gtxt = comment_text(sp.sstr(G))
-        lines = [f"# im2col: {col}[{', '.join(map(str, fg + ks))}] = {gtxt}",
-                 f"{col} = np.empty(({', '.join(cdims)},), dtype=DT)"]
+        colmat = self.operand_as_matrix(m)
+        in_place = colmat is not None
+        if in_place:
+            col = sp.sstr(G.base.label)
+            lines = [f"# {gtxt} read in place as a ({', '.join(map(str, fg))}) x ({', '.join(map(str, ks))}) "
+                     f"matrix (its axes are already in that order: no gather)"]
+        else:
+            colmat = f"{col}.reshape(({prod(fg)}, {prod(ks)}))"
+            lines = [f"# im2col: {col}[{', '.join(map(str, fg + ks))}] = {gtxt}",
+                     f"{col} = np.empty(({', '.join(cdims)},), dtype=DT)"]
         depth = 0
-        for v in fg + ks:
+        for v in ([] if in_place else fg + ks):
             lines.append(IND * depth + f"for {self.names[v]} in range({pe(size[v])}):")
             depth += 1
         target = f"{col}[{', '.join(self.names[v] for v in fg + ks)}]"
-        if m["guards"]:
+        if in_place:
+            pass
+        elif m["guards"]:
             cond = " and ".join(
                 f"{self.names[v]} >= {pe(_rounded(b, up=True))}" if side == "lo"
                 else f"{self.names[v]} <= {pe(_rounded(b, up=False))}" for v, side, b in m["guards"])
@@ -528,11 +538,34 @@ class Lowerer:
         else:
             pmat = f"np.ascontiguousarray({pname}.transpose(({', '.join(map(str, perm))},)))"
         out_dims = [pe(size[v]) for v in fg + fp]
+        gathered = gtxt if in_place else f"{col}[{', '.join(map(str, fg + ks))}]"
         lines.append(f"# GEMM: {tmp}[{', '.join(map(str, fg + fp))}] = Σ_{','.join(map(str, ks))} "
-                     f"{col}[{', '.join(map(str, fg + ks))}] * {ptxt}")
-        lines.append(f"{tmp} = np.dot({col}.reshape(({prod(fg)}, {prod(ks)})), "
+                     f"{gathered} * {ptxt}")
+        lines.append(f"{tmp} = np.dot({colmat}, "
                      f"{pmat}.reshape(({prod(ks)}, {prod(fp)}))).reshape(({', '.join(out_dims)},))")
         return lines, tuple(fg + fp)
+
+    def operand_as_matrix(self, m) -> str | None:
+        """The gathered operand of an im2col GEMM (``match_gemm``) as a 2-D view of its own array,
+        when no gather is needed: it reads plain indices over its whole axes, no guard, in the
+        order (output indices, summation indices) or the reverse (a transposed view). A
+        time-distributed input projection ``Σ_i W[o, i] x[b, t, i]`` is then one ``np.dot`` on
+        ``x`` seen as a (B·T) x I matrix, and the weight gradient ``Σ_{b,t} δ[b, t, o] x[b, t, i]``
+        one on its transpose."""
+        G, ks, fg, size = m["G"], m["ks"], m["fg"], m["size"]
+        idx = list(G.indices)
+        if m["guards"] or not all(isinstance(i, sp.Symbol) for i in idx) or len(set(idx)) != len(idx):
+            return None
+        shape = self.concrete_shape(self.tensors[str(G.base.label)])
+        if any(sp.simplify(n - size[i]) != 0 for i, n in zip(idx, shape)):
+            return None
+        prod = lambda vs: " * ".join(f"({self.pe(size[v])})" for v in vs) or "1"
+        name = self.ident(str(G.base.label))
+        if idx == fg + ks:
+            return f"{name}.reshape(({prod(fg)}, {prod(ks)}))"
+        if idx == ks + fg:
+            return f"{name}.reshape(({prod(ks)}, {prod(fg)})).T"
+        return None
 
     def gemm_batched_code(self, m, tmp, loop_vars):
         """An im2col GEMM (see ``match_gemm``) laid out per element of a batch index, when that
@@ -947,7 +980,11 @@ class Lowerer:
                         continue
                     tmp = self.fresh("gemm")
                     self.names[tmp] = tmp
-                    code, order = self.gemm_batched_code(g, tmp, loop_vars) or self.gemm_code(g, tmp)
+                    # an operand read in place needs no gather: one GEMM over all of it beats a
+                    # product per batch element; a gathered one (a convolution's window) goes per element
+                    in_place = self.operand_as_matrix(g) is not None
+                    code, order = ((not in_place and self.gemm_batched_code(g, tmp, loop_vars))
+                                   or self.gemm_code(g, tmp))
                     body = body.xreplace({s: g["coeff"] * sp.IndexedBase(tmp)[order]})
                     a, b = str(g["P"].base.label), str(g["G"].base.label)
                     info["pre"].append((code, a, b))
@@ -1279,8 +1316,11 @@ class Lowerer:
         for e in loop.equations:
             if e.out.name not in self.preallocated:
                 lines.append(f"{self.ident(e.out.name)} = np.empty({self.shape_code(e.out)}, dtype=DT)")
+        hoisted, step_sources = self.hoist_out_of_time_loop(loop)
+        for kern in self.lower(hoisted):
+            lines += kern.lines
         slices, produced, step_eqs, stores = {}, {}, [], []
-        for e in loop.equations:
+        for e in step_sources:
             axis = loop.time_axes[e.out.name]
             body = self._sliced(substitute_index(e.body, e.indices[axis], ts), ts, slices, produced)
             out = self._slice_tensor(e.out, axis, "now")
@@ -1310,6 +1350,81 @@ class Lowerer:
         lines += [IND + ln for ln in body]
         return Kernel("time_loop", [pretty(e) for e in loop.equations], [e.out.name for e in loop.equations],
                       lines)
+
+    def hoist_out_of_time_loop(self, loop: TimeLoop):
+        """The loop's equations with every part that reads nothing the loop computes taken out of
+        the loop: (the hoisted equations, to compute before the loop; the loop's equations reading
+        them instead).
+
+        A hoisted part is a contraction (with the terms of its sum that also read nothing the loop
+        computes: ``Σ_i W[o, i] x[b, t, i] + c[o]``). When it reads the step's time index it becomes
+        a tensor over the whole sequence, one GEMM for every step at once instead of one small
+        product per step; when it does not (``Σ_k V[k, o] δ[b, k]``, a later layer's adjoint), it
+        is computed once instead of at every step. Inside the loop there remain the reads of the
+        recurrence's own past (or future), which one step cannot know before the previous one."""
+        inside = set(loop.names)
+        hoisted, out = [], []
+        for e in loop.equations:
+            body = sp.sympify(e.body)
+            new = self._hoisted_body(body, e, inside, hoisted)
+            out.append(e if new is body else
+                       Equation(e.out, e.indices, new, layer=e.layer, note=e.note))
+        return hoisted, out
+
+    def _loop_invariant(self, expr, eq, inside) -> bool:
+        """``expr`` (a part of ``eq``'s body) reads no tensor that the loop computes, and uses no
+        index but ``eq``'s own (none bound by an enclosing sum)."""
+        if expr.has(Delayed):
+            return False
+        if any(str(r.base.label) in inside for r in expr.atoms(sp.Indexed)):
+            return False
+        ints = {x for x in expr.free_symbols if x.is_integer} - set(self.sizes) - {BATCH}
+        return ints <= set(eq.indices)
+
+    def _hoisted_body(self, expr, eq, inside, hoisted):
+        """``expr`` with its loop-invariant contractions replaced by reads of hoisted tensors
+        (appended to ``hoisted``), rebuilt bottom-up; the same object when nothing was hoisted."""
+        if isinstance(expr, sp.Indexed) or not expr.args:
+            return expr
+        if isinstance(expr, sp.Add):
+            # (a term that reads the time index only outside its contractions, a branch on t
+            # around a constant product, is left in the loop: its contraction alone is hoisted)
+            fixed = [a for a in expr.args if self._loop_invariant(a, eq, inside)
+                     and not self._time_outside_sums(a, eq)]
+            if any(a.has(sp.Sum) for a in fixed):
+                rest = [self._hoisted_body(a, eq, inside, hoisted) for a in expr.args if a not in fixed]
+                return sp.Add(self._hoist(sp.Add(*fixed), eq, hoisted), *rest)
+        elif isinstance(expr, sp.Sum) and self._loop_invariant(expr, eq, inside):
+            return self._hoist(expr, eq, hoisted)
+        args = [self._hoisted_body(a, eq, inside, hoisted) for a in expr.args]
+        return expr.func(*args) if any(a is not b for a, b in zip(args, expr.args)) else expr
+
+    def _hoist(self, expr, eq, hoisted):
+        """A tensor over the indices of ``eq`` that ``expr`` uses (in ``eq``'s order, so its
+        layout follows the output's), defined by ``expr``: its read replaces ``expr``."""
+        idx = tuple(i for i in eq.indices if i in expr.free_symbols)
+        shape = tuple(eq.out.shape[list(eq.indices).index(i)] for i in idx)
+        name = self.fresh("hoisted")
+        t = Tensor(name, shape, role="hidden", layer=eq.layer)
+        self.tensors[name], self.names[name] = t, name
+        if not idx:
+            self.names[t.symbol] = name
+        over = "every step at once" if any(i in idx for i in eq.indices
+                                           if self._is_time_index(i, eq)) else "once, for every step"
+        hoisted.append(Equation(t, idx, expr, layer=eq.layer,
+                                note=f"hoisted out of the time loop of {eq.out.name}: computed {over}"))
+        return t[idx] if idx else t.symbol
+
+    def _time_outside_sums(self, expr, eq) -> bool:
+        """``expr`` reads ``eq``'s time index, but none of its sums does."""
+        t = [i for i in eq.indices if self._is_time_index(i, eq)]
+        return bool(t) and t[0] in expr.free_symbols and \
+            not any(t[0] in s.free_symbols for s in expr.atoms(sp.Sum))
+
+    @staticmethod
+    def _is_time_index(i, eq) -> bool:
+        axis = eq.out.meta.get("time_axis")
+        return axis is not None and eq.indices[axis] == i
 
     def _slice_tensor(self, t, axis, tag) -> Tensor:
         name = f"{t.name}__{tag}"
