@@ -10,6 +10,7 @@ import numpy as np
 from ..derive.errors import UnsupportedError
 from ..derive.recurrence import flatten
 from .lower import IND, Lowerer, comment_text, primitives_used, sanitise
+from .split import SPLIT_ABOVE_LINES, KernelSplitter, fused_length
 
 DTYPES = ("float64", "float32")
 
@@ -42,6 +43,7 @@ class Plan:
     state_names: list = None
     hyper_names: list = None
     input_grads: bool = False
+    split: bool = False          # one compiled function per kernel, Python drivers (split.py)
 
 
 def _adjoint_order(composed, model):
@@ -130,7 +132,11 @@ def _adjoints_needed(units, names):
     return [u for u in units if set(getattr(u, "names", None) or [u.out.name]) & need]
 
 
-def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=False) -> Plan:
+def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=False,
+               split=None) -> Plan:
+    """Everything the template needs. ``split``: one compiled function per kernel called from
+    Python drivers (True), one fused function per driver (False), or by size (None: split when the
+    fused ``loss_and_grads`` would exceed ``split.SPLIT_ABOVE_LINES`` lines)."""
     from ..derive import derive
     from ..derive.optimizers import get_rule
     dtype = check_dtype(dtype)
@@ -281,10 +287,57 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
         hyper=[(k, f"u_hp_{h}") for k, h in enumerate(hyper)],
         train_args=", ".join([ident(p.name) for p in params] + state_args + buffers
                              + [ident(t.name) for t in inputs] + [ident(t.name) for t in targets]))
+    if split is None:
+        split = fused_length(context) > SPLIT_ABOVE_LINES
+    if split:
+        _split_drivers(context, state_args)
     return Plan([p.name for p in params], x.name, y.name, [t.name for t in model.outputs],
                 model.cost.name, forward_k, predict_k, backward_k, context,
                 optimizer=rule.name, state_names=[s for s in rule.state], hyper_names=hyper,
-                input_grads=input_grads)
+                input_grads=input_grads, split=bool(split))
+
+
+def _noise_block(context, training: bool) -> list:
+    """The random tensors as one block: drawn from the seed in training, their mean otherwise."""
+    if not context["noise_train"]:
+        return []
+    evaluation = "\n".join(context["noise_eval"])
+    if not training:
+        return ["# random tensors in evaluation: their mean\n" + evaluation]
+    return ["# random tensors (dropout masks, noise): drawn from a seeded generator in training "
+            "(seed >= 0), their mean in evaluation (seed < 0)\nif u_seed >= 0:\n"
+            + textwrap.indent("np.random.seed(u_seed)\n" + "\n".join(context["noise_train"]), IND)
+            + "\nelse:\n" + textwrap.indent(evaluation, IND)]
+
+
+def _clip_block(grads) -> str:
+    """Global-norm gradient clipping's scale, as one block of a split module's train_step."""
+    sums = "".join(f"\n{IND}for u_v in np.ascontiguousarray(u_grads[{k}]).ravel():\n{IND}{IND}u_sq += u_v * u_v"
+                   for k in range(len(grads)))
+    return ("# global-norm gradient clipping: g <- g * min(1, clip / ||g||) (off when clip <= 0)\n"
+            "u_gscale = 1.0\nif u_hp_clip > 0.0:\n" + IND + "u_sq = 0.0" + sums
+            + f"\n{IND}u_norm = math.sqrt(u_sq)\n{IND}if u_norm > u_hp_clip:\n{IND}{IND}u_gscale = u_hp_clip / u_norm")
+
+
+def _split_drivers(context, state_args):
+    """A large model's drivers as kernel calls (``split.KernelSplitter``): the same blocks the
+    fused functions hold, each a compiled function of its own."""
+    c = context
+    splitter = KernelSplitter()
+    args = c["arguments"] + c["x"].split(", ") + c["y"].split(", ") + ["n_batch", "u_seed"]
+    buffer_update = [f"# running average, in place in a training step (seed >= 0)\nif u_seed >= 0:\n"
+                     + textwrap.indent(b, IND) for b in c["buffer_update"]]
+    splitter.add("forward", _noise_block(c, True) + c["forward"], args, [c["cost"], c["output"]])
+    splitter.add("predict", _noise_block(c, False) + c["predict"], args, [c["output"]])
+    splitter.add("loss_and_grads", _noise_block(c, True) + c["forward_train"] + c["backward"] + buffer_update,
+                 args, [c["cost"], *c["grads"]])
+    splitter.add("outputs", _noise_block(c, False) + c["outputs_body"], args, c["outputs"])
+    splitter.add("train_step", [_clip_block(c["grads"])] + c["update"],
+                 args + state_args + ["u_hp", "u_cost", "u_grads"] + [h for _, h in c["hyper"]], [])
+    if c["input_grads"]:
+        splitter.add("input_grads", _noise_block(c, True) + c["forward_train"] + c["input_backward"],
+                     args, [c["cost"], *c["input_adjoints"]])
+    c["kernels"], c["split"] = splitter.finish()
 
 
 def _input_adjoints(model, inputs):
@@ -362,9 +415,10 @@ def _lower_update(rule, params, param_codes, lw_main):
 def render_plan(plan: Plan, cache: bool = True) -> str:
     """The module's source; ``cache=False`` renders ``@njit(cache=False)`` (for a module compiled
     in memory, which Numba cannot cache)."""
-    return _ENV.get_template("module.py.j2").render(**plan.context, njit_cache=bool(cache))
+    template = "split_module.py.j2" if plan.split else "module.py.j2"
+    return _ENV.get_template(template).render(**plan.context, njit_cache=bool(cache))
 
 
-def render_module(model, dtype="float64", optimizer="sgd", input_grads=False) -> str:
+def render_module(model, dtype="float64", optimizer="sgd", input_grads=False, split=None) -> str:
     """The generated module's source (what ``chainrule codegen`` prints)."""
-    return render_plan(plan_model(model, dtype, optimizer=optimizer, input_grads=input_grads))
+    return render_plan(plan_model(model, dtype, optimizer=optimizer, input_grads=input_grads, split=split))
