@@ -70,6 +70,10 @@ def _preflight(args):
     elif cmd == "docs":
         _docs_preflight(args)
         _writable_dir(Path(args.out), "--out")
+    elif cmd == "experiment":
+        if args.epochs is not None and args.name == "vanishing-through-time":
+            raise UsageError("--epochs: vanishing-through-time measures at initialisation (no training)")
+        _writable_dir(Path(args.out), "--out")
     if cmd == "demo" or (cmd == "verify" and not args.claim and not args.symbolic_only):
         from .codegen.cache import prepare_cache_dir
         prepare_cache_dir()                # refuses a CHAINRULE_CACHE_DIR that is a file or unsafe
@@ -238,7 +242,7 @@ def cmd_experiment(args) -> int:
     kw = {"out_dir": args.out}
     if args.epochs is not None:
         kw["epochs"] = args.epochs
-    result = getattr(experiments, args.name)(**kw)
+    result = getattr(experiments, args.name.replace("-", "_"))(**kw)
     print(f"plot: {result['plot']}\nreport: {result['report']}\n({result['seconds']:.1f} s)")
     return 0
 
@@ -339,8 +343,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("experiment", help="run an experiment: overfitting or vanishing (table + plot)")
-    p.add_argument("name", choices=("overfitting", "vanishing"))
+    p = sub.add_parser("experiment", help="run an experiment: overfitting, vanishing or vanishing-through-time "
+                                          "(table + plot)")
+    p.add_argument("name", choices=("overfitting", "vanishing", "vanishing-through-time"))
     p.add_argument("--out", default="chainrule-experiments", help="output folder")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the experiment's)")
     p.set_defaults(fn=cmd_experiment)

@@ -13,6 +13,7 @@ from chainrule.derive import (Activation, Builder, Dense, Layer, Loss, build_mod
 from chainrule.derive.graph import Model
 from chainrule.derive.layers import B
 from chainrule.derive.primitives import LogSumExp, relu
+from chainrule.derive.recurrence import recurrent
 from chainrule.derive.tensor import Equation, Tensor
 
 b, o, i, j, k, t, u, f, e = indices("b o i j k t u f e")
@@ -125,6 +126,26 @@ class Bilinear(Layer):
         W = d.param("W", (n, n, m))
         y = d.tensor("z", (B, m))
         return d.define(y, (b, k), sp.Sum(sp.Sum(x[b, i] * W[i, j, k] * x[b, j], (i, 0, n - 1)), (j, 0, n - 1)))
+
+
+class SecondOrderRNN(Layer):
+    """h_t = tanh(W x_t + U h_{t-1} + V h_{t-2} + c), before the start the learned state h0: a user's own
+    recurrence (two lags, a learned initial state) declared with ``recurrent`` and nothing else."""
+    has_params = True
+    input_names = ("T", "n")
+
+    def __init__(self, units=3):
+        self.units = units
+
+    def build(self, d, x):
+        T, n = x.shape[1], x.shape[2]
+        m = d.size("n", self.units)
+        W, U, V = d.param("W", (m, n)), d.param("U", (m, m)), d.param("V", (m, m))
+        c, h0 = d.param("c", (m,), init="zeros"), d.param("h0", (m,), init="normal")
+        h = recurrent(d.tensor("h", (B, T, m)), 1, initial=h0)
+        return d.define(h, (b, t, o), sp.tanh(sp.Sum(W[o, i] * x[b, t, i], (i, 0, n - 1))
+                                              + sp.Sum(U[o, j] * h[b, t - 1, j], (j, 0, m - 1))
+                                              + sp.Sum(V[o, j] * h[b, t - 2, j], (j, 0, m - 1)) + c[o]))
 
 
 def _cost_of(d: Builder, out: Tensor, target_shape=None) -> tuple:

@@ -20,6 +20,7 @@ from chainrule.docs.site import build_site
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "docs" / "site"
+EXPERIMENTS = REPO / "docs" / "experiments"     # the committed runs of `chainrule experiment`: their plots
 
 
 DOCS: dict = {}           # every page's Explanation, by path, from the site built below (for the book)
@@ -28,7 +29,7 @@ DOCS: dict = {}           # every page's Explanation, by path, from the site bui
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     out = tmp_path_factory.mktemp("site")
-    build_site(out, log=lambda *a: None, docs=DOCS)
+    build_site(out, experiments=EXPERIMENTS, log=lambda *a: None, docs=DOCS)
     return out
 
 
@@ -201,6 +202,19 @@ def test_concepts_guide_follows_the_course_order_with_derived_math(site):
     assert html.count('<pre class="snippet">') == len(SNIPPETS) == 10
 
 
+def test_concepts_guide_shows_the_committed_experiments_plots(site):
+    """Built with --experiments docs/experiments: each experiment's plot is copied beside the pages,
+    byte for byte, and shown in the guide, after the section it illustrates."""
+    html = (site / "concepts.html").read_text()
+    for name, section in (("overfitting", "overfitting"), ("vanishing", "Vanishing gradients"),
+                          ("vanishing_through_time", "Recurrent")):
+        src = f"_static/figures/{name}.png"
+        assert src in parse(site / "concepts.html").links, name
+        assert (site / src).read_bytes() == (EXPERIMENTS / f"{name}.png").read_bytes()
+        assert html.index(section) < html.index(src)
+    assert "--experiments DIR" not in html             # no "run the experiment to see its plot" left
+
+
 def test_concepts_snippets_run(capsys):
     """Every snippet but the training one (slow, below) runs as printed."""
     from chainrule.docs.concepts import SNIPPETS
@@ -223,7 +237,8 @@ def test_committed_site_is_current(site):
     ours = {p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file()}
     committed = {p.relative_to(COMMITTED).as_posix() for p in COMMITTED.rglob("*")
                  if p.is_file() and p.name != "book.pdf"}           # the book is built on demand, not committed
-    hint = "docs/site is stale: run `chainrule docs` at the repository's root and commit docs/site"
+    hint = ("docs/site is stale: run `chainrule docs --experiments docs/experiments` at the repository's "
+            "root and commit docs/site")
     assert ours == committed, f"{hint} (files differ: {sorted(ours ^ committed)[:10]})"
     stale = [p for p in sorted(ours) if not filecmp.cmp(site / p, COMMITTED / p, shallow=False)]
     assert stale == [], f"{hint} (stale: {stale[:10]})"
@@ -264,9 +279,14 @@ def test_book_compiles_with_pdflatex(site, tmp_path):
         pytest.skip("pdflatex is not installed (apt-get install texlive-latex-recommended)")
     from chainrule.docs.book import book_latex, build_book
     entries = catalog.everything()
-    pdf = build_book(tmp_path / "book.pdf", entries, log=lambda *a: None, docs=DOCS)
+    pdf = build_book(tmp_path / "book.pdf", entries, experiments=EXPERIMENTS, log=lambda *a: None, docs=DOCS)
     assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 500_000
     tex = book_latex(entries, docs=DOCS)
+    models = sum(e.kind == "model" for e in entries)           # each model chapter ends with its kernels
+    assert tex.count("The generated kernels") == tex.count("def train_step(") == models
+    assert r"{Σ}{{$\Sigma$}}1" in tex                     # the comments' Σ typeset, not dropped
+    for name in ("overfitting", "vanishing", "vanishing_through_time"):     # the experiments' plots
+        assert rf"\includegraphics[width=0.8\linewidth]{{{name}.png}}" in tex
     assert tex.count(r"\chapter{") == len(entries) + 1
     assert all(rf"\part{{{part}}}" in tex for part in ("Models", "Layers", "Losses", "Optimisers"))
     assert r"\emph{chain rule}" in tex and "Gradient descent and the learning rate" in tex
@@ -335,3 +355,15 @@ def test_an_experiments_plot_is_copied_into_the_guide_where_it_was_run(tmp_path)
     assert isinstance(first, Figure) and first.path == "_static/figures/overfitting.png"
     assert (tmp_path / "site" / "_static" / "figures" / "overfitting.png").read_bytes() == b"\x89PNG fake plot"
     assert isinstance(second, Para) and "`chainrule experiment vanishing`" in second.text
+
+
+def test_code_in_latex_wraps_and_typesets_every_non_ascii_character():
+    """Code goes to a listing whose `literate` rules cover each non-ASCII character: Greek and math
+    signs as prose prints them, anything else as its code point (visible, never silently dropped)."""
+    from chainrule.derive.explain import Code, Explanation, LatexDocPrinter
+    doc = Explanation("t")
+    doc.add(Code("x = 1  # z[b] = Σ_i W[i] δ[i] ≥ 0 ☃\n"))
+    tex = LatexDocPrinter().render(doc, standalone=False)
+    assert tex.startswith(r"\begin{lstlisting}[literate=")
+    for rule in (r"{Σ}{{$\Sigma$}}1", r"{δ}{{$\delta$}}1", r"{≥}{{$\ge$}}1", r"{☃}{{[U+2603]}}1"):
+        assert rule in tex

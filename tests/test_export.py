@@ -19,7 +19,7 @@ import pytest
 from chainrule.derive import Activation, Dense, build_model, sigmoid
 from chainrule.derive import conv as conv_layers
 from chainrule.derive.attention import CausalSelfAttention, NextTokenCrossEntropy, PositionEmbedding, gpt
-from chainrule.derive.sequence import Embedding
+from chainrule.derive.sequence import GRU, LSTM, RNN, Embedding
 from chainrule.derive import layers as L
 from chainrule.derive.errors import UnsupportedError
 from chainrule.derive.functional import Residual as Block
@@ -54,9 +54,15 @@ LAYERS = {
     "avgpool stride 1": (lambda: conv_layers.AvgPool(2, stride=1), (3, 5, 4)),
     "global_avgpool": (conv_layers.GlobalAvgPool, (3, 4, 5)),
     "residual block": (lambda: Block([Dense(3), Activation("relu", L.ACTIVATIONS["relu"]), Dense(3)]), 3),
+    # recurrences: a loop over t forward, the derived BPTT recursion backward (sequences (T, n))
+    "rnn": (lambda: RNN(4), (5, 3)),
+    "rnn learned initial state": (lambda: RNN(3, return_sequences=True, learn_initial=True), (4, 3)),
+    "lstm": (lambda: LSTM(3, return_sequences=True), (4, 3)),
+    "gru": (lambda: GRU(4), (5, 3)),
     # user layers, declared and nothing else
     "swish": (_swish, 4),
     "bilinear": (lambda: corpus.Bilinear(units=3), 4),
+    "user recurrence (two lags)": (lambda: corpus.SecondOrderRNN(units=3), (5, 4)),
 }
 LOSSES = {f"loss {n}": (L.LOSSES[n], 3) for n in L.LOSSES}
 MODELS = {
@@ -77,15 +83,20 @@ MODELS = {
     "position embedding": (PositionEmbedding.doc_example, None),
     "causal attention": (CausalSelfAttention.doc_example, None),
     "gpt (one block)": (lambda: gpt(vocab=7, context=4, width=15, heads=3, layers=1), None),
+    "gru model": ("seq(5, 3) -> gru(4) -> dense(2) -> mse", None),
+    "gru classifier": (lambda: build_model("seq(6, 3) -> gru(4) -> dense(3) -> softmax_cross_entropy"), None),
+    "token lstm": (lambda: build_model("tokens(4, 6) -> embedding(3) -> lstm(4) -> dense(6) -> softmax_cross_entropy"),
+                   None),
 }
 DECLARATIONS = {**LAYERS, **LOSSES, **MODELS}
 # the default run checks one declaration of each construct the printer lowers (a contraction, a
 # moving-limit sum, a gather with stride and padding, a maximum's argmax, a log-sum-exp, a batch
-# statistic, random tensors, user layers, token ids with a causal mask); the rest run with -m slow
+# statistic, random tensors, user layers, token ids with a causal mask, a recurrence with two lags and a
+# learned initial state); the rest run with -m slow
 # (CI runs them too)
 DEFAULT = ("dense", "softmax", "layer_norm", "dropout", "conv2d stride 2 padding 1", "maxpool",
            "loss softmax_cross_entropy", "loss bce", "swish", "bilinear", "attention",
-           "causal attention")
+           "causal attention", "user recurrence (two lags)")
 
 
 def sweep(names):
@@ -94,7 +105,7 @@ def sweep(names):
 
 def declaration(name):
     make, inputs = DECLARATIONS[name]
-    return make(), inputs
+    return (make() if callable(make) else make), inputs
 
 
 def arguments(model):
@@ -169,16 +180,20 @@ def test_torch_backward_is_the_derived_one(export_dir):
 
 
 # -- agreement with the Numba kernels ------------------------------------------------------------
-NUMBA_DEFAULT = ("bilinear", "dropout mlp", "embedding lm")
+# "gru model" is test_sequence_layers' GRU_SPEC: its kernels are compiled once per session for both
+NUMBA_DEFAULT = ("bilinear", "dropout mlp", "embedding lm", "gru model")
 
 
-def _agree_with_numba(name, export_dir, compiled_declared):
+def _agree_with_numba(name, export_dir, compiled_declared, compiled_model):
     torch = pytest.importorskip("torch")
     from chainrule.codegen.targets import export, model_of
     decl, inputs = declaration(name)
     model, mode = model_of(decl, inputs)
     mod = export(decl, "torch", inputs=inputs, cache_dir=export_dir)
-    cm = compiled_declared(("export", name), lambda: model_of(declaration(name)[0], inputs)[0])
+    if isinstance(decl, str):            # a spec: the session's kernels for it (shared with other tests)
+        cm = compiled_model(decl)
+    else:
+        cm = compiled_declared(("export", name), lambda: model_of(declaration(name)[0], inputs)[0])
     vals = values(model, np.random.default_rng(11), name)
     for t in model.tensors.values():            # Numba evaluates random tensors at their mean
         if t.role == "noise":
@@ -212,17 +227,17 @@ def _agree_with_numba(name, export_dir, compiled_declared):
 
 
 @pytest.mark.parametrize("name", NUMBA_DEFAULT)
-def test_torch_equals_numba(name, export_dir, compiled_declared):
-    _agree_with_numba(name, export_dir, compiled_declared)
+def test_torch_equals_numba(name, export_dir, compiled_declared, compiled_model):
+    _agree_with_numba(name, export_dir, compiled_declared, compiled_model)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in DECLARATIONS if n not in NUMBA_DEFAULT])
-def test_torch_equals_numba_everywhere(name, export_dir, compiled_declared):
+def test_torch_equals_numba_everywhere(name, export_dir, compiled_declared, compiled_model):
     from chainrule.codegen.targets import model_of
     if not model_of(*declaration(name))[0].params:
         pytest.skip("no parameters: Numba compiles models with parameters only")
-    _agree_with_numba(name, export_dir, compiled_declared)
+    _agree_with_numba(name, export_dir, compiled_declared, compiled_model)
 
 
 # -- JAX -------------------------------------------------------------------------------------------
@@ -293,30 +308,59 @@ def test_a_layer_needs_its_input_shape():
         render_export("perceptron", "tf")
 
 
-def test_recurrences_are_refused_with_their_layer():
-    """What the array targets cannot print yet is refused before anything is derived or written."""
+def test_a_recurrence_prints_as_loops_over_time_with_the_derived_bptt():
+    """A recurrence's forward is a loop over t (PyTorch: a Python loop of tensor ops; JAX: one
+    ``fori_loop``), and its backward the derived BPTT recursion, a loop running backward in time,
+    whose step reads the adjoint at t+1 (zeros past the end) and receives the output's gradient at
+    the last step only: never the framework's autodiff of the forward."""
     from chainrule.codegen.targets import render_export
-    with pytest.raises(UnsupportedError, match=r"export: layer 1:rnn\(4\): .* read themselves across time "
-                                               r"\(a recurrence\).*Numba kernels"):
-        render_export("seq(5, 3) -> rnn(4) -> dense(2) -> mse", "torch")
+    src = render_export("seq(5, 3) -> rnn(4) -> dense(2) -> mse", "torch")
+    assert "for t in range(5):" in src and "for t_2 in range(4, -1, -1):" in src
+    assert ("h1_m1 = h1[:, t - 1, :] if t - 1 >= 0 else torch.zeros((n_batch, 4), dtype=dt, device=dev)"
+            in src)
+    assert "d_z1_p1 = d_z1[:, t_2 + 1, :] if t_2 + 1 <= 4 else torch.zeros((n_batch, 4), dtype=dt, device=dev)" in src
+    assert "(s7 if t_2 == (4) else torch.full((n_batch, 4), 0, dtype=dt, device=dev))" in src
+    assert "d_z1[:, t_2, :] = d_z1_now  # store d_z1 at step t_2" in src
+    assert "torch.autograd.grad" not in src and ".backward(" not in src
+    jsrc = render_export("seq(5, 3) -> rnn(4) -> dense(2) -> mse", "jax")
+    assert "z1, h1 = jax.lax.fori_loop(0, 5, step_z1, (" in jsrc
+    assert "t_2 = 4 - k   # backward in time" in jsrc
+    assert "h1_m1 = jnp.where(t - 1 >= 0, h1[:, jnp.clip(t - 1, 0, 4), :], 0.0)" in jsrc
+
+
+def test_a_learned_initial_state_is_read_before_the_start():
+    """The declared initial state (a parameter h0) is what a delayed read gives before t = 0, at
+    both lags of a user's second-order recurrence."""
+    from chainrule.codegen.targets import render_export
+    src = render_export(corpus.SecondOrderRNN(units=3), "torch", inputs=(5, 4))
+    for lag in (1, 2):
+        assert (f"        if t - {lag} >= 0:\n            h1_m{lag} = h1[:, t - {lag}, :]\n        else:\n"
+                f"            h1_m{lag} = h01[None, :].expand(n_batch, 3)\n") in src
+
+
+def test_a_recurrent_model_with_running_averages_is_refused():
+    from chainrule.codegen.targets import render_export
+    with pytest.raises(UnsupportedError, match=r"export: layer 1:rnn\(4\): a recurrent model with "
+                                               r"evaluation-mode equations \(running averages\) is not supported"):
+        render_export("seq(5, 3) -> rnn(4) -> batchnorm -> dense(2) -> mse", "torch")
 
 
 def test_embedding_prints_a_gather_and_the_derived_scatter(export_dir):
-    """Token ids are read as integers (a clamped gather of the table's rows) and get no gradient; the
-    table's gradient is the derived ``Σ_bt [j0 = x[b, t]] d_e[b, t, j1]``, printed as a scatter-add
-    of the rows of d_e into the rows the tokens select (not an autograd of the gather)."""
+    """Token ids are read as integers (a gather of the table's rows, the ids checked on entry) and get
+    no gradient; the table's gradient is the derived ``Σ_bt [j0 = x[b, t]] d_e[b, t, j1]``, printed
+    as a scatter-add of the rows of d_e into the rows the tokens select (not an autograd of the gather)."""
     torch = pytest.importorskip("torch")
     from chainrule.codegen.targets import export, render_export
     decl = DECLARATIONS["embedding lm"][0]()
     src = render_export(decl, "torch")
-    assert "e1 = torch.take(E1, (x[:, :, None].clamp(0, 5)) * 3 + " in src
+    assert "e1 = torch.take(E1, x[:, :, None] * 3 + " in src and "x.clamp" not in src
     assert "# d_E1[j0,j1] = Σ_b,t[Piecewise((d_e1[b, t, j1], Eq(j0, x[b, t])), (0, True))]" in src
-    assert ("d_E1 = torch.zeros((6, 3), dtype=dt, device=dev).index_add_(0, (x.clamp(0, 5)).reshape(-1), "
+    assert ("d_E1 = torch.zeros((6, 3), dtype=dt, device=dev).index_add_(0, x.reshape(-1), "
             "d_e1.reshape(-1, 3))") in src
     assert "d_x" not in src and "dt, dev = y2.dtype, x.device" in src
     jsrc = render_export(decl, "jax")
-    assert "e1 = E1[jnp.clip(x[:, :, None], 0, 5), " in jsrc
-    assert "d_E1 = jnp.zeros((6, 3), dtype=dt).at[(jnp.clip(x, 0, 5)).reshape(-1)].add(d_e1.reshape((-1, 3)))" in jsrc
+    assert "e1 = E1[x[:, :, None], " in jsrc and "clip(x" not in jsrc
+    assert "d_E1 = jnp.zeros((6, 3), dtype=dt).at[x.reshape(-1)].add(d_e1.reshape((-1, 3)))" in jsrc
     assert "np.zeros(x.shape, dtype=jax.dtypes.float0)" in jsrc
     module = export(decl, "torch", cache_dir=export_dir).Module(seed=0, dtype=torch.float64)
     x = torch.tensor([[0, 5, 5, 1], [2, 3, 4, 1]])
@@ -325,6 +369,53 @@ def test_embedding_prints_a_gather_and_the_derived_scatter(export_dir):
     unused = torch.ones(6, dtype=torch.bool)
     unused[x.flatten()] = False                      # rows no token selected receive no gradient
     assert torch.all(module.E1.grad[unused] == 0) and torch.all(module.E1.grad[~unused].abs().sum(1) > 0)
+
+
+IDS_ERROR = (r"embedding lm: layer 1:embedding\(3\): token ids x \(B, 4\) select rows of E1 \(6, 3\): the ids "
+             r"of shape \(2, 4\) hold {value} at \({at}\); each must be in 0..5")
+
+
+def test_torch_refuses_token_ids_outside_the_table(export_dir):
+    """An id outside the embedding's table is an error naming the layer, the ids, the table and
+    the shapes (checked eagerly on entry), never clamped; so is a float tensor of ids."""
+    torch = pytest.importorskip("torch")
+    from chainrule.codegen.targets import export
+    m = export(DECLARATIONS["embedding lm"][0](), "torch", cache_dir=export_dir).Module(seed=0, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.tensor([[5, 5, 1, 0], [3, 4, 1, 2]]), 6).double()
+    for bad, value, at in ((6, 6, "1, 2"), (-1, -1, "1, 2")):
+        x = torch.tensor([[0, 5, 5, 1], [2, 3, bad, 1]])
+        with pytest.raises(ValueError, match=IDS_ERROR.format(value=value, at=at)):
+            m(x, y)
+        with pytest.raises(ValueError, match=IDS_ERROR.format(value=value, at=at)):
+            m.predict(x)
+    with pytest.raises(TypeError, match=r"token ids x \(B, 4\) select rows of E1 \(6, 3\): they have dtype "
+                                        r"torch.float64; give integers"):
+        m(torch.zeros(2, 4, dtype=torch.float64), y)
+
+
+def test_jax_refuses_token_ids_outside_the_table(export_dir, jax64):
+    """Concrete ids are checked eagerly (ValueError); traced ids (under jit) when the computation runs,
+    on the host: the same message inside JAX's runtime error. Ids in range give no error."""
+    import jax
+    import jax.numpy as jnp
+    from chainrule.codegen.targets import export
+    mod = export(DECLARATIONS["embedding lm"][0](), "jax", cache_dir=export_dir)
+    p = mod.init_params(seed=0, dtype=jnp.float64)
+    y = jax.nn.one_hot(jnp.array([[5, 5, 1, 0], [3, 4, 1, 2]]), 6, dtype=jnp.float64)
+    bad = jnp.array([[0, 5, 5, 1], [2, 3, 9, 1]])
+    good = jnp.array([[0, 5, 5, 1], [2, 3, 4, 1]])
+    with pytest.raises(ValueError, match=IDS_ERROR.format(value=9, at="1, 2")):
+        mod.apply(bad, y, p["E1"], p["W2"], p["b2"])
+    loss = jax.jit(mod.apply)
+    assert np.isfinite(float(loss(good, y, p["E1"], p["W2"], p["b2"])))
+    with pytest.raises(Exception, match=IDS_ERROR.format(value=9, at="1, 2")) as err:
+        jax.block_until_ready(loss(bad, y, p["E1"], p["W2"], p["b2"]))
+    assert "ValueError" in str(err.value)
+    grad = jax.jit(jax.grad(mod.apply, argnums=2))
+    with pytest.raises(Exception, match=IDS_ERROR.format(value=9, at="1, 2")):
+        jax.block_until_ready(grad(bad, y, p["E1"], p["W2"], p["b2"]))
+    with pytest.raises(TypeError, match="they have dtype float64; give integers"):
+        mod.apply(jnp.zeros((2, 4)), y, p["E1"], p["W2"], p["b2"])
 
 
 def test_torch_refuses_a_target_that_breaks_its_declared_fact(export_dir):

@@ -13,10 +13,8 @@ from chainrule.derive import build_model
 
 @pytest.fixture(scope="module")
 def demo_module(tmp_path_factory):
-    """The demo's modules compiled in a cache of their own. Through the session's shared cache, after
-    tests/test_codegen.py had run both demo modules, _exp overflowed just below the top of its range
-    (inf at 709.50 in float64, 88.685 in float32) in the full run only; not reproduced in a script,
-    cause not found yet (issue 10)."""
+    """The demo's modules compiled in a cache of their own, so that the test below decides which
+    function Numba compiles first."""
     from chainrule.codegen import compile_model
     memo, cache = {}, tmp_path_factory.mktemp("speed-kernels")
 
@@ -47,6 +45,23 @@ def test_generated_exp_is_within_one_ulp_and_keeps_the_special_values(demo_modul
     t = np.dtype(dtype).type
     assert exp(t(-np.inf)) == 0.0 and exp(t(np.inf)) == np.inf and np.isnan(exp(t(np.nan)))
     assert exp(t(hi + 5)) == np.inf and exp(t(lo - 5)) == 0.0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_generated_exp_keeps_its_exact_arithmetic_when_a_fastmath_kernel_compiles_it_first(tmp_path, dtype):
+    """Numba compiles a function that leaves ``fastmath`` unset with the flags of the kernel whose
+    compilation reaches it first: reached from ``predict`` (reassoc, contract, ...), _exp computed
+    p * (2^h * 2^(n-h)) and overflowed to inf just below the top of its range (709.5 in float64,
+    88.685 in float32). Here a kernel runs before _exp is ever called directly, in a fresh cache."""
+    from chainrule.codegen import compile_model
+    cm = compile_model(build_model("demo"), dtype=dtype, cache_dir=tmp_path)
+    params = cm.init_params(seed=1)
+    x = np.random.default_rng(0).random((5, 64))
+    assert np.isfinite(cm.predict(params, x)).all()          # compiles predict, sigmoid and _exp
+    t = np.dtype(dtype).type
+    for v in ((709.5, 709.78) if dtype == "float64" else (88.685, 88.72)):
+        got = cm.module._exp(t(v))
+        assert np.isfinite(got) and abs(float(got) / np.exp(np.float64(t(v))) - 1) < 2 * np.finfo(dtype).eps, (v, got)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -161,3 +176,81 @@ def test_derive_is_computed_once_per_model():
     from chainrule.derive import derive
     model = build_model("demo")
     assert derive(model) is derive(model)
+
+
+def test_a_worker_compiles_forward_into_the_cache_while_fit_compiles_train_step(tmp_path, monkeypatch):
+    """On a cold start ``Network.fit`` has a worker process compile ``forward`` (the epoch metrics)
+    into Numba's cache; this process then loads it from there (a cache hit, no compilation of its
+    own), and the worker compiled it for exactly the argument types the wrapper passes. (A worker is
+    started only when a core is idle: here it is, whatever the test machine's load.)"""
+    from chainrule.codegen import background, compile_model
+    from chainrule.runtime import Network
+    monkeypatch.setattr(background, "idle_core", lambda: True)
+    model = build_model("6 -> dense(5) -> tanh -> dense(3) -> softmax_cross_entropy")
+    cm = compile_model(model, cache_dir=tmp_path)
+    rng = np.random.default_rng(1)
+    x, labels = rng.normal(size=(40, 6)), rng.integers(0, 3, 40)
+    net = Network(model, compiled=cm, seed=0)
+    net.fit(x, labels, epochs=2, batch_size=16, progress=False)
+    forward = cm.module.forward
+    assert sum(forward.stats.cache_hits.values()) == 1 and not sum(forward.stats.cache_misses.values())
+    assert cm._background is None                    # waited for, and not started twice
+    # a cached module (the next process): no worker
+    again = compile_model(model, cache_dir=tmp_path)
+    assert again.cache_hit and not again.compile_in_background(["forward"])
+
+
+def test_training_limits_blas_to_one_thread_for_small_products(compiled_model):
+    """``fit`` runs the demo at batch 32 (largest product 8192 × 32 multiply-adds) on one BLAS
+    thread and restores the limit afterwards; a large product is left to BLAS."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from chainrule.runtime import Callback, Network
+    from chainrule.runtime.threads import training_blas_threads
+    shapes = [(128, 64), (128,), (10, 128), (10,)]
+    assert training_blas_threads(shapes, 32) == 1 and training_blas_threads(shapes, 2047) == 1
+    assert training_blas_threads(shapes, 2048) is None                # 8192 * 2048 = 2^24
+    assert training_blas_threads(shapes, 32, requested=3) == 3
+    assert training_blas_threads(shapes, 32, requested=None) is None
+
+    seen = []
+
+    class Threads(Callback):
+        def on_batch_end(self, step, steps, cost):
+            seen.append({i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info()
+                         if i["user_api"] == "blas"})
+    before = {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+    net = Network("demo", compiled=compiled_model("demo"))
+    rng = np.random.default_rng(0)
+    net.fit(rng.random((64, 64)), rng.integers(0, 10, 64), epochs=1, batch_size=32, progress=False,
+            callbacks=[Threads()])
+    assert len(seen) == 2 and all(set(s.values()) == {1} for s in seen)
+    after = {i["filepath"]: i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+    assert {k: after[k] for k in before} == before
+
+
+def test_loading_a_cached_module_imports_neither_jinja_nor_the_lowering(tmp_path):
+    """A second run loads its module from the cache: the code generator (Jinja, the lowering and
+    the renderer, 0.1-0.2 s of imports) is imported only to generate one."""
+    import subprocess
+    import sys
+    from chainrule.codegen import compile_model
+    spec = "6 -> dense(5) -> tanh -> dense(3) -> softmax_cross_entropy"
+    assert not compile_model(build_model(spec), cache_dir=tmp_path).cache_hit      # generated here
+    code = ("import sys; from chainrule.derive import build_model; from chainrule.codegen import compile_model; "
+            f"cm = compile_model(build_model({spec!r}), cache_dir={str(tmp_path)!r}); "
+            "print(cm.cache_hit, sorted(m for m in ('jinja2', 'chainrule.codegen.render', "
+            "'chainrule.codegen.lower') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[0] == "True []", out
+
+
+def test_no_worker_is_started_when_no_core_is_idle(monkeypatch):
+    """On a busy machine a worker only adds its own start-up: the load average decides."""
+    from chainrule.codegen import background
+    monkeypatch.setattr(background, "available_cpus", lambda: 2)
+    monkeypatch.setattr(background.os, "getloadavg", lambda: (1.7, 1.0, 1.0))
+    assert not background.idle_core()
+    monkeypatch.setattr(background.os, "getloadavg", lambda: (0.4, 1.0, 1.0))
+    assert background.idle_core()
+    monkeypatch.setattr(background, "available_cpus", lambda: 1)
+    assert not background.idle_core()

@@ -12,7 +12,14 @@ from __future__ import annotations
 from .cache import KernelCacheError, KernelCacheWarning, default_cache_dir
 from .compiled import CompiledModel, compile_model
 from .facts import FactError
-from .render import render_module
 
 __all__ = ["CompiledModel", "FactError", "KernelCacheError", "KernelCacheWarning", "compile_model",
            "default_cache_dir", "render_module"]
+
+
+def __getattr__(name):
+    # the code generator (Jinja, the lowering) is imported when first used, not to load cached kernels
+    if name == "render_module":
+        from .render import render_module
+        return render_module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ import numpy as np
 from ..derive.errors import ShapeError, UnsupportedError
 from .cache import cache_key, fall_back_in_memory, load_or_generate
 from .facts import declared_facts
-from .render import check_dtype, render_plan, plan_model
+from .dtypes import check_dtype
 
 
 def _c_array(a, dtype) -> np.ndarray:
@@ -69,6 +69,7 @@ class CompiledModel:
         self._dims = {t.name: self._batch_shape(model, t) for t in (*self._xs, *self._ys)}
         # facts declared on the arguments, which the derived gradient may rely on
         self.facts = declared_facts(model, names={*self.input_names, *self.target_names})
+        self._background = None       # a worker compiling kernels into Numba's cache (background.py)
 
     @staticmethod
     def _batch_shape(model, t):
@@ -259,10 +260,28 @@ class CompiledModel:
         return (*xs, *ys)
 
     # -- kernels ------------------------------------------------------------------------------
+    def compile_in_background(self, kernels) -> bool:
+        """Start compiling ``kernels`` (names, e.g. ``["forward"]``) in a worker process, into
+        Numba's on-disk cache, while this process compiles something else (see
+        :mod:`chainrule.codegen.background`); the first call of one of them waits for the worker.
+        Done only for a module just generated into a writable cache, when a core is idle;
+        returns whether a worker was started."""
+        from . import background
+        if self.in_memory or self.cache_hit or self._background is not None or not background.idle_core():
+            return False
+        self._background = background.BackgroundCompile(
+            self.module_path, self.module.__name__, {k: background.argument_types(self, k) for k in kernels})
+        return True
+
     def _call(self, fn: str, *args):
         """Run a kernel. Numba writes its cache on a kernel's first call: if that write fails
         (a full disk, a cache made read-only meanwhile), switch to a module compiled in memory
         (one warning) instead of failing."""
+        if self._background is not None and fn in self._background.kernels:
+            # its compiled code is (being) written into the cache by the worker: wait for it,
+            # then this first call loads it (or compiles it here, if the worker failed)
+            background, self._background = self._background, None
+            background.wait()
         try:
             return getattr(self.module, fn)(*args)
         except OSError as e:
@@ -424,6 +443,8 @@ def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
     key = module_key(model, dtype, rule, input_grads, split)
 
     def render(cache=True):
+        # imported here: loading a cached module needs neither Jinja nor the lowering
+        from .render import plan_model, render_plan
         return render_plan(plan_model(model, dtype, optimizer=rule, input_grads=input_grads, split=split),
                            cache=cache)
     module, path, source, hit = load_or_generate(key, render, cache_dir)

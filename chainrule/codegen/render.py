@@ -9,21 +9,13 @@ import numpy as np
 
 from ..derive.errors import UnsupportedError
 from ..derive.recurrence import flatten
+from .dtypes import DTYPES, check_dtype  # noqa: F401  (re-exported: render.check_dtype)
 from .lower import IND, Lowerer, comment_text, primitives_used, sanitise
 from .split import SPLIT_ABOVE_LINES, KernelSplitter, fused_length
-
-DTYPES = ("float64", "float32")
 
 _ENV = jinja2.Environment(loader=jinja2.PackageLoader("chainrule.codegen", "templates"),
                           undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                           autoescape=False)
-
-
-def check_dtype(dtype) -> str:
-    name = np.dtype(dtype).name
-    if name not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported: use float64 or float32")
-    return name
 
 
 @dataclass

@@ -7,6 +7,7 @@ every matrix form from ``matrix.py``'s patterns, every justification from the st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 import re
 
 import sympy as sp
@@ -156,6 +157,20 @@ def _greek(c: str) -> str | None:
     return None
 
 
+LISTINGS_SETUP = (r"\usepackage{listings}\lstset{basicstyle=\ttfamily\footnotesize,breaklines=true,"
+                  r"columns=fullflexible,keepspaces=true,upquote=false}")
+
+
+def _literate(code: str) -> str:
+    """A listings ``literate`` option typesetting each non-ASCII character of ``code`` as prose does
+    (σ -> $\\sigma$); one with no LaTeX form is shown as its code point, never dropped."""
+    rules = []
+    for c in sorted({c for c in code if ord(c) > 127}):
+        tex = _UNICODE_MATH.get(c) or _greek(c) or f"[U+{ord(c):04X}]"
+        rules.append(f"{{{c}}}{{{{{tex}}}}}1")
+    return "literate=" + " ".join(rules) if rules else ""
+
+
 class LatexDocPrinter:
     """A LaTeX article (pdflatex-ready with amsmath, amssymb, bm)."""
 
@@ -166,7 +181,7 @@ class LatexDocPrinter:
         text = "\n".join(body)
         if not standalone:
             return text
-        return "\n".join([r"\documentclass{article}", r"\usepackage{amsmath,amssymb,bm}",
+        return "\n".join([r"\documentclass{article}", r"\usepackage{amsmath,amssymb,bm}", LISTINGS_SETUP,
                           r"\usepackage[margin=2cm]{geometry}", r"\allowdisplaybreaks",
                           rf"\title{{{latex_text(doc.title)}}}", r"\author{chainrule}", r"\date{}", r"\begin{document}",
                           r"\maketitle", text, r"\end{document}", ""])
@@ -184,10 +199,12 @@ class LatexDocPrinter:
         return [r"\begin{itemize}"] + [r"\item " + latex_text(i) for i in b.items] + [r"\end{itemize}"]
 
     def _Code(self, b):
-        return [r"\begin{verbatim}", b.text.rstrip("\n"), r"\end{verbatim}"]
+        # listings, not verbatim: long generated lines wrap, and the non-ASCII characters of the code's
+        # comments (Σ, δ, ±) are typeset through `literate`, which pdflatex's verbatim cannot do
+        return [rf"\begin{{lstlisting}}[{_literate(b.text)}]", b.text.rstrip("\n"), r"\end{lstlisting}"]
 
-    def _Figure(self, b):      # needs graphicx (the book's preamble loads it)
-        return [r"\begin{center}", rf"\includegraphics[width=0.8\linewidth]{{{b.path}}}",
+    def _Figure(self, b):      # needs graphicx; the file is looked up on the \graphicspath (the book's: figures/)
+        return [r"\begin{center}", rf"\includegraphics[width=0.8\linewidth]{{{PurePosixPath(b.path).name}}}",
                 r"\par " + latex_text(b.caption), r"\end{center}"]
 
 

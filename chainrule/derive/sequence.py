@@ -34,6 +34,7 @@ def _sequence_input(d: Builder, x: Tensor, what: str):
 class _Recurrent(Layer):
     has_params = True
     kind = "rnn"
+    input_names = ("T", "n")          # the sizes of its (time, features) input, by name
 
     def __init__(self, units: int, return_sequences: bool = False, learn_initial: bool = False,
                  probe: bool = False):

@@ -8,6 +8,7 @@ for staleness by rebuilding it.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 import os
 from pathlib import Path
@@ -38,6 +39,11 @@ def _render(template: str, root: str, title: str, heading: str, **context) -> st
 def model_page(model, about: str = "", spec: str | None = None, root: str = "../", doc=None) -> str:
     """One model's page: graph, forward equations, each adjoint step by step (collapsible), matrix
     forms, the backward recursion, and the generated kernels linked to the equations both ways."""
+    return _model_page(model, about, spec, root, doc)[0]
+
+
+def _model_page(model, about, spec, root, doc) -> tuple[str, str | None, str | None]:
+    """(the page, the generated module's source or None, why it could not be generated or None)."""
     from ..codegen.render import plan_model, render_plan
     from ..derive.errors import ChainruleError
     grads = derive(model)
@@ -49,8 +55,19 @@ def model_page(model, about: str = "", spec: str | None = None, root: str = "../
         source, error = None, f"{type(err).__name__}: {err}"
     kernel, links = linked_source(source, shown) if source else ("", {})
     body = HtmlPrinter(kernel_links=links).render(doc)
-    return _render("model.html.j2", root, model.name, prose(doc.title), about=prose(about), spec=spec,
+    page = _render("model.html.j2", root, model.name, prose(doc.title), about=prose(about), spec=spec,
                    svg=model_svg(model), explanation=body, kernel=kernel, kernel_error=error)
+    return page, source, error
+
+
+def with_kernel(doc, source: str | None, error: str | None):
+    """The Explanation followed by its generated kernels (what the book typesets; the page shows
+    them linked to the equations instead)."""
+    from ..derive.explain import Code, Heading, Para
+    book = copy.copy(doc)
+    book.blocks = list(doc.blocks) + [Heading(2, "The generated kernels")]
+    book.blocks.append(Code(source) if source else Para(f"No kernels: {error}"))
+    return book
 
 
 def text_page(doc, about: str = "", root: str = "../", collapsible: bool = True) -> str:
@@ -79,11 +96,14 @@ def entry_page(entry: Entry, docs: dict | None = None) -> str:
     """The entry's page; its Explanation is kept in ``docs`` (by path) for the book."""
     model = entry.make_model() if entry.kind not in ("optimizer", "generative") and entry.make_model else None
     doc = entry_doc(entry, model)
-    if docs is not None:
-        docs[entry.path] = doc
     if model is None:
+        if docs is not None:
+            docs[entry.path] = doc
         return text_page(doc, entry.about)
-    return model_page(model, entry.about, entry.spec, doc=doc)
+    page, source, error = _model_page(model, entry.about, entry.spec, "../", doc)
+    if docs is not None:           # the book prints the models' kernels (the layers' pages, on the site only)
+        docs[entry.path] = with_kernel(doc, source, error) if entry.kind == "model" else doc
+    return page
 
 
 @dataclass
@@ -165,8 +185,7 @@ def build_site(out, experiments: str | Path | None = None, pdf: bool = False, lo
         docs[e.path] = doc
         log(f"  {e.path}")
     written.append(_write(out / "concepts.html", text_page(guide, root="", collapsible=False)))
-    if experiments is None:          # no figures: the book can typeset this very guide
-        docs["concepts"] = guide
+    docs["concepts"] = guide         # the book typesets it too (its figures looked up by file name)
     if pdf:
         from .book import build_book
         written.append(build_book(out / "book.pdf", entries, experiments=experiments, log=log, docs=docs))

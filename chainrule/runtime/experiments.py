@@ -1,4 +1,5 @@
-"""The seed's experiments, runnable: ``chainrule experiment overfitting`` and ``... vanishing``.
+"""The seed's experiments, runnable: ``chainrule experiment overfitting``, ``... vanishing`` and
+``... vanishing-through-time``.
 
 Each returns a result dict (the numbers), writes its PNG plot(s) and a Markdown report into
 ``out_dir``. The networks are small (the matrix products run on one BLAS thread, faster than two
@@ -18,7 +19,7 @@ import numpy as np
 
 from ..atomic import atomic_write_text
 
-__all__ = ["overfitting", "vanishing"]
+__all__ = ["overfitting", "vanishing", "vanishing_through_time"]
 
 
 def _sine_task(seed=0):
@@ -58,7 +59,19 @@ def _deep_net(kind, depth, width):
     return sequential(2, hidden + [Dense(3)], "softmax_cross_entropy", name=f"deep-{kind}")
 
 
-_BUILDERS = {"tanh_net": _tanh_net, "deep_net": _deep_net}
+def _probed_rnn(kind, steps, features, hidden, classes):
+    """A recurrent layer (``rnn`` or ``lstm``) read by a dense classifier at the last step, with the
+    layer's diagnostic ``probe``: a zero parameter P[t, o] added to every state h_t, whose gradient
+    Σ_b ∂C/∂h[b, t, o] is, for a batch of one example, exactly the adjoint of h_t."""
+    from chainrule.derive import Dense, sequential
+    from chainrule.derive.layers import SequenceInput
+    from chainrule.derive.sequence import LSTM, RNN
+    layer = {"rnn": RNN, "lstm": LSTM}[kind](hidden, probe=True)
+    return sequential(SequenceInput(steps, features), [layer, Dense(classes)], "softmax_cross_entropy",
+                      name=layer.kind)
+
+
+_BUILDERS = {"tanh_net": _tanh_net, "deep_net": _deep_net, "probed_rnn": _probed_rnn}
 
 
 @contextmanager
@@ -274,3 +287,85 @@ def _gradient_profile(model, kind, x, y, epochs, seed) -> dict:
     after = net.gradient_norms(x, y)
     return {"init": [init[k] for k in weights], "trained": [after[k] for k in weights],
             "accuracy": float(np.mean(net.predict_classes(x) == y)), "final_loss": h["loss"][-1]}
+
+
+def _reads_next_step(eq, loop) -> bool:
+    """Does ``eq`` (in a backward time loop) read a tensor of its loop at t+1: the recursion itself?"""
+    import sympy as sp
+    t = eq.indices[loop.time_axes[eq.out.name]]
+    return any(str(r.base.label) in loop.time_axes
+               and r.indices[loop.time_axes[str(r.base.label)]] - t == 1
+               for r in eq.body.atoms(sp.Indexed))
+
+
+def vanishing_through_time(out_dir="chainrule-experiments", examples=64, hidden=32, seed=0,
+                           open_forget_bias=3.0, log=print) -> dict:
+    """‖∂C/∂h_t‖ against t for an Elman RNN and an LSTM at initialisation, on MNIST-1D read one value
+    per step (the loss reads the last step), averaged over ``examples`` single-example batches; then
+    the same LSTM with its forget gate held open (bias ``open_forget_bias``, as training learns to do
+    where a task needs memory); and the derived recursions (the adjoint equations that read t+1)
+    that explain the difference."""
+    from chainrule.codegen import compile_model
+    from chainrule.derive import derive
+    from chainrule.derive.printing import latex
+    from chainrule.derive.recurrence import TimeLoop, ordered_units
+
+    from .examples import load_example_data
+    from .plots import plot_time_profile
+
+    t0 = time.perf_counter()
+    x, _, labels, _ = load_example_data("mnist1d-seq")
+    x, y = x[:examples], np.eye(10)[labels[:examples]]
+    shape = {"steps": x.shape[1], "features": x.shape[2], "hidden": hidden, "classes": 10}
+    open_gate = f"LSTM, forget gate held open (b_f = {open_forget_bias:g})"
+    runs = {"Elman RNN": ("rnn", {}), "LSTM": ("lstm", {}), open_gate: ("lstm", {"bf1": open_forget_bias})}
+    norms, recursions = {}, {}
+    with _one_blas_thread():
+        compile_in_parallel([("probed_rnn", {"kind": k, **shape}, "sgd", ["loss_and_grads"])
+                             for k in ("rnn", "lstm")], log)
+        for title, (kind, biases) in runs.items():
+            model = _probed_rnn(kind, **shape)
+            cm = compile_model(model)
+            params = cm.init_params(seed)
+            for name, value in biases.items():
+                params[name][...] = value
+            per_example = [np.linalg.norm(cm.loss_and_grads(params, x[k:k + 1], y[k:k + 1])[1]["P1"], axis=1)
+                           for k in range(len(x))]
+            norms[title] = n = np.mean(per_example, axis=0)
+            log(f"{title:<9} mean ‖∂C/∂h_t‖ at t = {len(n) - 1}: {n[-1]:.2e}, at t = 0: {n[0]:.2e} "
+                f"(first / last {n[0] / n[-1]:.1e})")
+            if not biases:
+                grads = derive(model)
+                tensors = {**model.tensors, **{a.name: a for a in grads.adjoints.values()}}
+                recursions[title] = [f"{latex(e.lhs, tensors)} = {latex(e.body, tensors)}"
+                                     for u in ordered_units([d.equation for d in grads.composed.values()])
+                                     if isinstance(u, TimeLoop) and u.direction < 0
+                                     for e in u.equations if _reads_next_step(e, u)]
+    out = Path(out_dir)
+    plot = plot_time_profile(norms, out / "vanishing_through_time.png",
+                             title=f"Gradients through time, initial weights (hidden {hidden}, MNIST-1D)")
+    T = x.shape[1]
+    f_open = 1 / (1 + np.exp(-open_forget_bias))
+    report = [f"# Vanishing gradients through time: an Elman RNN and an LSTM, hidden {hidden}", "",
+              f"MNIST-1D read one value per step ({T} steps), the loss at the last step; mean over "
+              f"{examples} examples of ‖∂C/∂h_t‖ with the initial weights (seed {seed}).", "",
+              "| layer | t = T-1 | t = T/2 | t = 0 | t = 0 / t = T-1 |", "|---|---|---|---|---|"]
+    for title, n in norms.items():
+        report.append(f"| {title} | {n[-1]:.2e} | {n[T // 2]:.2e} | {n[0]:.2e} | {n[0] / n[-1]:.1e} |")
+    for title, eqs in recursions.items():
+        report += ["", f"The derived recursion of the {title} (the adjoint equations that read $t+1$):", ""]
+        report += [f"```math\n{e}\n```" for e in eqs]
+    report += ["", "How to read it. Elman: each step back multiplies the adjoint by $U^\\top$ and by "
+               "$\\tanh' = 1 - h^2 \\le 1$, a matrix product that shrinks the adjoint geometrically when "
+               "those factors are below one. LSTM: besides the paths through its gates (matrix products "
+               "like Elman's), the cell's adjoint passes back through $f_{t+1} \\odot \\partial C/\\partial "
+               "c_{t+1}$, an elementwise product with the forget gate. With zero biases the forget gate "
+               "starts at $\\sigma(0) = 1/2$, so at initialisation that path halves at every step and the "
+               "LSTM's adjoint vanishes as fast as Elman's or faster (the table's first two rows). What the "
+               "cell buys is that the network can hold the gate open: with the forget bias at "
+               f"{open_forget_bias:g} ($f \\approx {f_open:.2f}$), everything else unchanged, the adjoint "
+               "reaching $t = 0$ is the third row. This is why LSTMs are often initialised with a positive "
+               "forget bias.", "", "![plot](vanishing_through_time.png)", ""]
+    atomic_write_text(out / "vanishing_through_time.md", "\n".join(report))
+    return {"norms": {k: v.tolist() for k, v in norms.items()}, "recursions": recursions, "plot": plot,
+            "report": str(out / "vanishing_through_time.md"), "seconds": time.perf_counter() - t0}

@@ -672,7 +672,8 @@ class Network:
     # -- training ----------------------------------------------------------------------------------
     def fit(self, x, y, epochs=10, batch_size=32, lr=None, validation_split=None,
             validation_data=None, shuffle=True, seed=None, callbacks=(), progress=True,
-            optimizer=None, divergence_factor=1e3, initial_epoch=0, diagnostics=True) -> History:
+            optimizer=None, divergence_factor=1e3, initial_epoch=0, diagnostics=True,
+            blas_threads="auto") -> History:
         """Minibatch training. Returns a :class:`History`.
 
         ``seed`` seeds the shuffling (default: the network's seed) and the validation split.
@@ -694,6 +695,11 @@ class Network:
         the thread count, e.g. ``OPENBLAS_NUM_THREADS=1`` (or ``OMP_NUM_THREADS``) before NumPy
         and Numba are imported.
 
+        ``blas_threads``: the BLAS thread limit while training; ``"auto"`` (the default) is one
+        thread when the step's largest product (largest parameter × batch) has fewer than 2²⁴
+        multiply-adds, where a second thread costs more than it saves, and BLAS's own choice
+        otherwise (:mod:`chainrule.runtime.threads`); a number sets it, None leaves BLAS alone.
+
         With ``diagnostics`` the history also records, per parameter and epoch, the gradient norm
         ``grad_norm/W1`` (on up to 256 training examples, at the epoch's end) and the update/weight
         ratio ``update_ratio/W1`` = ‖W_end - W_start‖ / ‖W_start‖ over the epoch.
@@ -703,6 +709,15 @@ class Network:
         :meth:`load` from a checkpoint written by :meth:`save` / ``ModelCheckpoint``), so that
         3 epochs + save + load + ``fit(epochs=6, initial_epoch=3)`` equals 6 epochs bit for bit.
         """
+        from .threads import blas_threads as limit, training_blas_threads
+        threads = training_blas_threads(self.compiled.param_shapes.values(), batch_size, blas_threads)
+        with limit(threads):
+            return self._fit(x, y, epochs, batch_size, lr, validation_split, validation_data, shuffle,
+                             seed, callbacks, progress, optimizer, divergence_factor, initial_epoch,
+                             diagnostics)
+
+    def _fit(self, x, y, epochs, batch_size, lr, validation_split, validation_data, shuffle, seed,
+             callbacks, progress, optimizer, divergence_factor, initial_epoch, diagnostics) -> History:
         epochs = _whole(epochs, "epochs", 0)
         batch_size = _whole(batch_size, "batch_size", 1)
         if lr is not None:
@@ -738,6 +753,10 @@ class Network:
         else:
             validation = None
         self.has_validation = validation is not None
+        if epochs > initial_epoch and (self.is_classifier or validation is not None):
+            # the epochs' metrics call forward: on a cold start a worker compiles it while this
+            # process compiles train_step on the first step (nothing happens when it is cached)
+            self.compiled.compile_in_background(["forward"])
 
         callbacks = list(callbacks or ())
         if progress and not any(isinstance(c, ProgressBar) for c in callbacks):

@@ -93,3 +93,18 @@ def plot_gradient_profile(series: dict, path, title="gradient norm per layer", x
     ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_time_profile(series: dict, path, title="gradient norm through time"):
+    """``series``: label -> the mean ‖∂C/∂h_t‖ for t = 0 .. T-1, drawn on a log scale."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, values in series.items():
+        ax.semilogy(range(len(values)), [max(v, 1e-30) for v in values], "o-", ms=3, label=label)
+    ax.set_xlabel("time step t (the loss reads the last step)")
+    ax.set_ylabel(r"mean $\|\partial C / \partial h_t\|$")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -74,6 +74,9 @@ def context(plan: ExportPlan, target: str) -> dict:
             fact = f"sum over axis {a.simplex_axis} of {comment_text(a.name)} = 1".replace('"', "'")
             simplex.append(dict(ident=a.ident, label=comment_text(a.name).replace('"', "'"),
                                 axis=a.simplex_axis, fact=fact))
+    ids = [dict(ident=c.ident, rows=c.rows,
+                where=f"layer {c.layer}: token ids {c.label} {c.shape} select rows of {c.table}".replace('"', "'"))
+           for c in plan.id_checks]
     params = [dict(ident=a.ident, shape=_shape_code(a.shape), init=a.init or "glorot")
               for a in plan.args if a.role == "param"]
     noise = [_noise(a, target) for a in plan.args if a.role == "noise"]
@@ -85,7 +88,7 @@ def context(plan: ExportPlan, target: str) -> dict:
         arg_doc=", ".join(f"{a.ident} = {comment_text(a.name)} ({a.role}, {_shape_code(a.shape)})"
                           for a in plan.args),
         result=plan.result, result_doc=plan.result_doc, args=[a.ident for a in plan.args],
-        arg_list=arg_list, simplex=simplex, first=plan.first_input, float_first=plan.float_first, forward=plan.forward,
+        arg_list=arg_list, simplex=simplex, ids=ids, first=plan.first_input, float_first=plan.float_first, forward=plan.forward,
         backward=plan.backward, saved=saved, grads=grads, params=params, noise=noise,
         call_args=call, apply_args=apply_args, predict=plan.predict, prediction=plan.prediction,
         predict_args=[a.ident for a in plan.args if a.role != "target"] + [b.ident for b in plan.buffers],

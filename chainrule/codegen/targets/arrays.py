@@ -27,7 +27,7 @@ from sympy.printing.printer import Printer
 
 from ...derive.errors import UnsupportedError
 from ...derive.layers import B as BATCH
-from ...derive.primitives import MaxOver
+from ...derive.primitives import IsArgmax, MaxOver
 
 RESERVED = {"torch", "jax", "jnp", "np", "math", "ctx", "dt", "n_batch", "self", "cls", "saved",
             "grad", "params", "key", "rng", "apply", "Function", "Module", "None", "True", "False"}
@@ -58,6 +58,7 @@ class Term:
     axes: tuple = ()
     kind: str = "float"
     number: bool = False
+    steps: tuple | None = None     # per axis, its step through memory in elements (None: row-major)
 
 
 class ArrayPrinter(Printer):
@@ -79,6 +80,7 @@ class ArrayPrinter(Printer):
         self.memo: dict = {}
         self.taken: set = set()
         self.integer: set = set()   # identifiers of tensors holding integers (token ids)
+        self.loop_vars: dict = {}   # the time loop's variable (a Dummy) -> its identifier
         self._counter = 0
 
     # -- statements -------------------------------------------------------------------------
@@ -208,6 +210,8 @@ class ArrayPrinter(Printer):
         raise UnsupportedError(f"export: cannot lower {type(expr).__name__} ({expr}) to array code")
 
     def _print_Symbol(self, expr):
+        if expr in self.loop_vars:                   # a time loop's t: a scalar at each step
+            return Term(self.loop_vars[expr], kind="int", number=True)
         if expr in self.box:                         # an index: the values of its axis
             if expr not in self.index_code:
                 lo, hi = self.box[expr]
@@ -257,25 +261,39 @@ class ArrayPrinter(Printer):
             code = self.transpose(code, perm)
         return Term(code, axes)
 
-    def gather(self, code, shape, idx):
+    def gather(self, code, shape, idx, memory_order=False):
         """``T[e1, e2, ..]`` with index arrays broadcast over every index they use, each clamped
         into its axis unless its bounds already lie inside (guards discard what a clamp changed).
-        Reads that stay inside with affine indices may become a strided view (``window``)."""
+        Reads that stay inside with affine indices may become a strided view (``window``).
+        ``memory_order``: a window's axes in the order of T's memory (largest step first), not the
+        scope's: an einsum operand (its subscripts line it up), which the framework then copies
+        into a matrix walking T forwards (im2col) rather than across it."""
         inside = []
         for e, n in zip(idx, shape):
-            if sp.sympify(e).atoms(sp.Indexed):      # a token id: clamped into the table's rows
-                inside.append(False)
+            if sp.sympify(e).atoms(sp.Indexed):
+                # a plain read of token ids is checked on entry (``plan.id_checks``: an id outside
+                # the table is an error); any other index computed from them is clamped
+                inside.append(isinstance(e, sp.Indexed) and self.names.get(str(e.base.label)) in self.integer)
                 continue
             lo, hi = self.interval(e)
             inside.append(_le(0, lo) and _le(hi, n - 1))
-        if all(inside):
+        ids_free = not any(sp.sympify(e).atoms(sp.Indexed) for e in idx)
+        if ids_free:
             used = set().union(*[sp.sympify(e).free_symbols for e in idx]) & set(self.box)
             axes = self.sort_axes(used)
             affine = self.affine_map(idx, axes)
-            if affine is not None:
-                view = self.window(code, axes, *affine)
+            if affine is not None and memory_order:
+                axes, affine = _by_memory(axes, affine, shape)
+            if affine is not None and all(inside):
+                view = self.window(code, shape, axes, *affine)
                 if view is not None:
-                    return Term(view, axes)
+                    return Term(view, axes, steps=_steps(affine[0], shape))
+            elif affine is not None:
+                # an affine read that leaves the tensor where a guard discards it (a convolution's
+                # δ read at h' + t - 1): a window of a zero-padded copy instead of a gather
+                view = self.padded_window(code, shape, idx, axes, *affine)
+                if view is not None:
+                    return Term(view, axes, steps=_steps(affine[0], self.padded_shape(shape, idx)))
         terms = [self.int_term(e) for e in idx]
         axes = self.sort_axes([a for t in terms for a in t.axes])
         parts = []
@@ -306,9 +324,47 @@ class ArrayPrinter(Printer):
                 return None
         return [cols[s] for s in axes], offset
 
-    def window(self, code, axes, cols, offset):
+    def window(self, code, shape, axes, cols, offset):
         """A view of ``code`` with axis s stepping by Σ_j a_js along tensor axis j (no copy); None
         where the framework has no strided views (the gather is printed instead)."""
+        return None
+
+    def padded_shape(self, shape, idx):
+        out = []
+        for e, n in zip(idx, shape):
+            lo, hi = self.interval(e)
+            if _le(0, lo) and _le(hi, n - 1):
+                out.append(n)
+            else:
+                out.append(n + max(0, -int(sp.simplify(lo))) + max(0, int(sp.simplify(hi)) - (int(n) - 1)))
+        return tuple(out)
+
+    def padded_window(self, code, shape, idx, axes, cols, offset):
+        """``window`` over a copy of ``code`` padded with zeros on each axis by as much as the read
+        leaves it (the padded copy is emitted once per statement); None where there are no windows."""
+        pads = []
+        for e, n in zip(idx, shape):
+            lo, hi = self.interval(e)
+            if _le(0, lo) and _le(hi, n - 1):        # inside on this axis (the batch axis, say)
+                pads.append((0, 0))
+                continue
+            lo, hi = sp.simplify(lo), sp.simplify(hi)
+            if not (lo.is_Integer and hi.is_Integer and sp.sympify(n).is_Integer):
+                return None
+            pads.append((max(0, -int(lo)), max(0, int(hi) - (int(n) - 1))))
+        if self.window(code, shape, axes, cols, offset) is None:     # no view of this shape
+            return None
+        key = ("pad", code, tuple(pads))
+        if key not in self.memo:
+            padded = self.pad(code, pads)
+            if padded is None:
+                return None
+            self.memo[key] = self.emit("pad", padded, f"{code} in zeros, padded by {pads}")
+        big = tuple(n + a + b for n, (a, b) in zip(shape, pads))
+        return self.window(self.memo[key], big, axes, cols, [o + a for o, (a, _) in zip(offset, pads)])
+
+    def pad(self, code, pads):
+        """``code`` padded with zeros by ``pads`` ((before, after) per axis), or None."""
         return None
 
     def index(self, code, shape, parts) -> str:
@@ -420,7 +476,8 @@ class ArrayPrinter(Printer):
     def _logic(self, args, op):
         terms = [self._print(a) for a in args]
         axes, codes = self.combine(terms)
-        return Term(f" {op} ".join(self.paren(c) for c in codes), axes, kind="bool")
+        return Term(f" {op} ".join(self.paren(c) for c in codes), axes, kind="bool",
+                    number=all(t.number for t in terms))
 
     def _print_Piecewise(self, expr):
         pieces = list(expr.args)
@@ -430,8 +487,12 @@ class ArrayPrinter(Printer):
         for value, cond in reversed(pieces[:-1]):
             v, c = self._print(value), self._print(cond)
             axes, (cc, cv, co) = self.combine([c, v, out])
-            if c.number:
+            if c.code in ("True", "False"):
                 out = v if c.code == "True" else out
+                continue
+            if c.number:                          # a scalar condition (on a time loop's t)
+                out = Term(self.conditional(c.code, v, out, axes), axes,
+                           number=v.number and out.number)
                 continue
             if v.number and out.number:           # both branches constants: in the data's dtype
                 out = Term(self.where(cc, self.constant(cv), self.constant(co)), axes)
@@ -522,7 +583,7 @@ class ArrayPrinter(Printer):
         sum or log-sum-exp runs over the window's offset instead: ``v = lo + t``, ``0 ≤ t ≤ hi - lo``,
         so its arrays span the window (K), not the whole axis (H). A maximum keeps its index, so
         that its argmax stays a position of the window."""
-        masks, entered, shift = [], [], {}
+        masks, entered, shift, hulls = [], [], {}, {}
         body = expr.function
         limits = list(expr.limits) if isinstance(expr, MaxOver) else list(reversed(expr.limits))
         for v, lo, hi in limits:
@@ -532,11 +593,23 @@ class ArrayPrinter(Printer):
             moving = self.depends_on_scope(lo) or self.depends_on_scope(hi)
             clo = self.constant_bound(lo, up=False)
             chi = self.constant_bound(hi, up=True)
+            hulls[v] = (clo, chi)
             width = self.window_width(lo, hi) if moving and not isinstance(expr, MaxOver) else None
             if width is not None and width < chi - clo + 1:
                 t = sp.Symbol(f"{v.name}_off", integer=True)
                 while t in self.box or t in body.free_symbols:
                     t = sp.Symbol(t.name + "_", integer=True)
+                base, top = self.unclipped(lo, sp.Max), self.unclipped(hi, sp.Min)
+                wide = self.window_width(base, top) if self.is_affine(base) else None
+                if wide is not None and (base, top) != (lo, hi):
+                    # the window from the unclipped bound (a convolution's input gradient: h'' from
+                    # h' - 1, not Max(0, h' - 1)): every read stays affine (a kernel read plainly,
+                    # a zero-padded window of δ), and the clipped limits become the mask
+                    shift[v] = base + t
+                    self.enter(t, 0, max(wide - 1, 0))
+                    entered.append(t)
+                    masks += self.limit_conditions(base + t, lo, hi, base, top)
+                    continue
                 shift[v] = lo + t
                 self.enter(t, 0, max(width - 1, 0))
                 entered.append(t)
@@ -547,7 +620,76 @@ class ArrayPrinter(Printer):
             if moving:
                 masks.append(sp.And(v >= lo, v <= hi))
         masks = [m for m in masks if m is not sp.true]
+        if shift and body.has(IsArgmax):
+            body = self.hoist_argmax(body, hulls)
         return entered, masks, body.xreplace(shift) if shift else body
+
+    def unimplied(self, masks, factors) -> list:
+        """The conjuncts of ``masks`` that no factor implies: ``0 <= e`` or ``e <= n - 1`` where a
+        factor reads a tensor of axis length n at ``e`` through a zero-padded window is zero anyway
+        (the guard of a convolution's input gradient, once δ is padded)."""
+        bounds = []
+        for f in factors:
+            if isinstance(f, sp.Indexed) and str(f.base.label) in self.names and self.zero_outside(f):
+                for e, n in zip(f.indices, self.shapes[str(f.base.label)]):
+                    bounds += [(sp.expand(e), ">="), (sp.expand(e - (n - 1)), "<=")]
+        out = []
+        for m in masks:
+            for c in (m.args if isinstance(m, sp.And) else (m,)):
+                if isinstance(c, (sp.GreaterThan, sp.StrictGreaterThan, sp.LessThan, sp.StrictLessThan)):
+                    ge = isinstance(c, (sp.GreaterThan, sp.StrictGreaterThan))
+                    strict = isinstance(c, (sp.StrictGreaterThan, sp.StrictLessThan))
+                    d = sp.expand(c.lhs - c.rhs) + ((-1 if ge else 1) if strict else 0)
+                    if (d, ">=" if ge else "<=") in bounds:
+                        continue
+                out.append(c)
+        return out
+
+    def zero_outside(self, read) -> bool:
+        """Is ``read`` printed as a window of a zero-padded copy (zero wherever it leaves its tensor)?"""
+        idx = list(read.indices)
+        if any(sp.sympify(e).atoms(sp.Indexed) for e in idx) or self.pad("t", [(0, 0)] * len(idx)) is None:
+            return False
+        used = set().union(*[sp.sympify(e).free_symbols for e in idx]) & set(self.box)
+        axes = self.sort_axes(used)
+        affine = self.affine_map(idx, axes)
+        shape = self.shapes[str(read.base.label)]
+        return affine is not None and self.window("t", shape, axes, *affine) is not None
+
+    def unclipped(self, e, clip):
+        """``Max(0, h' - 1)`` -> ``h' - 1``: a bound clipped to a constant by ``clip`` (Max for a
+        lower bound, Min for an upper one), without its clipping; else the bound itself."""
+        e = sp.sympify(e)
+        if isinstance(e, clip):
+            moving = [a for a in e.args if self.depends_on_scope(a)]
+            if len(moving) == 1 and all(a.is_number for a in e.args if a is not moving[0]):
+                return self.unclipped(moving[0], clip)
+        return e
+
+    def is_affine(self, e) -> bool:
+        """``e`` is an integer-coefficient affine expression of the indices in scope."""
+        e = sp.expand(sp.sympify(e))
+        syms = e.free_symbols & set(self.box)
+        rest = e - sum(e.coeff(s) * s for s in syms)
+        return all(e.coeff(s).is_Integer for s in syms) and not (rest.free_symbols & set(self.box)) \
+            and not rest.has(sp.Max, sp.Min, sp.floor, sp.ceiling)
+
+    def limit_conditions(self, v, lo, hi, base, top) -> list:
+        """The conditions ``lo <= v <= hi`` for ``v = base + t`` (``0 <= t <= top - base``), each
+        clipping of a bound its own conjunct; those the window implies are left out."""
+        out = []
+        for bound, clip, ok in ((lo, sp.Max, lambda a: sp.simplify(a - base) == 0),
+                                (hi, sp.Min, lambda a: sp.simplify(a - top) == 0)):
+            parts = bound.args if isinstance(bound, clip) else (bound,)
+            for a in parts:
+                if ok(a):
+                    continue
+                cond = (v >= a) if clip is sp.Max else (v <= a)
+                if cond is not sp.true:
+                    out.append(cond)
+        if not (sp.simplify(top - base).is_number):   # a window narrower at some points
+            out.append(v <= top)
+        return out
 
     def window_width(self, lo, hi):
         """The largest ``hi - lo + 1`` over the values of the indices in scope it depends on (found
@@ -593,6 +735,7 @@ class ArrayPrinter(Printer):
         entered, masks, body = self._enter_limits(expr)
         coeff, factors = body.as_coeff_mul()
         factors = [g for f in factors for g in _one_hot_factors(f)]
+        masks = self.unimplied(masks, factors)
         terms = [self.einsum_operand(f) for f in factors]
         if masks:
             mask = self._print(sp.And(*masks))
@@ -667,8 +810,8 @@ class ArrayPrinter(Printer):
                 values = self.transpose(values, [t.axes.index(a) for a in want])
             ids_code = self._print(ids)
             rows = self.size_code(self.extent(row))
-            top = self.size_code(self.extent(row) - 1)
-            code = self.scatter_add(rows, self.clamp(ids_code.code, "0", top), values,
+            # the token ids were checked on entry: every id is a row of the table
+            code = self.scatter_add(rows, ids_code.code, values,
                                     [self.size_code(self.extent(a)) for a in outer])
         finally:
             self._leave_all(idx)
@@ -698,7 +841,10 @@ class ArrayPrinter(Printer):
                 shape = self.shapes[name]
                 if all(sp.simplify(self.box[i][0]) == 0 and sp.simplify(self.box[i][1] - (n - 1)) == 0
                        for i, n in zip(idx, shape)):
-                    return Term(self.names[name], tuple(idx))
+                    return Term(self.names[name], tuple(idx), steps=_steps([[int(k == j) for k in range(len(idx))]
+                                                                            for j in range(len(idx))], shape))
+            if name in self.names and self.names[name] not in self.integer:
+                return self.gather(self.names[name], self.shapes[name], idx, memory_order=True)
         return self._print(f)
 
     def _print_LogSumExp(self, expr):
@@ -737,6 +883,20 @@ class ArrayPrinter(Printer):
         """``[point = argmax f]``: the first maximum in the order of the limits (the tie rule of
         ``MaxOver``: row-major over the window), compared with the point."""
         m, *point = expr.args
+        keep, where, lows = self.argmax_at(m)
+        conds = []
+        for v, p in zip([v for v, _, _ in m.limits], point):
+            pt = self.int_term(p)
+            at = Term(where[v], keep, kind="int") if where[v] else Term(self.size_code(lows[v]), kind="int", number=True)
+            axes, (ca, cp) = self.combine([at, pt])
+            conds.append(Term(f"{self.paren(ca)} == {self.paren(cp)}", axes, kind="bool"))
+        axes, codes = self.combine(conds)
+        return Term(" & ".join(self.paren(c) for c in codes), axes, kind="bool")
+
+    def argmax_at(self, m):
+        """The first argmax of the maximum ``m`` over its window, for every point of the indices in
+        scope it reads: (those indices, per limit the array of its coordinate or None, the window's
+        lowest point)."""
         key = ("argmax", m, self.scope_key())
         if key not in self.memo:
             entered, masks, body = self._enter_limits(m)
@@ -765,17 +925,68 @@ class ArrayPrinter(Printer):
                     stride *= sizes[v]
             limits = [v for v, _, _ in m.limits]
             self.memo[key] = (keep, {v: where.get(v) for v in limits}, lows)
-        keep, where, lows = self.memo[key]
-        conds = []
-        for v, p in zip([v for v, _, _ in m.limits], point):
-            pt = self.int_term(p)
-            at = Term(where[v], keep, kind="int") if where[v] else Term(self.size_code(lows[v]), kind="int", number=True)
-            axes, (ca, cp) = self.combine([at, pt])
-            conds.append(Term(f"{self.paren(ca)} == {self.paren(cp)}", axes, kind="bool"))
-        axes, codes = self.combine(conds)
-        return Term(" & ".join(self.paren(c) for c in codes), axes, kind="bool")
+        return self.memo[key]
+
+    def hoist_argmax(self, body, hulls):
+        """``[point = argmax m]`` inside a sum whose window moves (max pooling's input gradient sums
+        over the windows that saw a pixel, ``h`` from ``ceil((j - 1)/2)``): the argmax is computed
+        once per window, over the whole range of ``h`` (``hulls``), from the maximum's own (strided)
+        view, and read at the moving ``h`` like a tensor; not recomputed from a gather of the input
+        per pixel and window offset."""
+        def hoist(e):
+            m, *point = e.args
+            moving = [v for v in hulls if v in m.free_symbols]
+            scoped = m.free_symbols & set(self.box)
+            if not moving or any(hulls[v][0] != 0 for v in moving) \
+                    or any(sp.simplify(self.box[v][0]) != 0 for v in scoped):
+                return e
+            for v in moving:
+                self.enter(v, *hulls[v])
+            try:
+                keep, where, lows = self.argmax_at(m)
+                shape = tuple(self.extent(a) for a in keep)
+            finally:
+                self._leave_all(moving)
+            conds = []
+            for (v, _, _), p in zip(m.limits, point):
+                if where[v] is None:
+                    conds.append(sp.Eq(lows[v], p))
+                    continue
+                name = f"argmax {where[v]}"
+                self.names[name], self.shapes[name] = where[v], shape
+                self.integer.add(where[v])
+                conds.append(sp.Eq(sp.IndexedBase(name)[keep], p))
+            return sp.Piecewise((1, sp.And(*conds)), (0, True))
+        return body.replace(lambda e: isinstance(e, IsArgmax), hoist)
 
     # -- framework hooks (subclasses) ------------------------------------------------------------
+    def shape_code_of(self, shape) -> str:
+        """A concrete shape (ints, the batch size) as a tuple's code."""
+        dims = [self.size_code(n) for n in shape]
+        return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+    def conditional(self, cond: str, a: Term, b: Term, axes) -> str:
+        """``a`` where the scalar condition ``cond`` holds, else ``b`` (laid out over ``axes``)."""
+        raise NotImplementedError
+
+    def step_slice(self, seq: str, axis: int, rank: int, at: str, length: int) -> str:
+        """``seq`` at time ``at`` (inside the sequence) along ``axis``: its time slice."""
+        raise NotImplementedError
+
+    def slice_or_initial(self, name, seq, axis, rank, at, inside, length, init_lines, shape) -> list:
+        """Lines setting ``name`` to ``seq`` at time ``at`` where ``inside`` holds, else to the
+        initial state (``init_lines`` set ``name`` to it), or zeros of ``shape`` when there are none."""
+        raise NotImplementedError
+
+    def store(self, seq: str, axis: int, rank: int, t: str, value: str) -> str:
+        """The line writing one step's ``value`` into its sequence at time ``t``."""
+        raise NotImplementedError
+
+    def time_loop(self, t: str, length: int, direction: int, sequences, body) -> list:
+        """The loop over ``t`` (upward for direction 1, downward for -1) running ``body`` (lines),
+        which reads and stores the ``sequences`` ((identifier, shape code) pairs) it computes."""
+        raise NotImplementedError
+
     def arange(self, lo: str, hi: str) -> str:
         raise NotImplementedError
 
@@ -800,7 +1011,8 @@ class ArrayPrinter(Printer):
 
     def einsum(self, terms, out_axes) -> str:
         """``Σ Π terms`` keeping ``out_axes``: one einsum (subscripts: the indices' own letters
-        where they are single distinct letters); a plain sum when there is one operand."""
+        where they are single distinct letters); a plain sum when there is one operand; a matrix
+        product where the target prints one (``contract``)."""
         if len(terms) == 1:
             t = terms[0]
             kept = tuple(a for a in t.axes if a in out_axes)
@@ -809,6 +1021,10 @@ class ArrayPrinter(Printer):
                 if not dims:
                     return t.code
                 return self.reduce("sum", t.code, dims)
+        if len(terms) == 2:
+            code = self.contract(terms[0], terms[1], tuple(out_axes))
+            if code is not None:
+                return code
         pool = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"]
         axes = []
         for t in terms:
@@ -824,6 +1040,11 @@ class ArrayPrinter(Printer):
         spec = ",".join("".join(letters[a] for a in t.axes) for t in terms)
         spec += "->" + "".join(letters[a] for a in out_axes)
         return f"{self.lib}.einsum('{spec}', {', '.join(t.code for t in terms)})"
+
+    def contract(self, a: Term, b: Term, out_axes) -> str | None:
+        """``Σ a b`` over their shared axes, keeping ``out_axes``, as a matrix product (None: an
+        einsum is printed)."""
+        return None
 
     def reduce(self, op: str, code: str, dims) -> str:
         raise NotImplementedError
@@ -857,6 +1078,29 @@ class _IntCode(Printer):
 
     def _print_Rational(self, expr):
         raise UnsupportedError(f"export: size {expr} is not whole")
+
+
+def _row_major(shape) -> list:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= int(n) if sp.sympify(n).is_Integer else 1 << 20      # the batch size: large
+    return strides[::-1]
+
+
+def _steps(cols, shape) -> tuple:
+    """Per window axis, its step through a row-major tensor of ``shape``."""
+    strides = _row_major(shape)
+    return tuple(sum(a * st for a, st in zip(col, strides)) for col in cols)
+
+
+def _by_memory(axes, affine, shape):
+    """A window's axes (and its columns) sorted by the step each takes through the tensor's
+    row-major memory, largest first (the batch size counted as large)."""
+    cols, offset = affine
+    step = _steps(cols, shape)
+    order = sorted(range(len(axes)), key=lambda k: -abs(step[k]))
+    return tuple(axes[k] for k in order), ([cols[k] for k in order], offset)
 
 
 def _one_hot_factors(f) -> list:

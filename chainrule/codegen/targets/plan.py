@@ -26,11 +26,13 @@ from ...derive.deltas import eliminate_deltas
 from ...derive.errors import UnsupportedError
 from ...derive.graph import Model
 from ...derive.layers import B, LOSSES, Builder, Layer, Loss, sequential
+from ...derive.recurrence import TimeLoop, flatten
 from ...derive.tensor import Equation, Tensor, index, rename_bound
 from ..lower import comment_text, pretty
 from ..printer import to_conventions
 from ..render import _adjoint_order, _needed as needed_equations
 from .arrays import identifier
+from .loops import loop_block
 
 MODES = ("model", "loss", "layer")
 
@@ -64,6 +66,7 @@ class ExportPlan:
     notes: list = field(default_factory=list)
     float_first: str = ""                         # a float argument: the data's dtype
     integer: list = field(default_factory=list)   # identifiers of integer arguments (token ids)
+    id_checks: list = field(default_factory=list)  # IdCheck: the ranges token ids must lie in
     predict: list = field(default_factory=list)   # a model's prediction (its first output), no target
     prediction: str | None = None
     buffers: list = field(default_factory=list)   # Argument: non-trainable state (running averages)
@@ -89,7 +92,7 @@ def model_of(declaration, inputs=None) -> tuple[Model, str]:
     if isinstance(declaration, Layer):
         if inputs is None:
             raise UnsupportedError(f"export: layer {declaration.describe()} needs its input shape "
-                                   f"(inputs=N for (batch, N), or (C, H, W) / (C, L))")
+                                   f"(inputs=N for (batch, N), or (C, H, W) / (C, L), or (T, N) for a sequence)")
         return layer_probe(declaration, inputs), "layer"
     raise UnsupportedError(f"export: cannot export a {type(declaration).__name__}: give a Model, a "
                            f"model name or spec, a Layer or a Loss")
@@ -101,9 +104,12 @@ def layer_probe(layer: Layer, inputs) -> Model:
     d = Builder()
     shape = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     names = {1: ("n",), 2: ("C", "L"), 3: ("C", "H", "W")}.get(len(shape))
+    declared = getattr(layer, "input_names", None)       # a sequence layer's (T, n)
+    if declared is not None and len(declared) == len(shape):
+        names = tuple(declared)
     if names is None or not all(isinstance(v, int) and v >= 1 for v in shape):
         raise UnsupportedError(f"export: input shape {inputs!r} of layer {layer.describe()}: give N, "
-                               f"(C, L) or (C, H, W) positive integers")
+                               f"(C, L), (T, N) or (C, H, W) positive integers")
     dims = tuple(d.size(n, v) for n, v in zip(names, shape))
     x = d.tensor("x", (B, *dims), role="input", latex="x")
     if layer.has_params:
@@ -180,8 +186,8 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
     float_first = next(a.ident for a in args if a.name not in integer)
 
     result_tensor = model.outputs[0] if mode == "layer" else model.cost
-    bwd_eqs = _adjoint_order(composed, model)
-    read = {r for e in bwd_eqs for r, _ in e.reads()}
+    bwd_eqs = _adjoint_order(composed, model)        # units: a recurrence's adjoints are a time loop
+    read = {r for e in flatten(bwd_eqs) for r, _ in e.reads()}
     # the forward pass computes the result and every forward tensor the backward pass reads
     fwd_eqs = _needed(model, [result_tensor.name] + [n for n in read if model.equation_for(n) is not None
                                                       and model.tensors[n].role != "cost"])
@@ -191,7 +197,7 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
     forward = [_block(printer, eq, sizes, consts) for eq in fwd_eqs]
     backward = [_block(printer, eq, sizes, consts) for eq in bwd_eqs]
 
-    computed = {e.out.name for e in fwd_eqs}
+    computed = {e.out.name for e in flatten(fwd_eqs)}
     saved = list(dict.fromkeys([first, float_first])) + [names[n] for n in model.tensors if n in read and n != probe and names[n] not in (first, float_first)
                        and (n in computed or n in {a.name for a in args})]
     scale = "" if mode == "layer" else "grad * "
@@ -213,10 +219,12 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
            if mode == "layer" else f"{names[result_tensor.name]}, the cost (the batch mean of the loss)")
     plan = ExportPlan(model, mode, label, args, forward, names[result_tensor.name], doc, saved,
                       backward, grad_codes, first, notes, float_first=float_first,
-                      integer=[a.ident for a in args if a.name in integer])
+                      integer=[a.ident for a in args if a.name in integer],
+                      id_checks=id_checks(model, names, shapes))
     buffers = [t for t in model.tensors.values() if t.role == "buffer"]
     updates = list(getattr(model, "buffer_updates", []))
-    eval_eqs = model.evaluation_equations() if hasattr(model, "evaluation_equations") else model.equations
+    # evaluation mode: the equations with their evaluation forms (none in a recurrent model: refused)
+    eval_eqs = model.evaluation_equations() if getattr(model, "eval_equations", {}) else model.schedule
     if buffers:
         for t in buffers:
             shape = tuple("n_batch" if v == B else int(v) for v in shapes[t.name])
@@ -235,10 +243,46 @@ def plan_export(declaration, printer_cls, inputs=None) -> ExportPlan:
         out = model.outputs[0]
         pred_eqs = _needed(model, [out.name], equations=eval_eqs)
         targets = {a.name for a in args if a.role == "target"}
-        if not any(r in targets for e in pred_eqs for r, _ in e.reads()):
+        if not any(r in targets for e in flatten(pred_eqs) for r, _ in e.reads()):
             plan.predict = [_block(printer, eq, sizes, consts) for eq in pred_eqs]
             plan.prediction = names[out.name]
     return plan
+
+
+@dataclass
+class IdCheck:
+    """Token ids ``ident`` select positions ``0 <= id < rows`` of axis ``axis`` of ``table``: checked
+    on entry (a clear error, never a silent clamp)."""
+
+    ident: str
+    label: str          # the ids' name
+    shape: str          # the ids' declared shape, e.g. (B, 4)
+    rows: int
+    layer: str
+    table: str          # the table's name and shape, e.g. E1 (6, 3)
+
+
+def id_checks(model, names, shapes) -> list:
+    """The checks the token ids of ``model`` need: for each read ``E[.., x[b, t], ..]`` whose index is
+    a plain read of an integer tensor, the range of the axis it selects (once per ids and range)."""
+    integer = index_tensors(model)
+    out, seen = [], set()
+    for eq in model.equations:
+        for read in sorted(sp.sympify(eq.body).atoms(sp.Indexed), key=sp.default_sort_key):
+            table = str(read.base.label)
+            for axis, e in enumerate(read.indices):
+                if not (isinstance(e, sp.Indexed) and str(e.base.label) in integer):
+                    continue
+                ids = str(e.base.label)
+                rows = int(shapes[table][axis])
+                if (ids, rows) in seen:
+                    continue
+                seen.add((ids, rows))
+                dims = ", ".join("B" if d == B else str(d) for d in shapes[ids])
+                tdims = ", ".join("B" if d == B else str(d) for d in shapes[table])
+                out.append(IdCheck(names[ids], comment_text(ids), f"({dims}{',' if len(shapes[ids]) == 1 else ''})",
+                                   rows, comment_text(eq.layer or "?"), f"{comment_text(table)} ({tdims})"))
+    return out
 
 
 def index_tensors(model) -> set:
@@ -253,22 +297,23 @@ def index_tensors(model) -> set:
 
 
 def _needed(model, names, equations=None):
-    """The equations (of ``equations``, default the model's, in evaluation order) that the given
-    tensors need: the Numba lowering's own selection."""
-    return needed_equations(model.equations if equations is None else equations, names)
+    """The units (equations and time loops, in evaluation order) of ``equations`` (default: the
+    model's schedule) that the given tensors need: the Numba lowering's own selection."""
+    units = model.schedule if equations is None else equations
+    need = {e.out.name for e in needed_equations(flatten(units), names)}
+    return [u for u in units if (set(u.names) & need if isinstance(u, TimeLoop) else u.out.name in need)]
 
 
 def _refuse_what_cannot_be_printed(model):
     """Constructs the array printers cannot print yet, refused with the layer that declared them
-    (before anything is derived or written): a recurrence (its equations need a loop over time)."""
-    from ...derive.recurrence import TimeLoop, schedule
-    for unit in schedule(model.equations):
-        if isinstance(unit, TimeLoop):
-            eq = unit.equations[0]
-            raise UnsupportedError(
-                f"export: layer {comment_text(eq.layer or '?')}: {', '.join(unit.names)} read themselves "
-                f"across time (a recurrence); the PyTorch and JAX targets print whole-tensor statements "
-                f"and have no loop over time yet: train it with chainrule's Numba kernels")
+    (before anything is derived or written): a recurrence with evaluation-mode equations (batch
+    norm's running averages inside a recurrent model; the Numba target refuses it too)."""
+    loops = [u for u in model.schedule if isinstance(u, TimeLoop)]
+    if loops and getattr(model, "eval_equations", {}):
+        eq = loops[0].equations[0]
+        raise UnsupportedError(
+            f"export: layer {comment_text(eq.layer or '?')}: a recurrent model with evaluation-mode "
+            f"equations (running averages) is not supported yet")
 
 
 _DERIVED: dict = {}
@@ -286,13 +331,23 @@ def _derived(model, wrt) -> dict:
     return _DERIVED[key]
 
 
-def _block(printer, eq, sizes, consts) -> str:
-    """The lines computing one equation, after a comment naming it."""
+def _prepared(eq, sizes, consts):
+    """An equation's body ready to print: zero padding as the engine's gather form (guarded reads),
+    sizes and constants substituted, the step convention applied, no bound index named as a free one."""
     body = sp.sympify(eq.body)
-    if body.has(KroneckerDelta):          # zero padding: the engine's gather form, guarded reads
+    if body.has(KroneckerDelta):
         body, _ = eliminate_deltas(body, eq.ranges())
     body = to_conventions(body.xreplace(sizes).xreplace(consts))
-    body = rename_bound(body, set(eq.indices))
+    return rename_bound(body, set(eq.indices))
+
+
+def _block(printer, unit, sizes, consts) -> str:
+    """The lines computing one unit of a schedule (an equation, after a comment naming it; or a time
+    loop, ``loops.loop_block``)."""
+    if isinstance(unit, TimeLoop):
+        return loop_block(printer, unit, lambda eq: _prepared(eq, sizes, consts))
+    eq = unit
+    body = _prepared(eq, sizes, consts)
     out = printer.names[eq.out.name]
     shape = printer.shapes[eq.out.name]
     for i, n in zip(eq.indices, shape):
