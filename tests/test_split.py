@@ -29,6 +29,11 @@ def test_the_split_module_is_kernels_and_python_drivers(both):
     body = drivers[drivers.index("def loss_and_grads("):drivers.index("def train_step(")]
     assert f"= k{first}(" in body
     assert src.count(f"def k{first}(") == 1
+    # the optimiser's update is one kernel for all six parameters (flat views bound in Python)
+    import re
+    step = drivers[drivers.index("def train_step("):drivers.index("def outputs(")]
+    updates = re.findall(r"\n    (k\d+_in_place)\(", step)
+    assert len(updates) == 6 and len(set(updates)) == 1, updates
 
 
 def test_the_split_module_computes_what_the_fused_one_does(both):

@@ -489,17 +489,28 @@ class Lowerer:
             waste *= float(size[v]) / float(width)
         return waste
 
-    def gemm_code(self, m, tmp) -> tuple[list, tuple]:
-        """The lines of an im2col GEMM (see ``match_gemm``) into ``tmp``, and tmp's index order."""
-        P, G, ks, fp, fg, size = m["P"], m["G"], m["ks"], m["fp"], m["fg"], m["size"]
-        pe = self.pe
-        col = tmp + "_col"
-        cdims = [pe(size[v]) for v in fg + ks]
-        prod = lambda vs: " * ".join(f"({pe(size[v])})" for v in vs) or "1"
-        gtxt = comment_text(sp.sstr(G))
-        lines = [f"# im2col: {col}[{', '.join(map(str, fg + ks))}] = {gtxt}",
-                 f"{col} = np.empty(({', '.join(cdims)},), dtype=DT)"]
-        depth = 0
+    def plain_gather(self, m) -> str | None:
+        """The im2col buffer of ``match_gemm`` as an expression over the tensor itself, when the
+        gather reads it plainly (its indices are the buffer's, no guard): the array in place when
+        the order is the same (a dense layer's input), else one transposed contiguous copy. The
+        element-by-element copy loop it saves costs compile time as well as run time."""
+        G, order = m["G"], m["fg"] + m["ks"]
+        idx = list(G.indices)
+        if m["guards"] or len(idx) != len(order) or set(idx) != set(order):
+            return None
+        name = self.ident(str(G.base.label))
+        if self.tensors[str(G.base.label)].rank == 0:
+            return None
+        if idx == order:
+            return name
+        perm = ", ".join(str(idx.index(v)) for v in order)
+        return f"np.ascontiguousarray({name}.transpose(({perm},)))"
+
+    def gather_loop(self, m, col) -> list:
+        """The loop nest copying ``match_gemm``'s gathered operand into its buffer ``col``, zero
+        outside the summation limits."""
+        G, ks, fg, size, pe = m["G"], m["ks"], m["fg"], m["size"], self.pe
+        lines, depth = [], 0
         for v in fg + ks:
             lines.append(IND * depth + f"for {self.names[v]} in range({pe(size[v])}):")
             depth += 1
@@ -515,6 +526,23 @@ class Lowerer:
                       IND * (depth + 1) + f"{target} = 0.0"]
         else:
             lines.append(IND * depth + f"{target} = {self.pv(G)}")
+        return lines
+
+    def gemm_code(self, m, tmp) -> tuple[list, tuple]:
+        """The lines of an im2col GEMM (see ``match_gemm``) into ``tmp``, and tmp's index order."""
+        P, G, ks, fp, fg, size = m["P"], m["G"], m["ks"], m["fp"], m["fg"], m["size"]
+        pe = self.pe
+        col = tmp + "_col"
+        cdims = [pe(size[v]) for v in fg + ks]
+        prod = lambda vs: " * ".join(f"({pe(size[v])})" for v in vs) or "1"
+        gtxt = comment_text(sp.sstr(G))
+        view = self.plain_gather(m)
+        if view is not None:
+            lines = [f"# im2col: {col}[{', '.join(map(str, fg + ks))}] = {gtxt}: a plain read, no copy",
+                     f"{col} = {view}"]
+        else:
+            lines = [f"# im2col: {col}[{', '.join(map(str, fg + ks))}] = {gtxt}",
+                     f"{col} = np.empty(({', '.join(cdims)},), dtype=DT)"] + self.gather_loop(m, col)
         pname = self.ident(str(P.base.label))
         perm = [list(P.indices).index(v) for v in ks + fp]
         ptxt = comment_text(sp.sstr(P))

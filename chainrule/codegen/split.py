@@ -29,6 +29,11 @@ from .lower import IND, comment_text
 SPLIT_ABOVE_LINES = 600
 
 
+class DriverCode(str):
+    """A step that runs in the Python driver itself (binding flat views of a parameter before the
+    shared update kernel), not in a kernel of its own."""
+
+
 def _names(code: str) -> tuple[list, list]:
     """(names read, names assigned) by a block of generated code, in order of appearance."""
     loads, stores = [], []
@@ -53,7 +58,7 @@ class KernelSplitter:
     what either of them reads later, so it is compiled once."""
 
     def __init__(self):
-        self._drivers: dict = {}                 # driver -> [(code, args), ...]
+        self._drivers: dict = {}                 # driver -> its steps (code)
         self._outs: dict = {}                    # code -> names some driver reads after it
         self._args: dict = {}                    # code -> its arguments
 
@@ -68,20 +73,23 @@ class KernelSplitter:
         reads_after.reverse()
         defined, calls = set(known), []
         for code, (loads, stores), after in zip(blocks, parsed, reads_after):
+            calls.append(code)
+            if isinstance(code, DriverCode):
+                defined |= set(stores)
+                continue
             # a name the block assigns is its own (a loop index, an accumulator), never an argument
             args = [n for n in loads if n in defined and n not in stores]
             if self._args.setdefault(code, args) != args:
                 raise AssertionError(f"codegen: one block reads different names in two drivers: {args}")
             outs = self._outs.setdefault(code, [])
             outs.extend(n for n in stores if n in after and n not in outs)
-            calls.append(code)
             defined |= set(stores)
         self._drivers[driver] = calls
 
     def finish(self) -> tuple[list[str], dict]:
         """(kernel function sources, ``{driver: its steps}``: a comment line and a call each)."""
         names, functions = {}, []
-        for code, args in self._args.items():
+        for code, args in self._args.items():       # (driver code is never in _args)
             outs = self._outs[code]
             name = f"k{len(names)}_{outs[0] if outs else 'in_place'}"[:40]
             ret = (", ".join(outs) + ("," if len(outs) == 1 else "")) if outs else "None"
@@ -92,6 +100,9 @@ class KernelSplitter:
         for driver, calls in self._drivers.items():
             lines = []
             for code in calls:
+                if isinstance(code, DriverCode):
+                    lines.append(str(code))
+                    continue
                 outs = self._outs[code]
                 call = f"{names[code]}({', '.join(self._args[code])})"
                 lines.append(comment_text(_heading(code)) + "\n"
