@@ -269,6 +269,8 @@ class CompiledModel:
         from . import background
         if self.in_memory or self.cache_hit or self._background is not None or not background.idle_core():
             return False
+        if not all(hasattr(getattr(self.module, k), "compile") for k in kernels):
+            return False       # a split module's drivers are Python: their kernels compile on first use
         self._background = background.BackgroundCompile(
             self.module_path, self.module.__name__, {k: background.argument_types(self, k) for k in kernels})
         return True
