@@ -4,11 +4,19 @@ PyTorch eager (``nn.RNN``, when installed: a benchmark extra, never a dependency
 
     seq(32, 16) -> rnn(64) -> dense(10) -> softmax_cross_entropy,  batch 32
 
+``--cell lstm`` or ``--cell gru`` times the same step with an LSTM or a GRU against PyTorch's
+``nn.LSTM`` / ``nn.GRU`` (no NumPy column: the hand-written step is the Elman RNN's).
+
 All candidates run in one process, alternating round by round, on the same minibatch and the same
 initial parameters; each one's first cost is checked against chainrule's before timing. Prints
 the medians and the ratios to chainrule.
 
     python benchmarks/bench_rnn.py [--rounds 50] [--dtype float32] [--hidden 64] [--steps 32] [--batch 32]
+                                   [--clock wall|cpu] [--cell rnn|lstm|gru]
+
+``--clock cpu`` times each step by the CPU time of the calling thread (``time.thread_time``): on a
+shared machine it leaves out the time other processes hold the core, so the medians move less
+with the load (every candidate runs on this one thread: BLAS and PyTorch are limited to one).
 """
 from __future__ import annotations
 
@@ -62,17 +70,27 @@ def numpy_step(p, x, y, lr):
     return float(cost)
 
 
-def make_torch_step(torch, params, dtype):
+GATES = {"rnn": "", "lstm": "ifgo", "gru": "rzn"}       # PyTorch's order of the stacked gates
+
+
+def make_torch_step(torch, params, dtype, cell):
+    """PyTorch's cell with chainrule's parameters loaded (gates stacked in PyTorch's order; the GRU's
+    recurrent candidate bias is chainrule's ``bhn1``, every other recurrent bias zero)."""
     torch.set_num_threads(1)
     tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
-    hidden = params["U1"].shape[0]
-    rnn = torch.nn.RNN(FEATURES, hidden, batch_first=True, nonlinearity="tanh").to(tdtype)
+    hidden = params["W2"].shape[1]
+    kind = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
+    rnn = kind(FEATURES, hidden, batch_first=True).to(tdtype)
     head = torch.nn.Linear(hidden, CLASSES).to(tdtype)
+    gates = GATES[cell] or [""]
+    stack = lambda prefix: np.concatenate([params[f"{prefix}{g}1"] for g in gates])
     with torch.no_grad():
-        rnn.weight_ih_l0.copy_(torch.tensor(params["W1"]))
-        rnn.weight_hh_l0.copy_(torch.tensor(params["U1"]))
-        rnn.bias_ih_l0.copy_(torch.tensor(params["b1"]))
+        rnn.weight_ih_l0.copy_(torch.tensor(stack("W")))
+        rnn.weight_hh_l0.copy_(torch.tensor(stack("U")))
+        rnn.bias_ih_l0.copy_(torch.tensor(stack("b")))
         rnn.bias_hh_l0.zero_()
+        if cell == "gru":
+            rnn.bias_hh_l0[2 * hidden:] = torch.tensor(params["bhn1"])
         head.weight.copy_(torch.tensor(params["W2"]))
         head.bias.copy_(torch.tensor(params["b2"]))
     opt = torch.optim.SGD(list(rnn.parameters()) + list(head.parameters()), lr=LR)
@@ -84,7 +102,7 @@ def make_torch_step(torch, params, dtype):
         loss = -(y * torch.log_softmax(logits, dim=1)).sum() / x.shape[0]
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
     return step
 
 
@@ -95,13 +113,17 @@ def main(argv=None):
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--cell", choices=sorted(GATES), default="rnn")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time; cpu: this thread's CPU time (steadier on a loaded machine)")
     args = ap.parse_args(argv)
     try:
         from threadpoolctl import threadpool_limits
         threadpool_limits(1)
     except ImportError:
         pass
-    spec = f"seq({args.steps}, {FEATURES}) -> rnn({args.hidden}) -> dense({CLASSES}) -> softmax_cross_entropy"
+    spec = (f"seq({args.steps}, {FEATURES}) -> {args.cell}({args.hidden}) -> dense({CLASSES}) -> "
+            "softmax_cross_entropy")
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     cm = compile_model(build_model(spec), dtype=args.dtype)
@@ -112,11 +134,12 @@ def main(argv=None):
     cands = {}
     p_cr = {k: v.copy() for k, v in params.items()}
     cands["chainrule"] = lambda: cm.train_step(p_cr, x, y, LR)
-    p_np = {k: v.copy() for k, v in params.items()}
-    cands["numpy"] = lambda: numpy_step(p_np, x, y, LR)
+    if args.cell == "rnn":
+        p_np = {k: v.copy() for k, v in params.items()}
+        cands["numpy"] = lambda: numpy_step(p_np, x, y, LR)
     try:
         import torch
-        tstep = make_torch_step(torch, params, args.dtype)
+        tstep = make_torch_step(torch, params, args.dtype, args.cell)
         tx, ty = torch.tensor(x), torch.tensor(y)
         cands["pytorch eager"] = lambda: tstep(tx, ty)
     except ImportError:
@@ -127,15 +150,16 @@ def main(argv=None):
             raise SystemExit(f"{name}'s first cost {c} differs from chainrule's {first['chainrule']}")
     for fn in cands.values():
         fn()
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     times = {name: [] for name in cands}
     for _ in range(args.rounds):
         for name, fn in cands.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
-            times[name].append(time.perf_counter() - t)
+            times[name].append(clock() - t)
     base = statistics.median(times["chainrule"])
-    print(f"\nElman RNN {spec}\nbatch {args.batch}, {args.dtype}, 1 thread, median of {args.rounds} "
-          f"(kernels ready in {compile_s:.1f} s; load average {os.getloadavg()[0]:.2f}):")
+    print(f"\n{ {'rnn': 'Elman RNN', 'lstm': 'LSTM', 'gru': 'GRU'}[args.cell]} {spec}\nbatch {args.batch}, {args.dtype}, 1 thread, median of {args.rounds} "
+          f"({args.clock} clock; kernels ready in {compile_s:.1f} s; load average {os.getloadavg()[0]:.2f}):")
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"  {name:<14} {med * 1e3:8.3f} ms   {med / base:5.2f}x chainrule's time")

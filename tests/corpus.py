@@ -224,6 +224,12 @@ def corpus() -> dict:
         "swish + huber (README)": _seq(3, [Dense(8), swish, Dense(2)], huber, "swish-huber"),
         "attention": attention(),
         "rnn step": rnn_step(),
+        # recurrences over a symbolic T: one step's matrix form (h_{t-1}, δ_{t+1}, the initial state)
+        # and the weight gradients as sums over the steps
+        "elman rnn": build_model("seq(4, 3) -> rnn(5) -> dense(2) -> mse"),
+        "elman rnn, learned initial state": build_model("seq(4, 3) -> rnn(5, learn_initial=1) -> dense(2) -> mse"),
+        "lstm": build_model("seq(4, 3) -> lstm(5) -> dense(2) -> mse"),
+        "gru": build_model("seq(4, 3) -> gru(5) -> dense(2) -> mse"),
     })
     return models
 

@@ -13,8 +13,9 @@ B, T, n, m, k = (size(s) for s in "B T n m k".split())
 b, t, o, i, j, q = indices("b t o i j q")
 
 
-def elman(initial="zeros"):
-    """H[b,t,o] = tanh(Σ_i W x[b,t,i] + Σ_j U H[b,t-1,j] + c), a readout of the last step, squared error."""
+def elman(initial="zeros", lag=1):
+    """H[b,t,o] = tanh(Σ_i W x[b,t,i] + Σ_j U H[b,t-lag,j] + c), a readout of the last step, squared
+    error. The initial state: zeros, a learned parameter h0[o] or an input h0[b, o]."""
     x = Tensor("x", (B, T, n), role="input")
     W, U = Tensor("W", (m, n), role="param", init="glorot"), Tensor("U", (m, m), role="param", init="glorot")
     c, V = Tensor("c", (m,), role="param", init="glorot"), Tensor("V", (k, m), role="param", init="glorot")
@@ -23,16 +24,19 @@ def elman(initial="zeros"):
     if initial == "param":
         init = Tensor("h0", (m,), role="param", init="glorot")
         extra = [init]
+    elif initial == "input":
+        init = Tensor("h0", (B, m), role="input")
+        extra = [init]
     recurrent(H, 1, init)
     y, z = Tensor("y", (B, k), role="target"), Tensor("z", (B, k))
     loss, C = Tensor("l", (B,), role="loss"), Tensor("C", (), role="cost")
     eqs = [Equation(H, (b, t, o), sp.tanh(sp.Sum(W[o, i] * x[b, t, i], (i, 0, n - 1))
-                                          + sp.Sum(U[o, j] * H[b, t - 1, j], (j, 0, m - 1)) + c[o]), layer="rnn"),
+                                          + sp.Sum(U[o, j] * H[b, t - lag, j], (j, 0, m - 1)) + c[o]), layer="rnn"),
            Equation(z, (b, q), sp.Sum(V[q, o] * H[b, T - 1, o], (o, 0, m - 1)), layer="out"),
            Equation(loss, (b,), sp.Sum((z[b, q] - y[b, q]) ** 2, (q, 0, k - 1)), layer="loss"),
            Equation(C, (), sp.Sum(loss[b], (b, 0, B - 1)) / B, layer="cost")]
     return Model(eqs, [x, W, U, c, H, V, y, z, loss, C, *extra], C, loss=loss, outputs=[z],
-                 size_values={n: 3, m: 4, k: 2, T: 5}, name="elman")
+                 size_values={n: 3, m: 4, k: 2, T: 5}, name="elman" if lag == 1 else f"elman-lag{lag}")
 
 
 def test_the_natural_recurrence_is_a_time_loop_with_its_initial_state():
@@ -83,6 +87,38 @@ def test_bptt_verifies_exactly_at_several_sizes_including_T(initial):
     for c in checks:
         assert c and c.checked > 0, str(c)
         assert {s["T"] for s in c.sizes} == {4, 5}
+
+
+def test_a_recurrence_two_steps_back_is_derived_and_verifies_at_several_sizes():
+    """H reads H[t-2] (two interleaved chains): the adjoint reads δ[t+2], guarded by t + 3 <= T, and
+    the recurrent weight's gradient starts at t = 2; exact at two size assignments, T included."""
+    model = elman(lag=2)
+    grads = derive(model)
+    H, U = model.tensors["H"], model.tensors["U"]
+    dH = grads.composed["H"].adjoint
+    o2 = sp.Symbol("o'", integer=True)
+    assert grads.composed["H"].equation.body.has(
+        sp.Piecewise((sp.Sum((1 - H[b, t + 2, o2] ** 2) * U[o2, o] * dH[b, t + 2, o2], (o2, 0, m - 1)),
+                      T >= t + 3), (0, True)))
+    dU = grads.composed["U"].equation.body
+    assert isinstance(dU, sp.Sum) and dU.limits[1] == (t, 2, T - 1)
+    checks = verify_model(model, sizes=[{"B": 3, "T": 5, "k": 4, "m": 6, "n": 7},
+                                        {"B": 4, "T": 6, "k": 3, "m": 5, "n": 7}], points=1)
+    assert {c.name.split("dC/d")[1] for c in checks} == {"U", "V", "W", "c"}
+    for c in checks:
+        assert c and c.checked > 0, str(c)
+        assert {s["T"] for s in c.sizes} == {5, 6}
+
+
+def test_an_initial_state_given_as_an_input_verifies_exactly():
+    """h0[b, o] an input (a state carried over from a previous batch): exact at two sizes; its own
+    gradient is the adjoint the first steps send back (checked with wrt=)."""
+    model = elman("input", lag=2)
+    checks = verify_model(model, derive(model, wrt=["h0"]), points=1,
+                          sizes=[{"B": 3, "T": 4, "k": 5, "m": 6, "n": 7}, {"B": 4, "T": 5, "k": 3, "m": 7, "n": 6}])
+    assert {c.name.split("dC/d")[1] for c in checks} == {"U", "V", "W", "c", "h0"}
+    for c in checks:
+        assert c and c.checked > 0, str(c)
 
 
 def test_truncated_backpropagation_is_not_the_gradient():
@@ -158,6 +194,58 @@ def test_kernels_loop_over_time_and_match_numpy_and_finite_differences(compiled_
         assert check.ok, str(check)
 
 
+def _time_loops(function_source):
+    """(the lines before, the body) of each ``for tN in range(...)`` loop of a generated function."""
+    lines, out = function_source.splitlines(), []
+    for k, line in enumerate(lines):
+        if line.startswith("    for t") and " in range(" in line:
+            body = []
+            for inner in lines[k + 1:]:
+                if inner.strip() and not inner.startswith("        "):
+                    break
+                body.append(inner)
+            out.append((lines[:k], body))
+    return out
+
+
+def test_a_time_loop_keeps_only_what_needs_the_previous_step():
+    """Lowered from the equations' shape: the input projection reads nothing the recurrence computes,
+    so it is one GEMM over the whole sequence before the loop (x read in place as a (B·T) x n
+    matrix), and the readout's adjoint, which does not depend on t, is computed once before the
+    backward loop; each step keeps one np.dot, the recurrent one, and calls the vectorisable tanh."""
+    from chainrule.codegen.render import render_module
+    from chainrule.derive import build_model
+    src = render_module(build_model("seq(6, 3) -> rnn(5) -> dense(2) -> softmax_cross_entropy"), "float32")
+    lag = src[src.index("def loss_and_grads"):src.index("def train_step")]
+    (before_fwd, forward), (before_bwd, backward) = _time_loops(lag)
+    assert "np.dot(t0_x.reshape(((n_batch) * (6), (3)))" in "\n".join(before_fwd)
+    assert "    # hoisted2[b,t,o] = Σ_i[W1[o, i]*x[b, t, i]] + b1[o]" in before_fwd
+    assert sum("np.dot(" in ln for ln in forward) == 1 and "np.dot(t4_h1_sm1, t2_U1.T)" in "\n".join(forward)
+    assert any("_tanh(" in ln for ln in forward) and not any("math.tanh" in ln for ln in forward)
+    assert before_bwd[-1].strip().startswith("hoisted") and "= np.dot(t14_d_z2, t7_W2)" in before_bwd[-1]
+    assert sum("np.dot(" in ln for ln in backward) == 1 and "t2_U1)" in "\n".join(backward)
+    # the weight gradients: GEMMs after the backward loop, x read in place (transposed) for d_W1
+    assert "np.dot(t0_x.reshape(((n_batch) * (6), (3))).T, t15_d_z1.reshape(" in lag
+
+
+@pytest.mark.slow
+def test_kernels_of_a_recurrence_two_steps_back_from_an_input_state(compiled_declared):
+    """H[t-2] with h0[b, o] an input: the step reads the slice two steps back (h0 for t < 2), and
+    the kernels match the recurrence by hand and central differences."""
+    from chainrule.codegen.verify import check_gradients
+    cm = compiled_declared("elman-lag2-input", lambda: elman("input", lag=2))
+    assert "t4_H[:, t1 - 2, :]" in cm.source and "# H at step t1-2 (the initial state before the start)" in cm.source
+    rng = np.random.default_rng(4)
+    params = cm.init_params(seed=2)
+    x, h0 = rng.normal(size=(6, 5, 3)), rng.normal(size=(6, 4))
+    h = [h0, h0]                                    # h_{-2}, h_{-1}
+    for step in range(5):
+        h.append(np.tanh(x[:, step] @ params["W"].T + h[-2] @ params["U"].T + params["c"]))
+    assert np.allclose(cm.predict(params, [x, h0]), h[-1] @ params["V"].T, rtol=1e-12, atol=1e-12)
+    for check in check_gradients(None, compiled=cm, batch=4):
+        assert check.ok, str(check)
+
+
 def test_the_explanation_says_backpropagation_through_time():
     from chainrule.derive import build_model, explain_model
     md = explain_model(build_model("seq(5, 3) -> rnn(4) -> dense(2) -> mse")).to_markdown()
@@ -170,3 +258,40 @@ def test_the_explanation_says_backpropagation_through_time():
     # the weight gradient starts at t = 1: h_{-1} = 0 (a recorded step)
     assert "*initial state*: before t = 0 a recurrence holds its declared initial state" in md
     assert "1 \\leq t \\leq T_{0} - 1" in md
+
+
+def test_the_bptt_recursion_in_matrix_form_with_shapes():
+    """The explanation's matrix forms of one step (column vectors per example): the forward step
+    reads h_{t-1}, δ_t = (1 - h_t²) ⊙ ([T ≥ t+2] Uᵀ δ_{t+1} + [t = T-1] W⁽²⁾ᵀ δ⁽²⁾), and ∂C/∂U =
+    Σ_{t=1}^{T-1} Δ_tᵀ H_{t-1} over the batch. Each is checked against its index form here at sizes
+    the engine did not use, at every step t (both branches of each bracket)."""
+    from chainrule.derive import build_model, explain_model
+    from chainrule.derive.matrix import check_sizes, random_env
+    model = build_model("seq(5, 3) -> rnn(4) -> dense(2) -> mse")
+    doc = explain_model(model)
+    forms = {f.lhs: f for f in doc.matrix_forms}
+    step = forms[r"z^{(1)}_{t}"]
+    assert step.rhs == r"b^{(1)} + U^{(1)} h^{(1)}_{t - 1} + W^{(1)} x_{t}" and step.shape == "n_{1}"
+    assert r"before the first step, $h^{(1)}_{t - 1}$ is the initial state $0$" in step.notes
+    delta = forms[r"\delta^{(1)}_{t}"]
+    assert delta.rhs == (r"\left(1 - \left(h^{(1)}_{t}\right)^{\circ 2}\right) \odot \left(\left[T_{0} \geq t + 2\right] "
+                         r"\left(U^{(1)\top} \delta^{(1)}_{t + 1}\right) + \left[t = T_{0} - 1\right] "
+                         r"\left(W^{(2)\top} \delta^{(2)}\right)\right)")
+    dU = forms[r"\frac{\partial C}{\partial U^{(1)}}"]
+    assert dU.rhs == r"\sum_{t=1}^{T_{0} - 1} {\Delta^{(1)}_{t}}^{\top} H^{(1)}_{t - 1}" and dU.shape == r"n_{1} \times n_{1}"
+    md = doc.to_markdown()
+    assert "For each example and step $t$ (column vectors), shape $n_{1}$:" in md
+    grads = derive(model)
+    tensors = {**model.tensors, **{a.name: a for a in grads.adjoints.values()}}
+    rng = np.random.default_rng(9)
+    compared = 0
+    for form in (step, delta, dU):
+        for sizes in check_sizes(form.eq, tensors, count=4)[2:]:
+            env = random_env(form.eq, tensors, sizes, rng)
+            T_value = sizes[model.tensors["x"].shape[1]]
+            for t_value in range(T_value if form.fixed else 1):
+                fixed = {i: (t_value if str(i) == "t" else 1) for i in form.fixed}
+                got, want = form.evaluate(env, sizes, fixed), form.reference(env, sizes, fixed)
+                np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+                compared += want.size
+    assert compared > 100

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from chainrule.derive import build_model
-from chainrule.derive.errors import ShapeError
+from chainrule.derive.errors import ShapeError, SpecError
 
 GRU_SPEC = "seq(5, 3) -> gru(4) -> dense(2) -> mse"
 LSTM_SPEC = "seq(5, 3) -> lstm(4) -> dense(2) -> mse"
@@ -106,7 +106,8 @@ def test_the_rnn_spec_stacks_and_reaches_finite_differences(compiled_model):
                                         r"vocabulary \[0, 7\) of the embedding that reads it; 1 entry is outside"):
         cm.predict(params, ids)
     # a sequence of the wrong rank: named with the shape expected
-    with pytest.raises(ShapeError, match=r"input x has shape \(2, 5, 1\), expected \(B, 5\)"):
+    with pytest.raises(ShapeError, match=r"input x has shape \(2, 5, 1\), expected \(B, 5\) \(read by layer "
+                                         r"1:embedding\(3\)\)"):
         cm.predict(params, ids[:, :, None])
     assert cm.predict(params, np.clip(ids, 0, 6)).shape == (2, 2)
 
@@ -132,3 +133,24 @@ def test_a_flattened_sequence_feeds_one_dense_layer_over_every_position():
     assert z.rank == 2 and model.tensors["W1"].rank == 3          # W1[o, t, i]: every position's weights
     results = verify_model(model)
     assert all(results) and all(r.checked > 0 for r in results)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_a_learned_initial_state_from_the_spec_verifies_exactly(cell):
+    """``learn_initial=1``: the state before t = 0 is a parameter (the LSTM's cell state too), and its
+    gradient (what the first step sends back, summed over the batch) is exact at two sizes, T included."""
+    from chainrule.derive.verify import verify_model
+    model = build_model(f"seq(3, 2) -> {cell}(3, learn_initial=1) -> dense(2) -> mse")
+    initial = {"rnn": {"h01"}, "lstm": {"h01", "c01"}}[cell]
+    assert initial <= {p.name for p in model.params}
+    checks = verify_model(model, points=1)
+    assert initial <= {c.name.split("dC/d")[1] for c in checks}
+    for c in checks:
+        assert c and c.checked > 0, str(c)
+        assert len({s["T_0"] for s in c.sizes}) == 2, c.sizes
+
+
+def test_a_recurrent_layer_with_an_unknown_option_names_its_usage():
+    with pytest.raises(SpecError, match=r"item 2: lstm: bad arguments; usage: lstm\(N, return_sequences=0\|1, "
+                                        r"learn_initial=0\|1\)"):
+        build_model("seq(4, 3) -> lstm(5, initial=1) -> dense(2) -> mse")

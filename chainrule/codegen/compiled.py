@@ -67,6 +67,12 @@ class CompiledModel:
         self._ys = targets
         self.output_names = [t.name for t in model.outputs]
         self._dims = {t.name: self._batch_shape(model, t) for t in (*self._xs, *self._ys)}
+        # the layer that first reads each input or target: named when its array has the wrong shape
+        self._reader = {}
+        for eq in model.equations:
+            for name, _ in eq.reads():
+                if eq.layer:
+                    self._reader.setdefault(name, eq.layer)
         # facts declared on the arguments, which the derived gradient may rely on
         self.facts = declared_facts(model, names={*self.input_names, *self.target_names})
         self._background = None       # a worker compiling kernels into Numba's cache (background.py)
@@ -198,7 +204,8 @@ class CompiledModel:
         dims = self._dims[tensor.name]
         if a.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, a.shape)):
             shape = "(" + ", ".join("B" if d is None else str(d) for d in dims) + ")"
-            raise ShapeError(f"{what} {tensor.name} has shape {a.shape}, expected {shape}")
+            reader = f" (read by layer {self._reader[tensor.name]})" if tensor.name in self._reader else ""
+            raise ShapeError(f"{what} {tensor.name} has shape {a.shape}, expected {shape}{reader}")
         if a.ndim and a.shape[0] == 0:
             raise ShapeError(f"{what} {tensor.name} is an empty batch")
         for fact in self.facts:

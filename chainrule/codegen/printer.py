@@ -147,7 +147,7 @@ class KernelPrinter(PythonCodePrinter):
         return "math.cos(%s)" % self._print(expr.args[0])
 
     def _print_tanh(self, expr):
-        return "math.tanh(%s)" % self._print(expr.args[0])
+        return "_tanh(%s)" % self._print(expr.args[0])  # the module's vectorisable tanh
 
     def _print_Abs(self, expr):
         return "abs(%s)" % self._print(expr.args[0])

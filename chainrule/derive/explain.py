@@ -241,11 +241,18 @@ class Writer:
         per_example = per_example or (batched and eq.out.rank >= 3)
         fixed = [eq.indices[0]] if per_example else []
         mf = matrix_form(eq, self.tensors, fixed=fixed)      # None unless it passed its numeric check
+        label = ("Per example (column vectors)" if eq.out.rank < 3 else "For each example") if per_example \
+            else "In matrix form"
+        axis = eq.out.meta.get("time_axis")
+        if mf is None and per_example and axis is not None and eq.indices[axis] not in fixed:
+            # a sequence that reads other steps (a recurrence, its adjoint): one step's form, the
+            # other steps' reads as H_{t-1}, Δ_{t+1}
+            step = eq.indices[axis]
+            mf = matrix_form(eq, self.tensors, fixed=fixed + [step], time=[step])
+            label = f"For each example and step ${self.tex(step)}$ (column vectors)"
         if mf is None:
             return []
         self.forms.append(mf)
-        label = ("Per example (column vectors)" if eq.out.rank < 3 else "For each example") if per_example \
-            else "In matrix form"
         blocks = [Para(f"{label}, shape ${mf['shape']}$:"), Display(f"{mf['lhs']} = {mf['rhs']}")]
         if mf["notes"]:
             blocks.append(Bullets(mf["notes"]))

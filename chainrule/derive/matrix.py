@@ -29,6 +29,7 @@ from sympy.core.function import Application
 from .errors import ChainruleError
 from .numeric import IndexEvaluator, concrete, evaluate
 from .printing import IndexPrinter
+from .recurrence import Delayed
 
 
 class NoMatrixForm(Exception):
@@ -162,7 +163,8 @@ class Sum(Node):
         self.terms = terms
         tex = ("- " if terms[0][0] < 0 else "") + terms[0][1].tex
         for sign, m in terms[1:]:
-            tex += (" + " if sign > 0 else " - ") + (m.tex if m.atom or isinstance(m, (MatMul, Hadamard)) else m.paren())
+            tex += (" + " if sign > 0 else " - ") + (m.tex if m.atom or isinstance(m, (MatMul, Hadamard, Guarded))
+                                                     else m.paren())
         self.tex = tex
 
     def value(self, ctx):
@@ -196,6 +198,93 @@ class Apply(Node):
     def value(self, ctx):
         inner = self.m.value(ctx)
         return np.vectorize(lambda x: ctx.scalar(self.template, {self.placeholder: float(x)}))(inner)
+
+
+class StepRead(Node):
+    """A read at a time step: a fixed index shifted by a constant (``H[b, t-1, j]`` with t fixed is
+    the slice ``H_{t-1}``), printed with the step as a subscript."""
+
+    def __init__(self, tex, name, indices, fixed):
+        self.tex, self.name, self.indices, self.fixed = tex, name, tuple(indices), set(fixed)
+
+    def value(self, ctx):
+        arr = np.asarray(ctx.env[self.name], dtype=float)
+        sel = []
+        for axis, e in enumerate(self.indices):
+            if not (sp.sympify(e).free_symbols & self.fixed):
+                sel.append(slice(None))
+                continue
+            k = concrete(e, ctx.fixed)
+            if not 0 <= k < arr.shape[axis]:            # a guard or the initial state decides this
+                raise ValueError(f"step {e} = {k} is outside the sequence")
+            sel.append(k)
+        return _as_2d(arr[tuple(sel)])
+
+
+def _zeros(lengths, ctx):
+    return _as_2d(np.zeros(tuple(concrete(n, ctx.sizes) for n in lengths)))
+
+
+def _holds(cond, ctx) -> bool:
+    values = {**{k: sp.Integer(v) for k, v in ctx.sizes.items()},
+              **{k: sp.Integer(v) for k, v in ctx.fixed.items()}}
+    out = sp.sympify(cond).xreplace(values)
+    if out not in (sp.true, sp.false):
+        raise ValueError(f"condition {cond} is not decided at {values}")
+    return bool(out)
+
+
+class Guarded(Node):
+    """``[cond] M``: M where the condition on the fixed indices (a time step) holds, zero elsewhere
+    (an Iverson bracket: the branch of a piecewise adjoint, such as δ_{t+1} existing only for t < T-1)."""
+
+    atom = False
+
+    def __init__(self, cond, cond_tex, m: Node, lengths):
+        self.cond, self.m, self.lengths = cond, m, lengths
+        self.tex = rf"\left[{cond_tex}\right] {m.paren()}"
+
+    def value(self, ctx):
+        return self.m.value(ctx) if _holds(self.cond, ctx) else _zeros(self.lengths, ctx)
+
+
+class DelayedRead(Node):
+    """The previous state ``h_{t-k}``: its step while ``when`` ≥ 0, the declared initial state (zeros,
+    or a parameter or input shared by the steps) before the start."""
+
+    def __init__(self, read: Node, initial: Node | None, when, lengths):
+        self.read, self.initial, self.when, self.lengths = read, initial, when, lengths
+        self.tex, self.atom = read.tex, read.atom
+
+    def value(self, ctx):
+        if concrete(self.when, ctx.fixed) >= 0:
+            return self.read.value(ctx)
+        if self.initial is None:
+            return _zeros(self.lengths, ctx)
+        init = self.initial.value(ctx)
+        want = tuple(concrete(n, ctx.sizes) for n in self.lengths)
+        if len(want) == 2 and init.shape == (want[1], 1):      # one state shared by the batch's rows
+            return np.repeat(init.T, want[0], axis=0)
+        return init
+
+
+class SumOver(Node):
+    """``Σ_{t=lo}^{hi} M_t``: a sum over an index kept as a sum of matrices, one per value of the
+    index (a weight's gradient over the time steps)."""
+
+    atom = False
+
+    def __init__(self, var, lo, hi, m: Node, lengths, printer):
+        self.var, self.lo, self.hi, self.m, self.lengths = var, lo, hi, m, lengths
+        self.tex = (rf"\sum_{{{printer.doprint(var)}={printer.doprint(lo)}}}^{{{printer.doprint(hi)}}} "
+                    rf"{m.tex if isinstance(m, MatMul) else m.paren()}")
+
+    def value(self, ctx):
+        at = {**ctx.sizes, **ctx.fixed}
+        total = _zeros(self.lengths, ctx)
+        for k in range(concrete(self.lo, at), concrete(self.hi, at) + 1):
+            total = total + self.m.value(Context(ctx.env, ctx.sizes, {**ctx.fixed, self.var: k}))
+        return total
 
 
 def _as_2d(a):
@@ -234,10 +323,11 @@ PLACEHOLDER = sp.Symbol("PLACEHOLDER")
 
 
 class Lifter:
-    def __init__(self, tensors: dict, ranges: dict, fixed=()):
+    def __init__(self, tensors: dict, ranges: dict, fixed=(), time=()):
         self.tensors = tensors
         self.ranges = ranges            # index -> (lo, hi)
         self.fixed = set(fixed)
+        self.time = set(time)           # fixed indices that are time steps: printed as subscripts
         self.printer = IndexPrinter(tensors)
 
     # names -------------------------------------------------------------------------------------
@@ -247,7 +337,7 @@ class Lifter:
             if not t.meta.get("custom_latex") and of is not None:
                 return rf"\frac{{\partial C}}{{\partial {self.name(of)}}}"
         tex = t.latex
-        if self.fixed or t.role == "param" or t.rank < 2:
+        if (self.fixed - self.time) or t.role == "param" or t.rank < 2:
             return tex
         for small, big in _UPPER.items():
             if tex.startswith(small):
@@ -280,6 +370,12 @@ class Lifter:
         return not (expr.free_symbols & (set(self.ranges) - self.fixed)) and not expr.has(sp.Sum)
 
     def lift(self, expr, order=None) -> Mat:
+        if isinstance(expr, sp.Indexed) and self.at_step(expr):
+            return self.lift_step_read(expr)
+        if isinstance(expr, Delayed):
+            return self.lift_delayed(expr)
+        if isinstance(expr, sp.Piecewise):
+            return self.lift_piecewise(expr, order)
         if isinstance(expr, sp.Indexed):
             t = self.tensors[str(expr.base.label)]
             if not all(isinstance(i, sp.Symbol) for i in expr.indices) or len(set(expr.indices)) != len(expr.indices):
@@ -311,9 +407,90 @@ class Lifter:
             raise NoMatrixForm(f"{expr}: the argument appears more than once")
         return Mat(Apply(template, PLACEHOLDER, arg.node, self.printer), arg.idx, arg.notes)
 
+    # time steps ---------------------------------------------------------------------------------
+    def at_step(self, read) -> bool:
+        """Does ``read`` read a time step (an index that is a fixed time index plus a constant)?"""
+        return any(sp.sympify(e).free_symbols & self.time for e in read.indices)
+
+    def lift_step_read(self, read) -> Mat:
+        t = self.tensors[str(read.base.label)]
+        idx = []
+        step = None
+        for e in read.indices:
+            e = sp.sympify(e)
+            if e.free_symbols & self.time:
+                shift = e - next(iter(e.free_symbols & self.time))
+                if len(e.free_symbols) != 1 or not shift.is_Integer or step is not None:
+                    raise NoMatrixForm(f"{read}: not one time step")
+                step = e
+            elif isinstance(e, sp.Symbol):
+                if e not in self.fixed:
+                    idx.append(e)
+            else:
+                raise NoMatrixForm(f"{read}: not a plain read")
+        if len(set(idx)) != len(idx):
+            raise NoMatrixForm(f"{read}: a repeated index")
+        name = self.name(t)
+        base = name if not name.startswith(r"\frac") else rf"\left({name}\right)"
+        tex = f"{base}_{{{self.printer.doprint(step)}}}"
+        return Mat(StepRead(tex, t.name, read.indices, self.fixed), tuple(idx))
+
+    def lift_delayed(self, expr) -> Mat:
+        initial, read, when = expr.args
+        m = self.lift(read)
+        init = None
+        if initial != 0:
+            init = self.lift(initial).node
+        lengths = [self.length(i) for i in m.idx]
+        note = (f"before the first step, ${m.tex}$ is the initial state "
+                + (f"${init.tex}$" if init is not None else "$0$"))
+        return Mat(DelayedRead(m.node, init, when, lengths), m.idx, m.notes + [note])
+
+    def lift_piecewise(self, expr, order) -> Mat:
+        if len(expr.args) != 2 or expr.args[1].expr != 0 or expr.args[1].cond != sp.true:
+            raise NoMatrixForm("a piecewise expression that is not one branch or zero")
+        value, cond = expr.args[0]
+        if not (cond.free_symbols <= self.fixed | {s for s in cond.free_symbols if s.is_positive}):
+            raise NoMatrixForm(f"a branch on {cond}, not on a fixed index")
+        m = self.lift(value, order)
+        lengths = [self.length(i) for i in m.idx]
+        return Mat(Guarded(cond, self.printer.doprint(cond), m.node, lengths), m.idx, m.notes)
+
+    def time_indices(self, expr) -> set:
+        """The indices that ``expr`` uses on the time axis of a sequence it reads."""
+        out = set()
+        for r in expr.atoms(sp.Indexed):
+            t = self.tensors.get(str(r.base.label))
+            axis = t.meta.get("time_axis") if t is not None else None
+            if axis is not None and axis < len(r.indices):
+                out |= sp.sympify(r.indices[axis]).free_symbols
+        for d in expr.atoms(Delayed):
+            out |= sp.sympify(d.args[2]).free_symbols
+        return out
+
+    def lift_sum_over_time(self, expr, order) -> Mat:
+        """``Σ_{b,t} f``: the sum over the time index kept as a sum of one matrix form per step
+        (``Σ_t Δ_tᵀ H_{t-1}``), the other indices lifted with the step fixed."""
+        times = self.time_indices(expr.function)
+        for pos in range(len(expr.limits) - 1, -1, -1):
+            v, lo, hi = expr.limits[pos]
+            if v not in times:
+                continue
+            rest = [lim for q, lim in enumerate(expr.limits) if q != pos]
+            inner = sp.Sum(expr.function, *rest) if rest else expr.function
+            sub = Lifter(self.tensors, self.ranges, self.fixed | {v}, self.time | {v})
+            m = sub.lift(inner, order)
+            vv = self.printer.doprint(v)
+            note = (f"the sum over the steps ${vv}$ stays a sum: one matrix product per step, each "
+                    f"step's contribution added")
+            return Mat(SumOver(v, lo, hi, m.node, [self.length(i) for i in m.idx], self.printer),
+                       m.idx, m.notes + [note])
+        raise NoMatrixForm("a sum over several indices")
+
     def lift_sum(self, expr, order):
-        if len(expr.limits) != 1:
-            raise NoMatrixForm("a sum over several indices")
+        if len(expr.limits) != 1 or (expr.limits[0][0] in self.time_indices(expr.function)
+                                     and expr.limits[0][0] not in self.fixed):
+            return self.lift_sum_over_time(expr, order)
         k, lo, hi = expr.limits[0]
         full = self.ranges.get(k)
         if full is None or sp.simplify(lo - full[0]) != 0 or sp.simplify(hi - full[1]) != 0:
@@ -336,8 +513,18 @@ class Lifter:
         elif len(rest) == 2:
             out = self.contraction(k, *[self.lift(f) for f in rest], order)
         else:
-            raise NoMatrixForm("a sum of a product of more than two factors")
+            out = self.contraction(k, *self.two_operands(rest), order)
         return self.scaled(sp.Mul(*scalars), out)
+
+    def two_operands(self, factors) -> list:
+        """Factors of a sum's product grouped by the indices they read into two operands, each the
+        elementwise product of its group (``Σ_k (1 - h_k²) δ_k U_kj``: ``(1 - h²) ⊙ δ`` and ``U``)."""
+        groups: dict = {}
+        for f in factors:
+            groups.setdefault(frozenset(self.lift(f).idx), []).append(f)
+        if len(groups) != 2:
+            raise NoMatrixForm("a sum of a product of more than two operands")
+        return [self.lift(sp.Mul(*g)) for g in groups.values()]
 
     def contraction(self, k, a: Mat, b: Mat, order) -> Mat:
         if k not in a.idx or k not in b.idx:
@@ -507,14 +694,16 @@ class MatrixForm:
         return got.shape == want.shape and bool(np.allclose(got, want, rtol=rtol, atol=rtol))
 
 
-def matrix_form(eq, tensors: dict, extra_ranges=None, fixed=(), check=True) -> MatrixForm | None:
+def matrix_form(eq, tensors: dict, extra_ranges=None, fixed=(), check=True, time=()) -> MatrixForm | None:
     """The matrix form of an index-form equation, or None when no pattern fits or it fails its check
-    (``check=False`` skips the numeric self-check: tests call ``MatrixForm.check`` themselves)."""
+    (``check=False`` skips the numeric self-check: tests call ``MatrixForm.check`` themselves).
+    ``time``: fixed indices that are time steps (the form of one step of a recurrence, its reads at
+    other steps as ``H_{t-1}``, ``Δ_{t+1}``)."""
     ranges = {**(extra_ranges or {}), **eq.ranges()}
     for s in eq.body.atoms(sp.Sum):
         for v, lo, hi in s.limits:
             ranges.setdefault(v, (lo, hi))
-    lifter = Lifter(tensors, ranges, fixed)
+    lifter = Lifter(tensors, ranges, fixed, time)
     order = tuple(i for i in eq.indices if i not in lifter.fixed)
     try:
         rhs = lifter.lift(eq.body, order)
@@ -523,7 +712,12 @@ def matrix_form(eq, tensors: dict, extra_ranges=None, fixed=(), check=True) -> M
             raise NoMatrixForm("free indices differ")
     except (NoMatrixForm, KeyError):
         return None
-    form = MatrixForm(eq, lifter.name(eq.out), rhs.tex, lifter.size_tex(order),
+    lhs = lifter.name(eq.out)
+    steps = [i for i in eq.indices if i in lifter.time]
+    if steps:                       # one step of a sequence: its name carries the step
+        lhs = (lhs if not lhs.startswith(r"\frac") else rf"\left({lhs}\right)") + \
+            f"_{{{lifter.printer.doprint(steps[0])}}}"
+    form = MatrixForm(eq, lhs, rhs.tex, lifter.size_tex(order),
                       list(dict.fromkeys(rhs.notes)), rhs.node, order, tuple(lifter.fixed))
     if check and not self_check(form, tensors):
         return None

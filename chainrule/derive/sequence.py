@@ -196,10 +196,11 @@ SEQUENCE_LAYERS = {"rnn": RNN, "lstm": LSTM, "gru": GRU, "embedding": Embedding}
 
 def sequence_layer(name, pos, kw, position):
     cls = SEQUENCE_LAYERS[name]
-    if "return_sequences" in kw:
-        kw["return_sequences"] = bool(kw["return_sequences"])
+    for flag in ("return_sequences", "learn_initial"):
+        if flag in kw:
+            kw[flag] = bool(kw[flag])
     try:
         return cls(*pos, **kw)
     except TypeError:
-        usage = "embedding(N)" if name == "embedding" else f"{name}(N, return_sequences=0|1)"
+        usage = "embedding(N)" if name == "embedding" else f"{name}(N, return_sequences=0|1, learn_initial=0|1)"
         raise SpecError(f"item {position}: {name}: bad arguments; usage: {usage}") from None

@@ -11,7 +11,8 @@ Spec grammar (items separated by ``->`` or ``,`` at the top level; whitespace ig
             | maxpool(K [, stride=S]) | avgpool(K [, stride=S]) | global_avgpool | flatten
             | residual(<layer> -> <layer> -> ...)      h = x + f(x)
             | batchnorm [(momentum=M, eps=E)] | layer_norm [(eps=E)] | dropout(P) | noise(S)
-            | rnn(N) | lstm(N) | gru(N)   [, return_sequences=1]   over a sequence input
+            | rnn(N) | lstm(N) | gru(N)   [, return_sequences=1] [, learn_initial=1]   over a sequence
+                                         input (learn_initial: the state before t = 0 a parameter)
             | embedding(N)                                        over a tokens input
     input  += seq(T, N)          a sequence of T steps of N features
             | tokens(T, V)       T token ids below V
