@@ -17,6 +17,7 @@ from chainrule.derive.recurrence import recurrent
 from chainrule.derive.tensor import Equation, Tensor
 
 b, o, i, j, k, t, u, f, e = indices("b o i j k t u f e")
+k_ = index("q")
 
 
 class Residual(Layer):
@@ -146,6 +147,22 @@ class SecondOrderRNN(Layer):
         return d.define(h, (b, t, o), sp.tanh(sp.Sum(W[o, i] * x[b, t, i], (i, 0, n - 1))
                                               + sp.Sum(U[o, j] * h[b, t - 1, j], (j, 0, m - 1))
                                               + sp.Sum(V[o, j] * h[b, t - 2, j], (j, 0, m - 1)) + c[o]))
+
+
+def elman_from_a_given_state() -> Model:
+    """H[b,t] = tanh(W x[b,t] + U H[b,t-1]) whose state before the start is a second input h0 (a state
+    carried over from an earlier segment), read out at the last step: a recurrence declared by hand."""
+    d = Builder()
+    T, n, m, k = d.size("T", 6), d.size("n", 3), d.size("m", 4), d.size("k", 7)
+    x, h0 = d.tensor("x", (B, T, n), role="input"), d.tensor("h0", (B, m), role="input")
+    W, U, V = d.param("W", (m, n)), d.param("U", (m, m)), d.param("V", (k, m))
+    H = recurrent(d.tensor("H", (B, T, m)), 1, initial=h0)
+    d.define(H, (b, t, o), sp.tanh(sp.Sum(W[o, i] * x[b, t, i], (i, 0, n - 1))
+                                   + sp.Sum(U[o, j] * H[b, t - 1, j], (j, 0, m - 1))))
+    z = d.tensor("z", (B, k))
+    d.define(z, (b, k_), sp.Sum(V[k_, o] * H[b, T - 1, o], (o, 0, m - 1)))
+    cost = _cost_of(d, z)
+    return Model(d.equations, d.tensors, cost, outputs=[z], size_values=d.size_values, name="elman-given-state")
 
 
 def _cost_of(d: Builder, out: Tensor, target_shape=None) -> tuple:

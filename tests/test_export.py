@@ -55,14 +55,14 @@ LAYERS = {
     "global_avgpool": (conv_layers.GlobalAvgPool, (3, 4, 5)),
     "residual block": (lambda: Block([Dense(3), Activation("relu", L.ACTIVATIONS["relu"]), Dense(3)]), 3),
     # recurrences: a loop over t forward, the derived BPTT recursion backward (sequences (T, n))
-    "rnn": (lambda: RNN(4), (5, 3)),
-    "rnn learned initial state": (lambda: RNN(3, return_sequences=True, learn_initial=True), (4, 3)),
-    "lstm": (lambda: LSTM(3, return_sequences=True), (4, 3)),
-    "gru": (lambda: GRU(4), (5, 3)),
+    "rnn": (lambda: RNN(4), (6, 3)),
+    "rnn learned initial state": (lambda: RNN(3, return_sequences=True, learn_initial=True), (4, 6)),
+    "lstm": (lambda: LSTM(3, return_sequences=True), (4, 6)),
+    "gru": (lambda: GRU(4), (7, 3)),
     # user layers, declared and nothing else
     "swish": (_swish, 4),
     "bilinear": (lambda: corpus.Bilinear(units=3), 4),
-    "user recurrence (two lags)": (lambda: corpus.SecondOrderRNN(units=3), (5, 4)),
+    "user recurrence (two lags)": (lambda: corpus.SecondOrderRNN(units=3), (6, 4)),
 }
 LOSSES = {f"loss {n}": (L.LOSSES[n], 3) for n in L.LOSSES}
 MODELS = {
@@ -83,9 +83,10 @@ MODELS = {
     "position embedding": (PositionEmbedding.doc_example, None),
     "causal attention": (CausalSelfAttention.doc_example, None),
     "gpt (one block)": (lambda: gpt(vocab=7, context=4, width=15, heads=3, layers=1), None),
-    "gru model": ("seq(5, 3) -> gru(4) -> dense(2) -> mse", None),
-    "gru classifier": (lambda: build_model("seq(6, 3) -> gru(4) -> dense(3) -> softmax_cross_entropy"), None),
-    "token lstm": (lambda: build_model("tokens(4, 6) -> embedding(3) -> lstm(4) -> dense(6) -> softmax_cross_entropy"),
+    "gru model": ("seq(6, 3) -> gru(4) -> dense(8) -> mse", None),
+    "elman from a given state (an input)": (corpus.elman_from_a_given_state, None),
+    "gru classifier": (lambda: build_model("seq(6, 3) -> gru(4) -> dense(7) -> softmax_cross_entropy"), None),
+    "token lstm": (lambda: build_model("tokens(4, 6) -> embedding(3) -> lstm(7) -> dense(8) -> softmax_cross_entropy"),
                    None),
 }
 DECLARATIONS = {**LAYERS, **LOSSES, **MODELS}
@@ -180,8 +181,8 @@ def test_torch_backward_is_the_derived_one(export_dir):
 
 
 # -- agreement with the Numba kernels ------------------------------------------------------------
-# "gru model" is test_sequence_layers' GRU_SPEC: its kernels are compiled once per session for both
-NUMBA_DEFAULT = ("bilinear", "dropout mlp", "embedding lm", "gru model")
+# recurrent models compile for 30-60 s: their agreement with Numba is in the sweep (-m slow)
+NUMBA_DEFAULT = ("bilinear", "dropout mlp", "embedding lm")
 
 
 def _agree_with_numba(name, export_dir, compiled_declared, compiled_model):
@@ -314,25 +315,25 @@ def test_a_recurrence_prints_as_loops_over_time_with_the_derived_bptt():
     whose step reads the adjoint at t+1 (zeros past the end) and receives the output's gradient at
     the last step only: never the framework's autodiff of the forward."""
     from chainrule.codegen.targets import render_export
-    src = render_export("seq(5, 3) -> rnn(4) -> dense(2) -> mse", "torch")
-    assert "for t in range(5):" in src and "for t_2 in range(4, -1, -1):" in src
+    src = render_export("seq(6, 3) -> rnn(4) -> dense(7) -> mse", "torch")
+    assert "for t in range(6):" in src and "for t_2 in range(5, -1, -1):" in src
     assert ("h1_m1 = h1[:, t - 1, :] if t - 1 >= 0 else torch.zeros((n_batch, 4), dtype=dt, device=dev)"
             in src)
-    assert "d_z1_p1 = d_z1[:, t_2 + 1, :] if t_2 + 1 <= 4 else torch.zeros((n_batch, 4), dtype=dt, device=dev)" in src
-    assert "(s7 if t_2 == (4) else torch.full((n_batch, 4), 0, dtype=dt, device=dev))" in src
+    assert "d_z1_p1 = d_z1[:, t_2 + 1, :] if t_2 + 1 <= 5 else torch.zeros((n_batch, 4), dtype=dt, device=dev)" in src
+    assert "if t_2 == (5) else torch.full((n_batch, 4), 0, dtype=dt, device=dev))" in src
     assert "d_z1[:, t_2, :] = d_z1_now  # store d_z1 at step t_2" in src
     assert "torch.autograd.grad" not in src and ".backward(" not in src
-    jsrc = render_export("seq(5, 3) -> rnn(4) -> dense(2) -> mse", "jax")
-    assert "z1, h1 = jax.lax.fori_loop(0, 5, step_z1, (" in jsrc
-    assert "t_2 = 4 - k   # backward in time" in jsrc
-    assert "h1_m1 = jnp.where(t - 1 >= 0, h1[:, jnp.clip(t - 1, 0, 4), :], 0.0)" in jsrc
+    jsrc = render_export("seq(6, 3) -> rnn(4) -> dense(7) -> mse", "jax")
+    assert "z1, h1 = jax.lax.fori_loop(0, 6, step_z1, (" in jsrc
+    assert "t_2 = 5 - k   # backward in time" in jsrc
+    assert "h1_m1 = jnp.where(t - 1 >= 0, h1[:, jnp.clip(t - 1, 0, 5), :], 0.0)" in jsrc
 
 
 def test_a_learned_initial_state_is_read_before_the_start():
     """The declared initial state (a parameter h0) is what a delayed read gives before t = 0, at
     both lags of a user's second-order recurrence."""
     from chainrule.codegen.targets import render_export
-    src = render_export(corpus.SecondOrderRNN(units=3), "torch", inputs=(5, 4))
+    src = render_export(corpus.SecondOrderRNN(units=3), "torch", inputs=(6, 4))
     for lag in (1, 2):
         assert (f"        if t - {lag} >= 0:\n            h1_m{lag} = h1[:, t - {lag}, :]\n        else:\n"
                 f"            h1_m{lag} = h01[None, :].expand(n_batch, 3)\n") in src
@@ -572,8 +573,8 @@ def test_an_exported_gru_learns_inside_a_pytorch_model(export_dir):
     torch = pytest.importorskip("torch")
     from chainrule.codegen.targets import to_torch
     torch.manual_seed(0)
-    gru = to_torch(GRU(8), inputs=(8, 1), cache_dir=export_dir)
-    model = torch.nn.Sequential(gru, torch.nn.Linear(8, 2))
+    gru = to_torch(GRU(10), inputs=(8, 1), cache_dir=export_dir)
+    model = torch.nn.Sequential(gru, torch.nn.Linear(10, 2))
     assert gru.Wz1.dtype == torch.float32
     x = torch.randn(768, 8, 1)
     y = (x[:, 0, 0] > 0).long()

@@ -211,3 +211,77 @@ def test_gpt_training_loss_falls(tiny_gpt):
         x, y = windows(ids, rng.integers(0, len(ids) - 6, size=8), 4, 5)
         losses.append(adam.train_step(params, x, y, lr=0.01, state=state, step=step))
     assert losses[0] > 1.4 and np.mean(losses[-10:]) < 0.6 * losses[0], (losses[0], losses[-10:])
+
+
+# -- against an independent reference: the same architecture written in PyTorch ---------------------
+def _perturbed(cm, seed):
+    """Initial parameters moved off their special values (γ = 1, β = 0, zero biases), so that no
+    gradient is trivially zero or symmetric."""
+    rng = np.random.default_rng(seed)
+    return {k: v + 0.3 * rng.normal(size=v.shape) for k, v in cm.init_params(seed).items()}
+
+
+def _soft_targets(rng, shape):
+    """Probability vectors (the declared simplex fact), not one-hots: every logit gets a gradient."""
+    p = rng.random(shape) + 0.05
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def block_kernels(kernel_cache_dir):
+    """One transformer block on a (B, T, D) float sequence, a vocabulary head and the next-token
+    cost, with the input gradient. Sizes all distinct and not 2: T=5, D=12, heads 3 of width 4,
+    feed-forward 7, vocabulary 9 (batch 6 in the test)."""
+    from chainrule.codegen import compile_model
+    from chainrule.derive.attention import NextTokenCrossEntropy, transformer_block
+    from chainrule.derive.layers import Dense, SequenceInput, sequential
+    model = sequential(SequenceInput(5, features=12), [*transformer_block(12, 3, hidden=7), Dense(9)],
+                       NextTokenCrossEntropy(), name="one block")
+    return compile_model(model, cache_dir=kernel_cache_dir, input_grads=True)
+
+
+@pytest.mark.slow
+def test_transformer_block_gradients_match_pytorch(block_kernels):
+    """float64: the cost, all 15 parameter gradients and the gradient of the block's input agree
+    with PyTorch autograd on the block written with PyTorch's layers (tests/torch_gpt.py)."""
+    torch = pytest.importorskip("torch")
+    import torch_gpt
+    cm = block_kernels
+    rng = np.random.default_rng(7)
+    params = _perturbed(cm, 1)
+    x, y = rng.normal(size=(6, 5, 12)), _soft_targets(rng, (6, 5, 9))
+    cost, grads = cm.loss_and_grads(params, x, y)
+    cost_x, dx = cm.input_grads(params, x, y)
+    P = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    X = torch.tensor(x, requires_grad=True)
+    names = cm.param_names
+    z = torch.nn.functional.linear(torch_gpt.block(torch, P, names[:13], X), P[names[13]], P[names[14]])
+    ref = torch_gpt.next_token_cost(torch, z, torch.tensor(y))
+    ref.backward()
+    assert len(names) == 15
+    assert cost == pytest.approx(ref.item(), rel=1e-12) and cost_x == pytest.approx(cost, rel=1e-14)
+    for name in names:
+        np.testing.assert_allclose(grads[name], P[name].grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
+        assert np.abs(grads[name]).max() > 1e-6, name              # compared something nonzero
+    np.testing.assert_allclose(dx["x"], X.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_small_gpt_gradients_match_pytorch(tiny_gpt):
+    """The whole one-block gpt() (embeddings, block, final layer norm, head): cost and all 19
+    parameter gradients against PyTorch autograd, float64, batch 3."""
+    torch = pytest.importorskip("torch")
+    import torch_gpt
+    cm = tiny_gpt
+    rng = np.random.default_rng(11)
+    params = _perturbed(cm, 2)
+    ids = rng.integers(0, 5, size=(3, 4))
+    y = _soft_targets(rng, (3, 4, 5))
+    cost, grads = cm.loss_and_grads(params, ids.astype(np.float64), y)
+    P = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    ref = torch_gpt.gpt_cost(torch, P, cm.param_names, torch.tensor(ids), torch.tensor(y))
+    ref.backward()
+    assert len(cm.param_names) == 19
+    assert cost == pytest.approx(ref.item(), rel=1e-12)
+    for name in cm.param_names:
+        np.testing.assert_allclose(grads[name], P[name].grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)

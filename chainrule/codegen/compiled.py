@@ -276,6 +276,8 @@ class CompiledModel:
         from . import background
         if self.in_memory or self.cache_hit or self._background is not None or not background.idle_core():
             return False
+        if not all(hasattr(getattr(self.module, k), "compile") for k in kernels):
+            return False       # a split module's drivers are Python: their kernels compile on first use
         self._background = background.BackgroundCompile(
             self.module_path, self.module.__name__, {k: background.argument_types(self, k) for k in kernels})
         return True
@@ -409,16 +411,17 @@ class CompiledModel:
                                 *self._buffers(buffers, inplace=True), *xy, hp))
 
 
-def module_key(model, dtype="float64", optimizer="sgd", input_grads=False) -> str:
-    """The cache key of a model's module: the model, the dtype, the fused optimiser's rule and
-    whether it generates the input gradients."""
+def module_key(model, dtype="float64", optimizer="sgd", input_grads=False, split=None) -> str:
+    """The cache key of a model's module: the model, the dtype, the fused optimiser's rule,
+    whether it generates the input gradients and a forced module layout (``split``)."""
     import sympy as sp
 
     from ..derive.optimizers import RULES, get_rule
     rule = get_rule(optimizer)
     # the default (SGD) keeps the plain key; any other rule's declaration is part of it
     extra = "" if rule is RULES["sgd"] else rule.name + "".join(t + sp.srepr(b) for t, b in rule.assignments)
-    return cache_key(model, check_dtype(dtype), extra + ("+input_grads" if input_grads else ""))
+    layout = "" if split is None else ("+split" if split else "+fused")
+    return cache_key(model, check_dtype(dtype), extra + ("+input_grads" if input_grads else "") + layout)
 
 
 def is_cached(model, dtype="float64", optimizer="sgd", cache_dir=None) -> bool:
@@ -429,7 +432,7 @@ def is_cached(model, dtype="float64", optimizer="sgd", cache_dir=None) -> bool:
 
 
 def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
-                  input_grads=False) -> CompiledModel:
+                  input_grads=False, split=None) -> CompiledModel:
     """Generate (or load from the cache) the kernels of ``model`` in ``dtype``, with the update of
     ``optimizer`` (a name or an ``UpdateRule``) fused into ``train_step``.
 
@@ -438,16 +441,21 @@ def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
     are compiled in memory with one :class:`~chainrule.codegen.cache.KernelCacheWarning`.
 
     ``input_grads=True`` also generates ``input_grads``: the cost's derived gradient with respect to
-    every input (to pull a gradient back through this model into another one)."""
+    every input (to pull a gradient back through this model into another one).
+
+    ``split``: the module's layout (see :mod:`chainrule.codegen.split`): None chooses by size (a
+    large model gets one compiled function per kernel and Python drivers, which compile in a
+    fraction of the time of one giant function), True or False forces it."""
     from ..derive.optimizers import get_rule
     dtype = check_dtype(dtype)
     rule = get_rule(optimizer)
-    key = module_key(model, dtype, rule, input_grads)
+    key = module_key(model, dtype, rule, input_grads, split)
 
     def render(cache=True):
         # imported here: loading a cached module needs neither Jinja nor the lowering
         from .render import plan_model, render_plan
-        return render_plan(plan_model(model, dtype, optimizer=rule, input_grads=input_grads), cache=cache)
+        return render_plan(plan_model(model, dtype, optimizer=rule, input_grads=input_grads, split=split),
+                           cache=cache)
     module, path, source, hit = load_or_generate(key, render, cache_dir)
     return CompiledModel(model, module, path, source, dtype, hit, key=key, render=render,
                          optimizer=rule, input_grads=input_grads)

@@ -588,7 +588,8 @@ class Lowerer:
                 break
             beta.append(v)
         rest = [v for v in fg if v not in beta]
-        if beta and loop_vars == beta + fp + [v for v in loop_vars if v in rest]:
+        # (with nothing but β free in G, as a dense layer's z[b, o], one GEMM over all of β is better)
+        if beta and rest and loop_vars == beta + fp + [v for v in loop_vars if v in rest]:
             kord = [v for v in pidx if v in ks]
             rest = [v for v in loop_vars if v in rest]
             return self._gemm_per_batch(m, tmp, beta, kord, rest, sum_over=None)
@@ -611,7 +612,7 @@ class Lowerer:
         key = None if m["guards"] else (sp.srepr(G.xreplace({v: sp.Symbol(f"·{k}", integer=True)
                                                              for k, v in enumerate(cvars)})),
                                          tuple(pe(size[v]) for v in cvars))
-        shared = self.shared_cols if self.shared_cols is not None and not self.outer_bound else None
+        shared = self.shared_cols if self.shared_cols is not None and not self.outer_bound and key else None
         if shared is not None and key in shared:
             return self._gemm_per_batch_product(m, tmp, lead, kord, rest, sum_over,
                                                 lines + [f"{col} = {shared[key]}  # gathered by an earlier equation"])
@@ -979,7 +980,11 @@ class Lowerer:
                         continue
                     tmp = self.fresh("gemm")
                     self.names[tmp] = tmp
-                    code, order = self.gemm_batched_code(g, tmp, loop_vars) or self.gemm_code(g, tmp)
+                    # an operand read in place needs no gather: one GEMM over all of it beats a
+                    # product per batch element; a gathered one (a convolution's window) goes per element
+                    in_place = self.operand_as_matrix(g) is not None
+                    code, order = ((not in_place and self.gemm_batched_code(g, tmp, loop_vars))
+                                   or self.gemm_code(g, tmp))
                     body = body.xreplace({s: g["coeff"] * sp.IndexedBase(tmp)[order]})
                     a, b = str(g["P"].base.label), str(g["G"].base.label)
                     info["pre"].append((code, a, b))

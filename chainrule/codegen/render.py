@@ -11,6 +11,7 @@ from ..derive.errors import UnsupportedError
 from ..derive.recurrence import flatten
 from .dtypes import DTYPES, check_dtype  # noqa: F401  (re-exported: render.check_dtype)
 from .lower import IND, Lowerer, comment_text, primitives_used, sanitise
+from .split import SPLIT_ABOVE_LINES, DriverCode, KernelSplitter, fused_length
 
 _ENV = jinja2.Environment(loader=jinja2.PackageLoader("chainrule.codegen", "templates"),
                           undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
@@ -34,6 +35,7 @@ class Plan:
     state_names: list = None
     hyper_names: list = None
     input_grads: bool = False
+    split: bool = False          # one compiled function per kernel, Python drivers (split.py)
 
 
 def _adjoint_order(composed, model):
@@ -122,7 +124,11 @@ def _adjoints_needed(units, names):
     return [u for u in units if set(getattr(u, "names", None) or [u.out.name]) & need]
 
 
-def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=False) -> Plan:
+def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=False,
+               split=None) -> Plan:
+    """Everything the template needs. ``split``: one compiled function per kernel called from
+    Python drivers (True), one fused function per driver (False), or by size (None: split when the
+    fused ``loss_and_grads`` would exceed ``split.SPLIT_ABOVE_LINES`` lines)."""
     from ..derive import derive
     from ..derive.optimizers import get_rule
     dtype = check_dtype(dtype)
@@ -282,10 +288,59 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
         hyper=[(k, f"u_hp_{h}") for k, h in enumerate(hyper)],
         train_args=", ".join([ident(p.name) for p in params] + state_args + buffers
                              + [ident(t.name) for t in inputs] + [ident(t.name) for t in targets]))
+    if split is None:
+        split = fused_length(context) > SPLIT_ABOVE_LINES
+    if split:
+        _split_drivers(context, rule, params, state_args)
     return Plan([p.name for p in params], x.name, y.name, [t.name for t in model.outputs],
                 model.cost.name, forward_k, predict_k, backward_k, context,
                 optimizer=rule.name, state_names=[s for s in rule.state], hyper_names=hyper,
-                input_grads=input_grads)
+                input_grads=input_grads, split=bool(split))
+
+
+def _noise_block(context, training: bool) -> list:
+    """The random tensors as one block: drawn from the seed in training, their mean otherwise."""
+    if not context["noise_train"]:
+        return []
+    evaluation = "\n".join(context["noise_eval"])
+    if not training:
+        return ["# random tensors in evaluation: their mean\n" + evaluation]
+    return ["# random tensors (dropout masks, noise): drawn from a seeded generator in training "
+            "(seed >= 0), their mean in evaluation (seed < 0)\nif u_seed >= 0:\n"
+            + textwrap.indent("np.random.seed(u_seed)\n" + "\n".join(context["noise_train"]), IND)
+            + "\nelse:\n" + textwrap.indent(evaluation, IND)]
+
+
+def _clip_block(grads) -> str:
+    """Global-norm gradient clipping's scale, as one block of a split module's train_step."""
+    sums = "".join(f"\n{IND}for u_v in np.ascontiguousarray(u_grads[{k}]).ravel():\n{IND}{IND}u_sq += u_v * u_v"
+                   for k in range(len(grads)))
+    return ("# global-norm gradient clipping: g <- g * min(1, clip / ||g||) (off when clip <= 0)\n"
+            "u_gscale = 1.0\nif u_hp_clip > 0.0:\n" + IND + "u_sq = 0.0" + sums
+            + f"\n{IND}u_norm = math.sqrt(u_sq)\n{IND}if u_norm > u_hp_clip:\n{IND}{IND}u_gscale = u_hp_clip / u_norm")
+
+
+def _split_drivers(c, rule, params, state_args):
+    """A large model's drivers as kernel calls (``split.KernelSplitter``): the same blocks the
+    fused functions hold, each a compiled function of its own (the optimiser's update one function
+    for every parameter); sets ``kernels`` and ``split`` in the context ``c``."""
+    splitter = KernelSplitter()
+    args = c["arguments"] + c["x"].split(", ") + c["y"].split(", ") + ["n_batch", "u_seed"]
+    buffer_update = [f"# running average, in place in a training step (seed >= 0)\nif u_seed >= 0:\n"
+                     + textwrap.indent(b, IND) for b in c["buffer_update"]]
+    splitter.add("forward", _noise_block(c, True) + c["forward"], args, [c["cost"], c["output"]])
+    splitter.add("predict", _noise_block(c, False) + c["predict"], args, [c["output"]])
+    splitter.add("loss_and_grads", _noise_block(c, True) + c["forward_train"] + c["backward"] + buffer_update,
+                 args, [c["cost"], *c["grads"]])
+    splitter.add("outputs", _noise_block(c, False) + c["outputs_body"], args, c["outputs"])
+    updates = _generic_update(rule, params, c["params"], c["dtype"]) \
+        + c["update"][len(c["params"]):]                   # then the declared projections, if any
+    splitter.add("train_step", [_clip_block(c["grads"])] + updates,
+                 args + state_args + ["u_hp", "u_cost", "u_grads"] + [h for _, h in c["hyper"]], [])
+    if c["input_grads"]:
+        splitter.add("input_grads", _noise_block(c, True) + c["forward_train"] + c["input_backward"],
+                     args, [c["cost"], *c["input_adjoints"]])
+    c["kernels"], c["split"] = splitter.finish()
 
 
 def _input_adjoints(model, inputs):
@@ -310,62 +365,93 @@ def _lower_update(rule, params, param_codes, lw_main):
     The gradient read ``g[i]`` becomes ``κ·g[i]`` with κ the global-norm clipping factor (1 when
     clipping is off); the last version of θ and of each state is written in place.
     """
-    from types import SimpleNamespace
-
-    import sympy as sp
-
-    from ..derive.optimizers import I, N, STEP
-    from ..derive.tensor import Tensor, size
-    kappa = sp.Symbol("gscale", positive=True)
-    finals = rule.final_versions()
     blocks, state_args, eqs_out = [], [], []
     for k, p in enumerate(params):
         numel = 1
         for d in lw_main.concrete_shape(p):
             numel *= int(d)
-        n_k = size(f"N_{k}")
-        tensors, names = {}, {}
-        for name, t in rule._all_tensors.items():
-            tensors[name] = Tensor(name, (n_k,), role=t.role, latex=t.latex)
-        lw = Lowerer(SimpleNamespace(size_values={n_k: numel}), tensors, dtype=lw_main.dtype)
-        names["theta"] = f"u_p{k}"
-        names["g"] = f"u_g{k}"
-        for st in rule.state:
-            names[st] = f"u_f{k}_{st}"                # a flat view of the state argument
-            state_args.append(f"u_s{k}_{st}")
-        for name in tensors:
-            if name not in names:
-                names[name] = f"u_{k}_{sanitise(name)}"
-        for target, final in finals.items():
-            names[final] = names[target]            # the new value overwrites the old, in place
-            lw.preallocated.add(final)
-        lw.names.update(names)
-        for h in rule.hyperparameters:
-            lw.names[h] = f"u_hp_{h.name}"
-        lw.names[STEP] = "u_hp_t"
-        lw.names[kappa] = "u_gscale"
-        eqs = []
-        for eq in rule.equations():
-            body = eq.body.xreplace({rule.tensors["g"][I]: kappa * rule.tensors["g"][I]})
-            body = body.xreplace({N: n_k})
-            eqs.append(type(eq)(tensors[eq.out.name], eq.indices, body, layer=eq.layer, note=eq.note))
-        eqs_out += [e.body for e in eqs]
-        kernels = lw.lower(eqs)
+        lines, eqs = _update_lines(rule, str(k), numel, lw_main.dtype)
+        state_args += [f"u_s{k}_{st}" for st in rule.state]
+        eqs_out += eqs
         head = [f"# {rule.name} update of {comment_text(p.name)} (declared in chainrule.derive.optimizers, "
                 f"lowered like every equation; theta = {p.name}, flat)",
                 f"u_p{k} = {param_codes[k]}.reshape({numel})",
                 f"u_g{k} = np.ascontiguousarray(u_grads[{k}]).reshape({numel})"]
         head += [f"u_f{k}_{st} = u_s{k}_{st}.reshape({numel})" for st in rule.state]
-        blocks.append("\n".join(head + [ln for kern in kernels for ln in kern.lines]))
+        blocks.append("\n".join(head + lines))
     return blocks, state_args, eqs_out
+
+
+def _update_lines(rule, tag: str, numel, dtype) -> tuple[list, list]:
+    """(lines, equation bodies) of the update of one flat parameter ``u_p{tag}`` with gradient
+    ``u_g{tag}`` and states ``u_f{tag}_<state>``, of ``numel`` elements; ``numel=None``: of
+    ``u_n`` elements, a run-time value (one kernel serves every parameter, see
+    ``_generic_update``)."""
+    from types import SimpleNamespace
+
+    import sympy as sp
+
+    from ..derive.layers import B as BATCH
+    from ..derive.optimizers import I, N, STEP
+    from ..derive.tensor import Tensor, size
+    kappa = sp.Symbol("gscale", positive=True)
+    # a run-time length is the one size the Lowerer knows only at run time: the batch's symbol,
+    # printed here as u_n
+    n_k = size(f"N_{tag}") if numel is not None else BATCH
+    finals = rule.final_versions()              # (also declares rule._all_tensors)
+    tensors, names = {}, {}
+    for name, t in rule._all_tensors.items():
+        tensors[name] = Tensor(name, (n_k,), role=t.role, latex=t.latex)
+    lw = Lowerer(SimpleNamespace(size_values={} if numel is None else {n_k: numel}), tensors, dtype=dtype)
+    if numel is None:
+        lw.names[BATCH] = "u_n"
+    names["theta"] = f"u_p{tag}"
+    names["g"] = f"u_g{tag}"
+    for st in rule.state:
+        names[st] = f"u_f{tag}_{st}"                # a flat view of the state argument
+    for name in tensors:
+        if name not in names:
+            names[name] = f"u_{tag}_{sanitise(name)}"
+    for target, final in finals.items():
+        names[final] = names[target]            # the new value overwrites the old, in place
+        lw.preallocated.add(final)
+    lw.names.update(names)
+    for h in rule.hyperparameters:
+        lw.names[h] = f"u_hp_{h.name}"
+    lw.names[STEP] = "u_hp_t"
+    lw.names[kappa] = "u_gscale"
+    eqs = []
+    for eq in rule.equations():
+        body = eq.body.xreplace({rule.tensors["g"][I]: kappa * rule.tensors["g"][I]})
+        body = body.xreplace({N: n_k})
+        eqs.append(type(eq)(tensors[eq.out.name], eq.indices, body, layer=eq.layer, note=eq.note))
+    return [ln for kern in lw.lower(eqs) for ln in kern.lines], [e.body for e in eqs]
+
+
+def _generic_update(rule, params, param_codes, dtype) -> list:
+    """A split module's updates: one kernel for every parameter (flat views of any length, bound
+    by the Python driver before each call), so the optimiser is compiled once, not once per
+    parameter. Returns the driver's steps: ``DriverCode`` bindings and the shared kernel block."""
+    lines, _ = _update_lines(rule, "", None, dtype)
+    kernel = "\n".join([f"# {rule.name} update of one parameter, flat (declared in "
+                         "chainrule.derive.optimizers, lowered like every equation)"] + lines)
+    steps = []
+    for k, p in enumerate(params):
+        flat = [f"u_p = {param_codes[k]}.reshape(-1)", f"u_g = np.ascontiguousarray(u_grads[{k}]).reshape(-1)"]
+        flat += [f"u_f_{st} = u_s{k}_{st}.reshape(-1)" for st in rule.state]
+        steps.append(DriverCode(f"# {rule.name} update of {comment_text(p.name)}, as flat views\n"
+                                + "\n".join(flat) + "\nu_n = u_p.shape[0]"))
+        steps.append(kernel)
+    return steps
 
 
 def render_plan(plan: Plan, cache: bool = True) -> str:
     """The module's source; ``cache=False`` renders ``@njit(cache=False)`` (for a module compiled
     in memory, which Numba cannot cache)."""
-    return _ENV.get_template("module.py.j2").render(**plan.context, njit_cache=bool(cache))
+    template = "split_module.py.j2" if plan.split else "module.py.j2"
+    return _ENV.get_template(template).render(**plan.context, njit_cache=bool(cache))
 
 
-def render_module(model, dtype="float64", optimizer="sgd", input_grads=False) -> str:
+def render_module(model, dtype="float64", optimizer="sgd", input_grads=False, split=None) -> str:
     """The generated module's source (what ``chainrule codegen`` prints)."""
-    return render_plan(plan_model(model, dtype, optimizer=optimizer, input_grads=input_grads))
+    return render_plan(plan_model(model, dtype, optimizer=optimizer, input_grads=input_grads, split=split))
