@@ -190,6 +190,23 @@ def test_max_pool_ties_route_to_the_first_position(conv_kernels):
     # δ reaches (0, 0), the first maximal position: dW1[0, 0] = δ x[0,0,0,0] = δ, dW1[0, 1] = δ x[0,1,0,0] = 0
     g = grads["W1"].reshape(2)
     assert g[0] != 0 and g[1] == 0, g
+    # the adjoint is lowered in scatter form: each window's argmax searched once (the same loop and
+    # strict > as the gather form), δ added at that one position
+    assert "each window's argmax found once" in cm.source
+
+
+def test_a_padded_convolutions_input_gradient_scatters_inside_the_output(conv_kernels):
+    """With padding the scatter form's col2im keeps a test: a product of a padded border falls
+    outside the input and is dropped; the gradients pass finite differences."""
+    from chainrule.codegen.verify import check_gradients
+    cm = conv_kernels("conv-pad-scatter", [Conv2D(3, 3), Conv2D(2, 3, padding=1), Flatten(), Dense(3)],
+                      (2, 7, 6), "softmax_cross_entropy")
+    gradient = cm.source[cm.source.index("# contraction in d_y1: "):]
+    gradient = gradient[:gradient.index("\n\n")]
+    assert "# col2im: " in gradient and "# inside the output and the summation limits" in gradient
+    results = check_gradients(cm.model, compiled=cm)
+    assert [n for n, _ in results] == ["W1", "b1", "W2", "b2", "W3", "b3"]
+    assert all(err < 1e-6 for _, err in results), results
 
 
 # -- declaration errors ---------------------------------------------------------------------------------
@@ -213,10 +230,11 @@ def test_declaration_errors_name_the_layer_tensor_and_shapes(layers, shape, mess
 
 def test_convolutions_lower_to_im2col_gemms_that_pass_finite_differences(conv_kernels):
     """A contraction over channel and kernel offsets with affine reads is lowered as im2col + np.dot
-    (the code generator's choice from the equation's shape), for the forward convolution, the kernel
-    gradient and the input gradient (whose summation limits depend on the output index: zeros
-    outside them in the gathered buffer); the kernels still pass finite differences and agree with
-    scipy's correlate."""
+    (the code generator's choice from the equation's shape), for the forward convolution and the
+    kernel gradient; the input gradient, whose summation limits move with the output index (a full
+    correlation), is lowered in scatter form: one GEMM δ·W, then col2im adds each product at
+    h = p + h' (no zero-padded buffer; the limits provably hold there, so no test either). The
+    kernels still pass finite differences and agree with scipy's correlate."""
     from chainrule.codegen.verify import check_gradients
     cm = conv_kernels("cnn-gemm", [Conv2D(3, 3), Activation("tanh", ACTIVATIONS["tanh"]), Conv2D(2, 2),
                                    Flatten(), Dense(3)], (2, 7, 6), "softmax_cross_entropy")
@@ -224,7 +242,10 @@ def test_convolutions_lower_to_im2col_gemms_that_pass_finite_differences(conv_ke
     for eq in ("y1[b,f,h,w] = Σ_c,p,q", "y2[b,f,h,w] = Σ_c,p,q", "d_W1[f,c,p,q] = Σ_b,h,w",
                "d_W2[f,c,p,q] = Σ_b,h,w", "d_y1[b,f,h,w] = Σ_f',h',w'[W2"):
         assert f"# contraction in {eq.split('[')[0]}: {eq}" in src, eq
-    assert src.count("_col = np.empty(") >= 5 and "zero outside the summation limits" in src
+    assert src.count("_col = np.empty(") >= 4 and "zero outside the summation limits" not in src
+    gradient = src[src.index("# contraction in d_y1: "):]
+    gradient = gradient[:gradient.index("\n\n")]
+    assert "# scatter form: " in gradient and "# col2im: " in gradient and " if " not in gradient
     results = check_gradients(cm.model, compiled=cm)
     assert [n for n, _ in results] == ["W1", "b1", "W2", "b2", "W3", "b3"]
     assert all(err < 1e-6 for _, err in results), results

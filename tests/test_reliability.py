@@ -190,8 +190,8 @@ def test_numba_failing_to_write_its_cache_on_first_call_does_not_abort(tmp_path,
 
 
 def test_a_module_that_does_not_compile_is_never_cached(tmp_path, monkeypatch):
-    from chainrule.codegen import compiled
-    monkeypatch.setattr(compiled, "render_plan", lambda plan, cache=True: "def forward(, x):\n    pass\n")
+    from chainrule.codegen import render
+    monkeypatch.setattr(render, "render_plan", lambda plan, cache=True: "def forward(, x):\n    pass\n")
     with pytest.raises(UnsupportedError, match="the generated module does not compile .* it was not cached"):
         compile_model(build_model(SMALL), cache_dir=tmp_path)
     assert not list(tmp_path.glob("*.py"))

@@ -1,8 +1,10 @@
 """Compiling a module's kernels in a worker process while the caller compiles another one.
 
 Numba compiles one function at a time per process, and compiling is most of a cold start: the
-demo's ``train_step`` (with the ``loss_and_grads`` it calls) takes about 5 s of CPU time and
-``forward`` (the per-epoch metrics) about 1 s more. A training run needs both, so while the main
+demo's ``train_step`` (with the ``loss_and_grads`` it calls) takes about 6 s of CPU time and
+``forward`` (the per-epoch metrics) about 1 s more (measured on the 2-core test machine: the
+main process of a cold ``chainrule demo`` used 12.6-13.5 s of CPU with the worker, 14.1 s
+without; the worker itself 5 s, most of it its start-up, under a load average of 12). A training run needs both, so while the main
 process compiles ``train_step`` on its first step, a worker compiles ``forward`` into Numba's
 on-disk cache on the other core; the main process waits for the worker only when it first calls
 ``forward``, and then loads the compiled code from the cache instead of compiling it.
@@ -10,7 +12,8 @@ on-disk cache on the other core; the main process waits for the worker only when
 The worker (``_compile_worker.py``) imports only NumPy, Numba and the generated module. It is used
 only where it can help and cannot hurt: the module is in a writable cache directory (kernels
 compiled in memory belong to one process), it was just generated (so Numba's cache has nothing for
-it yet), and at least two CPUs are available. A worker that fails or is too slow costs nothing
+it yet), and a core is idle (:func:`idle_core`: two CPUs or more, and a load average below
+the CPUs minus one half). A worker that fails or is too slow costs nothing
 but the wait: the kernel is then compiled in the main process, as without a worker.
 """
 from __future__ import annotations
@@ -24,6 +27,18 @@ from pathlib import Path
 
 WORKER = Path(__file__).with_name("_compile_worker.py")
 WAIT_SECONDS = 300            # longer than any module's compile; then the main process compiles it
+
+
+def idle_core() -> bool:
+    """True when a core is free for a worker: fewer runnable processes, averaged over the last
+    minute, than CPUs minus one half. On a machine that is already busy a worker does not shorten
+    anything: it only adds its own start-up (about 2 s of CPU time: NumPy, Numba and its
+    initialisation, and the helpers it compiles again)."""
+    cpus = available_cpus()
+    try:
+        return cpus >= 2 and os.getloadavg()[0] < cpus - 0.5
+    except (AttributeError, OSError):     # pragma: no cover - no load average (Windows)
+        return cpus >= 2
 
 
 def available_cpus() -> int:

@@ -271,13 +271,13 @@ class CompiledModel:
         """Start compiling ``kernels`` (names, e.g. ``["forward"]``) in a worker process, into
         Numba's on-disk cache, while this process compiles something else (see
         :mod:`chainrule.codegen.background`); the first call of one of them waits for the worker.
-        Done only for a module just generated into a writable cache, with two CPUs or more;
+        Done only for a module just generated into a writable cache, when a core is idle;
         returns whether a worker was started."""
-        from .background import BackgroundCompile, argument_types, available_cpus
-        if self.in_memory or self.cache_hit or self._background is not None or available_cpus() < 2:
+        from . import background
+        if self.in_memory or self.cache_hit or self._background is not None or not background.idle_core():
             return False
-        self._background = BackgroundCompile(self.module_path, self.module.__name__,
-                                             {k: argument_types(self, k) for k in kernels})
+        self._background = background.BackgroundCompile(
+            self.module_path, self.module.__name__, {k: background.argument_types(self, k) for k in kernels})
         return True
 
     def _call(self, fn: str, *args):

@@ -28,7 +28,7 @@ import sympy as sp
 from ..derive.errors import UnsupportedError
 from ..derive.layers import B as BATCH
 from ..derive.deltas import GUARDS, eliminate_deltas, fold_guards
-from ..derive.primitives import IsArgmax, LogSumExp, MaxOver, Primitive
+from ..derive.primitives import IsArgmax, LogSumExp, MaxOver, Primitive, step
 from ..derive.recurrence import Delayed, TimeLoop, time_shift
 from ..derive.tensor import Equation, Tensor
 from .printer import print_expr, to_conventions
@@ -119,6 +119,10 @@ class Lowerer:
         self._counter = 0
         self.preallocated: set = set()        # outputs written into existing arrays (in place)
         self.outer_bound: set = set()         # indices bound around every kernel (a time loop's step)
+        # im2col buffers gathered so far in the function being lowered (key -> name), to be read
+        # again by a later equation gathering the same values; None: no sharing (render.py opens a
+        # scope for the training forward and hands it to the backward that follows it in one function)
+        self.shared_cols: dict | None = None
         self.loop_vars = [sp.Symbol(f"i{k}", integer=True) for k in range(8)]
         for v in self.loop_vars:
             self.names[v] = str(v)
@@ -563,6 +567,351 @@ class Lowerer:
             return f"{name}.reshape(({prod(ks)}, {prod(fg)})).T"
         return None
 
+    def gemm_batched_code(self, m, tmp, loop_vars):
+        """An im2col GEMM (see ``match_gemm``) laid out per element of a batch index, when that
+        makes the product land in the output's own index order, or None. Two shapes qualify:
+
+        * the output's leading indices β are read by the gathered operand G only (a forward
+          convolution ``y[b, f, h, w]``): ``col[β, K.., rest..]``, and per β one
+          ``np.dot(P(fp, K), col[β](K, rest))`` written straight into ``tmp[β]``;
+        * P's leading index σ is summed and read by G as a plain index (a kernel gradient
+          ``Σ_{b,h,w} δ[b, f, h, w] x[b, c, h + p, w + q]``): ``col[σ, fg.., K'..]`` and
+          ``tmp(fp, fg) = Σ_σ P[σ](fp, K') · col[σ](fg, K')ᵀ``.
+
+        Either way the result needs no transposed copy, and the gather walks G in memory order."""
+        P, G, ks, fp, fg, size = m["P"], m["G"], m["ks"], m["fp"], m["fg"], m["size"]
+        pidx = list(P.indices)
+        loop_vars = list(loop_vars)
+        beta = []
+        for v in loop_vars:
+            if v not in fg:
+                break
+            beta.append(v)
+        rest = [v for v in fg if v not in beta]
+        if beta and loop_vars == beta + fp + [v for v in loop_vars if v in rest]:
+            kord = [v for v in pidx if v in ks]
+            rest = [v for v in loop_vars if v in rest]
+            return self._gemm_per_batch(m, tmp, beta, kord, rest, sum_over=None)
+        sigma = pidx[0]
+        gplain = [e for e in G.indices if isinstance(e, sp.Symbol)]
+        if sigma in ks and sigma in gplain and loop_vars == fp + fg:
+            kord = [v for v in pidx[1:] if v in ks]
+            if kord and pidx[1:] in (fp + kord, kord + fp):    # (no K' left: one plain GEMM is better)
+                return self._gemm_per_batch(m, tmp, [sigma], kord, fg, sum_over=sigma)
+        return None
+
+    def _gemm_per_batch(self, m, tmp, lead, kord, rest, sum_over):
+        P, G, size, fp = m["P"], m["G"], m["size"], m["fp"]
+        pe = self.pe
+        prod = lambda vs: " * ".join(f"({pe(size[v])})" for v in vs) or "1"
+        col = tmp + "_col"
+        cvars = lead + (kord + rest if sum_over is None else rest + kord)
+        gtxt = comment_text(sp.sstr(G))
+        lines = [f"# im2col, per {', '.join(map(str, lead))}: {col}[{', '.join(map(str, cvars))}] = {gtxt}"]
+        key = None if m["guards"] else (sp.srepr(G.xreplace({v: sp.Symbol(f"·{k}", integer=True)
+                                                             for k, v in enumerate(cvars)})),
+                                         tuple(pe(size[v]) for v in cvars))
+        shared = self.shared_cols if self.shared_cols is not None and not self.outer_bound else None
+        if shared is not None and key in shared:
+            return self._gemm_per_batch_product(m, tmp, lead, kord, rest, sum_over,
+                                                lines + [f"{col} = {shared[key]}  # gathered by an earlier equation"])
+        if shared is not None:
+            shared[key] = col
+        lines.append(f"{col} = np.empty(({', '.join(pe(size[v]) for v in cvars)},), dtype=DT)")
+        for depth, v in enumerate(cvars):
+            lines.append(IND * depth + f"for {self.names[v]} in range({pe(size[v])}):")
+        depth = len(cvars)
+        target = f"{col}[{', '.join(self.names[v] for v in cvars)}]"
+        if m["guards"]:
+            cond = " and ".join(
+                f"{self.names[v]} >= {pe(_rounded(b, up=True))}" if side == "lo"
+                else f"{self.names[v]} <= {pe(_rounded(b, up=False))}" for v, side, b in m["guards"])
+            lines += [IND * depth + f"# zero outside the summation limits: {comment_text(cond)}",
+                      IND * depth + f"if {cond}:", IND * (depth + 1) + f"{target} = {self.pv(G)}",
+                      IND * depth + "else:", IND * (depth + 1) + f"{target} = 0.0"]
+        else:
+            lines.append(IND * depth + f"{target} = {self.pv(G)}")
+        return self._gemm_per_batch_product(m, tmp, lead, kord, rest, sum_over, lines)
+
+    def _gemm_per_batch_product(self, m, tmp, lead, kord, rest, sum_over, lines):
+        P, size, fp = m["P"], m["size"], m["fp"]
+        pe = self.pe
+        prod = lambda vs: " * ".join(f"({pe(size[v])})" for v in vs) or "1"
+        col = tmp + "_col"
+        cvars = lead + (kord + rest if sum_over is None else rest + kord)
+        pname, pidx = self.ident(str(P.base.label)), list(P.indices)
+        ptxt = comment_text(sp.sstr(P))
+        at = ", ".join(self.names[v] for v in lead)
+        head = [f"for {self.names[v]} in range({pe(size[v])}):" for v in lead]
+        if sum_over is None:
+            if pidx == fp + kord:
+                pmat = f"{pname}.reshape(({prod(fp)}, {prod(kord)}))"
+            else:
+                perm = ", ".join(str(pidx.index(v)) for v in fp + kord)
+                lines.append(f"{tmp}_p = np.ascontiguousarray({pname}.transpose(({perm},)))")
+                pmat = f"{tmp}_p.reshape(({prod(fp)}, {prod(kord)}))"
+            lines += [f"# GEMM per {', '.join(map(str, lead))}: {tmp}[{', '.join(map(str, lead + fp + rest))}] = "
+                      f"Σ_{','.join(map(str, kord))} {ptxt} * {col}[{', '.join(map(str, cvars))}]",
+                      f"{tmp}_flat = np.empty(({', '.join([pe(size[v]) for v in lead] + [prod(fp), prod(rest)])},), dtype=DT)"]
+            lines += [IND * d + h for d, h in enumerate(head)]
+            lines.append(IND * len(head) + f"np.dot({pmat}, {col}[{at}].reshape(({prod(kord)}, {prod(rest)})), {tmp}_flat[{at}])")
+            order = lead + fp + rest
+        else:
+            psel = f"{pname}[{at}]"
+            pmat = (f"{psel}.reshape(({prod(fp)}, {prod(kord)}))" if pidx[1:] == fp + kord
+                    else f"{psel}.reshape(({prod(kord)}, {prod(fp)})).T")
+            lines += [f"# GEMM summed over {sum_over}: {tmp}[{', '.join(map(str, fp + rest))}] = "
+                      f"Σ_{','.join(map(str, [sum_over] + kord))} {ptxt} * {col}[{', '.join(map(str, cvars))}]",
+                      f"{tmp}_flat = np.zeros(({prod(fp)}, {prod(rest)}), dtype=DT)"]
+            lines += head
+            lines.append(IND + f"{tmp}_flat += np.dot({pmat}, {col}[{at}].reshape(({prod(rest)}, {prod(kord)})).T)")
+            order = fp + rest
+        lines.append(f"{tmp} = {tmp}_flat.reshape(({', '.join(pe(size[v]) for v in order)},))")
+        return lines, tuple(order)
+
+    # -- scatter forms: an adjoint that adds each term at one computed position ------------------
+    def match_argmax_scatter(self, s, loop_vars, shape):
+        """``Σ_k [point = argmax_j M(k, j)] · v(k)`` (max pooling's adjoint in gather form, in which
+        every output element would search the argmax of each window covering it) -> a scatter plan,
+        or None. Each coordinate of the point must be ``ℓ + r``: a distinct output index ℓ with
+        coefficient 1 and a rest ``r`` free of the solved indices, so that the bracket holds at the
+        one element ``ℓ = argmax - r``; the scatter then searches each window's argmax once (the
+        same loop and tie rule as the gather form) and adds its term there."""
+        if not isinstance(s, sp.Sum):
+            return None
+        brackets = [f for f in sp.Mul.make_args(s.function) if isinstance(f, IsArgmax)]
+        if len(brackets) != 1:
+            return None
+        m, *point = brackets[0].args
+        first_lo = sp.sympify(m.limits[0][1])
+        if not (first_lo.is_Integer and first_lo >= 0):
+            return None                          # -1 marks "no argmax" (see argmax_scatter_code)
+        value = sp.Mul(*[f for f in sp.Mul.make_args(s.function) if f is not brackets[0]])
+        solved, marks = {}, []            # output index -> its position in terms of the argmax
+        for k, e in enumerate(point):
+            e = sp.expand(e)
+            outs = [v for v in loop_vars if v in e.free_symbols]
+            if len(outs) != 1 or outs[0] in solved or sp.diff(e, outs[0]) != 1:
+                return None
+            marks.append(sp.Symbol(f"_argmax{k}", integer=True))
+            solved[outs[0]] = marks[k] - (e - outs[0])
+        if any(r.free_symbols & set(solved) for r in solved.values()) or m.free_symbols & set(solved) \
+                or value.has(IsArgmax, *REDUCTIONS):
+            return None
+        domains = {mk: (lo, hi) for mk, (_, lo, hi) in zip(marks, m.limits)}
+        loops, guards = [], []
+        for v in loop_vars:
+            if v not in solved:
+                loops.append((v, 0, shape[loop_vars.index(v)] - 1))
+        for v, lo, hi in s.limits:        # each summation index over the hull of its limits
+            lo, hi = _rounded(lo, up=True), _rounded(hi, up=False)
+            dep = (lo.free_symbols | hi.free_symbols) - set(self.sizes) - {BATCH}
+            if not dep <= set(solved):
+                return None
+            hull = self.limit_hull(lo, hi, dep, loop_vars, shape)
+            if hull is None:
+                return None
+            loops.append((v, *hull))
+            if dep:                       # the limits at the position the bracket selects
+                guards += [lo.xreplace(solved) <= v, v <= hi.xreplace(solved)]
+        for v, at in solved.items():      # the selected position inside the output
+            guards += [0 <= at, at <= shape[loop_vars.index(v)] - 1]
+        if any(g in (sp.false, False) for g in guards):
+            return None
+        domains.update({v: (lo, hi) for v, lo, hi in loops})
+        guards = [g for g in guards if not _holds_everywhere(g, domains)]
+        return dict(m=m, value=value, solved=solved, marks=marks, loops=loops, guards=guards)
+
+    def limit_hull(self, lo, hi, dep, loop_vars, shape):
+        """(min lo, max hi) over every value of the output indices ``dep`` the limits depend on."""
+        if not dep:
+            return (lo, hi)
+        dep = sorted(dep, key=str)
+        extents = [shape[loop_vars.index(d)] for d in dep]
+        if not all(sp.sympify(e).is_Integer for e in extents) or math.prod(int(e) for e in extents) > 100_000:
+            return None
+        f = sp.lambdify(dep, [lo, hi], modules="math")
+        values = [f(*pt) for pt in itertools.product(*[range(int(e)) for e in extents])]
+        return (min(v[0] for v in values), max(v[1] for v in values))
+
+    def argmax_scatter_code(self, plan, tmp, loop_vars, shape) -> list[str]:
+        """The lines of an argmax scatter (see ``match_argmax_scatter``) into a zeroed ``tmp``."""
+        header = [f"for {self.names[v]} in {self.range_code(lo, hi)}:" for v, lo, hi in plan["loops"]]
+        order = [v for v, _, _ in plan["loops"]]
+        blocks = [_Block(set(order[:d]) | self.outer_bound) for d in range(len(order) + 1)]
+        where = self.emit_argmax(plan["m"], blocks)
+        found = {}
+        for mk, w in zip(plan["marks"], where):
+            found[mk] = sp.Symbol(w, integer=True)
+            self.names[found[mk]] = w
+        at = {v: e.xreplace(found) for v, e in plan["solved"].items()}
+        value = self.emit_expr(plan["value"].xreplace(at), blocks)
+        index = ", ".join(self.pe(at[v]) if v in at else self.names[v] for v in loop_vars)
+        stmt = [f"{tmp}[{index}] += {value}"]
+        # a window of NaN or -inf values has no argmax (its position stays -1): nothing is added,
+        # as in the gather form, where no point equals it
+        cond = " and ".join([f"{where[0]} >= 0"] + [f"{self.pe(g.lhs)} {g.rel_op} {self.pe(g.rhs)}" for g in
+                                                    (g.xreplace(found) for g in plan["guards"])])
+        stmt = [f"if {cond}:", IND + stmt[0]]
+        nested = [f"# the bracket holds at one element: {comment_text(', '.join(f'{v} = {self.pe(e)}' for v, e in at.items()))}"] + stmt
+        for d in range(len(order), 0, -1):
+            nested = [header[d - 1]] + [IND + ln for ln in blocks[d].lines + nested]
+        return ([f"# scatter: each window's argmax found once, its term added where the bracket selects",
+                 f"{tmp} = np.zeros(({', '.join(self.pe(d) for d in shape)},), dtype=DT)"]
+                + blocks[0].lines + nested)
+
+    def match_shift_scatter(self, s, loop_vars, shape):
+        """``Σ_{C, S} K[.., ℓ + r(S), ..] · D[β.., C.., S..]`` whose limits move with the output
+        indices (a convolution's input gradient: the full correlation ``Σ W[f, c, h - h', w - w']
+        δ[b, f, h', w']``, whose gather GEMM would compute a zero-padded buffer) -> a scatter plan,
+        or None. Each read index of K that is not a plain index is ``ℓ + r`` with an output index ℓ
+        (coefficient 1) read nowhere else; naming it ``p`` (an index over K's axis) solves
+        ``ℓ = p - r``, after which both reads are plain: a contraction over the indices C they share
+        (one GEMM per element of D's leading output indices β, which K does not read), whose
+        products are then added at ``out[.., p - r, ..]`` (col2im)."""
+        if not isinstance(s, sp.Sum):
+            return None
+        ks = [v for v, _, _ in s.limits]
+        lv = set(loop_vars)
+        if not any((sp.sympify(lo).free_symbols | sp.sympify(hi).free_symbols) & lv for _, lo, hi in s.limits):
+            return None                          # fixed limits: the gather GEMM wastes nothing
+        split = _two_reads(s.function)
+        if split is None or not all(str(t.base.label) in self.tensors for t in split[1]):
+            return None
+        coeff, factors = split
+        for K, D in (factors, factors[::-1]):
+            plan = self._shift_scatter_plan(s, K, D, ks, loop_vars, shape)
+            if plan is not None:
+                plan["coeff"] = coeff
+                return plan
+        return None
+
+    def _shift_scatter_plan(self, s, K, D, ks, loop_vars, shape):
+        didx = list(D.indices)
+        if not all(isinstance(i, sp.Symbol) for i in didx) or len(set(didx)) != len(didx) \
+                or not set(ks) <= set(didx):
+            return None
+        kshape = self.concrete_shape(self.tensors[str(K.base.label)])
+        kidx, solved, marks = [], {}, []
+        for axis, e in enumerate(K.indices):
+            e = sp.expand(e)
+            if isinstance(e, sp.Symbol):
+                kidx.append(e)
+                continue
+            outs = [v for v in loop_vars if v in e.free_symbols]
+            rest = e - outs[0] if len(outs) == 1 else None
+            if rest is None or outs[0] in solved or sp.diff(e, outs[0]) != 1 or not _affine(rest, ks) \
+                    or not rest.free_symbols <= set(ks) | set(self.sizes):
+                return None
+            mark = sp.Symbol(f"_k{len(marks)}", integer=True)
+            marks.append((mark, kshape[axis]))
+            kidx.append(mark)
+            solved[outs[0]] = mark - rest
+        if not solved or len(set(kidx)) != len(kidx) or set(solved) & (set(didx) | set(kidx)):
+            return None
+        if not set(loop_vars) <= set(solved) | set(didx) | set(kidx):
+            return None
+        contracted = [v for v in didx if v in ks and v in kidx]
+        if not contracted or not set(ks) <= set(contracted) | set().union(*[r.free_symbols for r in solved.values()]):
+            return None
+        if any(v in kidx and v not in didx for v in ks):
+            return None
+        batch = []
+        for v in didx:                           # D's leading output indices that K does not read
+            if v in ks or v in kidx:
+                break
+            batch.append(v)
+        dfree = [v for v in didx if v not in contracted and v not in batch]
+        kfree = [v for v in kidx if v not in contracted]
+        size = {}
+        for t, idx in ((D, didx), (K, kidx)):
+            for v, n in zip(idx, self.concrete_shape(self.tensors[str(t.base.label)])):
+                size.setdefault(v, n)
+        limits = {v: (_rounded(lo, up=True), _rounded(hi, up=False)) for v, lo, hi in s.limits}
+        guards = []
+        for v in contracted:
+            lo, hi = limits[v]
+            if sp.simplify(lo) != 0 or sp.simplify(hi - (size[v] - 1)) != 0:
+                return None                      # a contraction over part of an axis
+        for v, (lo, hi) in limits.items():
+            if v not in contracted:
+                guards += [lo.xreplace(solved) <= v, v <= hi.xreplace(solved)]
+        for v, at in solved.items():
+            guards += [0 <= at, at <= shape[loop_vars.index(v)] - 1]
+        if any(g in (sp.false, False) for g in guards):
+            return None
+        domains = {v: (0, size[v] - 1) for v in size}
+        domains.update({v: (0, shape[loop_vars.index(v)] - 1) for v in loop_vars if v not in solved})
+        domains.update({mk: (0, n - 1) for mk, n in marks})
+        guards = [g for g in guards if not _holds_everywhere(g, domains)]
+        return dict(K=K, D=D, kidx=kidx, didx=didx, batch=batch, contracted=contracted, kfree=kfree,
+                    dfree=dfree, size=size, solved=solved, guards=guards)
+
+    def shift_scatter_code(self, plan, tmp, loop_vars, shape) -> list[str]:
+        """The lines of a shift scatter (see ``match_shift_scatter``): per element of the batch
+        indices β one ``np.dot`` into ``tmp_cols[β.., K's free.., D's free..]``, then the col2im
+        loop adding each product at the output element its solved indices select."""
+        pe, size = self.pe, plan["size"]
+        K, D, kidx, didx = plan["K"], plan["D"], plan["kidx"], plan["didx"]
+        batch, con, kfree, dfree = plan["batch"], plan["contracted"], plan["kfree"], plan["dfree"]
+        names = dict(self.names)
+        for v in kidx + didx:
+            if v not in names:
+                names[v] = self.fresh("k")
+        prod = lambda vs: " * ".join(f"({pe(size[v])})" for v in vs) or "1"
+        col = tmp + "_cols"
+        sym = {v: sp.Symbol(names[v], integer=True) for v in kidx + didx}
+        kread = K.base[tuple(sym[v] for v in kidx)]
+        lines = [f"# scatter form: {col}[{', '.join(names[v] for v in batch + kfree + dfree)}] = "
+                 f"Σ_{','.join(names[v] for v in con)} {comment_text(sp.sstr(kread))} * {comment_text(sp.sstr(D))}, "
+                 f"added at {comment_text(', '.join(f'{v} = {e.xreplace(sym)}' for v, e in plan['solved'].items()))}"]
+        kname, dname = self.ident(str(K.base.label)), self.ident(str(D.base.label))
+        if kidx == kfree + con:
+            kmat = f"{kname}.reshape(({prod(kfree)}, {prod(con)}))"
+        elif kidx == con + kfree:
+            kmat = f"{kname}.reshape(({prod(con)}, {prod(kfree)})).T"
+        else:
+            perm = ", ".join(str(kidx.index(v)) for v in kfree + con)
+            lines.append(f"{tmp}_k = np.ascontiguousarray({kname}.transpose(({perm},)))")
+            kmat = f"{tmp}_k.reshape(({prod(kfree)}, {prod(con)}))"
+        rest = didx[len(batch):]
+        dbase, dorder = dname, rest
+        if rest not in (con + dfree, dfree + con):
+            perm = ", ".join(str(didx.index(v)) for v in batch + con + dfree)
+            lines.append(f"{tmp}_d = np.ascontiguousarray({dname}.transpose(({perm},)))")
+            dbase, dorder = f"{tmp}_d", con + dfree
+        at = ", ".join(names[v] for v in batch)
+        dsel = f"{dbase}[{at}]" if batch else dbase
+        dmat = (f"{dsel}.reshape(({prod(con)}, {prod(dfree)}))" if dorder == con + dfree
+                else f"{dsel}.reshape(({prod(dfree)}, {prod(con)})).T")
+        lines.append(f"{col} = np.empty(({', '.join([pe(size[v]) for v in batch] + [prod(kfree), prod(dfree)])},), dtype=DT)")
+        nm = lambda vs: ", ".join(names[v] for v in vs)
+        lines.append(f"# GEMM{' per ' + nm(batch) if batch else ''}: ({nm(kfree)}) x ({nm(con)}) times "
+                     f"({nm(con)}) x ({nm(dfree)})")
+        for depth, v in enumerate(batch):
+            lines.append(IND * depth + f"for {names[v]} in range({pe(size[v])}):")
+        lines.append(IND * len(batch) + (f"np.dot({kmat}, {dmat}, {col}[{at}])" if batch
+                                         else f"{col}[:, :] = np.dot({kmat}, {dmat})"))
+        order = batch + kfree + dfree
+        lines.append(f"{col}_v = {col}.reshape(({', '.join(pe(size[v]) for v in order)},))")
+        lines.append(f"# col2im: add each product at the output element it belongs to")
+        lines.append(f"{tmp} = np.zeros(({', '.join(pe(d) for d in shape)},), dtype=DT)")
+        for v in order:
+            self.names.setdefault(sym[v], names[v])
+        target = [self.pe(plan["solved"][v].xreplace(sym)) if v in plan["solved"] else names[v] for v in loop_vars]
+        value = f"{col}_v[{', '.join(names[v] for v in order)}]"
+        if plan["coeff"] != 1:
+            value = f"{self.pv(plan['coeff'])} * {value}"
+        stmt = [f"{tmp}[{', '.join(target)}] += {value}"]
+        if plan["guards"]:
+            cond = " and ".join(f"{self.pe(g.lhs)} {g.rel_op} {self.pe(g.rhs)}"
+                                for g in (g.xreplace(sym) for g in plan["guards"]))
+            stmt = [f"# inside the output and the summation limits", f"if {cond}:", IND + stmt[-1]]
+        for depth, v in enumerate(order):
+            lines.append(IND * depth + f"for {names[v]} in range({pe(size[v])}):")
+        lines += [IND * len(order) + ln for ln in stmt]
+        return lines
+
     # -- lowering one equation ----------------------------------------------------------------
     def classify(self, eq):
         body, loop_vars = self.prepare(eq)
@@ -587,6 +936,32 @@ class Lowerer:
         if eq.out.rank > 0:
             body = self.materialise_operands(body, loop_vars, info)
             for s in sorted(body.atoms(sp.Sum), key=sp.default_sort_key):
+                sc = self.match_argmax_scatter(s, loop_vars, info["shape"])
+                if sc is not None:
+                    tmp = self.fresh("scatter")
+                    self.names[tmp] = tmp
+                    gate = _step_gate(body, s)
+                    if gate is not None:             # δ routed to the argmax, times ReLU' there
+                        sc["value"] = sc["value"] * gate
+                        body = s
+                    code = self.argmax_scatter_code(sc, tmp, loop_vars, info["shape"])
+                    body = body.xreplace({s: sp.IndexedBase(tmp)[loop_vars]})
+                    reads = sorted({str(x.base.label) for x in s.atoms(sp.Indexed)})
+                    info["pre"].append((code, reads[0], reads[-1]))
+                    info["dot_reads"] |= set(reads)
+                    info.setdefault("whole_dots", []).append(tmp)
+                    continue
+                sh = self.match_shift_scatter(s, loop_vars, info["shape"])
+                if sh is not None:
+                    tmp = self.fresh("scatter")
+                    self.names[tmp] = tmp
+                    code = self.shift_scatter_code(sh, tmp, loop_vars, info["shape"])
+                    body = body.xreplace({s: sp.IndexedBase(tmp)[loop_vars]})
+                    a, b_ = str(sh["K"].base.label), str(sh["D"].base.label)
+                    info["pre"].append((code, a, b_))
+                    info["dot_reads"] |= {a, b_}
+                    info.setdefault("whole_dots", []).append(tmp)
+                    continue
                 m = self.match_dot(s, loop_vars)
                 bm = self.match_batched(s, loop_vars) if m is None else None
                 if bm is not None:
@@ -604,11 +979,13 @@ class Lowerer:
                         continue
                     tmp = self.fresh("gemm")
                     self.names[tmp] = tmp
-                    code, order = self.gemm_code(g, tmp)
+                    code, order = self.gemm_batched_code(g, tmp, loop_vars) or self.gemm_code(g, tmp)
                     body = body.xreplace({s: g["coeff"] * sp.IndexedBase(tmp)[order]})
                     a, b = str(g["P"].base.label), str(g["G"].base.label)
                     info["pre"].append((code, a, b))
                     info["dot_reads"] |= {a, b}
+                    if order == loop_vars:          # the output can be written in place
+                        info.setdefault("whole_dots", []).append(tmp)
                     continue
                 A, Bm, k, coeff = m
                 code, order = self.dot_code(A, Bm, k, loop_vars)
@@ -705,8 +1082,10 @@ class Lowerer:
             headers.append(f"for {self.names[v]} in {self.range_code(lo, hi)}:")
             inner_blocks.append(_Block(bound))
         value = self.emit_expr(m.function, inner_blocks)
-        update = [f"{acc}_v = {value}", f"if {acc}_v > {acc}:", f"{IND}{acc} = {acc}_v"]
-        update += [f"{IND}{w} = {self.names[v]}" for w, (v, _, _) in zip(where, m.limits)]
+        # selects, not a branch: on real data "is this one larger" is a coin toss that the
+        # branch predictor loses (the same strict > either way: the tie rule)
+        update = [f"{acc}_v = {value}", f"{acc}_up = {acc}_v > {acc}", f"{acc} = {acc}_v if {acc}_up else {acc}"]
+        update += [f"{w} = {self.names[v]} if {acc}_up else {w}" for w, (v, _, _) in zip(where, m.limits)]
         nested: list[str] = []
         for k in range(len(headers) - 1, -1, -1):
             blk = inner_blocks[depth + 1 + k]
@@ -1166,10 +1545,12 @@ class Lowerer:
                 stmts += [f"# {g['text']} (a local: nothing else reads it)", f"{sym} = {value}"]
                 continue
             target = "%s[%s]" % (self.ident(g["out"]), ", ".join(str(v) for v in loop_vars))
+            if g["out"] in alias and g["body"] == sp.IndexedBase(alias[g["out"]])[tuple(loop_vars)]:
+                continue                            # the temporary is the whole value: nothing to copy
             stmts += [f"# {g['text']}", f"{target} = {value}"]
         lines += blocks[0].lines
         nested = stmts
-        for d in range(len(loop_vars), 0, -1):
+        for d in range(len(loop_vars), 0, -1) if stmts else ():
             header = f"for {loop_vars[d - 1]} in range({self.pe(shape[d - 1])}):"
             nested = [header] + [IND + ln for ln in blocks[d].lines + nested]
         lines += nested
@@ -1191,14 +1572,28 @@ class Lowerer:
         if at:       # an output index fixed by the term's condition: written there, not looped over
             nested = [f"# scatter: the condition {comment_text(', '.join(f'{v} = {e}' for v, e in at.items()))} "
                       f"picks the one entry each term adds to"] + nested
-        for d in range(len(loop_vars), 0, -1):
-            if loop_vars[d - 1] in at:
-                continue
-            nested = [f"for {loop_vars[d - 1]} in range({self.pe(shape[d - 1])}):"] + [IND + ln for ln in nested]
-        for v, lo, hi in limits:                 # reduction loops outermost
-            nested = [f"for {self.names[v]} in {self.range_code(lo, hi)}:"] + [IND + ln for ln in nested]
+        for header in reversed(self.accumulate_order(function, limits, loop_vars, shape, at)):
+            nested = [header] + [IND + ln for ln in nested]
         lines += nested
         return Kernel("accumulate", [info["text"]], [info["out"]], lines)
+
+    def accumulate_order(self, function, limits, loop_vars, shape, at) -> list[str]:
+        """The loop headers of an accumulation, outermost first. A plain sum may run its loops in
+        any order: where no limit depends on another index, they follow the axes of the largest
+        read (``d_b[f] = Σ_{b,h,w} δ[b, f, h, w]`` walks δ in memory order, the innermost loop
+        adding into one entry); otherwise the reduction loops go outermost, the output's inside."""
+        outs = [(v, f"for {v} in range({self.pe(shape[d])}):") for d, v in enumerate(loop_vars) if v not in at]
+        reds = [(v, f"for {self.names[v]} in {self.range_code(lo, hi)}:") for v, lo, hi in limits]
+        vars_ = {v for v, _ in outs + reds}
+        moving = any((sp.sympify(lo).free_symbols | sp.sympify(hi).free_symbols) & vars_ for _, lo, hi in limits)
+        reads = [r for r in sp.sympify(function).atoms(sp.Indexed)
+                 if all(isinstance(i, sp.Symbol) for i in r.indices)]
+        if moving or not reads:
+            return [h for _, h in reversed(reds)] + [h for _, h in outs]
+        widest = max(reads, key=lambda r: (len(set(r.indices) & vars_), sp.default_sort_key(r)))
+        position = {v: k for k, v in enumerate(widest.indices)}
+        ordered = sorted(reversed(reds + outs), key=lambda vh: position.get(vh[0], -1))
+        return [h for _, h in ordered]
 
     def scalar_kernel(self, info) -> Kernel:
         blocks = [_Block(set(self.outer_bound))]
@@ -1238,6 +1633,37 @@ def _rounded(e, up: bool):
     if sp.fraction(sp.together(e))[1] == 1:
         return e
     return sp.ceiling(e) if up else sp.floor(e)
+
+
+def _step_gate(body, s):
+    """``body = s · g`` where ``g`` is a product of unit steps (ReLU' after max pooling): g, else None.
+    A step is 0 or 1 for every input, NaN included, so ``0 · g = 0`` wherever the scatter adds
+    nothing: g can be applied inside the scatter, at the positions it writes, with the same result."""
+    if not body.is_Mul or s not in body.args:
+        return None
+    rest = [a for a in body.args if a is not s]
+    if not rest or not all(isinstance(a, step) and not a.has(*REDUCTIONS) for a in rest):
+        return None
+    return sp.Mul(*rest)
+
+
+def _holds_everywhere(cond, domains) -> bool:
+    """``cond`` (a relation of integer expressions) is true at every point of ``domains`` (symbol ->
+    inclusive integer bounds), checked point by point where there are at most 100 000 points; False
+    when it cannot be checked, so that the guard is kept."""
+    syms = sorted(cond.free_symbols, key=str)
+    if cond in (sp.true, True):
+        return True
+    if not syms or not all(s in domains for s in syms):
+        return False
+    bounds = [tuple(sp.sympify(b) for b in domains[s]) for s in syms]
+    if not all(b.is_Integer for pair in bounds for b in pair):
+        return False
+    ranges = [range(int(lo), int(hi) + 1) for lo, hi in bounds]
+    if math.prod(len(r) for r in ranges) > 100_000:
+        return False
+    f = sp.lambdify(syms, cond, modules="math")
+    return all(f(*pt) for pt in itertools.product(*ranges))
 
 
 def outermost_reductions(expr) -> list:

@@ -178,8 +178,10 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
         read_later |= {r for e in flatten(_adjoint_order(composed_in, model)) for r, _ in e.reads()} \
             if input_grads else set()
         read_later |= {r for e in model.buffer_updates for r, _ in e.reads()}
+        lw.shared_cols = {}                         # the im2col buffers of the training forward
         forward_k = lw.lower(model.equations,       # training mode: what loss_and_grads differentiates
                              keep={model.cost.name} | {t.name for t in model.outputs} | read_later)
+        train_cols, lw.shared_cols = lw.shared_cols, None
         forward_modes = _lower_two_modes(lw, model.equations, eval_eqs) if eval_eqs else \
             ["\n".join(k.lines) for k in forward_k]
         predict_eqs = _needed(model.evaluation_equations() if eval_eqs else model.equations,
@@ -190,7 +192,12 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
         predict_k = lw.lower(predict_eqs, keep={out.name})
     buffer_update = _lower_buffer_updates(model, tensors, lw)
     buffers = [ident(t.name) for t in model.buffers]
+    # loss_and_grads and input_grads run the backward right after the training forward, in one
+    # function: an im2col buffer that forward gathered is read again, not gathered twice
+    train_cols = {} if recurrent else train_cols
+    lw.shared_cols = dict(train_cols)
     backward_k = lw.lower_units(_adjoint_order(composed, model))
+    lw.shared_cols = None
     outputs_units = (_needed_units(model, [t.name for t in model.outputs]) if recurrent else
                      _needed(model.evaluation_equations() if eval_eqs else model.equations,
                              [t.name for t in model.outputs]))
@@ -199,8 +206,10 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
         raise UnsupportedError(f"codegen: an output of {comment_text(model.name)!r} depends on a target "
                                f"({', '.join(sorted(target_names))})")
     input_adjoints = [composed_in[t.name].adjoint.name for t in inputs] if input_grads else []
+    lw.shared_cols = dict(train_cols)
     input_backward_k = lw.lower_units(_adjoints_needed(_adjoint_order(composed_in, model), input_adjoints)) \
         if input_grads else []
+    lw.shared_cols = None
 
     grad_codes, zero_lines, update = [], [], []
     for p in params:

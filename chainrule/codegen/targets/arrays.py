@@ -329,19 +329,9 @@ class ArrayPrinter(Printer):
         where the framework has no strided views (the gather is printed instead)."""
         return None
 
-    def padded_shape(self, shape, idx):
-        out = []
-        for e, n in zip(idx, shape):
-            lo, hi = self.interval(e)
-            if _le(0, lo) and _le(hi, n - 1):
-                out.append(n)
-            else:
-                out.append(n + max(0, -int(sp.simplify(lo))) + max(0, int(sp.simplify(hi)) - (int(n) - 1)))
-        return tuple(out)
-
-    def padded_window(self, code, shape, idx, axes, cols, offset):
-        """``window`` over a copy of ``code`` padded with zeros on each axis by as much as the read
-        leaves it (the padded copy is emitted once per statement); None where there are no windows."""
+    def pads_for(self, idx, shape):
+        """Per axis, how far (before, after) the read ``idx`` leaves a tensor of ``shape``; None
+        where that is not a known number."""
         pads = []
         for e, n in zip(idx, shape):
             lo, hi = self.interval(e)
@@ -352,7 +342,16 @@ class ArrayPrinter(Printer):
             if not (lo.is_Integer and hi.is_Integer and sp.sympify(n).is_Integer):
                 return None
             pads.append((max(0, -int(lo)), max(0, int(hi) - (int(n) - 1))))
-        if self.window(code, shape, axes, cols, offset) is None:     # no view of this shape
+        return pads
+
+    def padded_shape(self, shape, idx):
+        return tuple(n + a + b for n, (a, b) in zip(shape, self.pads_for(idx, shape)))
+
+    def padded_window(self, code, shape, idx, axes, cols, offset):
+        """``window`` over a copy of ``code`` padded with zeros on each axis by as much as the read
+        leaves it (the padded copy is emitted once per statement); None where there are no windows."""
+        pads = self.pads_for(idx, shape)
+        if pads is None or self.window(code, shape, axes, cols, offset) is None:   # no view of this shape
             return None
         key = ("pad", code, tuple(pads))
         if key not in self.memo:
@@ -654,7 +653,8 @@ class ArrayPrinter(Printer):
         axes = self.sort_axes(used)
         affine = self.affine_map(idx, axes)
         shape = self.shapes[str(read.base.label)]
-        return affine is not None and self.window("t", shape, axes, *affine) is not None
+        return affine is not None and self.pads_for(idx, shape) is not None \
+            and self.window("t", shape, axes, *affine) is not None
 
     def unclipped(self, e, clip):
         """``Max(0, h' - 1)`` -> ``h' - 1``: a bound clipped to a constant by ``clip`` (Max for a

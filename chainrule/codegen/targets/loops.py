@@ -68,9 +68,9 @@ def loop_block(printer, loop: TimeLoop, prepare) -> str:
             step.append(printer.store(printer.names[eq.out.name], axis, eq.out.rank, t,
                                       printer.names[now]) + f"  # store {comment_text(eq.out.name)} at step {t}")
             steps.append(step)
-        taken = []
+        slice_lines = []
         for sl in slices.values():
-            taken += _slice_lines(printer, sl, t, length)
+            slice_lines += _slice_lines(printer, sl, t, length)
     finally:
         printer.loop_vars.pop(ts)
     what = ("forward in time (a recurrence)" if loop.direction > 0
@@ -79,7 +79,7 @@ def loop_block(printer, loop: TimeLoop, prepare) -> str:
     head += [f"#   {comment_text(pretty(e))}" for e in loop.equations]
     sequences = [(printer.names[e.out.name], printer.shape_code_of(printer.shapes[e.out.name]))
                  for e in loop.equations]
-    body = taken + [ln for step in steps for ln in step]
+    body = slice_lines + [ln for step in steps for ln in step]
     return "\n".join(head + printer.time_loop(ts.name, length, loop.direction, sequences, body))
 
 
