@@ -578,10 +578,15 @@ class Lowerer:
           ``Σ_{b,h,w} δ[b, f, h, w] x[b, c, h + p, w + q]``): ``col[σ, fg.., K'..]`` and
           ``tmp(fp, fg) = Σ_σ P[σ](fp, K') · col[σ](fg, K')ᵀ``.
 
-        Either way the result needs no transposed copy, and the gather walks G in memory order."""
+        Either way the result needs no transposed copy, and the gather walks G in memory order.
+        Neither is used when G is already a matrix in memory (``operand_as_matrix``) and one GEMM
+        lands in the output's order: an input projection over a whole sequence ``Σ_i W[o, i]
+        x[b, t, i]`` stays one (B·T) x n by n x m product, not B·T matrix-vector products."""
         P, G, ks, fp, fg, size = m["P"], m["G"], m["ks"], m["fp"], m["fg"], m["size"]
         pidx = list(P.indices)
         loop_vars = list(loop_vars)
+        if tuple(fg + fp) == tuple(loop_vars) and self.operand_as_matrix(m) is not None:
+            return None
         beta = []
         for v in loop_vars:
             if v not in fg:
@@ -609,10 +614,13 @@ class Lowerer:
         cvars = lead + (kord + rest if sum_over is None else rest + kord)
         gtxt = comment_text(sp.sstr(G))
         lines = [f"# im2col, per {', '.join(map(str, lead))}: {col}[{', '.join(map(str, cvars))}] = {gtxt}"]
-        key = None if m["guards"] else (sp.srepr(G.xreplace({v: sp.Symbol(f"·{k}", integer=True)
-                                                             for k, v in enumerate(cvars)})),
-                                         tuple(pe(size[v]) for v in cvars))
-        shared = self.shared_cols if self.shared_cols is not None and not self.outer_bound and key else None
+        canon = {v: sp.Symbol(f"·{k}", integer=True) for k, v in enumerate(cvars)}
+        # the same gather: the same read, extents and guards (the zeros outside the summation
+        # limits), up to the names of the loop indices
+        key = (sp.srepr(G.xreplace(canon)), tuple(pe(size[v]) for v in cvars),
+               tuple((sp.srepr(v.xreplace(canon)), side, sp.srepr(sp.sympify(b).xreplace(canon)))
+                     for v, side, b in m["guards"]))
+        shared = self.shared_cols if self.shared_cols is not None and not self.outer_bound else None
         if shared is not None and key in shared:
             return self._gemm_per_batch_product(m, tmp, lead, kord, rest, sum_over,
                                                 lines + [f"{col} = {shared[key]}  # gathered by an earlier equation"])
