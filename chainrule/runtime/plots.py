@@ -81,28 +81,26 @@ def plot_history(history, out_dir=".", prefix=""):
 
 def plot_gradient_profile(series: dict, path, title="gradient norm per layer", xlabel="layer"):
     """``series``: label -> list of norms by layer (1 = nearest the input), drawn on a log scale."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, values in series.items():
-        ax.semilogy(range(1, len(values) + 1), [max(v, 1e-30) for v in values], "o-", ms=3,
-                    label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(r"$\|\partial C / \partial W^{(l)}\|$")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize="small")
-    ax.set_title(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _log_profile(series, path, title, first=1, xlabel=xlabel,
+                        ylabel=r"$\|\partial C / \partial W^{(l)}\|$", figsize=(6.5, 4))
 
 
 def plot_time_profile(series: dict, path, title="gradient norm through time"):
     """``series``: label -> the mean ‖∂C/∂h_t‖ for t = 0 .. T-1, drawn on a log scale."""
+    return _log_profile(series, path, title, first=0, xlabel="time step t (the loss reads the last step)",
+                        ylabel=r"mean $\|\partial C / \partial h_t\|$", figsize=(7, 4))
+
+
+def _log_profile(series: dict, path, title, first, xlabel, ylabel, figsize):
+    """One line per series against its position (counted from ``first``), norms on a log scale (a
+    norm of exactly zero drawn at 1e-30, so that it shows rather than vanishing from the plot)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=figsize)
     for label, values in series.items():
-        ax.semilogy(range(len(values)), [max(v, 1e-30) for v in values], "o-", ms=3, label=label)
-    ax.set_xlabel("time step t (the loss reads the last step)")
-    ax.set_ylabel(r"mean $\|\partial C / \partial h_t\|$")
+        ax.semilogy(range(first, first + len(values)), [max(v, 1e-30) for v in values], "o-", ms=3,
+                    label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
     ax.set_title(title)
