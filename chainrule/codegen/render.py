@@ -288,6 +288,9 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
         hyper=[(k, f"u_hp_{h}") for k, h in enumerate(hyper)],
         train_args=", ".join([ident(p.name) for p in params] + state_args + buffers
                              + [ident(t.name) for t in inputs] + [ident(t.name) for t in targets]))
+    # written once here, for the fused template and the split drivers alike
+    context.update(noise_block_train=_noise_block(context, True), noise_block_eval=_noise_block(context, False),
+                   clip_block=_clip_block(grad_codes))
     if split is None:
         split = fused_length(context) > SPLIT_ABOVE_LINES
     if split:
@@ -305,14 +308,14 @@ def _noise_block(context, training: bool) -> list:
     evaluation = "\n".join(context["noise_eval"])
     if not training:
         return ["# random tensors in evaluation: their mean\n" + evaluation]
-    return ["# random tensors (dropout masks, noise): drawn from a seeded generator in training "
-            "(seed >= 0), their mean in evaluation (seed < 0)\nif u_seed >= 0:\n"
+    return ["# random tensors (dropout masks, noise): drawn from a seeded generator in training (seed >= 0),\n"
+            "# their mean in evaluation (seed < 0)\nif u_seed >= 0:\n"
             + textwrap.indent("np.random.seed(u_seed)\n" + "\n".join(context["noise_train"]), IND)
             + "\nelse:\n" + textwrap.indent(evaluation, IND)]
 
 
 def _clip_block(grads) -> str:
-    """Global-norm gradient clipping's scale, as one block of a split module's train_step."""
+    """Global-norm gradient clipping's scale, as one block of train_step (fused or split)."""
     sums = "".join(f"\n{IND}for u_v in np.ascontiguousarray(u_grads[{k}]).ravel():\n{IND}{IND}u_sq += u_v * u_v"
                    for k in range(len(grads)))
     return ("# global-norm gradient clipping: g <- g * min(1, clip / ||g||) (off when clip <= 0)\n"
@@ -328,17 +331,17 @@ def _split_drivers(c, rule, params, state_args):
     args = c["arguments"] + c["x"].split(", ") + c["y"].split(", ") + ["n_batch", "u_seed"]
     buffer_update = [f"# running average, in place in a training step (seed >= 0)\nif u_seed >= 0:\n"
                      + textwrap.indent(b, IND) for b in c["buffer_update"]]
-    splitter.add("forward", _noise_block(c, True) + c["forward"], args, [c["cost"], c["output"]])
-    splitter.add("predict", _noise_block(c, False) + c["predict"], args, [c["output"]])
-    splitter.add("loss_and_grads", _noise_block(c, True) + c["forward_train"] + c["backward"] + buffer_update,
+    splitter.add("forward", c["noise_block_train"] + c["forward"], args, [c["cost"], c["output"]])
+    splitter.add("predict", c["noise_block_eval"] + c["predict"], args, [c["output"]])
+    splitter.add("loss_and_grads", c["noise_block_train"] + c["forward_train"] + c["backward"] + buffer_update,
                  args, [c["cost"], *c["grads"]])
-    splitter.add("outputs", _noise_block(c, False) + c["outputs_body"], args, c["outputs"])
+    splitter.add("outputs", c["noise_block_eval"] + c["outputs_body"], args, c["outputs"])
     updates = _generic_update(rule, params, c["params"], c["dtype"]) \
         + c["update"][len(c["params"]):]                   # then the declared projections, if any
-    splitter.add("train_step", [_clip_block(c["grads"])] + updates,
+    splitter.add("train_step", [c["clip_block"]] + updates,
                  args + state_args + ["u_hp", "u_cost", "u_grads"] + [h for _, h in c["hyper"]], [])
     if c["input_grads"]:
-        splitter.add("input_grads", _noise_block(c, True) + c["forward_train"] + c["input_backward"],
+        splitter.add("input_grads", c["noise_block_train"] + c["forward_train"] + c["input_backward"],
                      args, [c["cost"], *c["input_adjoints"]])
     c["kernels"], c["split"] = splitter.finish()
 
