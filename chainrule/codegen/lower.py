@@ -642,6 +642,19 @@ class Lowerer:
             lines.append(IND * depth + f"{target} = {self.pv(G)}")
         return self._gemm_per_batch_product(m, tmp, lead, kord, rest, sum_over, lines)
 
+    @staticmethod
+    def _as_matrix(name, idx, rows, cols, copy, lines, prod, transposed_view=True) -> str:
+        """The array ``name`` (read at indices ``idx``) as a (rows) x (cols) matrix: a reshape when its
+        axes are in that order, a transposed view when they are reversed (if ``transposed_view``),
+        else a contiguous copy ``copy`` in that order, whose line is appended to ``lines``."""
+        if idx == rows + cols:
+            return f"{name}.reshape(({prod(rows)}, {prod(cols)}))"
+        if transposed_view and idx == cols + rows:
+            return f"{name}.reshape(({prod(cols)}, {prod(rows)})).T"
+        perm = ", ".join(str(idx.index(v)) for v in rows + cols)
+        lines.append(f"{copy} = np.ascontiguousarray({name}.transpose(({perm},)))")
+        return f"{copy}.reshape(({prod(rows)}, {prod(cols)}))"
+
     def _gemm_per_batch_product(self, m, tmp, lead, kord, rest, sum_over, lines):
         P, size, fp = m["P"], m["size"], m["fp"]
         pe = self.pe
@@ -653,12 +666,7 @@ class Lowerer:
         at = ", ".join(self.names[v] for v in lead)
         head = [f"for {self.names[v]} in range({pe(size[v])}):" for v in lead]
         if sum_over is None:
-            if pidx == fp + kord:
-                pmat = f"{pname}.reshape(({prod(fp)}, {prod(kord)}))"
-            else:
-                perm = ", ".join(str(pidx.index(v)) for v in fp + kord)
-                lines.append(f"{tmp}_p = np.ascontiguousarray({pname}.transpose(({perm},)))")
-                pmat = f"{tmp}_p.reshape(({prod(fp)}, {prod(kord)}))"
+            pmat = self._as_matrix(pname, pidx, fp, kord, f"{tmp}_p", lines, prod, transposed_view=False)
             lines += [f"# GEMM per {', '.join(map(str, lead))}: {tmp}[{', '.join(map(str, lead + fp + rest))}] = "
                       f"Σ_{','.join(map(str, kord))} {ptxt} * {col}[{', '.join(map(str, cvars))}]",
                       f"{tmp}_flat = np.empty(({', '.join([pe(size[v]) for v in lead] + [prod(fp), prod(rest)])},), dtype=DT)"]
@@ -875,14 +883,7 @@ class Lowerer:
                  f"Σ_{','.join(names[v] for v in con)} {comment_text(sp.sstr(kread))} * {comment_text(sp.sstr(D))}, "
                  f"added at {comment_text(', '.join(f'{v} = {e.xreplace(sym)}' for v, e in plan['solved'].items()))}"]
         kname, dname = self.ident(str(K.base.label)), self.ident(str(D.base.label))
-        if kidx == kfree + con:
-            kmat = f"{kname}.reshape(({prod(kfree)}, {prod(con)}))"
-        elif kidx == con + kfree:
-            kmat = f"{kname}.reshape(({prod(con)}, {prod(kfree)})).T"
-        else:
-            perm = ", ".join(str(kidx.index(v)) for v in kfree + con)
-            lines.append(f"{tmp}_k = np.ascontiguousarray({kname}.transpose(({perm},)))")
-            kmat = f"{tmp}_k.reshape(({prod(kfree)}, {prod(con)}))"
+        kmat = self._as_matrix(kname, kidx, kfree, con, f"{tmp}_k", lines, prod)
         rest = didx[len(batch):]
         dbase, dorder = dname, rest
         if rest not in (con + dfree, dfree + con):
