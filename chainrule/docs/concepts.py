@@ -298,11 +298,12 @@ def _recurrent_section(g: Guide, fig):
     g.add(Para("The recurrent weights collect one term per step, each pairing the adjoint at $t$ with "
                "the state at $t-1$:"))
     g.adjoint(RNN_SPEC, "U1")
-    g.add(Para("Going back one step multiplies the adjoint by $U^\\top$ and by $\\tanh' \\le 1$: over many "
-               "steps the product shrinks (or grows) geometrically, the vanishing gradient through time. An "
-               "LSTM's cell passes its adjoint back through an elementwise product with the forget gate "
-               "instead: at initialisation ($f \\approx 1/2$) that path vanishes too, but a forget gate held "
-               "open carries the adjoint back to the first step, as the norms below (MNIST-1D) show:"))
+    g.add(Para("Going back one step multiplies the adjoint by the transposed recurrent weights and by "
+               "the derivative of tanh, at most one (the first adjoint above): over many steps the product "
+               "shrinks (or grows) geometrically, the vanishing gradient through time. An LSTM's cell passes "
+               "its adjoint back through an elementwise product with the forget gate instead: at "
+               "initialisation (the gate near one half) that path vanishes too, but a forget gate held open "
+               "carries the adjoint back to the first step, as the norms below (MNIST-1D) show:"))
     fig("vanishing_through_time", "Mean norm of the adjoint of h_t against t: an Elman RNN and an LSTM.")
     g.add(Para("Each recurrent layer has its page: " + ", ".join(f"{e.title} (`layers/{e.slug}.html`)" for e in rnns)
                + "."))

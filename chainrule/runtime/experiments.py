@@ -355,17 +355,17 @@ def vanishing_through_time(out_dir="chainrule-experiments", examples=64, hidden=
     for title, eqs in recursions.items():
         report += ["", f"The derived recursion of the {title} (the adjoint equations that read $t+1$):", ""]
         report += [f"```math\n{e}\n```" for e in eqs]
-    report += ["", "How to read it. Elman: each step back multiplies the adjoint by $U^\\top$ and by "
-               "$\\tanh' = 1 - h^2 \\le 1$, a matrix product that shrinks the adjoint geometrically when "
-               "those factors are below one. LSTM: besides the paths through its gates (matrix products "
-               "like Elman's), the cell's adjoint passes back through $f_{t+1} \\odot \\partial C/\\partial "
-               "c_{t+1}$, an elementwise product with the forget gate. With zero biases the forget gate "
-               "starts at $\\sigma(0) = 1/2$, so at initialisation that path halves at every step and the "
-               "LSTM's adjoint vanishes as fast as Elman's or faster (the table's first two rows). What the "
-               "cell buys is that the network can hold the gate open: with the forget bias at "
-               f"{open_forget_bias:g} ($f \\approx {f_open:.2f}$), everything else unchanged, the adjoint "
-               "reaching $t = 0$ is the third row. This is why LSTMs are often initialised with a positive "
-               "forget bias.", "", "![plot](vanishing_through_time.png)", ""]
+    report += ["", "How to read it. Elman: in its recursion above, each step back multiplies the adjoint by "
+               "the transposed recurrent weights and by the derivative of tanh, which is at most one: a "
+               "matrix product that shrinks the adjoint geometrically when those factors are below one. "
+               "LSTM: besides the paths through its gates (matrix products like Elman's), the cell's adjoint "
+               "receives the next step's cell adjoint times the next step's forget gate (its last equation "
+               "above), an elementwise product. With zero biases the forget gate starts at $\\sigma(0) = 1/2$, "
+               "so at initialisation that path halves at every step and the LSTM's adjoint vanishes as fast "
+               "as Elman's or faster (the table's first two rows). What the cell buys is that the network can "
+               f"hold the gate open: with the forget bias at {open_forget_bias:g} ($f \\approx {f_open:.2f}$), "
+               "everything else unchanged, the adjoint reaching $t = 0$ is the third row. This is why LSTMs "
+               "are often initialised with a positive forget bias.", "", "![plot](vanishing_through_time.png)", ""]
     atomic_write_text(out / "vanishing_through_time.md", "\n".join(report))
     return {"norms": {k: v.tolist() for k, v in norms.items()}, "recursions": recursions, "plot": plot,
             "report": str(out / "vanishing_through_time.md"), "seconds": time.perf_counter() - t0}
