@@ -5,8 +5,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+import sympy as sp
 
 from ..derive.errors import ShapeError, UnsupportedError
+from ..derive.tensor import shape_str
 from .cache import cache_key, fall_back_in_memory, load_or_generate
 from .facts import declared_facts
 from .dtypes import check_dtype
@@ -203,15 +205,34 @@ class CompiledModel:
             a = np.ascontiguousarray(a, dtype=self.dtype)
         dims = self._dims[tensor.name]
         if a.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, a.shape)):
-            shape = "(" + ", ".join("B" if d is None else str(d) for d in dims) + ")"
-            reader = f" (read by layer {self._reader[tensor.name]})" if tensor.name in self._reader else ""
-            raise ShapeError(f"{what} {tensor.name} has shape {a.shape}, expected {shape}{reader}")
+            raise ShapeError(self._shape_message(a, tensor, what, dims))
         if a.ndim and a.shape[0] == 0:
             raise ShapeError(f"{what} {tensor.name} is an empty batch")
         for fact in self.facts:
             if (facts or fact.always) and fact.tensor.name == tensor.name:
                 fact.check(a, data_dtype=data_dtype)
         return a
+
+    def _shape_message(self, a, tensor, what, dims) -> str:
+        """Which layer reads the array, and for each axis of the wrong length the size the model was
+        declared with and the parameters that size shapes too (the position table a longer context
+        would overrun): a model's sizes are fixed when it is declared."""
+        shape = "(" + ", ".join("B" if d is None else str(d) for d in dims) + ")"
+        reader = f" (read by layer {self._reader[tensor.name]})" if tensor.name in self._reader else ""
+        message = f"{what} {tensor.name} has shape {a.shape}, expected {shape}{reader}"
+        if a.ndim != len(dims):
+            return message
+        values = self.model.size_values
+        for axis, (want, got) in enumerate(zip(dims, a.shape)):
+            if want is None or want == got:
+                continue
+            size = tensor.shape[axis]
+            shaped = [p for p in self.model.params if any(size in sp.sympify(s).free_symbols for s in p.shape)]
+            also = "".join(f", which also shapes parameter {p.name} {shape_str(p.shape, values)} of layer "
+                           f"{p.layer}" for p in shaped[:2])
+            message += (f"; axis {axis} is the size {size} = {want} the model was declared with{also}: "
+                        f"declare the model with {size} = {got}")
+        return message
 
     def _inputs(self, x, facts=False) -> list:
         """The model's inputs as arrays in kernel order: one array for a one-input model; a list, a
