@@ -92,6 +92,52 @@ def test_heads_must_divide_the_width():
         build(T=3, D=6, H=4)
 
 
+def test_attention_matrix_forms_are_per_example_and_head(attention):
+    """The explanation lifts the rank-4 tensors (B, H, T, E) to one matrix per example and head, by
+    the engine's patterns: S = Q Kᵀ/√E, O = A V, dA = dO Vᵀ, dS = A ⊙ (dA − (A ⊙ dA) 1 1ᵀ) (the row
+    sum as a product with ones), dV = Aᵀ dO, dQ = dS K/√E, dK = dSᵀ Q/√E, and the heads' sum of the
+    output projection kept as a sum; each printed form agrees numerically with its index form at two
+    size assignments (sizes distinct, none 2)."""
+    from chainrule.derive import explain_model
+    from chainrule.derive.matrix import check_sizes, random_env
+    model, grads = attention
+    doc = explain_model(model, grads)
+    forms = {}
+    for f in doc.matrix_forms:
+        forms.setdefault(f.eq.out.name, f)
+    d = lambda n: rf"\left(\frac{{\partial C}}{{\partial {n}^{{(1)}}}}\right)_{{h}}"     # noqa: E731
+    root = r"\frac{1}{\sqrt{E_{1}}}"
+    want = {
+        "S1": rf"{root} \left(Q^{{(1)}}_{{h}} {{K^{{(1)}}_{{h}}}}^{{\top}}\right)",
+        "O1": r"A^{(1)}_{h} V^{(1)}_{h}",
+        "y1": r"\sum_{h=0}^{H_{1} - 1} O^{(1)}_{h} {W_{O}^{(1)}}_{h} + \mathbf{1} b_{O}^{(1)\top}",
+        "d_A1": rf"{d('O')} {{V^{{(1)}}_{{h}}}}^{{\top}}",
+        "d_S1": (rf"A^{{(1)}}_{{h}} \odot \left({d('A')} - \left(\left(A^{{(1)}}_{{h}} \odot {d('A')}\right) "
+                 rf"\mathbf{{1}}\right) \mathbf{{1}}^{{\top}}\right)"),
+        "d_V1": rf"{{A^{{(1)}}_{{h}}}}^{{\top}} {d('O')}",
+        "d_Q1": rf"{root} \left({d('S')} K^{{(1)}}_{{h}}\right)",
+        "d_K1": rf"{root} \left({{{d('S')}}}^{{\top}} Q^{{(1)}}_{{h}}\right)",
+    }
+    for name, rhs in want.items():
+        assert forms[name].rhs == rhs, (name, forms[name].rhs)
+        assert set(forms[name].fixed) == ({b, h} if name != "y1" else {b})
+    md = doc.to_markdown()
+    assert ("For each example and each $h$ of the $B \\times H_{1} \\times T_{0} \\times T_{0}$ tensor, "
+            "shape $T_{0} \\times T_{0}$:") in md
+    assert "- $\\mathbf{1}$ is the vector of $T_{0}$ ones: multiplying by it sums over $u'$" in md
+    rng = np.random.default_rng(4)
+    tensors = {**model.tensors, **{a.name: a for a in grads.adjoints.values()}}
+    for name in want:
+        form = forms[name]
+        for sizes in check_sizes(form.eq, tensors, count=4)[2:]:
+            assert len(set(sizes.values())) == len(sizes) and 2 not in sizes.values()
+            env = random_env(form.eq, tensors, sizes, rng)
+            at = {i: 1 for i in form.fixed}
+            got, ref = form.evaluate(env, sizes, at), form.reference(env, sizes, at)
+            assert ref.size > 1 and got.shape == ref.shape
+            np.testing.assert_allclose(got, ref, rtol=1e-10, err_msg=name)
+
+
 # -- kernels ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def attention_kernels(compiled_declared):
