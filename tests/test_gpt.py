@@ -491,3 +491,23 @@ def test_tied_gpt_matches_finite_differences_and_pytorch(tied_gpt):
     for name in cm.param_names:
         np.testing.assert_allclose(grads[name], P[name].grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
     assert np.all(grads["P2"][4] == 0.0) and np.abs(grads["P2"][:4]).min() > 0
+
+
+@pytest.mark.slow
+def test_the_char_gpt_run_prints_its_losses_a_sample_and_writes_the_curve(kernel_cache_dir, tmp_path):
+    """train_char_gpt at small sizes (what `chainrule train char-gpt` runs): the validation loss at
+    each evaluation, falling; a sample of the asked length from the pydoc characters; the PNG."""
+    import io
+    from chainrule.runtime.text import train_char_gpt
+    out = io.StringIO()
+    result = train_char_gpt(steps=40, context=8, width=8, heads=2, layers=1, batch=8, lr=1e-2, eval_every=20,
+                            stream=out, sample_length=30, plot_path=tmp_path / "loss.png",
+                            cache_dir=kernel_cache_dir, temperature=0.7, top_k=5)
+    text = out.getvalue()
+    assert [s for s, _ in result["history"]] == [0, 20, 40]
+    assert "step    20  validation loss" in text and "step    40  validation loss" in text
+    assert result["history"][-1][1] < result["history"][0][1] - 0.5, result["history"]
+    assert "sample (temperature 0.7, top-k 5) after" in text
+    assert len(result["sample"]) == 30 and set(result["sample"]) <= set(result["codec"].chars)
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["train_cpu_seconds"] > 0 and "s CPU)" in text
