@@ -511,3 +511,13 @@ def test_the_char_gpt_run_prints_its_losses_a_sample_and_writes_the_curve(kernel
     assert len(result["sample"]) == 30 and set(result["sample"]) <= set(result["codec"].chars)
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["train_cpu_seconds"] > 0 and "s CPU)" in text
+
+
+def test_the_gpt_is_a_model_name_for_derive():
+    """`chainrule derive gpt` explains the char-gpt architecture: the name builds gpt() at its sizes."""
+    from chainrule.derive import build_model
+    model = build_model("gpt")
+    assert model.size_values[model.tensors["x"].meta["vocab"]] == 103
+    assert [layer.describe() for _, layer in model.layers][:3] == [
+        "embedding(64)", "position_embedding", "residual(layer_norm -> causal_attention(4))"]
+    assert sum(t.name.startswith("Wq") for t in model.params) == 2
