@@ -149,11 +149,12 @@ class TiedOutput(Layer):
         T, D = _sequence(d, x, self.name)
         E = d.param_of(self.embedding, "E")
         V, width = E.shape
-        if sp.sympify(D).xreplace(d.size_values) != sp.sympify(width).xreplace(d.size_values):
+        features, row = (sp.sympify(n).xreplace(d.size_values) for n in (D, width))
+        if features != row:
             raise ShapeError(f"layer {d.layer}: its input {x.name} {shape_str(x.shape, d.size_values)} has "
-                             f"{sp.sympify(D).xreplace(d.size_values)} features but the token-embedding table "
-                             f"{E.name} {shape_str(E.shape, d.size_values)} it reads transposed has rows of "
-                             f"{sp.sympify(width).xreplace(d.size_values)}: tying needs one width")
+                             f"{features} features but the token-embedding table {E.name} "
+                             f"{shape_str(E.shape, d.size_values)} it reads transposed has rows of {row}: "
+                             f"tying needs one width")
         d.unify_sizes(E.shape[1:], (D,))
         z = d.tensor("z", (B, T, V), meta=dict(x.meta))
         return d.define(z, (b, t, k), sp.Sum(x[b, t, o] * E[k, o], (o, 0, width - 1)),
