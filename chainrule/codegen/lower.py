@@ -10,6 +10,8 @@ Every equation ``out[idx] = body`` becomes one of:
   hoisted to the shallowest loop level at which their free indices are bound. Consecutive
   elementwise equations over the same iteration space that read each other only pointwise are
   fused into one loop nest;
+* ``softmax``: ``out[.., u] = [u ∈ R] exp(f(u) - LSE_{v ∈ R} f(v))`` (a softmax, masked or not) as
+  row loops that compute each ``exp`` once, normalise in place and only store zeros outside ``R``;
 * ``accumulate``: ``out[idx] = Σ_r f`` with bounds independent of ``idx`` (a bias gradient): the
   reduction loop outermost and the output loop inside, so that the reads stay contiguous;
 * ``scalar``: a rank-0 output (the cost).
@@ -78,7 +80,7 @@ def _pretty_body(body) -> str:
 class Kernel:
     """One step of a generated function: what it implements and the code lines doing it."""
 
-    kind: str                    # dot | loop | accumulate | scalar | update
+    kind: str                    # dot | batched | loop | softmax | accumulate | scalar | update
     equations: list              # the equations it implements (pretty text)
     outputs: list                # tensor names written
     lines: list = field(default_factory=list)
@@ -927,6 +929,11 @@ class Lowerer:
         body, loop_vars = self.prepare(eq)
         info = {"eq": eq, "text": pretty(eq), "out": eq.out.name, "loop_vars": loop_vars,
                 "shape": self.concrete_shape(eq.out), "pre": [], "dot_reads": set()}
+        # a softmax over the last output index: its own fused row loops
+        sm = self.match_softmax(body, loop_vars, info["shape"]) if eq.out.rank > 0 else None
+        if sm is not None:
+            info.update(kind="softmax", plan=sm, body=body)
+            return info
         # the whole body a contraction: out = np.dot(...)
         m = self.match_dot(body, loop_vars) if eq.out.rank > 0 else None
         if m is not None and m[3] == 1:
@@ -1129,6 +1136,11 @@ class Lowerer:
             inner_blocks.append(_Block(bound))
         body_block = inner_blocks[-1]
         value = self.emit_expr(r.function, inner_blocks)
+        if isinstance(r, LogSumExp) and not any(b.lines for b in inner_blocks[depth + 1:]):
+            lines = self.two_pass_logsumexp(acc, value, headers)
+            target.lines.extend(lines)
+            target.cache[key] = acc
+            return acc
         lines = []
         if isinstance(r, LogSumExp):
             mx, sm = acc + "_max", acc + "_sum"
@@ -1159,6 +1171,120 @@ class Lowerer:
         target.lines.extend(lines)
         target.cache[key] = acc
         return acc
+
+    def two_pass_logsumexp(self, acc, value, headers) -> list[str]:
+        """A log-sum-exp whose terms are cheap to compute twice (no reduction inside them): the
+        maximum first, then the sum of ``exp(term - max)``. Each pass is a plain reduction, which LLVM
+        vectorises (``_exp`` is arithmetic); the one-pass form rescales its sum whenever a larger
+        term comes along, a branch around an ``exp`` at every term, which it does not. The
+        accumulators are in the module's dtype (as PyTorch's float32 ``logsumexp``)."""
+        mx, sm = acc + "_max", acc + "_sum"
+
+        def loops(body):
+            nested = body
+            for h in reversed(headers):
+                nested = [h] + [IND + ln for ln in nested]
+            return nested
+        return ([f"# log-sum-exp in two passes: the largest term, then Σ exp(term - largest)",
+                 f"{mx} = {self.pv(sp.S.NegativeInfinity)}"]
+                + loops([f"{acc}_v = {value}", f"{mx} = {acc}_v if {acc}_v > {mx} else {mx}"])
+                + [f"{sm} = {self.pv(sp.S.Zero)}"]
+                + loops([f"{sm} += _exp({value} - {mx})"])
+                # (a +inf term: the sum is NaN, the log-sum-exp +inf)
+                + [f"{acc} = {mx} + math.log({sm}) if {mx} < np.inf else {mx}"])
+
+    # -- softmax: exp(f(u) - LSE_v f(v)), normalised in place -------------------------------------
+    def match_softmax(self, body, loop_vars, shape):
+        """``out[.., u] = [u ∈ R] · exp(f(u) - LSE_{v ∈ R} f(v))`` over the last output index ``u``
+        (a softmax; the causal attention weights, whose bracket restricts both the point and the
+        normaliser to the same range ``R``), or without a bracket when ``R`` is u's whole axis ->
+        a plan, or None. ``softmax_kernel`` then computes each ``exp`` once and skips the points
+        outside ``R`` (zeros, written without computing anything)."""
+        if not loop_vars:
+            return None
+        u, n = loop_vars[-1], shape[-1]
+        guard = None
+        if isinstance(body, sp.Piecewise) and len(body.args) == 2 and body.args[1].cond == sp.true \
+                and body.args[1].expr == 0:
+            body, guard = body.args[0].expr, body.args[0].cond
+        if not isinstance(body, sp.exp):
+            return None
+        terms = sp.Add.make_args(body.args[0])
+        lses = [t for t in terms if isinstance(-t, LogSumExp)]
+        if len(lses) != 1 or len((-lses[0]).limits) != 1:
+            return None
+        L = -lses[0]
+        v, lo, hi = L.limits[0]
+        f = L.function
+        if f.has(*REDUCTIONS, IsArgmax) or u in f.free_symbols or \
+                u in (sp.sympify(lo).free_symbols | sp.sympify(hi).free_symbols):
+            return None
+        if sp.expand(sp.Add(*[t for t in terms if t is not lses[0]]) - f.xreplace({v: u})) != 0:
+            return None
+        inside = sp.And(lo <= u, u <= hi)
+        if guard is None:
+            if sp.simplify(lo) != 0 or sp.simplify(hi - (n - 1)) != 0:
+                return None
+        elif not self._same_predicate(guard, inside, loop_vars, shape):
+            return None
+        return dict(f=f, v=v, lo=lo, hi=hi, guarded=guard is not None)
+
+    def _same_predicate(self, a, b, loop_vars, shape) -> bool:
+        """Two conditions on output indices agree at every point of their extents (checked point by
+        point, at most 100 000 points); False when that cannot be checked."""
+        syms = sorted((a.free_symbols | b.free_symbols), key=str)
+        if not set(syms) <= set(loop_vars):
+            return False
+        extents = [shape[loop_vars.index(s)] for s in syms]
+        if not all(sp.sympify(e).is_Integer for e in extents) or math.prod(int(e) for e in extents) > 100_000:
+            return False
+        fa, fb = (sp.lambdify(syms, c, modules="math") for c in (a, b))
+        return all(bool(fa(*pt)) == bool(fb(*pt)) for pt in itertools.product(*[range(int(e)) for e in extents]))
+
+    def softmax_kernel(self, info) -> Kernel:
+        """A softmax (see ``match_softmax``) per row: the largest term, then each ``exp(f(u) - max)``
+        written once and summed, then the row scaled by 1 / sum; the points outside the range are
+        zeros, filled without computing a term (a causal mask: u > t costs nothing but the store).
+        ``exp(f - max) / Σ`` is ``exp(f - LSE)`` up to rounding."""
+        plan, loop_vars, shape = info["plan"], info["loop_vars"], info["shape"]
+        u, n = loop_vars[-1], shape[-1]
+        name = self.ident(info["out"])
+        lo, hi = _rounded(plan["lo"], up=True), _rounded(plan["hi"], up=False)
+        domains = {w: (0, shape[k] - 1) for k, w in enumerate(loop_vars[:-1])}
+        if not _holds_everywhere(lo >= 0, domains):
+            lo = sp.Max(lo, 0)
+        if not _holds_everywhere(hi <= n - 1, domains):
+            hi = sp.Min(hi, n - 1)
+        out = f"{name}[{', '.join(str(w) for w in loop_vars)}]"
+        term = self.pv(plan["f"].xreplace({plan["v"]: u}))
+        acc = self.fresh("softmax")
+        row = [f"{acc}_max = {self.pv(sp.S.NegativeInfinity)}",
+               f"for {u} in {self.range_code(lo, hi)}:",
+               IND + f"{acc}_v = {term}",
+               IND + f"{acc}_max = {acc}_v if {acc}_v > {acc}_max else {acc}_max",
+               f"{acc}_sum = {self.pv(sp.S.Zero)}",
+               f"for {u} in {self.range_code(lo, hi)}:",
+               IND + f"{acc}_e = _exp({term} - {acc}_max)",
+               IND + f"{out} = {acc}_e",
+               IND + f"{acc}_sum += {acc}_e",
+               f"{acc}_inv = {self.pv(sp.S.One)} / {acc}_sum",
+               f"for {u} in {self.range_code(lo, hi)}:",
+               IND + f"{out} *= {acc}_inv"]
+        if plan["guarded"]:
+            row += [f"# outside {comment_text(sp.sstr(lo))} <= {u} <= {comment_text(sp.sstr(hi))}: zero, "
+                    f"nothing computed"]
+            if lo != 0:
+                row += [f"for {u} in range(0, {self.pe(lo)}):", IND + f"{out} = {self.pv(sp.S.Zero)}"]
+            if hi != n - 1:
+                row += [f"for {u} in range({self.pe(hi + 1)}, {self.pe(n)}):", IND + f"{out} = {self.pv(sp.S.Zero)}"]
+        nested = row
+        for d in range(len(loop_vars) - 1, 0, -1):
+            nested = [f"for {loop_vars[d - 1]} in range({self.pe(shape[d - 1])}):"] + [IND + ln for ln in nested]
+        lines = [f"# {info['text']}",
+                 f"# softmax over {u}: each exp computed once, then the row normalised in place"]
+        if info["out"] not in self.preallocated:
+            lines.append(f"{name} = np.empty({self.shape_code(self.tensors[info['out']])}, dtype=DT)")
+        return Kernel("softmax", [info["text"]], [info["out"]], lines + nested)
 
     # -- kernels ------------------------------------------------------------------------------
     def lower(self, equations, keep=None) -> list[Kernel]:
@@ -1203,6 +1329,8 @@ class Lowerer:
                                        f"({', '.join(str(info['eq'].indices[info['loop_vars'].index(v)]) for v in info['plan']['batch'])})",
                                        f"{name} = np.empty({self.shape_code(self.tensors[info['out']])}, dtype=DT)"]
                                       + code))
+            elif info["kind"] == "softmax":
+                kernels.append(self.softmax_kernel(info))
             elif info["kind"] == "accumulate":
                 kernels.append(self.accumulate_kernel(info))
             else:
