@@ -78,6 +78,7 @@ class CompiledModel:
         # facts declared on the arguments, which the derived gradient may rely on
         self.facts = declared_facts(model, names={*self.input_names, *self.target_names})
         self._background = None       # a worker compiling kernels into Numba's cache (background.py)
+        self._workspaces: dict = {}   # batch size -> the step's reused temporaries (workspace.py)
 
     @staticmethod
     def _batch_shape(model, t):
@@ -322,7 +323,21 @@ class CompiledModel:
                 raise
             self.module, label, self.source = new
             self.module_path, self.cache_hit = Path(label), False
+            self._workspaces.clear()
             return getattr(self.module, fn)(*args)
+
+    def workspace(self, n_batch: int) -> tuple:
+        """The training step's large temporaries for batches of ``n_batch`` (the module's
+        ``workspace``), allocated at the first step of that size and reused by the next ones (see
+        :mod:`chainrule.codegen.workspace`). The two sizes used last are kept: an epoch's full
+        minibatches and its last, shorter one."""
+        ws = self._workspaces.pop(n_batch, None)
+        if ws is None:
+            ws = self.module.workspace(n_batch)
+        self._workspaces[n_batch] = ws            # the most recent last
+        while len(self._workspaces) > 2:
+            del self._workspaces[next(iter(self._workspaces))]
+        return ws
 
     def predict(self, params, x, buffers=None) -> np.ndarray:
         """The output in evaluation mode (``buffers``: the running averages; None: initial ones)."""
@@ -368,7 +383,8 @@ class CompiledModel:
         if training:
             self._check_training_batch(xy[0].shape[0])
         cost, grads = self._call("loss_and_grads", *self._params(params),
-                                 *self._buffers(buffers, inplace=training), *xy, int(seed))
+                                 *self._buffers(buffers, inplace=training), *xy, int(seed),
+                                 self.workspace(xy[0].shape[0]))
         return float(cost), dict(zip(self.param_names, grads))
 
     def init_state(self) -> dict:
@@ -429,7 +445,8 @@ class CompiledModel:
         if self.buffer_names and hp[2] >= 0:
             self._check_training_batch(xy[0].shape[0])
         return float(self._call("train_step", *self._params(params, inplace=True), *states,
-                                *self._buffers(buffers, inplace=True), *xy, hp))
+                                *self._buffers(buffers, inplace=True), *xy, hp,
+                                self.workspace(xy[0].shape[0])))
 
 
 def module_key(model, dtype="float64", optimizer="sgd", input_grads=False, split=None) -> str:
