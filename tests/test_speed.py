@@ -280,3 +280,79 @@ def test_no_worker_is_started_when_no_core_is_idle(monkeypatch):
     assert background.idle_core()
     monkeypatch.setattr(background, "available_cpus", lambda: 1)
     assert not background.idle_core()
+
+
+def test_a_worker_compiles_train_step_while_fit_compiles_forward_here(tmp_path, monkeypatch):
+    """The demo's cold start: a worker compiles ``train_step`` (the longest compilation) while this
+    process does other work, and ``fit`` then compiles ``forward`` here instead of starting a
+    second worker; the first step loads ``train_step`` from Numba's cache (compiled by the worker
+    for exactly the wrapper's argument types), and both kernels compute the right thing."""
+    from chainrule.codegen import background, compile_model
+    from chainrule.runtime import Network
+    monkeypatch.setattr(background, "idle_core", lambda: True)
+    model = build_model("5 -> dense(4) -> sigmoid -> dense(3) -> softmax_cross_entropy")
+    cm = compile_model(model, cache_dir=tmp_path)
+    net = Network(model, compiled=cm, seed=0)
+    assert cm.compile_in_background(["train_step"]) and cm.background_kernels == {"train_step"}
+    rng = np.random.default_rng(2)
+    x, labels = rng.normal(size=(30, 5)), rng.integers(0, 3, 30)
+    start = net.get_params()
+    net.fit(x, labels, epochs=1, batch_size=30, lr=0.5, progress=False, shuffle=False, diagnostics=False)
+    step, forward = cm.module.train_step, cm.module.forward
+    assert sum(step.stats.cache_hits.values()) == 1 and not step.stats.cache_misses
+    assert sum(forward.stats.cache_misses.values()) == 1 and not forward.stats.cache_hits
+    assert cm._background is None and cm.background_kernels == frozenset()
+    # one full-batch SGD step, recomputed with NumPy by hand from the same start
+    y = np.eye(3)[labels]
+    a = 1 / (1 + np.exp(-(x @ start["W1"].T + start["b1"])))
+    z = a @ start["W2"].T + start["b2"]
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    d2 = (p - y) / 30
+    d1 = (d2 @ start["W2"]) * a * (1 - a)
+    expected = {"W1": start["W1"] - 0.5 * d1.T @ x, "b1": start["b1"] - 0.5 * d1.sum(0),
+                "W2": start["W2"] - 0.5 * d2.T @ a, "b2": start["b2"] - 0.5 * d2.sum(0)}
+    for k, v in expected.items():
+        np.testing.assert_allclose(net.params[k], v, rtol=1e-12, atol=1e-14)
+
+
+def test_the_compile_worker_can_be_forced_on_or_off(monkeypatch):
+    """``CHAINRULE_COMPILE_WORKER`` overrides the load-average rule (never with one CPU)."""
+    from chainrule.codegen import background
+    monkeypatch.setattr(background, "available_cpus", lambda: 2)
+    monkeypatch.setattr(background.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    monkeypatch.setenv("CHAINRULE_COMPILE_WORKER", "1")
+    assert background.idle_core()
+    monkeypatch.setattr(background.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setenv("CHAINRULE_COMPILE_WORKER", "0")
+    assert not background.idle_core()
+    monkeypatch.setenv("CHAINRULE_COMPILE_WORKER", "1")
+    monkeypatch.setattr(background, "available_cpus", lambda: 1)
+    assert not background.idle_core()
+
+
+def test_parsing_the_command_line_imports_no_sympy_and_the_explanation_is_imported_when_used():
+    """A warm ``chainrule demo`` reads its derivation from the cache: the command line's model
+    lists (built from the engine's registries) are made only when a help page shows them, and
+    ``chainrule.derive`` imports its explanation modules on first use."""
+    import subprocess
+    import sys
+    code = ("import sys, contextlib, io\n"
+            "from chainrule.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: main(['demo', '--help'])\n"
+            "    except SystemExit: pass\n"
+            "print('sympy' in sys.modules)\n"
+            "import chainrule.derive as d\n"
+            "print('chainrule.derive.explain' in sys.modules, 'chainrule.derive.matrix' in sys.modules)\n"
+            "print(d.explain_model.__module__, 'Explanation' in d.__all__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:3] == ["False", "False False", "chainrule.derive.explain True"], out
+    from chainrule.cli import main
+    import contextlib
+    import io
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "examples (their own data, recipe and accuracy target):" in text.getvalue()
+    assert "'64 -> dense(128) -> sigmoid -> dense(10) -> softmax_cross_entropy'" in text.getvalue()

@@ -20,7 +20,8 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 
 
-def _argument_type(arg):
+def argument_type(arg):
+    """The Numba type of one argument description (shared with ``CompiledModel.compile_now``)."""
     from numba import types
     if arg == "int64":
         return types.int64
@@ -34,7 +35,7 @@ def main(path, module_name, kernels_json) -> int:
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     for name, args in json.loads(kernels_json):
-        getattr(module, name).compile(tuple(_argument_type(a) for a in args))
+        getattr(module, name).compile(tuple(argument_type(a) for a in args))
     return 0
 
 

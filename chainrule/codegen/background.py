@@ -33,8 +33,14 @@ def idle_core() -> bool:
     """True when a core is free for a worker: fewer runnable processes, averaged over the last
     minute, than CPUs minus one half. On a machine that is already busy a worker does not shorten
     anything: it only adds its own start-up (about 2 s of CPU time: NumPy, Numba and its
-    initialisation, and the helpers it compiles again)."""
+    initialisation, and the helpers it compiles again).
+
+    ``CHAINRULE_COMPILE_WORKER=0`` never starts a worker, ``=1`` always does when there are two
+    CPUs or more (to measure a cold start on a machine that others load, or to keep it off)."""
     cpus = available_cpus()
+    choice = os.environ.get("CHAINRULE_COMPILE_WORKER", "").strip()
+    if choice in ("0", "1"):
+        return choice == "1" and cpus >= 2
     try:
         return cpus >= 2 and os.getloadavg()[0] < cpus - 0.5
     except (AttributeError, OSError):     # pragma: no cover - no load average (Windows)

@@ -282,6 +282,23 @@ class CompiledModel:
             self.module_path, self.module.__name__, {k: background.argument_types(self, k) for k in kernels})
         return True
 
+    @property
+    def background_kernels(self) -> frozenset:
+        """The kernels a worker is compiling for this module (empty when none is)."""
+        return frozenset(self._background.kernels) if self._background is not None else frozenset()
+
+    def compile_now(self, kernels):
+        """Compile ``kernels`` (names) in this process now, for the argument types this wrapper
+        passes, without running them: what the process does while a worker compiles the others
+        (the demo's worker compiles ``train_step`` while ``fit`` compiles ``forward`` here).
+        A split module's drivers are Python: their kernels compile on first use, not here."""
+        from . import background
+        from ._compile_worker import argument_type
+        for name in kernels:
+            kernel = getattr(self.module, name)
+            if name not in self.background_kernels and hasattr(kernel, "compile"):
+                kernel.compile(tuple(argument_type(a) for a in background.argument_types(self, name)))
+
     def _call(self, fn: str, *args):
         """Run a kernel. Numba writes its cache on a kernel's first call: if that write fails
         (a full disk, a cache made read-only meanwhile), switch to a module compiled in memory
