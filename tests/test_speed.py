@@ -356,3 +356,33 @@ def test_parsing_the_command_line_imports_no_sympy_and_the_explanation_is_import
         main(["train", "--help"])
     assert "examples (their own data, recipe and accuracy target):" in text.getvalue()
     assert "'64 -> dense(128) -> sigmoid -> dense(10) -> softmax_cross_entropy'" in text.getvalue()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_compiled_probability_check_agrees_with_numpys_at_the_tolerance(compiled_model, dtype):
+    """The module's one-pass check of Σ_k y[b, k] = 1 (what every kernel call taking the target runs)
+    against the fact's NumPy check (the reference, which words the error): rows off by 0.9 and 1.1
+    tolerances, a NaN row, a masked row and soft labels, in both dtypes; a module with no such fact
+    has no check."""
+    from chainrule.codegen.facts import FactError
+    cm = compiled_model("demo", dtype)
+    fact, = cm.facts
+    rng = np.random.default_rng(7)
+    y = rng.dirichlet(np.ones(10), size=7).astype(dtype)       # soft labels, 7 rows
+    tol = fact.cached_tolerance(y, y.dtype)
+    first_off = cm.module._first_row_off_simplex
+    assert first_off(y, tol) == -1
+    fact.check(y, data_dtype=y.dtype)
+    for row, change in [(4, 1.1 * tol), (2, -1.1 * tol), (0, np.nan), (6, -1.0)]:
+        bad = y.astype(np.float64)
+        bad[row, 3] += change
+        bad = bad.astype(dtype)
+        assert first_off(bad, tol) == row, (row, change)
+        with pytest.raises(FactError, match=f"row {row} is"):
+            fact.check(bad, data_dtype=bad.dtype)
+    near = y.astype(np.float64)
+    near[5, 1] += 0.9 * tol
+    near = near.astype(dtype)
+    assert first_off(near, tol) == -1
+    fact.check(near, data_dtype=near.dtype)
+    assert not hasattr(compiled_model("3 -> dense(2) -> mse").module, "_first_row_off_simplex")

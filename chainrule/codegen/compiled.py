@@ -8,7 +8,7 @@ import numpy as np
 
 from ..derive.errors import ShapeError, UnsupportedError
 from .cache import cache_key, fall_back_in_memory, load_or_generate
-from .facts import declared_facts
+from .facts import SimplexFact, declared_facts
 from .dtypes import check_dtype
 
 
@@ -75,6 +75,13 @@ class CompiledModel:
                     self._reader.setdefault(name, eq.layer)
         # facts declared on the arguments, which the derived gradient may rely on
         self.facts = declared_facts(model, names={*self.input_names, *self.target_names})
+        self._facts_of = {n: [f for f in self.facts if f.tensor.name == n] for n in self._dims}
+        self._always_facts_of = {n: [f for f in fs if f.always] for n, fs in self._facts_of.items()}
+        self._simplex_check = hasattr(module, "_first_row_off_simplex")
+        # an argument's axes after the batch axis, when the batch axis is the first and only one
+        self._one_input_one_target = len(inputs) == 1 and len(targets) == 1
+        self._batch_tails = {n: d[1:] for n, d in self._dims.items()
+                             if d and d[0] is None and None not in d[1:]}
         self._background = None       # a worker compiling kernels into Numba's cache (background.py)
 
     @staticmethod
@@ -201,17 +208,30 @@ class CompiledModel:
         data_dtype = getattr(a, "dtype", None)
         if type(a) is not np.ndarray or data_dtype != self._np_dtype or not a.flags.c_contiguous:
             a = np.ascontiguousarray(a, dtype=self.dtype)
-        dims = self._dims[tensor.name]
-        if a.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, a.shape)):
-            shape = "(" + ", ".join("B" if d is None else str(d) for d in dims) + ")"
-            reader = f" (read by layer {self._reader[tensor.name]})" if tensor.name in self._reader else ""
-            raise ShapeError(f"{what} {tensor.name} has shape {a.shape}, expected {shape}{reader}")
+        name = tensor.name
+        tail = self._batch_tails.get(name)
+        # the common layout (batch first, fixed other axes) in one tuple comparison
+        if tail is None or a.ndim != len(tail) + 1 or a.shape[1:] != tail:
+            dims = self._dims[name]
+            if a.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, a.shape)):
+                shape = "(" + ", ".join("B" if d is None else str(d) for d in dims) + ")"
+                reader = f" (read by layer {self._reader[name]})" if name in self._reader else ""
+                raise ShapeError(f"{what} {name} has shape {a.shape}, expected {shape}{reader}")
         if a.ndim and a.shape[0] == 0:
-            raise ShapeError(f"{what} {tensor.name} is an empty batch")
-        for fact in self.facts:
-            if (facts or fact.always) and fact.tensor.name == tensor.name:
-                fact.check(a, data_dtype=data_dtype)
+            raise ShapeError(f"{what} {name} is an empty batch")
+        for fact in self._facts_of[name] if facts else self._always_facts_of[name]:
+            self._check_fact(fact, a, data_dtype)
         return a
+
+    def _check_fact(self, fact, a, data_dtype):
+        """A declared fact on an argument, checked before a kernel relies on it: a probability fact
+        over the last axis by the module's compiled check (one pass), and only when that finds a
+        row off, by the fact's NumPy check (the reference, which words the error)."""
+        if self._simplex_check and isinstance(fact, SimplexFact) and fact.axis % a.ndim == a.ndim - 1:
+            rows = a.reshape(-1, a.shape[-1])
+            if self._call("_first_row_off_simplex", rows, fact.cached_tolerance(a, data_dtype)) < 0:
+                return
+        fact.check(a, data_dtype=data_dtype)
 
     def _inputs(self, x, facts=False) -> list:
         """The model's inputs as arrays in kernel order: one array for a one-input model; a list, a
@@ -258,6 +278,13 @@ class CompiledModel:
 
     def _xy(self, x, y, facts=False):
         """Checked arrays; ``facts``: also every fact declared on them (before a gradient)."""
+        if self._one_input_one_target and type(x) is np.ndarray and type(y) is np.ndarray:
+            # the common call (one array each), without the several-inputs bookkeeping
+            xa, ya = self._array(x, self._x, "input", facts), self._array(y, self._y, "target", facts)
+            if xa.shape[0] != ya.shape[0]:
+                raise ShapeError(f"input {self._x.name} has {xa.shape[0]} rows but target "
+                                 f"{self._y.name} has {ya.shape[0]}")
+            return xa, ya
         xs = self._inputs(x, facts)
         ys = self._targets(y, facts)
         for a, t in zip(ys, self._ys):
