@@ -283,17 +283,22 @@ def test_no_worker_is_started_when_no_core_is_idle(monkeypatch):
 
 
 def test_a_worker_compiles_train_step_while_fit_compiles_forward_here(tmp_path, monkeypatch):
-    """The demo's cold start: a worker compiles ``train_step`` (the longest compilation) while this
-    process does other work, and ``fit`` then compiles ``forward`` here instead of starting a
-    second worker; the first step loads ``train_step`` from Numba's cache (compiled by the worker
-    for exactly the wrapper's argument types), and both kernels compute the right thing."""
+    """The demo's cold start: ``compile_model(..., background=["train_step"])`` starts a worker
+    before rendering the module (it warms Numba up meanwhile), then hands it the module; ``fit``
+    compiles ``forward`` here instead of starting a second worker; the first step loads
+    ``train_step`` from Numba's cache (compiled by the worker for exactly the wrapper's argument
+    types), and both kernels compute the right thing. A cached module starts no worker."""
     from chainrule.codegen import background, compile_model
     from chainrule.runtime import Network
     monkeypatch.setattr(background, "idle_core", lambda: True)
+    started = []
+    warming_up = background.BackgroundCompile.warming_up
+    monkeypatch.setattr(background.BackgroundCompile, "warming_up",
+                        classmethod(lambda cls, dtype: started.append(dtype) or warming_up(dtype)))
     model = build_model("5 -> dense(4) -> sigmoid -> dense(3) -> softmax_cross_entropy")
-    cm = compile_model(model, cache_dir=tmp_path)
+    cm = compile_model(model, cache_dir=tmp_path, background=["train_step"])
+    assert started == ["float64"] and cm.background_kernels == {"train_step"}
     net = Network(model, compiled=cm, seed=0)
-    assert cm.compile_in_background(["train_step"]) and cm.background_kernels == {"train_step"}
     rng = np.random.default_rng(2)
     x, labels = rng.normal(size=(30, 5)), rng.integers(0, 3, 30)
     start = net.get_params()
@@ -314,6 +319,8 @@ def test_a_worker_compiles_train_step_while_fit_compiles_forward_here(tmp_path, 
                 "W2": start["W2"] - 0.5 * d2.T @ a, "b2": start["b2"] - 0.5 * d2.sum(0)}
     for k, v in expected.items():
         np.testing.assert_allclose(net.params[k], v, rtol=1e-12, atol=1e-14)
+    again = compile_model(model, cache_dir=tmp_path, background=["train_step"])
+    assert again.cache_hit and started == ["float64"] and again.background_kernels == frozenset()
 
 
 def test_the_compile_worker_can_be_forced_on_or_off(monkeypatch):

@@ -294,19 +294,26 @@ class CompiledModel:
         return (*xs, *ys)
 
     # -- kernels ------------------------------------------------------------------------------
-    def compile_in_background(self, kernels) -> bool:
+    def compile_in_background(self, kernels, worker=None) -> bool:
         """Start compiling ``kernels`` (names, e.g. ``["forward"]``) in a worker process, into
         Numba's on-disk cache, while this process compiles something else (see
         :mod:`chainrule.codegen.background`); the first call of one of them waits for the worker.
         Done only for a module just generated into a writable cache, when a core is idle;
-        returns whether a worker was started."""
+        returns whether a worker was started. ``worker``: one already warming up
+        (``compile_model(..., background=)``), given these kernels (or stopped when unusable)."""
         from . import background
-        if self.in_memory or self.cache_hit or self._background is not None or not background.idle_core():
+        usable = not (self.in_memory or self.cache_hit or self._background is not None) \
+            and all(hasattr(getattr(self.module, k), "compile") for k in kernels)
+        # (a split module's drivers are Python: their kernels compile on first use)
+        if not usable or (worker is None and not background.idle_core()):
+            if worker is not None:
+                worker.stop()
             return False
-        if not all(hasattr(getattr(self.module, k), "compile") for k in kernels):
-            return False       # a split module's drivers are Python: their kernels compile on first use
-        self._background = background.BackgroundCompile(
-            self.module_path, self.module.__name__, {k: background.argument_types(self, k) for k in kernels})
+        signatures = {k: background.argument_types(self, k) for k in kernels}
+        if worker is not None:             # started before the module existed (compile_model)
+            self._background = worker.assign(self.module_path, self.module.__name__, signatures)
+        else:
+            self._background = background.BackgroundCompile(self.module_path, self.module.__name__, signatures)
         return True
 
     @property
@@ -476,7 +483,7 @@ def is_cached(model, dtype="float64", optimizer="sgd", cache_dir=None) -> bool:
 
 
 def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
-                  input_grads=False, split=None) -> CompiledModel:
+                  input_grads=False, split=None, background=()) -> CompiledModel:
     """Generate (or load from the cache) the kernels of ``model`` in ``dtype``, with the update of
     ``optimizer`` (a name or an ``UpdateRule``) fused into ``train_step``.
 
@@ -489,17 +496,36 @@ def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
 
     ``split``: the module's layout (see :mod:`chainrule.codegen.split`): None chooses by size (a
     large model gets one compiled function per kernel and Python drivers, which compile in a
-    fraction of the time of one giant function), True or False forces it."""
+    fraction of the time of one giant function), True or False forces it.
+
+    ``background``: kernels (names, e.g. ``["train_step"]``) to compile in a worker process when
+    the module is generated now (a cold start) and a core is idle: the worker starts before the
+    module is rendered and warms Numba up meanwhile (:mod:`chainrule.codegen.background`); the
+    first call of one of them waits for it and loads its code from the cache."""
     from ..derive.optimizers import get_rule
     dtype = check_dtype(dtype)
     rule = get_rule(optimizer)
     key = module_key(model, dtype, rule, input_grads, split)
+    worker = None
 
     def render(cache=True):
+        nonlocal worker
+        if cache and background and worker is None:
+            from . import background as bg
+            if bg.idle_core():
+                worker = bg.BackgroundCompile.warming_up(dtype)
         # imported here: loading a cached module needs neither Jinja nor the lowering
         from .render import plan_model, render_plan
         return render_plan(plan_model(model, dtype, optimizer=rule, input_grads=input_grads, split=split),
                            cache=cache)
-    module, path, source, hit = load_or_generate(key, render, cache_dir)
-    return CompiledModel(model, module, path, source, dtype, hit, key=key, render=render,
-                         optimizer=rule, input_grads=input_grads)
+    try:
+        module, path, source, hit = load_or_generate(key, render, cache_dir)
+        cm = CompiledModel(model, module, path, source, dtype, hit, key=key, render=render,
+                           optimizer=rule, input_grads=input_grads)
+    except BaseException:
+        if worker is not None:
+            worker.stop()
+        raise
+    if worker is not None:
+        cm.compile_in_background(background, worker=worker)
+    return cm

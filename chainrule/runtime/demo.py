@@ -37,14 +37,14 @@ def run_demo(out_dir="chainrule-demo", epochs=None, progress=True, quick=False, 
     os.makedirs(out_dir, exist_ok=True)
 
     model = build_model("demo")
-    cm = compile_model(model, dtype=dtype)
+    # on a cold start (the module generated now) a worker compiles train_step, the longest
+    # compilation: it starts while this process renders the module (warming Numba up), and goes
+    # on while this process explains the derivation, reads the data and compiles forward (see
+    # Network.fit); on a warm start the kernels load from the cache and no worker starts
+    cm = compile_model(model, dtype=dtype, background=["train_step"])
     code_path = os.path.join(out_dir, "demo_model.py")
     _write_text(code_path, cm.source)
     net = Network(model, dtype=dtype, seed=seed, compiled=cm)
-    # on a cold start (the module just generated) a worker compiles train_step, the longest
-    # compilation, while this process explains the derivation, reads the data and compiles
-    # forward (see Network.fit); on a warm start the kernels load from the cache and nothing starts
-    net.compiled.compile_in_background(["train_step"])
     t_generated = time.perf_counter()
 
     def derivation():
