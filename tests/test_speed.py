@@ -393,3 +393,29 @@ def test_the_compiled_probability_check_agrees_with_numpys_at_the_tolerance(comp
     assert first_off(near, tol) == -1
     fact.check(near, data_dtype=near.dtype)
     assert not hasattr(compiled_model("3 -> dense(2) -> mse").module, "_first_row_off_simplex")
+
+
+def test_a_kernel_called_directly_runs_small_products_on_one_blas_thread(compiled_model, monkeypatch):
+    """``CompiledModel.train_step`` outside ``fit`` applies fit's rule per call: with BLAS on two
+    threads, a batch whose largest product (8192 × rows for the demo) lies between OpenBLAS's own
+    one-thread limit (2^18) and 2^24 runs on one thread, and the count is restored after; smaller
+    and larger batches, and ``blas_threads=None``, leave BLAS alone."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import types
+    from chainrule.codegen.blas import kernel_blas
+    cm = compiled_model("demo")
+    (get, _), = kernel_blas()[:1]
+    seen = []
+    monkeypatch.setattr(cm, "module", types.SimpleNamespace(train_step=lambda *a: seen.append(get()) or 0.0))
+    p = cm.init_params(0)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        if get() != 2:
+            pytest.skip("BLAS cannot run two threads here")
+        for rows in (17, 32, 33, 256, 2047, 2048, 3000):
+            y = np.eye(10)[np.arange(rows) % 10]
+            cm.train_step(p, np.zeros((rows, 64)), y, lr=0.1, facts_checked=True)
+            assert get() == 2
+        cm.blas_threads = None
+        cm.train_step(p, np.zeros((256, 64)), np.eye(10)[np.arange(256) % 10], lr=0.1, facts_checked=True)
+        cm.blas_threads = "auto"
+    assert seen == [2, 2, 1, 1, 1, 2, 2, 2]

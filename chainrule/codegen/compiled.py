@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..derive.errors import ShapeError, UnsupportedError
+from .blas import ONE_THREAD_ANYWAY, SMALL_PRODUCT, call_on_one_thread
 from .cache import cache_key, fall_back_in_memory, load_or_generate
 from .facts import SimplexFact, declared_facts
 from .dtypes import check_dtype
@@ -16,6 +17,12 @@ def _c_array(a, dtype) -> np.ndarray:
     """A C-contiguous array of ``dtype`` with the shape of ``a``: a rank-0 parameter stays 0-d
     (``np.ascontiguousarray`` would make it shape (1,))."""
     return np.require(np.asarray(a, dtype=dtype), requirements="C")
+
+
+def _rows(arrays) -> int | None:
+    """The batch's number of examples (the first array's first axis), None for a scalar input."""
+    shape = arrays[0].shape
+    return shape[0] if shape else None
 
 
 class CompiledModel:
@@ -83,6 +90,12 @@ class CompiledModel:
         self._batch_tails = {n: d[1:] for n, d in self._dims.items()
                              if d and d[0] is None and None not in d[1:]}
         self._background = None       # a worker compiling kernels into Numba's cache (background.py)
+        # batches below this many rows keep the kernels' largest product under blas.SMALL_PRODUCT:
+        # their calls run BLAS on one thread ("auto"; None leaves BLAS alone; see blas.py)
+        self.blas_threads = "auto"
+        largest = max((math.prod(s) for s in self.param_shapes.values()), default=1)
+        self._one_thread_rows = -(-SMALL_PRODUCT // max(largest, 1))
+        self._blas_single_rows = ONE_THREAD_ANYWAY // max(largest, 1)   # ... and up to this, BLAS itself
 
     @staticmethod
     def _batch_shape(model, t):
@@ -333,8 +346,9 @@ class CompiledModel:
             if name not in self.background_kernels and hasattr(kernel, "compile"):
                 kernel.compile(tuple(argument_type(a) for a in background.argument_types(self, name)))
 
-    def _call(self, fn: str, *args):
-        """Run a kernel. Numba writes its cache on a kernel's first call: if that write fails
+    def _call(self, fn: str, *args, rows=None):
+        """Run a kernel (on a batch of ``rows`` examples: with small products, on one BLAS
+        thread, see blas.py). Numba writes its cache on a kernel's first call: if that write fails
         (a full disk, a cache made read-only meanwhile), switch to a module compiled in memory
         (one warning) instead of failing."""
         if self._background is not None and fn in self._background.kernels:
@@ -343,6 +357,9 @@ class CompiledModel:
             background, self._background = self._background, None
             background.wait()
         try:
+            if rows is not None and self._blas_single_rows < rows < self._one_thread_rows \
+                    and self.blas_threads == "auto":
+                return call_on_one_thread(getattr(self.module, fn), *args)
             return getattr(self.module, fn)(*args)
         except OSError as e:
             if self.in_memory:
@@ -356,12 +373,14 @@ class CompiledModel:
 
     def predict(self, params, x, buffers=None) -> np.ndarray:
         """The output in evaluation mode (``buffers``: the running averages; None: initial ones)."""
-        return self._call("predict", *self._params(params), *self._buffers(buffers), *self._inputs(x))
+        xs = self._inputs(x)
+        return self._call("predict", *self._params(params), *self._buffers(buffers), *xs, rows=_rows(xs))
 
     def outputs(self, params, x, buffers=None) -> dict:
         """Every declared output in evaluation mode (noise at its mean): ``{name: array}`` (a VAE's
         reconstruction, μ and log σ²; an autoencoder's reconstruction and code)."""
-        values = self._call("outputs", *self._params(params), *self._buffers(buffers), *self._inputs(x))
+        xs = self._inputs(x)
+        values = self._call("outputs", *self._params(params), *self._buffers(buffers), *xs, rows=_rows(xs))
         return dict(zip(self.output_names, (np.asarray(v) for v in values)))
 
     def input_grads(self, params, x, y, seed=-1, buffers=None):
@@ -370,16 +389,18 @@ class CompiledModel:
         if not self.has_input_grads:
             raise UnsupportedError(f"model {self.model.name}: compile_model(..., input_grads=True) "
                                    f"generates the input gradients; this module was compiled without")
+        xy = self._xy(x, y, facts=True)
         cost, grads = self._call("input_grads", *self._params(params), *self._buffers(buffers),
-                                 *self._xy(x, y, facts=True), int(seed))
+                                 *xy, int(seed), rows=_rows(xy))
         return float(cost), dict(zip(self.input_names, grads))
 
     def forward(self, params, x, y, seed=-1, buffers=None):
         """(cost, first output). ``seed`` >= 0: training mode (dropout masks and noise drawn from
         that seed, batch statistics); < 0 (the default): evaluation mode (masks and noise take
         their mean, normalisation reads the running averages in ``buffers``)."""
+        xy = self._xy(x, y)
         cost, out = self._call("forward", *self._params(params), *self._buffers(buffers),
-                               *self._xy(x, y), int(seed))
+                               *xy, int(seed), rows=_rows(xy))
         return float(cost), out
 
     def cost(self, params, x, y, seed=-1, buffers=None) -> float:
@@ -398,7 +419,7 @@ class CompiledModel:
         if training:
             self._check_training_batch(xy[0].shape[0])
         cost, grads = self._call("loss_and_grads", *self._params(params),
-                                 *self._buffers(buffers, inplace=training), *xy, int(seed))
+                                 *self._buffers(buffers, inplace=training), *xy, int(seed), rows=_rows(xy))
         return float(cost), dict(zip(self.param_names, grads))
 
     def init_state(self) -> dict:
@@ -459,7 +480,7 @@ class CompiledModel:
         if self.buffer_names and hp[2] >= 0:
             self._check_training_batch(xy[0].shape[0])
         return float(self._call("train_step", *self._params(params, inplace=True), *states,
-                                *self._buffers(buffers, inplace=True), *xy, hp))
+                                *self._buffers(buffers, inplace=True), *xy, hp, rows=_rows(xy)))
 
 
 def module_key(model, dtype="float64", optimizer="sgd", input_grads=False, split=None) -> str:
