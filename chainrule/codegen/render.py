@@ -268,6 +268,7 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
     tiny = repr(float(np.finfo(np.dtype(dtype)).tiny))
     context = dict(
         model_label=sanitise(model.name), dtype=dtype, tiny=tiny, primitives=prims,
+        simplex_check=_has_simplex_fact(model, [*inputs, *targets]),
         params=[ident(p.name) for p in params], x=", ".join(ident(t.name) for t in inputs),
         x_first=ident(x.name), y=", ".join(ident(t.name) for t in targets),
         arg_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}"
@@ -314,6 +315,13 @@ def _workspace_blocks(context, dtype, fused: bool):
                                             np.dtype(dtype).itemsize)
     n = len(context["forward_train"])
     context.update(step_forward=blocks[:n], step_backward=blocks[n:], workspace=allocations)
+
+
+def _has_simplex_fact(model, arguments) -> bool:
+    """Whether an argument of the kernels carries a declared probability fact (Σ_k y[b, k] = 1):
+    then the module gets the compiled check the wrapper runs before each kernel call."""
+    from .facts import SimplexFact, declared_facts
+    return any(isinstance(f, SimplexFact) for f in declared_facts(model, names={t.name for t in arguments}))
 
 
 def _noise_block(context, training: bool) -> list:
