@@ -777,7 +777,7 @@ class Lowerer:
         header = [f"for {self.names[v]} in {self.range_code(lo, hi)}:" for v, lo, hi in plan["loops"]]
         order = [v for v, _, _ in plan["loops"]]
         blocks = [_Block(set(order[:d]) | self.outer_bound) for d in range(len(order) + 1)]
-        where = self.emit_argmax(plan["m"], blocks)
+        where = self.recorded_argmax(plan["m"], blocks) or self.emit_argmax(plan["m"], blocks)
         found = {}
         for mk, w in zip(plan["marks"], where):
             found[mk] = sp.Symbol(w, integer=True)
@@ -943,6 +943,84 @@ class Lowerer:
         lines += [IND * len(order) + ln for ln in stmt]
         return lines
 
+    # -- max pooling: the training forward records each window's argmax for the backward -------
+    def argmax_record_key(self, body, loop_vars):
+        """The key under which the training forward records the argmax of ``body``, when ``body``
+        is a whole max over a window (max pooling: ``m[b, c, h, w] = max_{p,q} a[b, c, 2h + p,
+        2w + q]``) with constant limits from 0, lowered inside one function with a backward pass
+        after it (``shared_cols`` open); else None. The key is the max with its window indices
+        and the output's indices renamed by position, so that the adjoint's bracket
+        ``[point = argmax_{p,q} a[b, f, 2h' + p, 2w' + q]]`` finds it whatever its index names."""
+        if self.shared_cols is None or self.outer_bound or not isinstance(body, MaxOver):
+            return None
+        if not all(sp.sympify(lo) == 0 and sp.sympify(hi).is_Integer for _, lo, hi in body.limits):
+            return None
+        if not set(loop_vars) <= body.free_symbols:
+            return None
+        return self._max_key(body, loop_vars)
+
+    @staticmethod
+    def _max_key(m, free_order):
+        rename = {v: sp.Symbol(f"·w{k}", integer=True) for k, (v, _, _) in enumerate(m.limits)}
+        rename.update({v: sp.Symbol(f"·o{k}", integer=True) for k, v in enumerate(free_order)})
+        return ("argmax", sp.srepr(m.xreplace(rename)))
+
+    def argmax_record_kernel(self, info) -> Kernel:
+        """``out = max over a window`` (see ``argmax_record_key``), computed with the argmax
+        search of the adjoint's bracket (the same loop and strict ``>``: the tie rule), which also
+        writes each window's argmax, as one flat position in the window (-1: none, a window of NaN
+        or -inf), into an integer array: the backward pass reads it instead of searching again."""
+        body, loop_vars, shape = info["body"], info["loop_vars"], info["shape"]
+        sizes = [int(hi) + 1 for _, _, hi in body.limits]
+        record = self.fresh("argmax")
+        itype = "np.int8" if math.prod(sizes) <= 127 else "np.int32"
+        out = self.ident(info["out"])
+        lines = [f"# {info['text']}",
+                 f"# with the position of each maximum, recorded for the backward pass: {record}[...] = "
+                 f"the flat index in the window ({' x '.join(map(str, sizes))}) of the first largest value, -1 if none",
+                 f"{out} = np.empty({self.shape_code(self.tensors[info['out']])}, dtype=DT)",
+                 f"{record} = np.empty({self.shape_code(self.tensors[info['out']])}, dtype={itype})"]
+        blocks = [_Block(set(loop_vars[:d]) | self.outer_bound) for d in range(len(loop_vars) + 1)]
+        where = self.emit_argmax(body, blocks)
+        value = blocks[-1].cache["max" + "argmax" + sp.srepr(body)]
+        flat = " + ".join(f"{w} * {math.prod(sizes[k + 1:])}" if k < len(where) - 1 else w
+                          for k, w in enumerate(where))
+        at = ", ".join(str(v) for v in loop_vars)
+        stmts = [f"{out}[{at}] = {value}", f"{record}[{at}] = {flat} if {where[0]} >= 0 else -1"]
+        nested = stmts
+        for d in range(len(loop_vars), 0, -1):
+            nested = [f"for {loop_vars[d - 1]} in range({self.pe(shape[d - 1])}):"] + \
+                [IND + ln for ln in blocks[d].lines + nested]
+        self.shared_cols[self._max_key(body, loop_vars)] = (record, sizes)
+        return Kernel("loop", [info["text"]], [info["out"]], lines + blocks[0].lines + nested)
+
+    def recorded_argmax(self, m, blocks):
+        """The argmax of ``m`` read from the training forward's record (``argmax_record_kernel``),
+        as the window position's variables, emitted where ``m``'s indices are bound; None when the
+        forward recorded no such max (then the scatter searches each window itself)."""
+        if self.shared_cols is None or self.outer_bound:
+            return None
+        free = [s for s in sorted(m.free_symbols, key=str)
+                if s.is_integer and s not in self.sizes and s != BATCH]
+        for order in itertools.permutations(free):
+            found = self.shared_cols.get(self._max_key(m, order))
+            if found is not None:
+                break
+        else:
+            return None
+        record, sizes = found
+        target = next(b for b in blocks if set(free) <= b.bound)
+        flat = self.fresh("amax")
+        where = [f"{flat}_{k}" for k in range(len(sizes))]
+        lines = [f"# the argmax of each window, recorded by the forward pass: {record}",
+                 f"{flat} = {record}[{', '.join(self.names[v] for v in order)}]"]
+        for k, w in enumerate(where):      # -1 (no argmax) stays negative in the first coordinate
+            stride = math.prod(sizes[k + 1:])
+            whole = f"{flat} // {stride}" if stride > 1 else flat
+            lines.append(f"{w} = {whole}" if k == 0 else f"{w} = ({whole}) % {sizes[k]}")
+        target.lines.extend(lines)
+        return where
+
     # -- lowering one equation ----------------------------------------------------------------
     def classify(self, eq):
         body, loop_vars = self.prepare(eq)
@@ -1050,6 +1128,9 @@ class Lowerer:
         if eq.out.rank == 0:
             info["kind"] = "scalar"
             return info
+        if self.argmax_record_key(body, loop_vars) is not None:
+            info["kind"] = "argmax"
+            return info
         if (isinstance(body, sp.Sum) and not any(isinstance(a, REDUCTIONS) for a in
                                                   sp.preorder_traversal(body.function))
                 and not any(set(loop_vars) & (lo.free_symbols | hi.free_symbols)
@@ -1139,6 +1220,7 @@ class Lowerer:
             nested = [headers[k]] + [IND + ln for ln in inner]
         target.lines.extend([f"{acc} = -np.inf"] + [f"{w} = -1" for w in where] + nested)
         target.cache[key] = where
+        target.cache["max" + key] = acc             # the maximum itself (argmax_record_kernel)
         return where
 
     def emit_reduction(self, r, blocks: list[_Block]) -> str:
@@ -1408,6 +1490,8 @@ class Lowerer:
                 kernels.append(self.softmax_kernel(info))
             elif info["kind"] == "accumulate":
                 kernels.append(self.accumulate_kernel(info))
+            elif info["kind"] == "argmax":
+                kernels.append(self.argmax_record_kernel(info))
             else:
                 kernels.append(self.scalar_kernel(info))
         flush()
