@@ -81,6 +81,7 @@ def _preflight(args):
 MODEL_HELP = textwrap.dedent("""\
     how to name a model:
       a built-in name: {names}
+      a model declared in Python: {declared} (the GPT of `chainrule train char-gpt`)
       or a layer-list spec, items separated by '->' (or ','):
         '<inputs> -> <layer> -> ... -> <loss>'
         layers: dense(N), {acts}, softmax, log_softmax
@@ -91,8 +92,9 @@ MODEL_HELP = textwrap.dedent("""\
 
 def _model_help() -> str:
     from .derive import ACTIVATIONS, BUILTIN_MODELS, LOSSES
-    return MODEL_HELP.format(names=", ".join(BUILTIN_MODELS), acts=", ".join(ACTIVATIONS),
-                             losses=", ".join(LOSSES))
+    from .derive.spec import DECLARED_MODELS
+    return MODEL_HELP.format(names=", ".join(BUILTIN_MODELS), declared=", ".join(DECLARED_MODELS),
+                             acts=", ".join(ACTIVATIONS), losses=", ".join(LOSSES))
 
 
 def _epilog_when_shown(parser, make):

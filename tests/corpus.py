@@ -247,8 +247,17 @@ def corpus() -> dict:
         "elman rnn, learned initial state": build_model("seq(4, 3) -> rnn(5, learn_initial=1) -> dense(2) -> mse"),
         "lstm": build_model("seq(4, 3) -> lstm(5) -> dense(2) -> mse"),
         "gru": build_model("seq(4, 3) -> gru(5) -> dense(2) -> mse"),
+        # rank-4 tensors (batch, head, time, feature): one matrix form per example and head, a sum
+        # over the heads kept as a sum; the tied output's table read twice
+        "causal multi-head attention": causal_attention(),
+        "tied output": _tied_output(),
     })
     return models
+
+
+def _tied_output() -> Model:
+    from chainrule.derive.attention import _tied_small_model
+    return _tied_small_model()
 
 
 def causal_attention(T=4, D=6, H=3) -> Model:

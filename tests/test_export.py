@@ -18,7 +18,7 @@ import pytest
 
 from chainrule.derive import Activation, Dense, build_model, sigmoid
 from chainrule.derive import conv as conv_layers
-from chainrule.derive.attention import CausalSelfAttention, NextTokenCrossEntropy, PositionEmbedding, gpt
+from chainrule.derive.attention import CausalSelfAttention, NextTokenCrossEntropy, PositionEmbedding, TiedOutput, gpt
 from chainrule.derive.sequence import GRU, LSTM, RNN, Embedding
 from chainrule.derive import layers as L
 from chainrule.derive.errors import UnsupportedError
@@ -82,6 +82,7 @@ MODELS = {
                                           NextTokenCrossEntropy(), name="embedding lm"), None),
     "position embedding": (PositionEmbedding.doc_example, None),
     "causal attention": (CausalSelfAttention.doc_example, None),
+    "tied output (the embedding's table read twice)": (TiedOutput.doc_example, None),
     "gpt (one block)": (lambda: gpt(vocab=7, context=4, width=15, heads=3, layers=1), None),
     "gru model": ("seq(6, 3) -> gru(4) -> dense(8) -> mse", None),
     "elman from a given state (an input)": (corpus.elman_from_a_given_state, None),

@@ -86,8 +86,56 @@ def test_multihead_attention_verifies_exactly_at_sizes_not_two(attention):
 
 def test_heads_must_divide_the_width():
     from corpus import causal_attention as build
-    with pytest.raises(ShapeError, match="4 heads do not divide the model width 6 of x"):
+    with pytest.raises(ShapeError, match=r"^layer 1:causal_attention: 4 heads do not divide the model width 6 of "
+                                         r"its input x \(B, 3, 6\): the queries, keys and values \(B, heads, T, "
+                                         r"width / heads\) need a whole head width$"):
         build(T=3, D=6, H=4)
+
+
+def test_attention_matrix_forms_are_per_example_and_head(attention):
+    """The explanation lifts the rank-4 tensors (B, H, T, E) to one matrix per example and head, by
+    the engine's patterns: S = Q Kᵀ/√E, O = A V, dA = dO Vᵀ, dS = A ⊙ (dA − (A ⊙ dA) 1 1ᵀ) (the row
+    sum as a product with ones), dV = Aᵀ dO, dQ = dS K/√E, dK = dSᵀ Q/√E, and the heads' sum of the
+    output projection kept as a sum; each printed form agrees numerically with its index form at two
+    size assignments (sizes distinct, none 2)."""
+    from chainrule.derive import explain_model
+    from chainrule.derive.matrix import check_sizes, random_env
+    model, grads = attention
+    doc = explain_model(model, grads)
+    forms = {}
+    for f in doc.matrix_forms:
+        forms.setdefault(f.eq.out.name, f)
+    d = lambda n: rf"\left(\frac{{\partial C}}{{\partial {n}^{{(1)}}}}\right)_{{h}}"     # noqa: E731
+    root = r"\frac{1}{\sqrt{E_{1}}}"
+    want = {
+        "S1": rf"{root} \left(Q^{{(1)}}_{{h}} {{K^{{(1)}}_{{h}}}}^{{\top}}\right)",
+        "O1": r"A^{(1)}_{h} V^{(1)}_{h}",
+        "y1": r"\sum_{h=0}^{H_{1} - 1} O^{(1)}_{h} {W_{O}^{(1)}}_{h} + \mathbf{1} b_{O}^{(1)\top}",
+        "d_A1": rf"{d('O')} {{V^{{(1)}}_{{h}}}}^{{\top}}",
+        "d_S1": (rf"A^{{(1)}}_{{h}} \odot \left({d('A')} - \left(\left(A^{{(1)}}_{{h}} \odot {d('A')}\right) "
+                 rf"\mathbf{{1}}\right) \mathbf{{1}}^{{\top}}\right)"),
+        "d_V1": rf"{{A^{{(1)}}_{{h}}}}^{{\top}} {d('O')}",
+        "d_Q1": rf"{root} \left({d('S')} K^{{(1)}}_{{h}}\right)",
+        "d_K1": rf"{root} \left({{{d('S')}}}^{{\top}} Q^{{(1)}}_{{h}}\right)",
+    }
+    for name, rhs in want.items():
+        assert forms[name].rhs == rhs, (name, forms[name].rhs)
+        assert set(forms[name].fixed) == ({b, h} if name != "y1" else {b})
+    md = doc.to_markdown()
+    assert ("For each example and each $h$ of the $B \\times H_{1} \\times T_{0} \\times T_{0}$ tensor, "
+            "shape $T_{0} \\times T_{0}$:") in md
+    assert "- $\\mathbf{1}$ is the vector of $T_{0}$ ones: multiplying by it sums over $u'$" in md
+    rng = np.random.default_rng(4)
+    tensors = {**model.tensors, **{a.name: a for a in grads.adjoints.values()}}
+    for name in want:
+        form = forms[name]
+        for sizes in check_sizes(form.eq, tensors, count=4)[2:]:
+            assert len(set(sizes.values())) == len(sizes) and 2 not in sizes.values()
+            env = random_env(form.eq, tensors, sizes, rng)
+            at = {i: 1 for i in form.fixed}
+            got, ref = form.evaluate(env, sizes, at), form.reference(env, sizes, at)
+            assert ref.size > 1 and got.shape == ref.shape
+            np.testing.assert_allclose(got, ref, rtol=1e-10, err_msg=name)
 
 
 # -- kernels ------------------------------------------------------------------------------------
@@ -153,9 +201,41 @@ def test_the_explanation_names_the_softmax_jacobian_and_the_causal_limit(attenti
 
 # -- the GPT ----------------------------------------------------------------------------------------
 def test_gpt_declares_heads_that_divide_the_width():
+    """Refused when the model is declared, by the attention layer of the first block, with its input."""
     from chainrule.derive.attention import gpt
-    with pytest.raises(ShapeError, match="gpt: 3 heads do not divide the model width 8"):
+    with pytest.raises(ShapeError, match=r"^layer 3:residual\(layer_norm -> causal_attention\(3\)\)\.2:"
+                                         r"causal_attention\(3\): 3 heads do not divide the model width 8 of "
+                                         r"its input y3 \(B, 4, 8\)"):
         gpt(5, 4, width=8, heads=3)
+
+
+def test_a_context_longer_than_the_position_table_is_refused_when_declared():
+    from chainrule.derive.attention import gpt
+    with pytest.raises(ShapeError, match=r"^layer 2:position_embedding\(6\): the input e1 \(B, 7, 8\) has a "
+                                         r"context of 7 positions, longer than the position table P2 \(6, 8\) "
+                                         r"of 6: declare a context of at most 6, or a table of at least 7 "
+                                         r"positions$"):
+        gpt(5, 7, width=8, heads=4, positions=6)
+
+
+def test_a_position_table_longer_than_the_context_verifies_and_its_unread_rows_get_no_gradient():
+    """P has T + K rows (K a size of its own, so T ≤ rows holds at every size verification picks);
+    the derived gradient of a row t is guarded by t ≤ T - 1, and the whole model verifies exactly."""
+    from chainrule.derive.attention import PositionEmbedding, _small_model
+    from chainrule.derive.layers import B
+    model = _small_model([PositionEmbedding(7)], vocab=5, context=4, width=3)
+    P = model.tensors["P2"]
+    T, n = model.tensors["x"].shape[1], model.tensors["e1"].shape[2]
+    K = P.shape[0] - T
+    assert model.size_values[K] == 3 and model.size_values[T] == 4
+    grads = derive(model)
+    dp = grads.adjoints["p2"]
+    b_, o = index("b"), index("o")
+    assert grads.derivations["P2"].equation.body == sp.Piecewise(
+        (sp.Sum(dp[b_, t, o], (b_, 0, B - 1)), t <= T - 1), (0, True))
+    checks = verify_model(model, grads, sizes=[{"B": 3, "T_0": 4, "K_2": 5, "V_0": 6, "n_1": 7, "n_3": 8},
+                                               {"B": 4, "T_0": 3, "K_2": 1, "V_0": 5, "n_1": 6, "n_3": 7}], points=1)
+    assert all(checks) and all(c.checked > 0 for c in checks), [str(c) for c in checks]
 
 
 def test_char_windows_are_next_token_one_hots():
@@ -285,3 +365,159 @@ def test_small_gpt_gradients_match_pytorch(tiny_gpt):
     assert cost == pytest.approx(ref.item(), rel=1e-12)
     for name in cm.param_names:
         np.testing.assert_allclose(grads[name], P[name].grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+# -- a tied output projection: the token-embedding table read twice ----------------------------------
+def test_a_tied_output_sums_the_embedding_tables_two_contributions():
+    """z = h Eᵀ reads the table E that the tokens select rows of: its derived gradient is, exactly,
+    the projection's Σ_bt δz[b, t, k] h[b, t, o] plus the selected rows' Σ_bt [k = x[b, t]] δe[b, t, o];
+    the explanation names both uses; the whole model verifies exactly at two size assignments."""
+    from chainrule.derive import explain_model
+    from chainrule.derive.attention import _tied_small_model
+    from chainrule.derive.layers import B
+    model = _tied_small_model()
+    assert [t.name for t in model.params] == ["E1", "P2", "gamma3", "beta3"]     # no weight of its own
+    grads = derive(model)
+    x, y3, T = model.tensors["x"], model.tensors["y3"], model.tensors["x"].shape[1]
+    dz, de = grads.adjoints["z4"], grads.adjoints["e1"]
+    b_, k, o = index("b"), index("k"), index("o")
+    assert grads.derivations["E1"].equation.body == (
+        sp.Sum(dz[b_, t, k] * y3[b_, t, o], (b_, 0, B - 1), (t, 0, T - 1))
+        + sp.Sum(sp.Piecewise((de[b_, t, o], sp.Eq(k, x[b_, t])), (0, True)), (b_, 0, B - 1), (t, 0, T - 1)))
+    md = explain_model(model, grads).to_markdown()
+    assert "$E^{(1)}$ is used 2 times, so its adjoint is the sum of one contribution per use" in md
+    assert "- through $e^{(1)}$ (the row of the table that each token selects)" in md
+    assert "- through $z^{(4)}$ (logits: the final features against every token's embedding" in md
+    checks = verify_model(model, grads, sizes=[{"B": 3, "T_0": 4, "V_0": 5, "n_1": 6},
+                                               {"B": 4, "T_0": 5, "V_0": 7, "n_1": 3}], points=1)
+    assert {c.name.split("dC/d")[1] for c in checks} == {"E1", "P2", "gamma3", "beta3"}
+    assert all(checks) and all(c.checked > 0 for c in checks), [str(c) for c in checks]
+
+
+def test_a_tied_output_needs_a_declared_embedding_of_its_width():
+    from chainrule.derive.attention import NextTokenCrossEntropy, TiedOutput
+    from chainrule.derive.layers import Dense, SequenceInput, sequential
+    from chainrule.derive.sequence import Embedding
+    emb = Embedding(4)
+    with pytest.raises(ShapeError, match=r"^layer 3:tied_output\(embedding\(4\)\): its input z2 \(B, 3, 6\) has "
+                                         r"6 features but the token-embedding table E1 \(5, 4\) it reads "
+                                         r"transposed has rows of 4: tying needs one width$"):
+        sequential(SequenceInput(3, vocab=5), [emb, Dense(6), TiedOutput(emb)], NextTokenCrossEntropy())
+    with pytest.raises(ShapeError, match=r"^layer 2:tied_output\(embedding\(6\)\) reads a parameter of layer "
+                                         r"embedding\(6\), which is not declared before it in this model$"):
+        sequential(SequenceInput(3, vocab=5), [Embedding(6), TiedOutput(Embedding(6))], NextTokenCrossEntropy())
+
+
+@pytest.fixture(scope="module")
+def tied_kernels(compiled_declared):
+    from chainrule.derive.attention import _tied_small_model
+    return compiled_declared("tied-output", _tied_small_model)
+
+
+def _torch_tied(torch, P, ids, y):
+    """Embedding rows plus positions, layer norm, logits by the same table: F.linear(h, E)."""
+    F = torch.nn.functional
+    h = F.layer_norm(P["E1"][ids] + P["P2"], (P["E1"].shape[1],), P["gamma3"], P["beta3"], eps=1e-5)
+    return -(y * F.log_softmax(F.linear(h, P["E1"]), dim=-1)).sum(-1).mean()
+
+
+def test_tied_kernels_match_finite_differences_and_pytorch(tied_kernels):
+    """The generated kernels: every gradient against central differences, and against PyTorch
+    autograd on the same tied model (float64, batch 6, soft targets, perturbed parameters)."""
+    from chainrule.codegen.verify import check_gradients
+    cm = tied_kernels
+    checks = check_gradients(cm.model, compiled=cm, batch=3)
+    assert len(checks) == 4 and all(c.ok for c in checks), [str(c) for c in checks]
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    params = _perturbed(cm, 4)
+    ids, y = rng.integers(0, 5, size=(6, 3)), _soft_targets(rng, (6, 3, 5))
+    cost, grads = cm.loss_and_grads(params, ids.astype(np.float64), y)
+    P = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    ref = _torch_tied(torch, P, torch.tensor(ids), torch.tensor(y))
+    ref.backward()
+    assert cost == pytest.approx(ref.item(), rel=1e-12)
+    for name in cm.param_names:
+        np.testing.assert_allclose(grads[name], P[name].grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
+        assert np.abs(grads[name]).max() > 1e-3, name
+
+
+def test_a_longer_context_or_an_unknown_token_is_refused_naming_the_table(tied_kernels):
+    """At run time: a context the model was not declared for names the position table it would
+    overrun; a token id outside the vocabulary names the embedding layer and its table."""
+    from chainrule.codegen.facts import FactError
+    cm = tied_kernels
+    params = cm.init_params(0)
+    with pytest.raises(ShapeError, match=r"^input x has shape \(2, 5\), expected \(B, 3\) \(read by layer "
+                                         r"1:embedding\(4\)\); axis 1 is the size T_0 = 3 the model was declared "
+                                         r"with, which also shapes parameter P2 \(3, 4\) of layer "
+                                         r"2:position_embedding: declare the model with T_0 = 5$"):
+        cm.predict(params, np.zeros((2, 5)))
+    with pytest.raises(FactError, match=r"^input x \(2, 3\) holds token id 5 at \[1, 0\], outside the vocabulary "
+                                        r"\[0, 5\) of layer 1:embedding\(4\), whose table E1 \(5, 4\) has one row "
+                                        r"per token; 1 entry is outside$"):
+        cm.predict(params, np.array([[0, 1, 4], [5, 0, 0]]))
+    assert cm.predict(params, np.array([[0, 1, 4], [4, 0, 0]])).shape == (2, 3, 5)
+
+
+@pytest.fixture(scope="module")
+def tied_gpt(compiled_declared):
+    """A one-block gpt() with the tied output and a position table of 5 rows read at context 4."""
+    from chainrule.derive.attention import gpt
+    return compiled_declared("tied-gpt", lambda: gpt(7, 4, width=6, heads=3, layers=1, tie_embeddings=True,
+                                                     positions=5))
+
+
+@pytest.mark.slow
+def test_tied_gpt_matches_finite_differences_and_pytorch(tied_gpt):
+    """All 17 gradients of the tied one-block GPT against central differences and against PyTorch
+    autograd (tests/torch_gpt.py with ``F.linear(h, E)``, the table sliced to the context), float64;
+    the position table's unread row gets exactly zero."""
+    torch = pytest.importorskip("torch")
+    import torch_gpt
+    from chainrule.codegen.verify import check_gradients
+    cm = tied_gpt
+    assert cm.param_shapes["P2"] == (5, 6) and len(cm.param_names) == 17
+    checks = check_gradients(cm.model, compiled=cm, batch=3)
+    assert len(checks) == 17 and all(c.ok for c in checks), [str(c) for c in checks if not c.ok]
+    rng = np.random.default_rng(13)
+    params = _perturbed(cm, 3)
+    ids, y = rng.integers(0, 7, size=(3, 4)), _soft_targets(rng, (3, 4, 7))
+    cost, grads = cm.loss_and_grads(params, ids.astype(np.float64), y)
+    P = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    ref = torch_gpt.gpt_cost(torch, P, cm.param_names, torch.tensor(ids), torch.tensor(y), tied=True)
+    ref.backward()
+    assert cost == pytest.approx(ref.item(), rel=1e-12)
+    for name in cm.param_names:
+        np.testing.assert_allclose(grads[name], P[name].grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=name)
+    assert np.all(grads["P2"][4] == 0.0) and np.abs(grads["P2"][:4]).min() > 0
+
+
+@pytest.mark.slow
+def test_the_char_gpt_run_prints_its_losses_a_sample_and_writes_the_curve(kernel_cache_dir, tmp_path):
+    """train_char_gpt at small sizes (what `chainrule train char-gpt` runs): the validation loss at
+    each evaluation, falling; a sample of the asked length from the pydoc characters; the PNG."""
+    import io
+    from chainrule.runtime.text import train_char_gpt
+    out = io.StringIO()
+    result = train_char_gpt(steps=40, context=8, width=8, heads=2, layers=1, batch=8, lr=1e-2, eval_every=20,
+                            stream=out, sample_length=30, plot_path=tmp_path / "loss.png",
+                            cache_dir=kernel_cache_dir, temperature=0.7, top_k=5)
+    text = out.getvalue()
+    assert [s for s, _ in result["history"]] == [0, 20, 40]
+    assert "step    20  validation loss" in text and "step    40  validation loss" in text
+    assert result["history"][-1][1] < result["history"][0][1] - 0.5, result["history"]
+    assert "sample (temperature 0.7, top-k 5) after" in text
+    assert len(result["sample"]) == 30 and set(result["sample"]) <= set(result["codec"].chars)
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["train_cpu_seconds"] > 0 and "s CPU)" in text
+
+
+def test_the_gpt_is_a_model_name_for_derive():
+    """`chainrule derive gpt` explains the char-gpt architecture: the name builds gpt() at its sizes."""
+    from chainrule.derive import build_model
+    model = build_model("gpt")
+    assert model.size_values[model.tensors["x"].meta["vocab"]] == 103
+    assert [layer.describe() for _, layer in model.layers][:3] == [
+        "embedding(64)", "position_embedding", "residual(layer_norm -> causal_attention(4))"]
+    assert sum(t.name.startswith("Wq") for t in model.params) == 2

@@ -103,12 +103,19 @@ def test_the_rnn_spec_stacks_and_reaches_finite_differences(compiled_model):
     ids = np.array([[0, 1, 2, 3, 4], [6, 5, 7, 1, 0]])
     # a token id outside the vocabulary never reaches the kernels (it would read outside the table)
     with pytest.raises(FactError, match=r"input x \(2, 5\) holds token id 7 at \[1, 2\], outside the "
-                                        r"vocabulary \[0, 7\) of the embedding that reads it; 1 entry is outside"):
+                                        r"vocabulary \[0, 7\) of layer 1:embedding\(3\), whose table E1 \(7, 3\) has one "
+                                        r"row per token; 1 entry is outside"):
         cm.predict(params, ids)
     # a sequence of the wrong rank: named with the shape expected
     with pytest.raises(ShapeError, match=r"input x has shape \(2, 5, 1\), expected \(B, 5\) \(read by layer "
                                          r"1:embedding\(3\)\)"):
         cm.predict(params, ids[:, :, None])
+    # a longer sequence: the size the model was declared with (no parameter has it: an RNN's weights
+    # are the same at every length, but its kernels were generated for T_0 = 5)
+    with pytest.raises(ShapeError, match=r"^input x has shape \(2, 6\), expected \(B, 5\) \(read by layer "
+                                         r"1:embedding\(3\)\); axis 1 is the size T_0 = 5 the model was "
+                                         r"declared with: declare the model with T_0 = 6$"):
+        cm.predict(params, np.zeros((2, 6)))
     assert cm.predict(params, np.clip(ids, 0, 6)).shape == (2, 2)
 
 

@@ -28,14 +28,19 @@ def next_token_cost(torch, z, y):
     return -(y * torch.nn.functional.log_softmax(z, dim=-1)).sum(-1).mean()
 
 
-def gpt_cost(torch, P: dict, names: list, ids, y):
-    """gpt(): token and position embeddings, the blocks, a final layer norm, the vocabulary head."""
+def gpt_cost(torch, P: dict, names: list, ids, y, tied=False):
+    """gpt(): token and position embeddings, the blocks, a final layer norm, the vocabulary head (with
+    ``tied``: ``F.linear`` by the token-embedding table itself, no bias: PyTorch's autograd then sums
+    the gradients of its two uses)."""
     F = torch.nn.functional
     emb, pos, *rest = names
-    x = P[emb][ids] + P[pos]
-    n_blocks = (len(rest) - 4) // PER_BLOCK
+    head = 2 if tied else 4
+    x = P[emb][ids] + P[pos][:ids.shape[1]]
+    n_blocks = (len(rest) - head) // PER_BLOCK
+    assert len(rest) == n_blocks * PER_BLOCK + head
     for k in range(n_blocks):
         x = block(torch, P, rest[k * PER_BLOCK:(k + 1) * PER_BLOCK], x)
-    g, b, w, c = rest[n_blocks * PER_BLOCK:]
-    z = F.linear(F.layer_norm(x, (x.shape[-1],), P[g], P[b], eps=1e-5), P[w], P[c])
+    g, b, *out = rest[n_blocks * PER_BLOCK:]
+    h = F.layer_norm(x, (x.shape[-1],), P[g], P[b], eps=1e-5)
+    z = F.linear(h, P[emb]) if tied else F.linear(h, P[out[0]], P[out[1]])
     return next_token_cost(torch, z, y)

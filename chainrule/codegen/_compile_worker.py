@@ -7,7 +7,8 @@ SymPy, no chainrule), so it starts in a fraction of a second, and it compiles ea
 the exact argument types the caller will pass: Numba's ``Dispatcher.compile`` then saves the
 machine code next to the module (``cache=True``), where the caller's first call finds it.
 KERNELS_JSON is ``[[name, [arg, ...]], ...]`` with each ``arg`` either ``"int64"`` or
-``[dtype, ndim]`` (a C-contiguous array).
+``[dtype, ndim]`` (a C-contiguous array) or ``"workspace"`` (the tuple of arrays the module's
+plain-Python ``workspace`` function returns: its type is the same at every batch size).
 """
 import os
 import sys
@@ -21,11 +22,14 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 
 
-def argument_type(arg):
-    """The Numba type of one argument description (shared with ``CompiledModel.compile_now``)."""
-    from numba import types
+def argument_type(arg, module):
+    """The Numba type of one argument description (shared with ``CompiledModel.compile_now``);
+    ``module``: the generated module, whose ``workspace`` gives the workspace tuple's type."""
+    from numba import typeof, types
     if arg == "int64":
         return types.int64
+    if arg == "workspace":
+        return typeof(module.workspace(1))
     dtype, ndim = arg
     return types.Array(getattr(types, dtype), int(ndim), "C")
 
@@ -64,7 +68,7 @@ def main(path, module_name, kernels_json) -> int:
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     for name, args in json.loads(kernels_json):
-        getattr(module, name).compile(tuple(argument_type(a) for a in args))
+        getattr(module, name).compile(tuple(argument_type(a, module) for a in args))
     return 0
 
 

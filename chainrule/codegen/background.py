@@ -110,7 +110,8 @@ def _spawn(args, stdin):
 
 def argument_types(cm, kernel: str) -> list:
     """The arguments ``CompiledModel`` passes to ``kernel``, as the worker's type descriptions:
-    ``[dtype, ndim]`` for a C-contiguous array, ``"int64"`` for the seed."""
+    ``[dtype, ndim]`` for a C-contiguous array, ``"int64"`` for the seed, ``"workspace"`` for the
+    tuple the module's ``workspace`` returns."""
     dt = cm.dtype
     params = [[dt, len(cm.param_shapes[n])] for n in cm.param_names]
     buffers = [[dt, len(cm.buffer_shapes[n])] for n in cm.buffer_names]
@@ -119,8 +120,8 @@ def argument_types(cm, kernel: str) -> list:
     states = [[dt, len(cm.param_shapes[n])] for n in cm.param_names for _ in cm.state_names]
     return {
         "forward": params + buffers + inputs + targets + ["int64"],
-        "loss_and_grads": params + buffers + inputs + targets + ["int64"],
+        "loss_and_grads": params + buffers + inputs + targets + ["int64", "workspace"],
         "predict": params + buffers + inputs,
         "outputs": params + buffers + inputs,
-        "train_step": params + states + buffers + inputs + targets + [["float64", 1]],
+        "train_step": params + states + buffers + inputs + targets + [["float64", 1], "workspace"],
     }[kernel]

@@ -5,8 +5,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+import sympy as sp
 
 from ..derive.errors import ShapeError, UnsupportedError
+from ..derive.tensor import shape_str
 from .blas import ONE_THREAD_ANYWAY, SMALL_PRODUCT, call_on_one_thread
 from .cache import cache_key, fall_back_in_memory, load_or_generate
 from .facts import SimplexFact, declared_facts
@@ -90,6 +92,7 @@ class CompiledModel:
         self._batch_tails = {n: d[1:] for n, d in self._dims.items()
                              if d and d[0] is None and None not in d[1:]}
         self._background = None       # a worker compiling kernels into Numba's cache (background.py)
+        self._workspaces: dict = {}   # batch size -> the step's reused temporaries (workspace.py)
         # batches below this many rows keep the kernels' largest product under blas.SMALL_PRODUCT:
         # their calls run BLAS on one thread ("auto"; None leaves BLAS alone; see blas.py)
         self.blas_threads = "auto"
@@ -227,14 +230,33 @@ class CompiledModel:
         if tail is None or a.ndim != len(tail) + 1 or a.shape[1:] != tail:
             dims = self._dims[name]
             if a.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, a.shape)):
-                shape = "(" + ", ".join("B" if d is None else str(d) for d in dims) + ")"
-                reader = f" (read by layer {self._reader[name]})" if name in self._reader else ""
-                raise ShapeError(f"{what} {name} has shape {a.shape}, expected {shape}{reader}")
+                raise ShapeError(self._shape_message(a, tensor, what, dims))
         if a.ndim and a.shape[0] == 0:
             raise ShapeError(f"{what} {name} is an empty batch")
         for fact in self._facts_of[name] if facts else self._always_facts_of[name]:
             self._check_fact(fact, a, data_dtype)
         return a
+
+    def _shape_message(self, a, tensor, what, dims) -> str:
+        """Which layer reads the array, and for each axis of the wrong length the size the model was
+        declared with and the parameters that size shapes too (the position table a longer context
+        would overrun): a model's sizes are fixed when it is declared."""
+        shape = "(" + ", ".join("B" if d is None else str(d) for d in dims) + ")"
+        reader = f" (read by layer {self._reader[tensor.name]})" if tensor.name in self._reader else ""
+        message = f"{what} {tensor.name} has shape {a.shape}, expected {shape}{reader}"
+        if a.ndim != len(dims):
+            return message
+        values = self.model.size_values
+        for axis, (want, got) in enumerate(zip(dims, a.shape)):
+            if want is None or want == got:
+                continue
+            size = tensor.shape[axis]
+            shaped = [p for p in self.model.params if any(size in sp.sympify(s).free_symbols for s in p.shape)]
+            also = "".join(f", which also shapes parameter {p.name} {shape_str(p.shape, values)} of layer "
+                           f"{p.layer}" for p in shaped[:2])
+            message += (f"; axis {axis} is the size {size} = {want} the model was declared with{also}: "
+                        f"declare the model with {size} = {got}")
+        return message
 
     def _check_fact(self, fact, a, data_dtype):
         """A declared fact on an argument, checked before a kernel relies on it: a probability fact
@@ -344,7 +366,8 @@ class CompiledModel:
         for name in kernels:
             kernel = getattr(self.module, name)
             if name not in self.background_kernels and hasattr(kernel, "compile"):
-                kernel.compile(tuple(argument_type(a) for a in background.argument_types(self, name)))
+                kernel.compile(tuple(argument_type(a, self.module)
+                                     for a in background.argument_types(self, name)))
 
     def _call(self, fn: str, *args, rows=None):
         """Run a kernel (on a batch of ``rows`` examples: with small products, on one BLAS
@@ -369,7 +392,21 @@ class CompiledModel:
                 raise
             self.module, label, self.source = new
             self.module_path, self.cache_hit = Path(label), False
+            self._workspaces.clear()
             return getattr(self.module, fn)(*args)
+
+    def workspace(self, n_batch: int) -> tuple:
+        """The training step's large temporaries for batches of ``n_batch`` (the module's
+        ``workspace``), allocated at the first step of that size and reused by the next ones (see
+        :mod:`chainrule.codegen.workspace`). The two sizes used last are kept: an epoch's full
+        minibatches and its last, shorter one."""
+        ws = self._workspaces.pop(n_batch, None)
+        if ws is None:
+            ws = self.module.workspace(n_batch)
+        self._workspaces[n_batch] = ws            # the most recent last
+        while len(self._workspaces) > 2:
+            del self._workspaces[next(iter(self._workspaces))]
+        return ws
 
     def predict(self, params, x, buffers=None) -> np.ndarray:
         """The output in evaluation mode (``buffers``: the running averages; None: initial ones)."""
@@ -419,7 +456,8 @@ class CompiledModel:
         if training:
             self._check_training_batch(xy[0].shape[0])
         cost, grads = self._call("loss_and_grads", *self._params(params),
-                                 *self._buffers(buffers, inplace=training), *xy, int(seed), rows=_rows(xy))
+                                 *self._buffers(buffers, inplace=training), *xy, int(seed),
+                                 self.workspace(xy[0].shape[0]), rows=_rows(xy))
         return float(cost), dict(zip(self.param_names, grads))
 
     def init_state(self) -> dict:
@@ -480,7 +518,8 @@ class CompiledModel:
         if self.buffer_names and hp[2] >= 0:
             self._check_training_batch(xy[0].shape[0])
         return float(self._call("train_step", *self._params(params, inplace=True), *states,
-                                *self._buffers(buffers, inplace=True), *xy, hp, rows=_rows(xy)))
+                                *self._buffers(buffers, inplace=True), *xy, hp,
+                                self.workspace(xy[0].shape[0]), rows=_rows(xy)))
 
 
 def module_key(model, dtype="float64", optimizer="sgd", input_grads=False, split=None) -> str:

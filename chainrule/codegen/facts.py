@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import sympy as sp
 
 from ..derive.errors import ChainruleError
 from ..derive.layers import B
@@ -122,6 +123,7 @@ class TokenFact(Fact):
     embedding), and an id outside would read outside the table. Checked before every kernel."""
 
     vocab: int = 0
+    reader: str = ""            # "layer 1:embedding(64), whose table E1 (103, 64)": who selects the rows
     always = True
 
     def statement(self) -> str:
@@ -136,14 +138,27 @@ class TokenFact(Fact):
         prefix = f"{what}: " if what else ""
         raise error(f"{prefix}{self.tensor.role} {self.tensor.name} {arr.shape} holds token id "
                     f"{arr[where].item():g} at {list(where)}, outside the vocabulary [0, {self.vocab}) of "
-                    f"the embedding that reads it; {int(bad.sum())} entr"
+                    f"{self.reader or 'the embedding that reads it'}; {int(bad.sum())} entr"
                     f"{'ies are' if bad.sum() > 1 else 'y is'} outside")
+
+
+def token_reader(model, t) -> str:
+    """The layer whose table the token ids ``t`` select rows of, and that table with its shape:
+    found as the read whose index is a read of ``t`` (``E[x[b, t], o]``)."""
+    from ..derive.tensor import shape_str
+    for eq in model.equations:
+        for name, idx in eq.reads():
+            if any(isinstance(i, sp.Indexed) and str(i.base.label) == t.name for i in idx):
+                table = model.tensors[name]
+                return (f"layer {eq.layer or eq.out.name}, whose table {table.name} "
+                        f"{shape_str(table.shape, model.size_values)} has one row per token")
+    return ""
 
 
 # Tensor attribute (or ``meta`` key) -> the fact it declares (add a fact kind here, never in a caller)
 FACT_KINDS = {
-    "simplex_axis": lambda t, axis: SimplexFact(t, axis=axis),
-    "vocab": lambda t, vocab: TokenFact(t, vocab=int(vocab)),
+    "simplex_axis": lambda t, axis, model: SimplexFact(t, axis=axis),
+    "vocab": lambda t, vocab, model: TokenFact(t, vocab=int(vocab), reader=token_reader(model, t)),
 }
 
 
@@ -160,5 +175,5 @@ def declared_facts(model, names=None) -> list[Fact]:
                 if attr == "vocab" and value is not None:      # a size symbol: its value
                     value = value.subs(model.size_values)
             if value is not None:
-                out.append(make(t, value))
+                out.append(make(t, value, model))
     return out

@@ -38,15 +38,38 @@ def _sequence(d, x, what):
 
 
 class PositionEmbedding(Layer):
-    """p[b, t, o] = x[b, t, o] + P[t, o]: a learned vector per position, added to each token's."""
+    """p[b, t, o] = x[b, t, o] + P[t, o]: a learned vector per position, added to each token's.
+
+    ``positions``: the rows of the table P (default: the input's length). A model may read fewer
+    positions than its table holds (GPT's context up to its table's length); never more: a context
+    longer than the table is an error when the model is declared."""
 
     has_params = True
     name = "position_embedding"
     doc_example = staticmethod(lambda: _small_model([PositionEmbedding()]))
 
+    def __init__(self, positions: int | None = None):
+        if positions is not None:
+            _check_width(positions, "position_embedding: positions")
+        self.positions = positions
+
+    def describe(self):
+        return self.name if self.positions is None else f"{self.name}({self.positions})"
+
     def build(self, d, x):
         T, D = _sequence(d, x, self.name)
-        P = d.param("P", (T, D), init="normal")
+        rows = T
+        if self.positions is not None:
+            context = int(sp.sympify(T).xreplace(d.size_values))
+            if context > self.positions:
+                raise ShapeError(
+                    f"layer {d.layer}: the input {x.name} {shape_str(x.shape, d.size_values)} has a context "
+                    f"of {context} positions, longer than the position table P{d.level} "
+                    f"{shape_str((self.positions, D), d.size_values)} of {self.positions}: declare a "
+                    f"context of at most {self.positions}, or a table of at least {context} positions")
+            if context < self.positions:      # the T positions read plus K unread: T ≤ rows provably
+                rows = T + d.size("K", self.positions - context)
+        P = d.param("P", (rows, D), init="normal")
         P.latex = rf"P^{{({d.level})}}"
         out = d.tensor("p", x.shape, meta=dict(x.meta))
         return d.define(out, (b, t, o), x[b, t, o] + P[t, o], note="token embedding plus position embedding")
@@ -74,8 +97,9 @@ class CausalSelfAttention(Layer):
         value = sp.sympify(D).subs(d.size_values)
         width = int(value) if value.is_Integer else None
         if width is not None and width % self.heads:
-            raise ShapeError(f"layer {d.layer} (causal attention): {self.heads} heads do not divide the "
-                             f"model width {width} of {x.name} {shape_str(x.shape)}")
+            raise ShapeError(f"layer {d.layer}: {self.heads} heads do not divide the model width {width} of "
+                             f"its input {x.name} {shape_str(x.shape, d.size_values)}: the queries, keys and "
+                             f"values (B, heads, T, width / heads) need a whole head width")
         H = d.size("H", self.heads)
         E = d.size("E", width // self.heads if width else 1)
         Wq, Wk, Wv = (d.param(n, (D, H, E)) for n in ("Wq", "Wk", "Wv"))
@@ -100,6 +124,42 @@ class CausalSelfAttention(Layer):
         y = d.tensor("y", (B, T, D), meta=dict(x.meta))
         return d.define(y, (b, t, o), sp.Sum(O[b, h, t, e] * Wo[h, e, o], (h, 0, H - 1), (e, 0, E - 1)) + bo[o],
                         note="the heads' outputs projected back to the model width and summed")
+
+
+class TiedOutput(Layer):
+    """z[b, t, k] = Σ_o h[b, t, o] E[k, o]: logits that read the token-embedding table E of
+    ``embedding`` transposed (weight tying, Press & Wolf 2017; GPT-2's output layer, no bias). E then
+    has two uses, the row each token selects and this projection, and its derived gradient is the sum
+    of the two contributions."""
+
+    has_params = True       # a level of its own (the names z^(l)), though its one weight is E
+    name = "tied_output"
+    doc_example = staticmethod(lambda: _tied_small_model())
+
+    def __init__(self, embedding):
+        from .sequence import Embedding
+        if not isinstance(embedding, Embedding):
+            raise TypeError(f"tied_output reads the table of an Embedding layer, got {embedding!r}")
+        self.embedding = embedding
+
+    def describe(self):
+        return f"tied_output({self.embedding.describe()})"
+
+    def build(self, d, x):
+        T, D = _sequence(d, x, self.name)
+        E = d.param_of(self.embedding, "E")
+        V, width = E.shape
+        features, row = (sp.sympify(n).xreplace(d.size_values) for n in (D, width))
+        if features != row:
+            raise ShapeError(f"layer {d.layer}: its input {x.name} {shape_str(x.shape, d.size_values)} has "
+                             f"{features} features but the token-embedding table {E.name} "
+                             f"{shape_str(E.shape, d.size_values)} it reads transposed has rows of {row}: "
+                             f"tying needs one width")
+        d.unify_sizes(E.shape[1:], (D,))
+        z = d.tensor("z", (B, T, V), meta=dict(x.meta))
+        return d.define(z, (b, t, k), sp.Sum(x[b, t, o] * E[k, o], (o, 0, width - 1)),
+                        note="logits: the final features against every token's embedding (the table "
+                             "transposed, tied to the input's)")
 
 
 class NextTokenCrossEntropy(Loss):
@@ -145,18 +205,32 @@ def _small_model(layers, vocab=5, context=3, width=4):
                       NextTokenCrossEntropy(), name=f"{layers[0].name} example")
 
 
-def gpt(vocab: int, context: int, width: int = 64, heads: int = 4, layers: int = 2, hidden=None, name="gpt"):
+def _tied_small_model():
+    """The tied output's documentation model: token and position embeddings, a layer norm, the
+    projection through the embedding's table."""
+    from .layers import LayerNorm, SequenceInput, sequential
+    from .sequence import Embedding
+    emb = Embedding(4)
+    return sequential(SequenceInput(3, vocab=5), [emb, PositionEmbedding(), LayerNorm(), TiedOutput(emb)],
+                      NextTokenCrossEntropy(), name="tied_output example")
+
+
+def gpt(vocab: int, context: int, width: int = 64, heads: int = 4, layers: int = 2, hidden=None, name="gpt",
+        tie_embeddings: bool = False, positions: int | None = None):
     """A small GPT: token and position embeddings, ``layers`` transformer blocks, a final layer norm,
     a projection to the vocabulary, and the next-token cross-entropy. Input: (batch, context) token
-    ids; target: the one-hot next token at every position."""
+    ids; target: the one-hot next token at every position.
+
+    ``tie_embeddings``: the projection to the vocabulary is the token-embedding table transposed
+    (``TiedOutput``, no bias), not a dense layer of its own. ``positions``: the rows of the position
+    table (default ``context``; a longer table lets one set of weights run at shorter contexts)."""
     from .layers import Dense, LayerNorm, SequenceInput, sequential
     from .sequence import Embedding
     _check_width(width, "gpt: width")
     _check_width(heads, "gpt: heads")
-    if width % heads:
-        raise ShapeError(f"gpt: {heads} heads do not divide the model width {width}")
-    stack = [Embedding(width), PositionEmbedding()]
+    embedding = Embedding(width)
+    stack = [embedding, PositionEmbedding(positions)]
     for _ in range(layers):
         stack += transformer_block(width, heads, hidden)
-    stack += [LayerNorm(), Dense(vocab)]
+    stack += [LayerNorm(), TiedOutput(embedding) if tie_embeddings else Dense(vocab)]
     return sequential(SequenceInput(context, vocab=vocab), stack, NextTokenCrossEntropy(), name=name)

@@ -6,6 +6,8 @@ every matrix form from ``matrix.py``'s patterns, every justification from the st
 """
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 import re
@@ -15,7 +17,7 @@ import sympy as sp
 from .backprop import Gradients, derive
 from .graph import Model
 from .layers import B
-from .matrix import matrix_form
+from .matrix import matrix_form, self_check
 from .patterns import describe as describe_patterns
 from .notes import Note
 from .printing import IndexPrinter
@@ -250,6 +252,8 @@ class Writer:
             step = eq.indices[axis]
             mf = matrix_form(eq, self.tensors, fixed=fixed + [step], time=[step])
             label = f"For each example and step ${self.tex(step)}$ (column vectors)"
+        if mf is None and len(eq.indices) - len(fixed) > 2:
+            mf, label = self.sliced_form(eq, fixed, label)
         if mf is None:
             return []
         self.forms.append(mf)
@@ -257,6 +261,24 @@ class Writer:
         if mf["notes"]:
             blocks.append(Bullets(mf["notes"]))
         return blocks
+
+    def sliced_form(self, eq: Equation, fixed: list, label: str):
+        """A tensor of more than two free indices (attention's (B, heads, T, d)): a matrix form per
+        slice, with all but two of its indices fixed and written as subscripts (``S_h = Q_h K_hᵀ/√d``
+        for each example and head). Of the choices of indices that lift, the one with the fewest
+        explicit sums (then the earliest indices) that passes its numeric check."""
+        free = [i for i in eq.indices if i not in fixed]
+        found = []
+        for order, extra in enumerate(itertools.combinations(free, len(free) - 2)):
+            mf = matrix_form(eq, self.tensors, fixed=fixed + list(extra), time=list(extra), check=False)
+            if mf is not None:
+                found.append((mf.rhs.count(r"\sum"), order, mf, extra))
+        for _, _, mf, extra in sorted(found, key=lambda f: f[:2]):
+            if self_check(mf, self.tensors):
+                each = ", ".join(f"${self.tex(i)}$" for i in extra)
+                whole = f" of the ${self.shape(eq.out)}$ tensor"
+                return mf, (f"For each example and each {each}{whole}" if fixed else f"For each {each}{whole}")
+        return None, label
 
     def contributions(self, d) -> list:
         """A tensor read by several equations: the term each use contributes, and that they add."""

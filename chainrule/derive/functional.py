@@ -47,8 +47,9 @@ class Residual(Layer):
             if layer.has_params:
                 d.level += 1
             d.layer = f"{outer}.{k}:{layer.describe()}"
+            d.declaring = layer
             h = layer.build(d, h)
-        d.layer = outer
+        d.layer, d.declaring = outer, self
         if tuple(h.shape) != tuple(x.shape):
             raise ShapeError(f"layer {outer}: the residual branch maps {x.name} {shape_str(x.shape)} to "
                              f"{h.name} {shape_str(h.shape)}; x + f(x) needs the same shape")
@@ -182,11 +183,11 @@ def functional_model(inputs, outputs, losses, name="model", weights=None):
             if not first and first_input[id(layer)].rank == args[0].rank:
                 d.unify_sizes(first_input[id(layer)].shape, args[0].shape)   # one layer, one input size
             first_input.setdefault(id(layer), args[0])
-            d.owner = layer
+            d.owner = d.declaring = layer
             for key in [k for k in d._param_uses.get(id(layer), {}) if k[0] == "next"]:
                 del d._param_uses[id(layer)][key]          # this application counts its parameters anew
             out = layer.build(d, args[0])
-            d.owner = None
+            d.owner = d.declaring = None
             if first:
                 levels.setdefault(id(layer), d.level)
                 d.layer_log.append((d.layer, layer))

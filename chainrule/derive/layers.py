@@ -29,6 +29,8 @@ class Builder:
         self.layer = ""           # the name of the layer being declared
         self.layer_log: list = []
         self.owner = None                 # the layer object being declared (functional API)
+        self.declaring = None             # the layer object being built (every API): whose params
+        self._params_of: dict = {}        # id(layer object) -> {base name: its parameter tensor}
         self._param_uses: dict = {}
         self._renamed: dict = {}          # size symbol -> the size it was unified with
         self.constants: dict = {}      # regularisation strengths: symbol -> value
@@ -121,9 +123,27 @@ class Builder:
                                      f"{shape_str(t.shape)}, but this use needs {shape_str(tuple(shape))} "
                                      f"(apply a shared layer to tensors of one shape)")
                 return t
-            uses[key] = self.tensor(base, shape, role="param", init=init)
+            uses[key] = self._remember(base, self.tensor(base, shape, role="param", init=init))
             return uses[key]
-        return self.tensor(base, shape, role="param", init=init)
+        return self._remember(base, self.tensor(base, shape, role="param", init=init))
+
+    def _remember(self, base: str, t: Tensor) -> Tensor:
+        if self.declaring is not None:
+            self._params_of.setdefault(id(self.declaring), {}).setdefault(base, t)
+        return t
+
+    def param_of(self, layer, base: str) -> Tensor:
+        """The parameter ``base`` that ``layer`` (a layer object declared earlier in this model)
+        declared: a second use of one parameter by another layer (a tied output projection reads
+        the token-embedding table). Its gradient then sums the two uses, like any shared tensor."""
+        declared = self._params_of.get(id(layer))
+        if declared is None:
+            raise ShapeError(f"layer {self.layer} reads a parameter of layer {layer.describe()}, which is "
+                             f"not declared before it in this model")
+        if base not in declared:
+            raise ShapeError(f"layer {self.layer}: layer {layer.describe()} has no parameter {base!r} "
+                             f"(it declares {', '.join(declared)})")
+        return declared[base]
 
     def unify_sizes(self, first, second):
         """Axes of equal declared length but different size symbols that must be one size (a sum of
@@ -715,7 +735,9 @@ def sequential(n_inputs, layers, loss: Loss | str, name="model") -> Model:
         if layer.has_params:
             d.level += 1
         d.layer = f"{k}:{layer.describe()}"
+        d.declaring = layer
         h = layer.build(d, h)
+        d.declaring = None
         d.layer_log.append((d.layer, layer))
     d.layer = f"{len(layers) + 1}:{loss.name}"
     y, per_example, outputs = loss.build(d, h)

@@ -413,16 +413,18 @@ class Lifter:
         return any(sp.sympify(e).free_symbols & self.time for e in read.indices)
 
     def lift_step_read(self, read) -> Mat:
+        """A slice at fixed subscripted indices (a time step ``H_{t-1}``, a head ``Q_h``, both
+        ``Δ_{h,t}``): each such index is a fixed index plus a constant."""
         t = self.tensors[str(read.base.label)]
         idx = []
-        step = None
+        steps = []
         for e in read.indices:
             e = sp.sympify(e)
             if e.free_symbols & self.time:
                 shift = e - next(iter(e.free_symbols & self.time))
-                if len(e.free_symbols) != 1 or not shift.is_Integer or step is not None:
+                if len(e.free_symbols) != 1 or not shift.is_Integer:
                     raise NoMatrixForm(f"{read}: not one time step")
-                step = e
+                steps.append(e)
             elif isinstance(e, sp.Symbol):
                 if e not in self.fixed:
                     idx.append(e)
@@ -431,8 +433,8 @@ class Lifter:
         if len(set(idx)) != len(idx):
             raise NoMatrixForm(f"{read}: a repeated index")
         name = self.name(t)
-        base = name if not name.startswith(r"\frac") else rf"\left({name}\right)"
-        tex = f"{base}_{{{self.printer.doprint(step)}}}"
+        base = rf"\left({name}\right)" if name.startswith(r"\frac") else "{" + name + "}" if "_" in name else name
+        tex = f"{base}_{{{','.join(self.printer.doprint(e) for e in steps)}}}"
         return Mat(StepRead(tex, t.name, read.indices, self.fixed), tuple(idx))
 
     def lift_delayed(self, expr) -> Mat:
@@ -470,19 +472,27 @@ class Lifter:
 
     def lift_sum_over_time(self, expr, order) -> Mat:
         """``Σ_{b,t} f``: the sum over the time index kept as a sum of one matrix form per step
-        (``Σ_t Δ_tᵀ H_{t-1}``), the other indices lifted with the step fixed."""
+        (``Σ_t Δ_tᵀ H_{t-1}``), the other indices lifted with the step fixed. A sum over several
+        indices none of which is a time step (the heads and a head's features, ``Σ_{h,e}``) keeps
+        its first index that lifts as such a sum (``Σ_h O_h W_h``)."""
         times = self.time_indices(expr.function)
-        for pos in range(len(expr.limits) - 1, -1, -1):
+        positions = range(len(expr.limits))
+        candidates = [p for p in reversed(positions) if expr.limits[p][0] in times] + \
+            [p for p in positions if expr.limits[p][0] not in times and len(expr.limits) > 1]
+        for pos in candidates:
             v, lo, hi = expr.limits[pos]
-            if v not in times:
-                continue
             rest = [lim for q, lim in enumerate(expr.limits) if q != pos]
             inner = sp.Sum(expr.function, *rest) if rest else expr.function
             sub = Lifter(self.tensors, self.ranges, self.fixed | {v}, self.time | {v})
-            m = sub.lift(inner, order)
+            try:
+                m = sub.lift(inner, order)
+            except NoMatrixForm:
+                continue
             vv = self.printer.doprint(v)
             note = (f"the sum over the steps ${vv}$ stays a sum: one matrix product per step, each "
-                    f"step's contribution added")
+                    f"step's contribution added") if v in times else \
+                (f"the sum over ${vv}$ stays a sum: one matrix form per value of ${vv}$ (the slices "
+                 f"subscripted ${vv}$), added")
             return Mat(SumOver(v, lo, hi, m.node, [self.length(i) for i in m.idx], self.printer),
                        m.idx, m.notes + [note])
         raise NoMatrixForm("a sum over several indices")
@@ -498,6 +508,11 @@ class Lifter:
         factors = sp.Mul.make_args(expr.function)
         scalars = [f for f in factors if self.is_scalar(f) and not isinstance(f, sp.Indexed)]
         rest = [f for f in factors if f not in scalars]
+        shared = {frozenset(self.lift(f).idx) for f in rest} if len(rest) > 1 else set()
+        if len(shared) == 1 and len(next(iter(shared))) == 2:
+            # factors over the same two indices, one summed (a row sum Σ_u A_tu dA_tu, no matrix
+            # product): their elementwise product times the vector of ones
+            rest = [sp.Mul(*rest)]
         if len(rest) == 1:
             m = self.lift(rest[0])
             if k not in m.idx:
@@ -553,8 +568,9 @@ class Lifter:
             right_t = transpose(right.node)
             node, idx = MatMul(right_t, left.node), fb
             q = self.printer.doprint(fb[0])
+            entry = "{" + right.tex + "}" if "_" in right.tex else right.tex     # no double subscript
             notes.append(f"the sum runs over ${kk}$, the first index of ${right.tex}$: "
-                         f"$\\sum_{{{kk}}} {right.tex}_{{{kk}{q}}} v_{{{kk}}} = ({right_t.tex} v)_{{{q}}}$, "
+                         f"$\\sum_{{{kk}}} {entry}_{{{kk}{q}}} v_{{{kk}}} = ({right_t.tex} v)_{{{q}}}$, "
                          f"hence the transpose")
             shapes = (f"${right_t.tex}$ is ${self.size_tex(fb + (k,))}$ and ${left.tex}$ has length "
                       f"${self.size_tex((k,))}$, so the product has length ${self.size_tex(fb)}$")
@@ -676,11 +692,9 @@ class MatrixForm:
 
     def reference(self, env: dict, sizes: dict, fixed_values: dict | None = None) -> np.ndarray:
         """The index form read numerically, arranged as the matrix form claims (order, columns)."""
-        full = evaluate(self.eq, env, sizes)
         fixed_values = dict(fixed_values or {})
-        sel = tuple(fixed_values[i] if i in self.fixed else slice(None) for i in self.eq.indices)
+        arr = evaluate(self.eq, env, sizes, {i: fixed_values[i] for i in self.fixed if i in self.eq.indices})
         kept = [i for i in self.eq.indices if i not in self.fixed]
-        arr = full[sel] if self.eq.indices else full
         if len(kept) == 2 and tuple(kept) != tuple(self.order):
             arr = arr.T
         return _as_2d(arr)
@@ -714,9 +728,9 @@ def matrix_form(eq, tensors: dict, extra_ranges=None, fixed=(), check=True, time
         return None
     lhs = lifter.name(eq.out)
     steps = [i for i in eq.indices if i in lifter.time]
-    if steps:                       # one step of a sequence: its name carries the step
-        lhs = (lhs if not lhs.startswith(r"\frac") else rf"\left({lhs}\right)") + \
-            f"_{{{lifter.printer.doprint(steps[0])}}}"
+    if steps:                       # one step of a sequence (one head): its name carries the step
+        lhs = (rf"\left({lhs}\right)" if lhs.startswith(r"\frac") else "{" + lhs + "}" if "_" in lhs else lhs) \
+            + f"_{{{','.join(lifter.printer.doprint(i) for i in steps)}}}"
     form = MatrixForm(eq, lhs, rhs.tex, lifter.size_tex(order),
                       list(dict.fromkeys(rhs.notes)), rhs.node, order, tuple(lifter.fixed))
     if check and not self_check(form, tensors):

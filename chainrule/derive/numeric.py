@@ -44,7 +44,8 @@ class IndexEvaluator:
             raise UnsupportedError(f"no value for {e}")
         if isinstance(e, sp.Indexed):
             idx = tuple(int(self.value(i, at)) for i in e.indices)
-            arr = self.env[str(e.base.label)]
+            label = e.base.label          # its name without SymPy's printer (this runs per element)
+            arr = self.env[label.name if isinstance(label, sp.Symbol) else str(label)]
             if any(i < 0 or i >= n for i, n in zip(idx, arr.shape)):
                 raise ShapeError(f"{e} reads index {idx} outside {arr.shape}")
             return float(arr[idx])
@@ -105,11 +106,14 @@ class IndexEvaluator:
         return points
 
 
-def evaluate(eq, env: dict, sizes: dict) -> np.ndarray:
-    """Every element of ``eq.out`` from the arrays in ``env`` (float64)."""
-    shape = tuple(concrete(n, sizes) for n in eq.out.shape)
+def evaluate(eq, env: dict, sizes: dict, fixed: dict | None = None) -> np.ndarray:
+    """Every element of ``eq.out`` from the arrays in ``env`` (float64); with ``fixed`` (index ->
+    value), only the slice at those indices, over the other indices in their order."""
+    fixed = fixed or {}
+    kept = [(i, n) for i, n in zip(eq.indices, eq.out.shape) if i not in fixed]
+    shape = tuple(concrete(n, sizes) for _, n in kept)
     ev = IndexEvaluator(env, sizes)
     out = np.empty(shape)
     for idx in itertools.product(*[range(n) for n in shape]):
-        out[idx] = ev.value(eq.body, dict(zip(eq.indices, idx)))
+        out[idx] = ev.value(eq.body, {**fixed, **dict(zip((i for i, _ in kept), idx))})
     return out

@@ -59,6 +59,18 @@ EXAMPLE_MODELS = {
                     "-> residual(dense(64) -> relu -> dense(64)) -> relu -> dense(10) -> softmax_cross_entropy",
 }
 
+
+def _char_gpt() -> Model:
+    from .attention import gpt
+    return gpt(vocab=103, context=64, width=64, heads=4, layers=2, name="gpt")
+
+
+# models declared in Python, not as a layer list (a transformer block is two residual branches around
+# attention and a GELU feed-forward, which the spec grammar does not name): name -> a function of no
+# arguments returning the Model. "gpt": the architecture of `chainrule train char-gpt` (103 characters
+# of pydoc_data.topics; its derivation is the same at any sizes)
+DECLARED_MODELS = {"gpt": _char_gpt}
+
 _NAME = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*)(?:\((?P<args>.*)\)|:(?P<arg2>[0-9]+))?$", re.S)
 _INPUT = re.compile(r"^(?:(?P<n>[0-9]+)|(?P<c1>[0-9]+)@(?P<l>[0-9]+)|(?:(?P<c>[0-9]+)x)?(?P<h>[0-9]+)x(?P<w>[0-9]+))$")
 
@@ -306,7 +318,10 @@ def build_model(name_or_spec: str | None = None, *, max_width: int | None = None
         return parse_spec(BUILTIN_MODELS[key], name=key)
     if key in EXAMPLE_MODELS:
         return parse_spec(EXAMPLE_MODELS[key], name=key)
+    if key in DECLARED_MODELS:
+        return DECLARED_MODELS[key]()
     if "->" in key or "," in key:
         return parse_spec(key, max_width=max_width, max_params=max_params)
-    raise SpecError(f"unknown model {key!r}: use a built-in name ({', '.join([*BUILTIN_MODELS, *EXAMPLE_MODELS])}) "
+    raise SpecError(f"unknown model {key!r}: use a built-in name "
+                    f"({', '.join([*BUILTIN_MODELS, *EXAMPLE_MODELS, *DECLARED_MODELS])}) "
                     f"or a layer-list spec such as {BUILTIN_MODELS['demo']!r}")

@@ -31,7 +31,11 @@ def indices(names: str) -> tuple[sp.Symbol, ...]:
     return tuple(index(n) for n in names.split())
 
 
-def shape_str(shape) -> str:
+def shape_str(shape, values=None) -> str:
+    """``(B, T_0, n_1)``; with ``values`` (size symbol -> int, a model's ``size_values``) the sizes the
+    model declares are printed as numbers, ``(B, 64, 128)``, which is what a user recognises."""
+    if values:
+        shape = tuple(sp.sympify(s).xreplace(values) for s in shape)
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 

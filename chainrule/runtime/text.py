@@ -91,65 +91,104 @@ def sample(cm, params, codec: CharCodec, prompt: str, length: int, context: int,
 
 def train_char_gpt(steps=600, context=64, width=64, heads=4, layers=2, batch=16, lr=3e-3,
                    eval_every=100, eval_batches=8, seed=0, dtype="float32", stream=None,
-                   sample_length=200, plot_path=None) -> dict:
-    """Train a GPT on the pydoc topics; print the validation loss as it falls and a sample."""
+                   sample_length=200, plot_path=None, temperature=0.8, top_k=10,
+                   tie_embeddings=False, cache_dir=None) -> dict:
+    """Train a GPT on the pydoc topics with Adam: the validation loss as it falls, then a sample.
+
+    The data order is ``batch_starts(..., seed)`` and the validation windows ``batch_starts(...,
+    seed + 1)``, so a reference (``benchmarks/train_gpt.py``, the same model in PyTorch) sees the same
+    batches. Times are wall clock and this process's CPU time (the machine may be shared)."""
     from ..codegen import compile_model
     from ..derive.attention import gpt
     out = stream if stream is not None else sys.stdout
     text = load_pydoc_text()
     codec = CharCodec.of(text)
     train_ids, val_ids = split_ids(codec.encode(text))
-    t0 = time.perf_counter()
-    model = gpt(codec.vocab, context, width=width, heads=heads, layers=layers, name="char-gpt")
-    cm = compile_model(model, dtype=dtype, optimizer="adam")
+    clock = _Clock()
+    model = gpt(codec.vocab, context, width=width, heads=heads, layers=layers, name="char-gpt",
+                tie_embeddings=tie_embeddings)
+    cm = compile_model(model, dtype=dtype, optimizer="adam", cache_dir=cache_dir)
     params = cm.init_params(seed)
     state = cm.init_state()
-    t_ready = time.perf_counter()
-    val_starts = batch_starts(len(val_ids), context, batch, eval_batches, seed + 1)
-    val_sets = [windows(val_ids, s, context, codec.vocab, dtype) for s in val_starts]
+    val_sets = validation_windows(val_ids, context, batch, eval_batches, seed, codec.vocab, dtype)
 
     def val_loss():
         return float(np.mean([cm.cost(params, x, y) for x, y in val_sets]))
 
     print(f"char-gpt: {codec.vocab} characters, {len(train_ids)} train / {len(val_ids)} validation; "
           f"{sum(int(np.prod(s)) for s in cm.param_shapes.values())} parameters; {layers} layers, "
-          f"{heads} heads, width {width}, context {context}, batch {batch}, Adam lr {lr:g}", file=out)
+          f"{heads} heads, width {width}, context {context}, batch {batch}, Adam lr {lr:g}"
+          f"{', tied embeddings' if tie_embeddings else ''}", file=out)
     history = [(0, val_loss())]
-    print(f"step {0:5d}  validation loss {history[-1][1]:.4f}", file=out)
+    ready = clock.lap()          # derive, generate, compile (or load) the kernels, first validation
+    print(f"step {0:5d}  validation loss {history[-1][1]:.4f}  (kernels ready after {ready[0]:.1f}s, "
+          f"{ready[1]:.1f}s CPU)", file=out)
     train_starts = batch_starts(len(train_ids), context, batch, steps, seed)
-    t_train = time.perf_counter()
+    train_history, recent = [], []
     for step in range(1, steps + 1):
         x, y = windows(train_ids, train_starts[step - 1], context, codec.vocab, dtype)
         train = cm.train_step(params, x, y, lr=lr, state=state, step=step)
         if not np.isfinite(train):
             raise FloatingPointError(f"char-gpt: the training loss is {train} at step {step}")
+        recent.append(train)
         if step % eval_every == 0 or step == steps:
+            train_history.append((step, float(np.mean(recent))))
+            recent = []
             history.append((step, val_loss()))
-            print(f"step {step:5d}  validation loss {history[-1][1]:.4f}  (train {train:.4f}, "
-                  f"{(time.perf_counter() - t_train) / step * 1000:.0f} ms/step)", file=out)
-    t_end = time.perf_counter()
+            wall, cpu = clock.since_lap()
+            print(f"step {step:5d}  validation loss {history[-1][1]:.4f}  (train {train_history[-1][1]:.4f}; "
+                  f"{wall / step * 1000:.0f} ms/step wall, {cpu / step * 1000:.0f} ms CPU)", file=out)
+    trained = clock.lap()
     prompt = codec.decode(val_ids[:context])
-    text_out = sample(cm, params, codec, prompt, sample_length, context, seed=seed)
-    print(f"sample (temperature 0.8, top-k 10) after {prompt[-30:]!r}:\n{text_out}", file=out)
+    text_out = sample(cm, params, codec, prompt, sample_length, context, temperature=temperature,
+                      top_k=top_k, seed=seed)
+    print(f"sample (temperature {temperature:g}, top-k {top_k}) after {prompt[-30:]!r}:\n{text_out}", file=out)
     if plot_path:
-        _plot(history, plot_path)
+        plot_losses({"validation": history, "training (mean since the last point)": train_history}, plot_path)
         print(f"loss curve: {plot_path}", file=out)
-    print(f"time: compile {t_ready - t0:.1f}s, train {t_end - t_train:.1f}s", file=out)
-    return {"history": history, "sample": text_out, "compiled": cm, "params": params, "codec": codec,
-            "train_seconds": t_end - t_train, "val_loss": history[-1][1]}
+    print(f"time: kernels ready {ready[0]:.1f}s ({ready[1]:.1f}s CPU), {steps} steps {trained[0]:.1f}s "
+          f"({trained[1]:.1f}s CPU)", file=out)
+    return {"history": history, "train_history": train_history, "sample": text_out, "compiled": cm,
+            "params": params, "codec": codec, "ready_seconds": ready[0], "ready_cpu_seconds": ready[1],
+            "train_seconds": trained[0], "train_cpu_seconds": trained[1], "val_loss": history[-1][1]}
 
 
-def _plot(history, path):
+def validation_windows(val_ids, context, batch, eval_batches, seed, vocab, dtype="float32") -> list:
+    """The fixed validation batches of a run (window starts from ``seed + 1``)."""
+    return [windows(val_ids, s, context, vocab, dtype)
+            for s in batch_starts(len(val_ids), context, batch, eval_batches, seed + 1)]
+
+
+class _Clock:
+    """Wall and CPU time (of this process: Numba's compilation and the BLAS threads included) since
+    the last lap."""
+
+    def __init__(self):
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def since_lap(self) -> tuple[float, float]:
+        return time.perf_counter() - self._wall, time.process_time() - self._cpu
+
+    def lap(self) -> tuple[float, float]:
+        took = self.since_lap()
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return took
+
+
+def plot_losses(curves: dict, path, title="character-level GPT on pydoc_data.topics"):
+    """One PNG of loss curves, ``{label: [(step, loss), ...]}``, written atomically."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import io
     from ..atomic import atomic_write
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([s for s, _ in history], [v for _, v in history], marker="o")
+    for label, points in curves.items():
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", markersize=3, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats per character)")
-    ax.set_title("character-level GPT on pydoc_data.topics")
+    ax.set_ylabel("loss (nats per character)")
+    ax.set_title(title)
+    ax.legend()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
