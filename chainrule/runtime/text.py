@@ -139,7 +139,7 @@ def train_char_gpt(steps=600, context=64, width=64, heads=4, layers=2, batch=16,
             print(f"step {step:5d}  validation loss {history[-1][1]:.4f}  (train {train_history[-1][1]:.4f}; "
                   f"{wall / step * 1000:.0f} ms/step wall, {cpu / step * 1000:.0f} ms CPU)", file=out)
     trained = clock.lap()
-    prompt = codec.decode(val_ids[:context])
+    prompt = paragraph_prompt(codec.decode(val_ids), context)
     text_out = sample(cm, params, codec, prompt, sample_length, context, temperature=temperature,
                       top_k=top_k, seed=seed)
     print(f"sample (temperature {temperature:g}, top-k {top_k}) after {prompt[-30:]!r}:\n{text_out}", file=out)
@@ -151,6 +151,16 @@ def train_char_gpt(steps=600, context=64, width=64, heads=4, layers=2, batch=16,
     return {"history": history, "train_history": train_history, "sample": text_out, "compiled": cm,
             "params": params, "codec": codec, "ready_seconds": ready[0], "ready_cpu_seconds": ready[1],
             "train_seconds": trained[0], "train_cpu_seconds": trained[1], "val_loss": history[-1][1]}
+
+
+def paragraph_prompt(text: str, context: int) -> str:
+    """The ``context`` characters of ``text`` that end where its first paragraph of prose begins (after
+    a blank line and the indentation, before a capitalised word): the sample then writes prose, not
+    the middle of a code example. The text's start when there is no such place."""
+    import re
+    found = re.search(r"\n\n +(?=[A-Z][a-z])", text[context:])
+    end = context + found.end() if found else context
+    return text[end - context:end]
 
 
 def validation_windows(val_ids, context, batch, eval_batches, seed, vocab, dtype="float32") -> list:
