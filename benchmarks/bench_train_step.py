@@ -135,7 +135,8 @@ def main(argv=None):
             raw = cm.module.train_step
             pr = [v.copy() for v in init.values()]
             hp = cm.hyper_vector(LR)           # (t, clip, lr): the SGD update's hyperparameters
-            fns["chainrule (raw njit)"] = lambda pr=pr, raw=raw, x=x, y=y, hp=hp: raw(*pr, x, y, hp)
+            ws = cm.workspace(batch)           # the step's reused temporaries (empty for this MLP)
+            fns["chainrule (raw njit)"] = lambda pr=pr, raw=raw, x=x, y=y, hp=hp, ws=ws: raw(*pr, x, y, hp, ws)
             pn = {k: v.copy() for k, v in init.items()}
             fns["numpy"] = lambda pn=pn, x=x, y=y: numpy_step(pn, x, y, LR)
             if torch is not None:

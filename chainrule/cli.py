@@ -97,6 +97,26 @@ def _model_help() -> str:
                              acts=", ".join(ACTIVATIONS), losses=", ".join(LOSSES))
 
 
+def _epilog_when_shown(parser, make):
+    """Give ``parser`` the epilog ``make()`` when its help is shown, not when the command line is
+    parsed: the model lists come from the derivation engine, whose imports (SymPy, about 0.7 s)
+    a command that reads everything from the cache (a warm `chainrule demo`) does not need."""
+    format_help = parser.format_help
+
+    def with_epilog():
+        parser.epilog = make()
+        return format_help()
+    parser.format_help = with_epilog
+
+
+def _examples_help() -> str:
+    from .runtime.examples import EXAMPLES
+    return ("examples (their own data, recipe and accuracy target):\n"
+            + "\n".join(f"  {k:<22} {v.about}" + (f" (target {v.target})" if v.target else "")
+                        for k, v in EXAMPLES.items())
+            + "\n\n" + _model_help())
+
+
 def _write(text: str, out: str | None):
     if out:
         atomic_write_text(out, text)
@@ -294,21 +314,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("derive", help="write a model's derivation (Markdown or LaTeX)",
-                       epilog=_model_help(), formatter_class=fmt)
+    p = sub.add_parser("derive", help="write a model's derivation (Markdown or LaTeX)", formatter_class=fmt)
+    _epilog_when_shown(p, _model_help)
     p.add_argument("model", nargs="?", default=None, help="built-in name or layer-list spec (default: demo)")
     p.add_argument("--format", choices=("markdown", "latex"), default="markdown")
     p.add_argument("-o", "--output", help="file to write (default: standard output)")
     p.set_defaults(fn=cmd_derive)
 
     p = sub.add_parser("verify", help="verify derived gradients (symbolic and finite differences)",
-                       epilog="(see below)", formatter_class=fmt)
-    _format_help = p.format_help
-
-    def verify_help(p=p):                       # built only when shown: it derives the demo model
-        p.epilog = _verify_epilog()
-        return _format_help()
-    p.format_help = verify_help
+                       formatter_class=fmt)
+    _epilog_when_shown(p, _verify_epilog)      # it derives the demo model
     p.add_argument("model", nargs="*", help="models to verify (default: every built-in declaration)")
     p.add_argument("--claim", metavar="'TENSOR = FORMULA'",
                    help="is FORMULA the gradient dC/dTENSOR? (grammar below; e.g. 'z2 = (p2[b,o]-y2[b,o])/B')")
@@ -316,8 +331,8 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_verify)
 
     p = sub.add_parser("codegen", help="print or write a model's generated module (Numba kernels, or a "
-                       "PyTorch / JAX export with the derived backward)",
-                       epilog=_model_help(), formatter_class=fmt)
+                       "PyTorch / JAX export with the derived backward)", formatter_class=fmt)
+    _epilog_when_shown(p, _model_help)
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--target", choices=("numba", "torch", "jax"), default="numba",
                    help="numba: the training kernels (default); torch: an autograd.Function and nn.Module; "
@@ -327,11 +342,10 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output")
     p.set_defaults(fn=cmd_codegen)
 
-    from .runtime.examples import EXAMPLES
     p = sub.add_parser("train", help="train a named example, or a model on a built-in data set (plots with --plots)",
-                       epilog="examples (their own data, recipe and accuracy target):\n"
-                       + "\n".join(f"  {k:<22} {v.about}" + (f" (target {v.target})" if v.target else "") for k, v in EXAMPLES.items())
-                       + "\n\n" + _model_help(), formatter_class=fmt)
+                       formatter_class=fmt)
+    _epilog_when_shown(p, _examples_help)
+
     p.add_argument("model", help="an example name, a built-in model name or a layer-list spec")
     p.add_argument("--data", default="digits", help="digits, iris, wine, breast_cancer, moons, spirals, xor, sine")
     p.add_argument("--optimizer", default="adam",
@@ -360,7 +374,8 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_optimizer)
 
     p = sub.add_parser("docs", help="build the offline documentation site (and the PDF book with --pdf)",
-                       epilog=_model_help(), formatter_class=fmt)
+                       formatter_class=fmt)
+    _epilog_when_shown(p, _model_help)
     p.add_argument("model", nargs="*", help="your models (built-in names or specs): their pages are added to the site")
     p.add_argument("--out", default="docs/site", help="the site's folder (default: ./docs/site)")
     p.add_argument("--pdf", action="store_true", help="also typeset book.pdf with pdflatex")

@@ -225,10 +225,11 @@ def test_a_time_loop_keeps_only_what_needs_the_previous_step():
     assert before_bwd[-1].strip().startswith("hoisted") and "= np.dot(t14_d_z2, t7_W2)" in before_bwd[-1]
     assert sum("np.dot(" in ln for ln in backward) == 1 and "t2_U1)" in "\n".join(backward)
     # the weight gradients: GEMMs after the backward loop, over the stored δ of every step; d_W1 one
-    # product with x read in place (transposed), not a product per batch element
+    # product with x read in place, not a product per batch element, oriented so that it lands in
+    # d_W1's own (o, i) order: δᵀ x, no transposing copy after it
     d_w1 = lag[lag.index("# d_W1[o,i] = "):lag.index("# d_W2[o,i] = ")]
-    assert "np.dot(t0_x.reshape(((n_batch) * (6), (3))).T, t15_d_z1.reshape(" in d_w1
-    assert sum("np.dot(" in ln for ln in d_w1.splitlines()) == 1 and "for r" not in d_w1
+    assert "np.dot(t15_d_z1.reshape(((n_batch) * (6), (5))).T, t0_x.reshape(((n_batch) * (6), (3))))" in d_w1
+    assert sum("np.dot(" in ln for ln in d_w1.splitlines()) == 1 and "for " not in d_w1
 
 
 @pytest.mark.slow

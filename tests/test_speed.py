@@ -280,3 +280,142 @@ def test_no_worker_is_started_when_no_core_is_idle(monkeypatch):
     assert background.idle_core()
     monkeypatch.setattr(background, "available_cpus", lambda: 1)
     assert not background.idle_core()
+
+
+def test_a_worker_compiles_train_step_while_fit_compiles_forward_here(tmp_path, monkeypatch):
+    """The demo's cold start: ``compile_model(..., background=["train_step"])`` starts a worker
+    before rendering the module (it warms Numba up meanwhile), then hands it the module; ``fit``
+    compiles ``forward`` here instead of starting a second worker; the first step loads
+    ``train_step`` from Numba's cache (compiled by the worker for exactly the wrapper's argument
+    types), and both kernels compute the right thing. A cached module starts no worker."""
+    from chainrule.codegen import background, compile_model
+    from chainrule.runtime import Network
+    monkeypatch.setattr(background, "idle_core", lambda: True)
+    started = []
+    warming_up = background.BackgroundCompile.warming_up
+    monkeypatch.setattr(background.BackgroundCompile, "warming_up",
+                        classmethod(lambda cls, dtype: started.append(dtype) or warming_up(dtype)))
+    model = build_model("5 -> dense(4) -> sigmoid -> dense(3) -> softmax_cross_entropy")
+    cm = compile_model(model, cache_dir=tmp_path, background=["train_step"])
+    assert started == ["float64"] and cm.background_kernels == {"train_step"}
+    net = Network(model, compiled=cm, seed=0)
+    rng = np.random.default_rng(2)
+    x, labels = rng.normal(size=(30, 5)), rng.integers(0, 3, 30)
+    start = net.get_params()
+    net.fit(x, labels, epochs=1, batch_size=30, lr=0.5, progress=False, shuffle=False, diagnostics=False)
+    step, forward = cm.module.train_step, cm.module.forward
+    assert sum(step.stats.cache_hits.values()) == 1 and not step.stats.cache_misses
+    assert sum(forward.stats.cache_misses.values()) == 1 and not forward.stats.cache_hits
+    assert cm._background is None and cm.background_kernels == frozenset()
+    # one full-batch SGD step, recomputed with NumPy by hand from the same start
+    y = np.eye(3)[labels]
+    a = 1 / (1 + np.exp(-(x @ start["W1"].T + start["b1"])))
+    z = a @ start["W2"].T + start["b2"]
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    d2 = (p - y) / 30
+    d1 = (d2 @ start["W2"]) * a * (1 - a)
+    expected = {"W1": start["W1"] - 0.5 * d1.T @ x, "b1": start["b1"] - 0.5 * d1.sum(0),
+                "W2": start["W2"] - 0.5 * d2.T @ a, "b2": start["b2"] - 0.5 * d2.sum(0)}
+    for k, v in expected.items():
+        np.testing.assert_allclose(net.params[k], v, rtol=1e-12, atol=1e-14)
+    again = compile_model(model, cache_dir=tmp_path, background=["train_step"])
+    assert again.cache_hit and started == ["float64"] and again.background_kernels == frozenset()
+
+
+def test_the_compile_worker_can_be_forced_on_or_off(monkeypatch):
+    """``CHAINRULE_COMPILE_WORKER`` overrides the load-average rule (never with one CPU)."""
+    from chainrule.codegen import background
+    monkeypatch.setattr(background, "available_cpus", lambda: 2)
+    monkeypatch.setattr(background.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    monkeypatch.setenv("CHAINRULE_COMPILE_WORKER", "1")
+    assert background.idle_core()
+    monkeypatch.setattr(background.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setenv("CHAINRULE_COMPILE_WORKER", "0")
+    assert not background.idle_core()
+    monkeypatch.setenv("CHAINRULE_COMPILE_WORKER", "1")
+    monkeypatch.setattr(background, "available_cpus", lambda: 1)
+    assert not background.idle_core()
+
+
+def test_parsing_the_command_line_imports_no_sympy_and_the_explanation_is_imported_when_used():
+    """A warm ``chainrule demo`` reads its derivation from the cache: the command line's model
+    lists (built from the engine's registries) are made only when a help page shows them, and
+    ``chainrule.derive`` imports its explanation modules on first use."""
+    import subprocess
+    import sys
+    code = ("import sys, contextlib, io\n"
+            "from chainrule.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: main(['demo', '--help'])\n"
+            "    except SystemExit: pass\n"
+            "print('sympy' in sys.modules)\n"
+            "import chainrule.derive as d\n"
+            "print('chainrule.derive.explain' in sys.modules, 'chainrule.derive.matrix' in sys.modules)\n"
+            "print(d.explain_model.__module__, 'Explanation' in d.__all__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:3] == ["False", "False False", "chainrule.derive.explain True"], out
+    from chainrule.cli import main
+    import contextlib
+    import io
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "examples (their own data, recipe and accuracy target):" in text.getvalue()
+    assert "'64 -> dense(128) -> sigmoid -> dense(10) -> softmax_cross_entropy'" in text.getvalue()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_compiled_probability_check_agrees_with_numpys_at_the_tolerance(compiled_model, dtype):
+    """The module's one-pass check of Σ_k y[b, k] = 1 (what every kernel call taking the target runs)
+    against the fact's NumPy check (the reference, which words the error): rows off by 0.9 and 1.1
+    tolerances, a NaN row, a masked row and soft labels, in both dtypes; a module with no such fact
+    has no check."""
+    from chainrule.codegen.facts import FactError
+    cm = compiled_model("demo", dtype)
+    fact, = cm.facts
+    rng = np.random.default_rng(7)
+    y = rng.dirichlet(np.ones(10), size=7).astype(dtype)       # soft labels, 7 rows
+    tol = fact.cached_tolerance(y, y.dtype)
+    first_off = cm.module._first_row_off_simplex
+    assert first_off(y, tol) == -1
+    fact.check(y, data_dtype=y.dtype)
+    for row, change in [(4, 1.1 * tol), (2, -1.1 * tol), (0, np.nan), (6, -1.0)]:
+        bad = y.astype(np.float64)
+        bad[row, 3] += change
+        bad = bad.astype(dtype)
+        assert first_off(bad, tol) == row, (row, change)
+        with pytest.raises(FactError, match=f"row {row} is"):
+            fact.check(bad, data_dtype=bad.dtype)
+    near = y.astype(np.float64)
+    near[5, 1] += 0.9 * tol
+    near = near.astype(dtype)
+    assert first_off(near, tol) == -1
+    fact.check(near, data_dtype=near.dtype)
+    assert not hasattr(compiled_model("3 -> dense(2) -> mse").module, "_first_row_off_simplex")
+
+
+def test_a_kernel_called_directly_runs_small_products_on_one_blas_thread(compiled_model, monkeypatch):
+    """``CompiledModel.train_step`` outside ``fit`` applies fit's rule per call: with BLAS on two
+    threads, a batch whose largest product (8192 × rows for the demo) lies between OpenBLAS's own
+    one-thread limit (2^18) and 2^24 runs on one thread, and the count is restored after; smaller
+    and larger batches, and ``blas_threads=None``, leave BLAS alone."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import types
+    from chainrule.codegen.blas import kernel_blas
+    cm = compiled_model("demo")
+    (get, _), = kernel_blas()[:1]
+    seen = []
+    monkeypatch.setattr(cm, "module", types.SimpleNamespace(train_step=lambda *a: seen.append(get()) or 0.0))
+    p = cm.init_params(0)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        if get() != 2:
+            pytest.skip("BLAS cannot run two threads here")
+        for rows in (17, 32, 33, 256, 2047, 2048, 3000):
+            y = np.eye(10)[np.arange(rows) % 10]
+            cm.train_step(p, np.zeros((rows, 64)), y, lr=0.1, facts_checked=True)
+            assert get() == 2
+        cm.blas_threads = None
+        cm.train_step(p, np.zeros((256, 64)), np.eye(10)[np.arange(256) % 10], lr=0.1, facts_checked=True)
+        cm.blas_threads = "auto"
+    assert seen == [2, 2, 1, 1, 1, 2, 2, 2]

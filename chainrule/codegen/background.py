@@ -33,8 +33,14 @@ def idle_core() -> bool:
     """True when a core is free for a worker: fewer runnable processes, averaged over the last
     minute, than CPUs minus one half. On a machine that is already busy a worker does not shorten
     anything: it only adds its own start-up (about 2 s of CPU time: NumPy, Numba and its
-    initialisation, and the helpers it compiles again)."""
+    initialisation, and the helpers it compiles again).
+
+    ``CHAINRULE_COMPILE_WORKER=0`` never starts a worker, ``=1`` always does when there are two
+    CPUs or more (to measure a cold start on a machine that others load, or to keep it off)."""
     cpus = available_cpus()
+    choice = os.environ.get("CHAINRULE_COMPILE_WORKER", "").strip()
+    if choice in ("0", "1"):
+        return choice == "1" and cpus >= 2
     try:
         return cpus >= 2 and os.getloadavg()[0] < cpus - 0.5
     except (AttributeError, OSError):     # pragma: no cover - no load average (Windows)
@@ -53,12 +59,30 @@ class BackgroundCompile:
 
     def __init__(self, path: Path, module_name: str, signatures: dict):
         self.kernels = set(signatures)
-        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-        self._proc = subprocess.Popen(
-            [sys.executable, str(WORKER), str(path), module_name,
-             json.dumps([[name, args] for name, args in signatures.items()])],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        self._proc = _spawn([str(path), module_name, _job(signatures)], stdin=subprocess.DEVNULL)
         atexit.register(self.stop)         # never outlive the process that started it
+
+    @classmethod
+    def warming_up(cls, dtype: str) -> "BackgroundCompile":
+        """A worker started before its module exists: it compiles Numba's generic implementations
+        of ``dtype`` (the matrix products and allocations every generated module uses; Numba keeps
+        them per process) while this process renders the module, then waits for :meth:`assign`.
+        On a cold demo that moves about 40 % of compiling train_step off the critical path."""
+        self = cls.__new__(cls)
+        self.kernels = set()
+        self._proc = _spawn(["--warm-up", dtype], stdin=subprocess.PIPE)
+        atexit.register(self.stop)
+        return self
+
+    def assign(self, path: Path, module_name: str, signatures: dict) -> "BackgroundCompile":
+        """Give a warming-up worker its module and kernels."""
+        self.kernels = set(signatures)
+        try:
+            self._proc.stdin.write((json.dumps([str(path), module_name, _job(signatures)]) + "\n").encode())
+            self._proc.stdin.close()
+        except OSError:                     # the worker died: the caller compiles (see wait)
+            pass
+        return self
 
     def wait(self) -> bool:
         """Wait for the worker; True when it compiled every kernel (else the caller compiles)."""
@@ -74,9 +98,20 @@ class BackgroundCompile:
             self._proc.wait()
 
 
+def _job(signatures: dict) -> str:
+    return json.dumps([[name, args] for name, args in signatures.items()])
+
+
+def _spawn(args, stdin):
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(WORKER), *args], stdin=stdin,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
 def argument_types(cm, kernel: str) -> list:
     """The arguments ``CompiledModel`` passes to ``kernel``, as the worker's type descriptions:
-    ``[dtype, ndim]`` for a C-contiguous array, ``"int64"`` for the seed."""
+    ``[dtype, ndim]`` for a C-contiguous array, ``"int64"`` for the seed, ``"workspace"`` for the
+    tuple the module's ``workspace`` returns."""
     dt = cm.dtype
     params = [[dt, len(cm.param_shapes[n])] for n in cm.param_names]
     buffers = [[dt, len(cm.buffer_shapes[n])] for n in cm.buffer_names]
@@ -85,8 +120,8 @@ def argument_types(cm, kernel: str) -> list:
     states = [[dt, len(cm.param_shapes[n])] for n in cm.param_names for _ in cm.state_names]
     return {
         "forward": params + buffers + inputs + targets + ["int64"],
-        "loss_and_grads": params + buffers + inputs + targets + ["int64"],
+        "loss_and_grads": params + buffers + inputs + targets + ["int64", "workspace"],
         "predict": params + buffers + inputs,
         "outputs": params + buffers + inputs,
-        "train_step": params + states + buffers + inputs + targets + [["float64", 1]],
+        "train_step": params + states + buffers + inputs + targets + [["float64", 1], "workspace"],
     }[kernel]

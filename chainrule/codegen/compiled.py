@@ -9,8 +9,9 @@ import sympy as sp
 
 from ..derive.errors import ShapeError, UnsupportedError
 from ..derive.tensor import shape_str
+from .blas import ONE_THREAD_ANYWAY, SMALL_PRODUCT, call_on_one_thread
 from .cache import cache_key, fall_back_in_memory, load_or_generate
-from .facts import declared_facts
+from .facts import SimplexFact, declared_facts
 from .dtypes import check_dtype
 
 
@@ -18,6 +19,12 @@ def _c_array(a, dtype) -> np.ndarray:
     """A C-contiguous array of ``dtype`` with the shape of ``a``: a rank-0 parameter stays 0-d
     (``np.ascontiguousarray`` would make it shape (1,))."""
     return np.require(np.asarray(a, dtype=dtype), requirements="C")
+
+
+def _rows(arrays) -> int | None:
+    """The batch's number of examples (the first array's first axis), None for a scalar input."""
+    shape = arrays[0].shape
+    return shape[0] if shape else None
 
 
 class CompiledModel:
@@ -77,7 +84,21 @@ class CompiledModel:
                     self._reader.setdefault(name, eq.layer)
         # facts declared on the arguments, which the derived gradient may rely on
         self.facts = declared_facts(model, names={*self.input_names, *self.target_names})
+        self._facts_of = {n: [f for f in self.facts if f.tensor.name == n] for n in self._dims}
+        self._always_facts_of = {n: [f for f in fs if f.always] for n, fs in self._facts_of.items()}
+        self._simplex_check = hasattr(module, "_first_row_off_simplex")
+        # an argument's axes after the batch axis, when the batch axis is the first and only one
+        self._one_input_one_target = len(inputs) == 1 and len(targets) == 1
+        self._batch_tails = {n: d[1:] for n, d in self._dims.items()
+                             if d and d[0] is None and None not in d[1:]}
         self._background = None       # a worker compiling kernels into Numba's cache (background.py)
+        self._workspaces: dict = {}   # batch size -> the step's reused temporaries (workspace.py)
+        # batches below this many rows keep the kernels' largest product under blas.SMALL_PRODUCT:
+        # their calls run BLAS on one thread ("auto"; None leaves BLAS alone; see blas.py)
+        self.blas_threads = "auto"
+        largest = max((math.prod(s) for s in self.param_shapes.values()), default=1)
+        self._one_thread_rows = -(-SMALL_PRODUCT // max(largest, 1))
+        self._blas_single_rows = ONE_THREAD_ANYWAY // max(largest, 1)   # ... and up to this, BLAS itself
 
     @staticmethod
     def _batch_shape(model, t):
@@ -203,14 +224,17 @@ class CompiledModel:
         data_dtype = getattr(a, "dtype", None)
         if type(a) is not np.ndarray or data_dtype != self._np_dtype or not a.flags.c_contiguous:
             a = np.ascontiguousarray(a, dtype=self.dtype)
-        dims = self._dims[tensor.name]
-        if a.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, a.shape)):
-            raise ShapeError(self._shape_message(a, tensor, what, dims))
+        name = tensor.name
+        tail = self._batch_tails.get(name)
+        # the common layout (batch first, fixed other axes) in one tuple comparison
+        if tail is None or a.ndim != len(tail) + 1 or a.shape[1:] != tail:
+            dims = self._dims[name]
+            if a.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, a.shape)):
+                raise ShapeError(self._shape_message(a, tensor, what, dims))
         if a.ndim and a.shape[0] == 0:
-            raise ShapeError(f"{what} {tensor.name} is an empty batch")
-        for fact in self.facts:
-            if (facts or fact.always) and fact.tensor.name == tensor.name:
-                fact.check(a, data_dtype=data_dtype)
+            raise ShapeError(f"{what} {name} is an empty batch")
+        for fact in self._facts_of[name] if facts else self._always_facts_of[name]:
+            self._check_fact(fact, a, data_dtype)
         return a
 
     def _shape_message(self, a, tensor, what, dims) -> str:
@@ -233,6 +257,16 @@ class CompiledModel:
             message += (f"; axis {axis} is the size {size} = {want} the model was declared with{also}: "
                         f"declare the model with {size} = {got}")
         return message
+
+    def _check_fact(self, fact, a, data_dtype):
+        """A declared fact on an argument, checked before a kernel relies on it: a probability fact
+        over the last axis by the module's compiled check (one pass), and only when that finds a
+        row off, by the fact's NumPy check (the reference, which words the error)."""
+        if self._simplex_check and isinstance(fact, SimplexFact) and fact.axis % a.ndim == a.ndim - 1:
+            rows = a.reshape(-1, a.shape[-1])
+            if self._call("_first_row_off_simplex", rows, fact.cached_tolerance(a, data_dtype)) < 0:
+                return
+        fact.check(a, data_dtype=data_dtype)
 
     def _inputs(self, x, facts=False) -> list:
         """The model's inputs as arrays in kernel order: one array for a one-input model; a list, a
@@ -279,6 +313,13 @@ class CompiledModel:
 
     def _xy(self, x, y, facts=False):
         """Checked arrays; ``facts``: also every fact declared on them (before a gradient)."""
+        if self._one_input_one_target and type(x) is np.ndarray and type(y) is np.ndarray:
+            # the common call (one array each), without the several-inputs bookkeeping
+            xa, ya = self._array(x, self._x, "input", facts), self._array(y, self._y, "target", facts)
+            if xa.shape[0] != ya.shape[0]:
+                raise ShapeError(f"input {self._x.name} has {xa.shape[0]} rows but target "
+                                 f"{self._y.name} has {ya.shape[0]}")
+            return xa, ya
         xs = self._inputs(x, facts)
         ys = self._targets(y, facts)
         for a, t in zip(ys, self._ys):
@@ -288,23 +329,49 @@ class CompiledModel:
         return (*xs, *ys)
 
     # -- kernels ------------------------------------------------------------------------------
-    def compile_in_background(self, kernels) -> bool:
+    def compile_in_background(self, kernels, worker=None) -> bool:
         """Start compiling ``kernels`` (names, e.g. ``["forward"]``) in a worker process, into
         Numba's on-disk cache, while this process compiles something else (see
         :mod:`chainrule.codegen.background`); the first call of one of them waits for the worker.
         Done only for a module just generated into a writable cache, when a core is idle;
-        returns whether a worker was started."""
+        returns whether a worker was started. ``worker``: one already warming up
+        (``compile_model(..., background=)``), given these kernels (or stopped when unusable)."""
         from . import background
-        if self.in_memory or self.cache_hit or self._background is not None or not background.idle_core():
+        usable = not (self.in_memory or self.cache_hit or self._background is not None) \
+            and all(hasattr(getattr(self.module, k), "compile") for k in kernels)
+        # (a split module's drivers are Python: their kernels compile on first use)
+        if not usable or (worker is None and not background.idle_core()):
+            if worker is not None:
+                worker.stop()
             return False
-        if not all(hasattr(getattr(self.module, k), "compile") for k in kernels):
-            return False       # a split module's drivers are Python: their kernels compile on first use
-        self._background = background.BackgroundCompile(
-            self.module_path, self.module.__name__, {k: background.argument_types(self, k) for k in kernels})
+        signatures = {k: background.argument_types(self, k) for k in kernels}
+        if worker is not None:             # started before the module existed (compile_model)
+            self._background = worker.assign(self.module_path, self.module.__name__, signatures)
+        else:
+            self._background = background.BackgroundCompile(self.module_path, self.module.__name__, signatures)
         return True
 
-    def _call(self, fn: str, *args):
-        """Run a kernel. Numba writes its cache on a kernel's first call: if that write fails
+    @property
+    def background_kernels(self) -> frozenset:
+        """The kernels a worker is compiling for this module (empty when none is)."""
+        return frozenset(self._background.kernels) if self._background is not None else frozenset()
+
+    def compile_now(self, kernels):
+        """Compile ``kernels`` (names) in this process now, for the argument types this wrapper
+        passes, without running them: what the process does while a worker compiles the others
+        (the demo's worker compiles ``train_step`` while ``fit`` compiles ``forward`` here).
+        A split module's drivers are Python: their kernels compile on first use, not here."""
+        from . import background
+        from ._compile_worker import argument_type
+        for name in kernels:
+            kernel = getattr(self.module, name)
+            if name not in self.background_kernels and hasattr(kernel, "compile"):
+                kernel.compile(tuple(argument_type(a, self.module)
+                                     for a in background.argument_types(self, name)))
+
+    def _call(self, fn: str, *args, rows=None):
+        """Run a kernel (on a batch of ``rows`` examples: with small products, on one BLAS
+        thread, see blas.py). Numba writes its cache on a kernel's first call: if that write fails
         (a full disk, a cache made read-only meanwhile), switch to a module compiled in memory
         (one warning) instead of failing."""
         if self._background is not None and fn in self._background.kernels:
@@ -313,6 +380,9 @@ class CompiledModel:
             background, self._background = self._background, None
             background.wait()
         try:
+            if rows is not None and self._blas_single_rows < rows < self._one_thread_rows \
+                    and self.blas_threads == "auto":
+                return call_on_one_thread(getattr(self.module, fn), *args)
             return getattr(self.module, fn)(*args)
         except OSError as e:
             if self.in_memory:
@@ -322,16 +392,32 @@ class CompiledModel:
                 raise
             self.module, label, self.source = new
             self.module_path, self.cache_hit = Path(label), False
+            self._workspaces.clear()
             return getattr(self.module, fn)(*args)
+
+    def workspace(self, n_batch: int) -> tuple:
+        """The training step's large temporaries for batches of ``n_batch`` (the module's
+        ``workspace``), allocated at the first step of that size and reused by the next ones (see
+        :mod:`chainrule.codegen.workspace`). The two sizes used last are kept: an epoch's full
+        minibatches and its last, shorter one."""
+        ws = self._workspaces.pop(n_batch, None)
+        if ws is None:
+            ws = self.module.workspace(n_batch)
+        self._workspaces[n_batch] = ws            # the most recent last
+        while len(self._workspaces) > 2:
+            del self._workspaces[next(iter(self._workspaces))]
+        return ws
 
     def predict(self, params, x, buffers=None) -> np.ndarray:
         """The output in evaluation mode (``buffers``: the running averages; None: initial ones)."""
-        return self._call("predict", *self._params(params), *self._buffers(buffers), *self._inputs(x))
+        xs = self._inputs(x)
+        return self._call("predict", *self._params(params), *self._buffers(buffers), *xs, rows=_rows(xs))
 
     def outputs(self, params, x, buffers=None) -> dict:
         """Every declared output in evaluation mode (noise at its mean): ``{name: array}`` (a VAE's
         reconstruction, μ and log σ²; an autoencoder's reconstruction and code)."""
-        values = self._call("outputs", *self._params(params), *self._buffers(buffers), *self._inputs(x))
+        xs = self._inputs(x)
+        values = self._call("outputs", *self._params(params), *self._buffers(buffers), *xs, rows=_rows(xs))
         return dict(zip(self.output_names, (np.asarray(v) for v in values)))
 
     def input_grads(self, params, x, y, seed=-1, buffers=None):
@@ -340,16 +426,18 @@ class CompiledModel:
         if not self.has_input_grads:
             raise UnsupportedError(f"model {self.model.name}: compile_model(..., input_grads=True) "
                                    f"generates the input gradients; this module was compiled without")
+        xy = self._xy(x, y, facts=True)
         cost, grads = self._call("input_grads", *self._params(params), *self._buffers(buffers),
-                                 *self._xy(x, y, facts=True), int(seed))
+                                 *xy, int(seed), rows=_rows(xy))
         return float(cost), dict(zip(self.input_names, grads))
 
     def forward(self, params, x, y, seed=-1, buffers=None):
         """(cost, first output). ``seed`` >= 0: training mode (dropout masks and noise drawn from
         that seed, batch statistics); < 0 (the default): evaluation mode (masks and noise take
         their mean, normalisation reads the running averages in ``buffers``)."""
+        xy = self._xy(x, y)
         cost, out = self._call("forward", *self._params(params), *self._buffers(buffers),
-                               *self._xy(x, y), int(seed))
+                               *xy, int(seed), rows=_rows(xy))
         return float(cost), out
 
     def cost(self, params, x, y, seed=-1, buffers=None) -> float:
@@ -368,7 +456,8 @@ class CompiledModel:
         if training:
             self._check_training_batch(xy[0].shape[0])
         cost, grads = self._call("loss_and_grads", *self._params(params),
-                                 *self._buffers(buffers, inplace=training), *xy, int(seed))
+                                 *self._buffers(buffers, inplace=training), *xy, int(seed),
+                                 self.workspace(xy[0].shape[0]), rows=_rows(xy))
         return float(cost), dict(zip(self.param_names, grads))
 
     def init_state(self) -> dict:
@@ -429,7 +518,8 @@ class CompiledModel:
         if self.buffer_names and hp[2] >= 0:
             self._check_training_batch(xy[0].shape[0])
         return float(self._call("train_step", *self._params(params, inplace=True), *states,
-                                *self._buffers(buffers, inplace=True), *xy, hp))
+                                *self._buffers(buffers, inplace=True), *xy, hp,
+                                self.workspace(xy[0].shape[0]), rows=_rows(xy)))
 
 
 def module_key(model, dtype="float64", optimizer="sgd", input_grads=False, split=None) -> str:
@@ -453,7 +543,7 @@ def is_cached(model, dtype="float64", optimizer="sgd", cache_dir=None) -> bool:
 
 
 def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
-                  input_grads=False, split=None) -> CompiledModel:
+                  input_grads=False, split=None, background=()) -> CompiledModel:
     """Generate (or load from the cache) the kernels of ``model`` in ``dtype``, with the update of
     ``optimizer`` (a name or an ``UpdateRule``) fused into ``train_step``.
 
@@ -466,17 +556,36 @@ def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
 
     ``split``: the module's layout (see :mod:`chainrule.codegen.split`): None chooses by size (a
     large model gets one compiled function per kernel and Python drivers, which compile in a
-    fraction of the time of one giant function), True or False forces it."""
+    fraction of the time of one giant function), True or False forces it.
+
+    ``background``: kernels (names, e.g. ``["train_step"]``) to compile in a worker process when
+    the module is generated now (a cold start) and a core is idle: the worker starts before the
+    module is rendered and warms Numba up meanwhile (:mod:`chainrule.codegen.background`); the
+    first call of one of them waits for it and loads its code from the cache."""
     from ..derive.optimizers import get_rule
     dtype = check_dtype(dtype)
     rule = get_rule(optimizer)
     key = module_key(model, dtype, rule, input_grads, split)
+    worker = None
 
     def render(cache=True):
+        nonlocal worker
+        if cache and background and worker is None:
+            from . import background as bg
+            if bg.idle_core():
+                worker = bg.BackgroundCompile.warming_up(dtype)
         # imported here: loading a cached module needs neither Jinja nor the lowering
         from .render import plan_model, render_plan
         return render_plan(plan_model(model, dtype, optimizer=rule, input_grads=input_grads, split=split),
                            cache=cache)
-    module, path, source, hit = load_or_generate(key, render, cache_dir)
-    return CompiledModel(model, module, path, source, dtype, hit, key=key, render=render,
-                         optimizer=rule, input_grads=input_grads)
+    try:
+        module, path, source, hit = load_or_generate(key, render, cache_dir)
+        cm = CompiledModel(model, module, path, source, dtype, hit, key=key, render=render,
+                           optimizer=rule, input_grads=input_grads)
+    except BaseException:
+        if worker is not None:
+            worker.stop()
+        raise
+    if worker is not None:
+        cm.compile_in_background(background, worker=worker)
+    return cm

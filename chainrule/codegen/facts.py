@@ -84,15 +84,21 @@ class SimplexFact(Fact):
         k = arr.shape[self.axis] if arr.ndim else 1
         return max(64.0 * float(eps) * max(k, 1), floor)
 
+    def cached_tolerance(self, arr, data_dtype) -> float:
+        """:meth:`tolerance`, computed once per (dtypes, summed length): np.finfo is slow next to
+        a minibatch."""
+        key = (arr.dtype, data_dtype, arr.shape[self.axis % arr.ndim])
+        tol = _TOLERANCES.get(key)
+        if tol is None:
+            tol = _TOLERANCES[key] = self.tolerance(arr, data_dtype)
+        return tol
+
     def check(self, arr, *, what="", error=FactError, data_dtype=None):
         arr = np.asarray(arr)
         axis = self.axis % arr.ndim
         sums = arr.sum(axis=axis, dtype=np.float64)
         sums -= 1.0
-        key = (arr.dtype, data_dtype, arr.shape[axis])
-        tol = _TOLERANCES.get(key)
-        if tol is None:                  # np.finfo is slow next to a minibatch: once per shape
-            tol = _TOLERANCES[key] = self.tolerance(arr, data_dtype)
+        tol = self.cached_tolerance(arr, data_dtype)
         if np.abs(sums, out=sums).max(initial=0.0) <= tol:   # the fast path (a NaN fails it)
             return
         sums = arr.sum(axis=axis, dtype=np.float64)          # (the fast path overwrote them)

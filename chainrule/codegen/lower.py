@@ -10,6 +10,8 @@ Every equation ``out[idx] = body`` becomes one of:
   hoisted to the shallowest loop level at which their free indices are bound. Consecutive
   elementwise equations over the same iteration space that read each other only pointwise are
   fused into one loop nest;
+* ``softmax``: ``out[.., u] = [u ∈ R] exp(f(u) - LSE_{v ∈ R} f(v))`` (a softmax, masked or not) as
+  row loops that compute each ``exp`` once, normalise in place and only store zeros outside ``R``;
 * ``accumulate``: ``out[idx] = Σ_r f`` with bounds independent of ``idx`` (a bias gradient): the
   reduction loop outermost and the output loop inside, so that the reads stay contiguous;
 * ``scalar``: a rank-0 output (the cost).
@@ -78,7 +80,7 @@ def _pretty_body(body) -> str:
 class Kernel:
     """One step of a generated function: what it implements and the code lines doing it."""
 
-    kind: str                    # dot | loop | accumulate | scalar | update
+    kind: str                    # dot | batched | loop | softmax | accumulate | scalar | update
     equations: list              # the equations it implements (pretty text)
     outputs: list                # tensor names written
     lines: list = field(default_factory=list)
@@ -123,6 +125,10 @@ class Lowerer:
         # again by a later equation gathering the same values; None: no sharing (render.py opens a
         # scope for the training forward and hands it to the backward that follows it in one function)
         self.shared_cols: dict | None = None
+        # tensors known to be zero outside a range of their last axis (a masked softmax: the
+        # causal attention weights) -> (axis, lo, hi), lo and hi in the loop variables of the
+        # earlier axes; reductions and loops that multiply by them skip the zeros
+        self.zero_outside: dict = {}
         self.loop_vars = [sp.Symbol(f"i{k}", integer=True) for k in range(8)]
         for v in self.loop_vars:
             self.names[v] = str(v)
@@ -395,15 +401,17 @@ class Lowerer:
         if target is None:
             lines.append(f"{tmp} = np.empty(({', '.join(pe(size[v]) for v in order)},), dtype=DT)")
         header = [f"for {names[str(v)]} in range({pe(size[v])}):" for v in batch]
-        value = f"np.dot({views[0]}, {views[1]})"
-        if len(m["fa"]) + len(m["fb"]) != 2:
-            value += f".reshape(({', '.join(out_dims)},))"
+        # each product written straight into its slice of the result (np.dot's ``out``): no
+        # temporary per batch element, no copy
+        view = f"{dest}_o"
+        stmts = [f"{view} = {dest}[{', '.join(names[str(v)] for v in batch)}]"
+                 + (f".reshape(({prod(m['fa'])}, {prod(m['fb'])}))" if len(out_dims) != 2 else ""),
+                 f"np.dot({views[0]}, {views[1]}, {view})"]
         if target is not None and m["coeff"] != 1:
-            value = f"{pe(m['coeff'])} * {value}"
-        stmt = f"{dest}[{', '.join(names[str(v)] for v in batch)}] = {value}"
+            stmts.append(f"{view} *= {self.pv(m['coeff'])}")
         for depth, h in enumerate(header):
             lines.append(IND * depth + h)
-        lines.append(IND * len(header) + stmt)
+        lines += [IND * len(header) + st for st in stmts]
         return lines, order
 
     def match_gemm(self, s, loop_vars, shape):
@@ -493,12 +501,19 @@ class Lowerer:
             waste *= float(size[v]) / float(width)
         return waste
 
-    def gemm_code(self, m, tmp) -> tuple[list, tuple]:
-        """The lines of an im2col GEMM (see ``match_gemm``) into ``tmp``, and tmp's index order."""
+    def gemm_code(self, m, tmp, loop_vars=None) -> tuple[list, tuple]:
+        """The lines of an im2col GEMM (see ``match_gemm``) into ``tmp``, and tmp's index order.
+
+        The product is ``col(Fg, K) · P(K, Fp)``, laid out (Fg, Fp); when the output's own index order
+        is (Fp, Fg) (a dense layer's weight gradient ``d_W[o, i] = Σ_{b,t} δ[b, t, o] x[b, t, i]``),
+        it is ``P(K, Fp)ᵀ · col(K, Fg)`` instead, on transposed views: the result lands in the
+        output's order and needs no transposing copy."""
         P, G, ks, fp, fg, size = m["P"], m["G"], m["ks"], m["fp"], m["fg"], m["size"]
         pe = self.pe
+        p_first = loop_vars is not None and bool(fp and fg) and list(loop_vars) == fp + fg
         col = tmp + "_col"
-        cdims = [pe(size[v]) for v in fg + ks]
+        cvars = ks + fg if p_first else fg + ks
+        cdims = [pe(size[v]) for v in cvars]
         prod = lambda vs: " * ".join(f"({pe(size[v])})" for v in vs) or "1"
         gtxt = comment_text(sp.sstr(G))
         colmat = self.operand_as_matrix(m)
@@ -507,15 +522,18 @@ class Lowerer:
             col = sp.sstr(G.base.label)
             lines = [f"# {gtxt} read in place as a ({', '.join(map(str, fg))}) x ({', '.join(map(str, ks))}) "
                      f"matrix (its axes are already in that order: no gather)"]
+            if p_first:                     # the same view, as (K) x (Fg)
+                colmat = colmat[:-2] if colmat.endswith(".T") else f"{colmat}.T"
         else:
-            colmat = f"{col}.reshape(({prod(fg)}, {prod(ks)}))"
-            lines = [f"# im2col: {col}[{', '.join(map(str, fg + ks))}] = {gtxt}",
+            rows, cols = (ks, fg) if p_first else (fg, ks)
+            colmat = f"{col}.reshape(({prod(rows)}, {prod(cols)}))"
+            lines = [f"# im2col: {col}[{', '.join(map(str, cvars))}] = {gtxt}",
                      f"{col} = np.empty(({', '.join(cdims)},), dtype=DT)"]
         depth = 0
-        for v in ([] if in_place else fg + ks):
+        for v in ([] if in_place else cvars):
             lines.append(IND * depth + f"for {self.names[v]} in range({pe(size[v])}):")
             depth += 1
-        target = f"{col}[{', '.join(self.names[v] for v in fg + ks)}]"
+        target = f"{col}[{', '.join(self.names[v] for v in cvars)}]"
         if in_place:
             pass
         elif m["guards"]:
@@ -537,13 +555,16 @@ class Lowerer:
             pmat = f"{pname}"
         else:
             pmat = f"np.ascontiguousarray({pname}.transpose(({', '.join(map(str, perm))},)))"
-        out_dims = [pe(size[v]) for v in fg + fp]
-        gathered = gtxt if in_place else f"{col}[{', '.join(map(str, fg + ks))}]"
-        lines.append(f"# GEMM: {tmp}[{', '.join(map(str, fg + fp))}] = Σ_{','.join(map(str, ks))} "
-                     f"{gathered} * {ptxt}")
-        lines.append(f"{tmp} = np.dot({colmat}, "
-                     f"{pmat}.reshape(({prod(ks)}, {prod(fp)}))).reshape(({', '.join(out_dims)},))")
-        return lines, tuple(fg + fp)
+        pmat = f"{pmat}.reshape(({prod(ks)}, {prod(fp)}))"
+        order = fp + fg if p_first else fg + fp
+        out_dims = [pe(size[v]) for v in order]
+        gathered = gtxt if in_place else f"{col}[{', '.join(map(str, cvars))}]"
+        lines.append(f"# GEMM: {tmp}[{', '.join(map(str, order))}] = Σ_{','.join(map(str, ks))} "
+                     f"{gathered} * {ptxt}" + (" (as the product of the transposes: the output's order)"
+                                                if p_first else ""))
+        product = f"np.dot({pmat}.T, {colmat})" if p_first else f"np.dot({colmat}, {pmat})"
+        lines.append(f"{tmp} = {product}.reshape(({', '.join(out_dims)},))")
+        return lines, tuple(order)
 
     def operand_as_matrix(self, m) -> str | None:
         """The gathered operand of an im2col GEMM (``match_gemm``) as a 2-D view of its own array,
@@ -756,7 +777,7 @@ class Lowerer:
         header = [f"for {self.names[v]} in {self.range_code(lo, hi)}:" for v, lo, hi in plan["loops"]]
         order = [v for v, _, _ in plan["loops"]]
         blocks = [_Block(set(order[:d]) | self.outer_bound) for d in range(len(order) + 1)]
-        where = self.emit_argmax(plan["m"], blocks)
+        where = self.recorded_argmax(plan["m"], blocks) or self.emit_argmax(plan["m"], blocks)
         found = {}
         for mk, w in zip(plan["marks"], where):
             found[mk] = sp.Symbol(w, integer=True)
@@ -922,11 +943,97 @@ class Lowerer:
         lines += [IND * len(order) + ln for ln in stmt]
         return lines
 
+    # -- max pooling: the training forward records each window's argmax for the backward -------
+    def argmax_record_key(self, body, loop_vars):
+        """The key under which the training forward records the argmax of ``body``, when ``body``
+        is a whole max over a window (max pooling: ``m[b, c, h, w] = max_{p,q} a[b, c, 2h + p,
+        2w + q]``) with constant limits from 0, lowered inside one function with a backward pass
+        after it (``shared_cols`` open); else None. The key is the max with its window indices
+        and the output's indices renamed by position, so that the adjoint's bracket
+        ``[point = argmax_{p,q} a[b, f, 2h' + p, 2w' + q]]`` finds it whatever its index names."""
+        if self.shared_cols is None or self.outer_bound or not isinstance(body, MaxOver):
+            return None
+        if not all(sp.sympify(lo) == 0 and sp.sympify(hi).is_Integer for _, lo, hi in body.limits):
+            return None
+        if not set(loop_vars) <= body.free_symbols:
+            return None
+        return self._max_key(body, loop_vars)
+
+    @staticmethod
+    def _max_key(m, free_order):
+        rename = {v: sp.Symbol(f"·w{k}", integer=True) for k, (v, _, _) in enumerate(m.limits)}
+        rename.update({v: sp.Symbol(f"·o{k}", integer=True) for k, v in enumerate(free_order)})
+        return ("argmax", sp.srepr(m.xreplace(rename)))
+
+    def argmax_record_kernel(self, info) -> Kernel:
+        """``out = max over a window`` (see ``argmax_record_key``), computed with the argmax
+        search of the adjoint's bracket (the same loop and strict ``>``: the tie rule), which also
+        writes each window's argmax, as one flat position in the window (-1: none, a window of NaN
+        or -inf), into an integer array: the backward pass reads it instead of searching again."""
+        body, loop_vars, shape = info["body"], info["loop_vars"], info["shape"]
+        sizes = [int(hi) + 1 for _, _, hi in body.limits]
+        record = self.fresh("argmax")
+        itype = "np.int8" if math.prod(sizes) <= 127 else "np.int32"
+        out = self.ident(info["out"])
+        lines = [f"# {info['text']}",
+                 f"# with the position of each maximum, recorded for the backward pass: {record}[...] = "
+                 f"the flat index in the window ({' x '.join(map(str, sizes))}) of the first largest value, -1 if none",
+                 f"{out} = np.empty({self.shape_code(self.tensors[info['out']])}, dtype=DT)",
+                 f"{record} = np.empty({self.shape_code(self.tensors[info['out']])}, dtype={itype})"]
+        blocks = [_Block(set(loop_vars[:d]) | self.outer_bound) for d in range(len(loop_vars) + 1)]
+        where = self.emit_argmax(body, blocks)
+        value = blocks[-1].cache["max" + "argmax" + sp.srepr(body)]
+        flat = " + ".join(f"{w} * {math.prod(sizes[k + 1:])}" if k < len(where) - 1 else w
+                          for k, w in enumerate(where))
+        at = ", ".join(str(v) for v in loop_vars)
+        stmts = [f"{out}[{at}] = {value}", f"{record}[{at}] = {flat} if {where[0]} >= 0 else -1"]
+        nested = stmts
+        for d in range(len(loop_vars), 0, -1):
+            nested = [f"for {loop_vars[d - 1]} in range({self.pe(shape[d - 1])}):"] + \
+                [IND + ln for ln in blocks[d].lines + nested]
+        self.shared_cols[self._max_key(body, loop_vars)] = (record, sizes)
+        return Kernel("loop", [info["text"]], [info["out"]], lines + blocks[0].lines + nested)
+
+    def recorded_argmax(self, m, blocks):
+        """The argmax of ``m`` read from the training forward's record (``argmax_record_kernel``),
+        as the window position's variables, emitted where ``m``'s indices are bound; None when the
+        forward recorded no such max (then the scatter searches each window itself)."""
+        if self.shared_cols is None or self.outer_bound:
+            return None
+        free = [s for s in sorted(m.free_symbols, key=str)
+                if s.is_integer and s not in self.sizes and s != BATCH]
+        for order in itertools.permutations(free):
+            found = self.shared_cols.get(self._max_key(m, order))
+            if found is not None:
+                break
+        else:
+            return None
+        record, sizes = found
+        target = next(b for b in blocks if set(free) <= b.bound)
+        flat = self.fresh("amax")
+        where = [f"{flat}_{k}" for k in range(len(sizes))]
+        lines = [f"# the argmax of each window, recorded by the forward pass: {record}",
+                 f"{flat} = {record}[{', '.join(self.names[v] for v in order)}]"]
+        for k, w in enumerate(where):      # -1 (no argmax) stays negative in the first coordinate
+            stride = math.prod(sizes[k + 1:])
+            whole = f"{flat} // {stride}" if stride > 1 else flat
+            lines.append(f"{w} = {whole}" if k == 0 else f"{w} = ({whole}) % {sizes[k]}")
+        target.lines.extend(lines)
+        return where
+
     # -- lowering one equation ----------------------------------------------------------------
     def classify(self, eq):
         body, loop_vars = self.prepare(eq)
         info = {"eq": eq, "text": pretty(eq), "out": eq.out.name, "loop_vars": loop_vars,
                 "shape": self.concrete_shape(eq.out), "pre": [], "dot_reads": set()}
+        # a softmax over the last output index: its own fused row loops
+        sm = self.match_softmax(body, loop_vars, info["shape"]) if eq.out.rank > 0 else None
+        if sm is not None:
+            info.update(kind="softmax", plan=sm, body=body)
+            if sm["guarded"]:
+                self.zero_outside[eq.out.name] = (len(loop_vars) - 1, sm["lo"], sm["hi"])
+            return info
+        body = self.skip_known_zeros(body, loop_vars, info)
         # the whole body a contraction: out = np.dot(...)
         m = self.match_dot(body, loop_vars) if eq.out.rank > 0 else None
         if m is not None and m[3] == 1:
@@ -992,8 +1099,11 @@ class Lowerer:
                     # an operand read in place needs no gather: one GEMM over all of it beats a
                     # product per batch element; a gathered one (a convolution's window) goes per element
                     in_place = self.operand_as_matrix(g) is not None
-                    code, order = ((not in_place and self.gemm_batched_code(g, tmp, loop_vars))
-                                   or self.gemm_code(g, tmp))
+                    # a gather that only reorders axes (no window, no guard) is one transposing
+                    # copy: then one GEMM over everything beats a product per batch element too
+                    reorder = all(isinstance(i, sp.Symbol) for i in g["G"].indices) and not g["guards"]
+                    code, order = ((not in_place and not reorder and self.gemm_batched_code(g, tmp, loop_vars))
+                                   or self.gemm_code(g, tmp, loop_vars))
                     body = body.xreplace({s: g["coeff"] * sp.IndexedBase(tmp)[order]})
                     a, b = str(g["P"].base.label), str(g["G"].base.label)
                     info["pre"].append((code, a, b))
@@ -1017,6 +1127,9 @@ class Lowerer:
         info["body"] = body
         if eq.out.rank == 0:
             info["kind"] = "scalar"
+            return info
+        if self.argmax_record_key(body, loop_vars) is not None:
+            info["kind"] = "argmax"
             return info
         if (isinstance(body, sp.Sum) and not any(isinstance(a, REDUCTIONS) for a in
                                                   sp.preorder_traversal(body.function))
@@ -1107,6 +1220,7 @@ class Lowerer:
             nested = [headers[k]] + [IND + ln for ln in inner]
         target.lines.extend([f"{acc} = -np.inf"] + [f"{w} = -1" for w in where] + nested)
         target.cache[key] = where
+        target.cache["max" + key] = acc             # the maximum itself (argmax_record_kernel)
         return where
 
     def emit_reduction(self, r, blocks: list[_Block]) -> str:
@@ -1129,6 +1243,11 @@ class Lowerer:
             inner_blocks.append(_Block(bound))
         body_block = inner_blocks[-1]
         value = self.emit_expr(r.function, inner_blocks)
+        if isinstance(r, LogSumExp) and not any(b.lines for b in inner_blocks[depth + 1:]):
+            lines = self.two_pass_logsumexp(acc, value, headers)
+            target.lines.extend(lines)
+            target.cache[key] = acc
+            return acc
         lines = []
         if isinstance(r, LogSumExp):
             mx, sm = acc + "_max", acc + "_sum"
@@ -1159,6 +1278,170 @@ class Lowerer:
         target.lines.extend(lines)
         target.cache[key] = acc
         return acc
+
+    def two_pass_logsumexp(self, acc, value, headers) -> list[str]:
+        """A log-sum-exp whose terms are cheap to compute twice (no reduction inside them): the
+        maximum first, then the sum of ``exp(term - max)``. Each pass is a plain reduction, which LLVM
+        vectorises (``_exp`` is arithmetic); the one-pass form rescales its sum whenever a larger
+        term comes along, a branch around an ``exp`` at every term, which it does not. The
+        accumulators are in the module's dtype (as PyTorch's float32 ``logsumexp``)."""
+        mx, sm = acc + "_max", acc + "_sum"
+
+        def loops(body):
+            nested = body
+            for h in reversed(headers):
+                nested = [h] + [IND + ln for ln in nested]
+            return nested
+        return ([f"# log-sum-exp in two passes: the largest term, then Σ exp(term - largest)",
+                 f"{mx} = {self.pv(sp.S.NegativeInfinity)}"]
+                + loops([f"{acc}_v = {value}", f"{mx} = {acc}_v if {acc}_v > {mx} else {mx}"])
+                + [f"{sm} = {self.pv(sp.S.Zero)}"]
+                + loops([f"{sm} += _exp({value} - {mx})"])
+                # (a +inf term: the sum is NaN, the log-sum-exp +inf)
+                + [f"{acc} = {mx} + math.log({sm}) if {mx} < np.inf else {mx}"])
+
+    # -- softmax: exp(f(u) - LSE_v f(v)), normalised in place -------------------------------------
+    def match_softmax(self, body, loop_vars, shape):
+        """``out[.., u] = [u ∈ R] · exp(f(u) - LSE_{v ∈ R} f(v))`` over the last output index ``u``
+        (a softmax; the causal attention weights, whose bracket restricts both the point and the
+        normaliser to the same range ``R``), or without a bracket when ``R`` is u's whole axis ->
+        a plan, or None. ``softmax_kernel`` then computes each ``exp`` once and skips the points
+        outside ``R`` (zeros, written without computing anything)."""
+        if not loop_vars:
+            return None
+        u, n = loop_vars[-1], shape[-1]
+        guard = None
+        if isinstance(body, sp.Piecewise) and len(body.args) == 2 and body.args[1].cond == sp.true \
+                and body.args[1].expr == 0:
+            body, guard = body.args[0].expr, body.args[0].cond
+        if not isinstance(body, sp.exp):
+            return None
+        terms = sp.Add.make_args(body.args[0])
+        lses = [t for t in terms if isinstance(-t, LogSumExp)]
+        if len(lses) != 1 or len((-lses[0]).limits) != 1:
+            return None
+        L = -lses[0]
+        v, lo, hi = L.limits[0]
+        f = L.function
+        if f.has(*REDUCTIONS, IsArgmax) or u in f.free_symbols or \
+                u in (sp.sympify(lo).free_symbols | sp.sympify(hi).free_symbols):
+            return None
+        if sp.expand(sp.Add(*[t for t in terms if t is not lses[0]]) - f.xreplace({v: u})) != 0:
+            return None
+        inside = sp.And(lo <= u, u <= hi)
+        if guard is None:
+            if sp.simplify(lo) != 0 or sp.simplify(hi - (n - 1)) != 0:
+                return None
+        elif not self._same_predicate(guard, inside, loop_vars, shape):
+            return None
+        return dict(f=f, v=v, lo=lo, hi=hi, guarded=guard is not None)
+
+    def _support_of(self, read):
+        """(axis, lo, hi) of a read of a tensor known to be zero outside [lo, hi] on that axis, the
+        bounds written in the read's own indices; None for any other read."""
+        if not isinstance(read, sp.Indexed) or str(read.base.label) not in self.zero_outside:
+            return None
+        axis, lo, hi = self.zero_outside[str(read.base.label)]
+        at = dict(zip(self.loop_vars, read.indices))
+        return axis, sp.sympify(lo).xreplace(at), sp.sympify(hi).xreplace(at)
+
+    def skip_known_zeros(self, body, loop_vars, info):
+        """A sum whose every term is a multiple of a read that is zero outside a range of its summation
+        index (``Σ_u' A[b, h, t, u'] dA[b, h, t, u']`` over a causal softmax's weights, zero for
+        u' > t) runs over that range only, unless it is a product for BLAS (``O = A V`` stays one
+        GEMM per (b, h) over the whole range); and an output that is such a multiple at its own indices
+        (``dS = A ⊙ (..)``) is marked, so that ``loop_kernel`` computes it inside the range and only
+        stores zeros outside (``info["support"]``). Exact: the terms skipped are products with 0."""
+        if not self.zero_outside:
+            return body
+
+        def tighten(e):
+            if len(e.limits) != 1 or e.function.has(*REDUCTIONS):
+                return e
+            if self.match_dot(e, loop_vars) or self.match_batched(e, loop_vars) or \
+                    self.match_gemm(e, loop_vars, info["shape"]):
+                return e                 # a BLAS product over the whole range beats skipping zeros
+            v, lo, hi = e.limits[0]
+            for f in sp.Mul.make_args(e.function):
+                sup = self._support_of(f)
+                if sup is None or f.indices[sup[0]] != v or \
+                        v in (sup[1].free_symbols | sup[2].free_symbols):
+                    continue
+                return sp.Sum(e.function, (v, self._tighter(lo, sup[1], loop_vars, info["shape"], max),
+                                           self._tighter(hi, sup[2], loop_vars, info["shape"], min)))
+            return e
+        body = body.replace(lambda e: isinstance(e, sp.Sum), tighten)
+        for f in sp.Mul.make_args(body):
+            sup = self._support_of(f)
+            if sup is not None and tuple(f.indices) == tuple(loop_vars) and sup[0] == len(loop_vars) - 1:
+                info["support"] = (sup[1], sup[2])
+        return body
+
+    def _tighter(self, old, new, loop_vars, shape, pick):
+        """The tighter of two summation bounds (``pick`` is max for a lower bound, min for an upper
+        one): ``new`` alone where it is at least as tight at every point of the output indices."""
+        domains = {v: (0, shape[k] - 1) for k, v in enumerate(loop_vars)}
+        tighter = (new >= old) if pick is max else (new <= old)
+        if _holds_everywhere(tighter, domains):
+            return new
+        return sp.Max(old, new) if pick is max else sp.Min(old, new)
+
+    def _same_predicate(self, a, b, loop_vars, shape) -> bool:
+        """Two conditions on output indices agree at every point of their extents (checked point by
+        point, at most 100 000 points); False when that cannot be checked."""
+        syms = sorted((a.free_symbols | b.free_symbols), key=str)
+        if not set(syms) <= set(loop_vars):
+            return False
+        extents = [shape[loop_vars.index(s)] for s in syms]
+        if not all(sp.sympify(e).is_Integer for e in extents) or math.prod(int(e) for e in extents) > 100_000:
+            return False
+        fa, fb = (sp.lambdify(syms, c, modules="math") for c in (a, b))
+        return all(bool(fa(*pt)) == bool(fb(*pt)) for pt in itertools.product(*[range(int(e)) for e in extents]))
+
+    def softmax_kernel(self, info) -> Kernel:
+        """A softmax (see ``match_softmax``) per row: the largest term, then each ``exp(f(u) - max)``
+        written once and summed, then the row scaled by 1 / sum; the points outside the range are
+        zeros, filled without computing a term (a causal mask: u > t costs nothing but the store).
+        ``exp(f - max) / Σ`` is ``exp(f - LSE)`` up to rounding."""
+        plan, loop_vars, shape = info["plan"], info["loop_vars"], info["shape"]
+        u, n = loop_vars[-1], shape[-1]
+        name = self.ident(info["out"])
+        lo, hi = _rounded(plan["lo"], up=True), _rounded(plan["hi"], up=False)
+        domains = {w: (0, shape[k] - 1) for k, w in enumerate(loop_vars[:-1])}
+        if not _holds_everywhere(lo >= 0, domains):
+            lo = sp.Max(lo, 0)
+        if not _holds_everywhere(hi <= n - 1, domains):
+            hi = sp.Min(hi, n - 1)
+        out = f"{name}[{', '.join(str(w) for w in loop_vars)}]"
+        term = self.pv(plan["f"].xreplace({plan["v"]: u}))
+        acc = self.fresh("softmax")
+        row = [f"{acc}_max = {self.pv(sp.S.NegativeInfinity)}",
+               f"for {u} in {self.range_code(lo, hi)}:",
+               IND + f"{acc}_v = {term}",
+               IND + f"{acc}_max = {acc}_v if {acc}_v > {acc}_max else {acc}_max",
+               f"{acc}_sum = {self.pv(sp.S.Zero)}",
+               f"for {u} in {self.range_code(lo, hi)}:",
+               IND + f"{acc}_e = _exp({term} - {acc}_max)",
+               IND + f"{out} = {acc}_e",
+               IND + f"{acc}_sum += {acc}_e",
+               f"{acc}_inv = {self.pv(sp.S.One)} / {acc}_sum",
+               f"for {u} in {self.range_code(lo, hi)}:",
+               IND + f"{out} *= {acc}_inv"]
+        if plan["guarded"]:
+            row += [f"# outside {comment_text(sp.sstr(lo))} <= {u} <= {comment_text(sp.sstr(hi))}: zero, "
+                    f"nothing computed"]
+            if lo != 0:
+                row += [f"for {u} in range(0, {self.pe(lo)}):", IND + f"{out} = {self.pv(sp.S.Zero)}"]
+            if hi != n - 1:
+                row += [f"for {u} in range({self.pe(hi + 1)}, {self.pe(n)}):", IND + f"{out} = {self.pv(sp.S.Zero)}"]
+        nested = row
+        for d in range(len(loop_vars) - 1, 0, -1):
+            nested = [f"for {loop_vars[d - 1]} in range({self.pe(shape[d - 1])}):"] + [IND + ln for ln in nested]
+        lines = [f"# {info['text']}",
+                 f"# softmax over {u}: each exp computed once, then the row normalised in place"]
+        if info["out"] not in self.preallocated:
+            lines.append(f"{name} = np.empty({self.shape_code(self.tensors[info['out']])}, dtype=DT)")
+        return Kernel("softmax", [info["text"]], [info["out"]], lines + nested)
 
     # -- kernels ------------------------------------------------------------------------------
     def lower(self, equations, keep=None) -> list[Kernel]:
@@ -1203,8 +1486,12 @@ class Lowerer:
                                        f"({', '.join(str(info['eq'].indices[info['loop_vars'].index(v)]) for v in info['plan']['batch'])})",
                                        f"{name} = np.empty({self.shape_code(self.tensors[info['out']])}, dtype=DT)"]
                                       + code))
+            elif info["kind"] == "softmax":
+                kernels.append(self.softmax_kernel(info))
             elif info["kind"] == "accumulate":
                 kernels.append(self.accumulate_kernel(info))
+            elif info["kind"] == "argmax":
+                kernels.append(self.argmax_record_kernel(info))
             else:
                 kernels.append(self.scalar_kernel(info))
         flush()
@@ -1564,11 +1851,28 @@ class Lowerer:
             stmts += [f"# {g['text']}", f"{target} = {value}"]
         lines += blocks[0].lines
         nested = stmts
+        support = group[0].get("support") if len(group) == 1 and not local else None
         for d in range(len(loop_vars), 0, -1) if stmts else ():
             header = f"for {loop_vars[d - 1]} in range({self.pe(shape[d - 1])}):"
+            if support is not None and d == len(loop_vars):
+                header = f"for {loop_vars[d - 1]} in {self.range_code(*support)}:"
             nested = [header] + [IND + ln for ln in blocks[d].lines + nested]
+            if support is not None and d == len(loop_vars):
+                nested += self.zeros_outside(group[0]["out"], loop_vars, shape, *support)
         lines += nested
         return Kernel("loop", [g["text"] for g in group], [g["out"] for g in group], lines)
+
+    def zeros_outside(self, out, loop_vars, shape, lo, hi) -> list[str]:
+        """The loops storing zeros where the last index is outside [lo, hi] (nothing computed there)."""
+        u, n = loop_vars[-1], shape[-1]
+        target = f"{self.ident(out)}[{', '.join(str(v) for v in loop_vars)}]"
+        lines = [f"# outside {comment_text(sp.sstr(lo))} <= {u} <= {comment_text(sp.sstr(hi))}: a multiple of "
+                 f"zero, stored without computing it"]
+        if lo != 0:
+            lines += [f"for {u} in range(0, {self.pe(lo)}):", IND + f"{target} = {self.pv(sp.S.Zero)}"]
+        if hi != n - 1:
+            lines += [f"for {u} in range({self.pe(hi + 1)}, {self.pe(n)}):", IND + f"{target} = {self.pv(sp.S.Zero)}"]
+        return lines
 
     def accumulate_kernel(self, info) -> Kernel:
         body, loop_vars, shape = info["body"], info["loop_vars"], info["shape"]

@@ -239,8 +239,28 @@ SUPPORTED_FUNCTIONS = (sp.exp, sp.log, sp.tanh, sp.sin, sp.cos, sp.Abs, sp.sign,
                        sp.Piecewise, sp.Mod, sp.floor, sp.ceiling, Primitive)
 
 
+def fold_constants(expr):
+    """Each product's irrational numeric factors (√2, 1/√π, √(2/π) of the tanh GELU) multiplied out
+    into one float, and any other irrational constant evaluated: the kernel then multiplies by a
+    literal of its own dtype. Printed as ``math.sqrt(2)`` and ``/math.sqrt(math.pi)``, they were
+    float64 values (``math.pi`` is a double) that widened a float32 loop to float64 and divided at
+    every element (the GELU's forward loop ran 1.5x as long)."""
+    def irrational(e):
+        return e.is_number and not e.is_Rational and not e.is_Float and e.is_finite is not False
+
+    def rec(e):
+        if not e.args or isinstance(e, (sp.Indexed, sp.Tuple)):
+            return sp.Float(e.evalf(20)) if irrational(e) and e.is_real else e
+        if irrational(e) and e.is_real:
+            return sp.Float(e.evalf(20))
+        args = [rec(a) for a in e.args]
+        return e.func(*args) if any(a is not b for a, b in zip(args, e.args)) else e
+    expr = sp.sympify(expr)
+    return rec(expr) if any(irrational(a) for a in sp.preorder_traversal(expr)) else expr
+
+
 def print_expr(expr, names, cast: str | None = None) -> str:
-    expr = to_conventions(expr)
+    expr = fold_constants(to_conventions(expr))
     if isinstance(expr, (sp.Sum, LogSumExp)):
         raise UnsupportedError("codegen internal error: unhoisted reduction")
     for node in sp.preorder_traversal(expr):

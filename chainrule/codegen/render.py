@@ -12,6 +12,7 @@ from ..derive.recurrence import flatten
 from .dtypes import DTYPES, check_dtype  # noqa: F401  (re-exported: render.check_dtype)
 from .lower import IND, Lowerer, comment_text, primitives_used, sanitise
 from .split import SPLIT_ABOVE_LINES, DriverCode, KernelSplitter, fused_length
+from .workspace import use_workspace
 
 _ENV = jinja2.Environment(loader=jinja2.PackageLoader("chainrule.codegen", "templates"),
                           undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
@@ -267,6 +268,7 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
     tiny = repr(float(np.finfo(np.dtype(dtype)).tiny))
     context = dict(
         model_label=sanitise(model.name), dtype=dtype, tiny=tiny, primitives=prims,
+        simplex_check=_has_simplex_fact(model, [*inputs, *targets]),
         params=[ident(p.name) for p in params], x=", ".join(ident(t.name) for t in inputs),
         x_first=ident(x.name), y=", ".join(ident(t.name) for t in targets),
         arg_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}"
@@ -295,10 +297,31 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
         split = fused_length(context) > SPLIT_ABOVE_LINES
     if split:
         _split_drivers(context, rule, params, state_args)
+    _workspace_blocks(context, dtype, fused=not split)
     return Plan([p.name for p in params], x.name, y.name, [t.name for t in model.outputs],
                 model.cost.name, forward_k, predict_k, backward_k, context,
                 optimizer=rule.name, state_names=[s for s in rule.state], hyper_names=hyper,
                 input_grads=input_grads, split=bool(split))
+
+
+def _workspace_blocks(context, dtype, fused: bool):
+    """``loss_and_grads``'s blocks with its large temporaries read from the workspace ``u_ws``
+    (see workspace.py), and the workspace's allocations; a split module's kernels allocate their
+    own (its workspace is empty)."""
+    blocks = context["forward_train"] + context["backward"]
+    allocations = []
+    if fused:
+        blocks, allocations = use_workspace(blocks, [context["cost"], *context["grads"]],
+                                            np.dtype(dtype).itemsize)
+    n = len(context["forward_train"])
+    context.update(step_forward=blocks[:n], step_backward=blocks[n:], workspace=allocations)
+
+
+def _has_simplex_fact(model, arguments) -> bool:
+    """Whether an argument of the kernels carries a declared probability fact (Σ_k y[b, k] = 1):
+    then the module gets the compiled check the wrapper runs before each kernel call."""
+    from .facts import SimplexFact, declared_facts
+    return any(isinstance(f, SimplexFact) for f in declared_facts(model, names={t.name for t in arguments}))
 
 
 def _noise_block(context, training: bool) -> list:

@@ -755,8 +755,13 @@ class Network:
         self.has_validation = validation is not None
         if epochs > initial_epoch and (self.is_classifier or validation is not None):
             # the epochs' metrics call forward: on a cold start a worker compiles it while this
-            # process compiles train_step on the first step (nothing happens when it is cached)
-            self.compiled.compile_in_background(["forward"])
+            # process compiles train_step on the first step (nothing happens when it is cached);
+            # when a worker already compiles train_step (started before other work, as the demo
+            # does), this process compiles forward meanwhile
+            if "train_step" in self.compiled.background_kernels:
+                self.compiled.compile_now(["forward"])
+            else:
+                self.compiled.compile_in_background(["forward"])
 
         callbacks = list(callbacks or ())
         if progress and not any(isinstance(c, ProgressBar) for c in callbacks):

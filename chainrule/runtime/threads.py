@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-# below this many multiply-adds in a step's largest product, one BLAS thread is faster
-SMALL_PRODUCT = 1 << 24
+# below this many multiply-adds in a step's largest product, one BLAS thread is faster (the same
+# rule limits a kernel called directly, per call: chainrule.codegen.blas)
+from chainrule.codegen.blas import SMALL_PRODUCT  # noqa: E402
 
 
 def training_blas_threads(param_shapes, batch_size, requested="auto"):

@@ -1,0 +1,75 @@
+"""One BLAS thread around a kernel call whose matrix products are small.
+
+The generated kernels multiply through Numba's ``np.dot``, which calls SciPy's BLAS (its
+``cython_blas``). OpenBLAS splits a product over its threads from about 2^18 multiply-adds on, and
+on two cores the second thread costs more than it saves below about 2^24 (the measurements are in
+``chainrule.runtime.threads``; with any other work on the machine it is far worse:
+``benchmarks/bench.py --threads 2`` under a load average of 4.4 had the demo MLP's batch-256 step at
+26 ms, against 0.53 ms on one thread). ``Network.fit`` limits BLAS for a whole training run; a
+kernel called directly (``CompiledModel.train_step`` in a user's own loop, the benchmarks) gets the
+same rule per call: when the largest parameter times the batch is below :data:`SMALL_PRODUCT`, the
+BLAS the kernels call runs on one thread during the call and gets its thread count back after.
+That costs a read of the count (about 1 µs) when it already is one (inside ``fit``, or with
+``OPENBLAS_NUM_THREADS=1``) and two more calls (about 3 µs) otherwise.
+"""
+from __future__ import annotations
+
+import os
+
+# below this many multiply-adds in a step's largest product, one BLAS thread is faster
+SMALL_PRODUCT = 1 << 24
+# up to this many, OpenBLAS runs a product on one thread by itself (its GEMM_MULTITHREAD_THRESHOLD,
+# 4 x 65536): the call needs no limit (the demo MLP at batch 32: 8192 x 32)
+ONE_THREAD_ANYWAY = 1 << 18
+
+_LIBRARIES = None
+
+
+def kernel_blas() -> list:
+    """threadpoolctl's controllers of the BLAS the kernels call: SciPy's (NumPy's own copy, which
+    the kernels never call, is left alone when they are separate libraries); [] without
+    threadpoolctl."""
+    global _LIBRARIES
+    if _LIBRARIES is None:
+        try:
+            import numpy
+            import scipy.linalg.cython_blas  # noqa: F401  (loaded as Numba's np.dot loads it, so it is found)
+            from threadpoolctl import ThreadpoolController
+        except ImportError:                # pragma: no cover - declared dependencies
+            _LIBRARIES = []
+            return _LIBRARIES
+        blas = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+        numpy_dir = os.path.dirname(os.path.dirname(os.path.realpath(numpy.__file__)))
+        numpys = {os.path.join(numpy_dir, "numpy.libs"), os.path.join(numpy_dir, "numpy")}
+        others = [lib for lib in blas if not any(os.path.realpath(lib.filepath).startswith(d + os.sep)
+                                                 for d in numpys)]
+        _LIBRARIES = [_get_and_set(lib) for lib in others or blas]
+    return _LIBRARIES
+
+
+def _get_and_set(lib):
+    """(get, set) of a library's thread count: OpenBLAS's own two functions, found once (looking
+    them up through threadpoolctl on every call costs 10-20 µs: it tries each symbol prefix);
+    threadpoolctl's methods for another BLAS, or for OpenBLAS on OpenMP (per-thread limits)."""
+    find = getattr(lib, "_get_symbol", None)
+    if find is not None and getattr(lib, "internal_api", "") == "openblas" \
+            and getattr(lib, "threading_layer", "") != "openmp":
+        get, set_ = find("openblas_get_num_threads"), find("openblas_set_num_threads")
+        if get is not None and set_ is not None:
+            return get, set_
+    return (lambda: lib.num_threads), lib.set_num_threads
+
+
+def call_on_one_thread(kernel, *args):
+    """``kernel(*args)`` with the kernels' BLAS on one thread, its thread count restored after."""
+    saved = []
+    for get, set_ in kernel_blas():
+        n = get()
+        if n != 1:
+            set_(1)
+            saved.append((set_, n))
+    try:
+        return kernel(*args)
+    finally:
+        for set_, n in saved:
+            set_(n)
