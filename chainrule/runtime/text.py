@@ -102,6 +102,7 @@ def train_char_gpt(steps=600, context=64, width=64, heads=4, layers=2, batch=16,
     machine may be shared."""
     from ..codegen import compile_model
     from ..derive.attention import gpt
+    from .threads import blas_threads
     out = stream if stream is not None else sys.stdout
     text = load_pydoc_text()
     codec = CharCodec.of(text)
@@ -127,19 +128,23 @@ def train_char_gpt(steps=600, context=64, width=64, heads=4, layers=2, batch=16,
           f"{ready[1]:.1f}s CPU)", file=out)
     train_starts = batch_starts(len(train_ids), context, batch, steps, seed)
     train_history, recent = [], []
-    for step in range(1, steps + 1):
-        x, y = windows(train_ids, train_starts[step - 1], context, codec.vocab, dtype)
-        train = cm.train_step(params, x, y, lr=lr, state=state, step=step)
-        if not np.isfinite(train):
-            raise FloatingPointError(f"char-gpt: the training loss is {train} at step {step}")
-        recent.append(train)
-        if step % eval_every == 0 or step == steps:
-            train_history.append((step, float(np.mean(recent))))
-            recent = []
-            history.append((step, val_loss()))
-            wall, cpu = clock.since_lap()
-            print(f"step {step:5d}  validation loss {history[-1][1]:.4f}  (train {train_history[-1][1]:.4f}; "
-                  f"{wall / step * 1000:.0f} ms/step wall, {cpu / step * 1000:.0f} ms CPU)", file=out)
+    # one BLAS thread, like the PyTorch twin: the step's products (batch x context rows, up to 2^24
+    # multiply-adds) are where OpenBLAS's second thread spins instead of helping (measured on the
+    # 2-core machine under load 5-7: 37 ms of CPU per step on one thread, 288 ms with BLAS's choice)
+    with blas_threads(1):
+        for step in range(1, steps + 1):
+            x, y = windows(train_ids, train_starts[step - 1], context, codec.vocab, dtype)
+            train = cm.train_step(params, x, y, lr=lr, state=state, step=step)
+            if not np.isfinite(train):
+                raise FloatingPointError(f"char-gpt: the training loss is {train} at step {step}")
+            recent.append(train)
+            if step % eval_every == 0 or step == steps:
+                train_history.append((step, float(np.mean(recent))))
+                recent = []
+                history.append((step, val_loss()))
+                wall, cpu = clock.since_lap()
+                print(f"step {step:5d}  validation loss {history[-1][1]:.4f}  (train {train_history[-1][1]:.4f}; "
+                      f"{wall / step * 1000:.0f} ms/step wall, {cpu / step * 1000:.0f} ms CPU)", file=out)
     trained = clock.lap()
     prompt = paragraph_prompt(codec.decode(val_ids), context)
     text_out = sample(cm, params, codec, prompt, sample_length, context, temperature=temperature,
