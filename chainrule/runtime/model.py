@@ -660,7 +660,8 @@ class Network:
     def gradient_norms(self, x, y, prepared=False) -> dict:
         """‖∂C/∂θ‖ for every parameter θ at the current parameters, on the batch ``x, y``."""
         xs, ys = (x, y) if prepared else self._prepare(x, y)
-        _, grads = self.compiled.loss_and_grads(self.params, xs, ys)
+        # _prepare checked the declared facts on every row (fit's data, prepared, too)
+        _, grads = self.compiled.loss_and_grads(self.params, xs, ys, facts_checked=True)
         return {k: float(np.linalg.norm(grads[k])) for k in self.param_names}
 
     def plot(self, history=None, out_dir=".", prefix=""):
