@@ -521,3 +521,11 @@ def test_the_gpt_is_a_model_name_for_derive():
     assert [layer.describe() for _, layer in model.layers][:3] == [
         "embedding(64)", "position_embedding", "residual(layer_norm -> causal_attention(4))"]
     assert sum(t.name.startswith("Wq") for t in model.params) == 2
+
+
+def test_the_sample_prompt_ends_where_a_paragraph_of_prose_begins():
+    from chainrule.runtime.text import paragraph_prompt
+    text = "x = 1\n>>> f(x)\n\n   def g():\n\n      The function g returns.\n"
+    prompt = paragraph_prompt(text, 7)
+    assert prompt == "\n      " and text[text.index(":\n\n      ") + 9:].startswith("The function")
+    assert paragraph_prompt("no paragraph here at all", 5) == "no pa"

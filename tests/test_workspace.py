@@ -85,5 +85,9 @@ def test_a_step_with_its_workspace_faults_far_fewer_pages_than_with_fresh_arrays
     faults(False), faults(True)                          # compiled, warmed up
     reused, fresh = faults(False), faults(True)
     pages = sum(a.nbytes for a in ws) / 4096
-    assert fresh > pages / 2, (fresh, pages)             # fresh arrays: their pages faulted in
     assert reused < pages / 20, (reused, fresh, pages)   # the workspace: next to none
+    # fresh arrays fault their pages in where glibc maps large blocks afresh; after many large
+    # frees in one process (the whole suite) its dynamic mmap threshold grows and it reuses heap
+    # pages instead, so the contrast is asserted only in a process where fresh arrays do fault
+    if fresh > pages / 2:
+        assert reused < fresh / 10, (reused, fresh, pages)

@@ -50,7 +50,7 @@ EXAMPLES = {
     "ddpm": Example("ddpm", "moons", epochs=300, lr=1e-3, runner="ddpm",
                     about="a DDPM on two moons"),
     # a language model: "epochs" counts Adam steps of one batch each, "target" is a validation loss
-    "char-gpt": Example("gpt", "pydoc", epochs=1500, lr=3e-3, batch_size=16, target=2.0,
+    "char-gpt": Example("gpt", "pydoc", epochs=3000, lr=3e-3, batch_size=16, target=1.30,
                         about="a 2-layer, 4-head GPT (width 64, context 64) on the characters of the "
                               "standard library's pydoc_data.topics (90/10 split)"),
 }

@@ -5,6 +5,7 @@ printing the validation loss as it falls, and then samples text (temperature, to
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -97,9 +98,11 @@ def train_char_gpt(steps=600, context=64, width=64, heads=4, layers=2, batch=16,
 
     The data order is ``batch_starts(..., seed)`` and the validation windows ``batch_starts(...,
     seed + 1)``, so a reference (``benchmarks/train_gpt.py``, the same model in PyTorch) sees the same
-    batches. Times are wall clock and this process's CPU time (the machine may be shared)."""
+    batches. Times are wall clock and CPU time (``_cpu_seconds``: compile workers included), since the
+    machine may be shared."""
     from ..codegen import compile_model
     from ..derive.attention import gpt
+    from .threads import blas_threads
     out = stream if stream is not None else sys.stdout
     text = load_pydoc_text()
     codec = CharCodec.of(text)
@@ -125,21 +128,25 @@ def train_char_gpt(steps=600, context=64, width=64, heads=4, layers=2, batch=16,
           f"{ready[1]:.1f}s CPU)", file=out)
     train_starts = batch_starts(len(train_ids), context, batch, steps, seed)
     train_history, recent = [], []
-    for step in range(1, steps + 1):
-        x, y = windows(train_ids, train_starts[step - 1], context, codec.vocab, dtype)
-        train = cm.train_step(params, x, y, lr=lr, state=state, step=step)
-        if not np.isfinite(train):
-            raise FloatingPointError(f"char-gpt: the training loss is {train} at step {step}")
-        recent.append(train)
-        if step % eval_every == 0 or step == steps:
-            train_history.append((step, float(np.mean(recent))))
-            recent = []
-            history.append((step, val_loss()))
-            wall, cpu = clock.since_lap()
-            print(f"step {step:5d}  validation loss {history[-1][1]:.4f}  (train {train_history[-1][1]:.4f}; "
-                  f"{wall / step * 1000:.0f} ms/step wall, {cpu / step * 1000:.0f} ms CPU)", file=out)
+    # one BLAS thread, like the PyTorch twin: the step's products (batch x context rows, up to 2^24
+    # multiply-adds) are where OpenBLAS's second thread spins instead of helping (measured on the
+    # 2-core machine under load 5-7: 37 ms of CPU per step on one thread, 288 ms with BLAS's choice)
+    with blas_threads(1):
+        for step in range(1, steps + 1):
+            x, y = windows(train_ids, train_starts[step - 1], context, codec.vocab, dtype)
+            train = cm.train_step(params, x, y, lr=lr, state=state, step=step)
+            if not np.isfinite(train):
+                raise FloatingPointError(f"char-gpt: the training loss is {train} at step {step}")
+            recent.append(train)
+            if step % eval_every == 0 or step == steps:
+                train_history.append((step, float(np.mean(recent))))
+                recent = []
+                history.append((step, val_loss()))
+                wall, cpu = clock.since_lap()
+                print(f"step {step:5d}  validation loss {history[-1][1]:.4f}  (train {train_history[-1][1]:.4f}; "
+                      f"{wall / step * 1000:.0f} ms/step wall, {cpu / step * 1000:.0f} ms CPU)", file=out)
     trained = clock.lap()
-    prompt = codec.decode(val_ids[:context])
+    prompt = paragraph_prompt(codec.decode(val_ids), context)
     text_out = sample(cm, params, codec, prompt, sample_length, context, temperature=temperature,
                       top_k=top_k, seed=seed)
     print(f"sample (temperature {temperature:g}, top-k {top_k}) after {prompt[-30:]!r}:\n{text_out}", file=out)
@@ -153,25 +160,41 @@ def train_char_gpt(steps=600, context=64, width=64, heads=4, layers=2, batch=16,
             "train_seconds": trained[0], "train_cpu_seconds": trained[1], "val_loss": history[-1][1]}
 
 
+def paragraph_prompt(text: str, context: int) -> str:
+    """The ``context`` characters of ``text`` that end where its first paragraph of prose begins (after
+    a blank line and the indentation, before a capitalised word): the sample then writes prose, not
+    the middle of a code example. The text's start when there is no such place."""
+    import re
+    found = re.search(r"\n\n +(?=[A-Z][a-z])", text[context:])
+    end = context + found.end() if found else context
+    return text[end - context:end]
+
+
 def validation_windows(val_ids, context, batch, eval_batches, seed, vocab, dtype="float32") -> list:
     """The fixed validation batches of a run (window starts from ``seed + 1``)."""
     return [windows(val_ids, s, context, vocab, dtype)
             for s in batch_starts(len(val_ids), context, batch, eval_batches, seed + 1)]
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished child processes: Numba's compilation (also in the
+    compile workers that ``codegen.background`` starts) and the BLAS threads included."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 class _Clock:
-    """Wall and CPU time (of this process: Numba's compilation and the BLAS threads included) since
-    the last lap."""
+    """Wall and CPU time (``_cpu_seconds``) since the last lap."""
 
     def __init__(self):
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        self._wall, self._cpu = time.perf_counter(), _cpu_seconds()
 
     def since_lap(self) -> tuple[float, float]:
-        return time.perf_counter() - self._wall, time.process_time() - self._cpu
+        return time.perf_counter() - self._wall, _cpu_seconds() - self._cpu
 
     def lap(self) -> tuple[float, float]:
         took = self.since_lap()
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        self._wall, self._cpu = time.perf_counter(), _cpu_seconds()
         return took
 
 
