@@ -529,24 +529,8 @@ class Lowerer:
             colmat = f"{col}.reshape(({prod(rows)}, {prod(cols)}))"
             lines = [f"# im2col: {col}[{', '.join(map(str, cvars))}] = {gtxt}",
                      f"{col} = np.empty(({', '.join(cdims)},), dtype=DT)"]
-        depth = 0
-        for v in ([] if in_place else cvars):
-            lines.append(IND * depth + f"for {self.names[v]} in range({pe(size[v])}):")
-            depth += 1
-        target = f"{col}[{', '.join(self.names[v] for v in cvars)}]"
-        if in_place:
-            pass
-        elif m["guards"]:
-            cond = " and ".join(
-                f"{self.names[v]} >= {pe(_rounded(b, up=True))}" if side == "lo"
-                else f"{self.names[v]} <= {pe(_rounded(b, up=False))}" for v, side, b in m["guards"])
-            lines += [IND * depth + f"# zero outside the summation limits: {comment_text(cond)}",
-                      IND * depth + f"if {cond}:",
-                      IND * (depth + 1) + f"{target} = {self.pv(G)}",
-                      IND * depth + "else:",
-                      IND * (depth + 1) + f"{target} = 0.0"]
-        else:
-            lines.append(IND * depth + f"{target} = {self.pv(G)}")
+        if not in_place:
+            lines += self.gather_loop(m, col, cvars)
         pname = self.ident(str(P.base.label))
         perm = [list(P.indices).index(v) for v in ks + fp]
         ptxt = comment_text(sp.sstr(P))
@@ -565,6 +549,22 @@ class Lowerer:
         product = f"np.dot({pmat}.T, {colmat})" if p_first else f"np.dot({colmat}, {pmat})"
         lines.append(f"{tmp} = {product}.reshape(({', '.join(out_dims)},))")
         return lines, tuple(order)
+
+    def gather_loop(self, m, col, cvars) -> list[str]:
+        """The loop nest copying an im2col GEMM's gathered operand (``match_gemm``) into its buffer
+        ``col``, laid out in the order ``cvars``: zero outside the summation limits."""
+        pe, G = self.pe, m["G"]
+        lines = [IND * depth + f"for {self.names[v]} in range({pe(m['size'][v])}):" for depth, v in enumerate(cvars)]
+        depth = len(cvars)
+        target = f"{col}[{', '.join(self.names[v] for v in cvars)}]"
+        if not m["guards"]:
+            return lines + [IND * depth + f"{target} = {self.pv(G)}"]
+        cond = " and ".join(
+            f"{self.names[v]} >= {pe(_rounded(b, up=True))}" if side == "lo"
+            else f"{self.names[v]} <= {pe(_rounded(b, up=False))}" for v, side, b in m["guards"])
+        return lines + [IND * depth + f"# zero outside the summation limits: {comment_text(cond)}",
+                        IND * depth + f"if {cond}:", IND * (depth + 1) + f"{target} = {self.pv(G)}",
+                        IND * depth + "else:", IND * (depth + 1) + f"{target} = 0.0"]
 
     def operand_as_matrix(self, m) -> str | None:
         """The gathered operand of an im2col GEMM (``match_gemm``) as a 2-D view of its own array,
@@ -648,19 +648,7 @@ class Lowerer:
         if shared is not None:
             shared[key] = col
         lines.append(f"{col} = np.empty(({', '.join(pe(size[v]) for v in cvars)},), dtype=DT)")
-        for depth, v in enumerate(cvars):
-            lines.append(IND * depth + f"for {self.names[v]} in range({pe(size[v])}):")
-        depth = len(cvars)
-        target = f"{col}[{', '.join(self.names[v] for v in cvars)}]"
-        if m["guards"]:
-            cond = " and ".join(
-                f"{self.names[v]} >= {pe(_rounded(b, up=True))}" if side == "lo"
-                else f"{self.names[v]} <= {pe(_rounded(b, up=False))}" for v, side, b in m["guards"])
-            lines += [IND * depth + f"# zero outside the summation limits: {comment_text(cond)}",
-                      IND * depth + f"if {cond}:", IND * (depth + 1) + f"{target} = {self.pv(G)}",
-                      IND * depth + "else:", IND * (depth + 1) + f"{target} = 0.0"]
-        else:
-            lines.append(IND * depth + f"{target} = {self.pv(G)}")
+        lines += self.gather_loop(m, col, cvars)
         return self._gemm_per_batch_product(m, tmp, lead, kord, rest, sum_over, lines)
 
     @staticmethod
