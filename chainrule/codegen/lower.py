@@ -1041,6 +1041,15 @@ class Lowerer:
         return where
 
     # -- lowering one equation ----------------------------------------------------------------
+    @staticmethod
+    def _scattered(body, s, tmp, code, reads, info, loop_vars):
+        """``body`` with the sum ``s`` read from the scatter ``tmp`` (computed by ``code``, which
+        reads the tensors ``reads``) at the output's own indices."""
+        info["pre"].append((code, reads[0], reads[-1]))
+        info["dot_reads"] |= set(reads)
+        info.setdefault("whole_dots", []).append(tmp)
+        return body.xreplace({s: sp.IndexedBase(tmp)[loop_vars]})
+
     def classify(self, eq):
         body, loop_vars = self.prepare(eq)
         info = {"eq": eq, "text": pretty(eq), "out": eq.out.name, "loop_vars": loop_vars,
@@ -1081,22 +1090,16 @@ class Lowerer:
                         sc["value"] = sc["value"] * gate
                         body = s
                     code = self.argmax_scatter_code(sc, tmp, loop_vars, info["shape"])
-                    body = body.xreplace({s: sp.IndexedBase(tmp)[loop_vars]})
                     reads = sorted({str(x.base.label) for x in s.atoms(sp.Indexed)})
-                    info["pre"].append((code, reads[0], reads[-1]))
-                    info["dot_reads"] |= set(reads)
-                    info.setdefault("whole_dots", []).append(tmp)
+                    body = self._scattered(body, s, tmp, code, reads, info, loop_vars)
                     continue
                 sh = self.match_shift_scatter(s, loop_vars, info["shape"])
                 if sh is not None:
                     tmp = self.fresh("scatter")
                     self.names[tmp] = tmp
                     code = self.shift_scatter_code(sh, tmp, loop_vars, info["shape"])
-                    body = body.xreplace({s: sp.IndexedBase(tmp)[loop_vars]})
-                    a, b_ = str(sh["K"].base.label), str(sh["D"].base.label)
-                    info["pre"].append((code, a, b_))
-                    info["dot_reads"] |= {a, b_}
-                    info.setdefault("whole_dots", []).append(tmp)
+                    body = self._scattered(body, s, tmp, code, [str(sh["K"].base.label), str(sh["D"].base.label)],
+                                           info, loop_vars)
                     continue
                 m = self.match_dot(s, loop_vars)
                 bm = self.match_batched(s, loop_vars) if m is None else None
