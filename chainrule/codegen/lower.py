@@ -1603,9 +1603,11 @@ class Lowerer:
         return out
     def lower_units(self, units) -> list[Kernel]:
         """Lower a schedule (equations and time loops, ``derive.recurrence.schedule``): consecutive
-        equations as ``lower`` does, each time loop as one loop over t."""
+        equations as ``lower`` does, each time loop as one loop over t. A backward loop's gate
+        adjoints are named first (``step_operands``): computed once per step, not once per reader."""
+        from .step_operands import share_step_operands
         kernels, run = [], []
-        for u in units:
+        for u in share_step_operands(units, self):
             if isinstance(u, TimeLoop):
                 kernels += self.lower(run)
                 run = []
