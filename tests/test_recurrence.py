@@ -183,7 +183,8 @@ def test_kernels_loop_over_time_and_match_numpy_and_finite_differences(compiled_
     src = cm.source
     # one loop over t each way, the per-step contractions on BLAS, never an unrolled copy
     assert "for t1 in range(5):" in src and "in range(5 - 1, -1, -1):" in src
-    assert "np.dot(t4_H_sm1" in src and "t4_H[:, t1 - 1" in src and "t4_H[:, 3" not in src
+    # the state at t - 1 is the step before's result, carried (no copy out of the sequence)
+    assert "np.dot(t4_H_sm1" in src and "t4_H_sm1 = t4_H_now" in src and "t4_H[:, 3" not in src
     assert "# time loop, backward in time (backpropagation through time): d_H" in src
     rng = np.random.default_rng(3)
     params = cm.init_params(seed=1)
@@ -222,7 +223,11 @@ def test_a_time_loop_keeps_only_what_needs_the_previous_step():
     assert "    # hoisted2[b,t,o] = Σ_i[W1[o, i]*x[b, t, i]] + b1[o]" in before_fwd
     assert sum("np.dot(" in ln for ln in forward) == 1 and "np.dot(t4_h1_sm1, t2_U1.T)" in "\n".join(forward)
     assert any("_tanh(" in ln for ln in forward) and not any("math.tanh" in ln for ln in forward)
-    assert before_bwd[-1].strip().startswith("hoisted") and "= np.dot(t14_d_z2, t7_W2)" in before_bwd[-1]
+    assert any(ln.strip().startswith("hoisted") and "= np.dot(t14_d_z2, t7_W2)" in ln for ln in before_bwd[-3:])
+    # δ at t + 1 is the step before's result, carried: zeros before the first step, no copy in the loop
+    assert before_bwd[-1].strip() == "t15_d_z1_sp1 = np.zeros((n_batch, 5), dtype=DT)"
+    assert "t15_d_z1_sp1 = t15_d_z1_now  # d_z1 at this step, read by the next one" in "\n".join(backward)
+    assert not any("ascontiguousarray" in ln for ln in backward)
     assert sum("np.dot(" in ln for ln in backward) == 1 and "t2_U1)" in "\n".join(backward)
     # the weight gradients: GEMMs after the backward loop, over the stored δ of every step; d_W1 one
     # product with x read in place, not a product per batch element, oriented so that it lands in
