@@ -7,12 +7,15 @@ dozen sequences; measured on the benchmark LSTM (batch 32, 32 steps, 64 units, f
 calls were about half of the backward time loop (2.3 of 4.7 ms), while storing ``tanh(c)`` in the
 forward step costs one store per element.
 
+The GRU's is a contraction: its candidate reads ``r ⊙ (Σ_j Un[o, j] h[b, t-1, j] + b_hn)``, and
+the derived ``d_r`` reads the same sum again, one more matrix product per backward step.
+
 What. ``keep_forward_values`` rewrites the forward and backward units of a recurrent model: a
-scalar function (``tanh``, σ, ``exp``, ...) of one read of a sequence that a forward time loop
-computes, which the backward pass evaluates and the forward loop evaluates too at the step's own
-point (``tanh(c[b, t, k])`` in ``h``'s equation), becomes a sequence of that loop, ``K[b, t, k] =
-tanh(c[b, t, k])``, computed right after ``c`` in the same fused pass; the forward equation and
-every backward equation read ``K`` instead of calling the function. Values are unchanged (the
+value the backward pass evaluates, a scalar function (``tanh``, σ, ``exp``, ...) of one read of a
+sequence a forward time loop computes, or a sum reading one, which a forward equation of that
+loop evaluates too at its own point (``tanh(c[b, t, k])`` in ``h``'s equation), becomes a sequence
+of that loop, ``K[b, t, k] = tanh(c[b, t, k])``, computed just before that equation in the same
+step; the forward equation and every backward equation read ``K`` instead of evaluating it. Values are unchanged (the
 same function of the same number, evaluated once), and each generated statement still cites the
 equation it comes from (``K``'s own equation says what it keeps).
 """
@@ -29,82 +32,85 @@ def keep_forward_values(forward_units, backward_units, lowerer):
     owner = {name: loop for loop in forward_units if isinstance(loop, TimeLoop) for name in loop.names}
     if not owner:
         return forward_units, backward_units
-    kept = {}                                  # (function, tensor name) -> the kept tensor
+    kept = {}                       # key -> (loop, forward equation, its expression, kept tensor)
     for eq in flatten(backward_units):
-        for call in _calls(eq.body, owner):
-            key = _key(call)
-            if key not in kept and _computed_forward(call, owner[key[1]]):
-                kept[key] = None
+        for expr in _candidates(eq.body, owner):
+            key, _ = lowerer._reduction_key(expr, eq)
+            if key is not None and key not in kept:
+                site = _forward_site(expr, key, owner, lowerer)
+                if site is not None:
+                    kept[key] = site + (_kept_tensor(site, lowerer),)
     if not kept:
         return forward_units, backward_units
-    forward = [_keep_in_loop(u, kept, lowerer) if isinstance(u, TimeLoop) else u for u in forward_units]
-    backward = [_read_kept_loop(u, kept) if isinstance(u, TimeLoop) else _read_kept(u, kept)
-                for u in backward_units]
+    forward = [_keep_in_loop(u, kept) if isinstance(u, TimeLoop) else u for u in forward_units]
+    backward = [TimeLoop([_read_kept(e, kept, lowerer) for e in u.equations], u.direction, dict(u.time_axes))
+                if isinstance(u, TimeLoop) else _read_kept(u, kept, lowerer) for u in backward_units]
     return forward, backward
 
 
-def _calls(body, owner):
-    """The calls ``f(X[..])`` in ``body`` of a scalar function of one read of a loop's sequence."""
+def _candidates(body, owner):
+    """The values in ``body`` worth keeping: calls ``f(X[..])`` of a scalar function of one read,
+    and sums, that read a sequence of a forward loop."""
     out = []
     for e in sp.preorder_traversal(sp.sympify(body)):
-        if not isinstance(e, sp.Function) or isinstance(e, (Delayed, sp.Piecewise)) or len(e.args) != 1:
-            continue
-        arg = e.args[0]
-        if isinstance(arg, sp.Indexed) and str(arg.base.label) in owner:
-            out.append(e)
+        if isinstance(e, sp.Sum) or (isinstance(e, sp.Function) and not isinstance(e, (Delayed, sp.Piecewise))
+                                     and len(e.args) == 1 and isinstance(e.args[0], sp.Indexed)):
+            if any(str(r.base.label) in owner for r in e.atoms(sp.Indexed)):
+                out.append(e)
     return out
 
 
-def _key(call):
-    return call.func, str(call.args[0].base.label)
+def _forward_site(expr, key, owner, lowerer):
+    """(loop, equation, expression) where a forward loop's equation evaluates the value of ``key``
+    over all of its own indices; None when none does."""
+    loops = {id(owner[str(r.base.label)]): owner[str(r.base.label)]
+             for r in expr.atoms(sp.Indexed) if str(r.base.label) in owner}
+    for loop in loops.values():
+        for eq in loop.equations:
+            for e in _candidates(eq.body, owner):
+                k, free = lowerer._reduction_key(e, eq)
+                if k == key and list(free) == list(eq.indices):
+                    return loop, eq, e
+    return None
 
 
-def _computed_forward(call, loop) -> bool:
-    """The loop evaluates the same function of the same tensor at some equation's own point."""
-    name = str(call.args[0].base.label)
-    for eq in loop.equations:
-        for e in _calls(eq.body, {name}):
-            if e.func == call.func and tuple(e.args[0].indices) == tuple(eq.indices):
-                return True
-    return False
+def _kept_tensor(site, lowerer) -> Tensor:
+    loop, eq, _ = site
+    name = lowerer.fresh("kept")
+    axis = loop.time_axes[eq.out.name]
+    t = Tensor(name, eq.out.shape, role="hidden", layer=eq.layer, meta={"time_axis": axis})
+    lowerer.tensors[name], lowerer.names[name] = t, name
+    return t
 
 
-def _keep_in_loop(loop: TimeLoop, kept, lowerer) -> TimeLoop:
-    """``loop`` with a sequence for each kept value of its tensors, defined right after the
-    tensor's own equation, and its equations reading it."""
-    mine = {k for k in kept if k[1] in loop.names}
+def _keep_in_loop(loop: TimeLoop, kept) -> TimeLoop:
+    """``loop`` with each kept value of its equations a sequence, defined just before the
+    equation that evaluates it (which then reads it)."""
+    mine = [(eq, expr, t) for lp, eq, expr, t in kept.values() if lp is loop]
     if not mine:
         return loop
     equations, axes = [], dict(loop.time_axes)
-    by_name = {e.out.name: e for e in loop.equations}
-    for func, name in sorted(mine, key=lambda k: (k[1], str(k[0]))):
-        src = by_name[name]
-        t = src.out
-        k_name = lowerer.fresh("kept")
-        k_t = Tensor(k_name, t.shape, role="hidden", layer=t.layer, meta={"time_axis": loop.time_axes[name]})
-        lowerer.tensors[k_name], lowerer.names[k_name] = k_t, k_name
-        kept[(func, name)] = k_t
-        axes[k_name] = loop.time_axes[name]
     for eq in loop.equations:
-        equations.append(_read_kept(eq, kept))
-        for (func, name), k_t in kept.items():
-            if name == eq.out.name and k_t is not None:
-                equations.append(Equation(k_t, eq.indices, func(eq.out[tuple(eq.indices)]), layer=eq.layer,
-                                          note=f"{func.__name__}({name}), kept by the forward step for "
-                                               f"the backward pass"))
+        replace = {}
+        for site_eq, expr, t in mine:
+            if site_eq is eq:
+                equations.append(Equation(t, eq.indices, expr, layer=eq.layer,
+                                          note=f"evaluated by {eq.out.name}'s step and kept for the backward pass"))
+                axes[t.name] = loop.time_axes[eq.out.name]
+                replace[expr] = t[tuple(eq.indices)]
+        body = sp.sympify(eq.body).xreplace(replace)
+        equations.append(eq if not replace else Equation(eq.out, eq.indices, body, layer=eq.layer, note=eq.note))
     return TimeLoop(equations, loop.direction, axes)
 
 
-def _read_kept(eq: Equation, kept) -> Equation:
-    """``eq`` reading the kept sequences instead of calling their functions."""
-    def is_kept(e):
-        return isinstance(e, sp.Function) and len(e.args) == 1 and isinstance(e.args[0], sp.Indexed) \
-            and kept.get(_key(e)) is not None
-
+def _read_kept(eq: Equation, kept, lowerer) -> Equation:
+    """``eq`` reading the kept sequences instead of evaluating their values."""
+    replace = {}
     body = sp.sympify(eq.body)
-    new = body.replace(is_kept, lambda e: kept[_key(e)][tuple(e.args[0].indices)])
-    return eq if new == body else Equation(eq.out, eq.indices, new, layer=eq.layer, note=eq.note)
-
-
-def _read_kept_loop(loop: TimeLoop, kept) -> TimeLoop:
-    return TimeLoop([_read_kept(e, kept) for e in loop.equations], loop.direction, dict(loop.time_axes))
+    for e in sp.preorder_traversal(body):
+        if isinstance(e, sp.Sum) or isinstance(e, sp.Function):
+            key, free = lowerer._reduction_key(e, eq)
+            if key in kept and e not in replace:
+                replace[e] = kept[key][3][tuple(free)]
+    return eq if not replace else Equation(eq.out, eq.indices, body.xreplace(replace), layer=eq.layer,
+                                           note=eq.note)
