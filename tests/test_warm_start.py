@@ -115,3 +115,37 @@ def test_unknown_spec_by_name_is_the_same_error(tmp_path):
     from chainrule.derive import SpecError
     with pytest.raises(SpecError, match="unknown"):
         compile_model("no-such-model", cache_dir=tmp_path)
+
+
+_BLAS_CHILD = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from numba import njit
+    from chainrule.codegen.blas import kernel_blas, load_kernel_blas
+    blas = load_kernel_blas()
+    package_loaded = "scipy.linalg" in sys.modules
+    found = len(kernel_blas())
+
+    @njit
+    def product(a, b):
+        return np.dot(a, b)
+    a = np.arange(12.0).reshape(3, 4)
+    b = np.arange(20.0).reshape(4, 5)
+    same = bool(np.array_equal(product(a, b), a @ b))
+    import scipy.linalg                          # the whole package, later, as any caller may
+    from scipy.linalg import cython_blas
+    print(json.dumps({"package_loaded_first": package_loaded, "found": found, "same": same,
+                      "bound": scipy.linalg.cython_blas is blas and cython_blas is blas,
+                      "solve": float(scipy.linalg.solve(np.eye(3) * 2.0, np.ones(3))[0])}))
+""")
+
+
+def test_kernel_blas_loads_without_scipy_linalg_and_binds_it_later():
+    """The kernels' BLAS is loaded without importing scipy.linalg; Numba's np.dot computes with
+    it; a later `import scipy.linalg` works and its cython_blas is the module already loaded."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", _BLAS_CHILD], env=env, check=True, capture_output=True,
+                         text=True, timeout=300)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r.pop("found") >= 1                  # threadpoolctl sees the library it is in
+    assert r == {"package_loaded_first": False, "same": True, "bound": True, "solve": 0.5}

@@ -41,6 +41,7 @@ not stop anything: the module is compiled in memory, without Numba's on-disk cac
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import importlib.util
 import linecache
@@ -210,6 +211,7 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
 def _chainrule_version() -> str:
     try:
         from importlib.metadata import version

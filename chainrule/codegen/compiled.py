@@ -336,10 +336,12 @@ class CompiledModel:
         Done only for a module just generated into a writable cache, when a core is idle;
         returns whether a worker was started. ``worker``: one already warming up
         (``compile_model(..., background=)``), given these kernels (or stopped when unusable)."""
-        from . import background
         usable = not (self.in_memory or self.cache_hit or self._background is not None) \
             and all(hasattr(getattr(self.module, k), "compile") for k in kernels)
         # (a split module's drivers are Python: their kernels compile on first use)
+        if not usable and worker is None:      # (a warm start: nothing to compile, nothing imported)
+            return False
+        from . import background
         if not usable or (worker is None and not background.idle_core()):
             if worker is not None:
                 worker.stop()

@@ -61,8 +61,10 @@ def run_demo(out_dir="chainrule-demo", epochs=None, progress=True, quick=False, 
 
     x, y = load_digits(dtype=dtype)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, seed=0)
+    # no per-epoch gradient norms (fit's diagnostics): the demo plots none, and they would load
+    # (or on a cold start compile) loss_and_grads and run it every epoch
     history = net.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, lr=lr,
-                      progress=progress, seed=seed)
+                      progress=progress, seed=seed, diagnostics=False)
     t_trained = time.perf_counter()
     result = net.evaluate(x_test, y_test)
     t_end = time.perf_counter()

@@ -819,6 +819,14 @@ class Network:
             else:
                 xe, ye = xs, ys
             total = 0.0
+            # The minibatch loop stays in Python, one train_step call per step. Measured on the demo
+            # at batch 32 (2-core machine, load 3.4, CPU clock): the kernel takes 55 µs per step and
+            # the loop with its wrapper 67 µs, so an epoch compiled as one njit function could save
+            # about 12 µs per step (27 ms of a warm `chainrule demo`'s 2250 steps). It would not pay:
+            # every per-step callback (the progress bar is on by default, schedules, divergence
+            # checks that stop at the failing step) needs Python between the steps anyway, and a
+            # function that calls train_step inside Numba links and optimises train_step's code again,
+            # seconds of compilation on a cold start for milliseconds saved.
             for step in range(steps):
                 lo = step * batch_size
                 xb, yb = xe[lo:lo + batch_size], ye[lo:lo + batch_size]
