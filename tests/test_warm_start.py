@@ -90,7 +90,8 @@ def test_description_of_a_batch_norm_counts_values_per_example():
     assert "batchnorm" in layer and per_example == 4 * 4        # B × H × W values per channel
 
 
-def test_second_compile_by_name_builds_no_model_and_damage_is_rebuilt(kernel_cache_dir):
+def test_second_compile_by_name_builds_no_model_and_damage_is_rebuilt(tmp_path):
+    kernel_cache_dir = tmp_path         # private: the test damages a description in it
     first = compile_model("perceptron", cache_dir=kernel_cache_dir)
     second = compile_model("perceptron", cache_dir=kernel_cache_dir)
     assert second._model is None and second.cache_hit
