@@ -44,6 +44,8 @@ class Optimizer:
 
     @property
     def lr(self):
+        if self._lr is None:     # a declared rule's default rate, read when first needed
+            self._lr = float(self.rule_data.defaults["eta"])
         return self._lr
 
     @lr.setter
@@ -91,7 +93,7 @@ class DeclaredOptimizer(Optimizer):
         self.fused = bool(fused)
         self._rule_data = None
         owner = type(self).__name__
-        if hyper or lr is None:            # the declaration's defaults and names are needed now
+        if hyper:                          # the declaration's names are needed now
             data = self.rule_data
             for k, v in hyper.items():
                 name = data.keywords.get(k)
@@ -106,7 +108,11 @@ class DeclaredOptimizer(Optimizer):
                                          owner=owner)
         if "eps" in self.hyper and self.hyper["eps"] <= 0:
             raise ValueError(f"{owner}: eps must be > 0, got {hyper['eps']!r}")
-        super().__init__(self.rule_data.defaults["eta"] if lr is None else lr)
+        super().__init__(0.0 if lr is None else lr)
+        if lr is None:
+            # the rule's declared default, looked up on first use: by then a network has usually
+            # bound the rule's data from its cached description (no SymPy on a warm start)
+            self._lr = None
         self.clipnorm = None if clipnorm is None else check_number("clipnorm", clipnorm, low=0,
                                                                    low_open=True, owner=owner)
         self.name = self.rule if isinstance(self.rule, str) else self.rule_data.name
