@@ -246,7 +246,19 @@ def recipe_key(recipe: str, dtype: str, extra: str = "") -> str:
     import numba
     import numpy
     return _hash(["chainrule-description-v1", recipe, dtype, extra, _chainrule_version(), numba.__version__,
-                  numpy.__version__, _codegen_fingerprint(), _derive_fingerprint()])
+                  numpy.__version__, _sympy_release(), _codegen_fingerprint(), _derive_fingerprint()])
+
+
+def _sympy_release() -> str:
+    """SymPy's version file, read without importing SymPy (which builds the model a recipe names)."""
+    import importlib.util
+    spec = importlib.util.find_spec("sympy")
+    if spec is None or not spec.origin:
+        return "no sympy"
+    try:
+        return Path(spec.origin).with_name("release.py").read_text()
+    except OSError:
+        return "sympy " + spec.origin
 
 
 def _description_path(cache_dir: Path, key: str) -> Path:
