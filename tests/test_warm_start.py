@@ -150,3 +150,25 @@ def test_kernel_blas_loads_without_scipy_linalg_and_binds_it_later():
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r.pop("found") >= 1                  # threadpoolctl sees the library it is in
     assert r == {"package_loaded_first": False, "same": True, "bound": True, "solve": 0.5}
+
+
+def test_shape_errors_from_a_description_are_those_of_the_model(kernel_cache_dir):
+    """A module loaded through its cached description words a wrong shape exactly as one compiled
+    from the symbolic model (the layer that reads it, the declared size, the parameter it shapes),
+    without building the model to do so."""
+    from chainrule.derive import ShapeError, build_model
+    symbolic = compile_model(build_model("demo"), cache_dir=kernel_cache_dir)
+    compile_model("demo", cache_dir=kernel_cache_dir)            # describes it (if not yet)
+    by_name = compile_model("demo", cache_dir=kernel_cache_dir)
+    assert by_name._model is None
+    params = symbolic.init_params(0)
+    messages = []
+    for cm in (symbolic, by_name):
+        with pytest.raises(ShapeError) as err:
+            cm.predict(params, np.zeros((3, 65)))
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+    assert messages[1] == ("input x has shape (3, 65), expected (B, 64) (read by layer 1:dense(128)); axis 1 is "
+                           "the size n_0 = 64 the model was declared with, which also shapes parameter W1 "
+                           "(128, 64) of layer 1:dense(128): declare the model with n_0 = 65")
+    assert by_name._model is None

@@ -228,12 +228,13 @@ def _hash(parts) -> str:
     return h.hexdigest()
 
 
-def cache_key(model, dtype: str, extra: str = "") -> str:
-    """``extra``: what else shapes the module (the optimiser whose update train_step fuses)."""
+def cache_key(model, dtype: str, extra: str = "", fingerprint: str | None = None) -> str:
+    """``extra``: what else shapes the module (the optimiser whose update train_step fuses);
+    ``fingerprint``: the model's :func:`model_fingerprint`, when the caller has it already."""
     import numba
     import numpy
     return _hash(["chainrule-kernel-v2", dtype, _chainrule_version(), numba.__version__, numpy.__version__,
-                  _codegen_fingerprint(), model_fingerprint(model), extra])
+                  _codegen_fingerprint(), fingerprint or model_fingerprint(model), extra])
 
 
 # -- model descriptions -----------------------------------------------------------------------------

@@ -524,9 +524,11 @@ class CompiledModel:
                                 self.workspace(xy[0].shape[0]), rows=_rows(xy)))
 
 
-def module_key(model, dtype="float64", optimizer="sgd", input_grads=False, split=None) -> str:
+def module_key(model, dtype="float64", optimizer="sgd", input_grads=False, split=None,
+               fingerprint=None) -> str:
     """The cache key of a model's module: the model, the dtype, the fused optimiser's rule,
-    whether it generates the input gradients and a forced module layout (``split``)."""
+    whether it generates the input gradients and a forced module layout (``split``)
+    (``fingerprint``: the model's, when the caller has it)."""
     import sympy as sp
 
     from ..derive.optimizers import RULES, get_rule
@@ -534,7 +536,8 @@ def module_key(model, dtype="float64", optimizer="sgd", input_grads=False, split
     # the default (SGD) keeps the plain key; any other rule's declaration is part of it
     extra = "" if rule is RULES["sgd"] else rule.name + "".join(t + sp.srepr(b) for t, b in rule.assignments)
     layout = "" if split is None else ("+split" if split else "+fused")
-    return cache_key(model, check_dtype(dtype), extra + ("+input_grads" if input_grads else "") + layout)
+    return cache_key(model, check_dtype(dtype), extra + ("+input_grads" if input_grads else "") + layout,
+                     fingerprint=fingerprint)
 
 
 def is_cached(model, dtype="float64", optimizer="sgd", cache_dir=None) -> bool:
@@ -615,11 +618,13 @@ def _compile_model(model, dtype, cache_dir, optimizer, input_grads, split, backg
                    recipe=None) -> CompiledModel:
     """``compile_model`` of a symbolic model (``recipe``: the name it was built from, if any)."""
     from ..derive.optimizers import get_rule
+    from .cache import model_fingerprint
     rule = get_rule(optimizer)
-    key = module_key(model, dtype, rule, input_grads, split)
+    fingerprint = model_fingerprint(model)      # (a tenth of a second for a GPT: computed once)
+    key = module_key(model, dtype, rule, input_grads, split, fingerprint=fingerprint)
     renderer = _Renderer(lambda: model, dtype, rule, input_grads, split, background)
-    return _load(lambda: ModelDescription.of(model, rule, dtype, input_grads, key, recipe), key, renderer,
-                 cache_dir, background, model=model)
+    return _load(lambda: ModelDescription.of(model, rule, dtype, input_grads, key, recipe, fingerprint),
+                 key, renderer, cache_dir, background, model=model)
 
 
 def _compile_recipe(recipe, dtype, cache_dir, optimizer, input_grads, split, background) -> CompiledModel:

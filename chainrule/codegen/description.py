@@ -76,7 +76,8 @@ class ModelDescription:
 
     # -- from the symbolic model ----------------------------------------------------------------
     @classmethod
-    def of(cls, model, rule, dtype, input_grads, module_key, recipe=None) -> "ModelDescription":
+    def of(cls, model, rule, dtype, input_grads, module_key, recipe=None, fingerprint=None) -> "ModelDescription":
+        """``fingerprint``: the model's ``cache.model_fingerprint``, when the caller has it."""
         from ..derive.layers import B
         from .cache import model_fingerprint
         from .facts import declared_facts
@@ -90,7 +91,8 @@ class ModelDescription:
                     readers.setdefault(name, eq.layer)
         loss = model.loss
         return cls(
-            name=model.name, recipe=recipe, fingerprint=model_fingerprint(model), module_key=module_key,
+            name=model.name, recipe=recipe, fingerprint=fingerprint or model_fingerprint(model),
+            module_key=module_key,
             dtype=dtype, input_grads=bool(input_grads), rule=RuleData.of(rule),
             params=[[p.name, list(model.concrete_shape(p)), p.init, p.layer or ""] for p in model.params],
             buffers=[[t.name, list(model.concrete_shape(t)), t.init] for t in model.buffers],
