@@ -14,6 +14,14 @@ DEMO_BATCH = 32
 
 
 def _write_text(path, text):
+    """Write ``text`` atomically, unless the file already holds exactly it (a second run writes
+    the same derivation and code: reading is cheaper than a write and its fsync)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return
+    except (OSError, UnicodeDecodeError):
+        pass
     atomic_write_text(path, text)
 
 
