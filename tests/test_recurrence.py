@@ -1,5 +1,7 @@
 """Recurrences over time: declared the natural way, derived with a symbolic T into the BPTT recursion,
 verified exactly at several sizes (T included), and refused clearly where they are not causal."""
+import re
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -304,3 +306,45 @@ def test_the_bptt_recursion_in_matrix_form_with_shapes():
                 np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
                 compared += want.size
     assert compared > 100
+
+
+def _lstm_and_gru_sources():
+    from chainrule.codegen.render import render_module
+    from chainrule.derive import build_model
+    out = {}
+    for cell in ("lstm", "gru"):
+        src = render_module(build_model(f"seq(5, 3) -> {cell}(4) -> dense(2) -> softmax_cross_entropy"), "float64")
+        out[cell] = src[src.index("def loss_and_grads"):src.index("def train_step")]
+    return out
+
+
+def test_gate_adjoints_and_forward_values_are_computed_once():
+    """The LSTM's gate products (1 - f) f d_f are computed once per backward step, as sequences
+    the next step's np.dot and the weight and bias gradients read (codegen/step_operands.py);
+    tanh(c) is computed once, by the forward step (codegen/forward_values.py); the GRU's
+    U_n h(t-1) is kept by the forward step, so the backward step has no product with h; and no
+    time step copies a slice of the sequence at its own time."""
+    srcs = _lstm_and_gru_sources()
+    lstm = srcs["lstm"]
+    code = [ln.strip() for ln in lstm.splitlines() if not ln.strip().startswith("#")]
+    (_, forward), (_, backward) = _time_loops(lstm)
+    # each gate's product, in the code (not the comments): once, inside the backward loop
+    for gate in ("t6_i1", "t10_f1", "t18_o1"):
+        product = [ln for ln in code if f"(1 - {gate}[" in ln]
+        assert len(product) == 1 and product[0].startswith("step_operand"), product
+        assert any(product[0] in ln for ln in backward)
+    assert len([ln for ln in code if "(1 - t14_g1[" in ln and "**2" in ln]) == 1
+    # the next step's contractions and the gradients read the kept sequences
+    assert sum("np.dot(step_operand" in ln and "_sp1, " in ln for ln in backward) == 4
+    assert sum(ln.startswith("gemm") and "np.dot(step_operand" in ln for ln in code) == 8   # d_U, d_W
+    # tanh: twice per forward step (g and tanh(c), kept), never in the backward step
+    assert sum("_tanh(" in ln for ln in code) == 2 and sum("_tanh(" in ln for ln in forward) == 2
+    assert any(ln.strip().startswith("kept") and "= _tanh(t2_c1_now[i0, i1])" in ln for ln in forward)
+    # no copy of a slice at the step's own time; the state at t-1 carried, not copied
+    assert not any("ascontiguousarray" in ln for ln in forward)
+    assert "t1_h1_sm1 = t1_h1_now  # h1 at this step, read by the next one" in "\n".join(forward)
+    gru = srcs["gru"]
+    (_, g_forward), (_, g_backward) = _time_loops(gru)
+    assert "kept1_now = np.dot(t1_h1_sm1, t11_Un1.T)" in "\n".join(g_forward)
+    assert not any("np.dot(t1_h1_sm1" in ln for ln in g_backward)
+    assert any(re.search(r"\(t13_bhn1\[i1\] \+ kept1\[i0, t\d+, i1\]\)", ln) for ln in g_backward)
