@@ -1304,7 +1304,10 @@ class Lowerer:
             lines.append(f"{acc} = -np.inf")
             update = [f"{acc}_v = {value}", f"if {acc}_v > {acc}:", f"{IND}{acc} = {acc}_v"]
         else:
-            lines.append(f"{acc} = 0.0")
+            # in the module's dtype, as the log-sum-exp above: a float32 module sums in float32 (as
+            # PyTorch does), which LLVM vectorises 8 lanes wide; a float64 accumulator converted
+            # every term (a layer norm's row means: 0.039 -> 0.021 ms at 1024 rows of 64)
+            lines.append(f"{acc} = {'DT(0)' if self.value_cast else '0.0'}")
             update = [f"{acc} += {value}"]
         # the pre-lines of each intermediate block go inside the matching loop
         nested: list[str] = []
