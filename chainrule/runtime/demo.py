@@ -14,6 +14,14 @@ DEMO_BATCH = 32
 
 
 def _write_text(path, text):
+    """Write ``text`` atomically, unless the file already holds exactly it (a second run writes
+    the same derivation and code: reading is cheaper than a write and its fsync)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return
+    except (OSError, UnicodeDecodeError):
+        pass
     atomic_write_text(path, text)
 
 
@@ -26,7 +34,6 @@ def run_demo(out_dir="chainrule-demo", epochs=None, progress=True, quick=False, 
     """
     from chainrule.codegen import compile_model
     from chainrule.codegen.cache import cached_text
-    from chainrule.derive import build_model
 
     from .data import load_digits, train_test_split
     from .model import Network
@@ -36,32 +43,36 @@ def run_demo(out_dir="chainrule-demo", epochs=None, progress=True, quick=False, 
     t_start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
 
-    model = build_model("demo")
-    # on a cold start (the module generated now) a worker compiles train_step, the longest
+    # compiled by name: a warm start reads the model's description from the cache and never builds
+    # the symbolic model (nor imports SymPy); a cold one builds and derives it (``cm.model``).
+    # On a cold start (the module generated now) a worker compiles train_step, the longest
     # compilation: it starts while this process renders the module (warming Numba up), and goes
     # on while this process explains the derivation, reads the data and compiles forward (see
     # Network.fit); on a warm start the kernels load from the cache and no worker starts
-    cm = compile_model(model, dtype=dtype, background=["train_step"])
+    cm = compile_model("demo", dtype=dtype, background=["train_step"])
     code_path = os.path.join(out_dir, "demo_model.py")
     _write_text(code_path, cm.source)
-    net = Network(model, dtype=dtype, seed=seed, compiled=cm)
+    net = Network("demo", dtype=dtype, seed=seed, compiled=cm)
     t_generated = time.perf_counter()
 
     def derivation():
         # imported here: a second run reads the document from the cache and never needs the
         # explanation's modules
         from chainrule.derive import explain_model
-        return explain_model(model).to_markdown()
-    # derived once: a second run reads the document from the cache, keyed like the kernels
-    text = cached_text(model, "derivation.md", derivation)
+        return explain_model(cm.model).to_markdown()
+    # derived once: a second run reads the document from the cache, keyed like the kernels (by the
+    # model's fingerprint, which the description keeps)
+    text = cached_text(cm.description.fingerprint, "derivation.md", derivation)
     derivation_path = os.path.join(out_dir, "derivation.md")
     _write_text(derivation_path, text)
     t_explained = time.perf_counter()
 
     x, y = load_digits(dtype=dtype)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, seed=0)
+    # no per-epoch gradient norms (fit's diagnostics): the demo plots none, and they would load
+    # (or on a cold start compile) loss_and_grads and run it every epoch
     history = net.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, lr=lr,
-                      progress=progress, seed=seed)
+                      progress=progress, seed=seed, diagnostics=False)
     t_trained = time.perf_counter()
     result = net.evaluate(x_test, y_test)
     t_end = time.perf_counter()
