@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sympy as sp
 
+from ..derive.layers import B as BATCH
 from ..derive.recurrence import Delayed, TimeLoop, flatten
 from ..derive.tensor import Equation, Tensor
 
@@ -35,7 +36,7 @@ def keep_forward_values(forward_units, backward_units, lowerer):
     kept = {}                       # key -> (loop, forward equation, its expression, kept tensor)
     for eq in flatten(backward_units):
         for expr in _candidates(eq.body, owner):
-            key, _ = lowerer._reduction_key(expr, eq)
+            key, _ = _value_key(expr, eq, lowerer)
             if key is not None and key not in kept:
                 site = _forward_site(expr, key, owner, lowerer)
                 if site is not None:
@@ -60,6 +61,25 @@ def _candidates(body, owner):
     return out
 
 
+def _value_key(expr, eq, lowerer):
+    """(a key equal for two values that compute the same thing: their summed indices renamed in
+    order, their free indices by position among ``eq``'s indices, with the extents; those free
+    indices), or (None, None) when ``expr`` reads an index that ``eq``'s indices do not give (one
+    bound by a sum around it)."""
+    free = [i for i in eq.indices if i in expr.free_symbols]
+    ints = {x for x in expr.free_symbols if isinstance(x, sp.Symbol) and x.is_integer} - set(lowerer.sizes) - {BATCH}
+    bound = []
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Sum):
+            bound += [v for v, _, _ in node.limits if v not in bound]
+    if not ints - set(bound) <= set(free):
+        return None, None
+    rename = {v: sp.Symbol(f"·b{k}", integer=True) for k, v in enumerate(bound)}
+    rename.update({v: sp.Symbol(f"·f{k}", integer=True) for k, v in enumerate(free)})
+    extents = tuple(sp.srepr(eq.out.shape[list(eq.indices).index(i)]) for i in free)
+    return (sp.srepr(expr.xreplace(rename)), extents), free
+
+
 def _forward_site(expr, key, owner, lowerer):
     """(loop, equation, expression) where a forward loop's equation evaluates the value of ``key``
     over all of its own indices; None when none does."""
@@ -68,7 +88,7 @@ def _forward_site(expr, key, owner, lowerer):
     for loop in loops.values():
         for eq in loop.equations:
             for e in _candidates(eq.body, owner):
-                k, free = lowerer._reduction_key(e, eq)
+                k, free = _value_key(e, eq, lowerer)
                 if k == key and list(free) == list(eq.indices):
                     return loop, eq, e
     return None
@@ -109,7 +129,7 @@ def _read_kept(eq: Equation, kept, lowerer) -> Equation:
     body = sp.sympify(eq.body)
     for e in sp.preorder_traversal(body):
         if isinstance(e, sp.Sum) or isinstance(e, sp.Function):
-            key, free = lowerer._reduction_key(e, eq)
+            key, free = _value_key(e, eq, lowerer)
             if key in kept and e not in replace:
                 replace[e] = kept[key][3][tuple(free)]
     return eq if not replace else Equation(eq.out, eq.indices, body.xreplace(replace), layer=eq.layer,
