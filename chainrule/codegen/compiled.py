@@ -543,7 +543,7 @@ def is_cached(model, dtype="float64", optimizer="sgd", cache_dir=None) -> bool:
 
 
 def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
-                  input_grads=False, split=None, background=()) -> CompiledModel:
+                  input_grads=False, split=None, background=(), worker=None) -> CompiledModel:
     """Generate (or load from the cache) the kernels of ``model`` in ``dtype``, with the update of
     ``optimizer`` (a name or an ``UpdateRule``) fused into ``train_step``.
 
@@ -561,12 +561,17 @@ def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
     ``background``: kernels (names, e.g. ``["train_step"]``) to compile in a worker process when
     the module is generated now (a cold start) and a core is idle: the worker starts before the
     module is rendered and warms Numba up meanwhile (:mod:`chainrule.codegen.background`); the
-    first call of one of them waits for it and loads its code from the cache."""
+    first call of one of them waits for it and loads its code from the cache. ``worker``: one the
+    caller started warming up earlier still (``BackgroundCompile.warming_up``: the demo starts it
+    before deriving, so that its start-up and warm-up are over when the module exists); it is
+    given ``background`` when the module is generated now, and stopped otherwise."""
     from ..derive.optimizers import get_rule
     dtype = check_dtype(dtype)
     rule = get_rule(optimizer)
     key = module_key(model, dtype, rule, input_grads, split)
-    worker = None
+    if worker is not None and not background:
+        worker.stop()
+        worker = None
 
     def render(cache=True):
         nonlocal worker

@@ -36,12 +36,15 @@ def run_demo(out_dir="chainrule-demo", epochs=None, progress=True, quick=False, 
     t_start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
 
-    model = build_model("demo")
     # on a cold start (the module generated now) a worker compiles train_step, the longest
-    # compilation: it starts while this process renders the module (warming Numba up), and goes
-    # on while this process explains the derivation, reads the data and compiles forward (see
-    # Network.fit); on a warm start the kernels load from the cache and no worker starts
-    cm = compile_model(model, dtype=dtype, background=["train_step"])
+    # compilation, while this process explains the derivation, reads the data and compiles forward
+    # (see Network.fit). It starts now, before the model is derived, so that its own start-up and
+    # Numba's warm-up are over by the time the module is written; on a warm start the kernels load
+    # from the cache and the worker is stopped (having cost a process start on the other core)
+    from chainrule.codegen import background
+    worker = background.BackgroundCompile.warming_up(dtype) if background.idle_core() else None
+    model = build_model("demo")
+    cm = compile_model(model, dtype=dtype, background=["train_step"], worker=worker)
     code_path = os.path.join(out_dir, "demo_model.py")
     _write_text(code_path, cm.source)
     net = Network(model, dtype=dtype, seed=seed, compiled=cm)
@@ -60,8 +63,10 @@ def run_demo(out_dir="chainrule-demo", epochs=None, progress=True, quick=False, 
 
     x, y = load_digits(dtype=dtype)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, seed=0)
+    # diagnostics off: the demo shows no gradient norms, and computing them would compile
+    # loss_and_grads too (train_step holds its own copy of the forward and backward pass)
     history = net.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, lr=lr,
-                      progress=progress, seed=seed)
+                      progress=progress, seed=seed, diagnostics=False)
     t_trained = time.perf_counter()
     result = net.evaluate(x_test, y_test)
     t_end = time.perf_counter()
