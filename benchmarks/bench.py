@@ -5,7 +5,13 @@ and JAX jit (each where installed: ``pip install -e '.[bench]'``).
 * MLP rows: the demo MLP 64-128-10 (sigmoid, softmax cross-entropy) on scikit-learn's digits at
   batch 32, 256 and 1024, and a 784-256-256-10 MLP at batch 128 (seeded random data);
 * CNN rows (the models of ``bench_cnn.py``): the digits CNN (conv 8@3x3, max-pool 2, dense 10) and
-  the 28x28 CNN (conv 16@5x5, pool, conv 32@5x5, pool, dense 10), batch 64.
+  the 28x28 CNN (conv 16@5x5, pool, conv 32@5x5, pool, dense 10), batch 64;
+* RNN rows (the models of ``bench_rnn.py``): an Elman RNN, an LSTM and a GRU of 64 units over 32
+  steps of 16 features, then dense 10 on the last state, batch 32 (PyTorch's ``nn.RNN``, ``nn.LSTM``
+  and ``nn.GRU``; JAX's ``lax.scan`` over the same cell; NumPy by hand for the Elman RNN).
+
+The GPT (an Adam step, nanoGPT's modules as the PyTorch candidate) has its own script,
+``bench_gpt.py``.
 
 Before timing, every candidate's first step from the same initial parameters is compared with
 chainrule's (the cost and every updated parameter): a candidate that disagrees is reported and not
@@ -44,7 +50,7 @@ def _parse(argv):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=25)
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    ap.add_argument("--only", choices=("mlp", "cnn"), help="run only the MLP or the CNN rows")
+    ap.add_argument("--only", choices=("mlp", "cnn", "rnn"), help="run only the MLP, CNN or RNN rows")
     ap.add_argument("--min-ms", type=float, default=3.0, help="each timing sample lasts at least this long")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: elapsed time; cpu: this process's CPU time (on a machine shared with "
@@ -65,6 +71,10 @@ sys.path.insert(0, HERE)
 from bench_cnn import MODELS as CNN_MODELS  # noqa: E402
 from bench_cnn import make_torch_step as torch_cnn_step  # noqa: E402
 from bench_cnn import numpy_step as numpy_cnn_step  # noqa: E402
+from bench_rnn import FEATURES as RNN_FEATURES  # noqa: E402
+from bench_rnn import GATES as RNN_GATES  # noqa: E402
+from bench_rnn import make_torch_step as torch_rnn_step  # noqa: E402
+from bench_rnn import numpy_step as numpy_rnn_step  # noqa: E402
 from chainrule.codegen import compile_model  # noqa: E402
 from chainrule.derive import build_model  # noqa: E402
 
@@ -72,6 +82,9 @@ LR = 0.01
 MLPS = [("demo MLP 64-128-10", "demo", 64, b) for b in (32, 256, 1024)] + [
     ("MLP 784-256-256-10", "784 -> dense(256) -> sigmoid -> dense(256) -> sigmoid -> dense(10) "
      "-> softmax_cross_entropy", 784, 128)]
+RNN_STEPS, RNN_HIDDEN, RNN_BATCH = 32, 64, 32
+RNNS = [(f"{name} seq({RNN_STEPS}, {RNN_FEATURES}) -> {cell}({RNN_HIDDEN}) -> dense(10)", cell)
+        for name, cell in (("Elman RNN", "rnn"), ("LSTM", "lstm"), ("GRU", "gru"))]
 
 
 # -- MLP candidates: parameters W1, b1, W2, b2, ... (sigmoid hidden layers, softmax cross-entropy) --
@@ -208,6 +221,56 @@ def jax_cnn_loss(jnp, jax, convs):
     return loss
 
 
+def jax_rnn_loss(jnp, jax, cell):
+    """The cell as PyTorch defines it (chainrule's declarations follow the same equations), over
+    time by ``lax.scan`` from a zero state, then dense + softmax cross-entropy on the last state."""
+    sig = jax.nn.sigmoid
+
+    def gate(p, g, x_t, h):
+        return x_t @ p[f"W{g}1"].T + p[f"b{g}1"] + h @ p[f"U{g}1"].T
+
+    def step(p):
+        def elman(h, x_t):
+            h = jnp.tanh(gate(p, "", x_t, h))
+            return h, None
+
+        def lstm(hc, x_t):
+            h, c = hc
+            i, f = sig(gate(p, "i", x_t, h)), sig(gate(p, "f", x_t, h))
+            g, o = jnp.tanh(gate(p, "g", x_t, h)), sig(gate(p, "o", x_t, h))
+            c = f * c + i * g
+            return (o * jnp.tanh(c), c), None
+
+        def gru(h, x_t):
+            r, z = sig(gate(p, "r", x_t, h)), sig(gate(p, "z", x_t, h))
+            n = jnp.tanh(x_t @ p["Wn1"].T + p["bn1"] + r * (h @ p["Un1"].T + p["bhn1"]))
+            return (1 - z) * n + z * h, None
+        return {"rnn": elman, "lstm": lstm, "gru": gru}[cell]
+
+    def loss(p, x, y):
+        h0 = jnp.zeros((x.shape[0], p["W2"].shape[1]), dtype=x.dtype)
+        carry, _ = jax.lax.scan(step(p), (h0, h0) if cell == "lstm" else h0, jnp.swapaxes(x, 0, 1))
+        h = carry[0] if cell == "lstm" else carry
+        z = h @ p["W2"].T + p["b2"]
+        return -(y * jax.nn.log_softmax(z, axis=1)).sum() / x.shape[0]
+    return loss
+
+
+def torch_rnn_params(torch_step, cell):
+    """PyTorch's RNN parameters in chainrule's names (the stacked gates split; the input bias is
+    chainrule's gate bias: after one step PyTorch's recurrent bias holds the same update again)."""
+    rnn, head = torch_step.modules
+    hidden = head.weight.shape[1]
+    out = {"W2": head.weight, "b2": head.bias}
+    for k, g in enumerate(RNN_GATES[cell] or [""]):
+        rows = slice(k * hidden, (k + 1) * hidden)
+        out[f"W{g}1"], out[f"U{g}1"] = rnn.weight_ih_l0[rows], rnn.weight_hh_l0[rows]
+        out[f"b{g}1"] = rnn.bias_ih_l0[rows]
+    if cell == "gru":
+        out["bhn1"] = rnn.bias_hh_l0[2 * hidden:]
+    return {k: v.detach().numpy() for k, v in out.items()}
+
+
 def make_jax_step(jax, loss, p):
     """A jitted step: (params, x, y) -> (cost, new params); the wrapper keeps the new params."""
     @jax.jit
@@ -249,8 +312,11 @@ def candidates(kind, cm, init, x, y, labels, convs):
     def numpy_():
         p = copy()
         fn = numpy_mlp_step if kind == "mlp" else (lambda p, x, y, lr: numpy_cnn_step(p, x, y, lr, convs))
+        if kind.startswith("rnn"):
+            fn = numpy_rnn_step
         return (lambda: fn(p, x, y, LR)), (lambda: p)
-    out["NumPy"] = numpy_
+    if kind in ("mlp", "cnn", "rnn:rnn"):         # the hand-written RNN step is the Elman cell's
+        out["NumPy"] = numpy_
     if kind == "mlp" and optional("numba"):
         run = make_numba_mlp()
 
@@ -267,6 +333,12 @@ def candidates(kind, cm, init, x, y, labels, convs):
                 tp, step = make_torch_mlp(torch, init)
                 tx, tl = torch.from_numpy(x), torch.from_numpy(labels)
                 fn = lambda: step(tx, tl)   # noqa: E731
+            elif kind.startswith("rnn"):
+                cell = kind.split(":")[1]
+                step = torch_rnn_step(torch, init, str(x.dtype), cell)
+                torch.set_num_threads(ARGS.threads)
+                tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+                return (lambda: step(tx, ty)), (lambda: torch_rnn_params(step, cell))
             else:
                 step = torch_cnn_step(torch, init, str(x.dtype), convs)
                 torch.set_num_threads(ARGS.threads)
@@ -279,7 +351,12 @@ def candidates(kind, cm, init, x, y, labels, convs):
         if x.dtype == np.float64:
             jax.config.update("jax_enable_x64", True)
         import jax.numpy as jnp
-        loss = jax_mlp_loss(jnp, jax) if kind == "mlp" else jax_cnn_loss(jnp, jax, convs)
+        if kind == "mlp":
+            loss = jax_mlp_loss(jnp, jax)
+        elif kind.startswith("rnn"):
+            loss = jax_rnn_loss(jnp, jax, kind.split(":")[1])
+        else:
+            loss = jax_cnn_loss(jnp, jax, convs)
 
         def jax_():
             run = make_jax_step(jax, loss, init)
@@ -365,6 +442,13 @@ def main():
             labels = rng.integers(0, 10, size=batch)
             y = np.eye(10, dtype=dtype)[labels]
             rows.append((label, batch, *run_workload(label, "cnn", spec, x, y, labels, dtype)))
+    if ARGS.only in (None, "rnn"):
+        for label, cell in RNNS:
+            spec = f"seq({RNN_STEPS}, {RNN_FEATURES}) -> {cell}({RNN_HIDDEN}) -> dense(10) -> softmax_cross_entropy"
+            x = rng.normal(size=(RNN_BATCH, RNN_STEPS, RNN_FEATURES)).astype(dtype)
+            labels = rng.integers(0, 10, size=RNN_BATCH)
+            y = np.eye(10, dtype=dtype)[labels]
+            rows.append((label, RNN_BATCH, *run_workload(label, f"rnn:{cell}", spec, x, y, labels, dtype)))
     report(rows, dtype)
     return rows
 

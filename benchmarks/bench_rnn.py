@@ -103,6 +103,7 @@ def make_torch_step(torch, params, dtype, cell):
         loss.backward()
         opt.step()
         return float(loss.detach())
+    step.modules = (rnn, head)
     return step
 
 

@@ -1,9 +1,18 @@
-"""Shared fixtures. Generated kernels are compiled once per test session, in a private cache dir."""
+"""Shared fixtures. Generated kernels are compiled once per test run, in a private cache dir."""
+import os
+
 import pytest
 
 
 @pytest.fixture(scope="session")
 def kernel_cache_dir(tmp_path_factory):
+    """The run's kernel cache. Under pytest-xdist every worker is its own session, so the workers
+    share one directory beside their base temps: a kernel one worker compiled, the others load
+    (the cache's files are written atomically, so two workers compiling one kernel is safe)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "kernels"
+        shared.mkdir(exist_ok=True)
+        return shared
     return tmp_path_factory.mktemp("kernels")
 
 
