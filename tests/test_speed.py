@@ -334,6 +334,18 @@ def _numba_cached(cache_dir) -> set:
     return {p.name.split(".")[1].rsplit("-", 1)[0] for p in Path(cache_dir).rglob("*.nbi")}
 
 
+def test_the_compile_worker_starts_before_sympy_or_numba_is_imported():
+    """``chainrule demo`` starts its compile worker first: importing what starts it (the
+    background module) imports neither SymPy, NumPy nor Numba, nor the rest of chainrule."""
+    import subprocess
+    import sys
+    code = ("import sys; from chainrule.codegen import background; "
+            "print(sorted(m for m in ('sympy', 'numpy', 'numba', 'chainrule.derive', 'chainrule.runtime', "
+            "'chainrule.codegen.compiled') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
 def test_a_worker_started_before_the_model_is_derived_is_used_or_stopped(tmp_path, monkeypatch):
     """The demo starts its worker before deriving the model (``compile_model(..., worker=)``):
     when the module is generated the worker compiles train_step into the cache (and no second

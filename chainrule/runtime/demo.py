@@ -18,11 +18,14 @@ def _write_text(path, text):
 
 
 def run_demo(out_dir="chainrule-demo", epochs=None, progress=True, quick=False, lr=DEMO_LR,
-             batch_size=DEMO_BATCH, seed=0, dtype="float64", stream=None) -> dict:
+             batch_size=DEMO_BATCH, seed=0, dtype="float64", stream=None, worker=False) -> dict:
     """Build the demo model (64 -> dense(128) -> sigmoid -> dense(10) -> softmax cross-entropy),
     write ``derivation.md`` and ``demo_model.py`` (the generated
     kernels) into ``out_dir``, train on scikit-learn's digits (80/20 stratified split, seed 0) and
     print the test accuracy. Returns a dict with the accuracy, timings and file paths.
+
+    ``worker``: a compile worker the caller started warming up in ``dtype`` (``chainrule demo``
+    starts it before importing this module), None for none; by default one is started here.
     """
     from chainrule.codegen import compile_model
     from chainrule.codegen.cache import cached_text
@@ -41,8 +44,9 @@ def run_demo(out_dir="chainrule-demo", epochs=None, progress=True, quick=False, 
     # (see Network.fit). It starts now, before the model is derived, so that its own start-up and
     # Numba's warm-up are over by the time the module is written; on a warm start the kernels load
     # from the cache and the worker is stopped (having cost a process start on the other core)
-    from chainrule.codegen import background
-    worker = background.BackgroundCompile.warming_up(dtype) if background.idle_core() else None
+    if worker is False:
+        from chainrule.codegen import background
+        worker = background.BackgroundCompile.warming_up(dtype) if background.idle_core() else None
     model = build_model("demo")
     cm = compile_model(model, dtype=dtype, background=["train_step"], worker=worker)
     code_path = os.path.join(out_dir, "demo_model.py")
