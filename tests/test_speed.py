@@ -469,3 +469,20 @@ def test_a_kernel_called_directly_runs_small_products_on_one_blas_thread(compile
         cm.train_step(p, np.zeros((256, 64)), np.eye(10)[np.arange(256) % 10], lr=0.1, facts_checked=True)
         cm.blas_threads = "auto"
     assert seen == [2, 2, 1, 1, 1, 2, 2, 2]
+
+
+def test_a_refused_demo_stops_the_worker_it_started(tmp_path, monkeypatch, capsys):
+    """``chainrule demo`` starts its worker before checking its arguments (the checks import
+    SymPy); when they refuse the command, the worker is stopped with it."""
+    from chainrule import cli
+    from chainrule.codegen import background
+    monkeypatch.setattr(background, "idle_core", lambda: True)
+    started = []
+    warming_up = background.BackgroundCompile.warming_up
+    monkeypatch.setattr(background.BackgroundCompile, "warming_up",
+                        classmethod(lambda cls, dtype: started.append(warming_up(dtype)) or started[-1]))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli.main(["demo", "--out", str(afile)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert len(started) == 1 and started[0]._proc.poll() is not None
