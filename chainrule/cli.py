@@ -18,6 +18,19 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, looked up when asked for: reading the installed package's metadata costs
+    tens of milliseconds that every other command would pay when the parser is built."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0,
+                         help=help or "show program's version number and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"chainrule {_version()}")        # (on standard output, as argparse's own action)
+        parser.exit()
+
+
 class UsageError(Exception):
     """A file or directory the command cannot use: reported as one line, before any work."""
 
@@ -313,7 +326,7 @@ def cmd_train(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="chainrule", description="Derive backpropagation symbolically, "
                                      "explain it, generate Numba kernels and train with them.")
-    parser.add_argument("--version", action="version", version=f"chainrule {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 

@@ -14,7 +14,11 @@ That costs a read of the count (about 1 µs) when it already is one (inside ``fi
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
+import sys
 
 # below this many multiply-adds in a step's largest product, one BLAS thread is faster
 SMALL_PRODUCT = 1 << 24
@@ -23,6 +27,62 @@ SMALL_PRODUCT = 1 << 24
 ONE_THREAD_ANYWAY = 1 << 18
 
 _LIBRARIES = None
+_CYTHON_BLAS = "scipy.linalg.cython_blas"
+
+
+def load_kernel_blas():
+    """Load SciPy's ``cython_blas``, the BLAS the kernels' ``np.dot`` calls (Numba imports it by
+    name on a kernel's first product), without the ``scipy.linalg`` package around it.
+
+    Why: importing the package costs 0.2 s on an idle machine and 0.4-0.8 s under load (its array-API
+    layer, f2py, every linear-algebra routine), a sixth of a warm ``chainrule demo``, and the kernels
+    need only this one extension module's table of BLAS functions. Numba's import of the name finds
+    the module in ``sys.modules``. A later ``import scipy.linalg`` works as always and still gets
+    its ``cython_blas`` attribute (:class:`_BindCythonBlas`). When ``scipy.linalg`` is already
+    imported, or the extension is not where SciPy keeps it, this is the ordinary import."""
+    if _CYTHON_BLAS in sys.modules:
+        return sys.modules[_CYTHON_BLAS]
+    import scipy
+    path = None
+    if "scipy.linalg" not in sys.modules:
+        folder = os.path.join(os.path.dirname(scipy.__file__), "linalg")
+        path = next((p for p in (os.path.join(folder, "cython_blas" + s)
+                                 for s in importlib.machinery.EXTENSION_SUFFIXES) if os.path.isfile(p)), None)
+    if path is None:
+        import scipy.linalg.cython_blas as module
+        return module
+    loader = importlib.machinery.ExtensionFileLoader(_CYTHON_BLAS, path)
+    spec = importlib.util.spec_from_file_location(_CYTHON_BLAS, path, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_CYTHON_BLAS] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[_CYTHON_BLAS]
+        raise
+    sys.meta_path.insert(0, _BindCythonBlas())
+    return module
+
+
+class _BindCythonBlas(importlib.abc.MetaPathFinder):
+    """Once: when ``scipy.linalg`` is imported after :func:`load_kernel_blas` loaded its
+    ``cython_blas`` directly, the package gets the attribute ``cython_blas`` (the module already
+    loaded), as the ordinary import of a submodule would have set it."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "scipy.linalg":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            module.cython_blas = sys.modules[_CYTHON_BLAS]
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 def kernel_blas() -> list:
@@ -33,8 +93,8 @@ def kernel_blas() -> list:
     if _LIBRARIES is None:
         try:
             import numpy
-            import scipy.linalg.cython_blas  # noqa: F401  (loaded as Numba's np.dot loads it, so it is found)
             from threadpoolctl import ThreadpoolController
+            load_kernel_blas()             # (loaded before the scan, so that it is found)
         except ImportError:                # pragma: no cover - declared dependencies
             _LIBRARIES = []
             return _LIBRARIES

@@ -41,6 +41,7 @@ not stop anything: the module is compiled in memory, without Numba's on-disk cac
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import importlib.util
 import linecache
@@ -51,8 +52,6 @@ import tempfile
 import types
 import warnings
 from pathlib import Path
-
-import sympy as sp
 
 from ..atomic import atomic_write_text
 from ..derive.errors import ChainruleError, UnsupportedError
@@ -191,6 +190,7 @@ def model_fingerprint(model) -> str:
 
     Two models with the same fingerprint compute the same function of the same parameters (it does
     not depend on the model's name); the checkpoints record it to recognise their architecture."""
+    import sympy as sp
     h = hashlib.sha256()
     parts = [
         repr(sorted((str(k), int(v)) for k, v in model.size_values.items())),
@@ -211,21 +211,81 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def cache_key(model, dtype: str, extra: str = "") -> str:
-    """``extra``: what else shapes the module (the optimiser whose update train_step fuses)."""
-    import numba
-    import numpy
+@functools.lru_cache(maxsize=None)
+def _chainrule_version() -> str:
     try:
         from importlib.metadata import version
-        cr_version = version("chainrule")
+        return version("chainrule")
     except Exception:
-        cr_version = "dev"
+        return "dev"
+
+
+def _hash(parts) -> str:
     h = hashlib.sha256()
-    for p in ["chainrule-kernel-v2", dtype, cr_version, numba.__version__, numpy.__version__,
-              _codegen_fingerprint(), model_fingerprint(model), extra]:
+    for p in parts:
         h.update(p.encode())
         h.update(b"\0")
     return h.hexdigest()
+
+
+def cache_key(model, dtype: str, extra: str = "", fingerprint: str | None = None) -> str:
+    """``extra``: what else shapes the module (the optimiser whose update train_step fuses);
+    ``fingerprint``: the model's :func:`model_fingerprint`, when the caller has it already."""
+    import numba
+    import numpy
+    return _hash(["chainrule-kernel-v2", dtype, _chainrule_version(), numba.__version__, numpy.__version__,
+                  _codegen_fingerprint(), fingerprint or model_fingerprint(model), extra])
+
+
+# -- model descriptions -----------------------------------------------------------------------------
+def recipe_key(recipe: str, dtype: str, extra: str = "") -> str:
+    """The key of the model description (see :mod:`chainrule.codegen.description`) of the model
+    ``build_model(recipe)`` builds (a built-in name or a layer-list spec), known before anything is
+    built: the recipe, the dtype, ``extra`` (the optimiser, the module's options), the versions and
+    the sources of the derivation engine and of the code generator, which decide what the recipe
+    builds and what is generated from it."""
+    import numba
+    import numpy
+    return _hash(["chainrule-description-v1", recipe, dtype, extra, _chainrule_version(), numba.__version__,
+                  numpy.__version__, _sympy_release(), _codegen_fingerprint(), _derive_fingerprint()])
+
+
+def _sympy_release() -> str:
+    """SymPy's version file, read without importing SymPy (which builds the model a recipe names)."""
+    import importlib.util
+    spec = importlib.util.find_spec("sympy")
+    if spec is None or not spec.origin:
+        return "no sympy"
+    try:
+        return Path(spec.origin).with_name("release.py").read_text()
+    except OSError:
+        return "sympy " + spec.origin
+
+
+def _description_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / f"model_{key[:32]}.json"
+
+
+def load_description(key: str, cache_dir=None) -> str | None:
+    """The verified text of the description cached for ``key``, or None (missing, damaged, another
+    key's, an unwritable directory)."""
+    cache_dir, unwritable = prepare_cache_dir(cache_dir)
+    if unwritable is not None:
+        return None
+    return read_verified(_description_path(cache_dir, key), key)
+
+
+def save_description(key: str, text: str, cache_dir=None):
+    """Write a description atomically (0600, with the verified header); an unwritable directory
+    only costs the saving."""
+    cache_dir, unwritable = prepare_cache_dir(cache_dir)
+    if unwritable is not None:
+        return
+    try:
+        atomic_write_text(_description_path(cache_dir, key), with_header(text, key), mode=0o600)
+    except OSError as e:
+        if e.errno not in _UNWRITABLE:
+            raise
 
 
 def with_header(source: str, key: str) -> str:
@@ -389,20 +449,13 @@ def _derive_fingerprint() -> str:
 
 
 def cached_text(model, kind: str, make, cache_dir=None) -> str:
-    """The text ``make()`` derives for ``model`` (``kind``: e.g. "derivation.md"), derived once and
+    """The text ``make()`` derives for ``model`` (a model, or its :func:`model_fingerprint`, which
+    a cached description knows) (``kind``: e.g. "derivation.md"), derived once and
     then read from the cache directory, keyed like the kernels: by the model's fingerprint, the
     chainrule version and the derivation engine's sources, with the same verified header (a
     damaged or foreign file is derived again). An unwritable directory only costs the saving."""
-    try:
-        from importlib.metadata import version
-        cr_version = version("chainrule")
-    except Exception:
-        cr_version = "dev"
-    h = hashlib.sha256()
-    for p in ["chainrule-doc-v1", kind, cr_version, _derive_fingerprint(), model_fingerprint(model)]:
-        h.update(p.encode())
-        h.update(b"\0")
-    key = h.hexdigest()
+    fingerprint = model if isinstance(model, str) else model_fingerprint(model)
+    key = _hash(["chainrule-doc-v1", kind, _chainrule_version(), _derive_fingerprint(), fingerprint])
     cache_dir, unwritable = prepare_cache_dir(cache_dir)
     path = cache_dir / f"doc_{key[:32]}_{''.join(c if c.isalnum() else '_' for c in kind)[:24]}"
     text = None if unwritable else read_verified(path, key)

@@ -5,13 +5,13 @@ import math
 from pathlib import Path
 
 import numpy as np
-import sympy as sp
 
 from ..derive.errors import ShapeError, UnsupportedError
-from ..derive.tensor import shape_str
 from .blas import ONE_THREAD_ANYWAY, SMALL_PRODUCT, call_on_one_thread
-from .cache import cache_key, fall_back_in_memory, load_or_generate
-from .facts import SimplexFact, declared_facts
+from .cache import (cache_key, fall_back_in_memory, load_description, load_or_generate, recipe_key,
+                    save_description)
+from .description import ModelDescription
+from .facts import SimplexFact
 from .dtypes import check_dtype
 
 
@@ -34,16 +34,15 @@ class CompiledModel:
     ``train_step`` are updated in place, so they must already be C-contiguous and of ``dtype``.
     """
 
-    def __init__(self, model, module, path: Path, source: str, dtype: str, cache_hit: bool,
-                 key: str | None = None, render=None, optimizer="sgd", input_grads=False):
-        from ..derive.optimizers import get_rule
-        self.model = model
-        self.has_input_grads = bool(input_grads)
-        self.rule = get_rule(optimizer)
-        self.optimizer = self.rule.name
-        self.state_names = list(self.rule.state)
-        self.hyper_names = ["t", "clip", "seed"] + [h.name for h in self.rule.hyperparameters]
-        self.has_noise = any(t.role == "noise" for t in model.tensors.values())
+    def __init__(self, description, module, path: Path, source: str, cache_hit: bool,
+                 key: str | None = None, render=None, model=None):
+        d = self.description = description
+        self._model = model             # the symbolic model: built on first use (see ``model``)
+        self.has_input_grads = d.input_grads
+        self.optimizer = d.rule.name
+        self.state_names = list(d.rule.state)
+        self.hyper_names = list(d.rule.hyper_names)
+        self.has_noise = d.has_noise
         self._hyper_template = None
         self._hyper_template = self.hyper_vector(step=0, clip=0.0, seed=0)
         self._eta_index = self.hyper_names.index("eta") if "eta" in self.hyper_names else None
@@ -51,44 +50,35 @@ class CompiledModel:
         self.module_path = Path(path)
         self._key, self._render = key, render
         self.source = source
-        self.dtype = dtype
+        self.dtype = d.dtype
         self.cache_hit = cache_hit
-        self.param_names = [p.name for p in model.params]
-        self.param_shapes = {p.name: model.concrete_shape(p) for p in model.params}
+        self.param_names = [name for name, *_ in d.params]
+        self.param_shapes = {name: tuple(shape) for name, shape, *_ in d.params}
         self._shapes_in_order = [self.param_shapes[n] for n in self.param_names]
-        self._np_dtype = np.dtype(dtype)
-        self._inits = {p.name: p.init for p in model.params}
+        self._np_dtype = np.dtype(self.dtype)
+        self._inits = {name: init for name, _, init, _ in d.params}
         # buffers: non-trainable state (batch norm's running averages), updated by a training step
-        self.buffer_names = [t.name for t in model.buffers]
-        self.buffer_shapes = {t.name: model.concrete_shape(t) for t in model.buffers}
-        self._buffer_inits = {t.name: t.init for t in model.buffers}
-        self._batch_counts = [(eq.layer, eq.out.meta["count"]) for eq in model.buffer_updates
-                              if "count" in eq.out.meta]
-        inputs = [t for t in model.inputs if t.role == "input"]
-        targets = [t for t in model.inputs if t.role == "target"]
-        self.input_name = inputs[0].name
-        self.input_names = [t.name for t in inputs]       # every input, in the kernels' argument order
-        self.target_name = targets[0].name
-        self.target_names = [t.name for t in targets]     # every target (one per loss), in kernel order
-        self._x = inputs[0]
-        self._xs = inputs
-        self._y = targets[0]
-        self._ys = targets
-        self.output_names = [t.name for t in model.outputs]
-        self._dims = {t.name: self._batch_shape(model, t) for t in (*self._xs, *self._ys)}
-        # the layer that first reads each input or target: named when its array has the wrong shape
-        self._reader = {}
-        for eq in model.equations:
-            for name, _ in eq.reads():
-                if eq.layer:
-                    self._reader.setdefault(name, eq.layer)
+        self.buffer_names = [name for name, *_ in d.buffers]
+        self.buffer_shapes = {name: tuple(shape) for name, shape, _ in d.buffers}
+        self._buffer_inits = {name: init for name, _, init in d.buffers}
+        self._batch_counts = list(d.batch_counts)
+        self.input_name = d.inputs[0].name
+        self.input_names = [t.name for t in d.inputs]     # every input, in the kernels' argument order
+        self.target_name = d.targets[0].name
+        self.target_names = [t.name for t in d.targets]   # every target (one per loss), in kernel order
+        self._x = d.inputs[0]
+        self._xs = d.inputs
+        self._y = d.targets[0]
+        self._ys = d.targets
+        self.output_names = list(d.outputs)
+        self._dims = {t.name: t.dims for t in (*self._xs, *self._ys)}
         # facts declared on the arguments, which the derived gradient may rely on
-        self.facts = declared_facts(model, names={*self.input_names, *self.target_names})
+        self.facts = list(d.facts)
         self._facts_of = {n: [f for f in self.facts if f.tensor.name == n] for n in self._dims}
         self._always_facts_of = {n: [f for f in fs if f.always] for n, fs in self._facts_of.items()}
         self._simplex_check = hasattr(module, "_first_row_off_simplex")
         # an argument's axes after the batch axis, when the batch axis is the first and only one
-        self._one_input_one_target = len(inputs) == 1 and len(targets) == 1
+        self._one_input_one_target = len(self._xs) == 1 and len(self._ys) == 1
         self._batch_tails = {n: d[1:] for n, d in self._dims.items()
                              if d and d[0] is None and None not in d[1:]}
         self._background = None       # a worker compiling kernels into Numba's cache (background.py)
@@ -100,15 +90,21 @@ class CompiledModel:
         self._one_thread_rows = -(-SMALL_PRODUCT // max(largest, 1))
         self._blas_single_rows = ONE_THREAD_ANYWAY // max(largest, 1)   # ... and up to this, BLAS itself
 
-    @staticmethod
-    def _batch_shape(model, t):
-        """Concrete axis lengths, None for the batch axis (known only at run time)."""
-        from ..derive.layers import B
-        dims = []
-        for s in t.shape:
-            v = s.subs({k: v for k, v in model.size_values.items()})
-            dims.append(None if v == B else int(v))
-        return tuple(dims)
+    @property
+    def model(self):
+        """The symbolic model (``chainrule.derive.Model``). A module loaded through its cached
+        description (``compile_model("demo")``) builds it here, on first use, from its recipe: only
+        what derives, explains or verifies needs it, never the kernels' calls."""
+        if self._model is None:
+            from ..derive.spec import build_model
+            self._model = build_model(self.description.recipe)
+        return self._model
+
+    @property
+    def rule(self):
+        """The optimiser's declared update rule (``chainrule.derive.optimizers.UpdateRule``)."""
+        from ..derive.optimizers import get_rule
+        return get_rule(self.optimizer)
 
     @property
     def in_memory(self) -> bool:
@@ -116,7 +112,7 @@ class CompiledModel:
         return str(self.module_path).startswith("<")
 
     def __repr__(self):
-        return f"CompiledModel({self.model.name}, {self.dtype}, {self.module_path})"
+        return f"CompiledModel({self.description.name}, {self.dtype}, {self.module_path})"
 
     # -- parameters ---------------------------------------------------------------------------
     def init_params(self, seed=0) -> dict:
@@ -170,13 +166,21 @@ class CompiledModel:
 
     def _check_training_batch(self, n_batch):
         """The unbiased variance of a running average needs two values per feature."""
-        from ..derive.layers import B
-        for layer, count in self._batch_counts:
-            m = int(count.subs({**self.model.size_values, B: n_batch}))
+        for layer, per_example in self._batch_counts:
+            if per_example is None:        # a count of another form than B × sizes: evaluated symbolically
+                m = self._symbolic_count(layer, n_batch)
+            else:
+                m = per_example * n_batch
             if m < 2:
                 raise ShapeError(f"layer {layer}: a training batch of {n_batch} example(s) gives {m} "
                                  f"value per feature, and the batch variance needs at least 2: use "
                                  f"batches of 2 or more examples in training (evaluation takes any)")
+
+    def _symbolic_count(self, layer, n_batch) -> int:
+        from ..derive.layers import B
+        count = next(eq.out.meta["count"] for eq in self.model.buffer_updates
+                     if eq.layer == layer and "count" in eq.out.meta)
+        return int(count.subs({**self.model.size_values, B: n_batch}))
 
     # -- argument checking --------------------------------------------------------------------
     def _params_fast(self, params):
@@ -242,20 +246,16 @@ class CompiledModel:
         declared with and the parameters that size shapes too (the position table a longer context
         would overrun): a model's sizes are fixed when it is declared."""
         shape = "(" + ", ".join("B" if d is None else str(d) for d in dims) + ")"
-        reader = f" (read by layer {self._reader[tensor.name]})" if tensor.name in self._reader else ""
+        reader = f" (read by layer {tensor.reader})" if tensor.reader else ""
         message = f"{what} {tensor.name} has shape {a.shape}, expected {shape}{reader}"
         if a.ndim != len(dims):
             return message
-        values = self.model.size_values
         for axis, (want, got) in enumerate(zip(dims, a.shape)):
             if want is None or want == got:
                 continue
-            size = tensor.shape[axis]
-            shaped = [p for p in self.model.params if any(size in sp.sympify(s).free_symbols for s in p.shape)]
-            also = "".join(f", which also shapes parameter {p.name} {shape_str(p.shape, values)} of layer "
-                           f"{p.layer}" for p in shaped[:2])
-            message += (f"; axis {axis} is the size {size} = {want} the model was declared with{also}: "
-                        f"declare the model with {size} = {got}")
+            size = tensor.sizes[axis]
+            message += (f"; axis {axis} is the size {size} = {want} the model was declared with"
+                        f"{tensor.also_shapes[axis]}: declare the model with {size} = {got}")
         return message
 
     def _check_fact(self, fact, a, data_dtype):
@@ -336,10 +336,12 @@ class CompiledModel:
         Done only for a module just generated into a writable cache, when a core is idle;
         returns whether a worker was started. ``worker``: one already warming up
         (``compile_model(..., background=)``), given these kernels (or stopped when unusable)."""
-        from . import background
         usable = not (self.in_memory or self.cache_hit or self._background is not None) \
             and all(hasattr(getattr(self.module, k), "compile") for k in kernels)
         # (a split module's drivers are Python: their kernels compile on first use)
+        if not usable and worker is None:      # (a warm start: nothing to compile, nothing imported)
+            return False
+        from . import background
         if not usable or (worker is None and not background.idle_core()):
             if worker is not None:
                 worker.stop()
@@ -424,7 +426,7 @@ class CompiledModel:
         """(cost, ``{input name: dC/d input}``): the derived adjoints of the inputs, for pulling a
         gradient back through this model (compile with ``input_grads=True``)."""
         if not self.has_input_grads:
-            raise UnsupportedError(f"model {self.model.name}: compile_model(..., input_grads=True) "
+            raise UnsupportedError(f"model {self.description.name}: compile_model(..., input_grads=True) "
                                    f"generates the input gradients; this module was compiled without")
         xy = self._xy(x, y, facts=True)
         cost, grads = self._call("input_grads", *self._params(params), *self._buffers(buffers),
@@ -475,12 +477,12 @@ class CompiledModel:
             if lr is not None:
                 hp[self._eta_index] = lr
             return hp
-        from ..derive.optimizers import HYPER_NAMES
-        values = {h.name: float(v) for h, v in self.rule.defaults.items()}
+        rule = self.description.rule
+        values = dict(rule.defaults)
         if lr is not None:
             values["eta"] = float(lr)
         for k, v in hyper.items():
-            name = HYPER_NAMES[k].name if k in HYPER_NAMES else k
+            name = rule.keywords.get(k, k)
             if name not in values:
                 raise TypeError(f"optimizer {self.optimizer} has no hyperparameter {k!r} "
                                 f"(it has {', '.join(values)})")
@@ -522,9 +524,11 @@ class CompiledModel:
                                 self.workspace(xy[0].shape[0]), rows=_rows(xy)))
 
 
-def module_key(model, dtype="float64", optimizer="sgd", input_grads=False, split=None) -> str:
+def module_key(model, dtype="float64", optimizer="sgd", input_grads=False, split=None,
+               fingerprint=None) -> str:
     """The cache key of a model's module: the model, the dtype, the fused optimiser's rule,
-    whether it generates the input gradients and a forced module layout (``split``)."""
+    whether it generates the input gradients and a forced module layout (``split``)
+    (``fingerprint``: the model's, when the caller has it)."""
     import sympy as sp
 
     from ..derive.optimizers import RULES, get_rule
@@ -532,7 +536,8 @@ def module_key(model, dtype="float64", optimizer="sgd", input_grads=False, split
     # the default (SGD) keeps the plain key; any other rule's declaration is part of it
     extra = "" if rule is RULES["sgd"] else rule.name + "".join(t + sp.srepr(b) for t, b in rule.assignments)
     layout = "" if split is None else ("+split" if split else "+fused")
-    return cache_key(model, check_dtype(dtype), extra + ("+input_grads" if input_grads else "") + layout)
+    return cache_key(model, check_dtype(dtype), extra + ("+input_grads" if input_grads else "") + layout,
+                     fingerprint=fingerprint)
 
 
 def is_cached(model, dtype="float64", optimizer="sgd", cache_dir=None) -> bool:
@@ -546,6 +551,12 @@ def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
                   input_grads=False, split=None, background=(), worker=None) -> CompiledModel:
     """Generate (or load from the cache) the kernels of ``model`` in ``dtype``, with the update of
     ``optimizer`` (a name or an ``UpdateRule``) fused into ``train_step``.
+
+    ``model``: a ``chainrule.derive.Model``, or what ``build_model`` builds one from (a built-in
+    name such as ``"demo"``, or a layer-list spec). Given a name and an optimiser's name, a second
+    run reads the model's description from the cache (:mod:`chainrule.codegen.description`) and
+    loads the kernels without building the symbolic model or importing SymPy; the model is built
+    when something asks for it (``CompiledModel.model``: derivation, explanation, verification).
 
     ``cache_dir`` (default: ``$CHAINRULE_CACHE_DIR`` or ``~/.cache/chainrule/kernels``) must be a
     private directory (see :mod:`chainrule.codegen.cache`); when it cannot be written the kernels
@@ -562,35 +573,83 @@ def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
     the module is generated now (a cold start) and a core is idle: the worker starts before the
     module is rendered and warms Numba up meanwhile (:mod:`chainrule.codegen.background`); the
     first call of one of them waits for it and loads its code from the cache. ``worker``: one the
-    caller started warming up earlier still (``BackgroundCompile.warming_up``: the demo starts it
-    before deriving, so that its start-up and warm-up are over when the module exists); it is
-    given ``background`` when the module is generated now, and stopped otherwise."""
-    from ..derive.optimizers import get_rule
+    caller started warming up earlier still (``BackgroundCompile.warming_up``: ``chainrule demo``
+    starts it before importing SymPy, so that its start-up and warm-up are over when the module
+    exists); it is given ``background`` when the module is generated now, and stopped otherwise."""
     dtype = check_dtype(dtype)
-    rule = get_rule(optimizer)
-    key = module_key(model, dtype, rule, input_grads, split)
     if worker is not None and not background:
         worker.stop()
         worker = None
+    if isinstance(model, str):
+        return _compile_recipe(model, dtype, cache_dir, optimizer, input_grads, split, background, worker)
+    return _compile_model(model, dtype, cache_dir, optimizer, input_grads, split, background, worker=worker)
 
-    def render(cache=True):
-        nonlocal worker
-        if cache and background and worker is None:
+
+class _Renderer:
+    """``render(cache=True)``: the module's source, generated from the symbolic model
+    (``get_model()``, built only when the module is not cached); on a cold start with
+    ``background`` kernels, a worker warming Numba up is started first (``self.worker``)."""
+
+    def __init__(self, get_model, dtype, optimizer, input_grads, split, background, worker=None):
+        self.get_model, self.dtype, self.optimizer = get_model, dtype, optimizer
+        self.input_grads, self.split, self.background = input_grads, split, background
+        self.worker = worker                # (one started by the caller: see compile_model)
+
+    def __call__(self, cache=True):
+        if cache and self.background and self.worker is None:
             from . import background as bg
             if bg.idle_core():
-                worker = bg.BackgroundCompile.warming_up(dtype)
+                self.worker = bg.BackgroundCompile.warming_up(self.dtype)
         # imported here: loading a cached module needs neither Jinja nor the lowering
+        from ..derive.optimizers import get_rule
         from .render import plan_model, render_plan
-        return render_plan(plan_model(model, dtype, optimizer=rule, input_grads=input_grads, split=split),
-                           cache=cache)
+        return render_plan(plan_model(self.get_model(), self.dtype, optimizer=get_rule(self.optimizer),
+                                      input_grads=self.input_grads, split=self.split), cache=cache)
+
+
+def _load(description, key, renderer, cache_dir, background, model=None) -> CompiledModel:
     try:
-        module, path, source, hit = load_or_generate(key, render, cache_dir)
-        cm = CompiledModel(model, module, path, source, dtype, hit, key=key, render=render,
-                           optimizer=rule, input_grads=input_grads)
+        module, path, source, hit = load_or_generate(key, renderer, cache_dir)
+        cm = CompiledModel(description(), module, path, source, hit, key=key, render=renderer, model=model)
     except BaseException:
-        if worker is not None:
-            worker.stop()
+        if renderer.worker is not None:
+            renderer.worker.stop()
         raise
-    if worker is not None:
-        cm.compile_in_background(background, worker=worker)
+    if renderer.worker is not None:
+        cm.compile_in_background(background, worker=renderer.worker)
     return cm
+
+
+def _compile_model(model, dtype, cache_dir, optimizer, input_grads, split, background,
+                   recipe=None, worker=None) -> CompiledModel:
+    """``compile_model`` of a symbolic model (``recipe``: the name it was built from, if any)."""
+    from ..derive.optimizers import get_rule
+    from .cache import model_fingerprint
+    rule = get_rule(optimizer)
+    fingerprint = model_fingerprint(model)      # (a tenth of a second for a GPT: computed once)
+    key = module_key(model, dtype, rule, input_grads, split, fingerprint=fingerprint)
+    renderer = _Renderer(lambda: model, dtype, rule, input_grads, split, background, worker)
+    return _load(lambda: ModelDescription.of(model, rule, dtype, input_grads, key, recipe, fingerprint),
+                 key, renderer, cache_dir, background, model=model)
+
+
+def _compile_recipe(recipe, dtype, cache_dir, optimizer, input_grads, split, background,
+                    worker=None) -> CompiledModel:
+    """``compile_model`` of ``build_model(recipe)``, through its cached description when there is one."""
+    def build_model(recipe):           # the derivation engine: imported only when a model is built
+        from ..derive.spec import build_model
+        return build_model(recipe)
+    if not isinstance(optimizer, str):    # a rule object: only its declaration keys the module
+        return _compile_model(build_model(recipe), dtype, cache_dir, optimizer, input_grads, split,
+                              background, recipe=recipe, worker=worker)
+    rkey = recipe_key(recipe, dtype, f"{optimizer.lower()}|input_grads={bool(input_grads)}|split={split}")
+    text = load_description(rkey, cache_dir)
+    description = ModelDescription.from_json(text) if text is not None else None
+    if description is None:               # the first run: built, derived, generated, then described
+        cm = _compile_model(build_model(recipe), dtype, cache_dir, optimizer, input_grads, split,
+                            background, recipe=recipe, worker=worker)
+        save_description(rkey, cm.description.to_json(), cache_dir)
+        return cm
+    # (a module missing beside its description is generated again, from the model built then)
+    renderer = _Renderer(lambda: build_model(recipe), dtype, optimizer, input_grads, split, background, worker)
+    return _load(lambda: description, description.module_key, renderer, cache_dir, background)

@@ -14,15 +14,14 @@ tensor is a property of its equation, not of data, and is not checked here.)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
-import sympy as sp
 
 from ..derive.errors import ChainruleError
-from ..derive.layers import B
 
-__all__ = ["FactError", "Fact", "SimplexFact", "declared_facts", "FACT_KINDS"]
+__all__ = ["FactError", "Fact", "SimplexFact", "declared_facts", "FACT_KINDS", "FactTensor",
+           "facts_to_data", "facts_from_data"]
 
 ROW_SHOWN = 12          # entries of an offending row shown in the message
 _TOLERANCES: dict = {}  # (array dtype, data dtype, summed length) -> tolerance
@@ -32,12 +31,28 @@ class FactError(ChainruleError, ValueError):
     """Data that breaks a fact declared on a tensor, on which the derived gradient relies."""
 
 
+@dataclass(frozen=True)
+class FactTensor:
+    """What a fact's checks and messages need of the tensor it is declared on, as plain data (so
+    that a run loading its kernels from the cache checks facts without the symbolic model)."""
+
+    name: str
+    role: str
+    layer: str
+    batch_axes: tuple            # per axis: is it the batch axis B?
+
+    @classmethod
+    def of(cls, tensor):
+        from ..derive.layers import B
+        return cls(tensor.name, tensor.role, tensor.layer or "", tuple(bool(s == B) for s in tensor.shape))
+
+
 def _index_names(t, summed_axis):
     """Index names for a statement about ``t``: ``b`` for the batch axis, ``k`` for the summed one."""
     pool = iter(("i", "j", "l", "m", "h", "w", "u", "v"))
     names = []
-    for a, s in enumerate(t.shape):
-        names.append("k" if a == summed_axis else "b" if s == B and "b" not in names else next(pool))
+    for a, batch in enumerate(t.batch_axes):
+        names.append("k" if a == summed_axis else "b" if batch and "b" not in names else next(pool))
     return names
 
 
@@ -45,7 +60,7 @@ def _index_names(t, summed_axis):
 class Fact:
     """A fact declared on tensor ``tensor``; ``check`` raises ``error`` when an array breaks it."""
 
-    tensor: object                      # chainrule.derive.Tensor
+    tensor: FactTensor
     always = False                      # checked before every kernel, not only before gradients
 
     @property
@@ -145,6 +160,8 @@ class TokenFact(Fact):
 def token_reader(model, t) -> str:
     """The layer whose table the token ids ``t`` select rows of, and that table with its shape:
     found as the read whose index is a read of ``t`` (``E[x[b, t], o]``)."""
+    import sympy as sp
+
     from ..derive.tensor import shape_str
     for eq in model.equations:
         for name, idx in eq.reads():
@@ -157,9 +174,10 @@ def token_reader(model, t) -> str:
 
 # Tensor attribute (or ``meta`` key) -> the fact it declares (add a fact kind here, never in a caller)
 FACT_KINDS = {
-    "simplex_axis": lambda t, axis, model: SimplexFact(t, axis=axis),
-    "vocab": lambda t, vocab, model: TokenFact(t, vocab=int(vocab), reader=token_reader(model, t)),
+    "simplex_axis": lambda t, axis, model: SimplexFact(FactTensor.of(t), axis=axis),
+    "vocab": lambda t, vocab, model: TokenFact(FactTensor.of(t), vocab=int(vocab), reader=token_reader(model, t)),
 }
+_FACT_CLASSES = {cls.__name__: cls for cls in (SimplexFact, TokenFact)}
 
 
 def declared_facts(model, names=None) -> list[Fact]:
@@ -176,4 +194,26 @@ def declared_facts(model, names=None) -> list[Fact]:
                     value = value.subs(model.size_values)
             if value is not None:
                 out.append(make(t, value, model))
+    return out
+
+
+def facts_to_data(facts) -> list[dict]:
+    """The facts as JSON-ready data (a cached model description keeps them)."""
+    out = []
+    for f in facts:
+        data = {k: v for k, v in asdict(f).items() if k != "tensor"}
+        tensor = asdict(f.tensor)
+        tensor["batch_axes"] = list(tensor["batch_axes"])
+        out.append({"kind": type(f).__name__, "tensor": tensor, **data})
+    return out
+
+
+def facts_from_data(data) -> list[Fact]:
+    """The inverse of :func:`facts_to_data` (only the fact kinds this module defines)."""
+    out = []
+    for item in data:
+        cls = _FACT_CLASSES[item["kind"]]
+        t = item["tensor"]
+        tensor = FactTensor(t["name"], t["role"], t["layer"], tuple(t["batch_axes"]))
+        out.append(cls(tensor, **{f.name: item[f.name] for f in fields(cls) if f.name != "tensor"}))
     return out

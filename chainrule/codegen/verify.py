@@ -28,13 +28,14 @@ def sample_batch(cm: CompiledModel, batch=5, seed=0):
 def sample_batch_one(cm: CompiledModel, batch, rng):
     x_dims = [batch if d is None else d for d in cm._dims[cm.input_name]]
     y_dims = [batch if d is None else d for d in cm._dims[cm.target_name]]
-    vocab = cm._x.meta.get("vocab")
+    model = cm.model
+    vocab = model.tensors[cm.input_name].meta.get("vocab")
     if vocab is not None:                     # token ids: integers in the vocabulary
-        x = rng.integers(0, int(vocab.subs(cm.model.size_values)), size=x_dims).astype(float)
+        x = rng.integers(0, int(vocab.subs(model.size_values)), size=x_dims).astype(float)
     else:
         x = rng.normal(size=x_dims)
-    if cm._y.simplex_axis is not None:
-        axis = cm._y.simplex_axis
+    if model.tensors[cm.target_name].simplex_axis is not None:
+        axis = model.tensors[cm.target_name].simplex_axis
         k = y_dims[axis]
         labels = rng.integers(0, k, size=[n for a, n in enumerate(y_dims) if a != axis])
         y = np.moveaxis(np.eye(k)[labels], -1, axis)

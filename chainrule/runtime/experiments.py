@@ -83,7 +83,8 @@ def _one_blas_thread():
     except ImportError:                  # pragma: no cover - a scikit-learn dependency
         yield
         return
-    import scipy.linalg.cython_blas  # noqa: F401  (Numba's np.dot calls it: loaded before the limit)
+    from chainrule.codegen.blas import load_kernel_blas
+    load_kernel_blas()                    # Numba's np.dot calls it: loaded before the limit
     with threadpool_limits(1, user_api="blas"):
         yield
 

@@ -28,7 +28,8 @@ def one_blas_thread(fn):
 
     @functools.wraps(fn)
     def run(*args, **kw):
-        import scipy.linalg.cython_blas  # noqa: F401  (load the BLAS the kernels call, so it is limited too)
+        from chainrule.codegen.blas import load_kernel_blas
+        load_kernel_blas()                # the BLAS the kernels call, loaded so that it is limited too
         from threadpoolctl import threadpool_limits
         with threadpool_limits(1):
             return fn(*args, **kw)

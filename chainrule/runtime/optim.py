@@ -44,6 +44,8 @@ class Optimizer:
 
     @property
     def lr(self):
+        if self._lr is None:     # a declared rule's default rate, read when first needed
+            self._lr = float(self.rule_data.defaults["eta"])
         return self._lr
 
     @lr.setter
@@ -88,27 +90,49 @@ class DeclaredOptimizer(Optimizer):
     """
 
     def __init__(self, lr=None, clipnorm=None, fused=True, **hyper):
-        from chainrule.derive.optimizers import HYPER_NAMES, eta, get_rule
         self.fused = bool(fused)
-        rule = get_rule(self.rule)
+        self._rule_data = None
         owner = type(self).__name__
-        declared = {s.name: s for s in rule.defaults}
+        if hyper:                          # the declaration's names are needed now
+            data = self.rule_data
+            for k, v in hyper.items():
+                name = data.keywords.get(k)
+                if name is None or name not in data.defaults or name == "eta":
+                    known = [kw for kw, n in data.keywords.items() if n in data.defaults and n != "eta"]
+                    raise TypeError(f"{owner} has no hyperparameter {k!r} (it has lr, clipnorm"
+                                    f"{', ' if known else ''}{', '.join(known)})")
         self.hyper = {}
         for k, v in hyper.items():
-            sym = HYPER_NAMES.get(k)
-            if sym is None or sym.name not in declared or sym == eta:
-                known = [n for n, s in HYPER_NAMES.items() if s in rule.defaults and s != eta]
-                raise TypeError(f"{owner} has no hyperparameter {k!r} (it has lr, clipnorm"
-                                f"{', ' if known else ''}{', '.join(known)})")
             high = 1 if k in ("momentum", "beta1", "beta2", "rho") else None
             self.hyper[k] = check_number(k, v, low=0, high=high, high_open=high is not None,
                                          owner=owner)
         if "eps" in self.hyper and self.hyper["eps"] <= 0:
             raise ValueError(f"{owner}: eps must be > 0, got {hyper['eps']!r}")
-        super().__init__(float(rule.defaults[eta]) if lr is None else lr)
+        super().__init__(0.0 if lr is None else lr)
+        if lr is None:
+            # the rule's declared default, looked up on first use: by then a network has usually
+            # bound the rule's data from its cached description (no SymPy on a warm start)
+            self._lr = None
         self.clipnorm = None if clipnorm is None else check_number("clipnorm", clipnorm, low=0,
                                                                    low_open=True, owner=owner)
-        self.name = rule.name
+        self.name = self.rule if isinstance(self.rule, str) else self.rule_data.name
+
+    @property
+    def rule_data(self):
+        """The declared rule as plain data (``chainrule.codegen.description.RuleData``): given by
+        the network from its compiled module's description (:meth:`bind_rule`), else read from
+        the declaration (which imports the derivation engine)."""
+        if self._rule_data is None:
+            from chainrule.codegen.description import RuleData
+            from chainrule.derive.optimizers import get_rule
+            self._rule_data = RuleData.of(get_rule(self.rule))
+        return self._rule_data
+
+    def bind_rule(self, data):
+        """Take the rule's plain data from a compiled module's cached description (the same
+        declaration), so that a warm run needs no SymPy for the optimiser either."""
+        if self._rule_data is None and data.name == self.name:
+            self._rule_data = data
 
     def step(self, cm, params, x, y, seed=0, buffers=None, facts_checked=False):
         if not self.fused:
@@ -131,8 +155,7 @@ class DeclaredOptimizer(Optimizer):
             if norm > self.clipnorm:
                 grads = {k: g * (self.clipnorm / norm) for k, g in grads.items()}
         if not self.state and cm.state_names is not None:
-            from chainrule.derive.optimizers import get_rule
-            names = get_rule(self.rule).state
+            names = self.rule_data.state
             self.state = {k: {s: np.zeros_like(params[k]) for s in names} for k in params} if names else {}
         self.t += 1
         self.update(params, grads)
@@ -149,18 +172,16 @@ class DeclaredOptimizer(Optimizer):
 
     def values(self) -> dict:
         """Every hyperparameter's value (declared defaults filled in), by its declared name."""
-        from chainrule.derive.optimizers import HYPER_NAMES, get_rule
-        rule = get_rule(self.rule)
-        out = {s.name: float(v) for s, v in rule.defaults.items()}
+        data = self.rule_data
+        out = dict(data.defaults)
         out["eta"] = self.lr
-        out.update({HYPER_NAMES[k].name: v for k, v in self.hyper.items()})
+        out.update({data.keywords[k]: v for k, v in self.hyper.items()})
         return out
 
     def config(self) -> dict:
         """Name, learning rate, clipping and every hyperparameter (declared defaults filled in)."""
-        from chainrule.derive.optimizers import HYPER_NAMES
-        by_symbol = {s.name: k for k, s in HYPER_NAMES.items()}
-        values = {by_symbol[n]: v for n, v in self.values().items() if by_symbol[n] != "lr"}
+        by_name = {name: k for k, name in self.rule_data.keywords.items()}
+        values = {by_name[n]: v for n, v in self.values().items() if by_name[n] != "lr"}
         return {"name": self.name, "lr": self.lr, "clipnorm": self.clipnorm,
                 **{k: values[k] for k in sorted(values)}}
 

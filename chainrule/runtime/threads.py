@@ -56,6 +56,7 @@ def blas_threads(limit):
     except ImportError:                   # pragma: no cover - a declared dependency
         yield
         return
-    import scipy.linalg.cython_blas  # noqa: F401  (Numba's np.dot calls this BLAS: loaded so it is limited too)
+    from chainrule.codegen.blas import load_kernel_blas
+    load_kernel_blas()                    # Numba's np.dot calls this BLAS: loaded so it is limited too
     with threadpool_limits(int(limit), user_api="blas"):
         yield

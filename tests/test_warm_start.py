@@ -1,0 +1,174 @@
+"""A warm start: a model compiled by name loads from its cached description, without SymPy."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chainrule.codegen import compile_model
+from chainrule.codegen.cache import prepare_cache_dir
+from chainrule.codegen.description import ModelDescription
+from chainrule.codegen.facts import facts_to_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# the CLI's `chainrule demo` in a fresh process; run_demo is wrapped to keep the trained parameters
+_WARM_DEMO = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import chainrule.runtime.demo as demo
+    from chainrule.cli import main
+    out = sys.argv[1]
+    kept = {}
+    run = demo.run_demo
+    demo.run_demo = lambda **kw: kept.setdefault("r", run(**kw))
+    rc = main(["demo", "--out", out, "--no-progress"])
+    r = kept["r"]
+    np.savez(out + "/params.npz", **r["network"].params)
+    print(json.dumps({"rc": rc, "loaded": sorted(m for m in ("sympy", "jinja2", "sklearn") if m in sys.modules),
+                      "hit": r["network"].compiled.cache_hit, "accuracy": r["test_accuracy"]}))
+""")
+
+
+def test_warm_demo_imports_no_sympy_and_trains_the_same(tmp_path, kernel_cache_dir, monkeypatch):
+    """The first run (in this process) derives, generates and describes; `chainrule demo` in a new
+    process then loads everything from the cache without importing SymPy, Jinja or scikit-learn,
+    and trains to bit-identical parameters."""
+    from chainrule.runtime.demo import run_demo
+    monkeypatch.setenv("CHAINRULE_CACHE_DIR", str(kernel_cache_dir))
+    first = run_demo(out_dir=str(tmp_path / "first"), progress=False, stream=open(os.devnull, "w"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "CHAINRULE_CACHE_DIR": str(kernel_cache_dir)}
+    (tmp_path / "warm").mkdir()
+    out = subprocess.run([sys.executable, "-c", _WARM_DEMO, str(tmp_path / "warm")], env=env, check=True,
+                         capture_output=True, text=True, timeout=300)
+    warm = json.loads(out.stdout.strip().splitlines()[-1])
+    assert warm["rc"] == 0 and warm["hit"]
+    assert warm["loaded"] == [], f"a warm demo imported {warm['loaded']}"
+    assert f"test accuracy: {warm['accuracy']:.4f}" in out.stdout
+    assert warm["accuracy"] == first["test_accuracy"] >= 0.95
+    params = np.load(tmp_path / "warm" / "params.npz")
+    for name, value in first["network"].params.items():
+        assert np.array_equal(params[name], value), name
+    # the derivation and the generated code written by the warm run are those of the first
+    for f in ("derivation.md", "demo_model.py"):
+        assert (tmp_path / "warm" / f).read_text() == (tmp_path / "first" / f).read_text()
+
+
+def _same(a: ModelDescription, b: ModelDescription):
+    fields = {k: v for k, v in vars(a).items() if k != "facts"}
+    assert fields == {k: v for k, v in vars(b).items() if k != "facts"}
+    assert facts_to_data(a.facts) == facts_to_data(b.facts)
+
+
+@pytest.mark.parametrize("recipe, optimizer", [
+    ("demo", "sgd"),                                           # a probability target (a fact)
+    ("gpt", "adam"),                                           # token ids, a position table, Adam's state
+    ("8x8 -> conv(4, 3) -> batchnorm -> relu -> flatten -> dense(10) -> softmax_cross_entropy", "momentum"),
+])
+def test_description_round_trips_through_json(recipe, optimizer):
+    from chainrule.derive import build_model
+    from chainrule.derive.optimizers import get_rule
+    model = build_model(recipe)
+    d = ModelDescription.of(model, get_rule(optimizer), "float32", False, "k" * 64, recipe=recipe)
+    _same(ModelDescription.from_json(d.to_json()), d)
+    assert d.recipe == recipe and d.rule.name == optimizer
+    assert [p[0] for p in d.params] == [p.name for p in model.params]
+    assert [tuple(p[1]) for p in d.params] == [model.concrete_shape(p) for p in model.params]
+
+
+def test_description_of_a_batch_norm_counts_values_per_example():
+    from chainrule.derive import build_model
+    from chainrule.derive.optimizers import get_rule
+    model = build_model("6x6 -> conv(3, 3) -> batchnorm -> relu -> flatten -> dense(5) -> softmax_cross_entropy")
+    d = ModelDescription.of(model, get_rule("sgd"), "float64", False, "k" * 64)
+    (layer, per_example), = d.batch_counts
+    assert "batchnorm" in layer and per_example == 4 * 4        # B × H × W values per channel
+
+
+def test_second_compile_by_name_builds_no_model_and_damage_is_rebuilt(tmp_path):
+    kernel_cache_dir = tmp_path         # private: the test damages a description in it
+    first = compile_model("perceptron", cache_dir=kernel_cache_dir)
+    second = compile_model("perceptron", cache_dir=kernel_cache_dir)
+    assert second._model is None and second.cache_hit
+    assert second.module_path == first.module_path
+    _same(second.description, first.description)
+    # the model is built on first use, and is the model the description was made from
+    from chainrule.codegen.cache import model_fingerprint
+    assert model_fingerprint(second.model) == first.description.fingerprint
+    # a damaged description is never read: it is made again from the model
+    directory, _ = prepare_cache_dir(kernel_cache_dir)
+    for path in directory.glob("model_*.json"):
+        text = path.read_text()
+        if '"name": "perceptron"' in text:
+            path.write_text(text.replace('"perceptron"', '"perceptrom"'))
+    third = compile_model("perceptron", cache_dir=kernel_cache_dir)
+    assert third._model is not None and third.description.name == "perceptron"
+    fourth = compile_model("perceptron", cache_dir=kernel_cache_dir)
+    assert fourth._model is None and fourth.description.name == "perceptron"
+
+
+def test_unknown_spec_by_name_is_the_same_error(tmp_path):
+    from chainrule.derive import SpecError
+    with pytest.raises(SpecError, match="unknown"):
+        compile_model("no-such-model", cache_dir=tmp_path)
+
+
+_BLAS_CHILD = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from numba import njit
+    from chainrule.codegen.blas import kernel_blas, load_kernel_blas
+    blas = load_kernel_blas()
+    package_loaded = "scipy.linalg" in sys.modules
+    found = len(kernel_blas())
+
+    @njit
+    def product(a, b):
+        return np.dot(a, b)
+    a = np.arange(12.0).reshape(3, 4)
+    b = np.arange(20.0).reshape(4, 5)
+    same = bool(np.array_equal(product(a, b), a @ b))
+    import scipy.linalg                          # the whole package, later, as any caller may
+    from scipy.linalg import cython_blas
+    print(json.dumps({"package_loaded_first": package_loaded, "found": found, "same": same,
+                      "bound": scipy.linalg.cython_blas is blas and cython_blas is blas,
+                      "solve": float(scipy.linalg.solve(np.eye(3) * 2.0, np.ones(3))[0])}))
+""")
+
+
+def test_kernel_blas_loads_without_scipy_linalg_and_binds_it_later():
+    """The kernels' BLAS is loaded without importing scipy.linalg; Numba's np.dot computes with
+    it; a later `import scipy.linalg` works and its cython_blas is the module already loaded."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", _BLAS_CHILD], env=env, check=True, capture_output=True,
+                         text=True, timeout=300)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r.pop("found") >= 1                  # threadpoolctl sees the library it is in
+    assert r == {"package_loaded_first": False, "same": True, "bound": True, "solve": 0.5}
+
+
+def test_shape_errors_from_a_description_are_those_of_the_model(kernel_cache_dir):
+    """A module loaded through its cached description words a wrong shape exactly as one compiled
+    from the symbolic model (the layer that reads it, the declared size, the parameter it shapes),
+    without building the model to do so."""
+    from chainrule.derive import ShapeError, build_model
+    symbolic = compile_model(build_model("demo"), cache_dir=kernel_cache_dir)
+    compile_model("demo", cache_dir=kernel_cache_dir)            # describes it (if not yet)
+    by_name = compile_model("demo", cache_dir=kernel_cache_dir)
+    assert by_name._model is None
+    params = symbolic.init_params(0)
+    messages = []
+    for cm in (symbolic, by_name):
+        with pytest.raises(ShapeError) as err:
+            cm.predict(params, np.zeros((3, 65)))
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+    assert messages[1] == ("input x has shape (3, 65), expected (B, 64) (read by layer 1:dense(128)); axis 1 is "
+                           "the size n_0 = 64 the model was declared with, which also shapes parameter W1 "
+                           "(128, 64) of layer 1:dense(128): declare the model with n_0 = 65")
+    assert by_name._model is None
