@@ -269,9 +269,20 @@ def cmd_docs(args) -> int:
 def _demo_worker():
     """The compile worker of a cold ``chainrule demo``, started first (before SymPy, the
     runtime and this command's checks are imported), so that its own start-up and Numba's warm-up
-    run beside them (see run_demo); None when no core is idle."""
+    run beside them (see run_demo); None when no core is idle or when the demo's module is
+    described in the cache (a warm start: nothing to compile; the look-up costs the imports of
+    NumPy and Numba, which the run needs anyway)."""
     from .codegen import background
-    return background.BackgroundCompile.warming_up("float64") if background.idle_core() else None
+    if not background.idle_core():
+        return None
+    from .codegen.compiled import is_described
+    from .derive.errors import ChainruleError
+    try:
+        if is_described("demo"):
+            return None
+    except (ChainruleError, OSError):     # an unusable cache directory: _preflight words it
+        return None
+    return background.BackgroundCompile.warming_up("float64")
 
 
 def cmd_demo(args) -> int:

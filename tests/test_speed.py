@@ -477,6 +477,7 @@ def test_a_refused_demo_stops_the_worker_it_started(tmp_path, monkeypatch, capsy
     from chainrule import cli
     from chainrule.codegen import background
     monkeypatch.setattr(background, "idle_core", lambda: True)
+    monkeypatch.setenv("CHAINRULE_CACHE_DIR", str(tmp_path / "cache"))     # the demo not described
     started = []
     warming_up = background.BackgroundCompile.warming_up
     monkeypatch.setattr(background.BackgroundCompile, "warming_up",
@@ -486,3 +487,17 @@ def test_a_refused_demo_stops_the_worker_it_started(tmp_path, monkeypatch, capsy
     assert cli.main(["demo", "--out", str(afile)]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
     assert len(started) == 1 and started[0]._proc.poll() is not None
+
+
+def test_a_warm_demo_starts_no_worker(tmp_path, monkeypatch):
+    """``chainrule demo`` starts its early worker only when the demo's module is not described in
+    the cache: a warm start compiles nothing, and a worker would only cost its start-up."""
+    from chainrule import cli
+    from chainrule.codegen import background, compile_model
+    monkeypatch.setattr(background, "idle_core", lambda: True)
+    monkeypatch.setenv("CHAINRULE_CACHE_DIR", str(tmp_path))
+    worker = cli._demo_worker()
+    assert worker is not None
+    worker.stop()
+    compile_model("demo", cache_dir=tmp_path)           # generated and described (nothing compiled)
+    assert cli._demo_worker() is None

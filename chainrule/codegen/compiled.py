@@ -633,6 +633,19 @@ def _compile_model(model, dtype, cache_dir, optimizer, input_grads, split, backg
                  key, renderer, cache_dir, background, model=model)
 
 
+def _recipe_key(recipe, dtype, optimizer, input_grads, split) -> str:
+    return recipe_key(recipe, dtype, f"{optimizer.lower()}|input_grads={bool(input_grads)}|split={split}")
+
+
+def is_described(recipe: str, dtype="float64", optimizer="sgd", input_grads=False, split=None,
+                 cache_dir=None) -> bool:
+    """True when the cache holds the description of ``build_model(recipe)``'s module: then
+    ``compile_model(recipe)`` loads it (a warm start), without SymPy. ``chainrule demo`` asks
+    before starting a compile worker, which a warm start does not need."""
+    return load_description(_recipe_key(recipe, check_dtype(dtype), optimizer, input_grads, split),
+                            cache_dir) is not None
+
+
 def _compile_recipe(recipe, dtype, cache_dir, optimizer, input_grads, split, background,
                     worker=None) -> CompiledModel:
     """``compile_model`` of ``build_model(recipe)``, through its cached description when there is one."""
@@ -642,7 +655,7 @@ def _compile_recipe(recipe, dtype, cache_dir, optimizer, input_grads, split, bac
     if not isinstance(optimizer, str):    # a rule object: only its declaration keys the module
         return _compile_model(build_model(recipe), dtype, cache_dir, optimizer, input_grads, split,
                               background, recipe=recipe, worker=worker)
-    rkey = recipe_key(recipe, dtype, f"{optimizer.lower()}|input_grads={bool(input_grads)}|split={split}")
+    rkey = _recipe_key(recipe, dtype, optimizer, input_grads, split)
     text = load_description(rkey, cache_dir)
     description = ModelDescription.from_json(text) if text is not None else None
     if description is None:               # the first run: built, derived, generated, then described
