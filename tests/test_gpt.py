@@ -529,3 +529,42 @@ def test_the_sample_prompt_ends_where_a_paragraph_of_prose_begins():
     prompt = paragraph_prompt(text, 7)
     assert prompt == "\n      " and text[text.index(":\n\n      ") + 9:].startswith("The function")
     assert paragraph_prompt("no paragraph here at all", 5) == "no pa"
+
+
+def _next_token_softmax():
+    """A dense head on a (B, T, F) sequence with the next-token cross-entropy: the loss sums the
+    log-sum-exp of the logits over t, the probabilities read it at every (b, t)."""
+    from chainrule.derive.attention import NextTokenCrossEntropy
+    from chainrule.derive.layers import Dense, SequenceInput, sequential
+    return sequential(SequenceInput(5, features=4), [Dense(7)], NextTokenCrossEntropy(), name="next token head")
+
+
+def test_the_logits_log_sum_exp_is_computed_once_for_the_loss_and_the_probabilities(compiled_declared):
+    """share_reductions also shares a reduction read inside a sum over a whole axis: the loss's
+    Σ_t (z - LSE z) y and the probabilities exp(z - LSE z) read one array LSE[b, t], computed once;
+    the cost and the gradient agree with NumPy written by hand (B=3, T=5, F=4, V=7)."""
+    cm = compiled_declared("next-token-head", _next_token_softmax)
+    src = cm.source
+    body = src[src.index("def loss_and_grads"):src.index("def train_step")]
+    comments = {ln.strip() for ln in body.splitlines() if ln.strip().startswith("#")}
+    shared = [c for c in comments if c.startswith("# cse") and "LSE_" in c]
+    assert len(shared) == 1, shared                            # the one log-sum-exp of the logits
+    name = shared[0][2:].split("[")[0]
+    readers = {c for c in comments if f"-{name}[b, t]" in c}
+    assert any(r.startswith("# l") for r in readers) and any(r.startswith("# p") for r in readers), readers
+    assert not any("LSE_" in r for r in readers)               # neither computes it again
+    rng = np.random.default_rng(3)
+    params = cm.init_params(1)
+    x = rng.standard_normal((3, 5, 4))
+    y = np.eye(7)[rng.integers(0, 7, (3, 5))]
+    cost, grads = cm.loss_and_grads(params, x, y)
+    weight = next(v for k, v in params.items() if v.ndim == 2)
+    offset = next(v for k, v in params.items() if v.ndim == 1)
+    z = x @ weight.T + offset
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    ref = -((z - lse[..., None]) * y).sum((1, 2)).mean() / 5
+    assert cost == pytest.approx(ref, rel=1e-12)
+    p = np.exp(z - lse[..., None])
+    d_z = (p - y) / (3 * 5)
+    wname = next(k for k, v in params.items() if v.ndim == 2)
+    assert np.allclose(grads[wname], np.einsum("bto,bti->oi", d_z, x), rtol=1e-10, atol=1e-12)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from chainrule.codegen import compile_model
+from chainrule.runtime import Callback
 from chainrule.codegen.cache import prepare_cache_dir
 from chainrule.codegen.description import ModelDescription
 from chainrule.codegen.facts import facts_to_data
@@ -172,3 +173,55 @@ def test_shape_errors_from_a_description_are_those_of_the_model(kernel_cache_dir
                            "the size n_0 = 64 the model was declared with, which also shapes parameter W1 "
                            "(128, 64) of layer 1:dense(128): declare the model with n_0 = 65")
     assert by_name._model is None
+
+
+class _LrEveryStep(Callback):
+    """Changes the learning rate after every step: the fast step must read it at each step."""
+
+    def on_batch_end(self, step, steps, cost):
+        self.network.optimizer.lr *= 0.97
+
+
+@pytest.mark.parametrize("spec, optimizer", [
+    ("5 -> batchnorm(momentum=0.3, eps=0.001) -> dense(3) -> mse", "adam"),    # state and buffers
+    ("4 -> dense(8) -> tanh -> dropout(0.25) -> dense(3) -> softmax_cross_entropy", "momentum"),  # noise
+])
+def test_fit_fast_step_equals_the_optimizer_step_bit_for_bit(spec, optimizer, compiled_with):
+    """fit's per-epoch stepper (state checked once, the hyperparameter vector kept) trains to
+    exactly the numbers of optimizer.step: parameters, running averages, optimiser state, step
+    count and losses, with a last short batch, a validation split, seeded dropout, a schedule
+    and a learning rate changed after every step."""
+    from chainrule.runtime import LearningRateSchedule, Network
+    from chainrule.runtime.optim import get_optimizer
+    cm = compiled_with(spec, optimizer)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(61, int(spec.split("->")[0])))
+    y = rng.integers(0, 3, size=61) if "softmax" in spec else rng.normal(size=(61, 3))
+    nets, histories = [], []
+    for fast in (True, False):
+        opt = get_optimizer(optimizer, 0.05)
+        if optimizer == "adam":
+            opt = type(opt)(0.05, beta1=0.8)                 # a hyperparameter given, not the default
+        net = Network(cm.model, compiled=cm, optimizer=opt, seed=2)
+        made, original = [], net.optimizer.stepper
+
+        def recording(*a, **k):
+            step = original(*a, **k) if fast else None     # None: the per-step path, optimizer.step
+            made.append(step is not None)
+            return step
+        net.optimizer.stepper = recording
+        histories.append(net.fit(x, y, epochs=3, batch_size=7, validation_split=0.2, progress=False,
+                                 callbacks=[LearningRateSchedule(lambda e: 0.05 / (1 + e)), _LrEveryStep()]))
+        assert made == [fast] * 3                          # one stepper per epoch, used when given
+        nets.append(net)
+    fast, slow = nets
+    assert fast.optimizer.t == slow.optimizer.t == 3 * 7
+    for k in fast.params:
+        assert np.array_equal(fast.params[k], slow.params[k]), k
+    for k in fast.buffers:
+        assert np.array_equal(fast.buffers[k], slow.buffers[k]), k
+    for p, states in fast.optimizer.state.items():
+        for s, a in states.items():
+            assert np.array_equal(a, slow.optimizer.state[p][s]), (p, s)
+    assert histories[0]["loss"] == histories[1]["loss"]
+    assert histories[0]["val_loss"] == histories[1]["val_loss"]

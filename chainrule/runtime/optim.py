@@ -146,6 +146,31 @@ class DeclaredOptimizer(Optimizer):
                                    clip=self.clipnorm or 0.0, seed=seed, buffers=buffers,
                                    facts_checked=facts_checked, **self.hyper))
 
+    def stepper(self, cm, params, buffers=None):
+        """``step(x, y, seed=0) -> cost`` for a training loop over data whose declared facts are
+        checked (``Network.fit``): the same update as :meth:`step` (the same kernel on the same
+        hyperparameters and step count t, so the same numbers, bit for bit), through
+        ``CompiledModel.stepper``, which checks the state once instead of every step. The
+        learning rate and clipping are read at every step (a schedule may change them). None
+        when the update is not fused (then :meth:`step`)."""
+        if not self.fused or type(self).step is not DeclaredOptimizer.step:   # (a subclass's own step)
+            return None
+        if cm.optimizer != self.rule:
+            raise ValueError(f"the compiled module fuses the {cm.optimizer} update, not {self.rule}")
+        if not self.state and cm.state_names:
+            self.state = cm.init_state()
+        run = cm.stepper(params, self.state, buffers)
+        hp = cm.hyper_vector(self.lr, self.t + 1, self.clipnorm or 0.0, 0, **self.hyper)
+        eta = cm.hyper_names.index("eta") if "eta" in cm.hyper_names else None
+
+        def step(x, y, seed=0):
+            self.t += 1
+            hp[0], hp[1], hp[2] = self.t, self.clipnorm or 0.0, seed
+            if eta is not None:
+                hp[eta] = self.lr
+            return run(x, y, hp)
+        return step
+
     def _unfused_step(self, cm, params, x, y, seed, buffers=None, facts_checked=False):
         """``loss_and_grads`` and the declared update evaluated by NumPy (lambdified from the same
         equations): no ``train_step`` to compile, for quick experiments on big graphs."""
