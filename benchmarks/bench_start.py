@@ -1,9 +1,11 @@
 """The start of `chainrule demo`: a cold run and warm runs, wall and CPU time, and what a warm run imports.
 
-    python benchmarks/bench_start.py [--runs 5] [--compare DIR]
+    python benchmarks/bench_start.py [--runs 5] [--cold 1] [--compare DIR]
 
 Each checkout gets a private, empty kernel cache: the first run is cold (derive, generate, compile),
-the next ``--runs`` are warm (everything from the cache). ``--compare DIR`` (another checkout of
+the next ``--runs`` are warm (everything from the cache). ``--cold N`` runs N cold starts per
+checkout (alternating, each in a new empty cache; the CPU time includes the compile worker's), and
+their medians are printed. ``--compare DIR`` (another checkout of
 chainrule, e.g. main before a change) runs that checkout too, its warm runs alternating with this
 one's so that both see the same load. Printed: medians of wall time and of CPU time (the child's
 user + system), the ratio other / this, the load average, the test accuracy (it must be the same)
@@ -52,6 +54,7 @@ def run_once(tree: Path, cache: Path, out: Path) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="warm runs per checkout (default 5)")
+    parser.add_argument("--cold", type=int, default=1, help="cold runs per checkout (default 1)")
     parser.add_argument("--compare", metavar="DIR", help="another chainrule checkout, run alternately")
     args = parser.parse_args()
     trees = {"this": HERE}
@@ -60,14 +63,20 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         caches = {k: tmp / f"cache-{k}" for k in trees}
-        cold = {k: run_once(tree, caches[k], tmp / f"out-{k}") for k, tree in trees.items()}
+        colds = {k: [] for k in trees}
+        for i in range(args.cold):       # each in an empty cache; the last one's is kept for the warm runs
+            for k, tree in trees.items():
+                cache = caches[k] if i == args.cold - 1 else tmp / f"cache-{k}-cold{i}"
+                colds[k].append(run_once(tree, cache, tmp / f"out-{k}"))
+        cold = {k: {"wall": statistics.median(r["wall"] for r in rs), "cpu": statistics.median(r["cpu"] for r in rs),
+                    "accuracy": rs[-1]["accuracy"]} for k, rs in colds.items()}
         warm = {k: [] for k in trees}
         for _ in range(args.runs):
             for k, tree in trees.items():
                 warm[k].append(run_once(tree, caches[k], tmp / f"out-{k}"))
-    print(f"`chainrule demo`, {args.runs} warm runs per checkout, alternating; {os.cpu_count()} CPUs, "
-          f"load average {min(r['load'] for rs in warm.values() for r in rs):.1f}-"
-          f"{max(r['load'] for rs in warm.values() for r in rs):.1f}")
+    loads = [r["load"] for rs in [*warm.values(), *colds.values()] for r in rs]
+    print(f"`chainrule demo`, {args.cold} cold and {args.runs} warm runs per checkout (medians), alternating; "
+          f"{os.cpu_count()} CPUs, load average {min(loads):.1f}-{max(loads):.1f}")
     print(f"{'checkout':<8} {'cold wall':>9} {'cold CPU':>8} {'warm wall':>9} {'warm CPU':>8}  accuracy  imported")
     medians = {}
     for k, tree in trees.items():
@@ -80,6 +89,8 @@ def main():
     if "other" in medians:
         (w, c), (ow, oc) = medians["this"], medians["other"]
         print(f"ratio other / this (warm medians): wall {ow / w:.2f}, CPU {oc / c:.2f}")
+        print(f"ratio other / this (cold medians): wall {cold['other']['wall'] / cold['this']['wall']:.2f}, "
+              f"CPU {cold['other']['cpu'] / cold['this']['cpu']:.2f}")
 
 
 if __name__ == "__main__":

@@ -266,9 +266,28 @@ def cmd_docs(args) -> int:
     return 0
 
 
+def _demo_worker():
+    """The compile worker of a cold ``chainrule demo``, started first (before SymPy, the
+    runtime and this command's checks are imported), so that its own start-up and Numba's warm-up
+    run beside them (see run_demo); None when no core is idle or when the demo's module is
+    described in the cache (a warm start: nothing to compile; the look-up costs the imports of
+    NumPy and Numba, which the run needs anyway)."""
+    from .codegen import background
+    if not background.idle_core():
+        return None
+    from .codegen.compiled import is_described
+    from .derive.errors import ChainruleError
+    try:
+        if is_described("demo"):
+            return None
+    except (ChainruleError, OSError):     # an unusable cache directory: _preflight words it
+        return None
+    return background.BackgroundCompile.warming_up("float64")
+
+
 def cmd_demo(args) -> int:
     from .runtime.demo import run_demo
-    result = run_demo(out_dir=args.out, progress=not args.no_progress)
+    result = run_demo(out_dir=args.out, progress=not args.no_progress, worker=args.worker)
     return 0 if result.get("test_accuracy", 0) >= 0.95 else 1
 
 
@@ -399,14 +418,15 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_docs)
 
     args = parser.parse_args(argv)
+    args.worker = _demo_worker() if args.command == "demo" else None
     from .derive.errors import ChainruleError
     try:
         _preflight(args)
-    except UsageError as err:
-        print(f"chainrule {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except ChainruleError as err:
-        print(f"chainrule {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+    except (UsageError, ChainruleError) as err:
+        if args.worker is not None:        # the command does no work: nor does its worker
+            args.worker.stop()
+        kind = "error" if isinstance(err, UsageError) else type(err).__name__
+        print(f"chainrule {args.command}: {kind}: {err}", file=sys.stderr)
         return 2
     try:
         return args.fn(args)

@@ -2,6 +2,7 @@
 the generated exp, the primitives in the module's dtype, one log-sum-exp, the wrapper's fast path,
 the digits read without scikit-learn's loader, and the derivation derived once."""
 import gzip
+from pathlib import Path
 
 import mpmath
 import numpy as np
@@ -321,6 +322,54 @@ def test_a_worker_compiles_train_step_while_fit_compiles_forward_here(tmp_path, 
         np.testing.assert_allclose(net.params[k], v, rtol=1e-12, atol=1e-14)
     again = compile_model(model, cache_dir=tmp_path, background=["train_step"])
     assert again.cache_hit and started == ["float64"] and again.background_kernels == frozenset()
+    # train_step holds its own forward and backward pass: compiling it (in the worker) compiled
+    # neither loss_and_grads (which it used to call, linking and optimising it a second time)
+    # nor anything else but the primitives it calls; this process compiled forward's
+    assert _numba_cached(tmp_path) == {"train_step", "forward", "sigmoid", "_exp"}
+
+
+def _numba_cached(cache_dir) -> set:
+    """The functions Numba has compiled into the cache directory (its index files,
+    ``<module>.<function>-<line>.py311.nbi``)."""
+    return {p.name.split(".")[1].rsplit("-", 1)[0] for p in Path(cache_dir).rglob("*.nbi")}
+
+
+def test_the_compile_worker_starts_before_sympy_or_numba_is_imported():
+    """``chainrule demo`` starts its compile worker first: importing what starts it (the
+    background module) imports neither SymPy, NumPy nor Numba, nor the rest of chainrule."""
+    import subprocess
+    import sys
+    code = ("import sys; from chainrule.codegen import background; "
+            "print(sorted(m for m in ('sympy', 'numpy', 'numba', 'chainrule.derive', 'chainrule.runtime', "
+            "'chainrule.codegen.compiled') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_a_worker_started_before_the_model_is_derived_is_used_or_stopped(tmp_path, monkeypatch):
+    """The demo starts its worker before deriving the model (``compile_model(..., worker=)``):
+    when the module is generated the worker compiles train_step into the cache (and no second
+    worker starts); when the module is cached the worker is stopped, its process ended."""
+    from chainrule.codegen import background, compile_model
+    from chainrule.runtime import Network
+    monkeypatch.setattr(background, "idle_core", lambda: True)
+    early = background.BackgroundCompile.warming_up("float64")
+    monkeypatch.setattr(background.BackgroundCompile, "warming_up",
+                        classmethod(lambda cls, dtype: pytest.fail("a second worker was started")))
+    model = build_model("4 -> dense(3) -> sigmoid -> dense(2) -> softmax_cross_entropy")
+    cm = compile_model(model, cache_dir=tmp_path, background=["train_step"], worker=early)
+    assert cm._background is early and cm.background_kernels == {"train_step"}
+    rng = np.random.default_rng(3)
+    net = Network(model, compiled=cm, seed=0)
+    net.fit(rng.normal(size=(12, 4)), rng.integers(0, 2, 12), epochs=1, batch_size=12,
+            progress=False, diagnostics=False)
+    step = cm.module.train_step
+    assert sum(step.stats.cache_hits.values()) == 1 and not step.stats.cache_misses
+    monkeypatch.undo()
+    late = background.BackgroundCompile.warming_up("float64")
+    again = compile_model(model, cache_dir=tmp_path, background=["train_step"], worker=late)
+    assert again.cache_hit and again._background is None
+    assert late._proc.wait(10) is not None                 # stopped, not left running
 
 
 def test_the_compile_worker_can_be_forced_on_or_off(monkeypatch):
@@ -420,3 +469,35 @@ def test_a_kernel_called_directly_runs_small_products_on_one_blas_thread(compile
         cm.train_step(p, np.zeros((256, 64)), np.eye(10)[np.arange(256) % 10], lr=0.1, facts_checked=True)
         cm.blas_threads = "auto"
     assert seen == [2, 2, 1, 1, 1, 2, 2, 2]
+
+
+def test_a_refused_demo_stops_the_worker_it_started(tmp_path, monkeypatch, capsys):
+    """``chainrule demo`` starts its worker before checking its arguments (the checks import
+    SymPy); when they refuse the command, the worker is stopped with it."""
+    from chainrule import cli
+    from chainrule.codegen import background
+    monkeypatch.setattr(background, "idle_core", lambda: True)
+    monkeypatch.setenv("CHAINRULE_CACHE_DIR", str(tmp_path / "cache"))     # the demo not described
+    started = []
+    warming_up = background.BackgroundCompile.warming_up
+    monkeypatch.setattr(background.BackgroundCompile, "warming_up",
+                        classmethod(lambda cls, dtype: started.append(warming_up(dtype)) or started[-1]))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli.main(["demo", "--out", str(afile)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert len(started) == 1 and started[0]._proc.poll() is not None
+
+
+def test_a_warm_demo_starts_no_worker(tmp_path, monkeypatch):
+    """``chainrule demo`` starts its early worker only when the demo's module is not described in
+    the cache: a warm start compiles nothing, and a worker would only cost its start-up."""
+    from chainrule import cli
+    from chainrule.codegen import background, compile_model
+    monkeypatch.setattr(background, "idle_core", lambda: True)
+    monkeypatch.setenv("CHAINRULE_CACHE_DIR", str(tmp_path))
+    worker = cli._demo_worker()
+    assert worker is not None
+    worker.stop()
+    compile_model("demo", cache_dir=tmp_path)           # generated and described (nothing compiled)
+    assert cli._demo_worker() is None

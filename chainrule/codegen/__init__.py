@@ -9,17 +9,21 @@ their modules are generated without importing torch or jax.
 """
 from __future__ import annotations
 
-from .cache import KernelCacheError, KernelCacheWarning, default_cache_dir
-from .compiled import CompiledModel, compile_model
-from .facts import FactError
+import importlib
 
 __all__ = ["CompiledModel", "FactError", "KernelCacheError", "KernelCacheWarning", "compile_model",
            "default_cache_dir", "render_module"]
 
+# each name is imported from its module when first used: ``chainrule.codegen.background`` (which
+# the demo imports first, to start its compile worker before SymPy is even imported) must not
+# pull in the compiled wrapper and SymPy, nor loading a cached module the code generator (Jinja,
+# the lowering)
+_HOME = {"CompiledModel": "compiled", "compile_model": "compiled", "FactError": "facts",
+         "KernelCacheError": "cache", "KernelCacheWarning": "cache", "default_cache_dir": "cache",
+         "render_module": "render"}
+
 
 def __getattr__(name):
-    # the code generator (Jinja, the lowering) is imported when first used, not to load cached kernels
-    if name == "render_module":
-        from .render import render_module
-        return render_module
+    if name in _HOME:
+        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,10 +42,19 @@ _NJIT_OPTIONS = dict(error_model="numpy", fastmath={"reassoc", "contract", "arcp
 def warm_up(dtype: str):
     """Compile, before the module exists, what every generated module's kernels use and Numba
     compiles once per process: np.dot of 2-D arrays for the three layout pairs of a dense layer's
-    step (x Wᵀ, δ W, δᵀ a), np.empty and np.zeros of 1-D and 2-D arrays of the module's dtype."""
+    step (x Wᵀ, δ W, δᵀ a), np.empty and np.zeros of 1-D and 2-D arrays of the module's dtype,
+    np.ascontiguousarray of both (train_step's flat gradients), and the min, max and bit view of
+    the header's _exp (compiled without fastmath flags, as _exp is)."""
     import numpy as np
     from numba import njit
     DT = getattr(np, dtype)
+    INT = np.int64 if dtype == "float64" else np.int32
+
+    @njit(error_model="numpy", fastmath=False)
+    def exp_parts(x):
+        y = min(max(x, DT(-1.0)), DT(1.0))
+        return y * INT(1).view(DT)
+    exp_parts(DT(0.5))
 
     @njit(**_NJIT_OPTIONS)
     def products(a, b):
@@ -57,7 +66,9 @@ def warm_up(dtype: str):
         e1 = np.empty((a.shape[0],), dtype=DT)
         e2 = np.empty((a.shape[0], 3), dtype=DT)
         e1[0] = e2[0, 0] = 0.0
-        return c[0, 0] + d[0, 0] + e[0, 0] + z1[0] + z2[0, 0] + e1[0] + e2[0, 0]
+        f1 = np.ascontiguousarray(e1).reshape(e1.shape[0])
+        f2 = np.ascontiguousarray(e2).reshape(e2.shape[0] * 3)
+        return c[0, 0] + d[0, 0] + e[0, 0] + z1[0] + z2[0, 0] + e1[0] + e2[0, 0] + f1[0] + f2[0]
     a = np.ones((2, 2), dtype=DT)
     products(a, a)
 

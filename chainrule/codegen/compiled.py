@@ -578,7 +578,7 @@ def is_cached(model, dtype="float64", optimizer="sgd", cache_dir=None) -> bool:
 
 
 def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
-                  input_grads=False, split=None, background=()) -> CompiledModel:
+                  input_grads=False, split=None, background=(), worker=None) -> CompiledModel:
     """Generate (or load from the cache) the kernels of ``model`` in ``dtype``, with the update of
     ``optimizer`` (a name or an ``UpdateRule``) fused into ``train_step``.
 
@@ -602,11 +602,17 @@ def compile_model(model, dtype="float64", cache_dir=None, optimizer="sgd",
     ``background``: kernels (names, e.g. ``["train_step"]``) to compile in a worker process when
     the module is generated now (a cold start) and a core is idle: the worker starts before the
     module is rendered and warms Numba up meanwhile (:mod:`chainrule.codegen.background`); the
-    first call of one of them waits for it and loads its code from the cache."""
+    first call of one of them waits for it and loads its code from the cache. ``worker``: one the
+    caller started warming up earlier still (``BackgroundCompile.warming_up``: ``chainrule demo``
+    starts it before importing SymPy, so that its start-up and warm-up are over when the module
+    exists); it is given ``background`` when the module is generated now, and stopped otherwise."""
     dtype = check_dtype(dtype)
+    if worker is not None and not background:
+        worker.stop()
+        worker = None
     if isinstance(model, str):
-        return _compile_recipe(model, dtype, cache_dir, optimizer, input_grads, split, background)
-    return _compile_model(model, dtype, cache_dir, optimizer, input_grads, split, background)
+        return _compile_recipe(model, dtype, cache_dir, optimizer, input_grads, split, background, worker)
+    return _compile_model(model, dtype, cache_dir, optimizer, input_grads, split, background, worker=worker)
 
 
 class _Renderer:
@@ -614,10 +620,10 @@ class _Renderer:
     (``get_model()``, built only when the module is not cached); on a cold start with
     ``background`` kernels, a worker warming Numba up is started first (``self.worker``)."""
 
-    def __init__(self, get_model, dtype, optimizer, input_grads, split, background):
+    def __init__(self, get_model, dtype, optimizer, input_grads, split, background, worker=None):
         self.get_model, self.dtype, self.optimizer = get_model, dtype, optimizer
         self.input_grads, self.split, self.background = input_grads, split, background
-        self.worker = None
+        self.worker = worker                # (one started by the caller: see compile_model)
 
     def __call__(self, cache=True):
         if cache and self.background and self.worker is None:
@@ -645,34 +651,48 @@ def _load(description, key, renderer, cache_dir, background, model=None) -> Comp
 
 
 def _compile_model(model, dtype, cache_dir, optimizer, input_grads, split, background,
-                   recipe=None) -> CompiledModel:
+                   recipe=None, worker=None) -> CompiledModel:
     """``compile_model`` of a symbolic model (``recipe``: the name it was built from, if any)."""
     from ..derive.optimizers import get_rule
     from .cache import model_fingerprint
     rule = get_rule(optimizer)
     fingerprint = model_fingerprint(model)      # (a tenth of a second for a GPT: computed once)
     key = module_key(model, dtype, rule, input_grads, split, fingerprint=fingerprint)
-    renderer = _Renderer(lambda: model, dtype, rule, input_grads, split, background)
+    renderer = _Renderer(lambda: model, dtype, rule, input_grads, split, background, worker)
     return _load(lambda: ModelDescription.of(model, rule, dtype, input_grads, key, recipe, fingerprint),
                  key, renderer, cache_dir, background, model=model)
 
 
-def _compile_recipe(recipe, dtype, cache_dir, optimizer, input_grads, split, background) -> CompiledModel:
+def _recipe_key(recipe, dtype, optimizer, input_grads, split) -> str:
+    return recipe_key(recipe, dtype, f"{optimizer.lower()}|input_grads={bool(input_grads)}|split={split}")
+
+
+def is_described(recipe: str, dtype="float64", optimizer="sgd", input_grads=False, split=None,
+                 cache_dir=None) -> bool:
+    """True when the cache holds the description of ``build_model(recipe)``'s module: then
+    ``compile_model(recipe)`` loads it (a warm start), without SymPy. ``chainrule demo`` asks
+    before starting a compile worker, which a warm start does not need."""
+    return load_description(_recipe_key(recipe, check_dtype(dtype), optimizer, input_grads, split),
+                            cache_dir) is not None
+
+
+def _compile_recipe(recipe, dtype, cache_dir, optimizer, input_grads, split, background,
+                    worker=None) -> CompiledModel:
     """``compile_model`` of ``build_model(recipe)``, through its cached description when there is one."""
     def build_model(recipe):           # the derivation engine: imported only when a model is built
         from ..derive.spec import build_model
         return build_model(recipe)
     if not isinstance(optimizer, str):    # a rule object: only its declaration keys the module
         return _compile_model(build_model(recipe), dtype, cache_dir, optimizer, input_grads, split,
-                              background, recipe=recipe)
-    rkey = recipe_key(recipe, dtype, f"{optimizer.lower()}|input_grads={bool(input_grads)}|split={split}")
+                              background, recipe=recipe, worker=worker)
+    rkey = _recipe_key(recipe, dtype, optimizer, input_grads, split)
     text = load_description(rkey, cache_dir)
     description = ModelDescription.from_json(text) if text is not None else None
     if description is None:               # the first run: built, derived, generated, then described
         cm = _compile_model(build_model(recipe), dtype, cache_dir, optimizer, input_grads, split,
-                            background, recipe=recipe)
+                            background, recipe=recipe, worker=worker)
         save_description(rkey, cm.description.to_json(), cache_dir)
         return cm
     # (a module missing beside its description is generated again, from the model built then)
-    renderer = _Renderer(lambda: build_model(recipe), dtype, optimizer, input_grads, split, background)
+    renderer = _Renderer(lambda: build_model(recipe), dtype, optimizer, input_grads, split, background, worker)
     return _load(lambda: description, description.module_key, renderer, cache_dir, background)

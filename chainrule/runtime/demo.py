@@ -26,11 +26,14 @@ def _write_text(path, text):
 
 
 def run_demo(out_dir="chainrule-demo", epochs=None, progress=True, quick=False, lr=DEMO_LR,
-             batch_size=DEMO_BATCH, seed=0, dtype="float64", stream=None) -> dict:
+             batch_size=DEMO_BATCH, seed=0, dtype="float64", stream=None, worker=None) -> dict:
     """Build the demo model (64 -> dense(128) -> sigmoid -> dense(10) -> softmax cross-entropy),
     write ``derivation.md`` and ``demo_model.py`` (the generated
     kernels) into ``out_dir``, train on scikit-learn's digits (80/20 stratified split, seed 0) and
     print the test accuracy. Returns a dict with the accuracy, timings and file paths.
+
+    ``worker``: a compile worker the caller started warming up in ``dtype`` (``chainrule demo``
+    starts it first of all); None: one starts when the module is rendered (on a cold start only).
     """
     from chainrule.codegen import compile_model
     from chainrule.codegen.cache import cached_text
@@ -46,10 +49,12 @@ def run_demo(out_dir="chainrule-demo", epochs=None, progress=True, quick=False, 
     # compiled by name: a warm start reads the model's description from the cache and never builds
     # the symbolic model (nor imports SymPy); a cold one builds and derives it (``cm.model``).
     # On a cold start (the module generated now) a worker compiles train_step, the longest
-    # compilation: it starts while this process renders the module (warming Numba up), and goes
-    # on while this process explains the derivation, reads the data and compiles forward (see
-    # Network.fit); on a warm start the kernels load from the cache and no worker starts
-    cm = compile_model("demo", dtype=dtype, background=["train_step"])
+    # compilation, while this process explains the derivation, reads the data and compiles forward
+    # (see Network.fit). ``chainrule demo`` starts it before anything else (``worker``), so that
+    # its start-up and Numba's warm-up run beside this process's imports and derivation; by
+    # default it starts while the module is rendered. On a warm start the kernels load from the
+    # cache and no worker runs (one given is stopped).
+    cm = compile_model("demo", dtype=dtype, background=["train_step"], worker=worker)
     code_path = os.path.join(out_dir, "demo_model.py")
     _write_text(code_path, cm.source)
     net = Network("demo", dtype=dtype, seed=seed, compiled=cm)
@@ -70,7 +75,8 @@ def run_demo(out_dir="chainrule-demo", epochs=None, progress=True, quick=False, 
     x, y = load_digits(dtype=dtype)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.2, seed=0)
     # no per-epoch gradient norms (fit's diagnostics): the demo plots none, and they would load
-    # (or on a cold start compile) loss_and_grads and run it every epoch
+    # (or on a cold start compile) loss_and_grads and run it every epoch (train_step holds its own
+    # copy of the forward and backward pass)
     history = net.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, lr=lr,
                       progress=progress, seed=seed, diagnostics=False)
     t_trained = time.perf_counter()
