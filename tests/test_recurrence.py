@@ -1,5 +1,7 @@
 """Recurrences over time: declared the natural way, derived with a symbolic T into the BPTT recursion,
 verified exactly at several sizes (T included), and refused clearly where they are not causal."""
+import re
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -183,7 +185,9 @@ def test_kernels_loop_over_time_and_match_numpy_and_finite_differences(compiled_
     src = cm.source
     # one loop over t each way, the per-step contractions on BLAS, never an unrolled copy
     assert "for t1 in range(5):" in src and "in range(5 - 1, -1, -1):" in src
-    assert "np.dot(t4_H_sm1" in src and "t4_H[:, t1 - 1" in src and "t4_H[:, 3" not in src
+    # the state at t - 1 is the step before's result, carried (no copy out of the sequence)
+    # (named t4_H_sm1i when it starts from a declared initial state)
+    assert "np.dot(t4_H_sm1" in src and re.search(r"t4_H_sm1i? = t4_H_now", src) and "t4_H[:, 3" not in src
     assert "# time loop, backward in time (backpropagation through time): d_H" in src
     rng = np.random.default_rng(3)
     params = cm.init_params(seed=1)
@@ -222,7 +226,11 @@ def test_a_time_loop_keeps_only_what_needs_the_previous_step():
     assert "    # hoisted2[b,t,o] = Σ_i[W1[o, i]*x[b, t, i]] + b1[o]" in before_fwd
     assert sum("np.dot(" in ln for ln in forward) == 1 and "np.dot(t4_h1_sm1, t2_U1.T)" in "\n".join(forward)
     assert any("_tanh(" in ln for ln in forward) and not any("math.tanh" in ln for ln in forward)
-    assert before_bwd[-1].strip().startswith("hoisted") and "= np.dot(t14_d_z2, t7_W2)" in before_bwd[-1]
+    assert any(ln.strip().startswith("hoisted") and "= np.dot(t14_d_z2, t7_W2)" in ln for ln in before_bwd[-3:])
+    # δ at t + 1 is the step before's result, carried: zeros before the first step, no copy in the loop
+    assert before_bwd[-1].strip() == "t15_d_z1_sp1 = np.zeros((n_batch, 5), dtype=DT)"
+    assert "t15_d_z1_sp1 = t15_d_z1_now  # d_z1 at this step, read by the next one" in "\n".join(backward)
+    assert not any("ascontiguousarray" in ln for ln in backward)
     assert sum("np.dot(" in ln for ln in backward) == 1 and "t2_U1)" in "\n".join(backward)
     # the weight gradients: GEMMs after the backward loop, over the stored δ of every step; d_W1 one
     # product with x read in place, not a product per batch element, oriented so that it lands in
@@ -299,3 +307,45 @@ def test_the_bptt_recursion_in_matrix_form_with_shapes():
                 np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
                 compared += want.size
     assert compared > 100
+
+
+def _lstm_and_gru_sources():
+    from chainrule.codegen.render import render_module
+    from chainrule.derive import build_model
+    out = {}
+    for cell in ("lstm", "gru"):
+        src = render_module(build_model(f"seq(5, 3) -> {cell}(4) -> dense(2) -> softmax_cross_entropy"), "float64")
+        out[cell] = src[src.index("def loss_and_grads"):src.index("def train_step")]
+    return out
+
+
+def test_gate_adjoints_and_forward_values_are_computed_once():
+    """The LSTM's gate products (1 - f) f d_f are computed once per backward step, as sequences
+    the next step's np.dot and the weight and bias gradients read (codegen/step_operands.py);
+    tanh(c) is computed once, by the forward step (codegen/forward_values.py); the GRU's
+    U_n h(t-1) is kept by the forward step, so the backward step has no product with h; and no
+    time step copies a slice of the sequence at its own time."""
+    srcs = _lstm_and_gru_sources()
+    lstm = srcs["lstm"]
+    code = [ln.strip() for ln in lstm.splitlines() if not ln.strip().startswith("#")]
+    (_, forward), (_, backward) = _time_loops(lstm)
+    # each gate's product, in the code (not the comments): once, inside the backward loop
+    for gate in ("t6_i1", "t10_f1", "t18_o1"):
+        product = [ln for ln in code if f"(1 - {gate}[" in ln]
+        assert len(product) == 1 and product[0].startswith("step_operand"), product
+        assert any(product[0] in ln for ln in backward)
+    assert len([ln for ln in code if "(1 - t14_g1[" in ln and "**2" in ln]) == 1
+    # the next step's contractions and the gradients read the kept sequences
+    assert sum("np.dot(step_operand" in ln and "_sp1, " in ln for ln in backward) == 4
+    assert sum(ln.startswith("gemm") and "np.dot(step_operand" in ln for ln in code) == 8   # d_U, d_W
+    # tanh: twice per forward step (g and tanh(c), kept), never in the backward step
+    assert sum("_tanh(" in ln for ln in code) == 2 and sum("_tanh(" in ln for ln in forward) == 2
+    assert any(ln.strip().startswith("kept") and "= _tanh(t2_c1_now[i0, i1])" in ln for ln in forward)
+    # no copy of a slice at the step's own time; the state at t-1 carried, not copied
+    assert not any("ascontiguousarray" in ln for ln in forward)
+    assert "t1_h1_sm1 = t1_h1_now  # h1 at this step, read by the next one" in "\n".join(forward)
+    gru = srcs["gru"]
+    (_, g_forward), (_, g_backward) = _time_loops(gru)
+    assert "kept1_now = np.dot(t1_h1_sm1, t11_Un1.T)" in "\n".join(g_forward)
+    assert not any("np.dot(t1_h1_sm1" in ln for ln in g_backward)
+    assert any(re.search(r"\(t13_bhn1\[i1\] \+ kept1\[i0, t\d+, i1\]\)", ln) for ln in g_backward)

@@ -91,3 +91,16 @@ def test_a_step_with_its_workspace_faults_far_fewer_pages_than_with_fresh_arrays
     # pages instead, so the contrast is asserted only in a process where fresh arrays do fault
     if fresh > pages / 2:
         assert reused < fresh / 10, (reused, fresh, pages)
+
+
+def test_an_array_read_only_by_a_returned_product_is_reused():
+    """A returned gradient np.dot(a.reshape(..).T, x) is a fresh array, so ``a`` does not reach the
+    caller and is taken from the workspace; a returned view or alias of ``b`` keeps ``b`` out."""
+    from chainrule.codegen.workspace import use_workspace
+    blocks = ["a = np.empty((n_batch, 512), dtype=DT)",
+              "g = np.dot(a.reshape(((n_batch) * (2), (256))).T, x).reshape((256, 16,))",
+              "b = np.empty((n_batch, 512), dtype=DT)",
+              "h = b.reshape((n_batch * 512,))"]
+    out, allocations = use_workspace(blocks, ["g", "h"], itemsize=8)
+    assert [a.name for a in allocations] == ["a"]
+    assert out[0].startswith("a = u_ws[0]") and out[2] == blocks[2]

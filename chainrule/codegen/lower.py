@@ -1660,9 +1660,11 @@ class Lowerer:
         return out
     def lower_units(self, units) -> list[Kernel]:
         """Lower a schedule (equations and time loops, ``derive.recurrence.schedule``): consecutive
-        equations as ``lower`` does, each time loop as one loop over t."""
+        equations as ``lower`` does, each time loop as one loop over t. A backward loop's gate
+        adjoints are named first (``step_operands``): computed once per step, not once per reader."""
+        from .step_operands import share_step_operands
         kernels, run = [], []
-        for u in units:
+        for u in share_step_operands(units, self):
             if isinstance(u, TimeLoop):
                 kernels += self.lower(run)
                 run = []
@@ -1710,8 +1712,14 @@ class Lowerer:
             kernels = self.lower(step_eqs)
         finally:
             self.outer_bound = self.outer_bound - {ts}
-        body = []
+        body, carried = [], []
         for (name, c, init), (t, axis, sl) in slices.items():
+            if name in produced and c == -loop.direction:
+                # the step before's result, still in its own array: no copy
+                lines += self._carried_slice_lines(t, sl, ts, c, init)
+                carried.append(f"{self.ident(sl.name)} = {self.ident(produced[name].name)}"
+                               f"  # {comment_text(name)} at this step, read by the next one")
+                continue
             body += self._slice_lines(t, axis, sl, ts, c, init, length)
         done = set()
         for kern in kernels:
@@ -1721,6 +1729,7 @@ class Lowerer:
                         produced[name].name in kern.outputs:
                     body.append(line)
                     done.add(name)
+        body += carried
         lines.append(f"for {ts} in {steps}:")
         lines += [IND + ln for ln in body]
         return Kernel("time_loop", [pretty(e) for e in loop.equations], [e.out.name for e in loop.equations],
@@ -1847,8 +1856,22 @@ class Lowerer:
                 raise UnsupportedError(f"codegen: delayed read {read} in a time loop has no time slice")
             return out
         body = body.replace(lambda e: isinstance(e, Delayed), delayed)
+        direct = self._read_in_place(body, ts, produced)
         return body.replace(lambda e: isinstance(e, sp.Indexed) and str(e.base.label) in self.tensors
-                            and slice_read(e, 0) is not None, lambda e: slice_read(e, 0))
+                            and e not in direct and slice_read(e, 0) is not None, lambda e: slice_read(e, 0))
+
+    @staticmethod
+    def _read_in_place(body, ts, produced) -> set:
+        """The reads of a sequence at the step's own time ``ts`` that the step's loops can index
+        in place (``c1[i0, t, i1]``): outside every reduction (a contraction's operand is copied
+        into a contiguous slice for ``np.dot``), and not computed by this step (those are read
+        from the step's own result)."""
+        inner = set()
+        for r in sp.preorder_traversal(body):
+            if isinstance(r, REDUCTIONS):
+                inner |= r.atoms(sp.Indexed)
+        return {e for e in body.atoms(sp.Indexed) if e not in inner and str(e.base.label) not in produced
+                and any(sp.sympify(i) == ts for i in e.indices)}
 
     def _slice_lines(self, t, axis, sl, ts, c, init, length):
         """Set the slice variable ``sl`` to ``t`` at step ``ts + c``: a contiguous copy inside the
@@ -1869,6 +1892,19 @@ class Lowerer:
             kern = self.lower([Equation(sl, fresh, init, note="initial state")])
             lines += [IND + ln for k in kern for ln in k.lines]
         return lines
+
+    def _carried_slice_lines(self, t, sl, ts, c, init) -> list[str]:
+        """Before the loop: ``sl`` (``t`` at the step before, ``ts + c``) at the first step, where
+        the step before is outside the sequence: the initial state, or zeros. Each step then
+        hands its own result on (a fresh array every step, so nothing overwrites it)."""
+        name = self.ident(sl.name)
+        lines = [f"# {comment_text(t.name)} at step {ts}{c:+d}, carried from step to step: before the first "
+                 f"step, {'the initial state' if init != 0 else 'zeros (outside the sequence)'}"]
+        if init == 0:
+            return lines + [f"{name} = np.zeros({self.shape_code(sl)}, dtype=DT)"]
+        fresh = tuple(sp.Symbol(f"_s{k}", integer=True) for k in range(sl.rank))
+        kern = self.lower([Equation(sl, fresh, init, note="initial state")])
+        return lines + [ln for k in kern for ln in k.lines]
 
     def can_fuse(self, group, info) -> bool:
         if info["shape"] != group[0]["shape"]:

@@ -11,6 +11,7 @@ import numpy as np
 from ..derive.errors import UnsupportedError
 from ..derive.recurrence import flatten
 from .dtypes import DTYPES, check_dtype  # noqa: F401  (re-exported: render.check_dtype)
+from .forward_values import keep_forward_values
 from .lower import IND, Lowerer, comment_text, primitives_used, sanitise
 from .split import SPLIT_ABOVE_LINES, DriverCode, KernelSplitter, fused_length
 from .workspace import use_workspace
@@ -171,8 +172,10 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
         if eval_eqs:
             raise UnsupportedError("codegen: a recurrent model with evaluation-mode equations (batch "
                                    "norm's running averages) is not supported yet")
-        # time loops: each recurrence (and its adjoint) as one loop over t
-        forward_k = lw.lower_units(model.schedule)
+        # time loops: each recurrence (and its adjoint) as one loop over t; a value the forward
+        # step computes and the backward pass needs again (the LSTM's tanh(c)) is kept
+        forward_units, backward_units = keep_forward_values(model.schedule, _adjoint_order(composed, model), lw)
+        forward_k = lw.lower_units(forward_units)
         forward_modes = ["\n".join(k.lines) for k in forward_k]
         predict_units = _needed_units(model, [model.outputs[0].name])
         if any(r in target_names for e in flatten(predict_units) for r, _ in e.reads()):
@@ -204,7 +207,7 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
     # function: an im2col buffer that forward gathered is read again, not gathered twice
     train_cols = {} if recurrent else train_cols
     lw.shared_cols = dict(train_cols)
-    backward_k = lw.lower_units(_adjoint_order(composed, model))
+    backward_k = lw.lower_units(backward_units if recurrent else _adjoint_order(composed, model))
     lw.shared_cols = None
     outputs_units = (_needed_units(model, [t.name for t in model.outputs]) if recurrent else
                      _needed(model.evaluation_equations() if eval_eqs else model.equations,

@@ -87,6 +87,24 @@ def _elements(shape, n_batch: int) -> int | None:
     return total
 
 
+def _fresh(expr) -> bool:
+    """``expr`` is a new array that shares no memory with the arrays it reads: the product
+    ``np.dot(..)`` (a weight gradient ``np.dot(δ.reshape(..).T, x)``), or a reshape or transpose
+    of one."""
+    while isinstance(expr, (ast.Call, ast.Attribute)):
+        if isinstance(expr, ast.Attribute) and expr.attr == "T":
+            expr = expr.value
+        elif isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute):
+            if isinstance(expr.func.value, ast.Name) and expr.func.value.id == "np":
+                return expr.func.attr == "dot"
+            if expr.func.attr not in ("reshape", "transpose"):
+                return False
+            expr = expr.func.value
+        else:
+            return False
+    return False
+
+
 def _escaping(tree, returned) -> set:
     """The names whose arrays may reach ``returned``: an assignment ``a = expr`` to such a name
     makes every name read in ``expr`` one too (a view, a reshape, an alias), unless ``expr`` is a
@@ -94,7 +112,8 @@ def _escaping(tree, returned) -> set:
     sources: dict = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign):
-            reads = {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
+            reads = set() if _fresh(node.value) else \
+                {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
             for target in node.targets:
                 if isinstance(target, ast.Name):
                     sources.setdefault(target.id, set()).update(reads)
