@@ -311,11 +311,11 @@ def candidates(kind, cm, init, x, y, labels, convs):
 
     def numpy_():
         p = copy()
-        fn = numpy_mlp_step if kind == "mlp" else (lambda p, x, y, lr: numpy_cnn_step(p, x, y, lr, convs))
-        if kind.startswith("rnn"):
-            fn = numpy_rnn_step
+        fn = by_hand[kind]
         return (lambda: fn(p, x, y, LR)), (lambda: p)
-    if kind in ("mlp", "cnn", "rnn:rnn"):         # the hand-written RNN step is the Elman cell's
+    by_hand = {"mlp": numpy_mlp_step, "cnn": lambda p, x, y, lr: numpy_cnn_step(p, x, y, lr, convs),
+               "rnn:rnn": numpy_rnn_step}         # the hand-written RNN step is the Elman cell's
+    if kind in by_hand:
         out["NumPy"] = numpy_
     if kind == "mlp" and optional("numba"):
         run = make_numba_mlp()

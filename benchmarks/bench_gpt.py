@@ -288,6 +288,16 @@ def time_rounds(fns, rounds, clock):
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def char_gpt_setup():
+    """The benchmark's text and model: (codec, train ids, validation ids, the compiled GPT with Adam)."""
+    text = load_pydoc_text()
+    codec = CharCodec.of(text)
+    train_ids, val_ids = split_ids(codec.encode(text))
+    cm = compile_model(gpt(codec.vocab, CONTEXT, WIDTH, HEADS, LAYERS, name="char-gpt"), dtype="float32",
+                       optimizer="adam")
+    return codec, train_ids, val_ids, cm
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=20)
@@ -298,12 +308,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from threadpoolctl import threadpool_limits
     threadpool_limits(1)
-    text = load_pydoc_text()
-    codec = CharCodec.of(text)
-    train_ids, val_ids = split_ids(codec.encode(text))
     t0 = time.perf_counter()
-    cm = compile_model(gpt(codec.vocab, CONTEXT, WIDTH, HEADS, LAYERS, name="char-gpt"), dtype="float32",
-                       optimizer="adam")
+    codec, train_ids, val_ids, cm = char_gpt_setup()
     print(f"chainrule: derive, generate and load {time.perf_counter() - t0:.1f}s "
           f"({'cache hit' if cm.cache_hit else 'generated'})")
     init = cm.init_params(0)

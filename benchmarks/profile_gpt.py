@@ -24,11 +24,9 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMB
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench_gpt import BATCH, CONTEXT, HEADS, LAYERS, LR, WIDTH  # noqa: E402
+from bench_gpt import BATCH, CONTEXT, LR, char_gpt_setup  # noqa: E402
 
-from chainrule.codegen import compile_model  # noqa: E402
-from chainrule.derive.attention import gpt  # noqa: E402
-from chainrule.runtime.text import CharCodec, batch_starts, load_pydoc_text, split_ids, windows  # noqa: E402
+from chainrule.runtime.text import batch_starts, windows  # noqa: E402
 
 
 def kernels(module) -> dict:
@@ -51,11 +49,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from threadpoolctl import threadpool_limits
     threadpool_limits(1)
-    text = load_pydoc_text()
-    codec = CharCodec.of(text)
-    train_ids, _ = split_ids(codec.encode(text))
-    cm = compile_model(gpt(codec.vocab, CONTEXT, WIDTH, HEADS, LAYERS, name="char-gpt"), dtype="float32",
-                       optimizer="adam")
+    codec, train_ids, _, cm = char_gpt_setup()
     params, state = cm.init_params(0), cm.init_state()
     starts = batch_starts(len(train_ids), CONTEXT, BATCH, 2 * args.steps + 1, 0)
     data = [windows(train_ids, s, CONTEXT, codec.vocab, "float32") for s in starts]
