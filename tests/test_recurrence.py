@@ -224,7 +224,10 @@ def test_a_time_loop_keeps_only_what_needs_the_previous_step():
     (before_fwd, forward), (before_bwd, backward) = _time_loops(lag)
     assert "np.dot(t0_x.reshape(((n_batch) * (6), (3)))" in "\n".join(before_fwd)
     assert "    # hoisted2[b,t,o] = Σ_i[W1[o, i]*x[b, t, i]] + b1[o]" in before_fwd
-    assert sum("np.dot(" in ln for ln in forward) == 1 and "np.dot(t4_h1_sm1, t2_U1.T)" in "\n".join(forward)
+    # the recurrent weight transposed once before the loop: each step multiplies by a contiguous matrix
+    assert sum("np.dot(" in ln for ln in forward) == 1 and "np.dot(t4_h1_sm1, t2_U1_T)" in "\n".join(forward)
+    assert "    t2_U1_T = np.ascontiguousarray(t2_U1.T)" in before_fwd
+    assert not any("np.ascontiguousarray" in ln for ln in forward)
     assert any("_tanh(" in ln for ln in forward) and not any("math.tanh" in ln for ln in forward)
     assert any(ln.strip().startswith("hoisted") and "= np.dot(t14_d_z2, t7_W2)" in ln for ln in before_bwd[-3:])
     # δ at t + 1 is the step before's result, carried: zeros before the first step, no copy in the loop
@@ -346,6 +349,27 @@ def test_gate_adjoints_and_forward_values_are_computed_once():
     assert "t1_h1_sm1 = t1_h1_now  # h1 at this step, read by the next one" in "\n".join(forward)
     gru = srcs["gru"]
     (_, g_forward), (_, g_backward) = _time_loops(gru)
-    assert "kept1_now = np.dot(t1_h1_sm1, t11_Un1.T)" in "\n".join(g_forward)
+    assert "kept1_now = np.dot(t1_h1_sm1, t11_Un1_T)" in "\n".join(g_forward)
     assert not any("np.dot(t1_h1_sm1" in ln for ln in g_backward)
     assert any(re.search(r"\(t13_bhn1\[i1\] \+ kept1\[i0, t\d+, i1\]\)", ln) for ln in g_backward)
+
+
+def test_a_backward_loop_stores_only_the_sequences_read_after_it():
+    """Of the LSTM's backward results, only the gate products (read by the weight and bias gradients
+    after the loop) are stored as sequences; d_c is handed from step to step in its own array;
+    d_h, d_o, d_g, d_f and d_i, read only within their step, are scalars of the step's loop (no
+    array, no store). The values are checked against NumPy and PyTorch in test_sequence_layers."""
+    lstm = _lstm_and_gru_sources()["lstm"]
+    (_, forward), (before_bwd, backward) = _time_loops(lstm)
+    stores = [ln.strip() for ln in backward if "# store " in ln]
+    assert [s.split("[")[0] for s in stores] == [f"step_operand{k}" for k in sorted(
+        int(s.split("[")[0][len("step_operand"):]) for s in stores)] and len(stores) == 4
+    assert "# not stored (nothing after the loop reads them): d_h1; d_c1; d_o1; d_g1; d_f1; d_i1" in \
+        "\n".join(before_bwd)
+    assert not any(re.match(r"\s+t\d+_d_\w+ = (np.empty|u_ws)", ln) for ln in before_bwd[-30:])
+    for local in ("d_h1", "d_o1", "d_g1", "d_f1", "d_i1"):
+        assert any(re.match(rf"\s+t\d+_{local}_now = ", ln) for ln in backward), local
+        assert not any(re.search(rf"t\d+_{local}_now(\[| = np.empty)", ln) for ln in backward), local
+    assert "t29_d_c1_sp1 = t29_d_c1_now  # d_c1 at this step, read by the next one" in "\n".join(backward)
+    # the forward loop stores every sequence: the backward pass reads them all
+    assert sum("# store " in ln for ln in forward) == 7

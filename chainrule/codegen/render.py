@@ -207,7 +207,10 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
     # function: an im2col buffer that forward gathered is read again, not gathered twice
     train_cols = {} if recurrent else train_cols
     lw.shared_cols = dict(train_cols)
-    backward_k = lw.lower_units(backward_units if recurrent else _adjoint_order(composed, model))
+    # what the backward pass returns: a backward time loop stores only the sequences read after it
+    returned = {adjoints[p.name] for p in params if p.name in adjoints}
+    backward_k = lw.lower_units(backward_units if recurrent else _adjoint_order(composed, model),
+                                keep=returned)
     lw.shared_cols = None
     outputs_units = (_needed_units(model, [t.name for t in model.outputs]) if recurrent else
                      _needed(model.evaluation_equations() if eval_eqs else model.equations,
@@ -218,7 +221,8 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
                                f"({', '.join(sorted(target_names))})")
     input_adjoints = [composed_in[t.name].adjoint.name for t in inputs] if input_grads else []
     lw.shared_cols = dict(train_cols)
-    input_backward_k = lw.lower_units(_adjoints_needed(_adjoint_order(composed_in, model), input_adjoints)) \
+    input_backward_k = lw.lower_units(_adjoints_needed(_adjoint_order(composed_in, model), input_adjoints),
+                                      keep=set(input_adjoints)) \
         if input_grads else []
     lw.shared_cols = None
 
