@@ -371,5 +371,19 @@ def test_a_backward_loop_stores_only_the_sequences_read_after_it():
         assert any(re.match(rf"\s+t\d+_{local}_now = ", ln) for ln in backward), local
         assert not any(re.search(rf"t\d+_{local}_now(\[| = np.empty)", ln) for ln in backward), local
     assert "t29_d_c1_sp1 = t29_d_c1_now  # d_c1 at this step, read by the next one" in "\n".join(backward)
-    # the forward loop stores every sequence: the backward pass reads them all
-    assert sum("# store " in ln for ln in forward) == 7
+
+
+def test_a_step_writes_its_results_into_their_sequences():
+    """The LSTM's forward step writes the gates and tanh(c) straight into their sequences (the
+    backward pass reads them all), and the later statements of the step read them there; only c
+    and h, handed to the next step in arrays of their own (h is the next product's operand), are
+    copied into their sequences after the loop nest."""
+    lstm = _lstm_and_gru_sources()["lstm"]
+    (_, forward), _ = _time_loops(lstm)
+    code = "\n".join(forward)
+    for seq, value in (("t6_i1", "sigmoid(dot"), ("t10_f1", "sigmoid(dot"), ("t14_g1", "_tanh(dot"),
+                       ("t18_o1", "sigmoid(dot"), ("kept1", "_tanh(t2_c1_now[i0, i1])")):
+        assert re.search(rf"\n\s+{seq}\[i0, t\d+, i1\] = {re.escape(value)}", code), seq
+        assert f"{seq}_now" not in code
+    assert re.search(r"t1_h1_now\[i0, i1\] = kept1\[i0, t\d+, i1\]\*t18_o1\[i0, t\d+, i1\]", code)
+    assert [ln.strip().split(" = ")[0] for ln in forward if "# store " in ln] == ["t2_c1[:, t2, :]", "t1_h1[:, t2, :]"]
