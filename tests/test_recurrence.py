@@ -1,5 +1,6 @@
 """Recurrences over time: declared the natural way, derived with a symbolic T into the BPTT recursion,
 verified exactly at several sizes (T included), and refused clearly where they are not causal."""
+import functools
 import re
 
 import numpy as np
@@ -312,6 +313,7 @@ def test_the_bptt_recursion_in_matrix_form_with_shapes():
     assert compared > 100
 
 
+@functools.lru_cache(maxsize=1)
 def _lstm_and_gru_sources():
     from chainrule.codegen.render import render_module
     from chainrule.derive import build_model
@@ -387,3 +389,27 @@ def test_a_step_writes_its_results_into_their_sequences():
         assert f"{seq}_now" not in code
     assert re.search(r"t1_h1_now\[i0, i1\] = kept1\[i0, t\d+, i1\]\*t18_o1\[i0, t\d+, i1\]", code)
     assert [ln.strip().split(" = ")[0] for ln in forward if "# store " in ln] == ["t2_c1[:, t2, :]", "t1_h1[:, t2, :]"]
+
+
+def test_input_gradients_through_a_backward_loop_that_stores_little(kernel_cache_dir):
+    """input_grads keeps what it returns: the LSTM's dC/dx, computed after the backward loop from
+    the gate products it stores, against central differences in float64 (batch 7, 5 steps, 3
+    features, 4 units; all 105 entries compared), while d_h, d_c and the gate adjoints are not
+    stored there either."""
+    from chainrule.codegen import compile_model
+    cm = compile_model("seq(5, 3) -> lstm(4) -> dense(3) -> softmax_cross_entropy", dtype="float64",
+                       input_grads=True, cache_dir=kernel_cache_dir)
+    part = cm.source[cm.source.index("def input_grads"):]
+    assert "# not stored (nothing after the loop reads them): d_h1; d_c1; d_o1; d_g1; d_f1; d_i1" in part
+    rng = np.random.default_rng(1)
+    params = cm.init_params(seed=3)
+    x, y = rng.normal(size=(7, 5, 3)), np.eye(3)[rng.integers(0, 3, 7)]
+    _, grads = cm.input_grads(params, x, y)
+    numeric, eps = np.zeros_like(x), 1e-6
+    for idx in np.ndindex(*x.shape):
+        up, down = x.copy(), x.copy()
+        up[idx] += eps
+        down[idx] -= eps
+        numeric[idx] = (cm.input_grads(params, up, y)[0] - cm.input_grads(params, down, y)[0]) / (2 * eps)
+    assert np.abs(numeric).max() > 1e-3
+    np.testing.assert_allclose(grads["x"], numeric, rtol=1e-6, atol=1e-9)
