@@ -373,6 +373,12 @@ def test_a_backward_loop_stores_only_the_sequences_read_after_it():
         assert any(re.match(rf"\s+t\d+_{local}_now = ", ln) for ln in backward), local
         assert not any(re.search(rf"t\d+_{local}_now(\[| = np.empty)", ln) for ln in backward), local
     assert "t29_d_c1_sp1 = t29_d_c1_now  # d_c1 at this step, read by the next one" in "\n".join(backward)
+    # f at t+1 and c at t-1, read elementwise, are indexed in place (the index clamped into the
+    # sequence, zeros selected outside it), not copied into slices at every step
+    assert not any("ascontiguousarray" in ln for ln in backward)
+    code = "\n".join(backward)
+    assert re.search(r"\(\(t10_f1\[i0, min\(4, (t\d+) \+ 1\), i1\]\) if \(\(\1 <= 3\)\) else 0\)", code)
+    assert re.search(r"\(\(t2_c1\[i0, max\(0, (t\d+) - 1\), i1\]\) if \(\(\1 >= 1\)\) else 0\)", code)
 
 
 def test_a_step_writes_its_results_into_their_sequences():

@@ -1736,7 +1736,8 @@ class Lowerer:
         slices, produced, step_eqs, stores = {}, {}, [], []
         for e in step_sources:
             axis = loop.time_axes[e.out.name]
-            body = self._sliced(substitute_index(e.body, e.indices[axis], ts), ts, slices, produced)
+            body = self._sliced(substitute_index(e.body, e.indices[axis], ts), ts, slices, produced,
+                                computed=set(loop.names))
             out = self._slice_tensor(e.out, axis, "now")
             step_eqs.append(Equation(out, e.indices[:axis] + e.indices[axis + 1:], body, layer=e.layer,
                                      note=e.note))
@@ -1921,9 +1922,24 @@ class Lowerer:
             self.names[name] = f"{self.ident(t.name)}_{sanitise(tag)}"
         return self.tensors[name]
 
-    def _sliced(self, body, ts, slices, produced):
+    def _sliced(self, body, ts, slices, produced, computed=()):
         """``body`` at one step: every read of a sequence at ``ts + c`` (and every delayed read of
-        a recurrence) replaced by a read of its time slice."""
+        a recurrence) replaced by a read of its time slice; a read at ``ts + c`` outside every
+        reduction of a sequence the loop does not compute is indexed in place instead
+        (``_nearby_in_place``)."""
+        inner = set()
+        for r in sp.preorder_traversal(body):
+            if isinstance(r, REDUCTIONS):
+                inner |= r.atoms(sp.Indexed) | r.atoms(Delayed)
+
+        def nearby(read, outside):
+            """The in-place read of ``read`` (at ts + c, c != 0) when it qualifies, else None."""
+            name = str(read.base.label)
+            axis = time_axis(read)
+            if read in inner or name in computed or name not in self.tensors or axis is None:
+                return None
+            c = time_shift(read.indices[axis], [ts])[1]
+            return None if c == 0 else self._nearby_in_place(read, axis, ts, c, outside)
         def time_axis(read):
             hits = [k for k, e in enumerate(read.indices) if ts in sp.sympify(e).free_symbols]
             if len(hits) != 1 or time_shift(read.indices[hits[0]], [ts]) is None:
@@ -1949,6 +1965,10 @@ class Lowerer:
 
         def delayed(e):
             initial, read, _ = e.args
+            if e not in inner:
+                here = nearby(read, initial)
+                if here is not None:
+                    return here
             # the initial state, written in the read's own indices (the time entry aside)
             axis = time_axis(read)
             rest = [v for k, v in enumerate(read.indices) if k != axis]
@@ -1960,8 +1980,23 @@ class Lowerer:
             return out
         body = body.replace(lambda e: isinstance(e, Delayed), delayed)
         direct = self._read_in_place(body, ts, produced)
+        here = {e: nearby(e, sp.S.Zero) for e in body.atoms(sp.Indexed) if e not in direct}
+        here = {e: v for e, v in here.items() if v is not None}
         return body.replace(lambda e: isinstance(e, sp.Indexed) and str(e.base.label) in self.tensors
-                            and e not in direct and slice_read(e, 0) is not None, lambda e: slice_read(e, 0))
+                            and e not in direct and (e in here or slice_read(e, 0) is not None),
+                            lambda e: here[e] if e in here else slice_read(e, 0))
+
+    def _nearby_in_place(self, read, axis, ts, c, outside):
+        """A read of a sequence at ``ts + c`` (c != 0) indexed in place: ``x[.., min(ts + c, T - 1),
+        ..]`` where ``ts + c`` is inside the sequence, ``outside`` (zeros or the declared initial
+        state) where it is not. The clamp keeps the index inside the array at every step, so the
+        select costs no branch and the step's loop stays vectorisable; a slice copied at every step
+        (`np.ascontiguousarray`) is what it replaces."""
+        last = self.concrete_shape(self.tensors[str(read.base.label)])[axis] - 1
+        at = sp.Min(ts + c, last) if c > 0 else sp.Max(ts + c, 0)
+        inside = sp.Le(ts + c, last) if c > 0 else sp.Ge(ts + c, 0)
+        idx = list(read.indices)
+        return sp.Piecewise((read.base[tuple(idx[:axis] + [at] + idx[axis + 1:])], inside), (outside, True))
 
     @staticmethod
     def _read_in_place(body, ts, produced) -> set:
