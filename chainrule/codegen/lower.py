@@ -14,7 +14,11 @@ Every equation ``out[idx] = body`` becomes one of:
   row loops that compute each ``exp`` once, normalise in place and only store zeros outside ``R``;
 * ``accumulate``: ``out[idx] = Σ_r f`` with bounds independent of ``idx`` (a bias gradient): the
   reduction loop outermost and the output loop inside, so that the reads stay contiguous;
-* ``scalar``: a rank-0 output (the cost).
+* ``scalar``: a rank-0 output (the cost);
+* ``slices``: a run of equations that start with a batched contraction and all work per element of
+  the same leading (batch, head) indices (attention's scores, softmax and weighted values; or the
+  adjoints dA, dS, dV, dK, dQ) as one loop over those indices, each equation lowered on its 2-D
+  slices by the cases above, so that each slice's intermediates stay in cache.
 
 Nothing here knows about a particular layer: everything comes from the equations.
 """
@@ -129,6 +133,12 @@ class Lowerer:
         # causal attention weights) -> (axis, lo, hi), lo and hi in the loop variables of the
         # earlier axes; reductions and loops that multiply by them skip the zeros
         self.zero_outside: dict = {}
+        # the tensors that code after the function being lowered reads (its returned gradients), when
+        # ``lower`` is given no ``keep``: a slice loop's intermediate outside this set and read by no
+        # later equation is one slice, reused, never a whole array; None: every output is kept
+        self.live_after: set | None = None
+        # a kernel calls the header's _matmul_into (BLAS with a scale, into an existing array)
+        self.strided_gemm = False
         self.loop_vars = [sp.Symbol(f"i{k}", integer=True) for k in range(8)]
         for v in self.loop_vars:
             self.names[v] = str(v)
@@ -316,6 +326,12 @@ class Lowerer:
 
     def dot_code(self, A, Bm, k, loop_vars):
         """Code for ``T[free] = Σ_k A B`` and the order of T's indices (out-index order)."""
+        a, b, order = self.dot_views(A, Bm, k, loop_vars)
+        return f"np.dot({a}, {b})", order
+
+    def dot_views(self, A, Bm, k, loop_vars):
+        """The two operands of ``Σ_k A B`` as 2-D views (free, k) and (k, free), and the order of
+        the product's indices."""
         fa = [i for i in A.indices if i != k]
         fb = [i for i in Bm.indices if i != k]
         if fa and fb and loop_vars.index(fa[0]) > loop_vars.index(fb[0]):
@@ -330,7 +346,7 @@ class Lowerer:
             return code
         a = view(A, k_first=False)                # A as (free, k)
         b = view(Bm, k_first=True)                # B as (k, free)
-        return f"np.dot({a}, {b})", tuple(fa + fb)
+        return a, b, tuple(fa + fb)
 
     def match_batched(self, s, loop_vars):
         """``Σ_k A[β.., α.., k..] B[β.., k.., γ..]`` with plain indices over full ranges, where the
@@ -1089,6 +1105,18 @@ class Lowerer:
                 info.update(kind="dot", code=code,
                             dot_reads={str(m[0].base.label), str(m[1].base.label)})
                 return info
+        # a scaled product into an existing matrix (a slice of a slice loop: attention's Q Kᵀ / √E):
+        # one BLAS call with the scale as its alpha, no temporary and no pass to scale it
+        c = _coefficient(body)
+        m = self.match_dot(body / c, loop_vars) if eq.out.name in self.preallocated and eq.out.rank == 2 \
+            and c != 1 else None
+        if m is not None and m[3] == 1:
+            a, b, order = self.dot_views(m[0], m[1], m[2], loop_vars)
+            if order == loop_vars:
+                self.strided_gemm = True
+                info.update(kind="dot", code=f"_matmul_into({self.ident(eq.out.name)}, {a}, {b}, {self.pv(c)})",
+                            dot_reads={str(m[0].base.label), str(m[1].base.label)})
+                return info
         # the whole body a batched contraction (per batch element and head): one np.dot each
         bm = self.match_batched(body / _coefficient(body), loop_vars) if eq.out.rank > 0 else None
         if bm is not None:
@@ -1518,7 +1546,19 @@ class Lowerer:
         for eq in equations:
             for name, _ in eq.reads():
                 self.readers.setdefault(name, set()).add(eq.out.name)
-        infos = [self.classify(eq) for eq in equations]
+        groups = self.slice_groups(equations)
+        for plan in groups.values():          # a slice loop's tensors are arrays, never loop locals
+            self.scalars -= {e.out.name for e in plan["equations"]} | \
+                {name for e in plan["equations"] for name, _ in e.reads()}
+        infos, pos = [], 0
+        while pos < len(equations):
+            if pos in groups:
+                plan = groups[pos]
+                infos.append({"kind": "slices", "kernel": self.slice_loop_kernel(plan, keep)})
+                pos += len(plan["equations"])
+                continue
+            infos.append(self.classify(equations[pos]))
+            pos += 1
         kernels: list[Kernel] = []
         group: list[dict] = []
 
@@ -1536,8 +1576,13 @@ class Lowerer:
                 group.append(info)
             elif info["kind"] == "dot":
                 name = self.ident(info["out"])
-                kernels.append(Kernel("dot", [info["text"]], [info["out"]],
-                                      [f"# {info['text']}", f"{name} = {info['code']}"]))
+                code = info["code"]
+                if code.startswith("np.dot("):
+                    code = (f"{code[:-1]}, {name})" if info["out"] in self.preallocated
+                            else f"{name} = {code}")     # into the existing array (a slice)
+                kernels.append(Kernel("dot", [info["text"]], [info["out"]], [f"# {info['text']}", code]))
+            elif info["kind"] == "slices":
+                kernels.append(info["kernel"])
             elif info["kind"] == "batched":
                 name = self.ident(info["out"])
                 code, _ = self.batched_code(info["plan"], name, target=name)
@@ -1556,6 +1601,158 @@ class Lowerer:
                 kernels.append(self.scalar_kernel(info))
         flush()
         return kernels
+
+    # -- slice loops: a run of per-(batch, head) equations in one loop ------------------------
+    def slice_groups(self, equations) -> dict:
+        """Runs of consecutive equations computed per element of the same leading indices: each run
+        starts with a batched contraction whose batch indices lead its output (attention's
+        ``S[b,h,t,u] = Σ_e Q[b,h,t,e] K[b,h,u,e] / √E``), and goes on while the next equation reads
+        every tensor that carries those leading axes at its own (b, h) only (the softmax ``A`` of
+        ``S``, then ``O = A V``). -> {position of the run's first equation: plan}. A run of one
+        equation stays a ``batched`` kernel."""
+        groups, pos = {}, 0
+        while pos < len(equations):
+            counter = self._counter
+            plan = self._slice_run(equations, pos)
+            if plan is not None and len(plan["equations"]) > 1:
+                groups[pos] = plan
+                pos += len(plan["equations"])
+            else:
+                self._counter = counter           # a look that found nothing names nothing
+                pos += 1
+        return groups
+
+    def _slice_run(self, equations, pos):
+        eq = equations[pos]
+        if eq.out.rank < 3 or not sp.sympify(eq.body).has(sp.Sum) or eq.body.has(Delayed) \
+                or eq.body.has(sp.KroneckerDelta):
+            return None
+        body, loop_vars = self.prepare(eq)
+        bm = self.match_batched(body / _coefficient(body), loop_vars)
+        if bm is None:
+            return None
+        k = len(bm["batch"])
+        if tuple(bm["batch"]) != loop_vars[:k] or eq.out.rank - k < 2:
+            return None
+        extent = self.concrete_shape(eq.out)[:k]
+        outer = [sp.Symbol(self.fresh("s"), integer=True) for _ in range(k)]
+        plan = dict(k=k, extent=extent, outer=outer, equations=[], sliced=[], reads=[])
+        for e in equations[pos:]:
+            sliced = self._slice_equation(e, plan)
+            if sliced is None:
+                break
+            plan["equations"].append(e)
+            plan["sliced"].append(sliced)
+        return plan if plan["equations"] else None
+
+    def _slice_equation(self, eq, plan):
+        """``eq`` on one slice: its leading k indices fixed to the loop's, every read of a tensor at
+        those indices a read of that tensor's slice -> the sliced Equation, or None where ``eq``
+        is not computed per slice (a sum over a leading index, a read at another position)."""
+        k, extent, outer = plan["k"], plan["extent"], plan["outer"]
+        if eq.out.rank - k < 1 or self.concrete_shape(eq.out)[:k] != extent or \
+                eq.body.has(Delayed) or eq.body.has(sp.KroneckerDelta):
+            return None
+        lead = tuple(eq.indices[:k])
+        if not all(isinstance(i, sp.Symbol) for i in lead) or len(set(lead)) != k:
+            return None
+        bound = {lim[0] for r in sp.preorder_traversal(sp.sympify(eq.body)) if isinstance(r, REDUCTIONS)
+                 for lim in r.limits}
+        if bound & set(lead):
+            return None
+        body = sp.sympify(eq.body).xreplace(dict(zip(lead, outer)))
+
+        def sliced_read(r):
+            t = self.tensors[str(r.base.label)]
+            return self._batch_slice(t, k)[tuple(r.indices[k:])]
+
+        def per_slice(r):
+            name = str(r.base.label)
+            return (name in self.tensors and tuple(r.indices[:k]) == tuple(outer)
+                    and self.tensors[name].rank > k
+                    and self.concrete_shape(self.tensors[name])[:k] == extent)
+        body = body.replace(lambda e: isinstance(e, sp.Indexed) and per_slice(e), sliced_read)
+        if set(outer) & body.free_symbols:
+            return None
+        return Equation(self._batch_slice(eq.out, k), tuple(eq.indices[k:]), body, layer=eq.layer,
+                        note=eq.note)
+
+    def _batch_slice(self, t, k) -> Tensor:
+        """The tensor of one slice ``t[b, h]`` of ``t``'s leading k axes (registered once)."""
+        name = f"{t.name}__slice"
+        if name not in self.tensors:
+            self.tensors[name] = Tensor(name, t.shape[k:], role="hidden", layer=t.layer)
+            self.names[name] = f"{self.ident(t.name)}_s"
+        return self.tensors[name]
+
+    def _shift_support(self, support, by):
+        """A ``zero_outside`` entry of a tensor re-expressed for its slice (``by = -k``) or for the
+        whole tensor from its slice (``by = k``): axis and loop variables moved by ``by``."""
+        axis, lo, hi = support
+        lv = self.loop_vars
+        if axis + by < 0 or any(s in lv[:max(-by, 0)] for s in
+                                (sp.sympify(lo).free_symbols | sp.sympify(hi).free_symbols)):
+            return None
+        move = {v: lv[j + by] for j, v in enumerate(lv) if 0 <= j + by < len(lv)}
+        return axis + by, sp.sympify(lo).xreplace(move), sp.sympify(hi).xreplace(move)
+
+    def slice_loop_kernel(self, plan, keep) -> Kernel:
+        """One loop over the leading (batch, head) indices of a run of equations (``slice_groups``),
+        computing every equation of the run on the slice before the next slice: each slice's scores,
+        weights and products (16 kB each at T = 64) are still in cache when the next equation reads
+        them, where whole-tensor kernels wrote and read them back through memory (1 MB each).
+        The equations are lowered on their 2-D slices by the same machinery (products are
+        ``np.dot`` into the slice). An output read after the run is a whole array whose slices the
+        loop writes in place; an intermediate nothing after the run reads is one slice, reused."""
+        k, outer, eqs, sliced = plan["k"], plan["outer"], plan["equations"], plan["sliced"]
+        for v in outer:
+            self.names[v] = str(v)
+        outs = {e.out.name for e in eqs}
+        later = {name for name, readers in self.readers.items() if readers - outs}
+        kept = {name for name in outs if name in later or
+                (name in keep if keep is not None else self.live_after is None or name in self.live_after)}
+        lines = [f"# one loop over ({', '.join(str(i) for i in eqs[0].indices[:k])}): "
+                 + "; ".join(comment_text(e.out.name) for e in eqs)
+                 + ", each slice computed while its data is in cache"]
+        lines += [f"# {pretty(e)}" for e in eqs]
+        views, inputs = [], []
+        for e in eqs:
+            s = self._batch_slice(e.out, k)
+            self.preallocated.add(s.name)
+            if e.out.name in kept:
+                lines.append(f"{self.ident(e.out.name)} = np.empty({self.shape_code(e.out)}, dtype=DT)")
+                views.append(s)
+            else:
+                lines.append(f"{self.ident(s.name)} = np.empty({self.shape_code(s)}, dtype=DT)"
+                             f"  # {comment_text(e.out.name)}: one slice at a time, read by nothing after")
+        for e in sliced:
+            for r in sp.sympify(e.body).atoms(sp.Indexed):
+                name = str(r.base.label)
+                if name.endswith("__slice") and name[:-7] not in outs and name not in [t.name for t in inputs]:
+                    inputs.append(self.tensors[name])
+        for t in inputs:                          # what the slices know to be zero, from the whole
+            whole = self.zero_outside.get(t.name[:-7])
+            moved = whole and self._shift_support(whole, -k)
+            if moved:
+                self.zero_outside[t.name] = moved
+        saved = self.scalars, self.readers, self.outer_bound
+        self.outer_bound = self.outer_bound | set(outer)
+        try:
+            inner = self.lower(sliced)
+        finally:
+            self.scalars, self.readers, self.outer_bound = saved
+        for e in eqs:                             # and what the whole is known to be from its slices
+            part = self.zero_outside.get(self._batch_slice(e.out, k).name)
+            moved = part and self._shift_support(part, k)
+            if moved:
+                self.zero_outside[e.out.name] = moved
+        at = ", ".join(str(v) for v in outer)
+        body = [f"{self.ident(t.name)} = {self.ident(t.name[:-7])}[{at}]" for t in inputs + views]
+        body += [ln for kern in inner for ln in kern.lines]
+        nested = body
+        for d in range(k, 0, -1):
+            nested = [f"for {outer[d - 1]} in range({self.pe(plan['extent'][d - 1])}):"] + [IND + ln for ln in nested]
+        return Kernel("slices", [pretty(e) for e in eqs], sorted(kept), lines + nested)
 
     def share_reductions(self, equations):
         """Common subexpressions across equations: a sum or log-sum-exp that several equations

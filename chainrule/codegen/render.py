@@ -207,8 +207,10 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
     # function: an im2col buffer that forward gathered is read again, not gathered twice
     train_cols = {} if recurrent else train_cols
     lw.shared_cols = dict(train_cols)
+    # after the backward pass only its parameter gradients are read (returned, or the update's)
+    lw.live_after = None if recurrent else {adjoints[p.name] for p in params if p.name in adjoints}
     backward_k = lw.lower_units(backward_units if recurrent else _adjoint_order(composed, model))
-    lw.shared_cols = None
+    lw.shared_cols, lw.live_after = None, None
     outputs_units = (_needed_units(model, [t.name for t in model.outputs]) if recurrent else
                      _needed(model.evaluation_equations() if eval_eqs else model.equations,
                              [t.name for t in model.outputs]))
@@ -273,6 +275,7 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
     context = dict(
         model_label=sanitise(model.name), dtype=dtype, tiny=tiny, primitives=prims,
         simplex_check=_has_simplex_fact(model, [*inputs, *targets]),
+        strided_gemm=lw.strided_gemm,
         params=[ident(p.name) for p in params], x=", ".join(ident(t.name) for t in inputs),
         x_first=ident(x.name), y=", ".join(ident(t.name) for t in targets),
         arg_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}"
