@@ -571,6 +571,28 @@ def test_cli_version(capsys):
     assert capsys.readouterr().out.strip() == f"chainrule {version('chainrule')}"
 
 
+def test_the_console_script_skips_only_the_interpreter_teardown(tmp_path):
+    """``chainrule`` (``cli.run``) leaves through ``os._exit`` once the command is done: its files
+    are complete, exit handlers have run, buffered output is flushed, and the command's exit
+    code is the process's; a usage error still exits through argparse."""
+    out = tmp_path / "sgd.md"
+    code = ("import atexit, sys; atexit.register(lambda: print('exit handler ran', file=sys.stderr)); "
+            "sys.argv = ['chainrule'] + sys.argv[1:]; from chainrule.cli import run; run()")
+    r = subprocess.run([sys.executable, "-c", code, "optimizer", "sgd", "-o", str(out)],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "exit handler ran\n", r.stderr
+    assert out.read_text().startswith("#") and "\\eta" in out.read_text()
+    r = subprocess.run([sys.executable, "-c", code, "optimizer", "sgd", "--format", "latex"],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "\\eta" in r.stdout and r.stdout.endswith("\n")   # flushed, not lost
+    r = subprocess.run([sys.executable, "-c", code, "derive", str(tmp_path / "missing.json")],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "exit handler ran" in r.stderr
+    r = subprocess.run([sys.executable, "-c", code, "optimizer", "no-such-rule"],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
 def test_cli_file_errors_are_one_line_before_any_work(capsys, tmp_path, monkeypatch):
     import chainrule.runtime.demo as demo
     monkeypatch.setattr(demo, "run_demo", lambda **k: pytest.fail("demo started working"))

@@ -2,6 +2,7 @@
 the generated exp, the primitives in the module's dtype, one log-sum-exp, the wrapper's fast path,
 the digits read without scikit-learn's loader, and the derivation derived once."""
 import gzip
+import sys
 from pathlib import Path
 
 import mpmath
@@ -296,9 +297,15 @@ def test_a_worker_compiles_train_step_while_fit_compiles_forward_here(tmp_path, 
     warming_up = background.BackgroundCompile.warming_up
     monkeypatch.setattr(background.BackgroundCompile, "warming_up",
                         classmethod(lambda cls, dtype: started.append(dtype) or warming_up(dtype)))
+    # the worker gets its job as soon as the module is written, before this process imports it
+    handed, assign = [], background.BackgroundCompile.assign
+    monkeypatch.setattr(background.BackgroundCompile, "assign",
+                        lambda self, path, name, sigs: handed.append((name in sys.modules, sorted(sigs)))
+                        or assign(self, path, name, sigs))
     model = build_model("5 -> dense(4) -> sigmoid -> dense(3) -> softmax_cross_entropy")
     cm = compile_model(model, cache_dir=tmp_path, background=["train_step"])
     assert started == ["float64"] and cm.background_kernels == {"train_step"}
+    assert handed == [(False, ["train_step"])] and cm.module.__name__ in sys.modules
     net = Network(model, compiled=cm, seed=0)
     rng = np.random.default_rng(2)
     x, labels = rng.normal(size=(30, 5)), rng.integers(0, 3, 30)
@@ -326,6 +333,41 @@ def test_a_worker_compiles_train_step_while_fit_compiles_forward_here(tmp_path, 
     # neither loss_and_grads (which it used to call, linking and optimising it a second time)
     # nor anything else but the primitives it calls; this process compiled forward's
     assert _numba_cached(tmp_path) == {"train_step", "forward", "sigmoid", "_exp"}
+
+
+def test_the_worker_warms_up_until_its_job_arrives(monkeypatch):
+    """A warming worker compiles Numba's generic pieces one by one and stops at the first piece
+    after which its job is on standard input (a piece compiled after it would only delay the
+    job's kernels); without a job it compiles every piece, then reads the end of its input."""
+    import io
+    import os
+    from chainrule.codegen import _compile_worker as worker
+    done, jobs = [], []
+    monkeypatch.setattr(worker, "warm_up_pieces", lambda dtype: [lambda i=i: done.append(i) for i in range(5)])
+    monkeypatch.setattr(worker, "main", lambda *job: jobs.append(job) or 0)
+    read, write = os.pipe()
+    with os.fdopen(read) as stdin, os.fdopen(write, "w") as feed:
+        feed.write('["/x/m.py", "m", "[]"]\n')
+        feed.flush()
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert worker.warm_then_wait("float32") == 0
+    assert done == [0] and jobs == [("/x/m.py", "m", "[]")]
+    done.clear()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    monkeypatch.setattr(worker, "_input_ready", lambda stream: False)
+    assert worker.warm_then_wait("float32") == 0
+    assert done == [0, 1, 2, 3, 4] and len(jobs) == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_warm_up_piece_compiles(dtype):
+    """The worker's warm-up pieces compile and run (one that failed would end the worker, and
+    the cold start would silently compile everything in the main process)."""
+    from chainrule.codegen._compile_worker import warm_up_pieces
+    pieces = warm_up_pieces(dtype)
+    assert len(pieces) == 7
+    for piece in pieces:
+        assert np.isfinite(piece())
 
 
 def _numba_cached(cache_dir) -> set:

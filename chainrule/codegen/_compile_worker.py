@@ -39,38 +39,55 @@ def argument_type(arg, module):
 _NJIT_OPTIONS = dict(error_model="numpy", fastmath={"reassoc", "contract", "arcp", "nsz"})
 
 
-def warm_up(dtype: str):
-    """Compile, before the module exists, what every generated module's kernels use and Numba
-    compiles once per process: np.dot of 2-D arrays for the three layout pairs of a dense layer's
-    step (x Wᵀ, δ W, δᵀ a), np.empty and np.zeros of 1-D and 2-D arrays of the module's dtype,
-    np.ascontiguousarray of both (train_step's flat gradients), and the min, max and bit view of
-    the header's _exp (compiled without fastmath flags, as _exp is)."""
+def warm_up_pieces(dtype: str):
+    """What every generated module's kernels use and Numba compiles once per process, as small
+    functions in the order a dense layer's ``train_step`` first needs them (each one returned
+    uncalled: :func:`warm_then_wait` compiles them one by one until its job arrives). The first
+    also pays Numba's own start (about 0.5 s, whatever it compiles); then np.empty of 1-D and 2-D
+    arrays of the module's dtype, np.dot of 2-D arrays for the three layout pairs of a dense
+    layer's step (x Wᵀ, δ W, δᵀ a), np.zeros, the min, max and bit view of the header's _exp
+    (compiled without fastmath flags, as _exp is) and np.ascontiguousarray (train_step's flat
+    gradients). Numba reuses each for the module's kernels when the argument types are the same."""
     import numpy as np
     from numba import njit
     DT = getattr(np, dtype)
     INT = np.int64 if dtype == "float64" else np.int32
+    a = np.ones((2, 2), dtype=DT)
+
+    @njit(**_NJIT_OPTIONS)
+    def allocate(a):
+        e1 = np.empty((a.shape[0],), dtype=DT)
+        e2 = np.empty((a.shape[0], 3), dtype=DT)
+        e1[0] = e2[0, 0] = 0.0
+        return e1[0] + e2[0, 0]
+
+    @njit(**_NJIT_OPTIONS)
+    def times_transpose(a, b):
+        return np.dot(a, b.T)[0, 0]
+
+    @njit(**_NJIT_OPTIONS)
+    def times(a, b):
+        return np.dot(a, b)[0, 0]
+
+    @njit(**_NJIT_OPTIONS)
+    def transpose_times(a, b):
+        return np.dot(a.T, b)[0, 0]
+
+    @njit(**_NJIT_OPTIONS)
+    def zeros(a):
+        return np.zeros((a.shape[0],), dtype=DT)[0] + np.zeros((a.shape[0], 3), dtype=DT)[0, 0]
 
     @njit(error_model="numpy", fastmath=False)
     def exp_parts(x):
         y = min(max(x, DT(-1.0)), DT(1.0))
         return y * INT(1).view(DT)
-    exp_parts(DT(0.5))
 
     @njit(**_NJIT_OPTIONS)
-    def products(a, b):
-        c = np.dot(a, b.T)
-        d = np.dot(c, b)
-        e = np.dot(c.T, a)
-        z1 = np.zeros((a.shape[0],), dtype=DT)
-        z2 = np.zeros((a.shape[0], 3), dtype=DT)
-        e1 = np.empty((a.shape[0],), dtype=DT)
-        e2 = np.empty((a.shape[0], 3), dtype=DT)
-        e1[0] = e2[0, 0] = 0.0
-        f1 = np.ascontiguousarray(e1).reshape(e1.shape[0])
-        f2 = np.ascontiguousarray(e2).reshape(e2.shape[0] * 3)
-        return c[0, 0] + d[0, 0] + e[0, 0] + z1[0] + z2[0, 0] + e1[0] + e2[0, 0] + f1[0] + f2[0]
-    a = np.ones((2, 2), dtype=DT)
-    products(a, a)
+    def flatten(a):
+        return np.ascontiguousarray(a[0]).reshape(a.shape[1])[0] + np.ascontiguousarray(a).reshape(a.size)[0]
+
+    return [lambda: allocate(a), lambda: times_transpose(a, a), lambda: times(a, a),
+            lambda: transpose_times(a, a), lambda: zeros(a), lambda: exp_parts(DT(0.5)), lambda: flatten(a)]
 
 
 def main(path, module_name, kernels_json) -> int:
@@ -79,18 +96,34 @@ def main(path, module_name, kernels_json) -> int:
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     for name, args in json.loads(kernels_json):
-        getattr(module, name).compile(tuple(argument_type(a, module) for a in args))
+        kernel = getattr(module, name)
+        if hasattr(kernel, "compile"):     # (a split module's driver is Python: nothing to compile)
+            kernel.compile(tuple(argument_type(a, module) for a in args))
     return 0
 
 
 def warm_then_wait(dtype: str) -> int:
-    """``--warm-up DTYPE``: warm up, then read the job (a JSON line ``[path, module, kernels]``)
-    from standard input; end of input (the module was cached after all) ends the worker."""
-    warm_up(dtype)
+    """``--warm-up DTYPE``: warm up until the job (a JSON line ``[path, module, kernels]``) arrives
+    on standard input, then do it; end of input (the module was cached after all) ends the worker.
+    Warming up stops at the job: a piece compiled after it would only delay its kernels (a module
+    that uses the piece compiles it anyway, once)."""
+    for piece in warm_up_pieces(dtype):
+        piece()
+        if _input_ready(sys.stdin):
+            break
     line = sys.stdin.readline()
     if not line.strip():
         return 0
     return main(*json.loads(line))
+
+
+def _input_ready(stream) -> bool:
+    """True when a read of ``stream`` would not block (a line or its end has arrived)."""
+    import select
+    try:
+        return bool(select.select([stream], [], [], 0)[0])
+    except (OSError, ValueError):          # pragma: no cover - no select on this pipe (Windows)
+        return False
 
 
 if __name__ == "__main__":

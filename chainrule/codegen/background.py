@@ -108,16 +108,19 @@ def _spawn(args, stdin):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
-def argument_types(cm, kernel: str) -> list:
-    """The arguments ``CompiledModel`` passes to ``kernel``, as the worker's type descriptions:
-    ``[dtype, ndim]`` for a C-contiguous array, ``"int64"`` for the seed, ``"workspace"`` for the
-    tuple the module's ``workspace`` returns."""
-    dt = cm.dtype
-    params = [[dt, len(cm.param_shapes[n])] for n in cm.param_names]
-    buffers = [[dt, len(cm.buffer_shapes[n])] for n in cm.buffer_names]
-    inputs = [[dt, len(cm._dims[n])] for n in cm.input_names]
-    targets = [[dt, len(cm._dims[n])] for n in cm.target_names]
-    states = [[dt, len(cm.param_shapes[n])] for n in cm.param_names for _ in cm.state_names]
+def argument_types(description, kernel: str) -> list:
+    """The arguments ``CompiledModel`` passes to ``kernel`` of the module ``description`` (a
+    ``ModelDescription``) describes, as the worker's type descriptions: ``[dtype, ndim]`` for a
+    C-contiguous array, ``"int64"`` for the seed, ``"workspace"`` for the tuple the module's
+    ``workspace`` returns. (From the description, not the module: a cold start hands the worker
+    its job before this process imports the module.)"""
+    d = description
+    dt = d.dtype
+    params = [[dt, len(shape)] for _, shape, *_ in d.params]
+    buffers = [[dt, len(shape)] for _, shape, *_ in d.buffers]
+    inputs = [[dt, len(a.dims)] for a in d.inputs]
+    targets = [[dt, len(a.dims)] for a in d.targets]
+    states = [[dt, len(shape)] for _, shape, *_ in d.params for _ in d.rule.state]
     return {
         "forward": params + buffers + inputs + targets + ["int64"],
         "loss_and_grads": params + buffers + inputs + targets + ["int64", "workspace"],

@@ -346,8 +346,10 @@ class CompiledModel:
             if worker is not None:
                 worker.stop()
             return False
-        signatures = {k: background.argument_types(self, k) for k in kernels}
-        if worker is not None:             # started before the module existed (compile_model)
+        signatures = {k: background.argument_types(self.description, k) for k in kernels}
+        if worker is not None and worker.kernels:      # given its job when the module was written
+            self._background = worker
+        elif worker is not None:           # started before the module existed (compile_model)
             self._background = worker.assign(self.module_path, self.module.__name__, signatures)
         else:
             self._background = background.BackgroundCompile(self.module_path, self.module.__name__, signatures)
@@ -369,7 +371,7 @@ class CompiledModel:
             kernel = getattr(self.module, name)
             if name not in self.background_kernels and hasattr(kernel, "compile"):
                 kernel.compile(tuple(argument_type(a, self.module)
-                                     for a in background.argument_types(self, name)))
+                                     for a in background.argument_types(self.description, name)))
 
     def _call(self, fn: str, *args, rows=None):
         """Run a kernel (on a batch of ``rows`` examples: with small products, on one BLAS
@@ -638,9 +640,22 @@ class _Renderer:
 
 
 def _load(description, key, renderer, cache_dir, background, model=None) -> CompiledModel:
+    described = []                      # (the description, made once)
+
+    def describe():
+        if not described:
+            described.append(description())
+        return described[0]
+
+    def hand_to_worker(path, name):
+        # the module was just generated: the warming worker gets its job now, while this process
+        # imports the module (and Numba with it, 0.3 s on a cold start)
+        if renderer.worker is not None:
+            from .background import argument_types
+            renderer.worker.assign(path, name, {k: argument_types(describe(), k) for k in background})
     try:
-        module, path, source, hit = load_or_generate(key, renderer, cache_dir)
-        cm = CompiledModel(description(), module, path, source, hit, key=key, render=renderer, model=model)
+        module, path, source, hit = load_or_generate(key, renderer, cache_dir, on_written=hand_to_worker)
+        cm = CompiledModel(describe(), module, path, source, hit, key=key, render=renderer, model=model)
     except BaseException:
         if renderer.worker is not None:
             renderer.worker.stop()
