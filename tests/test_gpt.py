@@ -615,3 +615,32 @@ def test_the_logits_log_sum_exp_is_computed_once_for_the_loss_and_the_probabilit
     d_z = (p - y) / (3 * 5)
     wname = next(k for k, v in params.items() if v.ndim == 2)
     assert np.allclose(grads[wname], np.einsum("bto,bti->oi", d_z, x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def gelu_kernels(compiled_declared):
+    """Embeddings, a GELU feed-forward of width 7 and the projection to a vocabulary of 5."""
+    from chainrule.derive.attention import _small_model, gelu
+    from chainrule.derive.layers import Activation, Dense
+    return compiled_declared("gelu-ffn", lambda: _small_model([Dense(7), Activation("gelu", gelu), Dense(6)],
+                                                               context=4, width=6))
+
+
+def test_the_gelu_backward_reads_the_forward_tanh_and_matches_finite_differences(gelu_kernels):
+    """The training forward keeps tanh(√(2/π)(z + 0.044715 z³)), which the derived GELU adjoint
+    evaluates again (three times, its argument factored differently); the backward reads the
+    kept array and calls no tanh. Every gradient still agrees with central differences."""
+    from chainrule.codegen.verify import check_gradients
+    cm = gelu_kernels
+    src = _function(cm.source, "loss_and_grads")
+    kept = re.search(r"# (kept\d+)\[b,i,h\] = tanh\(sqrt\(2\)\*\(8943\*z2\[b, i, h\]\*\*3/200000 \+ z2\[b, i, h\]\)"
+                     r"/sqrt\(pi\)\)", src)
+    assert kept, src[:3000]
+    name = kept.group(1)
+    assert f"# a2[b,i,h] = ({name}[b, i, h] + 1)*z2[b, i, h]/2" in src
+    adjoint = src[src.index("# d_z2[b,t,o] = "):]
+    adjoint = adjoint[:adjoint.index("\n    # ", 1)]
+    assert f"(1 - {name}[b, t, o]**2)" in adjoint and "_tanh(" not in adjoint, adjoint
+    assert src.count("_tanh(") == 1                     # the forward's, once per element
+    checks = check_gradients(cm.model, compiled=cm, batch=5)
+    assert len(checks) == 7 and all(c.ok for c in checks), [str(c) for c in checks]
