@@ -153,46 +153,6 @@ def test_kernel_blas_loads_without_scipy_linalg_and_binds_it_later():
     assert r == {"package_loaded_first": False, "same": True, "bound": True, "solve": 0.5}
 
 
-_ATTENTION_CHILD = textwrap.dedent("""
-    import json, sys
-    import numpy as np
-    sys.path.insert(0, sys.argv[2])
-    from corpus import causal_attention
-    from chainrule.codegen import compile_model
-    cm = compile_model(causal_attention(), cache_dir=sys.argv[1])
-    arrays = np.load(sys.argv[3])
-    params = {k[2:]: v for k, v in arrays.items() if k.startswith("p_")}
-    cost, grads = cm.loss_and_grads(params, arrays["x"], arrays["y"])
-    np.savez(sys.argv[4], cost=cost, **grads)
-    stats = cm.module.loss_and_grads.stats
-    print(json.dumps({"hit": cm.cache_hit, "loaded": sum(stats.cache_hits.values()),
-                      "compiled": sum(stats.cache_misses.values())}))
-""")
-
-
-def test_kernels_calling_blas_through_the_intrinsic_load_from_the_cache_in_a_new_process(tmp_path, kernel_cache_dir):
-    """Attention's slice loops call BLAS through the header's intrinsic (_matmul_into: a product
-    with a scale). A new process loads that compiled function from Numba's cache instead of
-    compiling it again, and computes bit for bit what this process computed."""
-    from corpus import causal_attention
-    cm = compile_model(causal_attention(), cache_dir=kernel_cache_dir)
-    assert "_matmul_into(" in cm.source
-    rng = np.random.default_rng(11)
-    params = {k: v + 0.1 * rng.normal(size=v.shape) for k, v in cm.init_params(2).items()}
-    x, y = rng.normal(size=(5, 4, 6)), rng.normal(size=(5, 4, 6))
-    cost, grads = cm.loss_and_grads(params, x, y)
-    np.savez(tmp_path / "in.npz", x=x, y=y, **{f"p_{k}": v for k, v in params.items()})
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", _ATTENTION_CHILD, str(kernel_cache_dir), str(ROOT / "tests"),
-                          str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
-                         env=env, check=True, capture_output=True, text=True, timeout=300)
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"hit": True, "loaded": 1, "compiled": 0}
-    child = np.load(tmp_path / "out.npz")
-    assert child["cost"] == cost
-    for name, g in grads.items():
-        assert np.array_equal(child[name], g) and np.abs(g).max() > 1e-3, name
-
-
 def test_shape_errors_from_a_description_are_those_of_the_model(kernel_cache_dir):
     """A module loaded through its cached description words a wrong shape exactly as one compiled
     from the symbolic model (the layer that reads it, the declared size, the parameter it shapes),

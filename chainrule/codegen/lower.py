@@ -137,8 +137,6 @@ class Lowerer:
         # ``lower`` is given no ``keep``: a slice loop's intermediate outside this set and read by no
         # later equation is one slice, reused, never a whole array; None: every output is kept
         self.live_after: set | None = None
-        # a kernel calls the header's _matmul_into (BLAS with a scale, into an existing array)
-        self.strided_gemm = False
         self.loop_vars = [sp.Symbol(f"i{k}", integer=True) for k in range(8)]
         for v in self.loop_vars:
             self.names[v] = str(v)
@@ -326,12 +324,6 @@ class Lowerer:
 
     def dot_code(self, A, Bm, k, loop_vars):
         """Code for ``T[free] = Σ_k A B`` and the order of T's indices (out-index order)."""
-        a, b, order = self.dot_views(A, Bm, k, loop_vars)
-        return f"np.dot({a}, {b})", order
-
-    def dot_views(self, A, Bm, k, loop_vars):
-        """The two operands of ``Σ_k A B`` as 2-D views (free, k) and (k, free), and the order of
-        the product's indices."""
         fa = [i for i in A.indices if i != k]
         fb = [i for i in Bm.indices if i != k]
         if fa and fb and loop_vars.index(fa[0]) > loop_vars.index(fb[0]):
@@ -346,7 +338,7 @@ class Lowerer:
             return code
         a = view(A, k_first=False)                # A as (free, k)
         b = view(Bm, k_first=True)                # B as (k, free)
-        return a, b, tuple(fa + fb)
+        return f"np.dot({a}, {b})", tuple(fa + fb)
 
     def match_batched(self, s, loop_vars):
         """``Σ_k A[β.., α.., k..] B[β.., k.., γ..]`` with plain indices over full ranges, where the
@@ -1106,15 +1098,15 @@ class Lowerer:
                             dot_reads={str(m[0].base.label), str(m[1].base.label)})
                 return info
         # a scaled product into an existing matrix (a slice of a slice loop: attention's Q Kᵀ / √E):
-        # one BLAS call with the scale as its alpha, no temporary and no pass to scale it
+        # np.dot into it, then scaled in place (no temporary). (BLAS's own alpha, through an intrinsic
+        # calling ?gemm, measured level with this: the slice is in cache; benchmarks/README.md)
         c = _coefficient(body)
         m = self.match_dot(body / c, loop_vars) if eq.out.name in self.preallocated and eq.out.rank == 2 \
             and c != 1 else None
         if m is not None and m[3] == 1:
-            a, b, order = self.dot_views(m[0], m[1], m[2], loop_vars)
+            code, order = self.dot_code(m[0], m[1], m[2], loop_vars)
             if order == loop_vars:
-                self.strided_gemm = True
-                info.update(kind="dot", code=f"_matmul_into({self.ident(eq.out.name)}, {a}, {b}, {self.pv(c)})",
+                info.update(kind="dot", code=code, scale=self.pv(c),
                             dot_reads={str(m[0].base.label), str(m[1].base.label)})
                 return info
         # the whole body a batched contraction (per batch element and head): one np.dot each
@@ -1576,11 +1568,12 @@ class Lowerer:
                 group.append(info)
             elif info["kind"] == "dot":
                 name = self.ident(info["out"])
-                code = info["code"]
-                if code.startswith("np.dot("):
-                    code = (f"{code[:-1]}, {name})" if info["out"] in self.preallocated
-                            else f"{name} = {code}")     # into the existing array (a slice)
-                kernels.append(Kernel("dot", [info["text"]], [info["out"]], [f"# {info['text']}", code]))
+                if info["out"] in self.preallocated:     # into the existing array (a slice)
+                    code = [f"{info['code'][:-1]}, {name})"] + \
+                        ([f"{name} *= {info['scale']}"] if "scale" in info else [])
+                else:
+                    code = [f"{name} = {info['code']}"]
+                kernels.append(Kernel("dot", [info["text"]], [info["out"]], [f"# {info['text']}"] + code))
             elif info["kind"] == "slices":
                 kernels.append(info["kernel"])
             elif info["kind"] == "batched":

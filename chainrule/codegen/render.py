@@ -280,7 +280,6 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
     context = dict(
         model_label=sanitise(model.name), dtype=dtype, tiny=tiny, primitives=prims,
         simplex_check=_has_simplex_fact(model, [*inputs, *targets]),
-        strided_gemm=lw.strided_gemm,
         params=[ident(p.name) for p in params], x=", ".join(ident(t.name) for t in inputs),
         x_first=ident(x.name), y=", ".join(ident(t.name) for t in targets),
         arg_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}"
