@@ -27,12 +27,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parents[1]
 HEAVY = ("sympy", "jinja2", "sklearn", "scipy.linalg", "matplotlib")
 
-# `chainrule demo` through the CLI's own main, then the heavy modules it imported
+# `chainrule demo` as the console script runs it (cli.run; cli.main in a checkout older than run),
+# then, from an exit handler, the heavy modules it imported
 CHILD = f"""
-import json, sys
-from chainrule.cli import main
-rc = main(["demo", "--out", sys.argv[1], "--no-progress"])
-print(json.dumps({{"rc": rc, "imported": [m for m in {HEAVY!r} if m in sys.modules]}}))
+import atexit, json, sys
+from chainrule import cli
+atexit.register(lambda: print(json.dumps({{"imported": [m for m in {HEAVY!r} if m in sys.modules]}}), flush=True))
+sys.argv = ["chainrule", "demo", "--out", sys.argv[1], "--no-progress"]
+cli.run() if hasattr(cli, "run") else sys.exit(cli.main())
 """
 
 
