@@ -40,6 +40,8 @@ from ..derive.tensor import Equation, Tensor
 from .printer import print_expr, to_conventions
 
 REDUCTIONS = (sp.Sum, LogSumExp, MaxOver)
+# the kernels that write an output declared ``preallocated`` in place (a slice loop's views)
+WRITES_INTO_SLICES = ("dot", "loop", "softmax")
 GEMM_MAX_WASTE = 4.0      # an im2col GEMM may compute this many times the products its limits keep
 IND = "    "
 
@@ -1544,10 +1546,10 @@ class Lowerer:
                 {name for e in plan["equations"] for name, _ in e.reads()}
         infos, pos = [], 0
         while pos < len(equations):
-            if pos in groups:
-                plan = groups[pos]
-                infos.append({"kind": "slices", "kernel": self.slice_loop_kernel(plan, keep)})
-                pos += len(plan["equations"])
+            kernel = self.slice_loop_kernel(groups[pos], keep) if pos in groups else None
+            if kernel is not None:
+                infos.append({"kind": "slices", "kernel": kernel})
+                pos += len(groups[pos]["equations"])
                 continue
             infos.append(self.classify(equations[pos]))
             pos += 1
@@ -1616,6 +1618,7 @@ class Lowerer:
         return groups
 
     def _slice_run(self, equations, pos):
+        """The run starting at ``equations[pos]`` (see ``slice_groups``), or None."""
         eq = equations[pos]
         if eq.out.rank < 3 or not sp.sympify(eq.body).has(sp.Sum) or eq.body.has(Delayed) \
                 or eq.body.has(sp.KroneckerDelta):
@@ -1629,7 +1632,7 @@ class Lowerer:
             return None
         extent = self.concrete_shape(eq.out)[:k]
         outer = [sp.Symbol(self.fresh("s"), integer=True) for _ in range(k)]
-        plan = dict(k=k, extent=extent, outer=outer, equations=[], sliced=[], reads=[])
+        plan = dict(k=k, extent=extent, outer=outer, equations=[], sliced=[])
         for e in equations[pos:]:
             sliced = self._slice_equation(e, plan)
             if sliced is None:
@@ -1696,7 +1699,9 @@ class Lowerer:
         them, where whole-tensor kernels wrote and read them back through memory (1 MB each).
         The equations are lowered on their 2-D slices by the same machinery (products are
         ``np.dot`` into the slice). An output read after the run is a whole array whose slices the
-        loop writes in place; an intermediate nothing after the run reads is one slice, reused."""
+        loop writes in place; an intermediate nothing after the run reads is one slice, reused.
+        None when an equation's kernel on the slice would allocate its own output (an accumulation):
+        the run is then lowered as whole tensors."""
         k, outer, eqs, sliced = plan["k"], plan["outer"], plan["equations"], plan["sliced"]
         for v in outer:
             self.names[v] = str(v)
@@ -1734,6 +1739,8 @@ class Lowerer:
             inner = self.lower(sliced)
         finally:
             self.scalars, self.readers, self.outer_bound = saved
+        if any(kern.kind not in WRITES_INTO_SLICES for kern in inner):
+            return None                           # a kernel that allocates its own output: whole tensors
         for e in eqs:                             # and what the whole is known to be from its slices
             part = self.zero_outside.get(self._batch_slice(e.out, k).name)
             moved = part and self._shift_support(part, k)
