@@ -1723,8 +1723,8 @@ class Lowerer:
             else:
                 lines.append(f"{self.ident(s.name)} = np.empty({self.shape_code(s)}, dtype=DT)"
                              f"  # {comment_text(e.out.name)}: one slice at a time, read by nothing after")
-        for e in sliced:
-            for r in sp.sympify(e.body).atoms(sp.Indexed):
+        for e in sliced:                          # in a fixed order: the module's text is deterministic
+            for r in sorted(sp.sympify(e.body).atoms(sp.Indexed), key=sp.default_sort_key):
                 name = str(r.base.label)
                 if name.endswith("__slice") and name[:-7] not in outs and name not in [t.name for t in inputs]:
                     inputs.append(self.tensors[name])
