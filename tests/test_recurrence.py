@@ -1,5 +1,6 @@
 """Recurrences over time: declared the natural way, derived with a symbolic T into the BPTT recursion,
 verified exactly at several sizes (T included), and refused clearly where they are not causal."""
+import functools
 import re
 
 import numpy as np
@@ -224,7 +225,10 @@ def test_a_time_loop_keeps_only_what_needs_the_previous_step():
     (before_fwd, forward), (before_bwd, backward) = _time_loops(lag)
     assert "np.dot(t0_x.reshape(((n_batch) * (6), (3)))" in "\n".join(before_fwd)
     assert "    # hoisted2[b,t,o] = Σ_i[W1[o, i]*x[b, t, i]] + b1[o]" in before_fwd
-    assert sum("np.dot(" in ln for ln in forward) == 1 and "np.dot(t4_h1_sm1, t2_U1.T)" in "\n".join(forward)
+    # the recurrent weight transposed once before the loop: each step multiplies by a contiguous matrix
+    assert sum("np.dot(" in ln for ln in forward) == 1 and "np.dot(t4_h1_sm1, t2_U1_T)" in "\n".join(forward)
+    assert "    t2_U1_T = np.ascontiguousarray(t2_U1.T)" in before_fwd
+    assert not any("np.ascontiguousarray" in ln for ln in forward)
     assert any("_tanh(" in ln for ln in forward) and not any("math.tanh" in ln for ln in forward)
     assert any(ln.strip().startswith("hoisted") and "= np.dot(t14_d_z2, t7_W2)" in ln for ln in before_bwd[-3:])
     # δ at t + 1 is the step before's result, carried: zeros before the first step, no copy in the loop
@@ -309,6 +313,7 @@ def test_the_bptt_recursion_in_matrix_form_with_shapes():
     assert compared > 100
 
 
+@functools.lru_cache(maxsize=1)
 def _lstm_and_gru_sources():
     from chainrule.codegen.render import render_module
     from chainrule.derive import build_model
@@ -346,6 +351,65 @@ def test_gate_adjoints_and_forward_values_are_computed_once():
     assert "t1_h1_sm1 = t1_h1_now  # h1 at this step, read by the next one" in "\n".join(forward)
     gru = srcs["gru"]
     (_, g_forward), (_, g_backward) = _time_loops(gru)
-    assert "kept1_now = np.dot(t1_h1_sm1, t11_Un1.T)" in "\n".join(g_forward)
+    assert "kept1_now = np.dot(t1_h1_sm1, t11_Un1_T)" in "\n".join(g_forward)
     assert not any("np.dot(t1_h1_sm1" in ln for ln in g_backward)
     assert any(re.search(r"\(t13_bhn1\[i1\] \+ kept1\[i0, t\d+, i1\]\)", ln) for ln in g_backward)
+
+
+def test_a_backward_loop_stores_only_the_sequences_read_after_it():
+    """Of the LSTM's backward results, only the gate products (read by the weight and bias gradients
+    after the loop) are stored as sequences; d_c is handed from step to step in its own array;
+    d_h, d_o, d_g, d_f and d_i, read only within their step, are scalars of the step's loop (no
+    array, no store). The values are checked against NumPy and PyTorch in test_sequence_layers."""
+    lstm = _lstm_and_gru_sources()["lstm"]
+    (_, forward), (before_bwd, backward) = _time_loops(lstm)
+    stores = [ln.strip() for ln in backward if "# store " in ln]
+    assert [s.split("[")[0] for s in stores] == [f"step_operand{k}" for k in sorted(
+        int(s.split("[")[0][len("step_operand"):]) for s in stores)] and len(stores) == 4
+    assert "# not stored (nothing after the loop reads them): d_h1; d_c1; d_o1; d_g1; d_f1; d_i1" in \
+        "\n".join(before_bwd)
+    assert not any(re.match(r"\s+t\d+_d_\w+ = (np.empty|u_ws)", ln) for ln in before_bwd[-30:])
+    for local in ("d_h1", "d_o1", "d_g1", "d_f1", "d_i1"):
+        assert any(re.match(rf"\s+t\d+_{local}_now = ", ln) for ln in backward), local
+        assert not any(re.search(rf"t\d+_{local}_now(\[| = np.empty)", ln) for ln in backward), local
+    assert "t29_d_c1_sp1 = t29_d_c1_now  # d_c1 at this step, read by the next one" in "\n".join(backward)
+
+
+def test_a_step_writes_its_results_into_their_sequences():
+    """The LSTM's forward step writes the gates and tanh(c) straight into their sequences (the
+    backward pass reads them all), and the later statements of the step read them there; only c
+    and h, handed to the next step in arrays of their own (h is the next product's operand), are
+    copied into their sequences after the loop nest."""
+    lstm = _lstm_and_gru_sources()["lstm"]
+    (_, forward), _ = _time_loops(lstm)
+    code = "\n".join(forward)
+    for seq, value in (("t6_i1", "sigmoid(dot"), ("t10_f1", "sigmoid(dot"), ("t14_g1", "_tanh(dot"),
+                       ("t18_o1", "sigmoid(dot"), ("kept1", "_tanh(t2_c1_now[i0, i1])")):
+        assert re.search(rf"\n\s+{seq}\[i0, t\d+, i1\] = {re.escape(value)}", code), seq
+        assert f"{seq}_now" not in code
+    assert re.search(r"t1_h1_now\[i0, i1\] = kept1\[i0, t\d+, i1\]\*t18_o1\[i0, t\d+, i1\]", code)
+    assert [ln.strip().split(" = ")[0] for ln in forward if "# store " in ln] == ["t2_c1[:, t2, :]", "t1_h1[:, t2, :]"]
+
+
+def test_input_gradients_through_a_backward_loop_that_stores_little(kernel_cache_dir):
+    """input_grads keeps what it returns: the LSTM's dC/dx, computed after the backward loop from
+    the gate products it stores, against central differences in float64 (batch 7, 5 steps, 3
+    features, 4 units; all 105 entries compared), while d_h, d_c and the gate adjoints are not
+    stored there either."""
+    from chainrule.codegen import compile_model
+    cm = compile_model("seq(5, 3) -> lstm(4) -> dense(3) -> softmax_cross_entropy", dtype="float64",
+                       input_grads=True, cache_dir=kernel_cache_dir)
+    part = cm.source[cm.source.index("def input_grads"):]
+    assert "# not stored (nothing after the loop reads them): d_h1; d_c1; d_o1; d_g1; d_f1; d_i1" in part
+    rng = np.random.default_rng(1)
+    params = cm.init_params(seed=3)
+    x, y = rng.normal(size=(7, 5, 3)), np.eye(3)[rng.integers(0, 3, 7)]
+    _, grads = cm.input_grads(params, x, y)
+    numeric, eps = np.zeros_like(x), 1e-6
+    for idx in np.ndindex(*x.shape):
+        up, down = x.copy(), x.copy()
+        up[idx] += eps
+        down[idx] -= eps
+        numeric[idx] = (cm.input_grads(params, up, y)[0] - cm.input_grads(params, down, y)[0]) / (2 * eps)
+    assert np.abs(numeric).max() > 1e-3
+    np.testing.assert_allclose(grads["x"], numeric, rtol=1e-6, atol=1e-9)

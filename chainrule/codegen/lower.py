@@ -127,6 +127,14 @@ class Lowerer:
         self._counter = 0
         self.preallocated: set = set()        # outputs written into existing arrays (in place)
         self.outer_bound: set = set()         # indices bound around every kernel (a time loop's step)
+        # inside a time loop's step: weights laid out once before the loop (name -> (identifier,
+        # lines), ``step_transposed``) and the tensors the step computes (never laid out ahead)
+        self.step_layouts: dict | None = None
+        self.step_computed: set = set()
+        # a step's results written straight into their sequences (name -> (the sequence's
+        # name, time axis, step index)), and those a fused loop did write so
+        self.step_targets: dict = {}
+        self.step_written: set = set()
         # im2col buffers gathered so far in the function being lowered (key -> name), to be read
         # again by a later equation gathering the same values; None: no sharing (render.py opens a
         # scope for the training forward and hands it to the backward that follows it in one function)
@@ -336,11 +344,28 @@ class Lowerer:
         def view(t, k_first: bool):
             code = self.ident(str(t.base.label))
             if t.rank == 2 and (list(t.indices).index(k) == 0) != k_first:
-                code += ".T"
+                return self.step_transposed(str(t.base.label)) or code + ".T"
             return code
         a = view(A, k_first=False)                # A as (free, k)
         b = view(Bm, k_first=True)                # B as (k, free)
         return f"np.dot({a}, {b})", tuple(fa + fb)
+
+    def step_transposed(self, name: str) -> str | None:
+        """Inside a time loop's step, the transpose of ``name`` laid out once before the loop, when
+        the step does not compute ``name`` (a recurrent weight): the identifier of that contiguous
+        copy, whose line ``time_loop_kernel`` puts before the loop. None elsewhere (a product
+        computed once gains nothing from a copy of its operand). Why: OpenBLAS multiplies a
+        (32 x 64) state by a (64 x 64) transposed view at half the speed of a plain one (0.50 against
+        0.24 ms for an LSTM's 4 x 32 per-step products), and the copy costs one pass per call."""
+        if self.step_layouts is None or name in self.step_computed:
+            return None
+        if name not in self.step_layouts:
+            ident = self.ident(name)
+            self.step_layouts[name] = (f"{ident}_T", [
+                f"# {comment_text(name)} transposed once, before the loop: each step's product reads it "
+                f"as a contiguous matrix (a transposed view is twice slower at these sizes)",
+                f"{ident}_T = np.ascontiguousarray({ident}.T)"])
+        return self.step_layouts[name][0]
 
     def match_batched(self, s, loop_vars):
         """``Σ_k A[β.., α.., k..] B[β.., k.., γ..]`` with plain indices over full ranges, where the
@@ -1855,28 +1880,40 @@ class Lowerer:
                    for other, idx in reads.get(name, [])):
                 out.add(name)
         return out
-    def lower_units(self, units) -> list[Kernel]:
+    def lower_units(self, units, keep=None) -> list[Kernel]:
         """Lower a schedule (equations and time loops, ``derive.recurrence.schedule``): consecutive
         equations as ``lower`` does, each time loop as one loop over t. A backward loop's gate
-        adjoints are named first (``step_operands``): computed once per step, not once per reader."""
+        adjoints are named first (``step_operands``): computed once per step, not once per reader.
+
+        ``keep``: the tensors the caller needs after these units (returned); when given, a backward
+        loop's sequence that no later unit reads is not stored (``unread_sequences``). ``None``
+        stores every sequence."""
         from .step_operands import share_step_operands
+        units = share_step_operands(units, self)
         kernels, run = [], []
-        for u in share_step_operands(units, self):
+        for pos, u in enumerate(units):
             if isinstance(u, TimeLoop):
                 kernels += self.lower(run)
                 run = []
-                kernels.append(self.time_loop_kernel(u))
+                unread = None if keep is None or u.direction > 0 else \
+                    unread_sequences(u, units[pos + 1:], keep)
+                kernels.append(self.time_loop_kernel(u, unread))
             else:
                 run.append(u)
         return kernels + self.lower(run)
 
     # -- time loops ---------------------------------------------------------------------------
-    def time_loop_kernel(self, loop: TimeLoop) -> Kernel:
+    def time_loop_kernel(self, loop: TimeLoop, unread=None) -> Kernel:
         """A recurrence (or its adjoint) as one loop over t, never unrolled. Each step computes
         every equation of the loop on one time slice: a read at ``t + c`` of a sequence becomes a
         read of a contiguous copy of that slice (the declared initial state, or zeros, where
         ``t + c`` is outside the sequence), so the per-step contractions are ``np.dot`` on 2-D
-        arrays; each result is stored into its full sequence for the steps and the adjoints after."""
+        arrays; each result is stored into its full sequence for the steps and the adjoints after.
+
+        ``unread``: the loop's results that nothing after the loop reads. Those that no step reads
+        from the sequence either (only at their own step, or from the step before's array) are
+        never stored, and within the step each is a scalar local of the fused loop where only that
+        loop reads it (an LSTM's backward step stored 10 sequences, of which 4 are read)."""
         ts = sp.Symbol(self.fresh("t"), integer=True)
         self.names[ts] = str(ts)
         first = loop.equations[0]
@@ -1887,10 +1924,10 @@ class Lowerer:
             "backward in time (backpropagation through time)"
         lines = [f"# time loop, {what}: " + "; ".join(comment_text(e.out.name) for e in loop.equations)]
         lines += [f"# {pretty(e)}" for e in loop.equations]
-        for e in loop.equations:
-            if e.out.name not in self.preallocated:
-                lines.append(f"{self.ident(e.out.name)} = np.empty({self.shape_code(e.out)}, dtype=DT)")
         hoisted, step_sources = self.hoist_out_of_time_loop(loop)
+        allocations = {e.out.name: f"{self.ident(e.out.name)} = np.empty({self.shape_code(e.out)}, dtype=DT)"
+                       for e in loop.equations if e.out.name not in self.preallocated}
+        at = len(lines)                    # the sequences' allocations go here, once known
         for kern in self.lower(hoisted):
             lines += kern.lines
         slices, produced, step_eqs, stores = {}, {}, [], []
@@ -1904,11 +1941,33 @@ class Lowerer:
             sel = ", ".join(str(ts) if k == axis else ":" for k in range(e.out.rank))
             stores.append((e.out.name, f"{self.ident(e.out.name)}[{sel}] = {self.ident(out.name)}"
                                        f"  # store {comment_text(e.out.name)} at step {ts}"))
+        carried_keys = {key for key in slices if key[0] in produced and key[1] == -loop.direction}
+        carried_names = {key[0] for key in carried_keys}
+        dropped = set(unread or ()) - {key[0] for key in slices if key not in carried_keys}
+        stores = [(name, line) for name, line in stores if name not in dropped]
+        lines[at:at] = [line for name, line in allocations.items() if name not in dropped]
+        if dropped:
+            lines.insert(at, "# not stored (nothing after the loop reads them): " +
+                         "; ".join(comment_text(e.out.name) for e in loop.equations if e.out.name in dropped))
         self.outer_bound = self.outer_bound | {ts}
+        self.step_layouts = {}
+        self.step_computed = set(loop.names) | {sl.name for _, _, sl in slices.values()} | \
+            {p.name for p in produced.values()}
+        # a result neither stored nor carried to the next step may be a scalar of the step's loop
+        keep = None if unread is None else \
+            {p.name for n, p in produced.items() if n not in dropped or n in carried_names}
         try:
-            kernels = self.lower(step_eqs)
+            direct = self._stored_in_place(step_eqs, produced, {n for n, _ in stores} - carried_names, ts, loop)
+            kernels = self._lower_step(step_eqs, keep, direct)
+            if self.step_written != set(direct):   # one was not a fused loop's output: store them all
+                kernels = self._lower_step(step_eqs, keep, {})
+            for _, layout in self.step_layouts.values():
+                lines += layout
+            stores = [(n, line) for n, line in stores if produced[n].name not in self.step_written]
         finally:
             self.outer_bound = self.outer_bound - {ts}
+            self.step_layouts, self.step_computed = None, set()
+            self.step_targets, self.step_written = {}, set()
         body, carried = [], []
         for (name, c, init), (t, axis, sl) in slices.items():
             if name in produced and c == -loop.direction:
@@ -1931,6 +1990,50 @@ class Lowerer:
         lines += [IND + ln for ln in body]
         return Kernel("time_loop", [pretty(e) for e in loop.equations], [e.out.name for e in loop.equations],
                       lines)
+
+    def _stored_in_place(self, step_eqs, produced, stored, ts, loop) -> dict:
+        """The step's results to write straight into their sequences (``x[i0, t, i1] = ...``)
+        instead of into an array of the step copied into the sequence after the loop nest: those
+        stored and not carried to the next step (a carried one is the next step's contiguous
+        operand), that are not a bare contraction (``np.dot`` returns its own array), and that the
+        step reads only pointwise, outside every reduction (a later statement then reads the
+        sequence in place, as it reads the forward values). name of the step's tensor -> (the
+        sequence's name, time axis, ts). Why: the copies were a tenth of an LSTM's step."""
+        direct = {}
+        for name in stored:
+            now = produced[name]
+            eq = next(e for e in step_eqs if e.out is now)
+            if isinstance(sp.sympify(eq.body), REDUCTIONS):
+                continue
+            if all(self._read_pointwise(e, now.name) for e in step_eqs):
+                direct[now.name] = (name, loop.time_axes[name], ts)
+        return direct
+
+    @staticmethod
+    def _read_pointwise(eq, name) -> bool:
+        """Every read of ``name`` in ``eq``'s body is at ``eq``'s own indices, outside reductions."""
+        body = sp.sympify(eq.body)
+        inner = set()
+        for r in sp.preorder_traversal(body):
+            if isinstance(r, REDUCTIONS):
+                inner |= {x for x in r.atoms(sp.Indexed) if str(x.base.label) == name}
+        return not inner and all(tuple(x.indices) == tuple(eq.indices) for x in body.atoms(sp.Indexed)
+                                 if str(x.base.label) == name)
+
+    def _lower_step(self, step_eqs, keep, direct) -> list[Kernel]:
+        """Lower one step's equations, the results in ``direct`` written into their sequences and
+        read from them by the later equations of the step."""
+        self.step_targets, self.step_written = dict(direct), set()
+        eqs = step_eqs
+        if direct:
+            def in_sequence(read):
+                name, axis, ts = direct[str(read.base.label)]
+                idx = list(read.indices)
+                return self.tensors[name][tuple(idx[:axis] + [ts] + idx[axis:])]
+            eqs = [Equation(e.out, e.indices, sp.sympify(e.body).replace(
+                       lambda x: isinstance(x, sp.Indexed) and str(x.base.label) in direct, in_sequence),
+                       layer=e.layer, note=e.note) for e in step_eqs]
+        return self.lower(eqs, keep=keep)
 
     def hoist_out_of_time_loop(self, loop: TimeLoop):
         """The loop's equations with every part that reads nothing the loop computes taken out of
@@ -2130,7 +2233,7 @@ class Lowerer:
                  if g["out"] in self.scalars and self.readers.get(g["out"], set()) <= outs}
         alias = {}
         for g in group:
-            if g["out"] in self.preallocated or g["out"] in local:
+            if g["out"] in self.preallocated or g["out"] in local or g["out"] in self.step_targets:
                 continue
             if g.get("whole_dots"):
                 # the output overwrites its own np.dot temporary (read at the same element just
@@ -2158,6 +2261,11 @@ class Lowerer:
                 stmts += [f"# {g['text']} (a local: nothing else reads it)", f"{sym} = {value}"]
                 continue
             target = "%s[%s]" % (self.ident(g["out"]), ", ".join(str(v) for v in loop_vars))
+            if g["out"] in self.step_targets:       # a time loop's result, written into its sequence
+                seq, axis, ts = self.step_targets[g["out"]]
+                at = [str(v) for v in loop_vars]
+                target = "%s[%s]" % (self.ident(seq), ", ".join(at[:axis] + [str(ts)] + at[axis:]))
+                self.step_written.add(g["out"])
             if g["out"] in alias and g["body"] == sp.IndexedBase(alias[g["out"]])[tuple(loop_vars)]:
                 continue                            # the temporary is the whole value: nothing to copy
             stmts += [f"# {g['text']}", f"{target} = {value}"]
@@ -2234,6 +2342,15 @@ class Lowerer:
         lines += blocks[0].lines
         lines.append(f"{self.ident(info['out'])} = {value}")
         return Kernel("scalar", [info["text"]], [info["out"]], lines)
+
+
+def unread_sequences(loop: TimeLoop, later, keep) -> set:
+    """The results of ``loop`` that no unit in ``later`` reads and that are not in ``keep``."""
+    read = set(keep)
+    for u in later:
+        for eq in (u.equations if isinstance(u, TimeLoop) else [u]):
+            read |= {name for name, _ in eq.reads()}
+    return {e.out.name for e in loop.equations} - read
 
 
 def substitute_index(expr, old, new):

@@ -212,9 +212,12 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
     # function: an im2col buffer that forward gathered is read again, not gathered twice
     train_cols = {} if recurrent else train_cols
     lw.shared_cols = dict(train_cols)
-    # after the backward pass only its parameter gradients are read (returned, or the update's)
-    lw.live_after = None if recurrent else {adjoints[p.name] for p in params if p.name in adjoints}
-    backward_k = lw.lower_units(backward_units if recurrent else backward_eqs)
+    # after the backward pass only its parameter gradients are read (returned, or the update's): a
+    # backward time loop stores only the sequences read after it, and the fused kernels know what
+    # is live after them
+    returned = {adjoints[p.name] for p in params if p.name in adjoints}
+    lw.live_after = None if recurrent else returned
+    backward_k = lw.lower_units(backward_units if recurrent else backward_eqs, keep=returned)
     lw.shared_cols, lw.live_after = None, None
     outputs_units = (_needed_units(model, [t.name for t in model.outputs]) if recurrent else
                      _needed(model.evaluation_equations() if eval_eqs else model.equations,
@@ -225,7 +228,8 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
                                f"({', '.join(sorted(target_names))})")
     input_adjoints = [composed_in[t.name].adjoint.name for t in inputs] if input_grads else []
     lw.shared_cols = dict(train_cols)
-    input_backward_k = lw.lower_units(_adjoints_needed(_adjoint_order(composed_in, model), input_adjoints)) \
+    input_backward_k = lw.lower_units(_adjoints_needed(_adjoint_order(composed_in, model), input_adjoints),
+                                      keep=set(input_adjoints)) \
         if input_grads else []
     lw.shared_cols = None
 
