@@ -1,6 +1,8 @@
 """Causal multi-head self-attention and the GPT built from it: the derived adjoints in textbook form,
 the causal mask's exactly-zero gradient, exact verification, the generated kernels against finite
 differences and against PyTorch autograd, and a short training run whose loss falls."""
+import re
+
 import numpy as np
 import pytest
 import sympy as sp
@@ -144,14 +146,60 @@ def attention_kernels(compiled_declared):
     return compiled_declared("causal-attention", causal_attention)
 
 
-def test_attention_contractions_are_one_blas_call_per_batch_and_head(attention_kernels):
-    src = attention_kernels.source
-    for out in ("S1", "O1", "d_A1", "d_V1", "d_Q1", "d_K1"):
-        head = f"# {out}[b,h,"
-        start = src.index(head, src.index("def loss_and_grads"))
-        lines = src[start:start + 800].splitlines()[:8]
-        assert any("one matrix product per batch element (b, h)" in ln for ln in lines), (out, lines)
-        assert any("np.dot(" in ln for ln in lines), (out, lines)
+def _function(src, name):
+    start = src.index(f"def {name}(")
+    end = src.find("\ndef ", start + 1)
+    return src[start:end if end > 0 else len(src)]
+
+
+def test_attention_runs_per_batch_and_head_in_one_loop_with_blas_products(attention_kernels):
+    """The forward run (S, A, O) and the backward run (dA, dS, dV, dK, dQ) are each one loop over
+    (b, h): every contraction there is one np.dot on the slices, written into its slice (the 1/√E
+    of S, dK and dQ scales it in place: no temporary), and the scores, dA and dS, which nothing
+    after the run reads, are one (T, T) slice reused, never a (B, H, T, T) array."""
+    src = _function(attention_kernels.source, "loss_and_grads")
+    scale = "*= 0.7071067811865476"
+    runs = {"# one loop over (b, h): S1; A1; O1, each slice computed while its data is in cache":
+            {"S1": ["np.dot(t6_Q1_s, t7_K1_s.T, t9_S1_s)", f"t9_S1_s {scale}"],
+             "O1": ["np.dot(t10_A1_s, t8_V1_s, t11_O1_s)"]},
+            "# one loop over (b, h): d_A1; d_S1; d_V1; d_K1; d_Q1, each slice computed while its data is in cache":
+            {"d_A1": ["np.dot(t16_d_O1_s, t8_V1_s.T, t17_d_A1_s)"],
+             "d_V1": ["np.dot(t10_A1_s.T, t16_d_O1_s, t19_d_V1_s)"],
+             "d_K1": ["np.dot(t18_d_S1_s.T, t6_Q1_s, t20_d_K1_s)", f"t20_d_K1_s {scale}"],
+             "d_Q1": ["np.dot(t18_d_S1_s, t7_K1_s, t21_d_Q1_s)", f"t21_d_Q1_s {scale}"]}}
+    for heading, products in runs.items():
+        start = src.index(heading)
+        run = src[start:src.index("\n    # ", src.index("\n    for s", start) + 1)]
+        for out, calls in products.items():     # each product right below its equation
+            lines = run[run.index(f"# {out}__slice["):].splitlines()
+            assert [ln.strip() for ln in lines[1:1 + len(calls)]] == calls, (out, lines[:3])
+        assert run.count("np.dot(") == len(products)
+    for scratch in ("S1", "d_A1", "d_S1"):
+        assert re.search(rf"t\d+_{scratch}_s = np.empty\(\(4, 4\), dtype=DT\)  # {scratch}: one slice at a "
+                         rf"time, read by nothing after", src), scratch
+        assert not re.search(rf"t\d+_{scratch} = np.empty", src), scratch
+    # the weights, read by the backward, are a whole array written slice by slice
+    assert "t10_A1 = np.empty((n_batch, 3, 4, 4), dtype=DT)" in src
+    assert re.search(r"t10_A1_s = t10_A1\[s\d+, s\d+\]", src)
+
+
+def test_attention_kernels_match_a_numpy_reference_and_finite_differences(attention_kernels):
+    """The per-(b, h) loops compute what attention is: the output against NumPy written by hand
+    (masked scores, softmax, heads), float64, batch 5; every gradient against central differences."""
+    from chainrule.codegen.verify import check_gradients
+    cm = attention_kernels
+    rng = np.random.default_rng(7)
+    params = {k: v + 0.1 * rng.normal(size=v.shape) for k, v in cm.init_params(1).items()}
+    x = rng.normal(size=(5, 4, 6))
+    q, k, v = (np.einsum("btc,che->bhte", x, params[n]) for n in ("Wq1", "Wk1", "Wv1"))
+    s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+    s = np.where(np.triu(np.ones((4, 4), dtype=bool), k=1), -np.inf, s)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    out = np.einsum("bhte,heo->bto", a @ v, params["Wo1"]) + params["bo1"]
+    np.testing.assert_allclose(cm.predict(params, x), out, rtol=1e-12, atol=1e-12)
+    checks = check_gradients(cm.model, compiled=cm, batch=5)
+    assert len(checks) == 5 and all(c.ok for c in checks), [str(c) for c in checks]
 
 
 @pytest.mark.slow
@@ -568,3 +616,67 @@ def test_the_logits_log_sum_exp_is_computed_once_for_the_loss_and_the_probabilit
     d_z = (p - y) / (3 * 5)
     wname = next(k for k, v in params.items() if v.ndim == 2)
     assert np.allclose(grads[wname], np.einsum("bto,bti->oi", d_z, x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def gelu_kernels(compiled_declared):
+    """Embeddings, a GELU feed-forward of width 7 and the projection to a vocabulary of 5."""
+    from chainrule.derive.attention import _small_model, gelu
+    from chainrule.derive.layers import Activation, Dense
+    return compiled_declared("gelu-ffn", lambda: _small_model([Dense(7), Activation("gelu", gelu), Dense(6)],
+                                                               context=4, width=6))
+
+
+def test_the_gelu_backward_reads_the_forward_tanh_and_matches_finite_differences(gelu_kernels):
+    """The training forward keeps tanh(√(2/π)(z + 0.044715 z³)), which the derived GELU adjoint
+    evaluates again (three times, its argument factored differently); the backward reads the
+    kept array and calls no tanh. Every gradient still agrees with central differences."""
+    from chainrule.codegen.verify import check_gradients
+    cm = gelu_kernels
+    src = _function(cm.source, "loss_and_grads")
+    kept = re.search(r"# (kept\d+)\[b,i,h\] = tanh\(sqrt\(2\)\*\(8943\*z2\[b, i, h\]\*\*3/200000 \+ z2\[b, i, h\]\)"
+                     r"/sqrt\(pi\)\)", src)
+    assert kept, src[:3000]
+    name = kept.group(1)
+    assert f"# a2[b,i,h] = ({name}[b, i, h] + 1)*z2[b, i, h]/2" in src
+    adjoint = src[src.index("# d_z2[b,t,o] = "):]
+    adjoint = adjoint[:adjoint.index("\n    # ", 1)]
+    assert f"(1 - {name}[b, t, o]**2)" in adjoint and "_tanh(" not in adjoint, adjoint
+    assert src.count("_tanh(") == 1                     # the forward's, once per element
+    checks = check_gradients(cm.model, compiled=cm, batch=5)
+    assert len(checks) == 7 and all(c.ok for c in checks), [str(c) for c in checks]
+
+
+def _scores_then_row_sums():
+    """S[b,h,t,u] = Σ_f P[b,h,t,f] x[b,h,u,f] (a batched product) followed by R[b,h,t] = Σ_u S[b,h,t,u],
+    a per-slice sum with fixed limits: a run whose second kernel would allocate its own output."""
+    from corpus import _cost_of
+    from chainrule.derive import Builder
+    from chainrule.derive.graph import Model
+    from chainrule.derive.layers import B
+    bb, hh, tt, uu, ee, ff = (index(n) for n in "b h t u e f".split())
+    d = Builder()
+    H, T, E = d.size("H", 3), d.size("T", 4), d.size("E", 5)
+    x = d.tensor("x", (B, H, T, E), role="input")
+    d.level, d.layer = 1, "1:scores"
+    W = d.param("W", (E, E))
+    P = d.tensor("P", (B, H, T, E))
+    d.define(P, (bb, hh, tt, ff), sp.Sum(x[bb, hh, tt, ee] * W[ee, ff], (ee, 0, E - 1)))
+    S = d.tensor("S", (B, H, T, T))
+    d.define(S, (bb, hh, tt, uu), sp.Sum(P[bb, hh, tt, ff] * x[bb, hh, uu, ff], (ff, 0, E - 1)))
+    R = d.tensor("R", (B, H, T))
+    y = d.define(R, (bb, hh, tt), sp.Sum(S[bb, hh, tt, uu], (uu, 0, T - 1)))
+    d.layer = "cost"
+    cost = _cost_of(d, y)
+    return Model(d.equations, d.tensors, cost, outputs=[y], size_values=d.size_values, name="row-sums")
+
+
+def test_a_run_whose_slice_kernel_would_allocate_is_lowered_as_whole_tensors(compiled_declared):
+    """A per-slice accumulation cannot write into a slice of a whole array: that run stays whole
+    tensors (no slice loop), and its gradient agrees with central differences."""
+    from chainrule.codegen.verify import check_gradients
+    cm = compiled_declared("row-sums", _scores_then_row_sums)
+    src = _function(cm.source, "loss_and_grads")
+    assert "# one loop over (b, h): S1; R1" not in src and "one matrix product per batch element (b, h)" in src
+    checks = check_gradients(cm.model, compiled=cm, batch=5)
+    assert len(checks) == 1 and all(c.ok for c in checks), [str(c) for c in checks]

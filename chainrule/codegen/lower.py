@@ -14,7 +14,11 @@ Every equation ``out[idx] = body`` becomes one of:
   row loops that compute each ``exp`` once, normalise in place and only store zeros outside ``R``;
 * ``accumulate``: ``out[idx] = Σ_r f`` with bounds independent of ``idx`` (a bias gradient): the
   reduction loop outermost and the output loop inside, so that the reads stay contiguous;
-* ``scalar``: a rank-0 output (the cost).
+* ``scalar``: a rank-0 output (the cost);
+* ``slices``: a run of equations that start with a batched contraction and all work per element of
+  the same leading (batch, head) indices (attention's scores, softmax and weighted values; or the
+  adjoints dA, dS, dV, dK, dQ) as one loop over those indices, each equation lowered on its 2-D
+  slices by the cases above, so that each slice's intermediates stay in cache.
 
 Nothing here knows about a particular layer: everything comes from the equations.
 """
@@ -36,6 +40,8 @@ from ..derive.tensor import Equation, Tensor
 from .printer import print_expr, to_conventions
 
 REDUCTIONS = (sp.Sum, LogSumExp, MaxOver)
+# the kernels that write an output declared ``preallocated`` in place (a slice loop's views)
+WRITES_INTO_SLICES = ("dot", "loop", "softmax")
 GEMM_MAX_WASTE = 4.0      # an im2col GEMM may compute this many times the products its limits keep
 IND = "    "
 
@@ -137,6 +143,10 @@ class Lowerer:
         # causal attention weights) -> (axis, lo, hi), lo and hi in the loop variables of the
         # earlier axes; reductions and loops that multiply by them skip the zeros
         self.zero_outside: dict = {}
+        # the tensors that code after the function being lowered reads (its returned gradients), when
+        # ``lower`` is given no ``keep``: a slice loop's intermediate outside this set and read by no
+        # later equation is one slice, reused, never a whole array; None: every output is kept
+        self.live_after: set | None = None
         self.loop_vars = [sp.Symbol(f"i{k}", integer=True) for k in range(8)]
         for v in self.loop_vars:
             self.names[v] = str(v)
@@ -1114,6 +1124,18 @@ class Lowerer:
                 info.update(kind="dot", code=code,
                             dot_reads={str(m[0].base.label), str(m[1].base.label)})
                 return info
+        # a scaled product into an existing matrix (a slice of a slice loop: attention's Q Kᵀ / √E):
+        # np.dot into it, then scaled in place (no temporary). (BLAS's own alpha, through an intrinsic
+        # calling ?gemm, measured level with this: the slice is in cache; benchmarks/README.md)
+        c = _coefficient(body)
+        m = self.match_dot(body / c, loop_vars) if eq.out.name in self.preallocated and eq.out.rank == 2 \
+            and c != 1 else None
+        if m is not None and m[3] == 1:
+            code, order = self.dot_code(m[0], m[1], m[2], loop_vars)
+            if order == loop_vars:
+                info.update(kind="dot", code=code, scale=self.pv(c),
+                            dot_reads={str(m[0].base.label), str(m[1].base.label)})
+                return info
         # the whole body a batched contraction (per batch element and head): one np.dot each
         bm = self.match_batched(body / _coefficient(body), loop_vars) if eq.out.rank > 0 else None
         if bm is not None:
@@ -1543,7 +1565,19 @@ class Lowerer:
         for eq in equations:
             for name, _ in eq.reads():
                 self.readers.setdefault(name, set()).add(eq.out.name)
-        infos = [self.classify(eq) for eq in equations]
+        groups = self.slice_groups(equations)
+        for plan in groups.values():          # a slice loop's tensors are arrays, never loop locals
+            self.scalars -= {e.out.name for e in plan["equations"]} | \
+                {name for e in plan["equations"] for name, _ in e.reads()}
+        infos, pos = [], 0
+        while pos < len(equations):
+            kernel = self.slice_loop_kernel(groups[pos], keep) if pos in groups else None
+            if kernel is not None:
+                infos.append({"kind": "slices", "kernel": kernel})
+                pos += len(groups[pos]["equations"])
+                continue
+            infos.append(self.classify(equations[pos]))
+            pos += 1
         kernels: list[Kernel] = []
         group: list[dict] = []
 
@@ -1561,8 +1595,14 @@ class Lowerer:
                 group.append(info)
             elif info["kind"] == "dot":
                 name = self.ident(info["out"])
-                kernels.append(Kernel("dot", [info["text"]], [info["out"]],
-                                      [f"# {info['text']}", f"{name} = {info['code']}"]))
+                if info["out"] in self.preallocated:     # into the existing array (a slice)
+                    code = [f"{info['code'][:-1]}, {name})"] + \
+                        ([f"{name} *= {info['scale']}"] if "scale" in info else [])
+                else:
+                    code = [f"{name} = {info['code']}"]
+                kernels.append(Kernel("dot", [info["text"]], [info["out"]], [f"# {info['text']}"] + code))
+            elif info["kind"] == "slices":
+                kernels.append(info["kernel"])
             elif info["kind"] == "batched":
                 name = self.ident(info["out"])
                 code, _ = self.batched_code(info["plan"], name, target=name)
@@ -1581,6 +1621,163 @@ class Lowerer:
                 kernels.append(self.scalar_kernel(info))
         flush()
         return kernels
+
+    # -- slice loops: a run of per-(batch, head) equations in one loop ------------------------
+    def slice_groups(self, equations) -> dict:
+        """Runs of consecutive equations computed per element of the same leading indices: each run
+        starts with a batched contraction whose batch indices lead its output (attention's
+        ``S[b,h,t,u] = Σ_e Q[b,h,t,e] K[b,h,u,e] / √E``), and goes on while the next equation reads
+        every tensor that carries those leading axes at its own (b, h) only (the softmax ``A`` of
+        ``S``, then ``O = A V``). -> {position of the run's first equation: plan}. A run of one
+        equation stays a ``batched`` kernel."""
+        groups, pos = {}, 0
+        while pos < len(equations):
+            counter = self._counter
+            plan = self._slice_run(equations, pos)
+            if plan is not None and len(plan["equations"]) > 1:
+                groups[pos] = plan
+                pos += len(plan["equations"])
+            else:
+                self._counter = counter           # a look that found nothing names nothing
+                pos += 1
+        return groups
+
+    def _slice_run(self, equations, pos):
+        """The run starting at ``equations[pos]`` (see ``slice_groups``), or None."""
+        eq = equations[pos]
+        if eq.out.rank < 3 or not sp.sympify(eq.body).has(sp.Sum) or eq.body.has(Delayed) \
+                or eq.body.has(sp.KroneckerDelta):
+            return None
+        body, loop_vars = self.prepare(eq)
+        bm = self.match_batched(body / _coefficient(body), loop_vars)
+        if bm is None:
+            return None
+        k = len(bm["batch"])
+        if tuple(bm["batch"]) != loop_vars[:k] or eq.out.rank - k < 2:
+            return None
+        extent = self.concrete_shape(eq.out)[:k]
+        outer = [sp.Symbol(self.fresh("s"), integer=True) for _ in range(k)]
+        plan = dict(k=k, extent=extent, outer=outer, equations=[], sliced=[])
+        for e in equations[pos:]:
+            sliced = self._slice_equation(e, plan)
+            if sliced is None:
+                break
+            plan["equations"].append(e)
+            plan["sliced"].append(sliced)
+        return plan if plan["equations"] else None
+
+    def _slice_equation(self, eq, plan):
+        """``eq`` on one slice: its leading k indices fixed to the loop's, every read of a tensor at
+        those indices a read of that tensor's slice -> the sliced Equation, or None where ``eq``
+        is not computed per slice (a sum over a leading index, a read at another position)."""
+        k, extent, outer = plan["k"], plan["extent"], plan["outer"]
+        if eq.out.rank - k < 1 or self.concrete_shape(eq.out)[:k] != extent or \
+                eq.body.has(Delayed) or eq.body.has(sp.KroneckerDelta):
+            return None
+        lead = tuple(eq.indices[:k])
+        if not all(isinstance(i, sp.Symbol) for i in lead) or len(set(lead)) != k:
+            return None
+        bound = {lim[0] for r in sp.preorder_traversal(sp.sympify(eq.body)) if isinstance(r, REDUCTIONS)
+                 for lim in r.limits}
+        if bound & set(lead):
+            return None
+        body = sp.sympify(eq.body).xreplace(dict(zip(lead, outer)))
+
+        def sliced_read(r):
+            t = self.tensors[str(r.base.label)]
+            return self._batch_slice(t, k)[tuple(r.indices[k:])]
+
+        def per_slice(r):
+            name = str(r.base.label)
+            return (name in self.tensors and tuple(r.indices[:k]) == tuple(outer)
+                    and self.tensors[name].rank > k
+                    and self.concrete_shape(self.tensors[name])[:k] == extent)
+        body = body.replace(lambda e: isinstance(e, sp.Indexed) and per_slice(e), sliced_read)
+        if set(outer) & body.free_symbols:
+            return None
+        return Equation(self._batch_slice(eq.out, k), tuple(eq.indices[k:]), body, layer=eq.layer,
+                        note=eq.note)
+
+    def _batch_slice(self, t, k) -> Tensor:
+        """The tensor of one slice ``t[b, h]`` of ``t``'s leading k axes (registered once)."""
+        name = f"{t.name}__slice"
+        if name not in self.tensors:
+            self.tensors[name] = Tensor(name, t.shape[k:], role="hidden", layer=t.layer)
+            self.names[name] = f"{self.ident(t.name)}_s"
+        return self.tensors[name]
+
+    def _shift_support(self, support, by):
+        """A ``zero_outside`` entry of a tensor re-expressed for its slice (``by = -k``) or for the
+        whole tensor from its slice (``by = k``): axis and loop variables moved by ``by``."""
+        axis, lo, hi = support
+        lv = self.loop_vars
+        if axis + by < 0 or any(s in lv[:max(-by, 0)] for s in
+                                (sp.sympify(lo).free_symbols | sp.sympify(hi).free_symbols)):
+            return None
+        move = {v: lv[j + by] for j, v in enumerate(lv) if 0 <= j + by < len(lv)}
+        return axis + by, sp.sympify(lo).xreplace(move), sp.sympify(hi).xreplace(move)
+
+    def slice_loop_kernel(self, plan, keep) -> Kernel:
+        """One loop over the leading (batch, head) indices of a run of equations (``slice_groups``),
+        computing every equation of the run on the slice before the next slice: each slice's scores,
+        weights and products (16 kB each at T = 64) are still in cache when the next equation reads
+        them, where whole-tensor kernels wrote and read them back through memory (1 MB each).
+        The equations are lowered on their 2-D slices by the same machinery (products are
+        ``np.dot`` into the slice). An output read after the run is a whole array whose slices the
+        loop writes in place; an intermediate nothing after the run reads is one slice, reused.
+        None when an equation's kernel on the slice would allocate its own output (an accumulation):
+        the run is then lowered as whole tensors."""
+        k, outer, eqs, sliced = plan["k"], plan["outer"], plan["equations"], plan["sliced"]
+        for v in outer:
+            self.names[v] = str(v)
+        outs = {e.out.name for e in eqs}
+        later = {name for name, readers in self.readers.items() if readers - outs}
+        kept = {name for name in outs if name in later or
+                (name in keep if keep is not None else self.live_after is None or name in self.live_after)}
+        lines = [f"# one loop over ({', '.join(str(i) for i in eqs[0].indices[:k])}): "
+                 + "; ".join(comment_text(e.out.name) for e in eqs)
+                 + ", each slice computed while its data is in cache"]
+        lines += [f"# {pretty(e)}" for e in eqs]
+        views, inputs = [], []
+        for e in eqs:
+            s = self._batch_slice(e.out, k)
+            self.preallocated.add(s.name)
+            if e.out.name in kept:
+                lines.append(f"{self.ident(e.out.name)} = np.empty({self.shape_code(e.out)}, dtype=DT)")
+                views.append(s)
+            else:
+                lines.append(f"{self.ident(s.name)} = np.empty({self.shape_code(s)}, dtype=DT)"
+                             f"  # {comment_text(e.out.name)}: one slice at a time, read by nothing after")
+        for e in sliced:                          # in a fixed order: the module's text is deterministic
+            for r in sorted(sp.sympify(e.body).atoms(sp.Indexed), key=sp.default_sort_key):
+                name = str(r.base.label)
+                if name.endswith("__slice") and name[:-7] not in outs and name not in [t.name for t in inputs]:
+                    inputs.append(self.tensors[name])
+        for t in inputs:                          # what the slices know to be zero, from the whole
+            whole = self.zero_outside.get(t.name[:-7])
+            moved = whole and self._shift_support(whole, -k)
+            if moved:
+                self.zero_outside[t.name] = moved
+        saved = self.scalars, self.readers, self.outer_bound
+        self.outer_bound = self.outer_bound | set(outer)
+        try:
+            inner = self.lower(sliced)
+        finally:
+            self.scalars, self.readers, self.outer_bound = saved
+        if any(kern.kind not in WRITES_INTO_SLICES for kern in inner):
+            return None                           # a kernel that allocates its own output: whole tensors
+        for e in eqs:                             # and what the whole is known to be from its slices
+            part = self.zero_outside.get(self._batch_slice(e.out, k).name)
+            moved = part and self._shift_support(part, k)
+            if moved:
+                self.zero_outside[e.out.name] = moved
+        at = ", ".join(str(v) for v in outer)
+        body = [f"{self.ident(t.name)} = {self.ident(t.name[:-7])}[{at}]" for t in inputs + views]
+        body += [ln for kern in inner for ln in kern.lines]
+        nested = body
+        for d in range(k, 0, -1):
+            nested = [f"for {outer[d - 1]} in range({self.pe(plan['extent'][d - 1])}):"] + [IND + ln for ln in nested]
+        return Kernel("slices", [pretty(e) for e in eqs], sorted(kept), lines + nested)
 
     def share_reductions(self, equations):
         """Common subexpressions across equations: a sum or log-sum-exp that several equations

@@ -12,6 +12,7 @@ from ..derive.errors import UnsupportedError
 from ..derive.recurrence import flatten
 from .dtypes import DTYPES, check_dtype  # noqa: F401  (re-exported: render.check_dtype)
 from .forward_values import keep_forward_values
+from .kept_values import keep_forward_values_flat
 from .lower import IND, Lowerer, comment_text, primitives_used, sanitise
 from .split import SPLIT_ABOVE_LINES, DriverCode, KernelSplitter, fused_length
 from .workspace import use_workspace
@@ -185,12 +186,16 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
     else:
         # what the training forward's later code reads (the backward pass, the running-average
         # updates) or returns stays an array; the rest may be a scalar local of a fused loop
-        read_later = {r for e in flatten(_adjoint_order(composed, model)) for r, _ in e.reads()}
+        # a function value the backward evaluates again (GELU's tanh) is kept by the training forward
+        forward_eqs, backward_eqs = model.equations, _adjoint_order(composed, model)
+        if not eval_eqs and not input_grads:
+            forward_eqs, backward_eqs = keep_forward_values_flat(forward_eqs, flatten(backward_eqs), lw)
+        read_later = {r for e in flatten(backward_eqs) for r, _ in e.reads()}
         read_later |= {r for e in flatten(_adjoint_order(composed_in, model)) for r, _ in e.reads()} \
             if input_grads else set()
         read_later |= {r for e in model.buffer_updates for r, _ in e.reads()}
         lw.shared_cols = {}                         # the im2col buffers of the training forward
-        forward_k = lw.lower(model.equations,       # training mode: what loss_and_grads differentiates
+        forward_k = lw.lower(forward_eqs,           # training mode: what loss_and_grads differentiates
                              keep={model.cost.name} | {t.name for t in model.outputs} | read_later)
         train_cols, lw.shared_cols = lw.shared_cols, None
         forward_modes = _lower_two_modes(lw, model.equations, eval_eqs) if eval_eqs else \
@@ -207,11 +212,13 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
     # function: an im2col buffer that forward gathered is read again, not gathered twice
     train_cols = {} if recurrent else train_cols
     lw.shared_cols = dict(train_cols)
-    # what the backward pass returns: a backward time loop stores only the sequences read after it
+    # after the backward pass only its parameter gradients are read (returned, or the update's): a
+    # backward time loop stores only the sequences read after it, and the fused kernels know what
+    # is live after them
     returned = {adjoints[p.name] for p in params if p.name in adjoints}
-    backward_k = lw.lower_units(backward_units if recurrent else _adjoint_order(composed, model),
-                                keep=returned)
-    lw.shared_cols = None
+    lw.live_after = None if recurrent else returned
+    backward_k = lw.lower_units(backward_units if recurrent else backward_eqs, keep=returned)
+    lw.shared_cols, lw.live_after = None, None
     outputs_units = (_needed_units(model, [t.name for t in model.outputs]) if recurrent else
                      _needed(model.evaluation_equations() if eval_eqs else model.equations,
                              [t.name for t in model.outputs]))
