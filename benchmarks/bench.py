@@ -53,7 +53,7 @@ def _parse(argv):
     ap.add_argument("--only", choices=("mlp", "cnn", "rnn"), help="run only the MLP, CNN or RNN rows")
     ap.add_argument("--min-ms", type=float, default=3.0, help="each timing sample lasts at least this long")
     ap.add_argument("--settle-ms", type=float, default=None,
-                    help="pause before each timing sample (default: 0 with one thread, 200 with more; "
+                    help="pause before each timing sample (default: 0 with one thread, 500 with more; "
                          "see time_rounds)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: elapsed time; cpu: this process's CPU time (on a machine shared with "
@@ -372,13 +372,15 @@ def candidates(kind, cm, init, x, y, labels, convs):
 def time_rounds(fns, rounds, min_s):
     """Median ms per step of each candidate, the candidates alternating sample by sample.
 
-    With more than one thread, each sample starts after a pause (``--settle-ms``, 200 ms): after
-    its last call a thread pool keeps its threads spinning for a while (OpenBLAS's for 2^28
-    cycles, about 0.1 s; OpenMP's and XLA's too), and in this shared process the spinning threads
-    of the candidate timed before (NumPy's OpenBLAS, PyTorch's OpenMP pool, XLA's) took the cores
-    from the next one: every candidate then measured slower on two threads than on one."""
+    With more than one thread, each sample starts after a pause (``--settle-ms``, 500 ms): after
+    its last call a thread pool keeps its threads spinning for a while (OpenBLAS's for 2^28 cycles,
+    about 0.1 s; OpenMP's and XLA's too), and in this shared process the spinning threads of the
+    candidate timed before (NumPy's OpenBLAS, PyTorch's OpenMP pool, XLA's) took the cores from the
+    next one: every candidate then measured slower on two threads than on one. (Idle machine, demo
+    MLP at batch 1024, chainrule on two threads: 1.89 ms without a pause, 2.02 with 200 ms, 1.71
+    with 600 ms, against 1.49-1.76 on one thread; alone in its own process 1.43 against 1.40.)"""
     clock = time.process_time if ARGS.clock == "cpu" else time.perf_counter
-    settle = (ARGS.settle_ms if ARGS.settle_ms is not None else 200.0 if ARGS.threads > 1 else 0.0) / 1e3
+    settle = (ARGS.settle_ms if ARGS.settle_ms is not None else 500.0 if ARGS.threads > 1 else 0.0) / 1e3
     inner = {}
     for name, fn in fns.items():            # steps per sample: long enough to be timed well
         t0, k = time.perf_counter(), 0
