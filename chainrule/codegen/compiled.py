@@ -346,10 +346,11 @@ class CompiledModel:
             if worker is not None:
                 worker.stop()
             return False
-        signatures = {k: background.argument_types(self.description, k) for k in kernels}
         if worker is not None and worker.kernels:      # given its job when the module was written
             self._background = worker
-        elif worker is not None:           # started before the module existed (compile_model)
+            return True
+        signatures = {k: background.argument_types(self.description, k) for k in kernels}
+        if worker is not None:             # started before the module existed (compile_model)
             self._background = worker.assign(self.module_path, self.module.__name__, signatures)
         else:
             self._background = background.BackgroundCompile(self.module_path, self.module.__name__, signatures)
