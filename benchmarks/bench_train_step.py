@@ -153,7 +153,7 @@ def main(argv=None):
             for fn in fns.values():               # warm up (JIT, allocator, thread pools)
                 for _ in range(20):
                     fn()
-            # Numba's np.dot loads SciPy's BLAS lazily, on the first call: limit it now too
+            # the kernels load SciPy's BLAS lazily, on their first product: limit it now too
             threadpool_limits(args.threads)
             inner = args.inner or max(10, 4000 // batch)
             samples = time_rounds(fns, args.rounds, inner)

@@ -108,7 +108,7 @@ def test_module_is_readable_and_names_are_mapped(compiled_model):
                     "# d_b1[o] = Σ_b[d_z1[b, o]]", "# sgd update of W1",
                         "# theta__0[i] = -eta*gscale*g[i] + theta[i]", "u_p0[i0] = -u_hp_eta*u_gscale*u_g0[i0] + u_p0[i0]"]:
         assert comment in src, comment
-    assert "np.dot(" in src and "@njit(cache=True)" in src
+    assert "_matmul(" in src and "@njit(cache=True)" in src
     for fn in ("forward", "predict", "loss_and_grads", "train_step"):
         assert f"def {fn}(" in src
     grads = derive(cm.model)

@@ -229,7 +229,7 @@ def test_declaration_errors_name_the_layer_tensor_and_shapes(layers, shape, mess
 
 
 def test_convolutions_lower_to_im2col_gemms_that_pass_finite_differences(conv_kernels):
-    """A contraction over channel and kernel offsets with affine reads is lowered as im2col + np.dot
+    """A contraction over channel and kernel offsets with affine reads is lowered as im2col + _matmul
     (the code generator's choice from the equation's shape), for the forward convolution and the
     kernel gradient; the input gradient, whose summation limits move with the output index (a full
     correlation), is lowered in scatter form: one GEMM δ·W, then col2im adds each product at

@@ -154,26 +154,26 @@ def _function(src, name):
 
 def test_attention_runs_per_batch_and_head_in_one_loop_with_blas_products(attention_kernels):
     """The forward run (S, A, O) and the backward run (dA, dS, dV, dK, dQ) are each one loop over
-    (b, h): every contraction there is one np.dot on the slices, written into its slice (the 1/√E
+    (b, h): every contraction there is one _matmul_into on the slices, written into its slice (the 1/√E
     of S, dK and dQ scales it in place: no temporary), and the scores, dA and dS, which nothing
     after the run reads, are one (T, T) slice reused, never a (B, H, T, T) array."""
     src = _function(attention_kernels.source, "loss_and_grads")
     scale = "*= 0.7071067811865476"
     runs = {"# one loop over (b, h): S1; A1; O1, each slice computed while its data is in cache":
-            {"S1": ["np.dot(t6_Q1_s, t7_K1_s.T, t9_S1_s)", f"t9_S1_s {scale}"],
-             "O1": ["np.dot(t10_A1_s, t8_V1_s, t11_O1_s)"]},
+            {"S1": ["_matmul_into(t6_Q1_s, t7_K1_s.T, t9_S1_s)", f"t9_S1_s {scale}"],
+             "O1": ["_matmul_into(t10_A1_s, t8_V1_s, t11_O1_s)"]},
             "# one loop over (b, h): d_A1; d_S1; d_V1; d_K1; d_Q1, each slice computed while its data is in cache":
-            {"d_A1": ["np.dot(t16_d_O1_s, t8_V1_s.T, t17_d_A1_s)"],
-             "d_V1": ["np.dot(t10_A1_s.T, t16_d_O1_s, t19_d_V1_s)"],
-             "d_K1": ["np.dot(t18_d_S1_s.T, t6_Q1_s, t20_d_K1_s)", f"t20_d_K1_s {scale}"],
-             "d_Q1": ["np.dot(t18_d_S1_s, t7_K1_s, t21_d_Q1_s)", f"t21_d_Q1_s {scale}"]}}
+            {"d_A1": ["_matmul_into(t16_d_O1_s, t8_V1_s.T, t17_d_A1_s)"],
+             "d_V1": ["_matmul_into(t10_A1_s.T, t16_d_O1_s, t19_d_V1_s)"],
+             "d_K1": ["_matmul_into(t18_d_S1_s.T, t6_Q1_s, t20_d_K1_s)", f"t20_d_K1_s {scale}"],
+             "d_Q1": ["_matmul_into(t18_d_S1_s, t7_K1_s, t21_d_Q1_s)", f"t21_d_Q1_s {scale}"]}}
     for heading, products in runs.items():
         start = src.index(heading)
         run = src[start:src.index("\n    # ", src.index("\n    for s", start) + 1)]
         for out, calls in products.items():     # each product right below its equation
             lines = run[run.index(f"# {out}__slice["):].splitlines()
             assert [ln.strip() for ln in lines[1:1 + len(calls)]] == calls, (out, lines[:3])
-        assert run.count("np.dot(") == len(products)
+        assert run.count("_matmul_into(") == len(products)
     for scratch in ("S1", "d_A1", "d_S1"):
         assert re.search(rf"t\d+_{scratch}_s = np.empty\(\(4, 4\), dtype=DT\)  # {scratch}: one slice at a "
                          rf"time, read by nothing after", src), scratch

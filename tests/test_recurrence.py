@@ -188,7 +188,7 @@ def test_kernels_loop_over_time_and_match_numpy_and_finite_differences(compiled_
     assert "for t1 in range(5):" in src and "in range(5 - 1, -1, -1):" in src
     # the state at t - 1 is the step before's result, carried (no copy out of the sequence)
     # (named t4_H_sm1i when it starts from a declared initial state)
-    assert "np.dot(t4_H_sm1" in src and re.search(r"t4_H_sm1i? = t4_H_now", src) and "t4_H[:, 3" not in src
+    assert "_matmul(t4_H_sm1" in src and re.search(r"t4_H_sm1i? = t4_H_now", src) and "t4_H[:, 3" not in src
     assert "# time loop, backward in time (backpropagation through time): d_H" in src
     rng = np.random.default_rng(3)
     params = cm.init_params(seed=1)
@@ -217,31 +217,31 @@ def test_a_time_loop_keeps_only_what_needs_the_previous_step():
     """Lowered from the equations' shape: the input projection reads nothing the recurrence computes,
     so it is one GEMM over the whole sequence before the loop (x read in place as a (B·T) x n
     matrix), and the readout's adjoint, which does not depend on t, is computed once before the
-    backward loop; each step keeps one np.dot, the recurrent one, and calls the vectorisable tanh."""
+    backward loop; each step keeps one _matmul, the recurrent one, and calls the vectorisable tanh."""
     from chainrule.codegen.render import render_module
     from chainrule.derive import build_model
     src = render_module(build_model("seq(6, 3) -> rnn(5) -> dense(2) -> softmax_cross_entropy"), "float32")
     lag = src[src.index("def loss_and_grads"):src.index("def train_step")]
     (before_fwd, forward), (before_bwd, backward) = _time_loops(lag)
-    assert "np.dot(t0_x.reshape(((n_batch) * (6), (3)))" in "\n".join(before_fwd)
+    assert "_matmul(t0_x.reshape(((n_batch) * (6), (3)))" in "\n".join(before_fwd)
     assert "    # hoisted2[b,t,o] = Σ_i[W1[o, i]*x[b, t, i]] + b1[o]" in before_fwd
     # the recurrent weight transposed once before the loop: each step multiplies by a contiguous matrix
-    assert sum("np.dot(" in ln for ln in forward) == 1 and "np.dot(t4_h1_sm1, t2_U1_T)" in "\n".join(forward)
+    assert sum("_matmul(" in ln for ln in forward) == 1 and "_matmul(t4_h1_sm1, t2_U1_T)" in "\n".join(forward)
     assert "    t2_U1_T = np.ascontiguousarray(t2_U1.T)" in before_fwd
     assert not any("np.ascontiguousarray" in ln for ln in forward)
     assert any("_tanh(" in ln for ln in forward) and not any("math.tanh" in ln for ln in forward)
-    assert any(ln.strip().startswith("hoisted") and "= np.dot(t14_d_z2, t7_W2)" in ln for ln in before_bwd[-3:])
+    assert any(ln.strip().startswith("hoisted") and "= _matmul(t14_d_z2, t7_W2)" in ln for ln in before_bwd[-3:])
     # δ at t + 1 is the step before's result, carried: zeros before the first step, no copy in the loop
     assert before_bwd[-1].strip() == "t15_d_z1_sp1 = np.zeros((n_batch, 5), dtype=DT)"
     assert "t15_d_z1_sp1 = t15_d_z1_now  # d_z1 at this step, read by the next one" in "\n".join(backward)
     assert not any("ascontiguousarray" in ln for ln in backward)
-    assert sum("np.dot(" in ln for ln in backward) == 1 and "t2_U1)" in "\n".join(backward)
+    assert sum("_matmul(" in ln for ln in backward) == 1 and "t2_U1)" in "\n".join(backward)
     # the weight gradients: GEMMs after the backward loop, over the stored δ of every step; d_W1 one
     # product with x read in place, not a product per batch element, oriented so that it lands in
     # d_W1's own (o, i) order: δᵀ x, no transposing copy after it
     d_w1 = lag[lag.index("# d_W1[o,i] = "):lag.index("# d_W2[o,i] = ")]
-    assert "np.dot(t15_d_z1.reshape(((n_batch) * (6), (5))).T, t0_x.reshape(((n_batch) * (6), (3))))" in d_w1
-    assert sum("np.dot(" in ln for ln in d_w1.splitlines()) == 1 and "for " not in d_w1
+    assert "_matmul(t15_d_z1.reshape(((n_batch) * (6), (5))).T, t0_x.reshape(((n_batch) * (6), (3))))" in d_w1
+    assert sum("_matmul(" in ln for ln in d_w1.splitlines()) == 1 and "for " not in d_w1
 
 
 @pytest.mark.slow
@@ -326,7 +326,7 @@ def _lstm_and_gru_sources():
 
 def test_gate_adjoints_and_forward_values_are_computed_once():
     """The LSTM's gate products (1 - f) f d_f are computed once per backward step, as sequences
-    the next step's np.dot and the weight and bias gradients read (codegen/step_operands.py);
+    the next step's _matmul and the weight and bias gradients read (codegen/step_operands.py);
     tanh(c) is computed once, by the forward step (codegen/forward_values.py); the GRU's
     U_n h(t-1) is kept by the forward step, so the backward step has no product with h; and no
     time step copies a slice of the sequence at its own time."""
@@ -341,8 +341,8 @@ def test_gate_adjoints_and_forward_values_are_computed_once():
         assert any(product[0] in ln for ln in backward)
     assert len([ln for ln in code if "(1 - t14_g1[" in ln and "**2" in ln]) == 1
     # the next step's contractions and the gradients read the kept sequences
-    assert sum("np.dot(step_operand" in ln and "_sp1, " in ln for ln in backward) == 4
-    assert sum(ln.startswith("gemm") and "np.dot(step_operand" in ln for ln in code) == 8   # d_U, d_W
+    assert sum("_matmul(step_operand" in ln and "_sp1, " in ln for ln in backward) == 4
+    assert sum(ln.startswith("gemm") and "_matmul(step_operand" in ln for ln in code) == 8   # d_U, d_W
     # tanh: twice per forward step (g and tanh(c), kept), never in the backward step
     assert sum("_tanh(" in ln for ln in code) == 2 and sum("_tanh(" in ln for ln in forward) == 2
     assert any(ln.strip().startswith("kept") and "= _tanh(t2_c1_now[i0, i1])" in ln for ln in forward)
@@ -351,8 +351,8 @@ def test_gate_adjoints_and_forward_values_are_computed_once():
     assert "t1_h1_sm1 = t1_h1_now  # h1 at this step, read by the next one" in "\n".join(forward)
     gru = srcs["gru"]
     (_, g_forward), (_, g_backward) = _time_loops(gru)
-    assert "kept1_now = np.dot(t1_h1_sm1, t11_Un1_T)" in "\n".join(g_forward)
-    assert not any("np.dot(t1_h1_sm1" in ln for ln in g_backward)
+    assert "kept1_now = _matmul(t1_h1_sm1, t11_Un1_T)" in "\n".join(g_forward)
+    assert not any("_matmul(t1_h1_sm1" in ln for ln in g_backward)
     assert any(re.search(r"\(t13_bhn1\[i1\] \+ kept1\[i0, t\d+, i1\]\)", ln) for ln in g_backward)
 
 

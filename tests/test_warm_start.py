@@ -120,20 +120,23 @@ def test_unknown_spec_by_name_is_the_same_error(tmp_path):
 
 
 _BLAS_CHILD = textwrap.dedent("""
-    import json, sys
+    import importlib.util, json, sys, tempfile
     import numpy as np
-    from numba import njit
     from chainrule.codegen.blas import kernel_blas, load_kernel_blas
+    from chainrule.codegen.render import render_header
     blas = load_kernel_blas()
-    package_loaded = "scipy.linalg" in sys.modules
     found = len(kernel_blas())
-
-    @njit
-    def product(a, b):
-        return np.dot(a, b)
+    with tempfile.TemporaryDirectory() as folder:    # a generated module's header: its _matmul
+        path = folder + "/header.py"
+        with open(path, "w") as f:
+            f.write(render_header("float64", cache=False))
+        spec = importlib.util.spec_from_file_location("header", path)
+        header = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(header)
     a = np.arange(12.0).reshape(3, 4)
     b = np.arange(20.0).reshape(4, 5)
-    same = bool(np.array_equal(product(a, b), a @ b))
+    same = bool(np.array_equal(header._matmul(a, b), a @ b))
+    package_loaded = "scipy.linalg" in sys.modules
     import scipy.linalg                          # the whole package, later, as any caller may
     from scipy.linalg import cython_blas
     print(json.dumps({"package_loaded_first": package_loaded, "found": found, "same": same,
@@ -143,8 +146,9 @@ _BLAS_CHILD = textwrap.dedent("""
 
 
 def test_kernel_blas_loads_without_scipy_linalg_and_binds_it_later():
-    """The kernels' BLAS is loaded without importing scipy.linalg; Numba's np.dot computes with
-    it; a later `import scipy.linalg` works and its cython_blas is the module already loaded."""
+    """The kernels' BLAS is loaded without importing scipy.linalg; a generated module's matrix
+    product computes with it (and still without the package); a later `import scipy.linalg` works
+    and its cython_blas is the module already loaded."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-c", _BLAS_CHILD], env=env, check=True, capture_output=True,
                          text=True, timeout=300)

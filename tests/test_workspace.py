@@ -94,11 +94,11 @@ def test_a_step_with_its_workspace_faults_far_fewer_pages_than_with_fresh_arrays
 
 
 def test_an_array_read_only_by_a_returned_product_is_reused():
-    """A returned gradient np.dot(a.reshape(..).T, x) is a fresh array, so ``a`` does not reach the
+    """A returned gradient _matmul(a.reshape(..).T, x) is a fresh array, so ``a`` does not reach the
     caller and is taken from the workspace; a returned view or alias of ``b`` keeps ``b`` out."""
     from chainrule.codegen.workspace import use_workspace
     blocks = ["a = np.empty((n_batch, 512), dtype=DT)",
-              "g = np.dot(a.reshape(((n_batch) * (2), (256))).T, x).reshape((256, 16,))",
+              "g = _matmul(a.reshape(((n_batch) * (2), (256))).T, x).reshape((256, 16,))",
               "b = np.empty((n_batch, 512), dtype=DT)",
               "h = b.reshape((n_batch * 512,))"]
     out, allocations = use_workspace(blocks, ["g", "h"], itemsize=8)

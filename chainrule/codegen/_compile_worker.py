@@ -44,8 +44,7 @@ def warm_up_pieces(dtype: str):
     functions in the order a dense layer's ``train_step`` first needs them (each one returned
     uncalled: :func:`warm_then_wait` compiles them one by one until its job arrives). The first
     also pays Numba's own start (about 0.5 s, whatever it compiles); then np.empty of 1-D and 2-D
-    arrays of the module's dtype, np.dot of 2-D arrays for the three layout pairs of a dense
-    layer's step (x Wᵀ, δ W, δᵀ a), np.zeros, the min, max and bit view of the header's _exp
+    arrays of the module's dtype, np.zeros, the min, max and bit view of the header's _exp
     (compiled without fastmath flags, as _exp is) and np.ascontiguousarray (train_step's flat
     gradients). Numba reuses each for the module's kernels when the argument types are the same."""
     import numpy as np
@@ -62,18 +61,6 @@ def warm_up_pieces(dtype: str):
         return e1[0] + e2[0, 0]
 
     @njit(**_NJIT_OPTIONS)
-    def times_transpose(a, b):
-        return np.dot(a, b.T)[0, 0]
-
-    @njit(**_NJIT_OPTIONS)
-    def times(a, b):
-        return np.dot(a, b)[0, 0]
-
-    @njit(**_NJIT_OPTIONS)
-    def transpose_times(a, b):
-        return np.dot(a.T, b)[0, 0]
-
-    @njit(**_NJIT_OPTIONS)
     def zeros(a):
         return np.zeros((a.shape[0],), dtype=DT)[0] + np.zeros((a.shape[0], 3), dtype=DT)[0, 0]
 
@@ -86,8 +73,7 @@ def warm_up_pieces(dtype: str):
     def flatten(a):
         return np.ascontiguousarray(a[0]).reshape(a.shape[1])[0] + np.ascontiguousarray(a).reshape(a.size)[0]
 
-    return [lambda: allocate(a), lambda: times_transpose(a, a), lambda: times(a, a),
-            lambda: transpose_times(a, a), lambda: zeros(a), lambda: exp_parts(DT(0.5)), lambda: flatten(a)]
+    return [lambda: allocate(a), lambda: zeros(a), lambda: exp_parts(DT(0.5)), lambda: flatten(a)]
 
 
 def main(path, module_name, kernels_json) -> int:

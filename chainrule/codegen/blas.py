@@ -1,7 +1,7 @@
 """One BLAS thread around a kernel call whose matrix products are small.
 
-The generated kernels multiply through Numba's ``np.dot``, which calls SciPy's BLAS (its
-``cython_blas``). OpenBLAS splits a product over its threads from about 2^18 multiply-adds on, and
+The generated kernels multiply through ``_matmul`` (their header's direct call of gemm, through
+Numba's own entry point ``numba_xxgemm``), which calls SciPy's BLAS (its ``cython_blas``). OpenBLAS splits a product over its threads from about 2^18 multiply-adds on, and
 on two cores the second thread costs more than it saves below about 2^24 (the measurements are in
 ``chainrule.runtime.threads``; with any other work on the machine it is far worse:
 ``benchmarks/bench.py --threads 2`` under a load average of 4.4 had the demo MLP's batch-256 step at
@@ -31,8 +31,8 @@ _CYTHON_BLAS = "scipy.linalg.cython_blas"
 
 
 def load_kernel_blas():
-    """Load SciPy's ``cython_blas``, the BLAS the kernels' ``np.dot`` calls (Numba imports it by
-    name on a kernel's first product), without the ``scipy.linalg`` package around it.
+    """Load SciPy's ``cython_blas``, the BLAS the kernels' products call (Numba's ``numba_xxgemm``
+    imports it by name on a kernel's first product), without the ``scipy.linalg`` package around it.
 
     Why: importing the package costs 0.2 s on an idle machine and 0.4-0.8 s under load (its array-API
     layer, f2py, every linear-algebra routine), a sixth of a warm ``chainrule demo``, and the kernels

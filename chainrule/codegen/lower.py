@@ -2,10 +2,11 @@
 
 Every equation ``out[idx] = body`` becomes one of:
 
-* ``dot``:  ``out = np.dot(A, B)`` on 2-D views (transposes as ``.T``), when the body *is* a plain
+* ``dot``:  ``out = _matmul(A, B)`` on 2-D views (transposes as ``.T``; ``_matmul`` is the module
+  header's direct call of BLAS's gemm, ``np.dot`` for a vector), when the body *is* a plain
   two-operand contraction ``Σ_k A[..k..] B[..k..]``;
 * ``loop``: an elementwise loop nest over ``idx`` (last index innermost, so that the writes are
-  contiguous), into which contractions found inside the body are first extracted as ``np.dot``
+  contiguous), into which contractions found inside the body are first extracted as ``_matmul``
   temporaries, and whose remaining reductions (``Sum``, ``LogSumExp``) become accumulator loops,
   hoisted to the shallowest loop level at which their free indices are bound. Consecutive
   elementwise equations over the same iteration space that read each other only pointwise are
@@ -44,6 +45,13 @@ REDUCTIONS = (sp.Sum, LogSumExp, MaxOver)
 WRITES_INTO_SLICES = ("dot", "loop", "softmax")
 GEMM_MAX_WASTE = 4.0      # an im2col GEMM may compute this many times the products its limits keep
 IND = "    "
+
+
+def matmul(a: str, b: str, out: str | None = None) -> str:
+    """The text of the product of two 2-D views ``a``, ``b`` (into the 2-D view ``out`` when
+    given): the header's ``_matmul`` or ``_matmul_into``, BLAS's gemm called directly
+    (templates/_header.py.j2)."""
+    return f"_matmul_into({a}, {b}, {out})" if out else f"_matmul({a}, {b})"
 
 
 def sanitise(name: str) -> str:
@@ -289,7 +297,7 @@ class Lowerer:
         """``Σ F(..) · G[..]`` where ``F`` is a product of several factors that read one and the same
         index tuple (a gate's adjoint times its derivative, ``(1 - r) r δ_r``) and ``G`` one other
         read: ``F`` is computed once into a temporary array (an elementwise loop), so that the sum
-        becomes a two-operand contraction that ``np.dot`` or an im2col GEMM computes. Done only
+        becomes a two-operand contraction that ``_matmul`` or an im2col GEMM computes. Done only
         where the contraction then matches."""
         for s in sorted(body.atoms(sp.Sum), key=sp.default_sort_key):
             if not isinstance(s, sp.Sum) or any(isinstance(a, REDUCTIONS) for a in sp.preorder_traversal(s.function)
@@ -332,8 +340,9 @@ class Lowerer:
                 break
         return body
 
-    def dot_code(self, A, Bm, k, loop_vars):
-        """Code for ``T[free] = Σ_k A B`` and the order of T's indices (out-index order)."""
+    def dot_code(self, A, Bm, k, loop_vars, out: str | None = None):
+        """Code for ``T[free] = Σ_k A B`` (written into the array ``out`` when given) and the order
+        of T's indices (out-index order)."""
         fa = [i for i in A.indices if i != k]
         fb = [i for i in Bm.indices if i != k]
         if fa and fb and loop_vars.index(fa[0]) > loop_vars.index(fb[0]):
@@ -348,7 +357,18 @@ class Lowerer:
             return code
         a = view(A, k_first=False)                # A as (free, k)
         b = view(Bm, k_first=True)                # B as (k, free)
-        return f"np.dot({a}, {b})", tuple(fa + fb)
+        if A.rank == 2 and Bm.rank == 2:
+            product = matmul(a, b, out)
+        else:                                    # (a vector: NumPy's product, which takes one)
+            product = f"np.dot({a}, {b}, {out})" if out else f"np.dot({a}, {b})"
+        return product, tuple(fa + fb)
+
+    def dot_into(self, m, loop_vars, out: str) -> str | None:
+        """The product ``m`` (a ``match_dot``) written into ``out`` when ``out`` is an existing array
+        (``preallocated``: a slice loop's view), else None."""
+        if out not in self.preallocated:
+            return None
+        return self.dot_code(m[0], m[1], m[2], loop_vars, out=self.ident(out))[0]
 
     def step_transposed(self, name: str) -> str | None:
         """Inside a time loop's step, the transpose of ``name`` laid out once before the loop, when
@@ -370,7 +390,7 @@ class Lowerer:
     def match_batched(self, s, loop_vars):
         """``Σ_k A[β.., α.., k..] B[β.., k.., γ..]`` with plain indices over full ranges, where the
         *batch* indices β are read by both operands and are output indices (attention's
-        ``S[b,h,t,u] = Σ_e Q[b,h,t,e] K[b,h,u,e]``) -> a plan for one ``np.dot`` per batch element,
+        ``S[b,h,t,u] = Σ_e Q[b,h,t,e] K[b,h,u,e]``) -> a plan for one ``_matmul`` per batch element,
         or None. (A contraction with no batch index is ``match_dot``'s or ``match_gemm``'s.)"""
         if not isinstance(s, sp.Sum):
             return None
@@ -400,7 +420,7 @@ class Lowerer:
         return dict(A=A, B=Bm, ks=ks, batch=batch, fa=fa, fb=fb, size=size, coeff=coeff)
 
     def batched_code(self, m, tmp, target=None) -> tuple[list, tuple]:
-        """Lines computing ``tmp[β.., α.., γ..] = Σ_k A B`` (see ``match_batched``) by one ``np.dot``
+        """Lines computing ``tmp[β.., α.., γ..] = Σ_k A B`` (see ``match_batched``) by one ``_matmul``
         per batch element on 2-D views (a transposed view where an operand reads (k, free), a
         contiguous copy only where its axes are interleaved), and tmp's index order. With ``target``
         (an output whose index order is that one), the products go straight into it, times the
@@ -436,12 +456,12 @@ class Lowerer:
         if target is None:
             lines.append(f"{tmp} = np.empty(({', '.join(pe(size[v]) for v in order)},), dtype=DT)")
         header = [f"for {names[str(v)]} in range({pe(size[v])}):" for v in batch]
-        # each product written straight into its slice of the result (np.dot's ``out``): no
+        # each product written straight into its slice of the result (_matmul's ``out``): no
         # temporary per batch element, no copy
         view = f"{dest}_o"
         stmts = [f"{view} = {dest}[{', '.join(names[str(v)] for v in batch)}]"
                  + (f".reshape(({prod(m['fa'])}, {prod(m['fb'])}))" if len(out_dims) != 2 else ""),
-                 f"np.dot({views[0]}, {views[1]}, {view})"]
+                 matmul(views[0], views[1], view)]
         if target is not None and m["coeff"] != 1:
             stmts.append(f"{view} *= {self.pv(m['coeff'])}")
         for depth, h in enumerate(header):
@@ -457,7 +477,7 @@ class Lowerer:
         ``δ[b, f, h, w] x[b, c, h + p, w + q]``) -> a GEMM plan, or None.
 
         Lowered as im2col: ``col[Fg.., K..] = G[..]`` gathered into a contiguous buffer, then
-        ``out[Fg.., Fp..] = col(Fg, K) · P(K, Fp)`` by ``np.dot`` on 2-D views."""
+        ``out[Fg.., Fp..] = col(Fg, K) · P(K, Fp)`` by ``_matmul`` on 2-D views."""
         if not isinstance(s, sp.Sum):           # (a plain matrix product is match_dot's)
             return None
         ks = [v for v, _, _ in s.limits]
@@ -580,7 +600,7 @@ class Lowerer:
         if perm == sorted(perm):
             pmat = f"{pname}.reshape(({prod(ks)}, {prod(fp)}))"
         elif list(P.indices) == fp + ks:
-            # laid out (Fp, K): its transpose, a view (no copy), as np.dot takes either layout
+            # laid out (Fp, K): its transpose, a view (no copy), as _matmul reads either layout
             # (a dense layer's W[o, i] in z = x Wᵀ; measured 3-8 % faster than a transposed copy)
             pmat = f"{pname}.reshape(({prod(fp)}, {prod(ks)})).T"
         else:
@@ -593,7 +613,7 @@ class Lowerer:
                      f"{gathered} * {ptxt}" + (" (as the product of the transposes: the output's order)"
                                                 if p_first else ""))
         pmat_t = pmat[:-2] if pmat.endswith(".T") else f"{pmat}.T"
-        product = f"np.dot({pmat_t}, {colmat})" if p_first else f"np.dot({colmat}, {pmat})"
+        product = matmul(pmat_t, colmat) if p_first else matmul(colmat, pmat)
         lines.append(f"{tmp} = {product}.reshape(({', '.join(out_dims)},))")
         return lines, tuple(order)
 
@@ -624,7 +644,7 @@ class Lowerer:
         """The gathered operand of an im2col GEMM (``match_gemm``) as a 2-D view of its own array,
         when no gather is needed: it reads plain indices over its whole axes, no guard, in the
         order (output indices, summation indices) or the reverse (a transposed view). A
-        time-distributed input projection ``Σ_i W[o, i] x[b, t, i]`` is then one ``np.dot`` on
+        time-distributed input projection ``Σ_i W[o, i] x[b, t, i]`` is then one ``_matmul`` on
         ``x`` seen as a (B·T) x I matrix, and the weight gradient ``Σ_{b,t} δ[b, t, o] x[b, t, i]``
         one on its transpose."""
         G, ks, fg, size = m["G"], m["ks"], m["fg"], m["size"]
@@ -648,7 +668,7 @@ class Lowerer:
 
         * the output's leading indices β are read by the gathered operand G only (a forward
           convolution ``y[b, f, h, w]``): ``col[β, K.., rest..]``, and per β one
-          ``np.dot(P(fp, K), col[β](K, rest))`` written straight into ``tmp[β]``;
+          ``_matmul(P(fp, K), col[β](K, rest))`` written straight into ``tmp[β]``;
         * P's leading index σ is summed and read by G as a plain index (a kernel gradient
           ``Σ_{b,h,w} δ[b, f, h, w] x[b, c, h + p, w + q]``): ``col[σ, fg.., K'..]`` and
           ``tmp(fp, fg) = Σ_σ P[σ](fp, K') · col[σ](fg, K')ᵀ``.
@@ -734,7 +754,7 @@ class Lowerer:
                       f"Σ_{','.join(map(str, kord))} {ptxt} * {col}[{', '.join(map(str, cvars))}]",
                       f"{tmp}_flat = np.empty(({', '.join([pe(size[v]) for v in lead] + [prod(fp), prod(rest)])},), dtype=DT)"]
             lines += [IND * d + h for d, h in enumerate(head)]
-            lines.append(IND * len(head) + f"np.dot({pmat}, {col}[{at}].reshape(({prod(kord)}, {prod(rest)})), {tmp}_flat[{at}])")
+            lines.append(IND * len(head) + matmul(pmat, f"{col}[{at}].reshape(({prod(kord)}, {prod(rest)}))", f"{tmp}_flat[{at}]"))
             order = lead + fp + rest
         else:
             psel = f"{pname}[{at}]"
@@ -744,7 +764,7 @@ class Lowerer:
                       f"Σ_{','.join(map(str, [sum_over] + kord))} {ptxt} * {col}[{', '.join(map(str, cvars))}]",
                       f"{tmp}_flat = np.zeros(({prod(fp)}, {prod(rest)}), dtype=DT)"]
             lines += head
-            lines.append(IND + f"{tmp}_flat += np.dot({pmat}, {col}[{at}].reshape(({prod(rest)}, {prod(kord)})).T)")
+            lines.append(IND + f"{tmp}_flat += " + matmul(pmat, f"{col}[{at}].reshape(({prod(rest)}, {prod(kord)})).T"))
             order = fp + rest
         lines.append(f"{tmp} = {tmp}_flat.reshape(({', '.join(pe(size[v]) for v in order)},))")
         return lines, tuple(order)
@@ -929,7 +949,7 @@ class Lowerer:
 
     def shift_scatter_code(self, plan, tmp, loop_vars, shape) -> list[str]:
         """The lines of a shift scatter (see ``match_shift_scatter``): per element of the batch
-        indices β one ``np.dot`` into ``tmp_cols[K's free.., D's free..]``, then the col2im loop
+        indices β one ``_matmul`` into ``tmp_cols[K's free.., D's free..]``, then the col2im loop
         adding each product at the output element its solved indices select."""
         pe, size = self.pe, plan["size"]
         K, D, kidx, didx = plan["K"], plan["D"], plan["kidx"], plan["didx"]
@@ -965,7 +985,7 @@ class Lowerer:
             return lines + self._shift_scatter_per_batch(plan, tmp, loop_vars, shape, names, sym, kmat, dmat, col)
         lines.append(f"{col} = np.empty(({prod(kfree)}, {prod(dfree)}), dtype=DT)")
         lines.append(f"# GEMM: ({nm(kfree)}) x ({nm(con)}) times ({nm(con)}) x ({nm(dfree)})")
-        lines.append(f"{col}[:, :] = np.dot({kmat}, {dmat})")
+        lines.append(f"{col}[:, :] = " + matmul(kmat, dmat))
         order = kfree + dfree
         lines.append(f"{col}_v = {col}.reshape(({', '.join(pe(size[v]) for v in order)},))")
         lines.append(f"# col2im: add each product at the output element it belongs to")
@@ -1008,7 +1028,7 @@ class Lowerer:
                  f"each followed by its col2im"]
         for depth, v in enumerate(batch):
             lines.append(IND * depth + f"for {names[v]} in range({pe(size[v])}):")
-        inner = [f"np.dot({kmat}, {dmat}, {col})",
+        inner = [matmul(kmat, dmat, col),
                  "# col2im: add each product at the output element it belongs to"]
         for depth, v in enumerate(order):
             inner.append(IND * depth + f"for {names[v]} in range({pe(size[v])}):")
@@ -1116,16 +1136,16 @@ class Lowerer:
                 self.zero_outside[eq.out.name] = (len(loop_vars) - 1, sm["lo"], sm["hi"])
             return info
         body = self.skip_known_zeros(body, loop_vars, info)
-        # the whole body a contraction: out = np.dot(...)
+        # the whole body a contraction: out = _matmul(...)
         m = self.match_dot(body, loop_vars) if eq.out.rank > 0 else None
         if m is not None and m[3] == 1:
             code, order = self.dot_code(m[0], m[1], m[2], loop_vars)
             if order == loop_vars:
-                info.update(kind="dot", code=code,
+                info.update(kind="dot", code=code, into=self.dot_into(m, loop_vars, eq.out.name),
                             dot_reads={str(m[0].base.label), str(m[1].base.label)})
                 return info
         # a scaled product into an existing matrix (a slice of a slice loop: attention's Q Kᵀ / √E):
-        # np.dot into it, then scaled in place (no temporary). (BLAS's own alpha, through an intrinsic
+        # _matmul into it, then scaled in place (no temporary). (BLAS's own alpha, through an intrinsic
         # calling ?gemm, measured level with this: the slice is in cache; benchmarks/README.md)
         c = _coefficient(body)
         m = self.match_dot(body / c, loop_vars) if eq.out.name in self.preallocated and eq.out.rank == 2 \
@@ -1134,16 +1154,17 @@ class Lowerer:
             code, order = self.dot_code(m[0], m[1], m[2], loop_vars)
             if order == loop_vars:
                 info.update(kind="dot", code=code, scale=self.pv(c),
+                            into=self.dot_into(m, loop_vars, eq.out.name),
                             dot_reads={str(m[0].base.label), str(m[1].base.label)})
                 return info
-        # the whole body a batched contraction (per batch element and head): one np.dot each
+        # the whole body a batched contraction (per batch element and head): one _matmul each
         bm = self.match_batched(body / _coefficient(body), loop_vars) if eq.out.rank > 0 else None
         if bm is not None:
             bm["coeff"] = bm["coeff"] * _coefficient(body)
             if tuple(bm["batch"] + bm["fa"] + bm["fb"]) == loop_vars:
                 info.update(kind="batched", plan=bm, dot_reads={str(bm["A"].base.label), str(bm["B"].base.label)})
                 return info
-        # extract contractions into np.dot temporaries
+        # extract contractions into _matmul temporaries
         if eq.out.rank > 0:
             body = self.materialise_operands(body, loop_vars, info)
             for s in sorted(body.atoms(sp.Sum), key=sp.default_sort_key):
@@ -1596,7 +1617,7 @@ class Lowerer:
             elif info["kind"] == "dot":
                 name = self.ident(info["out"])
                 if info["out"] in self.preallocated:     # into the existing array (a slice)
-                    code = [f"{info['code'][:-1]}, {name})"] + \
+                    code = [info["into"]] + \
                         ([f"{name} *= {info['scale']}"] if "scale" in info else [])
                 else:
                     code = [f"{name} = {info['code']}"]
@@ -1723,7 +1744,7 @@ class Lowerer:
         weights and products (16 kB each at T = 64) are still in cache when the next equation reads
         them, where whole-tensor kernels wrote and read them back through memory (1 MB each).
         The equations are lowered on their 2-D slices by the same machinery (products are
-        ``np.dot`` into the slice). An output read after the run is a whole array whose slices the
+        ``_matmul`` into the slice). An output read after the run is a whole array whose slices the
         loop writes in place; an intermediate nothing after the run reads is one slice, reused.
         None when an equation's kernel on the slice would allocate its own output (an accumulation):
         the run is then lowered as whole tensors."""
@@ -1907,7 +1928,7 @@ class Lowerer:
         """A recurrence (or its adjoint) as one loop over t, never unrolled. Each step computes
         every equation of the loop on one time slice: a read at ``t + c`` of a sequence becomes a
         read of a contiguous copy of that slice (the declared initial state, or zeros, where
-        ``t + c`` is outside the sequence), so the per-step contractions are ``np.dot`` on 2-D
+        ``t + c`` is outside the sequence), so the per-step contractions are ``_matmul`` on 2-D
         arrays; each result is stored into its full sequence for the steps and the adjoints after.
 
         ``unread``: the loop's results that nothing after the loop reads. Those that no step reads
@@ -1996,7 +2017,7 @@ class Lowerer:
         """The step's results to write straight into their sequences (``x[i0, t, i1] = ...``)
         instead of into an array of the step copied into the sequence after the loop nest: those
         stored and not carried to the next step (a carried one is the next step's contiguous
-        operand), that are not a bare contraction (``np.dot`` returns its own array), and that the
+        operand), that are not a bare contraction (``_matmul`` returns its own array), and that the
         step reads only pointwise, outside every reduction (a later statement then reads the
         sequence in place, as it reads the forward values). name of the step's tensor -> (the
         sequence's name, time axis, ts). Why: the copies were a tenth of an LSTM's step."""
@@ -2199,7 +2220,7 @@ class Lowerer:
     def _read_in_place(body, ts, produced) -> set:
         """The reads of a sequence at the step's own time ``ts`` that the step's loops can index
         in place (``c1[i0, t, i1]``): outside every reduction (a contraction's operand is copied
-        into a contiguous slice for ``np.dot``), and not computed by this step (those are read
+        into a contiguous slice for ``_matmul``), and not computed by this step (those are read
         from the step's own result)."""
         inner = set()
         for r in sp.preorder_traversal(body):
@@ -2271,7 +2292,7 @@ class Lowerer:
             if g["out"] in self.preallocated or g["out"] in local or g["out"] in self.step_targets:
                 continue
             if g.get("whole_dots"):
-                # the output overwrites its own np.dot temporary (read at the same element just
+                # the output overwrites its own _matmul temporary (read at the same element just
                 # before): one array fewer
                 alias[g["out"]] = g["whole_dots"][0]
                 continue

@@ -497,6 +497,15 @@ def render_plan(plan: Plan, cache: bool = True) -> str:
     return _ENV.get_template(template).render(**plan.context, njit_cache=bool(cache))
 
 
+def render_header(dtype="float64", cache: bool = True) -> str:
+    """The header every generated module starts with, alone: its helpers (``_exp``, ``_tanh``, the
+    matrix product ``_matmul``), for testing them apart from any model."""
+    tiny = repr(float(np.finfo(np.dtype(dtype)).tiny))
+    return _ENV.get_template("_header.py.j2").render(
+        model_label="header", dtype=dtype, tiny=tiny, primitives=[], simplex_check=False,
+        arg_doc="-", njit_cache=bool(cache))
+
+
 def render_module(model, dtype="float64", optimizer="sgd", input_grads=False, split=None) -> str:
     """The generated module's source (what ``chainrule codegen`` prints)."""
     return render_plan(plan_model(model, dtype, optimizer=optimizer, input_grads=input_grads, split=split))

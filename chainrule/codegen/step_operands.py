@@ -9,7 +9,7 @@ and the weight and bias gradients after the loop read the same products over the
 ``d_Uf[o, j] = Σ_{b,t} (1 - f) f d_f h[b, t-1, j]``, ``d_Wf[o, i] = Σ_{b,t} (1 - f) f d_f x[b, t, i]``,
 ``d_bf[o] = Σ_{b,t} (1 - f) f d_f``. Lowered as they stand, each of these computes the product
 again (in the loop: copies of ``f`` and ``d_f`` at ``t+1`` and an elementwise pass feeding each
-gate's ``np.dot``; after it: one pass over the whole sequence per gradient): the LSTM's step
+gate's ``_matmul``; after it: one pass over the whole sequence per gradient): the LSTM's step
 computed each gate's product four times. The product is the adjoint of the gate's pre-activation
 (``δ_f = d_f ⊙ σ'``), a value of step ``t+1`` that step ``t+1`` itself can compute.
 

@@ -89,11 +89,13 @@ def _elements(shape, n_batch: int) -> int | None:
 
 def _fresh(expr) -> bool:
     """``expr`` is a new array that shares no memory with the arrays it reads: the product
-    ``np.dot(..)`` (a weight gradient ``np.dot(δ.reshape(..).T, x)``), or a reshape or transpose
-    of one."""
+    ``_matmul(a, b)`` or ``np.dot(..)`` (a weight gradient ``_matmul(δ.reshape(..).T, x)``), or a
+    reshape or transpose of one."""
     while isinstance(expr, (ast.Call, ast.Attribute)):
         if isinstance(expr, ast.Attribute) and expr.attr == "T":
             expr = expr.value
+        elif isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name):
+            return expr.func.id == "_matmul"
         elif isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute):
             if isinstance(expr.func.value, ast.Name) and expr.func.value.id == "np":
                 return expr.func.attr == "dot"

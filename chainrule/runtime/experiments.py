@@ -84,7 +84,7 @@ def _one_blas_thread():
         yield
         return
     from chainrule.codegen.blas import load_kernel_blas
-    load_kernel_blas()                    # Numba's np.dot calls it: loaded before the limit
+    load_kernel_blas()                    # the kernels' products call it: loaded before the limit
     with threadpool_limits(1, user_api="blas"):
         yield
 

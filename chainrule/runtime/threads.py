@@ -46,7 +46,7 @@ def training_blas_threads(param_shapes, batch_size, requested="auto"):
 
 @contextmanager
 def blas_threads(limit):
-    """BLAS (NumPy's and the one Numba's ``np.dot`` calls) limited to ``limit`` threads inside the
+    """BLAS (NumPy's and the one the kernels' ``_matmul`` calls) limited to ``limit`` threads inside the
     block; no limit for None, or when threadpoolctl is missing."""
     if limit is None:
         yield
@@ -57,6 +57,6 @@ def blas_threads(limit):
         yield
         return
     from chainrule.codegen.blas import load_kernel_blas
-    load_kernel_blas()                    # Numba's np.dot calls this BLAS: loaded so it is limited too
+    load_kernel_blas()                    # the kernels' products call this BLAS: loaded so it is limited too
     with threadpool_limits(int(limit), user_api="blas"):
         yield
