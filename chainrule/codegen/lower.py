@@ -37,7 +37,7 @@ from ..derive.layers import B as BATCH
 from ..derive.deltas import GUARDS, eliminate_deltas, fold_guards
 from ..derive.primitives import IsArgmax, LogSumExp, MaxOver, Primitive, step
 from ..derive.recurrence import Delayed, TimeLoop, time_shift
-from ..derive.tensor import Equation, Tensor
+from ..derive.tensor import Equation, Tensor, vanishes
 from .printer import print_expr, to_conventions
 
 REDUCTIONS = (sp.Sum, LogSumExp, MaxOver)
@@ -285,7 +285,7 @@ class Lowerer:
             if name not in self.tensors:
                 return None
             shp = self.concrete_shape(self.tensors[name])
-            if sp.simplify(shp[list(t.indices).index(k)] - 1 - hi) != 0:
+            if not vanishes(shp[list(t.indices).index(k)] - 1 - hi):
                 return None
         fa = [i for i in A.indices if i != k]
         fb = [i for i in Bm.indices if i != k]
@@ -408,7 +408,7 @@ class Lowerer:
             for i, n in zip(t.indices, self.concrete_shape(self.tensors[name])):
                 size.setdefault(i, n)
         for v, lo, hi in s.limits:
-            if lo != 0 or sp.simplify(hi - (size[v] - 1)) != 0:
+            if lo != 0 or not vanishes(hi - (size[v] - 1)):
                 return None
         batch = [v for v in loop_vars if v in A.indices and v in Bm.indices and v not in ks]
         fa = [i for i in A.indices if i not in ks and i not in batch]
@@ -518,9 +518,9 @@ class Lowerer:
             for v in ks:
                 size[v] = pshape[pidx.index(v)]
                 lo, hi = limits[v]
-                if sp.simplify(lo) != 0:
+                if not vanishes(lo):
                     guards.append((v, "lo", lo))
-                if sp.simplify(hi - (size[v] - 1)) != 0:
+                if not vanishes(hi - (size[v] - 1)):
                     guards.append((v, "hi", hi))
             if guards and self.gather_waste(ks, limits, size, loop_vars, shape) > GEMM_MAX_WASTE:
                 return None
@@ -548,7 +548,7 @@ class Lowerer:
                 f = sp.lambdify(dep, hi - lo + 1, modules="math")
                 width = max(f(*pt) for pt in itertools.product(*[range(int(e)) for e in extents]))
             if not (sp.sympify(size[v]).is_Integer and sp.sympify(width).is_number):
-                if sp.simplify(size[v] - width) != 0:
+                if not vanishes(size[v] - width):
                     return float("inf")
                 continue
             if width <= 0:
@@ -652,7 +652,7 @@ class Lowerer:
         if m["guards"] or not all(isinstance(i, sp.Symbol) for i in idx) or len(set(idx)) != len(idx):
             return None
         shape = self.concrete_shape(self.tensors[str(G.base.label)])
-        if any(sp.simplify(n - size[i]) != 0 for i, n in zip(idx, shape)):
+        if any(not vanishes(n - size[i]) for i, n in zip(idx, shape)):
             return None
         prod = lambda vs: " * ".join(f"({self.pe(size[v])})" for v in vs) or "1"
         name = self.ident(str(G.base.label))
@@ -931,7 +931,7 @@ class Lowerer:
         guards = []
         for v in contracted:
             lo, hi = limits[v]
-            if sp.simplify(lo) != 0 or sp.simplify(hi - (size[v] - 1)) != 0:
+            if not vanishes(lo) or not vanishes(hi - (size[v] - 1)):
                 return None                      # a contraction over part of an axis
         for v, (lo, hi) in limits.items():
             if v not in contracted:
@@ -1442,7 +1442,7 @@ class Lowerer:
             return None
         inside = sp.And(lo <= u, u <= hi)
         if guard is None:
-            if sp.simplify(lo) != 0 or sp.simplify(hi - (n - 1)) != 0:
+            if not vanishes(lo) or not vanishes(hi - (n - 1)):
                 return None
         elif not self._same_predicate(guard, inside, loop_vars, shape):
             return None

@@ -18,7 +18,7 @@ from sympy import KroneckerDelta
 from .errors import UnsupportedError
 from .primitives import LogSumExp
 from .notes import Note
-from .tensor import affine_bounds, provably_nonneg, substitute
+from .tensor import affine_bounds, provably_nonneg, simplified, substitute, vanishes
 
 
 def split_terms(expr) -> list:
@@ -124,13 +124,13 @@ class DeltaEliminator:
                 rest = sp.Mul(*[f for f in sp.Mul.make_args(term) if f is not br])
                 term, limits = self._guard(rest, *br.args, limits, outer)
         const, dep = [], []
-        limits = [(v, sp.simplify(lo), sp.simplify(hi)) for v, lo, hi in limits]
+        limits = [(v, simplified(lo), simplified(hi)) for v, lo, hi in limits]
         bound = {lim[0] for lim in limits}
         for f in sp.Mul.make_args(term):
             (dep if f.free_symbols & bound else const).append(f)
         result = sp.Mul(*const)
         for var, lo, hi in list(limits):         # a sum over one point (t = 0 only) is its term there
-            if sp.simplify(hi - lo) == 0 and var in sp.Mul(*dep).free_symbols:
+            if vanishes(hi - lo) and var in sp.Mul(*dep).free_symbols:
                 dep = [substitute(f, {var: lo}) for f in dep]
                 limits = [lim for lim in limits if lim[0] != var]
                 self.notes.append(Note("the sum over {0} has one term, at {1}", var, sp.Eq(var, lo, evaluate=False)))

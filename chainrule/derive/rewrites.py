@@ -13,7 +13,7 @@ import sympy as sp
 
 from .notes import Note
 from .primitives import LogSumExp
-from .tensor import Equation
+from .tensor import Equation, vanishes
 
 
 @dataclass
@@ -242,7 +242,7 @@ def masked_results(expr, model):
                 end = eq.out.shape[axis] - 1
                 x, blo, bhi = bracket.xreplace(dict(zip(eq.indices, f.indices))).args
                 his = list(hi.args) if isinstance(hi, sp.Min) else [hi]
-                if x == var and blo == 0 and hi != end and all(sp.simplify(a - bhi) == 0 or sp.simplify(a - end) == 0
+                if x == var and blo == 0 and hi != end and all(vanishes(a - bhi) or vanishes(a - end)
                                                                for a in his):
                     return sp.Sum(e.function, (var, 0, end))
         return e
@@ -322,7 +322,7 @@ def forward_sums(expr, model):
                 continue            # renaming would capture a free index
             ren = {v: w for (v, *_), w in zip(e.limits, body_vars)}
             limits = [(ren[v], lo, hi) for v, lo, hi in e.limits]
-            if any(sp.simplify(lo - lo2) != 0 or sp.simplify(hi - hi2) != 0
+            if any(not vanishes(lo - lo2) or not vanishes(hi - hi2)
                    for (_, lo, hi), (_, lo2, hi2) in zip(limits, s.limits)):
                 continue
             if [v for v, *_ in limits] != body_vars:
@@ -362,7 +362,7 @@ def declared_facts(expr, model):
             return False
         axis = t.simplex_axis % t.rank
         idx = e.function.indices
-        return (idx[axis] == var and lo == 0 and sp.simplify(hi - (t.shape[axis] - 1)) == 0
+        return (idx[axis] == var and lo == 0 and vanishes(hi - (t.shape[axis] - 1))
                 and not any(var in sp.sympify(i).free_symbols for k, i in enumerate(idx) if k != axis))
 
     def value(e):

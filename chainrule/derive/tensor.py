@@ -63,6 +63,31 @@ def _simplest(e):
     return e if e.is_polynomial() and not e.has(sp.Function) else sp.simplify(e)
 
 
+def simplified(limit):
+    """``sp.simplify(limit)`` for a summation limit, skipped where it is the identity: a number, a
+    symbol, or a sum of integer multiples of symbols and an integer (every limit of a dense,
+    convolutional or recurrent model: 0, B - 1, T - t - 1). Why: SymPy's first ``simplify`` imports
+    ``sympy.physics.units`` (0.1-0.2 s of a cold ``chainrule demo``, before its kernels can
+    compile), and a derivation calls it about a hundred times. A limit with ``Min``, ``Max`` or a
+    product of symbols is simplified as before."""
+    def linear(term):
+        return term.is_Integer or term.is_Symbol or (
+            term.is_Mul and len(term.args) == 2 and term.args[0].is_Integer and term.args[1].is_Symbol)
+    if limit.is_Number or limit.is_Symbol or (limit.is_Add and all(linear(t) for t in limit.args)):
+        return limit
+    return sp.simplify(limit)
+
+
+def vanishes(e) -> bool:
+    """``e`` is identically 0 (a difference of two bounds or sizes): a polynomial in the sizes is
+    canonical once expanded (exact, without ``simplify``: see :func:`simplified`); anything with a
+    function in it (Min, floor, ...) is simplified."""
+    e = sp.expand(e)
+    if e.is_polynomial() and not e.has(sp.Function, sp.Min, sp.Max):
+        return e == 0
+    return sp.simplify(e) == 0
+
+
 def provably_nonneg(e) -> bool:
     return bool(sp.simplify(e).is_nonnegative)
 
