@@ -331,8 +331,9 @@ def test_a_worker_compiles_train_step_while_fit_compiles_forward_here(tmp_path, 
     assert again.cache_hit and started == ["float64"] and again.background_kernels == frozenset()
     # train_step holds its own forward and backward pass: compiling it (in the worker) compiled
     # neither loss_and_grads (which it used to call, linking and optimising it a second time)
-    # nor anything else but the primitives it calls; this process compiled forward's
-    assert _numba_cached(tmp_path) == {"train_step", "forward", "sigmoid", "_exp"}
+    # nor anything else but the primitives and the one matrix product it calls; this process
+    # compiled forward's
+    assert _numba_cached(tmp_path) == {"train_step", "forward", "sigmoid", "_exp", "_gemm_views"}
 
 
 def test_the_worker_warms_up_until_its_job_arrives(monkeypatch):
