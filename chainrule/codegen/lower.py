@@ -985,7 +985,7 @@ class Lowerer:
             return lines + self._shift_scatter_per_batch(plan, tmp, loop_vars, shape, names, sym, kmat, dmat, col)
         lines.append(f"{col} = np.empty(({prod(kfree)}, {prod(dfree)}), dtype=DT)")
         lines.append(f"# GEMM: ({nm(kfree)}) x ({nm(con)}) times ({nm(con)}) x ({nm(dfree)})")
-        lines.append(f"{col}[:, :] = " + matmul(kmat, dmat))
+        lines.append(matmul(kmat, dmat, col))
         order = kfree + dfree
         lines.append(f"{col}_v = {col}.reshape(({', '.join(pe(size[v]) for v in order)},))")
         lines.append(f"# col2im: add each product at the output element it belongs to")
