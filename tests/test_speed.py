@@ -272,6 +272,27 @@ def test_loading_a_cached_module_imports_neither_jinja_nor_the_lowering(tmp_path
     assert out.split("\n")[0] == "True []", out
 
 
+def test_plain_summation_limits_are_never_simplified():
+    """A summation limit that is a number, a symbol or a linear sum is kept as it is
+    (``tensor.simplified``), and a difference of polynomial bounds is tested for zero by expansion
+    (``tensor.vanishes``): SymPy's first ``simplify`` imports ``sympy.physics.units``, 0.1-0.2 s of a
+    cold demo. A fresh process derives and renders the demo's module without importing it; a limit
+    with Min is still simplified, and a zero that only expansion shows is found."""
+    import subprocess
+    import sympy as sp
+    from chainrule.derive.tensor import simplified, vanishes
+    n, B = sp.symbols("n B", integer=True)
+    assert simplified(B - 1) == B - 1 and simplified(sp.Integer(0)) == 0
+    assert simplified(sp.Min(B, B + 1) - 1) == B - 1                     # simplified as before
+    assert vanishes(3 * (n - 1) - 3 * n + 3) and not vanishes(n - 1)
+    assert vanishes(sp.Min(n, B) - sp.Min(B, n)) and not vanishes(sp.Min(n, B) - B)
+    code = ("import sys; from chainrule.derive import build_model; "
+            "from chainrule.codegen.render import render_module; "
+            "render_module(build_model('demo'), 'float32'); print('sympy.physics' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[0] == "False", out
+
+
 def test_no_worker_is_started_when_no_core_is_idle(monkeypatch):
     """On a busy machine a worker only adds its own start-up: the load average decides."""
     from chainrule.codegen import background

@@ -73,6 +73,7 @@ def simplified(limit):
     def linear(term):
         return term.is_Integer or term.is_Symbol or (
             term.is_Mul and len(term.args) == 2 and term.args[0].is_Integer and term.args[1].is_Symbol)
+    limit = sp.sympify(limit)
     if limit.is_Number or limit.is_Symbol or (limit.is_Add and all(linear(t) for t in limit.args)):
         return limit
     return sp.simplify(limit)
