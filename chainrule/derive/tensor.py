@@ -80,13 +80,9 @@ def simplified(limit):
 
 
 def vanishes(e) -> bool:
-    """``e`` is identically 0 (a difference of two bounds or sizes): a polynomial in the sizes is
-    canonical once expanded (exact, without ``simplify``: see :func:`simplified`); anything with a
-    function in it (Min, floor, ...) is simplified."""
-    e = sp.expand(e)
-    if e.is_polynomial() and not e.has(sp.Function, sp.Min, sp.Max):
-        return e == 0
-    return sp.simplify(e) == 0
+    """``e`` is identically 0 (a difference of two bounds or sizes), decided on its simplest form
+    (:func:`_simplest`: a polynomial is canonical once expanded, exact without ``simplify``)."""
+    return _simplest(e) == 0
 
 
 def provably_nonneg(e) -> bool:
