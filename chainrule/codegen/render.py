@@ -280,14 +280,12 @@ def plan_model(model, dtype="float64", grads=None, optimizer="sgd", input_grads=
         [e.body for e in model.equations] + [e.body for e in model.buffer_updates]
         + [e.body for e in eval_eqs.values()] + [e.body for e in (d.equation for d in composed.values())]
         + update_eqs)]
-    tiny = repr(float(np.finfo(np.dtype(dtype)).tiny))
     context = dict(
-        model_label=sanitise(model.name), dtype=dtype, tiny=tiny, primitives=prims,
-        simplex_check=_has_simplex_fact(model, [*inputs, *targets]),
+        **_header_context(dtype, sanitise(model.name), prims, _has_simplex_fact(model, [*inputs, *targets]),
+                          ", ".join(f"{ident(t.name)} = {comment_text(t.name)}"
+                                    for t in [*params, *model.buffers, *inputs, *targets])),
         params=[ident(p.name) for p in params], x=", ".join(ident(t.name) for t in inputs),
         x_first=ident(x.name), y=", ".join(ident(t.name) for t in targets),
-        arg_doc=", ".join(f"{ident(t.name)} = {comment_text(t.name)}"
-                          for t in [*params, *model.buffers, *inputs, *targets]),
         output_doc=f"{ident(out.name)} = {comment_text(out.name)}",
         forward=forward_modes, forward_train=["\n".join(k.lines) for k in forward_k], buffers=buffers, buffer_update=buffer_update,
         arguments=[ident(p.name) for p in params] + buffers,
@@ -497,13 +495,17 @@ def render_plan(plan: Plan, cache: bool = True) -> str:
     return _ENV.get_template(template).render(**plan.context, njit_cache=bool(cache))
 
 
+def _header_context(dtype, model_label, primitives, simplex_check, arg_doc) -> dict:
+    """What the module header (``templates/_header.py.j2``) reads."""
+    return dict(model_label=model_label, dtype=dtype, tiny=repr(float(np.finfo(np.dtype(dtype)).tiny)),
+                primitives=primitives, simplex_check=simplex_check, arg_doc=arg_doc)
+
+
 def render_header(dtype="float64", cache: bool = True) -> str:
     """The header every generated module starts with, alone: its helpers (``_exp``, ``_tanh``, the
     matrix product ``_matmul``), for testing them apart from any model."""
-    tiny = repr(float(np.finfo(np.dtype(dtype)).tiny))
     return _ENV.get_template("_header.py.j2").render(
-        model_label="header", dtype=dtype, tiny=tiny, primitives=[], simplex_check=False,
-        arg_doc="-", njit_cache=bool(cache))
+        **_header_context(dtype, "header", [], False, "-"), njit_cache=bool(cache))
 
 
 def render_module(model, dtype="float64", optimizer="sgd", input_grads=False, split=None) -> str:
