@@ -45,7 +45,7 @@ def warm_up_pieces(dtype: str):
     uncalled: :func:`warm_then_wait` compiles them one by one until its job arrives). The first
     also pays Numba's own start (about 0.5 s, whatever it compiles); then np.empty of 1-D and 2-D
     arrays of the module's dtype, np.zeros, the min, max and bit view of the header's _exp
-    (compiled without fastmath flags, as _exp is) and np.ascontiguousarray (train_step's flat
+    (compiled with "contract" alone, as _exp is) and np.ascontiguousarray (train_step's flat
     gradients). Numba reuses each for the module's kernels when the argument types are the same."""
     import numpy as np
     from numba import njit
@@ -64,7 +64,7 @@ def warm_up_pieces(dtype: str):
     def zeros(a):
         return np.zeros((a.shape[0],), dtype=DT)[0] + np.zeros((a.shape[0], 3), dtype=DT)[0, 0]
 
-    @njit(error_model="numpy", fastmath=False)
+    @njit(error_model="numpy", fastmath={"contract"})
     def exp_parts(x):
         y = min(max(x, DT(-1.0)), DT(1.0))
         return y * INT(1).view(DT)
