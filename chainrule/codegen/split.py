@@ -93,7 +93,8 @@ class KernelSplitter:
             outs = self._outs[code]
             name = f"k{len(names)}_{outs[0] if outs else 'in_place'}"[:40]
             ret = (", ".join(outs) + ("," if len(outs) == 1 else "")) if outs else "None"
-            functions.append(f"def {name}({', '.join(args)}):\n{textwrap.indent(code, IND)}\n"
+            functions.append(f"def {name}({', '.join(args)}):\n{IND}_wide_vectors()\n"
+                             f"{textwrap.indent(code, IND)}\n"
                              f"{IND}return {ret}")
             names[code] = name
         drivers = {}
