@@ -103,6 +103,25 @@ def test_sigmoid_lowering_is_stable_and_in_the_module_dtype(demo_module, dtype):
     assert {str(sig.return_type) for sig in cm.module.sigmoid.nopython_signatures} == {dtype}
 
 
+def test_kernels_ask_for_512_bit_vectors_and_get_them_where_the_cpu_has_avx512(demo_module):
+    """Every kernel starts with _wide_vectors(): its function carries LLVM's "prefer-vector-width"
+    attribute, and on a CPU with AVX-512 the sigmoid loop of train_step is compiled 16 floats wide
+    (zmm registers; LLVM's default for these CPUs is 256 bits, ymm)."""
+    import llvmlite.binding as llvm
+    cm = demo_module("float32")
+    params = cm.init_params(seed=0)
+    x = np.random.default_rng(0).random((37, 64)).astype(np.float32)
+    cm.train_step(params, x, np.eye(10, dtype=np.float32)[np.arange(37) % 10], 0.1)
+    kernel = cm.module.train_step
+    signature = kernel.signatures[0]
+    assert '"prefer-vector-width"="512"' in kernel.inspect_llvm(signature)
+    assert all("    _wide_vectors()" in cm.source.split(f"def {name}(")[1].split("\n\n")[0]
+               for name in ("forward", "predict", "loss_and_grads", "train_step", "outputs"))
+    if "+avx512f" not in llvm.get_host_cpu_features().flatten().split(","):
+        pytest.skip("this CPU has no AVX-512: 256 bits are the widest vectors")
+    assert "zmm" in kernel.inspect_asm(signature)
+
+
 def test_float32_module_prints_values_in_float32_and_the_log_sum_exp_once(compiled_model):
     src = compiled_model("demo", "float32").source
     lag = src[src.index("def loss_and_grads"):src.index("def train_step")]
