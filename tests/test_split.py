@@ -20,7 +20,7 @@ def both(kernel_cache_dir):
 
 def test_the_split_module_is_kernels_and_python_drivers(both):
     fused, split = both
-    assert "def k0_" not in fused.source and "@njit(cache=True, inline=\"always\")\ndef loss_and_grads" in fused.source
+    assert "def k0_" not in fused.source and "@njit(cache=True)\ndef loss_and_grads" in fused.source
     src = split.source
     drivers = src[src.index("# -- drivers"):]
     assert "@njit" not in drivers and "\ndef loss_and_grads(" in drivers and "\ndef train_step(" in drivers

@@ -1,7 +1,7 @@
 """Compiling a module's kernels in a worker process while the caller compiles another one.
 
 Numba compiles one function at a time per process, and compiling is most of a cold start: the
-demo's ``train_step`` (with the ``loss_and_grads`` it calls) takes about 6 s of CPU time and
+demo's ``train_step`` (the forward and backward pass and the update) takes about 6 s of CPU time and
 ``forward`` (the per-epoch metrics) about 1 s more (measured on the 2-core test machine: the
 main process of a cold ``chainrule demo`` used 12.6-13.5 s of CPU with the worker, 14.1 s
 without; the worker itself 5 s, most of it its start-up, under a load average of 12). A training run needs both, so while the main
