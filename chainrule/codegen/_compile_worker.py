@@ -34,9 +34,11 @@ def argument_type(arg, module):
     return types.Array(getattr(types, dtype), int(ndim), "C")
 
 
-# the options of the generated kernels (templates/_header.py.j2): an implementation Numba compiles
-# for one caller serves every later one, with the flags of the first
+# the options of the generated kernels and of their _exp (njit and njit_ordered in
+# templates/_header.py.j2): an implementation Numba compiles for one caller serves every later
+# one, with the flags of the first
 _NJIT_OPTIONS = dict(error_model="numpy", fastmath={"reassoc", "contract", "arcp", "nsz"})
+_NJIT_ORDERED_OPTIONS = dict(error_model="numpy", fastmath={"contract"})
 
 
 def warm_up_pieces(dtype: str):
@@ -64,7 +66,7 @@ def warm_up_pieces(dtype: str):
     def zeros(a):
         return np.zeros((a.shape[0],), dtype=DT)[0] + np.zeros((a.shape[0], 3), dtype=DT)[0, 0]
 
-    @njit(error_model="numpy", fastmath={"contract"})
+    @njit(**_NJIT_ORDERED_OPTIONS)
     def exp_parts(x):
         y = min(max(x, DT(-1.0)), DT(1.0))
         return y * INT(1).view(DT)
